@@ -1,0 +1,416 @@
+//! Types shared by lb's kernel programs (`lb-ebpf`) and its agent (`lb-agent`).
+//!
+//! Every type here is a BPF map key or value: `#[repr(C)]`, explicit padding,
+//! no `bool`, `Option` or data-carrying enum. Fields holding network data keep
+//! network byte order and say so with a `_be` suffix; everything else is host
+//! order. Sizes are asserted at compile time so a change on one side cannot
+//! silently misread the other.
+#![no_std]
+
+/// Version of the map layout below. Bump it whenever a key or value changes
+/// shape, so an agent never adopts pinned maps written with another layout.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Map names, as the kernel object declares them and as they are pinned.
+pub mod map_names {
+    pub const SERVICES: &str = "LB_SERVICES";
+    pub const BACKENDS: &str = "LB_BACKENDS";
+    pub const REV_NAT: &str = "LB_REV_NAT";
+    pub const CT: &str = "LB_CT";
+    pub const AFFINITY: &str = "LB_AFFINITY";
+    pub const STATS: &str = "LB_STATS";
+    pub const CONFIG: &str = "LB_CONFIG";
+    /// Every map of the object, in the order the agent pins them.
+    pub const ALL: [&str; 7] = [SERVICES, BACKENDS, REV_NAT, CT, AFFINITY, STATS, CONFIG];
+}
+
+/// Program names, as the kernel object declares them.
+pub mod program_names {
+    /// tc (TCX) ingress on pod devices and node devices.
+    pub const TC_INGRESS: &str = "lb_tc_ingress";
+    /// XDP on node devices.
+    pub const XDP: &str = "lb_xdp";
+}
+
+/// Map capacities.
+pub mod map_sizes {
+    /// Frontend slots: slot 0 of every frontend plus one per backend reference.
+    pub const SERVICES: u32 = 262_144;
+    pub const BACKENDS: u32 = 131_072;
+    pub const REV_NAT: u32 = 65_535;
+    /// Two entries (forward and reply) per tracked flow.
+    pub const CT: u32 = 524_288;
+    pub const AFFINITY: u32 = 131_072;
+}
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMP: u8 = 1;
+
+/// `ServiceKey::scope`: which backend set the slots list.
+pub const SCOPE_CLUSTER: u8 = 0;
+/// Node-local backends only (traffic policy Local).
+pub const SCOPE_LOCAL: u8 = 1;
+
+/// Key of `LB_SERVICES`. Slot 0 describes the frontend, slots `1..=count`
+/// each name one backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ServiceKey {
+    /// Frontend IPv4 address, network byte order.
+    pub addr_be: u32,
+    /// Frontend port, network byte order.
+    pub port_be: u16,
+    pub slot: u16,
+    pub proto: u8,
+    pub scope: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Frontend kind, stored in the low byte of `ServiceValue::flags` on slot 0.
+pub mod frontend_kind {
+    pub const MASK: u32 = 0xff;
+    pub const CLUSTER_IP: u32 = 1;
+    pub const NODE_PORT: u32 = 2;
+    pub const LOAD_BALANCER: u32 = 3;
+    pub const EXTERNAL_IP: u32 = 4;
+}
+
+/// Bits of `ServiceValue::flags` above the kind byte.
+pub mod service_flags {
+    /// sessionAffinity ClientIP.
+    pub const AFFINITY: u32 = 1 << 8;
+    /// internalTrafficPolicy Local.
+    pub const INTERNAL_LOCAL: u32 = 1 << 9;
+    /// externalTrafficPolicy Local.
+    pub const EXTERNAL_LOCAL: u32 = 1 << 10;
+}
+
+/// Value of `LB_SERVICES`. On slot 0: `count`, `rev_nat_id`, `flags` and
+/// `affinity_timeout_s` describe the frontend and `backend_id` is 0. On slot
+/// N >= 1: `backend_id` names the backend, the rest is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    pub backend_id: u32,
+    pub count: u16,
+    pub rev_nat_id: u16,
+    pub flags: u32,
+    pub affinity_timeout_s: u32,
+}
+
+/// `BackendValue::state`.
+pub const BACKEND_ACTIVE: u8 = 0;
+/// Terminating: established flows keep it, new flows avoid it.
+pub const BACKEND_TERMINATING: u8 = 1;
+
+/// Value of `LB_BACKENDS`, keyed by a `u32` backend id (never 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendValue {
+    /// Backend IPv4 address, network byte order.
+    pub addr_be: u32,
+    /// Backend port, network byte order.
+    pub port_be: u16,
+    pub proto: u8,
+    pub state: u8,
+    pub flags: u32,
+}
+
+/// Value of `LB_REV_NAT`, keyed by a `u16` rev-NAT id (never 0): the frontend
+/// a reply is translated back to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RevNatValue {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+
+/// `CtKey::dir`: the packet goes client -> frontend.
+pub const CT_DIR_FORWARD: u8 = 0;
+/// The packet goes backend -> client (a reply to a translated flow).
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// Key of `LB_CT`: the tuple as the packet carries it when it reaches the
+/// program. Forward entries hold the client's tuple towards the frontend;
+/// reply entries the backend's tuple towards the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    pub src_addr_be: u32,
+    pub dst_addr_be: u32,
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Bits of `CtValue::flags`.
+pub mod ct_flags {
+    /// A SYN without ACK opened the flow.
+    pub const SYN_SEEN: u16 = 1 << 0;
+    /// Both directions have been seen (the backend answered).
+    pub const REPLY_SEEN: u16 = 1 << 1;
+    pub const FIN_SEEN: u16 = 1 << 2;
+    pub const RST_SEEN: u16 = 1 << 3;
+}
+
+/// Conntrack lifetimes, in seconds, counted from the last packet.
+pub mod ct_lifetime {
+    /// TCP before the handshake completes.
+    pub const TCP_SYN: u32 = 60;
+    /// TCP once both sides have been seen.
+    pub const TCP_ESTABLISHED: u32 = 21_600;
+    /// TCP after FIN or RST.
+    pub const TCP_CLOSING: u32 = 10;
+    /// UDP and anything else without state, by inactivity.
+    pub const NON_TCP: u32 = 60;
+}
+
+/// Value of `LB_CT`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValue {
+    pub backend_id: u32,
+    pub rev_nat_id: u16,
+    /// `ct_flags` bits, shared meaning in both directions.
+    pub flags: u16,
+    /// Forward: the backend address written as destination. Reply: the
+    /// frontend address written as source. Network byte order.
+    pub nat_addr_be: u32,
+    /// Port counterpart of `nat_addr_be`, network byte order.
+    pub nat_port_be: u16,
+    /// Union of the TCP flag bytes seen in this direction.
+    pub tcp_flags_seen: u8,
+    pub _pad0: u8,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at creation.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns` of the last packet in this direction.
+    pub last_seen_ns: u64,
+    /// Seconds after `last_seen_ns` at which the entry is dead.
+    pub lifetime_s: u32,
+    pub _pad1: u32,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Key of `LB_AFFINITY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    pub client_addr_be: u32,
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+}
+
+/// Value of `LB_AFFINITY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_used_ns: u64,
+}
+
+/// Value of `LB_CONFIG` index 0: node-wide datapath settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ConfigValue {
+    /// Must equal `LAYOUT_VERSION` once the agent has written the config.
+    pub layout_version: u32,
+    /// `config_flags` bits.
+    pub flags: u32,
+}
+
+pub mod config_flags {
+    /// Log every new flow through aya-log (debugging only: it costs per connection).
+    pub const DEBUG_FLOWS: u32 = 1 << 0;
+}
+
+/// Indices of the per-CPU `LB_STATS` array: one packet counter per verdict and reason.
+pub mod stat {
+    /// Not IPv4 (ARP, IPv6, VLAN-tagged ...): passed untouched.
+    pub const PASS_NOT_IPV4: u32 = 0;
+    /// IPv4 but neither TCP nor UDP, and not tied to a flow: passed untouched.
+    pub const PASS_OTHER_PROTO: u32 = 1;
+    /// TCP/UDP not addressed to a frontend nor part of a tracked flow.
+    pub const PASS_NOT_FRONTEND: u32 = 2;
+    /// IPv4 fragment: ports unknown, passed untouched.
+    pub const PASS_FRAGMENT: u32 = 3;
+    /// Truncated or inconsistent headers: passed untouched.
+    pub const MALFORMED: u32 = 4;
+    /// First packet of a flow: backend chosen, translated, tracked.
+    pub const NEW_FLOW: u32 = 5;
+    /// Packet of a tracked flow translated to its backend.
+    pub const ESTABLISHED: u32 = 6;
+    /// Reply from a backend translated back to the frontend.
+    pub const REPLY: u32 = 7;
+    /// Frontend without backends, TCP: answered with an RST.
+    pub const REJECT_TCP_RST: u32 = 8;
+    /// Frontend without backends, UDP: answered with ICMP port unreachable.
+    pub const REJECT_ICMP: u32 = 9;
+    /// Tracked flow whose backend no longer exists: a new backend was chosen.
+    pub const BACKEND_REPLACED: u32 = 10;
+    /// Impossible: a slot in `1..=count` is missing (make-before-break broken).
+    pub const ERR_SLOT_MISSING: u32 = 11;
+    /// Impossible: a slot names a backend id that is not in `LB_BACKENDS`.
+    pub const ERR_BACKEND_MISSING: u32 = 12;
+    /// The conntrack map refused an insert: the flow is translated untracked.
+    pub const ERR_CT_FULL: u32 = 13;
+    /// Building a reject failed: the packet was dropped instead.
+    pub const ERR_REJECT_FAILED: u32 = 14;
+    /// A rewrite helper failed: the packet was dropped.
+    pub const ERR_NAT_FAILED: u32 = 15;
+    /// Number of counters in use.
+    pub const COUNT: u32 = 16;
+    /// Size of the stats array (room to grow without a layout change).
+    pub const CAPACITY: u32 = 32;
+
+    /// Stable names, indexed by counter, as `lb-agent dump stats` shows them.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "pass_not_ipv4",
+        "pass_other_proto",
+        "pass_not_frontend",
+        "pass_fragment",
+        "malformed",
+        "new_flow",
+        "established",
+        "reply",
+        "reject_tcp_rst",
+        "reject_icmp",
+        "backend_replaced",
+        "err_slot_missing",
+        "err_backend_missing",
+        "err_ct_full",
+        "err_reject_failed",
+        "err_nat_failed",
+    ];
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<ServiceKey>() == 12);
+    assert!(core::mem::size_of::<ServiceValue>() == 16);
+    assert!(core::mem::size_of::<BackendValue>() == 12);
+    assert!(core::mem::size_of::<RevNatValue>() == 8);
+    assert!(core::mem::size_of::<CtKey>() == 16);
+    assert!(core::mem::size_of::<CtValue>() == 56);
+    assert!(core::mem::size_of::<AffinityKey>() == 8);
+    assert!(core::mem::size_of::<AffinityValue>() == 16);
+    assert!(core::mem::size_of::<ConfigValue>() == 8);
+    assert!(stat::COUNT <= stat::CAPACITY);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all types are repr(C), Copy, with explicit padding and no
+    // invalid bit patterns, so any byte sequence of their size is a value.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for ConfigValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use core::mem::{offset_of, size_of};
+
+    /// Bytes of a value as the kernel sees them in a map.
+    fn bytes<T: Copy>(v: &T) -> &[u8] {
+        // SAFETY: T is a repr(C) map type with explicit padding (all bytes initialised).
+        unsafe { core::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+    }
+
+    #[test]
+    fn service_key_bytes_match_kernel_layout() {
+        let key = ServiceKey {
+            addr_be: u32::from_be_bytes([10, 96, 0, 1]).to_be(),
+            port_be: 80u16.to_be(),
+            slot: 3,
+            proto: IPPROTO_TCP,
+            scope: SCOPE_LOCAL,
+            _pad: [0; 2],
+        };
+        let slot = 3u16.to_ne_bytes();
+        assert_eq!(
+            bytes(&key),
+            &[10, 96, 0, 1, 0, 80, slot[0], slot[1], 6, 1, 0, 0],
+            "addresses and ports are in network order, slot in host order"
+        );
+    }
+
+    #[test]
+    fn field_offsets_are_what_the_kernel_reads() {
+        let cases: &[(&str, usize, usize)] = &[
+            ("ServiceKey.port_be", offset_of!(ServiceKey, port_be), 4),
+            ("ServiceKey.slot", offset_of!(ServiceKey, slot), 6),
+            ("ServiceKey.proto", offset_of!(ServiceKey, proto), 8),
+            ("ServiceKey.scope", offset_of!(ServiceKey, scope), 9),
+            ("ServiceValue.count", offset_of!(ServiceValue, count), 4),
+            ("ServiceValue.rev_nat_id", offset_of!(ServiceValue, rev_nat_id), 6),
+            ("ServiceValue.flags", offset_of!(ServiceValue, flags), 8),
+            ("ServiceValue.affinity_timeout_s", offset_of!(ServiceValue, affinity_timeout_s), 12),
+            ("BackendValue.port_be", offset_of!(BackendValue, port_be), 4),
+            ("BackendValue.proto", offset_of!(BackendValue, proto), 6),
+            ("BackendValue.state", offset_of!(BackendValue, state), 7),
+            ("BackendValue.flags", offset_of!(BackendValue, flags), 8),
+            ("RevNatValue.port_be", offset_of!(RevNatValue, port_be), 4),
+            ("CtKey.dst_addr_be", offset_of!(CtKey, dst_addr_be), 4),
+            ("CtKey.src_port_be", offset_of!(CtKey, src_port_be), 8),
+            ("CtKey.dst_port_be", offset_of!(CtKey, dst_port_be), 10),
+            ("CtKey.proto", offset_of!(CtKey, proto), 12),
+            ("CtKey.dir", offset_of!(CtKey, dir), 13),
+            ("CtValue.rev_nat_id", offset_of!(CtValue, rev_nat_id), 4),
+            ("CtValue.flags", offset_of!(CtValue, flags), 6),
+            ("CtValue.nat_addr_be", offset_of!(CtValue, nat_addr_be), 8),
+            ("CtValue.nat_port_be", offset_of!(CtValue, nat_port_be), 12),
+            ("CtValue.tcp_flags_seen", offset_of!(CtValue, tcp_flags_seen), 14),
+            ("CtValue.created_ns", offset_of!(CtValue, created_ns), 16),
+            ("CtValue.last_seen_ns", offset_of!(CtValue, last_seen_ns), 24),
+            ("CtValue.lifetime_s", offset_of!(CtValue, lifetime_s), 32),
+            ("CtValue.packets", offset_of!(CtValue, packets), 40),
+            ("CtValue.bytes", offset_of!(CtValue, bytes), 48),
+            ("AffinityKey.rev_nat_id", offset_of!(AffinityKey, rev_nat_id), 4),
+            ("AffinityValue.last_used_ns", offset_of!(AffinityValue, last_used_ns), 8),
+            ("ConfigValue.flags", offset_of!(ConfigValue, flags), 4),
+        ];
+        for (name, got, want) in cases {
+            assert_eq!(got, want, "offset of {name}");
+        }
+    }
+
+    #[test]
+    fn ct_key_bytes_match_kernel_layout() {
+        let key = CtKey {
+            src_addr_be: u32::from_be_bytes([10, 0, 0, 2]).to_be(),
+            dst_addr_be: u32::from_be_bytes([10, 96, 0, 1]).to_be(),
+            src_port_be: 40000u16.to_be(),
+            dst_port_be: 53u16.to_be(),
+            proto: IPPROTO_UDP,
+            dir: CT_DIR_REPLY,
+            _pad: [0; 2],
+        };
+        assert_eq!(
+            bytes(&key),
+            &[10, 0, 0, 2, 10, 96, 0, 1, 0x9c, 0x40, 0, 53, 17, 1, 0, 0]
+        );
+    }
+
+    #[test]
+    fn stat_names_are_unique() {
+        for (i, a) in stat::NAMES.iter().enumerate() {
+            for b in &stat::NAMES[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
+}

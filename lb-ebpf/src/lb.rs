@@ -1,0 +1,155 @@
+//! Service translation: frontend lookup, backend selection, conntrack, and
+//! the reverse translation of replies. Shared by the tc and XDP programs.
+
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use lb_common::{
+    BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, IPPROTO_TCP, SCOPE_CLUSTER, ServiceKey,
+    ServiceValue, ct_flags, stat,
+};
+
+use crate::{
+    ct,
+    maps::{LB_BACKENDS, LB_SERVICES, count},
+    nat::{self, End},
+    packet::Packet,
+    parse::{self, Flow, Parsed},
+    reject,
+};
+
+/// Translate one packet; returns the program verdict.
+#[inline(always)]
+pub fn process<P: Packet>(pkt: &mut P) -> i32 {
+    let flow = match parse::parse(pkt) {
+        Parsed::Flow(flow) => flow,
+        Parsed::Pass(reason) => {
+            count(reason);
+            return pkt.pass();
+        }
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = ServiceKey {
+        addr_be: flow.dst_be,
+        port_be: flow.dport_be,
+        slot: 0,
+        proto: flow.proto,
+        scope: SCOPE_CLUSTER,
+        _pad: [0; 2],
+    };
+    match unsafe { LB_SERVICES.get(&key) } {
+        Some(frontend) => forward(pkt, &flow, key, *frontend, now),
+        None => reply(pkt, &flow, now),
+    }
+}
+
+/// A packet addressed to a frontend.
+#[inline(always)]
+fn forward<P: Packet>(
+    pkt: &mut P,
+    flow: &Flow,
+    mut key: ServiceKey,
+    frontend: ServiceValue,
+    now: u64,
+) -> i32 {
+    let len = pkt.len();
+    let fwd_key = ct::forward_key(flow);
+    if let Some(entry) = ct::lookup(&fwd_key, now) {
+        let backend_id = unsafe { (*entry).backend_id };
+        if let Some(backend) = unsafe { LB_BACKENDS.get(&backend_id) } {
+            let backend = *backend;
+            let new_bits = ct::observe(entry, flow, now, len, 0);
+            if new_bits != 0 {
+                let peer = ct::peer_key(flow, unsafe { &*entry }, CT_DIR_FORWARD);
+                ct::merge(&peer, flow.proto, new_bits, now);
+            }
+            return translate(pkt, flow, End::Destination, &backend, stat::ESTABLISHED);
+        }
+        // The flow's backend is gone: balance it again below.
+        count(stat::BACKEND_REPLACED);
+    }
+
+    if frontend.count == 0 {
+        return refuse(pkt, flow);
+    }
+    key.slot = (unsafe { bpf_get_prandom_u32() } % frontend.count as u32) as u16 + 1;
+    let Some(slot) = (unsafe { LB_SERVICES.get(&key) }) else {
+        count(stat::ERR_SLOT_MISSING);
+        return pkt.drop_verdict();
+    };
+    let backend_id = slot.backend_id;
+    let Some(backend) = (unsafe { LB_BACKENDS.get(&backend_id) }) else {
+        count(stat::ERR_BACKEND_MISSING);
+        return pkt.drop_verdict();
+    };
+    let backend = *backend;
+    if !ct::create(
+        flow,
+        backend_id,
+        frontend.rev_nat_id,
+        backend.addr_be,
+        backend.port_be,
+        now,
+        len,
+    ) {
+        count(stat::ERR_CT_FULL);
+    }
+    translate(pkt, flow, End::Destination, &backend, stat::NEW_FLOW)
+}
+
+/// A packet not addressed to a frontend: a reply of a translated flow, or none of ours.
+#[inline(always)]
+fn reply<P: Packet>(pkt: &mut P, flow: &Flow, now: u64) -> i32 {
+    let key = ct::reply_key(flow);
+    let Some(entry) = ct::lookup(&key, now) else {
+        count(stat::PASS_NOT_FRONTEND);
+        return pkt.pass();
+    };
+    let first_reply = unsafe { (*entry).flags } & ct_flags::REPLY_SEEN == 0;
+    let extra = if first_reply { ct_flags::REPLY_SEEN } else { 0 };
+    let new_bits = ct::observe(entry, flow, now, pkt.len(), extra);
+    let entry = unsafe { *entry };
+    if new_bits != 0 {
+        let peer = ct::peer_key(flow, &entry, CT_DIR_REPLY);
+        ct::merge(&peer, flow.proto, new_bits, now);
+    }
+    let frontend = BackendValue {
+        addr_be: entry.nat_addr_be,
+        port_be: entry.nat_port_be,
+        proto: flow.proto,
+        ..Default::default()
+    };
+    translate(pkt, flow, End::Source, &frontend, stat::REPLY)
+}
+
+#[inline(always)]
+fn translate<P: Packet>(pkt: &mut P, flow: &Flow, end: End, to: &BackendValue, verdict: u32) -> i32 {
+    match nat::rewrite(pkt, flow, end, to.addr_be, to.port_be) {
+        Ok(()) => {
+            count(verdict);
+            pkt.pass()
+        }
+        Err(_) => {
+            count(stat::ERR_NAT_FAILED);
+            pkt.drop_verdict()
+        }
+    }
+}
+
+/// No backend at all: refuse fast instead of letting the client time out.
+#[inline(always)]
+fn refuse<P: Packet>(pkt: &mut P, flow: &Flow) -> i32 {
+    let (built, reason) = if flow.proto == IPPROTO_TCP {
+        (reject::tcp_rst(pkt, flow), stat::REJECT_TCP_RST)
+    } else {
+        (reject::icmp_port_unreachable(pkt, flow), stat::REJECT_ICMP)
+    };
+    match built {
+        Ok(()) => {
+            count(reason);
+            pkt.bounce()
+        }
+        Err(_) => {
+            count(stat::ERR_REJECT_FAILED);
+            pkt.drop_verdict()
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! Every map of the datapath. The agent pins them under --bpffs so they
+//! outlive it; names and sizes come from lb-common so both sides agree.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    AffinityKey, AffinityValue, BackendValue, ConfigValue, CtKey, CtValue, RevNatValue,
+    ServiceKey, ServiceValue, map_sizes, stat,
+};
+
+/// Frontend slots: {addr, port, proto, scope, slot} -> slot 0 header or backend id.
+#[map(name = "LB_SERVICES")]
+pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(map_sizes::SERVICES, 0);
+
+/// Backend id -> backend address, port and state.
+#[map(name = "LB_BACKENDS")]
+pub static LB_BACKENDS: HashMap<u32, BackendValue> =
+    HashMap::with_max_entries(map_sizes::BACKENDS, 0);
+
+/// Rev-NAT id -> the frontend replies are translated back to.
+#[map(name = "LB_REV_NAT")]
+pub static LB_REV_NAT: HashMap<u16, RevNatValue> =
+    HashMap::with_max_entries(map_sizes::REV_NAT, 0);
+
+/// Conntrack: forward and reply tuples of translated flows.
+#[map(name = "LB_CT")]
+pub static LB_CT: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(map_sizes::CT, 0);
+
+/// Session affinity: {client, rev-NAT id} -> last backend.
+#[map(name = "LB_AFFINITY")]
+pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(map_sizes::AFFINITY, 0);
+
+/// Per-CPU packet counters indexed by `lb_common::stat`.
+#[map(name = "LB_STATS")]
+pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::CAPACITY, 0);
+
+/// Node-wide settings written by the agent (index 0).
+#[map(name = "LB_CONFIG")]
+pub static LB_CONFIG: Array<ConfigValue> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(counter) = LB_STATS.get_ptr_mut(index) {
+        // Per-CPU slot: no other writer.
+        unsafe { *counter += 1 };
+    }
+}

@@ -1,0 +1,47 @@
+//! Address and port rewrites with incremental checksum fixes.
+
+use lb_common::IPPROTO_TCP;
+
+use crate::{
+    packet::{L4Csum, Packet, Result},
+    parse::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT, L4_SPORT, TCP_CSUM, UDP_CSUM},
+};
+
+/// Which end of the tuple a rewrite touches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// DNAT: client -> frontend becomes client -> backend.
+    Destination,
+    /// Reverse NAT: backend -> client becomes frontend -> client.
+    Source,
+}
+
+/// Rewrite one end of `flow` to `addr_be:port_be`, fixing the IPv4 and L4 checksums.
+#[inline(always)]
+pub fn rewrite<P: Packet>(
+    pkt: &mut P,
+    flow: &Flow,
+    end: End,
+    addr_be: u32,
+    port_be: u16,
+) -> Result<()> {
+    let (kind, csum_off) = if flow.proto == IPPROTO_TCP {
+        (L4Csum::Tcp, flow.l4_off + TCP_CSUM)
+    } else {
+        (L4Csum::Udp, flow.l4_off + UDP_CSUM)
+    };
+    let (addr_off, old_addr, port_off, old_port) = match end {
+        End::Destination => (IP_DST_OFF, flow.dst_be, flow.l4_off + L4_DPORT, flow.dport_be),
+        End::Source => (IP_SRC_OFF, flow.src_be, flow.l4_off + L4_SPORT, flow.sport_be),
+    };
+    if old_addr != addr_be {
+        pkt.l4_csum_replace(kind, csum_off, old_addr, addr_be, 4, true)?;
+        pkt.l3_csum_replace4(IP_CSUM_OFF, old_addr, addr_be)?;
+        pkt.store(addr_off, &addr_be)?;
+    }
+    if old_port != port_be {
+        pkt.l4_csum_replace(kind, csum_off, old_port as u32, port_be as u32, 2, false)?;
+        pkt.store(port_off, &port_be)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,256 @@
+//! One offset-based view of a packet for both tc (skb) and XDP, so the
+//! translation logic is written once. All access goes through the kernel's
+//! bounds-checked load/store helpers: a truncated packet makes a load fail
+//! instead of reading past the end, and the verifier needs no pointer proofs.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT, xdp_action},
+    helpers::generated::{
+        bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail, bpf_xdp_adjust_head,
+        bpf_xdp_adjust_tail, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
+    },
+    programs::{TcContext, XdpContext},
+};
+use core::{mem::MaybeUninit, ptr};
+
+use crate::csum;
+
+/// Helper failures carry no detail we act on; the caller counts and bails.
+pub struct PacketError;
+
+pub type Result<T> = core::result::Result<T, PacketError>;
+
+/// How a checksum field reacts to a rewrite.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum L4Csum {
+    /// TCP: always present.
+    Tcp,
+    /// UDP: zero means "no checksum" and must stay zero.
+    Udp,
+}
+
+pub trait Packet {
+    fn len(&self) -> u32;
+    fn load<T: Copy>(&self, off: u32) -> Result<T>;
+    fn store<T: Copy>(&mut self, off: u32, v: &T) -> Result<()>;
+    /// Patch the IPv4 header checksum at `csum_off` for a 4-byte field change.
+    fn l3_csum_replace4(&mut self, csum_off: u32, from: u32, to: u32) -> Result<()>;
+    /// Patch the L4 checksum at `csum_off` for a field change of `size` (2 or
+    /// 4) bytes; `pseudo` when the field is part of the pseudo header.
+    fn l4_csum_replace(
+        &mut self,
+        kind: L4Csum,
+        csum_off: u32,
+        from: u32,
+        to: u32,
+        size: u32,
+        pseudo: bool,
+    ) -> Result<()>;
+    /// Add `len` bytes in front of the packet.
+    fn push_head(&mut self, len: u32) -> Result<()>;
+    /// Cut the packet to `len` bytes.
+    fn truncate(&mut self, len: u32) -> Result<()>;
+    /// The verdict sending the (rewritten) packet back where it came from.
+    fn bounce(&self) -> i32;
+    /// The verdict letting the packet continue.
+    fn pass(&self) -> i32;
+    /// The verdict dropping the packet.
+    fn drop_verdict(&self) -> i32;
+}
+
+pub struct TcPacket<'a> {
+    pub ctx: &'a TcContext,
+}
+
+impl Packet for TcPacket<'_> {
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        self.ctx.len()
+    }
+
+    #[inline(always)]
+    fn load<T: Copy>(&self, off: u32) -> Result<T> {
+        self.ctx.load::<T>(off as usize).map_err(|_| PacketError)
+    }
+
+    #[inline(always)]
+    fn store<T: Copy>(&mut self, off: u32, v: &T) -> Result<()> {
+        self.ctx.store(off as usize, v, 0).map_err(|_| PacketError)
+    }
+
+    #[inline(always)]
+    fn l3_csum_replace4(&mut self, csum_off: u32, from: u32, to: u32) -> Result<()> {
+        self.ctx
+            .l3_csum_replace(csum_off as usize, from as u64, to as u64, 4)
+            .map_err(|_| PacketError)
+    }
+
+    #[inline(always)]
+    fn l4_csum_replace(
+        &mut self,
+        kind: L4Csum,
+        csum_off: u32,
+        from: u32,
+        to: u32,
+        size: u32,
+        pseudo: bool,
+    ) -> Result<()> {
+        // The helper also keeps skb->csum right for CHECKSUM_COMPLETE and
+        // updates only the pseudo-header sum for CHECKSUM_PARTIAL (veth).
+        let mut flags = size as u64;
+        if pseudo {
+            flags |= BPF_F_PSEUDO_HDR as u64;
+        }
+        if kind == L4Csum::Udp {
+            flags |= BPF_F_MARK_MANGLED_0 as u64;
+        }
+        self.ctx
+            .l4_csum_replace(csum_off as usize, from as u64, to as u64, flags)
+            .map_err(|_| PacketError)
+    }
+
+    #[inline(always)]
+    fn push_head(&mut self, len: u32) -> Result<()> {
+        let ret = unsafe { bpf_skb_change_head(self.ctx.skb.skb.cast(), len, 0) };
+        if ret == 0 { Ok(()) } else { Err(PacketError) }
+    }
+
+    #[inline(always)]
+    fn truncate(&mut self, len: u32) -> Result<()> {
+        let ret = unsafe { bpf_skb_change_tail(self.ctx.skb.skb.cast(), len, 0) };
+        if ret == 0 { Ok(()) } else { Err(PacketError) }
+    }
+
+    #[inline(always)]
+    fn bounce(&self) -> i32 {
+        // Out of the device the packet came in on: back to the sender.
+        let ifindex = unsafe { (*self.ctx.skb.skb).ifindex };
+        let ret = unsafe { bpf_redirect(ifindex, 0) };
+        if ret == TC_ACT_REDIRECT as i64 {
+            TC_ACT_REDIRECT as i32
+        } else {
+            self.drop_verdict()
+        }
+    }
+
+    #[inline(always)]
+    fn pass(&self) -> i32 {
+        aya_ebpf::bindings::TC_ACT_OK as i32
+    }
+
+    #[inline(always)]
+    fn drop_verdict(&self) -> i32 {
+        aya_ebpf::bindings::TC_ACT_SHOT as i32
+    }
+}
+
+pub struct XdpPacket<'a> {
+    pub ctx: &'a XdpContext,
+}
+
+impl XdpPacket<'_> {
+    /// Checksums in XDP have no offload state: patch them in place.
+    #[inline(always)]
+    fn patch_csum(&mut self, csum_off: u32, from: u32, to: u32, size: u32, udp: bool) -> Result<()> {
+        let old: u16 = self.load(csum_off)?;
+        if udp && old == 0 {
+            return Ok(());
+        }
+        let mut new = if size == 4 {
+            csum::replace4(old, from, to)
+        } else {
+            csum::replace2(old, from as u16, to as u16)
+        };
+        if udp && new == 0 {
+            new = 0xffff;
+        }
+        self.store(csum_off, &new)
+    }
+}
+
+impl Packet for XdpPacket<'_> {
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (self.ctx.data_end() - self.ctx.data()) as u32
+    }
+
+    #[inline(always)]
+    fn load<T: Copy>(&self, off: u32) -> Result<T> {
+        let mut out = MaybeUninit::<T>::uninit();
+        let ret = unsafe {
+            bpf_xdp_load_bytes(
+                self.ctx.ctx.cast(),
+                off,
+                ptr::from_mut(&mut out).cast(),
+                size_of::<T>() as u32,
+            )
+        };
+        if ret == 0 {
+            Ok(unsafe { out.assume_init() })
+        } else {
+            Err(PacketError)
+        }
+    }
+
+    #[inline(always)]
+    fn store<T: Copy>(&mut self, off: u32, v: &T) -> Result<()> {
+        let ret = unsafe {
+            bpf_xdp_store_bytes(
+                self.ctx.ctx.cast(),
+                off,
+                ptr::from_ref(v).cast_mut().cast(),
+                size_of::<T>() as u32,
+            )
+        };
+        if ret == 0 { Ok(()) } else { Err(PacketError) }
+    }
+
+    #[inline(always)]
+    fn l3_csum_replace4(&mut self, csum_off: u32, from: u32, to: u32) -> Result<()> {
+        self.patch_csum(csum_off, from, to, 4, false)
+    }
+
+    #[inline(always)]
+    fn l4_csum_replace(
+        &mut self,
+        kind: L4Csum,
+        csum_off: u32,
+        from: u32,
+        to: u32,
+        size: u32,
+        _pseudo: bool,
+    ) -> Result<()> {
+        self.patch_csum(csum_off, from, to, size, kind == L4Csum::Udp)
+    }
+
+    #[inline(always)]
+    fn push_head(&mut self, len: u32) -> Result<()> {
+        let ret = unsafe { bpf_xdp_adjust_head(self.ctx.ctx.cast(), -(len as i32)) };
+        if ret == 0 { Ok(()) } else { Err(PacketError) }
+    }
+
+    #[inline(always)]
+    fn truncate(&mut self, len: u32) -> Result<()> {
+        let cur = self.len();
+        if len > cur {
+            return Err(PacketError);
+        }
+        let ret = unsafe { bpf_xdp_adjust_tail(self.ctx.ctx.cast(), -((cur - len) as i32)) };
+        if ret == 0 { Ok(()) } else { Err(PacketError) }
+    }
+
+    #[inline(always)]
+    fn bounce(&self) -> i32 {
+        xdp_action::XDP_TX as i32
+    }
+
+    #[inline(always)]
+    fn pass(&self) -> i32 {
+        xdp_action::XDP_PASS as i32
+    }
+
+    #[inline(always)]
+    fn drop_verdict(&self) -> i32 {
+        xdp_action::XDP_DROP as i32
+    }
+}
