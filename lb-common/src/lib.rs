@@ -263,8 +263,10 @@ pub mod stat {
     pub const ERR_REJECT_FAILED: u32 = 14;
     /// A rewrite helper failed: the packet was dropped.
     pub const ERR_NAT_FAILED: u32 = 15;
+    /// Frontend without backends, and a packet that must not be answered (an RST): dropped.
+    pub const DROP_NO_BACKEND: u32 = 16;
     /// Number of counters in use.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
     /// Size of the stats array (room to grow without a layout change).
     pub const CAPACITY: u32 = 32;
 
@@ -286,6 +288,7 @@ pub mod stat {
         "err_ct_full",
         "err_reject_failed",
         "err_nat_failed",
+        "drop_no_backend",
     ];
 }
 

@@ -12,7 +12,7 @@ use crate::{
     maps::{LB_BACKENDS, LB_SERVICES, count},
     nat::{self, End},
     packet::Packet,
-    parse::{self, Flow, Parsed},
+    parse::{self, Flow, Parsed, TCP_RST},
     reject,
 };
 
@@ -137,6 +137,11 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, end: End, to: &BackendValue, v
 /// No backend at all: refuse fast instead of letting the client time out.
 #[inline(always)]
 fn refuse<P: Packet>(pkt: &mut P, flow: &Flow) -> i32 {
+    if flow.tcp_flags & TCP_RST != 0 {
+        // Never answer an RST.
+        count(stat::DROP_NO_BACKEND);
+        return pkt.drop_verdict();
+    }
     let (built, reason) = if flow.proto == IPPROTO_TCP {
         (reject::tcp_rst(pkt, flow), stat::REJECT_TCP_RST)
     } else {

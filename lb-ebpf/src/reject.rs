@@ -6,7 +6,7 @@ use lb_common::{IPPROTO_ICMP, IPPROTO_TCP};
 
 use crate::{
     csum,
-    packet::{Packet, PacketError, Result},
+    packet::{Packet, Result},
     parse::{ETH_HLEN, ETH_P_IP, Flow, Ipv4Hdr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -81,10 +81,6 @@ fn answer_ip(flow: &Flow, proto: u8, tot_len: u32) -> Ipv4Hdr {
 /// Rewrite a TCP packet into the RST that refuses it (RFC 9293 3.10.7.1).
 #[inline(always)]
 pub fn tcp_rst<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<()> {
-    if flow.tcp_flags & TCP_RST != 0 {
-        // Never answer an RST.
-        return Err(PacketError);
-    }
     let eth = answer_eth(pkt)?;
     let seq_ack: [u32; 2] = pkt.load(flow.l4_off + 4)?;
     let (seq_be, ack_be, flags) = if flow.tcp_flags & TCP_ACK != 0 {

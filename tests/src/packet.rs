@@ -1,0 +1,579 @@
+//! Packet-table harness in the style of Katran's fixtures and Cilium's
+//! PKTGEN/SETUP/CHECK: a `Case` is a map setup plus a sequence of steps, each
+//! a frame in and the verdict and frame expected out.
+
+use std::{
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use etherparse::PacketBuilder;
+use lb_common::{
+    BACKEND_ACTIVE, BackendValue, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP, RevNatValue,
+    SCOPE_CLUSTER, ServiceKey, ServiceValue, frontend_kind, map_names, program_names, stat,
+};
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+/// The program under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prog {
+    Tc,
+    Xdp,
+}
+
+pub const BOTH: &[Prog] = &[Prog::Tc, Prog::Xdp];
+
+/// What the program decided, normalised across tc and XDP return codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Drop,
+    /// Sent back out of the device it came in on (tc redirect, XDP_TX).
+    Bounce,
+}
+
+impl Prog {
+    fn verdict(self, code: u32) -> Verdict {
+        match (self, code) {
+            (Prog::Tc, 0) | (Prog::Xdp, 2) => Verdict::Pass,
+            (Prog::Tc, 2) | (Prog::Xdp, 1) => Verdict::Drop,
+            (Prog::Tc, 7) | (Prog::Xdp, 3) => Verdict::Bounce,
+            (prog, code) => panic!("{prog:?} returned unexpected code {code}"),
+        }
+    }
+}
+
+/// IPv4 address and port.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Ep {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+impl fmt::Debug for Ep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.addr, self.port)
+    }
+}
+
+/// `ep("10.96.0.10:80")`.
+pub fn ep(s: &str) -> Ep {
+    let sa: SocketAddrV4 = s.parse().unwrap_or_else(|e| panic!("bad endpoint {s}: {e}"));
+    Ep { addr: *sa.ip(), port: sa.port() }
+}
+
+fn be32(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+/// TCP flags for building frames.
+#[derive(Clone, Copy, Default)]
+pub struct Tcp {
+    pub syn: bool,
+    pub ack: Option<u32>,
+    pub fin: bool,
+    pub rst: bool,
+    pub seq: u32,
+}
+
+pub const SYN: Tcp = Tcp { syn: true, ack: None, fin: false, rst: false, seq: 1000 };
+pub const ACK: Tcp = Tcp { syn: false, ack: Some(1), fin: false, rst: false, seq: 1001 };
+
+pub fn tcp(src: Ep, dst: Ep, flags: Tcp, payload: &[u8]) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC)
+        .ipv4(src.addr.octets(), dst.addr.octets(), 64)
+        .tcp(src.port, dst.port, flags.seq, 64240);
+    if flags.syn {
+        b = b.syn();
+    }
+    if flags.fin {
+        b = b.fin();
+    }
+    if flags.rst {
+        b = b.rst();
+    }
+    if let Some(ack) = flags.ack {
+        b = b.ack(ack);
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("build tcp frame");
+    out
+}
+
+pub fn udp(src: Ep, dst: Ep, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC)
+        .ipv4(src.addr.octets(), dst.addr.octets(), 64)
+        .udp(src.port, dst.port);
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("build udp frame");
+    out
+}
+
+/// The same UDP frame with checksum 0 ("no checksum").
+pub fn udp_no_csum(src: Ep, dst: Ep, payload: &[u8]) -> Vec<u8> {
+    let mut f = udp(src, dst, payload);
+    f[14 + 20 + 6] = 0;
+    f[14 + 20 + 7] = 0;
+    f
+}
+
+/// Insert IPv4 options (a multiple of 4 bytes) into a frame and fix the header.
+pub fn with_ip_options(frame: &[u8], options: &[u8]) -> Vec<u8> {
+    assert_eq!(options.len() % 4, 0);
+    let mut f = frame[..34].to_vec();
+    f.extend_from_slice(options);
+    f.extend_from_slice(&frame[34..]);
+    let ihl = 5 + options.len() / 4;
+    f[14] = 0x40 | ihl as u8;
+    let tot = u16::from_be_bytes([f[16], f[17]]) as usize + options.len();
+    f[16..18].copy_from_slice(&(tot as u16).to_be_bytes());
+    f[24] = 0;
+    f[25] = 0;
+    let c = !fold(sum16(&f[14..14 + ihl * 4]));
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// Set IPv4 header bytes and fix the header checksum (for fragments, bad lengths ...).
+pub fn patch_ip(frame: &[u8], off_in_ip: usize, bytes: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[14 + off_in_ip..14 + off_in_ip + bytes.len()].copy_from_slice(bytes);
+    let ihl = ((f[14] & 0x0f) as usize * 4).clamp(20, f.len() - 14);
+    f[24] = 0;
+    f[25] = 0;
+    let c = !fold(sum16(&f[14..14 + ihl]));
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// RFC 1071 sum of big-endian 16-bit words (odd byte padded).
+pub fn sum16(bytes: &[u8]) -> u32 {
+    bytes
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum()
+}
+
+pub fn fold(mut s: u32) -> u16 {
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s as u16
+}
+
+/// A loaded copy of lb's programs with private (unpinned) maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+}
+
+impl Datapath {
+    pub fn load() -> Self {
+        crate::require_root();
+        let mut ebpf = EbpfLoader::new()
+            // Small maps: tests load many copies in parallel.
+            .set_max_entries(map_names::CT, 4096)
+            .set_max_entries(map_names::SERVICES, 4096)
+            .set_max_entries(map_names::BACKENDS, 4096)
+            .set_max_entries(map_names::AFFINITY, 1024)
+            .load(lb_agent::EBPF_OBJECT)
+            .expect("load lb eBPF object");
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(program_names::TC_INGRESS)
+            .expect("tc program in object")
+            .try_into()
+            .expect("tc program is a classifier");
+        tc.load().expect("verifier accepts the tc program");
+        let xdp: &mut Xdp = ebpf
+            .program_mut(program_names::XDP)
+            .expect("xdp program in object")
+            .try_into()
+            .expect("xdp program is XDP");
+        xdp.load().expect("verifier accepts the XDP program");
+        Datapath { ebpf }
+    }
+
+    fn hash<K: aya::Pod, V: aya::Pod>(&mut self, name: &str) -> HashMap<&mut MapData, K, V> {
+        HashMap::try_from(self.ebpf.map_mut(name).unwrap_or_else(|| panic!("map {name}")))
+            .unwrap_or_else(|e| panic!("map {name}: {e}"))
+    }
+
+    pub fn backend(&mut self, id: u32, at: Ep, proto: u8) {
+        let value = BackendValue {
+            addr_be: be32(at.addr),
+            port_be: at.port.to_be(),
+            proto,
+            state: BACKEND_ACTIVE,
+            flags: 0,
+        };
+        self.hash::<u32, BackendValue>(map_names::BACKENDS)
+            .insert(id, value, 0)
+            .expect("insert backend");
+    }
+
+    pub fn remove_backend(&mut self, id: u32) {
+        self.hash::<u32, BackendValue>(map_names::BACKENDS)
+            .remove(&id)
+            .expect("remove backend");
+    }
+
+    fn key(at: Ep, proto: u8, slot: u16) -> ServiceKey {
+        ServiceKey {
+            addr_be: be32(at.addr),
+            port_be: at.port.to_be(),
+            slot,
+            proto,
+            scope: SCOPE_CLUSTER,
+            _pad: [0; 2],
+        }
+    }
+
+    /// Program a frontend with the given backend ids, in make-before-break order.
+    pub fn frontend(&mut self, at: Ep, proto: u8, rev_nat_id: u16, backends: &[u32]) {
+        let mut services = self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES);
+        for (i, id) in backends.iter().enumerate() {
+            let slot = ServiceValue { backend_id: *id, ..Default::default() };
+            services.insert(Self::key(at, proto, i as u16 + 1), slot, 0).expect("slot");
+        }
+        let head = ServiceValue {
+            backend_id: 0,
+            count: backends.len() as u16,
+            rev_nat_id,
+            flags: frontend_kind::CLUSTER_IP,
+            affinity_timeout_s: 0,
+        };
+        services.insert(Self::key(at, proto, 0), head, 0).expect("slot 0");
+        let rev = RevNatValue { addr_be: be32(at.addr), port_be: at.port.to_be(), _pad: 0 };
+        self.hash::<u16, RevNatValue>(map_names::REV_NAT)
+            .insert(rev_nat_id, rev, 0)
+            .expect("rev nat");
+    }
+
+    pub fn insert_ct(&mut self, key: CtKey, value: CtValue) {
+        self.hash::<CtKey, CtValue>(map_names::CT).insert(key, value, 0).expect("insert ct");
+    }
+
+    pub fn ct(&mut self) -> Vec<(CtKey, CtValue)> {
+        self.hash::<CtKey, CtValue>(map_names::CT)
+            .iter()
+            .map(|r| r.expect("read ct"))
+            .collect()
+    }
+
+    /// Counters summed over CPUs.
+    pub fn stats(&self) -> Vec<u64> {
+        let map = self.ebpf.map(map_names::STATS).expect("stats map");
+        let stats = PerCpuArray::<_, u64>::try_from(map).expect("stats is a per-cpu array");
+        (0..stat::COUNT)
+            .map(|i| stats.get(&i, 0).expect("read stat").iter().sum())
+            .collect()
+    }
+
+    pub fn run(&self, prog: Prog, frame: &[u8]) -> (Verdict, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        };
+        let result = match prog {
+            Prog::Tc => {
+                let p: &SchedClassifier = self
+                    .ebpf
+                    .program(program_names::TC_INGRESS)
+                    .expect("tc program")
+                    .try_into()
+                    .expect("classifier");
+                p.test_run(opts)
+            }
+            Prog::Xdp => {
+                let p: &Xdp = self
+                    .ebpf
+                    .program(program_names::XDP)
+                    .expect("xdp program")
+                    .try_into()
+                    .expect("xdp");
+                p.test_run(opts)
+            }
+        }
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {prog:?}: {e}"));
+        out.truncate(result.data_size_out as usize);
+        (prog.verdict(result.return_value), out)
+    }
+}
+
+/// Which backend a translated frame must reach.
+pub enum Target {
+    Exact(Ep),
+    OneOf(Vec<Ep>),
+    /// The backend chosen at an earlier step (by index).
+    SameAs(usize),
+}
+
+pub enum Expect {
+    /// Passed byte-identical.
+    Unchanged,
+    /// Dropped.
+    Dropped,
+    /// Passed with the destination rewritten to a backend.
+    Dnat(Target),
+    /// Passed with the source rewritten to this frontend.
+    RevNat(Ep),
+    /// Bounced as an RST with these sequence numbers (ack None: no ACK flag).
+    TcpRst { seq: u32, ack: Option<u32> },
+    /// Bounced as ICMP port unreachable quoting the input.
+    IcmpPortUnreachable,
+}
+
+pub enum Step {
+    Send { frame: Vec<u8>, expect: Expect },
+    Change(Box<dyn Fn(&mut Datapath)>),
+    /// Counters (by `stat` index) that must have these totals now.
+    Stats(Vec<(u32, u64)>),
+}
+
+pub fn send(frame: Vec<u8>, expect: Expect) -> Step {
+    Step::Send { frame, expect }
+}
+
+pub fn change(f: impl Fn(&mut Datapath) + 'static) -> Step {
+    Step::Change(Box::new(f))
+}
+
+pub struct Case {
+    pub name: &'static str,
+    pub programs: &'static [Prog],
+    pub setup: Box<dyn Fn(&mut Datapath)>,
+    pub steps: Vec<Step>,
+    /// `stat` counters of impossible states this case provokes on purpose.
+    pub allowed_errors: &'static [u32],
+}
+
+const IMPOSSIBLE: &[u32] = &[
+    stat::ERR_SLOT_MISSING,
+    stat::ERR_BACKEND_MISSING,
+    stat::ERR_CT_FULL,
+    stat::ERR_REJECT_FAILED,
+    stat::ERR_NAT_FAILED,
+];
+
+/// Run a case on each of its programs with fresh maps; panics naming the
+/// case, program and step on the first mismatch.
+pub fn run_case(case: Case) {
+    for &prog in case.programs {
+        let mut dp = Datapath::load();
+        (case.setup)(&mut dp);
+        let mut chosen: Vec<Option<Ep>> = Vec::new();
+        for (i, step) in case.steps.iter().enumerate() {
+            let ctx = format!("case {} [{prog:?}] step {i}", case.name);
+            match step {
+                Step::Send { frame, expect } => {
+                    let (verdict, out) = dp.run(prog, frame);
+                    chosen.push(check(&ctx, frame, verdict, &out, expect, &chosen));
+                }
+                Step::Change(f) => {
+                    f(&mut dp);
+                    chosen.push(None);
+                }
+                Step::Stats(want) => {
+                    let got = dp.stats();
+                    for (idx, n) in want {
+                        assert_eq!(
+                            got[*idx as usize], *n,
+                            "{ctx}: counter {} is {} (all: {got:?})",
+                            stat::NAMES[*idx as usize],
+                            got[*idx as usize]
+                        );
+                    }
+                    chosen.push(None);
+                }
+            }
+        }
+        let got = dp.stats();
+        for idx in IMPOSSIBLE {
+            if !case.allowed_errors.contains(idx) {
+                assert_eq!(
+                    got[*idx as usize], 0,
+                    "case {} [{prog:?}]: impossible-state counter {} moved",
+                    case.name,
+                    stat::NAMES[*idx as usize]
+                );
+            }
+        }
+        println!("case {} [{prog:?}]: {} steps ok", case.name, case.steps.len());
+    }
+}
+
+/// Parsed view of an IPv4 TCP/UDP/ICMP frame for comparisons.
+struct View<'a> {
+    frame: &'a [u8],
+    ihl: usize,
+}
+
+impl<'a> View<'a> {
+    fn new(ctx: &str, frame: &'a [u8]) -> Self {
+        assert!(frame.len() >= 34, "{ctx}: frame too short ({} bytes)", frame.len());
+        assert_eq!(&frame[12..14], &[0x08, 0x00], "{ctx}: not IPv4");
+        let ihl = (frame[14] & 0x0f) as usize * 4;
+        View { frame, ihl }
+    }
+    fn ip(&self) -> &'a [u8] {
+        &self.frame[14..14 + self.ihl]
+    }
+    fn l4(&self) -> &'a [u8] {
+        let tot = u16::from_be_bytes([self.frame[16], self.frame[17]]) as usize;
+        &self.frame[14 + self.ihl..14 + tot]
+    }
+    fn proto(&self) -> u8 {
+        self.frame[23]
+    }
+    fn src(&self) -> Ep {
+        let l4 = self.l4();
+        Ep {
+            addr: Ipv4Addr::new(self.frame[26], self.frame[27], self.frame[28], self.frame[29]),
+            port: u16::from_be_bytes([l4[0], l4[1]]),
+        }
+    }
+    fn dst(&self) -> Ep {
+        let l4 = self.l4();
+        Ep {
+            addr: Ipv4Addr::new(self.frame[30], self.frame[31], self.frame[32], self.frame[33]),
+            port: u16::from_be_bytes([l4[2], l4[3]]),
+        }
+    }
+    /// Verify the IPv4 header and L4 checksums from scratch.
+    fn assert_checksums(&self, ctx: &str) {
+        assert_eq!(fold(sum16(self.ip())), 0xffff, "{ctx}: bad IPv4 header checksum");
+        let l4 = self.l4();
+        let pseudo = sum16(&self.frame[26..34]) + self.proto() as u32 + l4.len() as u32;
+        match self.proto() {
+            IPPROTO_TCP => {
+                assert_eq!(fold(pseudo + sum16(l4)), 0xffff, "{ctx}: bad TCP checksum");
+            }
+            IPPROTO_UDP => {
+                if l4[6..8] != [0, 0] {
+                    assert_eq!(fold(pseudo + sum16(l4)), 0xffff, "{ctx}: bad UDP checksum");
+                }
+            }
+            1 => assert_eq!(fold(sum16(l4)), 0xffff, "{ctx}: bad ICMP checksum"),
+            p => panic!("{ctx}: unexpected protocol {p}"),
+        }
+    }
+}
+
+fn expect_verdict(ctx: &str, got: Verdict, want: Verdict) {
+    assert_eq!(got, want, "{ctx}: verdict");
+}
+
+/// Compare a translated frame to its input: only `src`/`dst`, their
+/// checksums and nothing else may differ.
+fn assert_translated(ctx: &str, input: &[u8], out: &[u8], src: Ep, dst: Ep) {
+    assert_eq!(out.len(), input.len(), "{ctx}: length changed");
+    let (i, o) = (View::new(ctx, input), View::new(ctx, out));
+    assert_eq!(&out[..14], &input[..14], "{ctx}: Ethernet header changed");
+    assert_eq!(o.src(), src, "{ctx}: source");
+    assert_eq!(o.dst(), dst, "{ctx}: destination");
+    // IP header: all but checksum (10..12) and addresses (12..20) unchanged.
+    assert_eq!(&o.ip()[..10], &i.ip()[..10], "{ctx}: IPv4 header fields changed");
+    assert_eq!(&o.ip()[20..], &i.ip()[20..], "{ctx}: IPv4 options changed");
+    let (il4, ol4) = (i.l4(), o.l4());
+    match i.proto() {
+        IPPROTO_TCP => {
+            assert_eq!(&ol4[4..16], &il4[4..16], "{ctx}: TCP seq/ack/flags/window changed");
+            assert_eq!(&ol4[18..], &il4[18..], "{ctx}: TCP options or payload changed");
+        }
+        _ => {
+            assert_eq!(&ol4[4..6], &il4[4..6], "{ctx}: UDP length changed");
+            if il4[6..8] == [0, 0] {
+                assert_eq!(&ol4[6..8], &[0, 0], "{ctx}: zero UDP checksum must stay zero");
+            }
+            assert_eq!(&ol4[8..], &il4[8..], "{ctx}: UDP payload changed");
+        }
+    }
+    o.assert_checksums(ctx);
+}
+
+fn check(
+    ctx: &str,
+    input: &[u8],
+    verdict: Verdict,
+    out: &[u8],
+    expect: &Expect,
+    chosen: &[Option<Ep>],
+) -> Option<Ep> {
+    match expect {
+        Expect::Unchanged => {
+            expect_verdict(ctx, verdict, Verdict::Pass);
+            assert_eq!(out, input, "{ctx}: frame must pass byte-identical");
+            None
+        }
+        Expect::Dropped => {
+            expect_verdict(ctx, verdict, Verdict::Drop);
+            None
+        }
+        Expect::Dnat(target) => {
+            expect_verdict(ctx, verdict, Verdict::Pass);
+            let i = View::new(ctx, input);
+            let dst = View::new(ctx, out).dst();
+            match target {
+                Target::Exact(want) => assert_eq!(dst, *want, "{ctx}: backend"),
+                Target::OneOf(set) => assert!(set.contains(&dst), "{ctx}: {dst:?} not in {set:?}"),
+                Target::SameAs(step) => {
+                    let want = chosen[*step].expect("referenced step chose no backend");
+                    assert_eq!(dst, want, "{ctx}: flow moved off its backend");
+                }
+            }
+            assert_translated(ctx, input, out, i.src(), dst);
+            Some(dst)
+        }
+        Expect::RevNat(frontend) => {
+            expect_verdict(ctx, verdict, Verdict::Pass);
+            let i = View::new(ctx, input);
+            assert_translated(ctx, input, out, *frontend, i.dst());
+            None
+        }
+        Expect::TcpRst { seq, ack } => {
+            expect_verdict(ctx, verdict, Verdict::Bounce);
+            let (i, o) = (View::new(ctx, input), View::new(ctx, out));
+            assert_eq!(out.len(), 54, "{ctx}: RST frame length");
+            assert_eq!(&out[..6], &input[6..12], "{ctx}: RST goes back to the sender's MAC");
+            assert_eq!(&out[6..12], &input[..6], "{ctx}: RST comes from the receiving MAC");
+            assert_eq!(o.proto(), IPPROTO_TCP, "{ctx}: RST protocol");
+            assert_eq!((o.src(), o.dst()), (i.dst(), i.src()), "{ctx}: RST tuple");
+            let l4 = o.l4();
+            assert_eq!(u32::from_be_bytes(l4[4..8].try_into().unwrap()), *seq, "{ctx}: RST seq");
+            let flags = l4[13];
+            assert_eq!(flags & 0x04, 0x04, "{ctx}: RST flag");
+            match ack {
+                Some(a) => {
+                    assert_eq!(flags, 0x14, "{ctx}: RST|ACK flags");
+                    let got = u32::from_be_bytes(l4[8..12].try_into().unwrap());
+                    assert_eq!(got, *a, "{ctx}: RST ack");
+                }
+                None => assert_eq!(flags, 0x04, "{ctx}: RST without ACK"),
+            }
+            o.assert_checksums(ctx);
+            None
+        }
+        Expect::IcmpPortUnreachable => {
+            expect_verdict(ctx, verdict, Verdict::Bounce);
+            let (i, o) = (View::new(ctx, input), View::new(ctx, out));
+            assert_eq!(&out[..6], &input[6..12], "{ctx}: ICMP goes back to the sender's MAC");
+            assert_eq!(o.proto(), 1, "{ctx}: protocol ICMP");
+            assert_eq!(&out[26..30], &input[30..34], "{ctx}: ICMP from the frontend address");
+            assert_eq!(&out[30..34], &input[26..30], "{ctx}: ICMP to the client");
+            let l4 = o.l4();
+            assert_eq!((l4[0], l4[1]), (3, 3), "{ctx}: type 3 code 3");
+            let quote = &input[14..14 + i.ihl + 8];
+            assert_eq!(&l4[8..], quote, "{ctx}: ICMP quotes IP header + 8 bytes");
+            o.assert_checksums(ctx);
+            None
+        }
+    }
+}
