@@ -3,13 +3,11 @@
 //! Entries age by protocol state; a dead entry reads as absent.
 
 use aya_ebpf::bindings::BPF_ANY;
-use lb_common::{
-    CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, IPPROTO_TCP, ct_flags, ct_lifetime,
-};
+use lb_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, IPPROTO_TCP, ct_flags, ct_lifetime};
 
 use crate::{
     maps::LB_CT,
-    parse::{Flow, TCP_FIN, TCP_RST, TCP_SYN, TCP_ACK},
+    parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -163,7 +161,9 @@ pub fn create(
     };
     // Reply first: a forward entry must never exist without its way back.
     LB_CT.insert(&reply_key, &reply, BPF_ANY as u64).is_ok()
-        && LB_CT.insert(&forward_key(flow), &forward, BPF_ANY as u64).is_ok()
+        && LB_CT
+            .insert(&forward_key(flow), &forward, BPF_ANY as u64)
+            .is_ok()
 }
 
 /// The reply key of a forward entry, and the forward key of a reply entry.

@@ -121,7 +121,13 @@ fn reply<P: Packet>(pkt: &mut P, flow: &Flow, now: u64) -> i32 {
 }
 
 #[inline(always)]
-fn translate<P: Packet>(pkt: &mut P, flow: &Flow, end: End, to: &BackendValue, verdict: u32) -> i32 {
+fn translate<P: Packet>(
+    pkt: &mut P,
+    flow: &Flow,
+    end: End,
+    to: &BackendValue,
+    verdict: u32,
+) -> i32 {
     match nat::rewrite(pkt, flow, end, to.addr_be, to.port_be) {
         Ok(()) => {
             count(verdict);

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, ConfigValue, CtKey, CtValue, RevNatValue,
-    ServiceKey, ServiceValue, map_sizes, stat,
+    AffinityKey, AffinityValue, BackendValue, ConfigValue, CtKey, CtValue, RevNatValue, ServiceKey,
+    ServiceValue, map_sizes, stat,
 };
 
 /// Frontend slots: {addr, port, proto, scope, slot} -> slot 0 header or backend id.
@@ -22,8 +22,7 @@ pub static LB_BACKENDS: HashMap<u32, BackendValue> =
 
 /// Rev-NAT id -> the frontend replies are translated back to.
 #[map(name = "LB_REV_NAT")]
-pub static LB_REV_NAT: HashMap<u16, RevNatValue> =
-    HashMap::with_max_entries(map_sizes::REV_NAT, 0);
+pub static LB_REV_NAT: HashMap<u16, RevNatValue> = HashMap::with_max_entries(map_sizes::REV_NAT, 0);
 
 /// Conntrack: forward and reply tuples of translated flows.
 #[map(name = "LB_CT")]

@@ -31,8 +31,18 @@ pub fn rewrite<P: Packet>(
         (L4Csum::Udp, flow.l4_off + UDP_CSUM)
     };
     let (addr_off, old_addr, port_off, old_port) = match end {
-        End::Destination => (IP_DST_OFF, flow.dst_be, flow.l4_off + L4_DPORT, flow.dport_be),
-        End::Source => (IP_SRC_OFF, flow.src_be, flow.l4_off + L4_SPORT, flow.sport_be),
+        End::Destination => (
+            IP_DST_OFF,
+            flow.dst_be,
+            flow.l4_off + L4_DPORT,
+            flow.dport_be,
+        ),
+        End::Source => (
+            IP_SRC_OFF,
+            flow.src_be,
+            flow.l4_off + L4_SPORT,
+            flow.sport_be,
+        ),
     };
     if old_addr != addr_be {
         pkt.l4_csum_replace(kind, csum_off, old_addr, addr_be, 4, true)?;

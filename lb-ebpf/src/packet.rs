@@ -151,7 +151,14 @@ pub struct XdpPacket<'a> {
 impl XdpPacket<'_> {
     /// Checksums in XDP have no offload state: patch them in place.
     #[inline(always)]
-    fn patch_csum(&mut self, csum_off: u32, from: u32, to: u32, size: u32, udp: bool) -> Result<()> {
+    fn patch_csum(
+        &mut self,
+        csum_off: u32,
+        from: u32,
+        to: u32,
+        size: u32,
+        udp: bool,
+    ) -> Result<()> {
         let old: u16 = self.load(csum_off)?;
         if udp && old == 0 {
             return Ok(());

@@ -51,7 +51,11 @@ const MAX_QUOTE_WORDS: u32 = 17;
 #[inline(always)]
 fn answer_eth<P: Packet>(pkt: &P) -> Result<EthHdr> {
     let eth: EthHdr = pkt.load(0)?;
-    Ok(EthHdr { dst: eth.src, src: eth.dst, proto_be: ETH_P_IP.to_be() })
+    Ok(EthHdr {
+        dst: eth.src,
+        src: eth.dst,
+        proto_be: ETH_P_IP.to_be(),
+    })
 }
 
 /// IPv4 header of the answer, from the frontend to the client, checksummed.
@@ -137,7 +141,12 @@ pub fn icmp_port_unreachable<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<()> 
     let quote_off = ETH_HLEN + extra;
     pkt.truncate(quote_off + quote_len)?;
 
-    let mut icmp = IcmpHdr { kind: 3, code: 3, csum: 0, unused: 0 };
+    let mut icmp = IcmpHdr {
+        kind: 3,
+        code: 3,
+        csum: 0,
+        unused: 0,
+    };
     let mut sum = (icmp.kind as u16 | ((icmp.code as u16) << 8)) as u32;
     let mut i = 0;
     while i < MAX_QUOTE_WORDS {

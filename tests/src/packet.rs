@@ -65,8 +65,13 @@ impl fmt::Debug for Ep {
 
 /// `ep("10.96.0.10:80")`.
 pub fn ep(s: &str) -> Ep {
-    let sa: SocketAddrV4 = s.parse().unwrap_or_else(|e| panic!("bad endpoint {s}: {e}"));
-    Ep { addr: *sa.ip(), port: sa.port() }
+    let sa: SocketAddrV4 = s
+        .parse()
+        .unwrap_or_else(|e| panic!("bad endpoint {s}: {e}"));
+    Ep {
+        addr: *sa.ip(),
+        port: sa.port(),
+    }
 }
 
 fn be32(addr: Ipv4Addr) -> u32 {
@@ -83,8 +88,20 @@ pub struct Tcp {
     pub seq: u32,
 }
 
-pub const SYN: Tcp = Tcp { syn: true, ack: None, fin: false, rst: false, seq: 1000 };
-pub const ACK: Tcp = Tcp { syn: false, ack: Some(1), fin: false, rst: false, seq: 1001 };
+pub const SYN: Tcp = Tcp {
+    syn: true,
+    ack: None,
+    fin: false,
+    rst: false,
+    seq: 1000,
+};
+pub const ACK: Tcp = Tcp {
+    syn: false,
+    ack: Some(1),
+    fin: false,
+    rst: false,
+    seq: 1001,
+};
 
 pub fn tcp(src: Ep, dst: Ep, flags: Tcp, payload: &[u8]) -> Vec<u8> {
     let mut b = PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC)
@@ -178,10 +195,10 @@ impl Datapath {
         crate::require_root();
         let mut ebpf = EbpfLoader::new()
             // Small maps: tests load many copies in parallel.
-            .set_max_entries(map_names::CT, 4096)
-            .set_max_entries(map_names::SERVICES, 4096)
-            .set_max_entries(map_names::BACKENDS, 4096)
-            .set_max_entries(map_names::AFFINITY, 1024)
+            .map_max_entries(map_names::CT, 4096)
+            .map_max_entries(map_names::SERVICES, 4096)
+            .map_max_entries(map_names::BACKENDS, 4096)
+            .map_max_entries(map_names::AFFINITY, 1024)
             .load(lb_agent::EBPF_OBJECT)
             .expect("load lb eBPF object");
         let tc: &mut SchedClassifier = ebpf
@@ -200,8 +217,12 @@ impl Datapath {
     }
 
     fn hash<K: aya::Pod, V: aya::Pod>(&mut self, name: &str) -> HashMap<&mut MapData, K, V> {
-        HashMap::try_from(self.ebpf.map_mut(name).unwrap_or_else(|| panic!("map {name}")))
-            .unwrap_or_else(|e| panic!("map {name}: {e}"))
+        HashMap::try_from(
+            self.ebpf
+                .map_mut(name)
+                .unwrap_or_else(|| panic!("map {name}")),
+        )
+        .unwrap_or_else(|e| panic!("map {name}: {e}"))
     }
 
     pub fn backend(&mut self, id: u32, at: Ep, proto: u8) {
@@ -238,8 +259,13 @@ impl Datapath {
     pub fn frontend(&mut self, at: Ep, proto: u8, rev_nat_id: u16, backends: &[u32]) {
         let mut services = self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES);
         for (i, id) in backends.iter().enumerate() {
-            let slot = ServiceValue { backend_id: *id, ..Default::default() };
-            services.insert(Self::key(at, proto, i as u16 + 1), slot, 0).expect("slot");
+            let slot = ServiceValue {
+                backend_id: *id,
+                ..Default::default()
+            };
+            services
+                .insert(Self::key(at, proto, i as u16 + 1), slot, 0)
+                .expect("slot");
         }
         let head = ServiceValue {
             backend_id: 0,
@@ -248,15 +274,23 @@ impl Datapath {
             flags: frontend_kind::CLUSTER_IP,
             affinity_timeout_s: 0,
         };
-        services.insert(Self::key(at, proto, 0), head, 0).expect("slot 0");
-        let rev = RevNatValue { addr_be: be32(at.addr), port_be: at.port.to_be(), _pad: 0 };
+        services
+            .insert(Self::key(at, proto, 0), head, 0)
+            .expect("slot 0");
+        let rev = RevNatValue {
+            addr_be: be32(at.addr),
+            port_be: at.port.to_be(),
+            _pad: 0,
+        };
         self.hash::<u16, RevNatValue>(map_names::REV_NAT)
             .insert(rev_nat_id, rev, 0)
             .expect("rev nat");
     }
 
     pub fn insert_ct(&mut self, key: CtKey, value: CtValue) {
-        self.hash::<CtKey, CtValue>(map_names::CT).insert(key, value, 0).expect("insert ct");
+        self.hash::<CtKey, CtValue>(map_names::CT)
+            .insert(key, value, 0)
+            .expect("insert ct");
     }
 
     pub fn ct(&mut self) -> Vec<(CtKey, CtValue)> {
@@ -332,7 +366,10 @@ pub enum Expect {
 }
 
 pub enum Step {
-    Send { frame: Vec<u8>, expect: Expect },
+    Send {
+        frame: Vec<u8>,
+        expect: Expect,
+    },
     Change(Box<dyn Fn(&mut Datapath)>),
     /// Counters (by `stat` index) that must have these totals now.
     Stats(Vec<(u32, u64)>),
@@ -385,7 +422,8 @@ pub fn run_case(case: Case) {
                     let got = dp.stats();
                     for (idx, n) in want {
                         assert_eq!(
-                            got[*idx as usize], *n,
+                            got[*idx as usize],
+                            *n,
                             "{ctx}: counter {} is {} (all: {got:?})",
                             stat::NAMES[*idx as usize],
                             got[*idx as usize]
@@ -399,14 +437,19 @@ pub fn run_case(case: Case) {
         for idx in IMPOSSIBLE {
             if !case.allowed_errors.contains(idx) {
                 assert_eq!(
-                    got[*idx as usize], 0,
+                    got[*idx as usize],
+                    0,
                     "case {} [{prog:?}]: impossible-state counter {} moved",
                     case.name,
                     stat::NAMES[*idx as usize]
                 );
             }
         }
-        println!("case {} [{prog:?}]: {} steps ok", case.name, case.steps.len());
+        println!(
+            "case {} [{prog:?}]: {} steps ok",
+            case.name,
+            case.steps.len()
+        );
     }
 }
 
@@ -418,7 +461,11 @@ struct View<'a> {
 
 impl<'a> View<'a> {
     fn new(ctx: &str, frame: &'a [u8]) -> Self {
-        assert!(frame.len() >= 34, "{ctx}: frame too short ({} bytes)", frame.len());
+        assert!(
+            frame.len() >= 34,
+            "{ctx}: frame too short ({} bytes)",
+            frame.len()
+        );
         assert_eq!(&frame[12..14], &[0x08, 0x00], "{ctx}: not IPv4");
         let ihl = (frame[14] & 0x0f) as usize * 4;
         View { frame, ihl }
@@ -436,20 +483,34 @@ impl<'a> View<'a> {
     fn src(&self) -> Ep {
         let l4 = self.l4();
         Ep {
-            addr: Ipv4Addr::new(self.frame[26], self.frame[27], self.frame[28], self.frame[29]),
+            addr: Ipv4Addr::new(
+                self.frame[26],
+                self.frame[27],
+                self.frame[28],
+                self.frame[29],
+            ),
             port: u16::from_be_bytes([l4[0], l4[1]]),
         }
     }
     fn dst(&self) -> Ep {
         let l4 = self.l4();
         Ep {
-            addr: Ipv4Addr::new(self.frame[30], self.frame[31], self.frame[32], self.frame[33]),
+            addr: Ipv4Addr::new(
+                self.frame[30],
+                self.frame[31],
+                self.frame[32],
+                self.frame[33],
+            ),
             port: u16::from_be_bytes([l4[2], l4[3]]),
         }
     }
     /// Verify the IPv4 header and L4 checksums from scratch.
     fn assert_checksums(&self, ctx: &str) {
-        assert_eq!(fold(sum16(self.ip())), 0xffff, "{ctx}: bad IPv4 header checksum");
+        assert_eq!(
+            fold(sum16(self.ip())),
+            0xffff,
+            "{ctx}: bad IPv4 header checksum"
+        );
         let l4 = self.l4();
         let pseudo = sum16(&self.frame[26..34]) + self.proto() as u32 + l4.len() as u32;
         match self.proto() {
@@ -480,18 +541,34 @@ fn assert_translated(ctx: &str, input: &[u8], out: &[u8], src: Ep, dst: Ep) {
     assert_eq!(o.src(), src, "{ctx}: source");
     assert_eq!(o.dst(), dst, "{ctx}: destination");
     // IP header: all but checksum (10..12) and addresses (12..20) unchanged.
-    assert_eq!(&o.ip()[..10], &i.ip()[..10], "{ctx}: IPv4 header fields changed");
+    assert_eq!(
+        &o.ip()[..10],
+        &i.ip()[..10],
+        "{ctx}: IPv4 header fields changed"
+    );
     assert_eq!(&o.ip()[20..], &i.ip()[20..], "{ctx}: IPv4 options changed");
     let (il4, ol4) = (i.l4(), o.l4());
     match i.proto() {
         IPPROTO_TCP => {
-            assert_eq!(&ol4[4..16], &il4[4..16], "{ctx}: TCP seq/ack/flags/window changed");
-            assert_eq!(&ol4[18..], &il4[18..], "{ctx}: TCP options or payload changed");
+            assert_eq!(
+                &ol4[4..16],
+                &il4[4..16],
+                "{ctx}: TCP seq/ack/flags/window changed"
+            );
+            assert_eq!(
+                &ol4[18..],
+                &il4[18..],
+                "{ctx}: TCP options or payload changed"
+            );
         }
         _ => {
             assert_eq!(&ol4[4..6], &il4[4..6], "{ctx}: UDP length changed");
             if il4[6..8] == [0, 0] {
-                assert_eq!(&ol4[6..8], &[0, 0], "{ctx}: zero UDP checksum must stay zero");
+                assert_eq!(
+                    &ol4[6..8],
+                    &[0, 0],
+                    "{ctx}: zero UDP checksum must stay zero"
+                );
             }
             assert_eq!(&ol4[8..], &il4[8..], "{ctx}: UDP payload changed");
         }
@@ -542,12 +619,24 @@ fn check(
             expect_verdict(ctx, verdict, Verdict::Bounce);
             let (i, o) = (View::new(ctx, input), View::new(ctx, out));
             assert_eq!(out.len(), 54, "{ctx}: RST frame length");
-            assert_eq!(&out[..6], &input[6..12], "{ctx}: RST goes back to the sender's MAC");
-            assert_eq!(&out[6..12], &input[..6], "{ctx}: RST comes from the receiving MAC");
+            assert_eq!(
+                &out[..6],
+                &input[6..12],
+                "{ctx}: RST goes back to the sender's MAC"
+            );
+            assert_eq!(
+                &out[6..12],
+                &input[..6],
+                "{ctx}: RST comes from the receiving MAC"
+            );
             assert_eq!(o.proto(), IPPROTO_TCP, "{ctx}: RST protocol");
             assert_eq!((o.src(), o.dst()), (i.dst(), i.src()), "{ctx}: RST tuple");
             let l4 = o.l4();
-            assert_eq!(u32::from_be_bytes(l4[4..8].try_into().unwrap()), *seq, "{ctx}: RST seq");
+            assert_eq!(
+                u32::from_be_bytes(l4[4..8].try_into().unwrap()),
+                *seq,
+                "{ctx}: RST seq"
+            );
             let flags = l4[13];
             assert_eq!(flags & 0x04, 0x04, "{ctx}: RST flag");
             match ack {
@@ -564,9 +653,17 @@ fn check(
         Expect::IcmpPortUnreachable => {
             expect_verdict(ctx, verdict, Verdict::Bounce);
             let (i, o) = (View::new(ctx, input), View::new(ctx, out));
-            assert_eq!(&out[..6], &input[6..12], "{ctx}: ICMP goes back to the sender's MAC");
+            assert_eq!(
+                &out[..6],
+                &input[6..12],
+                "{ctx}: ICMP goes back to the sender's MAC"
+            );
             assert_eq!(o.proto(), 1, "{ctx}: protocol ICMP");
-            assert_eq!(&out[26..30], &input[30..34], "{ctx}: ICMP from the frontend address");
+            assert_eq!(
+                &out[26..30],
+                &input[30..34],
+                "{ctx}: ICMP from the frontend address"
+            );
             assert_eq!(&out[30..34], &input[26..30], "{ctx}: ICMP to the client");
             let l4 = o.l4();
             assert_eq!((l4[0], l4[1]), (3, 3), "{ctx}: type 3 code 3");

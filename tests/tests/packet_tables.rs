@@ -43,7 +43,13 @@ fn webs() -> Vec<Ep> {
 }
 
 fn case(name: &'static str, setup: fn(&mut Datapath), steps: Vec<Step>) -> Case {
-    Case { name, programs: BOTH, setup: Box::new(setup), steps, allowed_errors: &[] }
+    Case {
+        name,
+        programs: BOTH,
+        setup: Box::new(setup),
+        steps,
+        allowed_errors: &[],
+    }
 }
 
 fn counters(want: &[(u32, u64)]) -> Step {
@@ -62,7 +68,10 @@ fn tcp_syn_to_frontend_is_dnated_to_a_backend() {
         "tcp_syn_to_frontend_is_dnated_to_a_backend",
         services,
         vec![
-            send(tcp(ep(CLIENT), ep(WEB), SYN, b""), Expect::Dnat(Target::OneOf(webs()))),
+            send(
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::OneOf(webs())),
+            ),
             counters(&[(stat::NEW_FLOW, 1)]),
         ],
     ));
@@ -74,7 +83,12 @@ fn tcp_with_payload_is_dnated_with_payload_intact() {
         "tcp_with_payload_is_dnated_with_payload_intact",
         services,
         vec![send(
-            tcp(ep(CLIENT), ep(WEB), ACK, b"GET / HTTP/1.1\r\nHost: web\r\n\r\n"),
+            tcp(
+                ep(CLIENT),
+                ep(WEB),
+                ACK,
+                b"GET / HTTP/1.1\r\nHost: web\r\n\r\n",
+            ),
             Expect::Dnat(Target::OneOf(webs())),
         )],
     ));
@@ -133,7 +147,10 @@ fn backend_on_another_port_of_the_same_address() {
 fn new_flows_are_spread_over_every_backend() {
     let mut steps: Vec<Step> = (0..60)
         .map(|i| {
-            send(tcp(from_client(41000 + i), ep(WEB), SYN, b""), Expect::Dnat(Target::OneOf(webs())))
+            send(
+                tcp(from_client(41000 + i), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::OneOf(webs())),
+            )
         })
         .collect();
     steps.push(change(|dp| {
@@ -146,10 +163,18 @@ fn new_flows_are_spread_over_every_backend() {
         used.sort();
         used.dedup();
         // 60 random picks missing one of 3 backends: p = 3 * (2/3)^60 < 1e-10.
-        assert_eq!(used, vec![1, 2, 3], "random selection must reach every slot");
+        assert_eq!(
+            used,
+            vec![1, 2, 3],
+            "random selection must reach every slot"
+        );
     }));
     steps.push(counters(&[(stat::NEW_FLOW, 60)]));
-    run_case(case("new_flows_are_spread_over_every_backend", services, steps));
+    run_case(case(
+        "new_flows_are_spread_over_every_backend",
+        services,
+        steps,
+    ));
 }
 
 // ---- conntrack -----------------------------------------------------------
@@ -177,7 +202,10 @@ fn udp_flow_sticks_to_its_backend() {
         Expect::Dnat(Target::OneOf(vec![ep(DNS_1), ep(DNS_2)])),
     )];
     for _ in 0..8 {
-        steps.push(send(udp(ep(CLIENT), ep(DNS), b"q2"), Expect::Dnat(Target::SameAs(0))));
+        steps.push(send(
+            udp(ep(CLIENT), ep(DNS), b"q2"),
+            Expect::Dnat(Target::SameAs(0)),
+        ));
     }
     run_case(case("udp_flow_sticks_to_its_backend", services, steps));
 }
@@ -188,10 +216,16 @@ fn flow_keeps_backend_when_backend_set_changes() {
         "flow_keeps_backend_when_backend_set_changes",
         single_backend,
         vec![
-            send(tcp(ep(CLIENT), ep(WEB), SYN, b""), Expect::Dnat(Target::Exact(ep(WEB_1)))),
+            send(
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
             // Backend 1 leaves the frontend's set but still exists.
             change(|dp| dp.frontend(ep(WEB), TCP, 1, &[2, 3])),
-            send(tcp(ep(CLIENT), ep(WEB), ACK, b"x"), Expect::Dnat(Target::Exact(ep(WEB_1)))),
+            send(
+                tcp(ep(CLIENT), ep(WEB), ACK, b"x"),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
             // A new flow only sees the new set.
             send(
                 tcp(from_client(40001), ep(WEB), SYN, b""),
@@ -207,12 +241,18 @@ fn flow_is_rebalanced_when_its_backend_is_removed() {
         "flow_is_rebalanced_when_its_backend_is_removed",
         single_backend,
         vec![
-            send(tcp(ep(CLIENT), ep(WEB), SYN, b""), Expect::Dnat(Target::Exact(ep(WEB_1)))),
+            send(
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
             change(|dp| {
                 dp.frontend(ep(WEB), TCP, 1, &[2]);
                 dp.remove_backend(1);
             }),
-            send(tcp(ep(CLIENT), ep(WEB), ACK, b"x"), Expect::Dnat(Target::Exact(ep(WEB_2)))),
+            send(
+                tcp(ep(CLIENT), ep(WEB), ACK, b"x"),
+                Expect::Dnat(Target::Exact(ep(WEB_2))),
+            ),
             counters(&[(stat::BACKEND_REPLACED, 1), (stat::NEW_FLOW, 2)]),
         ],
     ));
@@ -235,10 +275,18 @@ fn expired_conntrack_entry_is_not_used() {
                     dir: CT_DIR_FORWARD,
                     _pad: [0; 2],
                 };
-                let value = CtValue { backend_id: 2, last_seen_ns: 0, lifetime_s: 1, ..Default::default() };
+                let value = CtValue {
+                    backend_id: 2,
+                    last_seen_ns: 0,
+                    lifetime_s: 1,
+                    ..Default::default()
+                };
                 dp.insert_ct(key, value);
             }),
-            send(tcp(ep(CLIENT), ep(WEB), SYN, b""), Expect::Dnat(Target::Exact(ep(WEB_1)))),
+            send(
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
             counters(&[(stat::NEW_FLOW, 1), (stat::ESTABLISHED, 0)]),
         ],
     ));
@@ -250,12 +298,21 @@ fn conntrack_records_both_directions() {
         "conntrack_records_both_directions",
         single_backend,
         vec![
-            send(tcp(ep(CLIENT), ep(WEB), SYN, b""), Expect::Dnat(Target::Exact(ep(WEB_1)))),
+            send(
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
             change(|dp| {
                 let ct = dp.ct();
                 assert_eq!(ct.len(), 2, "forward and reply entries: {ct:?}");
-                let (fk, fv) = ct.iter().find(|(k, _)| k.dir == CT_DIR_FORWARD).expect("forward");
-                let (rk, rv) = ct.iter().find(|(k, _)| k.dir == CT_DIR_REPLY).expect("reply");
+                let (fk, fv) = ct
+                    .iter()
+                    .find(|(k, _)| k.dir == CT_DIR_FORWARD)
+                    .expect("forward");
+                let (rk, rv) = ct
+                    .iter()
+                    .find(|(k, _)| k.dir == CT_DIR_REPLY)
+                    .expect("reply");
                 assert_eq!(fk.dst_port_be, 80u16.to_be());
                 assert_eq!((fv.backend_id, fv.rev_nat_id), (1, 1));
                 assert_eq!(fv.nat_addr_be, u32::from_ne_bytes([10, 0, 1, 1]));
@@ -273,15 +330,32 @@ fn conntrack_records_both_directions() {
 #[test]
 fn tcp_lifetime_follows_handshake_and_close() {
     let lifetime_of = |dp: &mut Datapath| {
-        dp.ct().iter().find(|(k, _)| k.dir == CT_DIR_FORWARD).expect("forward entry").1.lifetime_s
+        dp.ct()
+            .iter()
+            .find(|(k, _)| k.dir == CT_DIR_FORWARD)
+            .expect("forward entry")
+            .1
+            .lifetime_s
     };
     run_case(case(
         "tcp_lifetime_follows_handshake_and_close",
         single_backend,
         vec![
-            send(tcp(ep(CLIENT), ep(WEB), SYN, b""), Expect::Dnat(Target::Exact(ep(WEB_1)))),
             send(
-                tcp(ep(WEB_1), ep(CLIENT), Tcp { syn: true, ack: Some(1001), ..ACK }, b""),
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
+            send(
+                tcp(
+                    ep(WEB_1),
+                    ep(CLIENT),
+                    Tcp {
+                        syn: true,
+                        ack: Some(1001),
+                        ..ACK
+                    },
+                    b"",
+                ),
                 Expect::RevNat(ep(WEB)),
             ),
             change(move |dp| assert_eq!(lifetime_of(dp), ct_lifetime::TCP_ESTABLISHED)),
@@ -302,12 +376,27 @@ fn tcp_reply_is_reverse_translated() {
         "tcp_reply_is_reverse_translated",
         single_backend,
         vec![
-            send(tcp(ep(CLIENT), ep(WEB), SYN, b""), Expect::Dnat(Target::Exact(ep(WEB_1)))),
             send(
-                tcp(ep(WEB_1), ep(CLIENT), Tcp { syn: true, ack: Some(1001), ..ACK }, b""),
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
+            send(
+                tcp(
+                    ep(WEB_1),
+                    ep(CLIENT),
+                    Tcp {
+                        syn: true,
+                        ack: Some(1001),
+                        ..ACK
+                    },
+                    b"",
+                ),
                 Expect::RevNat(ep(WEB)),
             ),
-            send(tcp(ep(WEB_1), ep(CLIENT), ACK, b"HTTP/1.1 200 OK\r\n"), Expect::RevNat(ep(WEB))),
+            send(
+                tcp(ep(WEB_1), ep(CLIENT), ACK, b"HTTP/1.1 200 OK\r\n"),
+                Expect::RevNat(ep(WEB)),
+            ),
             counters(&[(stat::REPLY, 2)]),
         ],
     ));
@@ -322,9 +411,18 @@ fn udp_reply_is_reverse_translated() {
             dp.frontend(ep(DNS), UDP, 2, &[4]);
         },
         vec![
-            send(udp(ep(CLIENT), ep(DNS), b"query"), Expect::Dnat(Target::Exact(ep(DNS_1)))),
-            send(udp(ep(DNS_1), ep(CLIENT), b"answer"), Expect::RevNat(ep(DNS))),
-            send(udp_no_csum(ep(DNS_1), ep(CLIENT), b"answer"), Expect::RevNat(ep(DNS))),
+            send(
+                udp(ep(CLIENT), ep(DNS), b"query"),
+                Expect::Dnat(Target::Exact(ep(DNS_1))),
+            ),
+            send(
+                udp(ep(DNS_1), ep(CLIENT), b"answer"),
+                Expect::RevNat(ep(DNS)),
+            ),
+            send(
+                udp_no_csum(ep(DNS_1), ep(CLIENT), b"answer"),
+                Expect::RevNat(ep(DNS)),
+            ),
         ],
     ));
 }
@@ -347,8 +445,14 @@ fn reply_to_another_client_port_is_untouched() {
         "reply_to_another_client_port_is_untouched",
         single_backend,
         vec![
-            send(tcp(ep(CLIENT), ep(WEB), SYN, b""), Expect::Dnat(Target::Exact(ep(WEB_1)))),
-            send(tcp(ep(WEB_1), from_client(40001), ACK, b""), Expect::Unchanged),
+            send(
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
+            send(
+                tcp(ep(WEB_1), from_client(40001), ACK, b""),
+                Expect::Unchanged,
+            ),
         ],
     ));
 }
@@ -362,7 +466,13 @@ fn tcp_syn_to_frontend_without_backends_gets_rst_ack() {
         services,
         vec![
             // RFC 9293: no ACK in the offending segment -> seq 0, ack = seq + len (+1 for SYN).
-            send(tcp(ep(CLIENT), ep(EMPTY), SYN, b""), Expect::TcpRst { seq: 0, ack: Some(1001) }),
+            send(
+                tcp(ep(CLIENT), ep(EMPTY), SYN, b""),
+                Expect::TcpRst {
+                    seq: 0,
+                    ack: Some(1001),
+                },
+            ),
             counters(&[(stat::REJECT_TCP_RST, 1)]),
         ],
     ));
@@ -374,8 +484,19 @@ fn tcp_ack_to_frontend_without_backends_gets_rst_at_its_ack() {
         "tcp_ack_to_frontend_without_backends_gets_rst_at_its_ack",
         services,
         vec![send(
-            tcp(ep(CLIENT), ep(EMPTY), Tcp { ack: Some(777), ..ACK }, b"data"),
-            Expect::TcpRst { seq: 777, ack: None },
+            tcp(
+                ep(CLIENT),
+                ep(EMPTY),
+                Tcp {
+                    ack: Some(777),
+                    ..ACK
+                },
+                b"data",
+            ),
+            Expect::TcpRst {
+                seq: 777,
+                ack: None,
+            },
         )],
     ));
 }
@@ -386,7 +507,10 @@ fn tcp_rst_to_frontend_without_backends_is_dropped_unanswered() {
         "tcp_rst_to_frontend_without_backends_is_dropped_unanswered",
         services,
         vec![
-            send(tcp(ep(CLIENT), ep(EMPTY), Tcp { rst: true, ..ACK }, b""), Expect::Dropped),
+            send(
+                tcp(ep(CLIENT), ep(EMPTY), Tcp { rst: true, ..ACK }, b""),
+                Expect::Dropped,
+            ),
             counters(&[(stat::DROP_NO_BACKEND, 1), (stat::REJECT_TCP_RST, 0)]),
         ],
     ));
@@ -398,7 +522,10 @@ fn udp_to_frontend_without_backends_gets_icmp_port_unreachable() {
         "udp_to_frontend_without_backends_gets_icmp_port_unreachable",
         services,
         vec![
-            send(udp(ep(CLIENT), ep(EMPTY_UDP), b"query payload"), Expect::IcmpPortUnreachable),
+            send(
+                udp(ep(CLIENT), ep(EMPTY_UDP), b"query payload"),
+                Expect::IcmpPortUnreachable,
+            ),
             counters(&[(stat::REJECT_ICMP, 1)]),
         ],
     ));
@@ -406,7 +533,10 @@ fn udp_to_frontend_without_backends_gets_icmp_port_unreachable() {
 
 #[test]
 fn icmp_unreachable_quotes_ip_options() {
-    let frame = with_ip_options(&udp(ep(CLIENT), ep(EMPTY_UDP), b"x"), &[1, 1, 1, 0, 1, 1, 1, 0]);
+    let frame = with_ip_options(
+        &udp(ep(CLIENT), ep(EMPTY_UDP), b"x"),
+        &[1, 1, 1, 0, 1, 1, 1, 0],
+    );
     run_case(case(
         "icmp_unreachable_quotes_ip_options",
         services,
@@ -420,11 +550,17 @@ fn frontend_emptied_later_rejects_new_flows() {
         "frontend_emptied_later_rejects_new_flows",
         single_backend,
         vec![
-            send(tcp(ep(CLIENT), ep(WEB), SYN, b""), Expect::Dnat(Target::Exact(ep(WEB_1)))),
+            send(
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
             change(|dp| dp.frontend(ep(WEB), TCP, 1, &[])),
             send(
                 tcp(from_client(40001), ep(WEB), SYN, b""),
-                Expect::TcpRst { seq: 0, ack: Some(1001) },
+                Expect::TcpRst {
+                    seq: 0,
+                    ack: Some(1001),
+                },
             ),
         ],
     ));
@@ -460,7 +596,11 @@ fn unrelated_address_passes() {
 
 #[test]
 fn udp_to_tcp_only_frontend_passes() {
-    passes("udp_to_tcp_only_frontend_passes", udp(ep(CLIENT), ep(WEB), b"x"), stat::PASS_NOT_FRONTEND);
+    passes(
+        "udp_to_tcp_only_frontend_passes",
+        udp(ep(CLIENT), ep(WEB), b"x"),
+        stat::PASS_NOT_FRONTEND,
+    );
 }
 
 #[test]
@@ -500,12 +640,20 @@ fn icmp_echo_to_frontend_passes() {
         .icmpv4_echo_request(1, 1);
     let mut frame = Vec::new();
     b.write(&mut frame, b"ping").unwrap();
-    passes("icmp_echo_to_frontend_passes", frame, stat::PASS_OTHER_PROTO);
+    passes(
+        "icmp_echo_to_frontend_passes",
+        frame,
+        stat::PASS_OTHER_PROTO,
+    );
 }
 
 #[test]
 fn first_fragment_passes() {
-    let frame = patch_ip(&tcp(ep(CLIENT), ep(WEB), SYN, b"abcdefgh"), 6, &[0x20, 0x00]);
+    let frame = patch_ip(
+        &tcp(ep(CLIENT), ep(WEB), SYN, b"abcdefgh"),
+        6,
+        &[0x20, 0x00],
+    );
     passes("first_fragment_passes", frame, stat::PASS_FRAGMENT);
 }
 
@@ -520,7 +668,11 @@ fn later_fragment_passes() {
 #[test]
 fn truncated_tcp_header_passes() {
     let full = tcp(ep(CLIENT), ep(WEB), SYN, b"");
-    passes("truncated_tcp_header_passes", full[..14 + 20 + 10].to_vec(), stat::MALFORMED);
+    passes(
+        "truncated_tcp_header_passes",
+        full[..14 + 20 + 10].to_vec(),
+        stat::MALFORMED,
+    );
 }
 
 #[test]
@@ -533,7 +685,10 @@ fn frame_shorter_than_ip_header_passes() {
         ..case(
             "frame_shorter_than_ip_header_passes",
             services,
-            vec![send(full[..24].to_vec(), Expect::Unchanged), counters(&[(stat::MALFORMED, 1)])],
+            vec![
+                send(full[..24].to_vec(), Expect::Unchanged),
+                counters(&[(stat::MALFORMED, 1)]),
+            ],
         )
     });
 }
@@ -585,7 +740,10 @@ fn ethernet_padding_is_kept() {
     run_case(case(
         "ethernet_padding_is_kept",
         services,
-        vec![send(frame, Expect::Dnat(Target::OneOf(vec![ep(DNS_1), ep(DNS_2)])))],
+        vec![send(
+            frame,
+            Expect::Dnat(Target::OneOf(vec![ep(DNS_1), ep(DNS_2)])),
+        )],
     ));
 }
 
