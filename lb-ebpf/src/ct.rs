@@ -160,9 +160,9 @@ pub fn create(
         ..Default::default()
     };
     // Reply first: a forward entry must never exist without its way back.
-    LB_CT.insert(&reply_key, &reply, BPF_ANY as u64).is_ok()
+    LB_CT.insert(reply_key, reply, BPF_ANY as u64).is_ok()
         && LB_CT
-            .insert(&forward_key(flow), &forward, BPF_ANY as u64)
+            .insert(forward_key(flow), forward, BPF_ANY as u64)
             .is_ok()
 }
 

@@ -35,7 +35,7 @@ pub fn process<P: Packet>(pkt: &mut P) -> i32 {
         scope: SCOPE_CLUSTER,
         _pad: [0; 2],
     };
-    match unsafe { LB_SERVICES.get(&key) } {
+    match unsafe { LB_SERVICES.get(key) } {
         Some(frontend) => forward(pkt, &flow, key, *frontend, now),
         None => reply(pkt, &flow, now),
     }
@@ -54,7 +54,7 @@ fn forward<P: Packet>(
     let fwd_key = ct::forward_key(flow);
     if let Some(entry) = ct::lookup(&fwd_key, now) {
         let backend_id = unsafe { (*entry).backend_id };
-        if let Some(backend) = unsafe { LB_BACKENDS.get(&backend_id) } {
+        if let Some(backend) = unsafe { LB_BACKENDS.get(backend_id) } {
             let backend = *backend;
             let new_bits = ct::observe(entry, flow, now, len, 0);
             if new_bits != 0 {
@@ -71,12 +71,12 @@ fn forward<P: Packet>(
         return refuse(pkt, flow);
     }
     key.slot = (unsafe { bpf_get_prandom_u32() } % frontend.count as u32) as u16 + 1;
-    let Some(slot) = (unsafe { LB_SERVICES.get(&key) }) else {
+    let Some(slot) = (unsafe { LB_SERVICES.get(key) }) else {
         count(stat::ERR_SLOT_MISSING);
         return pkt.drop_verdict();
     };
     let backend_id = slot.backend_id;
-    let Some(backend) = (unsafe { LB_BACKENDS.get(&backend_id) }) else {
+    let Some(backend) = (unsafe { LB_BACKENDS.get(backend_id) }) else {
         count(stat::ERR_BACKEND_MISSING);
         return pkt.drop_verdict();
     };

@@ -127,7 +127,7 @@ impl Packet for TcPacket<'_> {
         let ifindex = unsafe { (*self.ctx.skb.skb).ifindex };
         let ret = unsafe { bpf_redirect(ifindex, 0) };
         if ret == TC_ACT_REDIRECT as i64 {
-            TC_ACT_REDIRECT as i32
+            TC_ACT_REDIRECT
         } else {
             self.drop_verdict()
         }
@@ -135,12 +135,12 @@ impl Packet for TcPacket<'_> {
 
     #[inline(always)]
     fn pass(&self) -> i32 {
-        aya_ebpf::bindings::TC_ACT_OK as i32
+        aya_ebpf::bindings::TC_ACT_OK
     }
 
     #[inline(always)]
     fn drop_verdict(&self) -> i32 {
-        aya_ebpf::bindings::TC_ACT_SHOT as i32
+        aya_ebpf::bindings::TC_ACT_SHOT
     }
 }
 

@@ -90,15 +90,24 @@ fn nightly_installed() -> bool {
         .is_some_and(|list| list.lines().any(|l| l.starts_with("nightly")))
 }
 
-fn rust_src_installed() -> bool {
-    output(Command::new("rustup").args([
+/// Nightly components: rust-src for `-Z build-std=core`, clippy to lint the
+/// kernel programs for the BPF target.
+const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy"];
+
+fn nightly_components_missing() -> Vec<&'static str> {
+    let installed = output(Command::new("rustup").args([
         "component",
         "list",
         "--toolchain",
         "nightly",
         "--installed",
     ]))
-    .is_some_and(|list| list.lines().any(|l| l.starts_with("rust-src")))
+    .unwrap_or_default();
+    NIGHTLY_COMPONENTS
+        .iter()
+        .copied()
+        .filter(|c| !installed.lines().any(|l| l.starts_with(c)))
+        .collect()
 }
 
 fn bpf_linker_ok() -> bool {
@@ -127,8 +136,12 @@ fn missing_commands() -> Vec<String> {
     if !nightly_installed() {
         cmds.push("rustup toolchain install nightly --profile minimal".into());
     }
-    if !rust_src_installed() {
-        cmds.push("rustup component add rust-src --toolchain nightly".into());
+    let components = nightly_components_missing();
+    if !components.is_empty() {
+        cmds.push(format!(
+            "rustup component add {} --toolchain nightly",
+            components.join(" ")
+        ));
     }
     if !bpf_linker_ok() {
         cmds.push(bpf_linker_install_cmd());
@@ -183,17 +196,19 @@ pub fn run() -> Result<()> {
         ]))?;
     }
 
-    if rust_src_installed() {
-        step("nightly rust-src", "present");
+    let components = nightly_components_missing();
+    if components.is_empty() {
+        step("nightly rust-src, clippy", "present");
     } else {
-        step("nightly rust-src", "installing (-Z build-std=core)");
-        run_quiet(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+        step(
+            "nightly components",
+            &format!("installing {}", components.join(" ")),
+        );
+        run_quiet(
+            Command::new("rustup")
+                .args(["component", "add", "--toolchain", "nightly"])
+                .args(&components),
+        )?;
     }
 
     if bpf_linker_ok() {

@@ -59,6 +59,22 @@ pub fn run_tests(lint: bool, test_args: &[String]) -> Result<()> {
             "-D",
             "warnings",
         ]))?;
+        // The kernel programs only compile for BPF: lint them there too.
+        run_cmd(Command::new("rustup").args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "-p",
+            "lb-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
     }
     let extra: Vec<&str> = test_args.iter().map(String::as_str).collect();
     if setup::is_root() {
