@@ -84,6 +84,12 @@ pub mod service_flags {
     pub const INTERNAL_LOCAL: u32 = 1 << 9;
     /// externalTrafficPolicy Local.
     pub const EXTERNAL_LOCAL: u32 = 1 << 10;
+    /// With no backend, drop instead of rejecting (traffic policy Local with
+    /// endpoints only on other nodes, as kube-proxy does).
+    pub const DROP_IF_EMPTY: u32 = 1 << 11;
+    /// Slot 0 of `{addr, port 0, proto 0}`: the address is a Service IP, and
+    /// packets to it on an undeclared port or protocol are rejected.
+    pub const ADDRESS_ONLY: u32 = 1 << 12;
 }
 
 /// Value of `LB_SERVICES`. On slot 0: `count`, `rev_nat_id`, `flags` and
@@ -124,7 +130,8 @@ pub struct BackendValue {
 pub struct RevNatValue {
     pub addr_be: u32,
     pub port_be: u16,
-    pub _pad: u16,
+    pub proto: u8,
+    pub _pad: u8,
 }
 
 /// `CtKey::dir`: the packet goes client -> frontend.
@@ -191,7 +198,9 @@ pub struct CtValue {
     pub last_seen_ns: u64,
     /// Seconds after `last_seen_ns` at which the entry is dead.
     pub lifetime_s: u32,
-    pub _pad1: u32,
+    /// Source NAT (hairpin). Forward: the source address written (0: none).
+    /// Reply: the client address to restore as destination (0: none).
+    pub snat_addr_be: u32,
     pub packets: u64,
     pub bytes: u64,
 }
@@ -222,6 +231,10 @@ pub struct ConfigValue {
     pub layout_version: u32,
     /// `config_flags` bits.
     pub flags: u32,
+    /// Source address for hairpin flows (a pod reaching itself through a
+    /// Service), network byte order; 0 disables hairpin SNAT.
+    pub hairpin_snat_addr_be: u32,
+    pub _pad: u32,
 }
 
 pub mod config_flags {
@@ -263,10 +276,15 @@ pub mod stat {
     pub const ERR_REJECT_FAILED: u32 = 14;
     /// A rewrite helper failed: the packet was dropped.
     pub const ERR_NAT_FAILED: u32 = 15;
-    /// Frontend without backends, and a packet that must not be answered (an RST): dropped.
+    /// Frontend without backends, and a packet that must not be answered (an
+    /// RST) or a frontend told to drop (traffic policy Local): dropped.
     pub const DROP_NO_BACKEND: u32 = 16;
+    /// Undeclared port or protocol on a Service IP: rejected like an empty frontend.
+    pub const REJECT_UNDECLARED: u32 = 17;
+    /// Hairpin flow: source rewritten so the pod's reply comes back through us.
+    pub const HAIRPIN: u32 = 18;
     /// Number of counters in use.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 19;
     /// Size of the stats array (room to grow without a layout change).
     pub const CAPACITY: u32 = 32;
 
@@ -289,6 +307,8 @@ pub mod stat {
         "err_reject_failed",
         "err_nat_failed",
         "drop_no_backend",
+        "reject_undeclared",
+        "hairpin",
     ];
 }
 
@@ -301,7 +321,7 @@ const _: () = {
     assert!(core::mem::size_of::<CtValue>() == 56);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
-    assert!(core::mem::size_of::<ConfigValue>() == 8);
+    assert!(core::mem::size_of::<ConfigValue>() == 16);
     assert!(stat::COUNT <= stat::CAPACITY);
 };
 
@@ -396,6 +416,11 @@ mod tests {
                 24,
             ),
             ("CtValue.lifetime_s", offset_of!(CtValue, lifetime_s), 32),
+            (
+                "CtValue.snat_addr_be",
+                offset_of!(CtValue, snat_addr_be),
+                36,
+            ),
             ("CtValue.packets", offset_of!(CtValue, packets), 40),
             ("CtValue.bytes", offset_of!(CtValue, bytes), 48),
             (
@@ -409,6 +434,12 @@ mod tests {
                 8,
             ),
             ("ConfigValue.flags", offset_of!(ConfigValue, flags), 4),
+            (
+                "ConfigValue.hairpin_snat_addr_be",
+                offset_of!(ConfigValue, hairpin_snat_addr_be),
+                8,
+            ),
+            ("RevNatValue.proto", offset_of!(RevNatValue, proto), 6),
         ];
         for (name, got, want) in cases {
             assert_eq!(got, want, "offset of {name}");

@@ -111,12 +111,14 @@ pub fn merge(key: &CtKey, proto: u8, bits: u16, now: u64) {
 /// Track a new translated flow: forward entry keyed by the client's tuple,
 /// reply entry keyed by the backend's answer. False when the map refused.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn create(
     flow: &Flow,
     backend_id: u32,
     rev_nat_id: u16,
     backend_addr_be: u32,
     backend_port_be: u16,
+    snat_addr_be: u32,
     now: u64,
     len: u32,
 ) -> bool {
@@ -135,13 +137,21 @@ pub fn create(
         created_ns: now,
         last_seen_ns: now,
         lifetime_s,
+        snat_addr_be,
         packets: 1,
         bytes: len as u64,
         ..Default::default()
     };
+    // With hairpin SNAT the backend answers the SNAT address, and the reply
+    // entry remembers the real client to restore.
+    let (reply_dst, restore) = if snat_addr_be != 0 {
+        (snat_addr_be, flow.src_be)
+    } else {
+        (flow.src_be, 0)
+    };
     let reply_key = CtKey {
         src_addr_be: backend_addr_be,
-        dst_addr_be: flow.src_be,
+        dst_addr_be: reply_dst,
         src_port_be: backend_port_be,
         dst_port_be: flow.sport_be,
         proto: flow.proto,
@@ -157,6 +167,7 @@ pub fn create(
         created_ns: now,
         last_seen_ns: now,
         lifetime_s,
+        snat_addr_be: restore,
         ..Default::default()
     };
     // Reply first: a forward entry must never exist without its way back.
@@ -170,9 +181,14 @@ pub fn create(
 #[inline(always)]
 pub fn peer_key(flow: &Flow, entry: &CtValue, dir: u8) -> CtKey {
     if dir == CT_DIR_FORWARD {
+        let client = if entry.snat_addr_be != 0 {
+            entry.snat_addr_be
+        } else {
+            flow.src_be
+        };
         CtKey {
             src_addr_be: entry.nat_addr_be,
-            dst_addr_be: flow.src_be,
+            dst_addr_be: client,
             src_port_be: entry.nat_port_be,
             dst_port_be: flow.sport_be,
             proto: flow.proto,
@@ -180,8 +196,13 @@ pub fn peer_key(flow: &Flow, entry: &CtValue, dir: u8) -> CtKey {
             _pad: [0; 2],
         }
     } else {
+        let client = if entry.snat_addr_be != 0 {
+            entry.snat_addr_be
+        } else {
+            flow.dst_be
+        };
         CtKey {
-            src_addr_be: flow.dst_be,
+            src_addr_be: client,
             dst_addr_be: entry.nat_addr_be,
             src_port_be: flow.dport_be,
             dst_port_be: entry.nat_port_be,

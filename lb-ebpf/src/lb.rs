@@ -3,18 +3,27 @@
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
-    BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, IPPROTO_TCP, SCOPE_CLUSTER, ServiceKey,
-    ServiceValue, ct_flags, stat,
+    CT_DIR_FORWARD, CT_DIR_REPLY, IPPROTO_TCP, SCOPE_CLUSTER, ServiceKey, ServiceValue, ct_flags,
+    service_flags, stat,
 };
 
 use crate::{
     ct,
-    maps::{LB_BACKENDS, LB_SERVICES, count},
+    maps::{LB_BACKENDS, LB_CONFIG, LB_SERVICES, count},
     nat::{self, End},
     packet::Packet,
     parse::{self, Flow, Parsed, TCP_RST},
     reject,
 };
+
+/// Where a translated packet goes: the destination (forward) or source (reply)
+/// to write, and for hairpin flows the other end too.
+struct Rewrite {
+    addr_be: u32,
+    port_be: u16,
+    /// Forward: new source address; reply: new destination address (0: keep).
+    other_addr_be: u32,
+}
 
 /// Translate one packet; returns the program verdict.
 #[inline(always)]
@@ -55,19 +64,27 @@ fn forward<P: Packet>(
     if let Some(entry) = ct::lookup(&fwd_key, now) {
         let backend_id = unsafe { (*entry).backend_id };
         if let Some(backend) = unsafe { LB_BACKENDS.get(backend_id) } {
-            let backend = *backend;
+            let to = Rewrite {
+                addr_be: backend.addr_be,
+                port_be: backend.port_be,
+                other_addr_be: unsafe { (*entry).snat_addr_be },
+            };
             let new_bits = ct::observe(entry, flow, now, len, 0);
             if new_bits != 0 {
                 let peer = ct::peer_key(flow, unsafe { &*entry }, CT_DIR_FORWARD);
                 ct::merge(&peer, flow.proto, new_bits, now);
             }
-            return translate(pkt, flow, End::Destination, &backend, stat::ESTABLISHED);
+            return translate(pkt, flow, End::Destination, &to, stat::ESTABLISHED);
         }
         // The flow's backend is gone: balance it again below.
         count(stat::BACKEND_REPLACED);
     }
 
     if frontend.count == 0 {
+        if frontend.flags & service_flags::DROP_IF_EMPTY != 0 {
+            count(stat::DROP_NO_BACKEND);
+            return pkt.drop_verdict();
+        }
         return refuse(pkt, flow);
     }
     key.slot = (unsafe { bpf_get_prandom_u32() } % frontend.count as u32) as u16 + 1;
@@ -80,28 +97,43 @@ fn forward<P: Packet>(
         count(stat::ERR_BACKEND_MISSING);
         return pkt.drop_verdict();
     };
-    let backend = *backend;
+    let mut to = Rewrite {
+        addr_be: backend.addr_be,
+        port_be: backend.port_be,
+        other_addr_be: 0,
+    };
+    if backend.addr_be == flow.src_be {
+        // Hairpin: the pod would answer itself directly, bypassing the
+        // reverse translation. Make the reply come back through us.
+        if let Some(config) = LB_CONFIG.get(0) {
+            to.other_addr_be = config.hairpin_snat_addr_be;
+        }
+        if to.other_addr_be != 0 {
+            count(stat::HAIRPIN);
+        }
+    }
     if !ct::create(
         flow,
         backend_id,
         frontend.rev_nat_id,
-        backend.addr_be,
-        backend.port_be,
+        to.addr_be,
+        to.port_be,
+        to.other_addr_be,
         now,
         len,
     ) {
         count(stat::ERR_CT_FULL);
     }
-    translate(pkt, flow, End::Destination, &backend, stat::NEW_FLOW)
+    translate(pkt, flow, End::Destination, &to, stat::NEW_FLOW)
 }
 
-/// A packet not addressed to a frontend: a reply of a translated flow, or none of ours.
+/// A packet not addressed to a frontend: a reply of a translated flow, a
+/// packet to a Service IP on an undeclared port, or none of ours.
 #[inline(always)]
 fn reply<P: Packet>(pkt: &mut P, flow: &Flow, now: u64) -> i32 {
     let key = ct::reply_key(flow);
     let Some(entry) = ct::lookup(&key, now) else {
-        count(stat::PASS_NOT_FRONTEND);
-        return pkt.pass();
+        return not_a_frontend(pkt, flow);
     };
     let first_reply = unsafe { (*entry).flags } & ct_flags::REPLY_SEEN == 0;
     let extra = if first_reply { ct_flags::REPLY_SEEN } else { 0 };
@@ -111,24 +143,45 @@ fn reply<P: Packet>(pkt: &mut P, flow: &Flow, now: u64) -> i32 {
         let peer = ct::peer_key(flow, &entry, CT_DIR_REPLY);
         ct::merge(&peer, flow.proto, new_bits, now);
     }
-    let frontend = BackendValue {
+    let to = Rewrite {
         addr_be: entry.nat_addr_be,
         port_be: entry.nat_port_be,
-        proto: flow.proto,
-        ..Default::default()
+        other_addr_be: entry.snat_addr_be,
     };
-    translate(pkt, flow, End::Source, &frontend, stat::REPLY)
+    translate(pkt, flow, End::Source, &to, stat::REPLY)
 }
 
 #[inline(always)]
-fn translate<P: Packet>(
-    pkt: &mut P,
-    flow: &Flow,
-    end: End,
-    to: &BackendValue,
-    verdict: u32,
-) -> i32 {
-    match nat::rewrite(pkt, flow, end, to.addr_be, to.port_be) {
+fn not_a_frontend<P: Packet>(pkt: &mut P, flow: &Flow) -> i32 {
+    let address_key = ServiceKey {
+        addr_be: flow.dst_be,
+        port_be: 0,
+        slot: 0,
+        proto: 0,
+        scope: SCOPE_CLUSTER,
+        _pad: [0; 2],
+    };
+    if let Some(address) = unsafe { LB_SERVICES.get(address_key) }
+        && address.flags & service_flags::ADDRESS_ONLY != 0
+    {
+        count(stat::REJECT_UNDECLARED);
+        return refuse(pkt, flow);
+    }
+    count(stat::PASS_NOT_FRONTEND);
+    pkt.pass()
+}
+
+#[inline(always)]
+fn translate<P: Packet>(pkt: &mut P, flow: &Flow, end: End, to: &Rewrite, verdict: u32) -> i32 {
+    let mut result = nat::rewrite(pkt, flow, end, to.addr_be, to.port_be);
+    if result.is_ok() && to.other_addr_be != 0 {
+        let (other_end, other_port) = match end {
+            End::Destination => (End::Source, flow.sport_be),
+            End::Source => (End::Destination, flow.dport_be),
+        };
+        result = nat::rewrite(pkt, flow, other_end, to.other_addr_be, other_port);
+    }
+    match result {
         Ok(()) => {
             count(verdict);
             pkt.pass()

@@ -9,13 +9,14 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use etherparse::PacketBuilder;
 use lb_common::{
-    BACKEND_ACTIVE, BackendValue, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP, RevNatValue,
-    SCOPE_CLUSTER, ServiceKey, ServiceValue, frontend_kind, map_names, program_names, stat,
+    BACKEND_ACTIVE, BackendValue, ConfigValue, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP,
+    RevNatValue, SCOPE_CLUSTER, ServiceKey, ServiceValue, frontend_kind, map_names, program_names,
+    service_flags, stat,
 };
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -257,6 +258,41 @@ impl Datapath {
 
     /// Program a frontend with the given backend ids, in make-before-break order.
     pub fn frontend(&mut self, at: Ep, proto: u8, rev_nat_id: u16, backends: &[u32]) {
+        self.frontend_with_flags(at, proto, rev_nat_id, backends, 0);
+    }
+
+    /// Mark `addr` as a Service IP: undeclared ports and protocols are rejected.
+    pub fn address_only(&mut self, addr: Ipv4Addr) {
+        let head = ServiceValue {
+            flags: frontend_kind::CLUSTER_IP | service_flags::ADDRESS_ONLY,
+            ..Default::default()
+        };
+        self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES)
+            .insert(Self::key(Ep { addr, port: 0 }, 0, 0), head, 0)
+            .expect("address entry");
+    }
+
+    pub fn set_hairpin_addr(&mut self, addr: Ipv4Addr) {
+        let mut config = Array::<_, ConfigValue>::try_from(
+            self.ebpf.map_mut(map_names::CONFIG).expect("config map"),
+        )
+        .expect("config is an array");
+        let value = ConfigValue {
+            layout_version: lb_common::LAYOUT_VERSION,
+            hairpin_snat_addr_be: be32(addr),
+            ..Default::default()
+        };
+        config.set(0, value, 0).expect("write config");
+    }
+
+    pub fn frontend_with_flags(
+        &mut self,
+        at: Ep,
+        proto: u8,
+        rev_nat_id: u16,
+        backends: &[u32],
+        flags: u32,
+    ) {
         let mut services = self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES);
         for (i, id) in backends.iter().enumerate() {
             let slot = ServiceValue {
@@ -271,7 +307,7 @@ impl Datapath {
             backend_id: 0,
             count: backends.len() as u16,
             rev_nat_id,
-            flags: frontend_kind::CLUSTER_IP,
+            flags: frontend_kind::CLUSTER_IP | flags,
             affinity_timeout_s: 0,
         };
         services
@@ -280,6 +316,7 @@ impl Datapath {
         let rev = RevNatValue {
             addr_be: be32(at.addr),
             port_be: at.port.to_be(),
+            proto,
             _pad: 0,
         };
         self.hash::<u16, RevNatValue>(map_names::REV_NAT)
@@ -359,6 +396,8 @@ pub enum Expect {
     Dnat(Target),
     /// Passed with the source rewritten to this frontend.
     RevNat(Ep),
+    /// Passed with both ends rewritten (hairpin).
+    Nat { src: Ep, dst: Ep },
     /// Bounced as an RST with these sequence numbers (ack None: no ACK flag).
     TcpRst { seq: u32, ack: Option<u32> },
     /// Bounced as ICMP port unreachable quoting the input.
@@ -613,6 +652,11 @@ fn check(
             expect_verdict(ctx, verdict, Verdict::Pass);
             let i = View::new(ctx, input);
             assert_translated(ctx, input, out, *frontend, i.dst());
+            None
+        }
+        Expect::Nat { src, dst } => {
+            expect_verdict(ctx, verdict, Verdict::Pass);
+            assert_translated(ctx, input, out, *src, *dst);
             None
         }
         Expect::TcpRst { seq, ack } => {

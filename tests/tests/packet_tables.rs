@@ -763,3 +763,160 @@ fn backend_state_is_read_from_the_backend_map() {
         )],
     ));
 }
+
+// ---- Service IP semantics --------------------------------------------------
+
+#[test]
+fn undeclared_tcp_port_on_service_ip_gets_rst() {
+    run_case(case(
+        "undeclared_tcp_port_on_service_ip_gets_rst",
+        |dp| {
+            services(dp);
+            dp.address_only(ep(WEB).addr);
+        },
+        vec![
+            send(
+                tcp(ep(CLIENT), ep("10.96.0.10:81"), SYN, b""),
+                Expect::TcpRst {
+                    seq: 0,
+                    ack: Some(1001),
+                },
+            ),
+            // The declared port still works.
+            send(
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::OneOf(webs())),
+            ),
+            counters(&[(stat::REJECT_UNDECLARED, 1), (stat::REJECT_TCP_RST, 1)]),
+        ],
+    ));
+}
+
+#[test]
+fn undeclared_udp_protocol_on_service_ip_gets_icmp() {
+    run_case(case(
+        "undeclared_udp_protocol_on_service_ip_gets_icmp",
+        |dp| {
+            services(dp);
+            dp.address_only(ep(WEB).addr);
+        },
+        vec![
+            send(udp(ep(CLIENT), ep(WEB), b"x"), Expect::IcmpPortUnreachable),
+            counters(&[(stat::REJECT_UNDECLARED, 1), (stat::REJECT_ICMP, 1)]),
+        ],
+    ));
+}
+
+#[test]
+fn reply_to_service_ip_client_is_not_rejected() {
+    // A reply whose destination is a Service IP address entry must still be
+    // reverse-translated: conntrack is consulted before the address entry.
+    run_case(case(
+        "reply_to_service_ip_client_is_not_rejected",
+        |dp| {
+            single_backend(dp);
+            dp.address_only(ep(WEB).addr);
+        },
+        vec![
+            send(
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
+            send(
+                tcp(ep(WEB_1), ep(CLIENT), ACK, b""),
+                Expect::RevNat(ep(WEB)),
+            ),
+        ],
+    ));
+}
+
+#[test]
+fn drop_if_empty_frontend_drops_silently() {
+    run_case(case(
+        "drop_if_empty_frontend_drops_silently",
+        |dp| {
+            dp.frontend_with_flags(
+                ep(WEB),
+                TCP,
+                1,
+                &[],
+                lb_common::service_flags::DROP_IF_EMPTY,
+            )
+        },
+        vec![
+            send(tcp(ep(CLIENT), ep(WEB), SYN, b""), Expect::Dropped),
+            counters(&[(stat::DROP_NO_BACKEND, 1), (stat::REJECT_TCP_RST, 0)]),
+        ],
+    ));
+}
+
+#[test]
+fn hairpin_flow_is_source_translated_both_ways() {
+    const POD: &str = "10.0.1.1:40000";
+    const HAIRPIN: &str = "169.254.42.1:40000";
+    run_case(case(
+        "hairpin_flow_is_source_translated_both_ways",
+        |dp| {
+            single_backend(dp);
+            dp.set_hairpin_addr(ep(HAIRPIN).addr);
+        },
+        vec![
+            send(
+                tcp(ep(POD), ep(WEB), SYN, b""),
+                Expect::Nat {
+                    src: ep(HAIRPIN),
+                    dst: ep(WEB_1),
+                },
+            ),
+            send(
+                tcp(
+                    ep(WEB_1),
+                    ep(HAIRPIN),
+                    Tcp {
+                        syn: true,
+                        ack: Some(1001),
+                        ..ACK
+                    },
+                    b"",
+                ),
+                Expect::Nat {
+                    src: ep(WEB),
+                    dst: ep(POD),
+                },
+            ),
+            send(
+                tcp(ep(POD), ep(WEB), ACK, b"GET /"),
+                Expect::Nat {
+                    src: ep(HAIRPIN),
+                    dst: ep(WEB_1),
+                },
+            ),
+            counters(&[(stat::HAIRPIN, 1), (stat::REPLY, 1), (stat::ESTABLISHED, 1)]),
+            change(|dp| {
+                let fwd = dp
+                    .ct()
+                    .into_iter()
+                    .find(|(k, _)| k.dir == CT_DIR_FORWARD)
+                    .unwrap()
+                    .1;
+                assert_eq!(
+                    fwd.lifetime_s,
+                    ct_lifetime::TCP_ESTABLISHED,
+                    "reply seen reached the forward entry"
+                );
+            }),
+        ],
+    ));
+}
+
+#[test]
+fn hairpin_without_configured_address_keeps_source() {
+    run_case(case(
+        "hairpin_without_configured_address_keeps_source",
+        single_backend,
+        vec![send(
+            tcp(ep("10.0.1.1:40000"), ep(WEB), SYN, b""),
+            Expect::Dnat(Target::Exact(ep(WEB_1))),
+        )],
+    ));
+}
