@@ -1,5 +1,15 @@
 //! lb's node agent as a library: the CLI in main.rs and the integration
 //! tests in `tests/` use the same modules.
+//!
+//! Data flows one way: `source` -> `model::ClusterState` ->
+//! `model::translate` -> `model::DesiredState` -> `datapath::sync` -> maps.
+
+pub mod config;
+pub mod datapath;
+pub mod dump;
+pub mod model;
+pub mod run;
+pub mod source;
 
 /// The compiled kernel programs (lb-ebpf), embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));

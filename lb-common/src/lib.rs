@@ -283,8 +283,14 @@ pub mod stat {
     pub const REJECT_UNDECLARED: u32 = 17;
     /// Hairpin flow: source rewritten so the pod's reply comes back through us.
     pub const HAIRPIN: u32 = 18;
+    /// Agent: a map was full and a Service could not be programmed.
+    pub const AGENT_MAP_FULL: u32 = 19;
+    /// Agent: objects skipped as invalid (bad IP, port, protocol, duplicate ClusterIP ...).
+    pub const AGENT_INVALID_OBJECTS: u32 = 20;
+    /// Agent: manifest files rejected (parse errors); their last good content stays.
+    pub const AGENT_BAD_FILES: u32 = 21;
     /// Number of counters in use.
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 22;
     /// Size of the stats array (room to grow without a layout change).
     pub const CAPACITY: u32 = 32;
 
@@ -309,6 +315,9 @@ pub mod stat {
         "drop_no_backend",
         "reject_undeclared",
         "hairpin",
+        "agent_map_full",
+        "agent_invalid_objects",
+        "agent_bad_files",
     ];
 }
 

@@ -1,0 +1,219 @@
+//! Typed handles on lb's maps, opened from a loaded object (the agent) or
+//! from their pins (dump, tests, another process).
+
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues};
+use lb_common::{
+    AffinityKey, AffinityValue, BackendValue, ConfigValue, CtKey, CtValue, RevNatValue, ServiceKey,
+    ServiceValue, map_names, map_sizes, stat,
+};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum MapsError {
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error("map {name} is not in the loaded object")]
+    Missing { name: &'static str },
+    #[error("pinned map {path}: {source}")]
+    Pin { path: PathBuf, source: MapError },
+    #[error(
+        "pinned map {path} has another layout ({found}; this agent needs {expected}); \
+         it was written by an incompatible lb version: remove the pins under its directory \
+         (established connections through it will be re-balanced) or run the matching agent"
+    )]
+    Incompatible {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+}
+
+/// Key size, value size and capacity a map must have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapShape {
+    pub name: &'static str,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+impl std::fmt::Display for MapShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "key {} bytes, value {} bytes, {} entries",
+            self.key_size, self.value_size, self.max_entries
+        )
+    }
+}
+
+/// The shapes lb-common declares for every pinned map.
+pub fn expected_shapes() -> [MapShape; 7] {
+    use std::mem::size_of;
+    let shape = |name, k: usize, v: usize, max| MapShape {
+        name,
+        key_size: k as u32,
+        value_size: v as u32,
+        max_entries: max,
+    };
+    [
+        shape(
+            map_names::SERVICES,
+            size_of::<ServiceKey>(),
+            size_of::<ServiceValue>(),
+            map_sizes::SERVICES,
+        ),
+        shape(
+            map_names::BACKENDS,
+            4,
+            size_of::<BackendValue>(),
+            map_sizes::BACKENDS,
+        ),
+        shape(
+            map_names::REV_NAT,
+            2,
+            size_of::<RevNatValue>(),
+            map_sizes::REV_NAT,
+        ),
+        shape(
+            map_names::CT,
+            size_of::<CtKey>(),
+            size_of::<CtValue>(),
+            map_sizes::CT,
+        ),
+        shape(
+            map_names::AFFINITY,
+            size_of::<AffinityKey>(),
+            size_of::<AffinityValue>(),
+            map_sizes::AFFINITY,
+        ),
+        shape(map_names::STATS, 4, 8, stat::CAPACITY),
+        shape(map_names::CONFIG, 4, size_of::<ConfigValue>(), 1),
+    ]
+}
+
+/// Refuse a pinned map whose shape is not ours (aya would adopt it blindly).
+pub fn check_pin(path: &Path, expected: &MapShape) -> Result<(), MapsError> {
+    let info = MapInfo::from_pin(path).map_err(|source| MapsError::Pin {
+        path: path.into(),
+        source,
+    })?;
+    let found = MapShape {
+        name: expected.name,
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+    };
+    if found != *expected {
+        return Err(MapsError::Incompatible {
+            path: path.into(),
+            found: found.to_string(),
+            expected: expected.to_string(),
+        });
+    }
+    Ok(())
+}
+
+pub type ServicesMap = HashMap<MapData, ServiceKey, ServiceValue>;
+pub type BackendsMap = HashMap<MapData, u32, BackendValue>;
+pub type RevNatMap = HashMap<MapData, u16, RevNatValue>;
+/// LRU hash maps read and write through aya's HashMap.
+pub type CtMap = HashMap<MapData, CtKey, CtValue>;
+pub type AffinityMap = HashMap<MapData, AffinityKey, AffinityValue>;
+pub type StatsMap = PerCpuArray<MapData, u64>;
+pub type ConfigMap = Array<MapData, ConfigValue>;
+
+/// Every map of the datapath.
+pub struct Maps {
+    pub services: ServicesMap,
+    pub backends: BackendsMap,
+    pub rev_nat: RevNatMap,
+    pub ct: CtMap,
+    pub affinity: AffinityMap,
+    pub stats: StatsMap,
+    pub config: ConfigMap,
+}
+
+fn typed<T>(name: &'static str, map: Map) -> Result<T, MapsError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    T::try_from(map).map_err(|source| MapsError::Map { name, source })
+}
+
+impl Maps {
+    /// Take the maps out of a loaded object.
+    pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self, MapsError> {
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(MapsError::Missing { name });
+        Ok(Maps {
+            services: typed(map_names::SERVICES, take(map_names::SERVICES)?)?,
+            backends: typed(map_names::BACKENDS, take(map_names::BACKENDS)?)?,
+            rev_nat: typed(map_names::REV_NAT, take(map_names::REV_NAT)?)?,
+            ct: typed(map_names::CT, take(map_names::CT)?)?,
+            affinity: typed(map_names::AFFINITY, take(map_names::AFFINITY)?)?,
+            stats: typed(map_names::STATS, take(map_names::STATS)?)?,
+            config: typed(map_names::CONFIG, take(map_names::CONFIG)?)?,
+        })
+    }
+
+    /// Open the maps pinned under `bpffs`, checking each one's shape first.
+    pub fn open_pinned(bpffs: &Path) -> Result<Self, MapsError> {
+        let shapes = expected_shapes();
+        let open = |i: usize, wrap: fn(MapData) -> Map| -> Result<Map, MapsError> {
+            let path = bpffs.join(shapes[i].name);
+            check_pin(&path, &shapes[i])?;
+            let data =
+                MapData::from_pin(&path).map_err(|source| MapsError::Pin { path, source })?;
+            Ok(wrap(data))
+        };
+        Ok(Maps {
+            services: typed(map_names::SERVICES, open(0, Map::HashMap)?)?,
+            backends: typed(map_names::BACKENDS, open(1, Map::HashMap)?)?,
+            rev_nat: typed(map_names::REV_NAT, open(2, Map::HashMap)?)?,
+            ct: typed(map_names::CT, open(3, Map::LruHashMap)?)?,
+            affinity: typed(map_names::AFFINITY, open(4, Map::LruHashMap)?)?,
+            stats: typed(map_names::STATS, open(5, Map::PerCpuArray)?)?,
+            config: typed(map_names::CONFIG, open(6, Map::Array)?)?,
+        })
+    }
+
+    /// Counters summed over CPUs, indexed by `lb_common::stat`.
+    pub fn read_stats(&self) -> Result<Vec<u64>, MapsError> {
+        (0..stat::COUNT)
+            .map(|i| {
+                self.stats
+                    .get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .map_err(|source| MapsError::Map {
+                        name: map_names::STATS,
+                        source,
+                    })
+            })
+            .collect()
+    }
+
+    /// Set an agent-side counter (kept in CPU 0's slot; the kernel never writes these).
+    pub fn set_agent_stat(&mut self, index: u32, value: u64) -> Result<(), MapsError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapsError::Map {
+            name: map_names::STATS,
+            source: MapError::IoError(e),
+        })?;
+        let mut values = vec![0u64; cpus];
+        values[0] = value;
+        let values = PerCpuValues::try_from(values).map_err(|e| MapsError::Map {
+            name: map_names::STATS,
+            source: MapError::IoError(e),
+        })?;
+        self.stats
+            .set(index, values, 0)
+            .map_err(|source| MapsError::Map {
+                name: map_names::STATS,
+                source,
+            })
+    }
+}

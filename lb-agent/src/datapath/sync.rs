@@ -1,0 +1,503 @@
+//! Keep the maps equal to a DesiredState: diff against a mirror of what was
+//! written, and write in make-before-break order (backends, slots 1..N,
+//! slot 0; removal in reverse) so the kernel never reads a count that points
+//! past written slots or a slot naming a missing backend.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use aya::maps::MapError;
+use lb_common::{
+    BACKEND_ACTIVE, BACKEND_TERMINATING, BackendValue, RevNatValue, SCOPE_CLUSTER, ServiceKey,
+    ServiceValue, frontend_kind, map_sizes, service_flags,
+};
+use tracing::{debug, warn};
+
+use super::maps::Maps;
+use crate::model::{DesiredState, Frontend, FrontendKey, Protocol, ids::IdAllocator};
+
+/// A backend is identified by where it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BackendKey {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: Protocol,
+}
+
+/// What one frontend looks like in the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct AppliedFrontend {
+    head: ServiceValue,
+    slots: Vec<u32>,
+}
+
+/// Something that could not be programmed, naming the Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncError {
+    pub object: String,
+    pub reason: String,
+    /// A map (or an id space) was full.
+    pub full: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub frontends_written: usize,
+    pub frontends_removed: usize,
+    pub backends_written: usize,
+    pub backends_removed: usize,
+    pub errors: Vec<SyncError>,
+}
+
+pub struct Syncer {
+    maps: Maps,
+    backend_ids: IdAllocator<BackendKey>,
+    rev_nat_ids: IdAllocator<FrontendKey>,
+    backends: BTreeMap<u32, BackendValue>,
+    frontends: BTreeMap<FrontendKey, AppliedFrontend>,
+    addresses: BTreeSet<Ipv4Addr>,
+    rev_nat: BTreeMap<u16, RevNatValue>,
+    /// Map keys found at start that this agent does not manage: pruned on the first sync.
+    stray_service_keys: Vec<ServiceKey>,
+}
+
+fn be32(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+fn from_be32(v: u32) -> Ipv4Addr {
+    Ipv4Addr::from(v.to_ne_bytes())
+}
+
+fn service_key(fk: &FrontendKey, slot: u16) -> ServiceKey {
+    ServiceKey {
+        addr_be: be32(fk.addr),
+        port_be: fk.port.to_be(),
+        slot,
+        proto: fk.proto.number(),
+        scope: SCOPE_CLUSTER,
+        _pad: [0; 2],
+    }
+}
+
+fn address_key(addr: Ipv4Addr) -> ServiceKey {
+    ServiceKey {
+        addr_be: be32(addr),
+        ..Default::default()
+    }
+}
+
+fn is_full(err: &MapError) -> bool {
+    match err {
+        MapError::SyscallError(e) => matches!(
+            e.io_error.raw_os_error(),
+            Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM)
+        ),
+        _ => false,
+    }
+}
+
+impl Syncer {
+    /// Adopt what the (possibly pinned) maps already hold: ids stay stable
+    /// across restarts, and the first sync prunes what is no longer desired.
+    pub fn new(maps: Maps) -> Result<Self, MapError> {
+        let mut syncer = Syncer {
+            maps,
+            backend_ids: IdAllocator::new("backend", map_sizes::BACKENDS),
+            rev_nat_ids: IdAllocator::new("rev-NAT", map_sizes::REV_NAT),
+            backends: BTreeMap::new(),
+            frontends: BTreeMap::new(),
+            addresses: BTreeSet::new(),
+            rev_nat: BTreeMap::new(),
+            stray_service_keys: Vec::new(),
+        };
+        for entry in syncer.maps.backends.iter() {
+            let (id, value) = entry?;
+            let key = Protocol::from_number(value.proto).map(|proto| BackendKey {
+                addr: from_be32(value.addr_be),
+                port: u16::from_be(value.port_be),
+                proto,
+            });
+            match key {
+                Some(key) if syncer.backend_ids.adopt(key, id) => {
+                    syncer.backends.insert(id, value);
+                }
+                // Unusable or duplicate: remove after everything referencing it.
+                _ => {
+                    syncer.backends.insert(id, value);
+                }
+            }
+        }
+        for entry in syncer.maps.rev_nat.iter() {
+            let (id, value) = entry?;
+            if let Some(proto) = Protocol::from_number(value.proto) {
+                let fk = FrontendKey {
+                    addr: from_be32(value.addr_be),
+                    port: u16::from_be(value.port_be),
+                    proto,
+                };
+                syncer.rev_nat_ids.adopt(fk, id as u32);
+            }
+            syncer.rev_nat.insert(id, value);
+        }
+        let mut slots: BTreeMap<FrontendKey, BTreeMap<u16, u32>> = BTreeMap::new();
+        let mut heads: BTreeMap<FrontendKey, ServiceValue> = BTreeMap::new();
+        for entry in syncer.maps.services.iter() {
+            let (key, value) = entry?;
+            if key.port_be == 0 && key.proto == 0 && key.slot == 0 && key.scope == SCOPE_CLUSTER {
+                syncer.addresses.insert(from_be32(key.addr_be));
+                continue;
+            }
+            let Some(proto) =
+                Protocol::from_number(key.proto).filter(|_| key.scope == SCOPE_CLUSTER)
+            else {
+                syncer.stray_service_keys.push(key);
+                continue;
+            };
+            let fk = FrontendKey {
+                addr: from_be32(key.addr_be),
+                port: u16::from_be(key.port_be),
+                proto,
+            };
+            if key.slot == 0 {
+                heads.insert(fk, value);
+            } else {
+                slots
+                    .entry(fk)
+                    .or_default()
+                    .insert(key.slot, value.backend_id);
+            }
+        }
+        for (fk, head) in heads {
+            let mut found = slots.remove(&fk).unwrap_or_default();
+            let applied: Vec<u32> = (1..=head.count)
+                .map(|s| found.remove(&s).unwrap_or(0))
+                .collect();
+            // Slots past the count (an interrupted sync) are strays.
+            for slot in found.keys() {
+                syncer.stray_service_keys.push(service_key(&fk, *slot));
+            }
+            syncer.frontends.insert(
+                fk,
+                AppliedFrontend {
+                    head,
+                    slots: applied,
+                },
+            );
+        }
+        for (fk, orphan) in slots {
+            for slot in orphan.keys() {
+                syncer.stray_service_keys.push(service_key(&fk, *slot));
+            }
+        }
+        debug!(
+            frontends = syncer.frontends.len(),
+            backends = syncer.backends.len(),
+            "adopted existing map contents"
+        );
+        Ok(syncer)
+    }
+
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    pub fn maps_mut(&mut self) -> &mut Maps {
+        &mut self.maps
+    }
+
+    /// Bring the maps to `desired`.
+    pub fn sync(&mut self, desired: &DesiredState) -> SyncReport {
+        let mut report = SyncReport::default();
+
+        // 1. Backends every desired frontend needs (an active use wins over a
+        //    terminating one for an endpoint shared by two Services).
+        let mut wanted: BTreeMap<u32, BackendValue> = BTreeMap::new();
+        let mut frontend_slots: BTreeMap<FrontendKey, Result<Vec<u32>, SyncError>> =
+            BTreeMap::new();
+        for (fk, frontend) in &desired.frontends {
+            let mut ids = Vec::with_capacity(frontend.backends.len());
+            let mut failed = None;
+            for b in &frontend.backends {
+                let key = BackendKey {
+                    addr: b.addr,
+                    port: b.port,
+                    proto: fk.proto,
+                };
+                match self.backend_ids.get_or_assign(&key) {
+                    Ok(id) => {
+                        ids.push(id);
+                        let state = if b.terminating {
+                            BACKEND_TERMINATING
+                        } else {
+                            BACKEND_ACTIVE
+                        };
+                        let entry = wanted.entry(id).or_insert(BackendValue {
+                            addr_be: be32(b.addr),
+                            port_be: b.port.to_be(),
+                            proto: fk.proto.number(),
+                            state,
+                            flags: 0,
+                        });
+                        entry.state = entry.state.min(state);
+                    }
+                    Err(e) => {
+                        failed = Some(SyncError {
+                            object: frontend.service_port.clone(),
+                            reason: format!("backend {}:{}: {e}", b.addr, b.port),
+                            full: true,
+                        });
+                        break;
+                    }
+                }
+            }
+            frontend_slots.insert(*fk, failed.map_or(Ok(ids), Err));
+        }
+        let mut failed_backends = BTreeSet::new();
+        for (id, value) in &wanted {
+            if self.backends.get(id) == Some(value) {
+                continue;
+            }
+            match self.maps.backends.insert(id, value, 0) {
+                Ok(()) => {
+                    self.backends.insert(*id, *value);
+                    report.backends_written += 1;
+                }
+                Err(e) => {
+                    failed_backends.insert(*id);
+                    warn!(backend_id = id, error = %e, "writing backend failed");
+                }
+            }
+        }
+
+        // 2. Frontends: slots 1..N, then slot 0, then slots past the new count.
+        for (fk, frontend) in &desired.frontends {
+            let ids = match frontend_slots.remove(fk) {
+                Some(Ok(ids)) => ids,
+                Some(Err(e)) => {
+                    report.errors.push(e);
+                    continue;
+                }
+                None => continue,
+            };
+            if let Some(bad) = ids.iter().find(|id| failed_backends.contains(id)) {
+                report.errors.push(SyncError {
+                    object: frontend.service_port.clone(),
+                    reason: format!("{fk}: backend {bad} could not be written (map full?)"),
+                    full: true,
+                });
+                continue;
+            }
+            match self.write_frontend(fk, frontend, ids) {
+                Ok(true) => report.frontends_written += 1,
+                Ok(false) => {}
+                Err(e) => report.errors.push(SyncError {
+                    object: frontend.service_port.clone(),
+                    reason: format!("{fk}: {e}"),
+                    full: is_full(&e),
+                }),
+            }
+        }
+        for addr in &desired.service_ips {
+            if self.addresses.contains(addr) {
+                continue;
+            }
+            let head = ServiceValue {
+                flags: frontend_kind::CLUSTER_IP | service_flags::ADDRESS_ONLY,
+                ..Default::default()
+            };
+            match self.maps.services.insert(address_key(*addr), head, 0) {
+                Ok(()) => {
+                    self.addresses.insert(*addr);
+                }
+                Err(e) => report.errors.push(SyncError {
+                    object: format!("Service IP {addr}"),
+                    reason: format!("undeclared-port entry: {e}"),
+                    full: is_full(&e),
+                }),
+            }
+        }
+
+        // 3. Removals: frontends no longer desired (slot 0 first), address
+        //    entries, strays, then backends nothing references.
+        let gone: Vec<FrontendKey> = self
+            .frontends
+            .keys()
+            .filter(|fk| !desired.frontends.contains_key(fk))
+            .copied()
+            .collect();
+        for fk in gone {
+            if let Some(applied) = self.frontends.get(&fk).cloned() {
+                let mut ok = self.remove_key(service_key(&fk, 0));
+                for slot in 1..=applied.slots.len() as u16 {
+                    ok &= self.remove_key(service_key(&fk, slot));
+                }
+                if ok {
+                    self.frontends.remove(&fk);
+                    report.frontends_removed += 1;
+                }
+            }
+        }
+        let stale_addresses: Vec<Ipv4Addr> = self
+            .addresses
+            .difference(&desired.service_ips)
+            .copied()
+            .collect();
+        for addr in stale_addresses {
+            if self.remove_key(address_key(addr)) {
+                self.addresses.remove(&addr);
+            }
+        }
+        for key in std::mem::take(&mut self.stray_service_keys) {
+            self.remove_key(key);
+        }
+        let live_rev_nat: BTreeSet<u16> =
+            self.frontends.values().map(|f| f.head.rev_nat_id).collect();
+        let stale_rev_nat: Vec<u16> = self
+            .rev_nat
+            .keys()
+            .filter(|id| !live_rev_nat.contains(id))
+            .copied()
+            .collect();
+        for id in stale_rev_nat {
+            if self.maps.rev_nat.remove(&id).is_ok() || !self.rev_nat.contains_key(&id) {
+                if let Some(value) = self.rev_nat.remove(&id)
+                    && let Some(proto) = Protocol::from_number(value.proto)
+                {
+                    self.rev_nat_ids.release(&FrontendKey {
+                        addr: from_be32(value.addr_be),
+                        port: u16::from_be(value.port_be),
+                        proto,
+                    });
+                }
+            }
+        }
+        let referenced: BTreeSet<u32> = self
+            .frontends
+            .values()
+            .flat_map(|f| f.slots.iter().copied())
+            .collect();
+        let unreferenced: Vec<u32> = self
+            .backends
+            .keys()
+            .filter(|id| !referenced.contains(id) && !wanted.contains_key(id))
+            .copied()
+            .collect();
+        for id in unreferenced {
+            if self.maps.backends.remove(&id).is_ok() {
+                report.backends_removed += 1;
+            }
+            if let Some(value) = self.backends.remove(&id)
+                && let Some(proto) = Protocol::from_number(value.proto)
+            {
+                let key = BackendKey {
+                    addr: from_be32(value.addr_be),
+                    port: u16::from_be(value.port_be),
+                    proto,
+                };
+                if self.backend_ids.get(&key) == Some(id) {
+                    self.backend_ids.release(&key);
+                }
+            }
+        }
+        report
+    }
+
+    /// Remove one SERVICES key; absent counts as removed.
+    fn remove_key(&mut self, key: ServiceKey) -> bool {
+        match self.maps.services.remove(&key) {
+            Ok(()) => true,
+            Err(MapError::KeyNotFound) => true,
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "removing a service slot failed");
+                false
+            }
+        }
+    }
+
+    /// Write one frontend if it differs; Ok(true) when something was written.
+    fn write_frontend(
+        &mut self,
+        fk: &FrontendKey,
+        frontend: &Frontend,
+        ids: Vec<u32>,
+    ) -> Result<bool, MapError> {
+        let rev_nat_id = self
+            .rev_nat_ids
+            .get_or_assign(fk)
+            .map_err(|e| MapError::IoError(std::io::Error::other(e.to_string())))?;
+        let rev_nat_id = rev_nat_id as u16;
+        let rev = RevNatValue {
+            addr_be: be32(fk.addr),
+            port_be: fk.port.to_be(),
+            proto: fk.proto.number(),
+            _pad: 0,
+        };
+        if self.rev_nat.get(&rev_nat_id) != Some(&rev) {
+            self.maps.rev_nat.insert(rev_nat_id, rev, 0)?;
+            self.rev_nat.insert(rev_nat_id, rev);
+        }
+        let mut flags = frontend.kind.code();
+        if frontend.affinity_timeout_s.is_some() {
+            flags |= service_flags::AFFINITY;
+        }
+        if frontend.internal_local {
+            flags |= service_flags::INTERNAL_LOCAL;
+        }
+        if frontend.drop_if_empty {
+            flags |= service_flags::DROP_IF_EMPTY;
+        }
+        let head = ServiceValue {
+            backend_id: 0,
+            count: ids.len() as u16,
+            rev_nat_id,
+            flags,
+            affinity_timeout_s: frontend.affinity_timeout_s.unwrap_or(0),
+        };
+        let old = self.frontends.get(fk).cloned();
+        if old
+            .as_ref()
+            .is_some_and(|o| o.head == head && o.slots == ids)
+        {
+            return Ok(false);
+        }
+        let mut old_slots = old.as_ref().map(|o| o.slots.clone()).unwrap_or_default();
+        for (i, id) in ids.iter().enumerate() {
+            if old_slots.get(i) == Some(id) {
+                continue;
+            }
+            let slot = ServiceValue {
+                backend_id: *id,
+                ..Default::default()
+            };
+            let key = service_key(fk, i as u16 + 1);
+            if let Err(e) = self.maps.services.insert(key, slot, 0) {
+                // Keep the mirror true: slots written past the old count are
+                // unreachable strays for the next sync to remove.
+                self.stray_service_keys
+                    .extend((old_slots.len()..i).map(|j| service_key(fk, j as u16 + 1)));
+                if let Some(mut applied) = old {
+                    applied.slots = old_slots;
+                    self.frontends.insert(*fk, applied);
+                }
+                return Err(e);
+            }
+            if let Some(existing) = old_slots.get_mut(i) {
+                *existing = *id;
+            }
+        }
+        self.maps.services.insert(service_key(fk, 0), head, 0)?;
+        let old_count = old.map_or(0, |o| o.slots.len());
+        for slot in ids.len() + 1..=old_count.max(old_slots.len()) {
+            self.remove_key(service_key(fk, slot as u16));
+        }
+        self.frontends
+            .insert(*fk, AppliedFrontend { head, slots: ids });
+        Ok(true)
+    }
+}

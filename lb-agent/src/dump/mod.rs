@@ -1,0 +1,411 @@
+//! `lb-agent dump`: what the datapath holds, read from the pinned maps by
+//! any process. JSON output is a stable schema (docs/dump-schema.md).
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use anyhow::{Context as _, Result};
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use lb_common::{
+    BACKEND_TERMINATING, CT_DIR_FORWARD, ServiceKey, ServiceValue, ct_flags, service_flags, stat,
+};
+use serde::Serialize;
+
+use crate::{
+    config::{DumpArgs, DumpWhat, OutputFormat},
+    datapath::maps::Maps,
+    model::{FrontendKind, Protocol},
+};
+
+fn addr(be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(be.to_ne_bytes())
+}
+
+fn proto_name(p: u8) -> String {
+    Protocol::from_number(p).map_or_else(|| p.to_string(), |p| p.to_string())
+}
+
+/// CLOCK_MONOTONIC, the clock bpf_ktime_get_ns reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[derive(Serialize)]
+pub struct DumpEndpoint {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: String,
+}
+
+#[derive(Serialize)]
+pub struct DumpBackend {
+    pub id: u32,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: String,
+    /// "active" or "terminating"; "missing" when a slot names an absent id.
+    pub state: String,
+}
+
+#[derive(Serialize)]
+pub struct DumpService {
+    pub frontend: DumpEndpoint,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub flags: Vec<&'static str>,
+    pub rev_nat_id: u16,
+    pub affinity_timeout_s: u32,
+    pub backends: Vec<DumpBackend>,
+}
+
+#[derive(Serialize)]
+pub struct ServicesDump {
+    pub services: Vec<DumpService>,
+    /// Service IPs on which undeclared ports and protocols are rejected.
+    pub service_ips: Vec<Ipv4Addr>,
+}
+
+#[derive(Serialize)]
+pub struct BackendsDump {
+    pub backends: Vec<DumpBackend>,
+}
+
+#[derive(Serialize)]
+pub struct DumpFlow {
+    /// "forward" (client -> frontend) or "reply" (backend -> client).
+    pub direction: &'static str,
+    pub protocol: String,
+    pub source: String,
+    pub destination: String,
+    /// Forward: the backend the destination becomes. Reply: the frontend the source becomes.
+    pub translated_to: String,
+    /// Hairpin flows: the source written (forward) or destination restored (reply).
+    pub snat: Option<Ipv4Addr>,
+    pub backend_id: u32,
+    pub rev_nat_id: u16,
+    pub flags: Vec<&'static str>,
+    pub age_s: f64,
+    pub idle_s: f64,
+    pub expires_in_s: f64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Serialize)]
+pub struct ConntrackDump {
+    pub flows: Vec<DumpFlow>,
+}
+
+#[derive(Serialize)]
+pub struct DumpAffinity {
+    pub client: Ipv4Addr,
+    pub rev_nat_id: u16,
+    pub backend_id: u32,
+    pub idle_s: f64,
+}
+
+#[derive(Serialize)]
+pub struct AffinityDump {
+    pub affinity: Vec<DumpAffinity>,
+}
+
+#[derive(Serialize)]
+pub struct StatsDump {
+    /// Counter name -> packets (kernel) or events (agent_* counters).
+    pub counters: BTreeMap<&'static str, u64>,
+}
+
+fn frontend_flags(v: &ServiceValue) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    for (bit, name) in [
+        (service_flags::AFFINITY, "affinity"),
+        (service_flags::INTERNAL_LOCAL, "internal-local"),
+        (service_flags::EXTERNAL_LOCAL, "external-local"),
+        (service_flags::DROP_IF_EMPTY, "drop-if-empty"),
+    ] {
+        if v.flags & bit != 0 {
+            out.push(name);
+        }
+    }
+    out
+}
+
+fn backend_state(state: u8) -> &'static str {
+    if state == BACKEND_TERMINATING {
+        "terminating"
+    } else {
+        "active"
+    }
+}
+
+pub fn services(maps: &Maps) -> Result<ServicesDump> {
+    let backends = backends(maps)?.backends;
+    let by_id: BTreeMap<u32, &DumpBackend> = backends.iter().map(|b| (b.id, b)).collect();
+    let mut heads: BTreeMap<(u32, u16, u8), ServiceValue> = BTreeMap::new();
+    let mut slots: BTreeMap<(u32, u16, u8), BTreeMap<u16, u32>> = BTreeMap::new();
+    let mut service_ips = Vec::new();
+    for entry in maps.services.iter() {
+        let (k, v): (ServiceKey, ServiceValue) = entry.context("reading LB_SERVICES")?;
+        if v.flags & service_flags::ADDRESS_ONLY != 0 {
+            service_ips.push(addr(k.addr_be));
+            continue;
+        }
+        let id = (u32::from_be(k.addr_be), u16::from_be(k.port_be), k.proto);
+        if k.slot == 0 {
+            heads.insert(id, v);
+        } else {
+            slots.entry(id).or_default().insert(k.slot, v.backend_id);
+        }
+    }
+    service_ips.sort();
+    let mut services = Vec::new();
+    for ((a, port, proto), head) in heads {
+        let slot_ids = slots.remove(&(a, port, proto)).unwrap_or_default();
+        let backends = (1..=head.count)
+            .map(|s| {
+                let id = slot_ids.get(&s).copied().unwrap_or(0);
+                match by_id.get(&id) {
+                    Some(b) => DumpBackend {
+                        id,
+                        address: b.address,
+                        port: b.port,
+                        protocol: b.protocol.clone(),
+                        state: b.state.clone(),
+                    },
+                    None => DumpBackend {
+                        id,
+                        address: Ipv4Addr::UNSPECIFIED,
+                        port: 0,
+                        protocol: proto_name(proto),
+                        state: "missing".into(),
+                    },
+                }
+            })
+            .collect();
+        services.push(DumpService {
+            frontend: DumpEndpoint {
+                address: Ipv4Addr::from(a),
+                port,
+                protocol: proto_name(proto),
+            },
+            kind: FrontendKind::from_code(head.flags)
+                .map_or_else(|| "Unknown".into(), |k| format!("{k:?}")),
+            flags: frontend_flags(&head),
+            rev_nat_id: head.rev_nat_id,
+            affinity_timeout_s: head.affinity_timeout_s,
+            backends,
+        });
+    }
+    Ok(ServicesDump {
+        services,
+        service_ips,
+    })
+}
+
+pub fn backends(maps: &Maps) -> Result<BackendsDump> {
+    let mut backends = Vec::new();
+    for entry in maps.backends.iter() {
+        let (id, v) = entry.context("reading LB_BACKENDS")?;
+        backends.push(DumpBackend {
+            id,
+            address: addr(v.addr_be),
+            port: u16::from_be(v.port_be),
+            protocol: proto_name(v.proto),
+            state: backend_state(v.state).into(),
+        });
+    }
+    backends.sort_by_key(|b| b.id);
+    Ok(BackendsDump { backends })
+}
+
+pub fn conntrack(maps: &Maps) -> Result<ConntrackDump> {
+    let now = monotonic_ns();
+    let secs = |ns: u64| ns as f64 / 1e9;
+    let mut flows = Vec::new();
+    for entry in maps.ct.iter() {
+        let (k, v) = entry.context("reading LB_CT")?;
+        let mut flags = Vec::new();
+        for (bit, name) in [
+            (ct_flags::SYN_SEEN, "syn"),
+            (ct_flags::REPLY_SEEN, "reply-seen"),
+            (ct_flags::FIN_SEEN, "fin"),
+            (ct_flags::RST_SEEN, "rst"),
+        ] {
+            if v.flags & bit != 0 {
+                flags.push(name);
+            }
+        }
+        let expires = v.last_seen_ns + v.lifetime_s as u64 * 1_000_000_000;
+        flows.push(DumpFlow {
+            direction: if k.dir == CT_DIR_FORWARD {
+                "forward"
+            } else {
+                "reply"
+            },
+            protocol: proto_name(k.proto),
+            source: format!("{}:{}", addr(k.src_addr_be), u16::from_be(k.src_port_be)),
+            destination: format!("{}:{}", addr(k.dst_addr_be), u16::from_be(k.dst_port_be)),
+            translated_to: format!("{}:{}", addr(v.nat_addr_be), u16::from_be(v.nat_port_be)),
+            snat: (v.snat_addr_be != 0).then(|| addr(v.snat_addr_be)),
+            backend_id: v.backend_id,
+            rev_nat_id: v.rev_nat_id,
+            flags,
+            age_s: secs(now.saturating_sub(v.created_ns)),
+            idle_s: secs(now.saturating_sub(v.last_seen_ns)),
+            expires_in_s: (expires as f64 - now as f64) / 1e9,
+            packets: v.packets,
+            bytes: v.bytes,
+        });
+    }
+    flows.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));
+    Ok(ConntrackDump { flows })
+}
+
+pub fn affinity(maps: &Maps) -> Result<AffinityDump> {
+    let now = monotonic_ns();
+    let mut out = Vec::new();
+    for entry in maps.affinity.iter() {
+        let (k, v) = entry.context("reading LB_AFFINITY")?;
+        out.push(DumpAffinity {
+            client: addr(k.client_addr_be),
+            rev_nat_id: k.rev_nat_id,
+            backend_id: v.backend_id,
+            idle_s: now.saturating_sub(v.last_used_ns) as f64 / 1e9,
+        });
+    }
+    Ok(AffinityDump { affinity: out })
+}
+
+pub fn stats(maps: &Maps) -> Result<StatsDump> {
+    let values = maps.read_stats().context("reading LB_STATS")?;
+    Ok(StatsDump {
+        counters: stat::NAMES.iter().copied().zip(values).collect(),
+    })
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    t
+}
+
+pub fn run(args: &DumpArgs) -> Result<()> {
+    let maps = Maps::open_pinned(&args.bpffs)
+        .with_context(|| format!("opening the maps pinned under {}", args.bpffs.display()))?;
+    let json = args.output == OutputFormat::Json;
+    let text = match args.what {
+        DumpWhat::Services => {
+            let d = services(&maps)?;
+            if json {
+                serde_json::to_string_pretty(&d)?
+            } else {
+                let mut t = table(&["FRONTEND", "TYPE", "FLAGS", "REV-NAT", "BACKENDS"]);
+                for s in &d.services {
+                    let backends = if s.backends.is_empty() {
+                        "(none: rejected)".to_string()
+                    } else {
+                        s.backends
+                            .iter()
+                            .map(|b| format!("{}:{} ({}) #{}", b.address, b.port, b.state, b.id))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    };
+                    t.add_row(vec![
+                        format!(
+                            "{}:{}/{}",
+                            s.frontend.address, s.frontend.port, s.frontend.protocol
+                        ),
+                        s.kind.clone(),
+                        s.flags.join(","),
+                        s.rev_nat_id.to_string(),
+                        backends,
+                    ]);
+                }
+                t.to_string()
+            }
+        }
+        DumpWhat::Backends => {
+            let d = backends(&maps)?;
+            if json {
+                serde_json::to_string_pretty(&d)?
+            } else {
+                let mut t = table(&["ID", "BACKEND", "STATE"]);
+                for b in &d.backends {
+                    t.add_row(vec![
+                        b.id.to_string(),
+                        format!("{}:{}/{}", b.address, b.port, b.protocol),
+                        b.state.clone(),
+                    ]);
+                }
+                t.to_string()
+            }
+        }
+        DumpWhat::Conntrack => {
+            let d = conntrack(&maps)?;
+            if json {
+                serde_json::to_string_pretty(&d)?
+            } else {
+                let mut t = table(&[
+                    "DIR",
+                    "PROTO",
+                    "SOURCE",
+                    "DESTINATION",
+                    "TRANSLATED",
+                    "FLAGS",
+                    "AGE",
+                    "EXPIRES",
+                    "PKTS",
+                ]);
+                for f in &d.flows {
+                    t.add_row(vec![
+                        f.direction.to_string(),
+                        f.protocol.clone(),
+                        f.source.clone(),
+                        f.destination.clone(),
+                        f.translated_to.clone(),
+                        f.flags.join(","),
+                        format!("{:.0}s", f.age_s),
+                        format!("{:.0}s", f.expires_in_s),
+                        f.packets.to_string(),
+                    ]);
+                }
+                t.to_string()
+            }
+        }
+        DumpWhat::Affinity => {
+            let d = affinity(&maps)?;
+            if json {
+                serde_json::to_string_pretty(&d)?
+            } else {
+                let mut t = table(&["CLIENT", "REV-NAT", "BACKEND", "IDLE"]);
+                for a in &d.affinity {
+                    t.add_row(vec![
+                        a.client.to_string(),
+                        a.rev_nat_id.to_string(),
+                        a.backend_id.to_string(),
+                        format!("{:.0}s", a.idle_s),
+                    ]);
+                }
+                t.to_string()
+            }
+        }
+        DumpWhat::Stats => {
+            let d = stats(&maps)?;
+            if json {
+                serde_json::to_string_pretty(&d)?
+            } else {
+                let mut t = table(&["COUNTER", "VALUE"]);
+                for (name, value) in &d.counters {
+                    t.add_row(vec![name.to_string(), value.to_string()]);
+                }
+                t.to_string()
+            }
+        }
+    };
+    println!("{text}");
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! The cluster as the sources report it: Kubernetes objects keyed by
+//! namespace/name, plus this node's settings.
+
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+
+/// namespace/name of an object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Every object the translation reads. Sources (manifests directory,
+/// Kubernetes API) fill it the same way.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterState {
+    pub services: BTreeMap<ObjectKey, Service>,
+    /// EndpointSlices by their own namespace/name; the Service they belong
+    /// to is their `kubernetes.io/service-name` label.
+    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    pub nodes: BTreeMap<String, Node>,
+}
+
+/// This node's view: who we are and which addresses are ours.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub node_name: String,
+    /// Source address for hairpin flows (a pod reaching itself through its Service).
+    pub hairpin_snat_addr: Ipv4Addr,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            node_name: "node".into(),
+            hairpin_snat_addr: DEFAULT_HAIRPIN_SNAT_ADDR,
+        }
+    }
+}
+
+/// Link-local, never a pod or node address; like Cilium's 169.254.42.1.
+pub const DEFAULT_HAIRPIN_SNAT_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
+
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";

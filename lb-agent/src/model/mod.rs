@@ -1,0 +1,12 @@
+//! The pure middle of the agent: what the cluster declares (`ClusterState`),
+//! kube-proxy's rules (`translate`), and what the datapath must hold
+//! (`DesiredState`). Nothing here touches files, the API server or BPF.
+
+pub mod cluster;
+pub mod desired;
+pub mod ids;
+pub mod translate;
+
+pub use cluster::{ClusterState, NodeConfig, ObjectKey};
+pub use desired::{Backend, DesiredState, Frontend, FrontendKey, FrontendKind, Protocol};
+pub use translate::{Problem, Translation, translate};

@@ -1,0 +1,223 @@
+//! EndpointSlices for the directory source, made the way Kubernetes'
+//! controllers make them: derived from Pods for selector Services (the
+//! endpointslice controller) and mirrored from custom Endpoints objects
+//! (the endpointslice mirroring controller).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Endpoints, Pod, Service, ServicePort},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+
+use crate::model::{ObjectKey, cluster::LABEL_SERVICE_NAME};
+
+/// Labels a selector requires, all of which the pod must carry.
+fn selects(selector: &BTreeMap<String, String>, pod: &Pod) -> bool {
+    let labels = pod.metadata.labels.as_ref();
+    selector
+        .iter()
+        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+}
+
+fn pod_ipv4(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    let from_list = status.pod_ips.as_ref().and_then(|ips| {
+        ips.iter()
+            .map(|ip| ip.ip.clone())
+            .find(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok())
+    });
+    from_list.or_else(|| {
+        status
+            .pod_ip
+            .clone()
+            .filter(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok())
+    })
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn pod_finished(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded") | Some("Failed")
+    )
+}
+
+/// The number a Service port's targetPort means on this pod, if any.
+fn resolve_target_port(port: &ServicePort, pod: &Pod) -> Option<i32> {
+    let proto = port.protocol.as_deref().unwrap_or("TCP");
+    match &port.target_port {
+        None => Some(port.port),
+        Some(IntOrString::Int(n)) => Some(*n),
+        Some(IntOrString::String(name)) => {
+            // A numeric string is a number, as the API server treats it.
+            if let Ok(n) = name.parse::<i32>() {
+                return Some(n);
+            }
+            let spec = pod.spec.as_ref()?;
+            spec.containers
+                .iter()
+                .flat_map(|c| c.ports.iter().flatten())
+                .find_map(|p| {
+                    (p.name.as_deref() == Some(name.as_str())
+                        && p.protocol.as_deref().unwrap_or("TCP") == proto)
+                        .then_some(p.container_port)
+                })
+        }
+    }
+}
+
+fn slice_meta(namespace: &str, name: String, service: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(namespace.to_string()),
+        labels: Some(BTreeMap::from([(
+            LABEL_SERVICE_NAME.to_string(),
+            service.to_string(),
+        )])),
+        ..Default::default()
+    }
+}
+
+/// Slices for a selector Service from the pods it selects. Pods whose named
+/// ports resolve to different numbers land in different slices, each with
+/// its own port numbers, as the endpointslice controller groups them.
+pub fn derive_slices(
+    key: &ObjectKey,
+    service: &Service,
+    pods: &BTreeMap<ObjectKey, Pod>,
+    node_zones: &BTreeMap<String, String>,
+) -> Vec<EndpointSlice> {
+    let Some(spec) = service.spec.as_ref() else {
+        return Vec::new();
+    };
+    let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
+        return Vec::new();
+    };
+    let publish_not_ready = spec.publish_not_ready_addresses.unwrap_or(false);
+    let ports = spec.ports.as_deref().unwrap_or_default();
+
+    // Resolved port list -> endpoints, so each group becomes one slice.
+    let mut groups: BTreeMap<Vec<(String, String, i32)>, Vec<Endpoint>> = BTreeMap::new();
+    for (pod_key, pod) in pods {
+        if pod_key.namespace != key.namespace || !selects(selector, pod) || pod_finished(pod) {
+            continue;
+        }
+        let Some(ip) = pod_ipv4(pod) else {
+            continue;
+        };
+        let resolved: Vec<(String, String, i32)> = ports
+            .iter()
+            .filter_map(|p| {
+                let number = resolve_target_port(p, pod)?;
+                let proto = p.protocol.clone().unwrap_or_else(|| "TCP".into());
+                Some((p.name.clone().unwrap_or_default(), proto, number))
+            })
+            .collect();
+        if resolved.is_empty() && !ports.is_empty() {
+            continue;
+        }
+        let terminating = pod.metadata.deletion_timestamp.is_some();
+        let ready = pod_ready(pod);
+        let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+        let endpoint = Endpoint {
+            addresses: vec![ip],
+            conditions: Some(EndpointConditions {
+                ready: Some(publish_not_ready || (ready && !terminating)),
+                serving: Some(publish_not_ready || ready),
+                terminating: Some(terminating),
+            }),
+            zone: node_name.as_ref().and_then(|n| node_zones.get(n).cloned()),
+            node_name,
+            target_ref: None,
+            ..Default::default()
+        };
+        groups.entry(resolved).or_default().push(endpoint);
+    }
+
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, (ports, endpoints))| EndpointSlice {
+            metadata: slice_meta(
+                &key.namespace,
+                format!("{}-derived-{i}", key.name),
+                &key.name,
+            ),
+            address_type: "IPv4".into(),
+            endpoints,
+            ports: Some(
+                ports
+                    .into_iter()
+                    .map(|(name, protocol, port)| EndpointPort {
+                        name: Some(name),
+                        protocol: Some(protocol),
+                        port: Some(port),
+                        app_protocol: None,
+                    })
+                    .collect(),
+            ),
+        })
+        .collect()
+}
+
+/// Slices mirrored from a custom Endpoints object: one per subset, ready
+/// addresses ready and notReadyAddresses not.
+pub fn mirror_endpoints(key: &ObjectKey, endpoints: &Endpoints) -> Vec<EndpointSlice> {
+    let mut slices = Vec::new();
+    for (i, subset) in endpoints.subsets.iter().flatten().enumerate() {
+        let mut items = Vec::new();
+        let groups = [
+            (subset.addresses.as_ref(), true),
+            (subset.not_ready_addresses.as_ref(), false),
+        ];
+        for (addresses, ready) in groups {
+            for address in addresses.into_iter().flatten() {
+                if address.ip.parse::<std::net::Ipv4Addr>().is_err() {
+                    continue;
+                }
+                items.push(Endpoint {
+                    addresses: vec![address.ip.clone()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(ready),
+                        serving: Some(ready),
+                        terminating: Some(false),
+                    }),
+                    node_name: address.node_name.clone(),
+                    ..Default::default()
+                });
+            }
+        }
+        let ports = subset
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| EndpointPort {
+                name: p.name.clone(),
+                protocol: p.protocol.clone(),
+                port: Some(p.port),
+                app_protocol: None,
+            })
+            .collect();
+        slices.push(EndpointSlice {
+            metadata: slice_meta(
+                &key.namespace,
+                format!("{}-mirrored-{i}", key.name),
+                &key.name,
+            ),
+            address_type: "IPv4".into(),
+            endpoints: items,
+            ports: Some(ports),
+        });
+    }
+    slices
+}

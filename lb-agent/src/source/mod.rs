@@ -1,0 +1,5 @@
+//! Where the cluster comes from. Every source yields the same
+//! `model::ClusterState`.
+
+pub mod endpoints;
+pub mod manifests;

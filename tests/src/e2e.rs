@@ -1,0 +1,261 @@
+//! End-to-end harness: a node namespace running the real `lb-agent` on a
+//! manifests directory, pods with real servers, clients using curl and UDP.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+pub use lb_testnet::{Pod, SIGKILL, SIGTERM, Topology};
+
+/// The agent binary (built by `cargo xtask test` before the tests run).
+pub fn agent_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("LB_AGENT_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/lb-agent
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("lb-agent");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build -p lb-agent`; cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+pub const NODE_NAME: &str = "node-a";
+
+pub struct Cluster {
+    pub topo: Topology,
+    pub manifests: PathBuf,
+}
+
+impl Cluster {
+    pub fn new() -> Self {
+        crate::require_root();
+        let topo = Topology::new().unwrap_or_else(|e| panic!("building the topology: {e}"));
+        let manifests = topo.dir.join("manifests");
+        fs::create_dir_all(&manifests).expect("manifests dir");
+        Cluster { topo, manifests }
+    }
+
+    /// A pod with a server on the given ports.
+    pub fn pod(&mut self, name: &str, ip: &str, tcp: &[u16], udp: &[u16]) -> Pod {
+        let ip: Ipv4Addr = ip.parse().expect("pod ip");
+        let pod = self
+            .topo
+            .add_pod(name, ip)
+            .unwrap_or_else(|e| panic!("pod {name}: {e}"));
+        if !tcp.is_empty() || !udp.is_empty() {
+            self.topo
+                .start_server(&pod, tcp, udp)
+                .unwrap_or_else(|e| panic!("server {name}: {e}"));
+        }
+        pod
+    }
+
+    /// Write (or replace) a manifest file atomically.
+    pub fn write(&self, file: &str, yaml: &str) {
+        let tmp = self.manifests.join(format!(".{file}.tmp"));
+        fs::write(&tmp, yaml).expect("write manifest");
+        fs::rename(&tmp, self.manifests.join(file)).expect("rename manifest");
+    }
+
+    pub fn remove(&self, file: &str) {
+        fs::remove_file(self.manifests.join(file)).expect("remove manifest");
+    }
+
+    pub fn start_agent(&mut self) {
+        let args: Vec<String> = vec![
+            "run".into(),
+            "--manifests".into(),
+            self.manifests.display().to_string(),
+            "--bpffs".into(),
+            self.topo.bpffs.display().to_string(),
+            "--pod-devices".into(),
+            self.topo.pod_device_glob(),
+            "--node-name".into(),
+            NODE_NAME.into(),
+        ];
+        self.topo
+            .spawn_in_node("agent", &agent_bin(), &args)
+            .expect("start agent");
+        let bpffs = self.topo.bpffs.clone();
+        wait_until(
+            "the agent's maps can be dumped",
+            Duration::from_secs(20),
+            || {
+                Command::new(agent_bin())
+                    .args(["dump", "stats", "-o", "json", "--bpffs"])
+                    .arg(&bpffs)
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            },
+        );
+    }
+
+    pub fn stop_agent(&mut self, signal: i32) {
+        self.topo.stop("agent", signal);
+    }
+
+    /// `lb-agent dump WHAT -o json` against this run's pins.
+    pub fn dump(&self, what: &str) -> serde_json::Value {
+        let out = Command::new(agent_bin())
+            .args(["dump", what, "-o", "json", "--bpffs"])
+            .arg(&self.topo.bpffs)
+            .output()
+            .expect("run dump");
+        assert!(
+            out.status.success(),
+            "dump {what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("dump JSON")
+    }
+
+    /// Backends ("ip:port") the datapath holds for a frontend "ip:port/PROTO".
+    pub fn backends_of(&self, frontend: &str) -> Option<BTreeSet<String>> {
+        let dump = self.dump("services");
+        dump["services"]
+            .as_array()
+            .expect("services")
+            .iter()
+            .find_map(|s| {
+                let f = &s["frontend"];
+                let key = format!(
+                    "{}:{}/{}",
+                    f["address"].as_str()?,
+                    f["port"],
+                    f["protocol"].as_str()?
+                );
+                (key == frontend).then(|| {
+                    s["backends"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|b| format!("{}:{}", b["address"].as_str().unwrap_or("?"), b["port"]))
+                        .collect()
+                })
+            })
+    }
+
+    /// Wait until the frontend holds exactly these backends.
+    pub fn wait_backends(&self, frontend: &str, want: &[&str], within: Duration) {
+        let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+        let mut last = None;
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            last = self.backends_of(frontend);
+            if last.as_ref() == Some(&want) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{frontend}: backends {last:?}, want {want:?} within {within:?}");
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        self.dump("stats")["counters"].clone()
+    }
+
+    /// curl http://URL from a pod; the body, or the curl exit code.
+    pub fn get(&self, from: &Pod, url: &str) -> Result<String, i32> {
+        self.topo.curl(from, url, 3.0).map_err(|(code, _)| code)
+    }
+
+    /// The pod names answering `n` requests from `from`.
+    pub fn answering_pods(&self, from: &Pod, url: &str, n: usize) -> BTreeSet<String> {
+        (0..n)
+            .map(|i| {
+                let body = self
+                    .get(from, url)
+                    .unwrap_or_else(|c| panic!("request {i} to {url}: curl exit {c}"));
+                field(&body, "pod").to_string()
+            })
+            .collect()
+    }
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `key=value` from a server's answer line.
+pub fn field<'a>(body: &'a str, key: &str) -> &'a str {
+    body.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+        .unwrap_or_else(|| panic!("no {key}= in {body:?}"))
+}
+
+pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {within:?} waiting until {what}");
+}
+
+/// A Pod manifest as the API server would report it.
+pub struct PodSpec<'a> {
+    pub name: &'a str,
+    pub ip: &'a str,
+    pub labels: &'a [(&'a str, &'a str)],
+    pub ready: bool,
+    /// Named container ports: (name, number, protocol).
+    pub ports: &'a [(&'a str, u16, &'a str)],
+    pub terminating: bool,
+}
+
+impl PodSpec<'_> {
+    pub fn yaml(&self) -> String {
+        let labels: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
+        let ports: Vec<String> = self
+            .ports
+            .iter()
+            .map(|(n, p, proto)| format!("{{name: {n}, containerPort: {p}, protocol: {proto}}}"))
+            .collect();
+        let deletion = if self.terminating {
+            "\n  deletionTimestamp: \"2026-01-01T00:00:00Z\""
+        } else {
+            ""
+        };
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  labels: {{{}}}{deletion}\nspec:\n  nodeName: {NODE_NAME}\n  containers:\n  - name: app\n    image: test\n    ports: [{}]\nstatus:\n  podIP: {}\n  conditions:\n  - {{type: Ready, status: \"{}\"}}\n",
+            self.name,
+            labels.join(", "),
+            ports.join(", "),
+            self.ip,
+            if self.ready { "True" } else { "False" },
+        )
+    }
+}
+
+pub fn pod_yaml(name: &str, ip: &str, app: &str, ready: bool) -> String {
+    PodSpec {
+        name,
+        ip,
+        labels: &[("app", app)],
+        ready,
+        ports: &[],
+        terminating: false,
+    }
+    .yaml()
+}
