@@ -259,3 +259,79 @@ pub fn pod_yaml(name: &str, ip: &str, app: &str, ready: bool) -> String {
     }
     .yaml()
 }
+
+/// A TCP connection held open from a pod (server.py's HOLD mode), driven
+/// line by line.
+pub struct HeldConnection {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    /// The server's first line: "pod=NAME client=IP:PORT port=N".
+    pub greeting: String,
+}
+
+const HOLD_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+f = s.makefile("r")
+s.sendall(b"HOLD\n")
+print(f.readline().strip(), flush=True)
+for line in sys.stdin:
+    s.sendall(line.encode())
+    print(f.readline().strip(), flush=True)
+"#;
+
+impl HeldConnection {
+    pub fn open(from: &Pod, addr: &str, port: u16) -> Self {
+        use std::io::BufRead as _;
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &from.ns,
+                "python3",
+                "-c",
+                HOLD_CLIENT,
+                addr,
+                &port.to_string(),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("hold client");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut greeting = String::new();
+        stdout.read_line(&mut greeting).expect("greeting");
+        assert!(
+            greeting.contains("pod="),
+            "no greeting from {addr}:{port}: {greeting:?}"
+        );
+        HeldConnection {
+            child,
+            stdin,
+            stdout,
+            greeting: greeting.trim().to_string(),
+        }
+    }
+
+    /// Send one line on the connection and return the server's answer line.
+    pub fn send(&mut self, line: &str) -> String {
+        use std::io::{BufRead as _, Write as _};
+        writeln!(self.stdin, "{line}").expect("write to held connection");
+        self.stdin.flush().expect("flush");
+        let mut reply = String::new();
+        self.stdout
+            .read_line(&mut reply)
+            .expect("read from held connection");
+        assert!(!reply.is_empty(), "held connection closed (sent {line:?})");
+        reply.trim().to_string()
+    }
+}
+
+impl Drop for HeldConnection {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
