@@ -476,3 +476,82 @@ fn established_connection_survives_changes_to_other_endpoints() {
         );
     }
 }
+
+#[test]
+fn bad_files_and_invalid_objects_never_remove_what_works() {
+    let (c, client) = web_cluster(SVC);
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &["10.244.1.11:8080", "10.244.1.12:8080", "10.244.1.13:8080"],
+        Duration::from_secs(5),
+    );
+
+    // The Service's file is replaced by something that does not parse: its
+    // last good content stays in force.
+    c.write(
+        "svc.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web\n  broken",
+    );
+    wait_until("the bad file is counted", Duration::from_secs(2), || {
+        c.stats()["agent_bad_files"].as_u64() == Some(1)
+    });
+    assert_eq!(c.answering_pods(&client, "http://10.96.0.10/", 30).len(), 3);
+
+    // Objects that do not validate are skipped whole; the good one stays.
+    c.write(
+        "invalid.yaml",
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: bad-ip}
+spec: {clusterIP: 10.96.0.999, selector: {app: web}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: port-zero}
+spec: {clusterIP: 10.96.0.51, selector: {app: web}, ports: [{port: 0}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: port-too-big}
+spec: {clusterIP: 10.96.0.52, selector: {app: web}, ports: [{port: 70000}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bad-protocol}
+spec: {clusterIP: 10.96.0.53, selector: {app: web}, ports: [{port: 80, protocol: ICMP}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: duplicate, creationTimestamp: "2030-01-01T00:00:00Z"}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 81}]}
+"#,
+    );
+    wait_until(
+        "five invalid objects are counted",
+        Duration::from_secs(2),
+        || c.stats()["agent_invalid_objects"].as_u64() == Some(5),
+    );
+    let dump = c.dump("services");
+    assert_eq!(dump["services"].as_array().unwrap().len(), 1, "{dump}");
+    assert_eq!(c.answering_pods(&client, "http://10.96.0.10/", 30).len(), 3);
+    assert_eq!(
+        c.get(&client, "http://10.96.0.10:81/"),
+        Err(7),
+        "the duplicate's port is not programmed"
+    );
+
+    // Fixing the file takes effect.
+    c.write("svc.yaml", &SVC.replace("port: 80,", "port: 8000,"));
+    c.wait_backends(
+        "10.96.0.10:8000/TCP",
+        &["10.244.1.11:8080", "10.244.1.12:8080", "10.244.1.13:8080"],
+        Duration::from_secs(1),
+    );
+    assert!(c.get(&client, "http://10.96.0.10:8000/").is_ok());
+    assert_eq!(
+        c.get(&client, "http://10.96.0.10:80/"),
+        Err(7),
+        "the old port is released"
+    );
+}

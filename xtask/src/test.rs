@@ -77,6 +77,8 @@ pub fn run_tests(lint: bool, test_args: &[String]) -> Result<()> {
         ]))?;
     }
     let extra: Vec<&str> = test_args.iter().map(String::as_str).collect();
+    // The end-to-end tests run the real lb-agent binary.
+    run_cmd(&mut cargo(&["build", "-p", "lb-agent", "--bins"]))?;
     if setup::is_root() {
         let mut cmd = cargo(&["test", "--workspace", "--exclude", "lb-ebpf", "--"]);
         cmd.args(&extra);

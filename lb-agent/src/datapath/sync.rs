@@ -99,6 +99,18 @@ fn is_full(err: &MapError) -> bool {
     }
 }
 
+/// A map removal succeeded or found nothing to remove.
+fn removed(result: Result<(), MapError>) -> bool {
+    match result {
+        Ok(()) | Err(MapError::KeyNotFound) => true,
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => true,
+        Err(e) => {
+            warn!(error = %e, "removing a map entry failed; will retry");
+            false
+        }
+    }
+}
+
 impl Syncer {
     /// Adopt what the (possibly pinned) maps already hold: ids stay stable
     /// across restarts, and the first sync prunes what is no longer desired.
@@ -362,16 +374,17 @@ impl Syncer {
             .copied()
             .collect();
         for id in stale_rev_nat {
-            if self.maps.rev_nat.remove(&id).is_ok() || !self.rev_nat.contains_key(&id) {
-                if let Some(value) = self.rev_nat.remove(&id)
-                    && let Some(proto) = Protocol::from_number(value.proto)
-                {
-                    self.rev_nat_ids.release(&FrontendKey {
-                        addr: from_be32(value.addr_be),
-                        port: u16::from_be(value.port_be),
-                        proto,
-                    });
-                }
+            if !removed(self.maps.rev_nat.remove(&id)) {
+                continue;
+            }
+            if let Some(value) = self.rev_nat.remove(&id)
+                && let Some(proto) = Protocol::from_number(value.proto)
+            {
+                self.rev_nat_ids.release(&FrontendKey {
+                    addr: from_be32(value.addr_be),
+                    port: u16::from_be(value.port_be),
+                    proto,
+                });
             }
         }
         let referenced: BTreeSet<u32> = self
@@ -386,9 +399,10 @@ impl Syncer {
             .copied()
             .collect();
         for id in unreferenced {
-            if self.maps.backends.remove(&id).is_ok() {
-                report.backends_removed += 1;
+            if !removed(self.maps.backends.remove(&id)) {
+                continue;
             }
+            report.backends_removed += 1;
             if let Some(value) = self.backends.remove(&id)
                 && let Some(proto) = Protocol::from_number(value.proto)
             {

@@ -354,3 +354,482 @@ fn select_backends(endpoints: &[EndpointInfo], internal_local: bool) -> (Vec<Bac
     let drop_if_empty = local.is_empty() && !cluster.is_empty();
     (local, drop_if_empty)
 }
+
+#[cfg(test)]
+mod tests {
+    //! Table tests. The cases follow kube-proxy's own tests of the same rules
+    //! (pkg/proxy endpointslicecache_test.go, topology_test.go and the
+    //! proxiers' TestInternalTrafficPolicy / terminating-endpoint cases).
+
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::model::NodeConfig;
+
+    fn svc(name: &str, spec: Value) -> (ObjectKey, Service) {
+        svc_meta(json!({"name": name, "namespace": "ns"}), spec)
+    }
+
+    fn svc_meta(meta: Value, spec: Value) -> (ObjectKey, Service) {
+        let s: Service = serde_json::from_value(json!({"metadata": meta, "spec": spec})).unwrap();
+        let m = &s.metadata;
+        (
+            ObjectKey::new(m.namespace.clone().unwrap(), m.name.clone().unwrap()),
+            s,
+        )
+    }
+
+    /// A slice of `service` with ports and endpoints.
+    fn slice(
+        name: &str,
+        service: &str,
+        ports: Value,
+        endpoints: Value,
+    ) -> (ObjectKey, EndpointSlice) {
+        slice_typed(name, service, "IPv4", ports, endpoints)
+    }
+
+    fn slice_typed(
+        name: &str,
+        service: &str,
+        family: &str,
+        ports: Value,
+        endpoints: Value,
+    ) -> (ObjectKey, EndpointSlice) {
+        let s: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "ns", "labels": {LABEL_SERVICE_NAME: service}},
+            "addressType": family,
+            "ports": ports,
+            "endpoints": endpoints,
+        }))
+        .unwrap();
+        (ObjectKey::new("ns", name), s)
+    }
+
+    fn ep(
+        ip: &str,
+        ready: Option<bool>,
+        serving: Option<bool>,
+        terminating: Option<bool>,
+        node: &str,
+    ) -> Value {
+        let mut c = serde_json::Map::new();
+        if let Some(r) = ready {
+            c.insert("ready".into(), json!(r));
+        }
+        if let Some(s) = serving {
+            c.insert("serving".into(), json!(s));
+        }
+        if let Some(t) = terminating {
+            c.insert("terminating".into(), json!(t));
+        }
+        json!({"addresses": [ip], "conditions": c, "nodeName": node})
+    }
+
+    fn ready(ip: &str) -> Value {
+        ep(ip, Some(true), Some(true), Some(false), "other")
+    }
+
+    fn state(
+        services: Vec<(ObjectKey, Service)>,
+        slices: Vec<(ObjectKey, EndpointSlice)>,
+    ) -> ClusterState {
+        ClusterState {
+            services: services.into_iter().collect(),
+            endpoint_slices: slices.into_iter().collect(),
+            nodes: Default::default(),
+        }
+    }
+
+    fn node() -> NodeConfig {
+        NodeConfig {
+            node_name: "local".into(),
+            ..Default::default()
+        }
+    }
+
+    /// Frontend "ip:port/PROTO" -> backends "ip:port" (+ "~" when terminating).
+    fn frontends(t: &Translation) -> Vec<(String, Vec<String>)> {
+        t.desired
+            .frontends
+            .iter()
+            .map(|(k, f)| {
+                let b = f
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        format!(
+                            "{}:{}{}",
+                            b.addr,
+                            b.port,
+                            if b.terminating { "~" } else { "" }
+                        )
+                    })
+                    .collect();
+                (k.to_string(), b)
+            })
+            .collect()
+    }
+
+    const WEB: &str = "10.96.0.10:80/TCP";
+
+    fn web() -> (ObjectKey, Service) {
+        svc(
+            "web",
+            json!({"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}),
+        )
+    }
+
+    fn http_port() -> Value {
+        json!([{"name": "http", "port": 8080, "protocol": "TCP"}])
+    }
+
+    #[test]
+    fn endpoint_conditions() {
+        // (case, endpoints, expected backends)
+        let cases: Vec<(&str, Value, Vec<&str>)> = vec![
+            (
+                "all ready",
+                json!([ready("10.0.0.1"), ready("10.0.0.2")]),
+                vec!["10.0.0.1:8080", "10.0.0.2:8080"],
+            ),
+            (
+                "nil conditions mean ready",
+                json!([{"addresses": ["10.0.0.1"]}]),
+                vec!["10.0.0.1:8080"],
+            ),
+            (
+                "terminating ones are ignored while any is ready",
+                json!([
+                    ready("10.0.0.1"),
+                    ep("10.0.0.2", Some(false), Some(true), Some(true), "other")
+                ]),
+                vec!["10.0.0.1:8080"],
+            ),
+            (
+                "serving-terminating fallback when nothing is ready",
+                json!([
+                    ep("10.0.0.1", Some(false), Some(true), Some(true), "other"),
+                    ep("10.0.0.2", Some(false), Some(false), Some(true), "other"),
+                    ep("10.0.0.3", Some(false), Some(true), Some(false), "other"),
+                ]),
+                vec!["10.0.0.1:8080~"],
+            ),
+            (
+                "nil serving counts as serving in the fallback",
+                json!([ep("10.0.0.1", Some(false), None, Some(true), "other")]),
+                vec!["10.0.0.1:8080~"],
+            ),
+            (
+                "not ready and not terminating: nothing",
+                json!([ep(
+                    "10.0.0.1",
+                    Some(false),
+                    Some(false),
+                    Some(false),
+                    "other"
+                )]),
+                vec![],
+            ),
+            (
+                "only the first address of an endpoint is used",
+                json!([{"addresses": ["10.0.0.1", "10.0.0.9"]}]),
+                vec!["10.0.0.1:8080"],
+            ),
+        ];
+        for (name, endpoints, want) in cases {
+            let t = translate(
+                &state(
+                    vec![web()],
+                    vec![slice("s1", "web", http_port(), endpoints)],
+                ),
+                &node(),
+            );
+            let want: Vec<String> = want.into_iter().map(String::from).collect();
+            assert_eq!(frontends(&t), vec![(WEB.to_string(), want)], "{name}");
+        }
+    }
+
+    #[test]
+    fn slices_are_merged_deduplicated_and_matched_by_port() {
+        let slices = vec![
+            slice(
+                "a",
+                "web",
+                http_port(),
+                json!([
+                    ready("10.0.0.1"),
+                    ep("10.0.0.2", Some(false), Some(true), Some(true), "x")
+                ]),
+            ),
+            // The same endpoint, not terminating, in another slice wins.
+            slice("b", "web", http_port(), json!([ready("10.0.0.2")])),
+            // Other port name, no port number, other protocol, other family, other service.
+            slice(
+                "c",
+                "web",
+                json!([{"name": "metrics", "port": 9100}]),
+                json!([ready("10.0.0.3")]),
+            ),
+            slice(
+                "d",
+                "web",
+                json!([{"name": "http"}]),
+                json!([ready("10.0.0.4")]),
+            ),
+            slice(
+                "e",
+                "web",
+                json!([{"name": "http", "port": 8080, "protocol": "UDP"}]),
+                json!([ready("10.0.0.5")]),
+            ),
+            slice_typed("f", "web", "IPv6", http_port(), json!([ready("fd00::1")])),
+            slice("g", "other", http_port(), json!([ready("10.0.0.7")])),
+        ];
+        let t = translate(&state(vec![web()], slices), &node());
+        assert_eq!(
+            frontends(&t),
+            vec![(
+                WEB.to_string(),
+                vec!["10.0.0.1:8080".to_string(), "10.0.0.2:8080".to_string()]
+            )]
+        );
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+    }
+
+    #[test]
+    fn internal_traffic_policy_local() {
+        let local_svc = || {
+            svc(
+                "web",
+                json!({"clusterIP": "10.96.0.10", "internalTrafficPolicy": "Local", "ports": [{"name": "http", "port": 80}]}),
+            )
+        };
+        // (case, endpoints, backends, drop_if_empty)
+        let cases: Vec<(&str, Value, Vec<&str>, bool)> = vec![
+            (
+                "local endpoints only",
+                json!([
+                    ep("10.0.0.1", Some(true), None, None, "local"),
+                    ep("10.0.0.2", Some(true), None, None, "remote")
+                ]),
+                vec!["10.0.0.1:8080"],
+                false,
+            ),
+            (
+                "endpoints only elsewhere: drop, not reject",
+                json!([ep("10.0.0.2", Some(true), None, None, "remote")]),
+                vec![],
+                true,
+            ),
+            ("no endpoints at all: reject", json!([]), vec![], false),
+            (
+                "local serving-terminating fallback",
+                json!([
+                    ep("10.0.0.1", Some(false), Some(true), Some(true), "local"),
+                    ep("10.0.0.2", Some(true), None, None, "remote"),
+                ]),
+                vec!["10.0.0.1:8080~"],
+                false,
+            ),
+        ];
+        for (name, endpoints, want, drop) in cases {
+            let t = translate(
+                &state(
+                    vec![local_svc()],
+                    vec![slice("s", "web", http_port(), endpoints)],
+                ),
+                &node(),
+            );
+            let f = t.desired.frontends.values().next().expect(name);
+            let got: Vec<String> = frontends(&t)[0].1.clone();
+            assert_eq!(
+                got,
+                want.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                "{name}"
+            );
+            assert_eq!(f.drop_if_empty, drop, "{name}");
+            assert!(f.internal_local, "{name}");
+        }
+    }
+
+    #[test]
+    fn ignored_services() {
+        let cases = vec![
+            (
+                "headless",
+                svc("h", json!({"clusterIP": "None", "ports": [{"port": 80}]})),
+            ),
+            (
+                "no cluster IP yet",
+                svc("n", json!({"ports": [{"port": 80}]})),
+            ),
+            (
+                "ExternalName",
+                svc(
+                    "e",
+                    json!({"type": "ExternalName", "externalName": "x.example", "ports": [{"port": 80}]}),
+                ),
+            ),
+            (
+                "service-proxy-name",
+                svc_meta(
+                    json!({"name": "p", "namespace": "ns", "labels": {LABEL_SERVICE_PROXY_NAME: "other"}}),
+                    json!({"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}),
+                ),
+            ),
+            (
+                "headless label",
+                svc_meta(
+                    json!({"name": "p", "namespace": "ns", "labels": {LABEL_HEADLESS: ""}}),
+                    json!({"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}),
+                ),
+            ),
+            (
+                "IPv6 only",
+                svc(
+                    "v6",
+                    json!({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10"], "ports": [{"port": 80}]}),
+                ),
+            ),
+        ];
+        for (name, s) in cases {
+            let t = translate(&state(vec![s], vec![]), &node());
+            assert!(
+                t.desired.frontends.is_empty() && t.desired.service_ips.is_empty(),
+                "{name}"
+            );
+            assert!(t.problems.is_empty(), "{name}: {:?}", t.problems);
+        }
+    }
+
+    #[test]
+    fn invalid_services_are_skipped_whole_with_a_reason() {
+        let cases = vec![
+            (
+                "bad IP",
+                json!({"clusterIP": "10.96.0.300", "ports": [{"port": 80}]}),
+                "not an IPv4 address",
+            ),
+            (
+                "port 0",
+                json!({"clusterIP": "10.96.0.2", "ports": [{"port": 80}, {"port": 0}]}),
+                "port 0 is outside",
+            ),
+            (
+                "port too big",
+                json!({"clusterIP": "10.96.0.2", "ports": [{"port": 65536}]}),
+                "outside 1..=65535",
+            ),
+            (
+                "unknown protocol",
+                json!({"clusterIP": "10.96.0.2", "ports": [{"port": 80, "protocol": "GRE"}]}),
+                "\"GRE\" is not supported",
+            ),
+            (
+                "affinity timeout",
+                json!({"clusterIP": "10.96.0.2", "sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 90000}}, "ports": [{"port": 80}]}),
+                "timeoutSeconds 90000",
+            ),
+            (
+                "traffic policy",
+                json!({"clusterIP": "10.96.0.2", "internalTrafficPolicy": "Nearby", "ports": [{"port": 80}]}),
+                "internalTrafficPolicy",
+            ),
+        ];
+        for (name, spec, reason) in cases {
+            let t = translate(&state(vec![web(), svc("bad", spec)], vec![]), &node());
+            assert_eq!(
+                t.desired
+                    .frontends
+                    .keys()
+                    .map(|k| k.to_string())
+                    .collect::<Vec<_>>(),
+                vec![WEB],
+                "{name}"
+            );
+            assert_eq!(t.problems.len(), 1, "{name}: {:?}", t.problems);
+            assert_eq!(t.problems[0].object, "Service ns/bad", "{name}");
+            assert!(
+                t.problems[0].reason.contains(reason),
+                "{name}: {}",
+                t.problems[0].reason
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_cluster_ip_keeps_the_older_service() {
+        let older = svc_meta(
+            json!({"name": "zz-old", "namespace": "ns", "creationTimestamp": "2024-01-01T00:00:00Z"}),
+            json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}),
+        );
+        let newer = svc_meta(
+            json!({"name": "aa-new", "namespace": "ns", "creationTimestamp": "2025-01-01T00:00:00Z"}),
+            json!({"clusterIP": "10.96.0.10", "ports": [{"port": 81}]}),
+        );
+        let t = translate(&state(vec![newer, older], vec![]), &node());
+        let ports: Vec<String> = t.desired.frontends.keys().map(|k| k.to_string()).collect();
+        assert_eq!(ports, vec!["10.96.0.10:80/TCP"]);
+        assert_eq!(t.problems[0].object, "Service ns/aa-new");
+        assert!(
+            t.problems[0]
+                .reason
+                .contains("already used by Service ns/zz-old")
+        );
+    }
+
+    #[test]
+    fn multi_port_multi_protocol_and_sctp() {
+        let s = svc(
+            "dns",
+            json!({"clusterIP": "10.96.0.53", "sessionAffinity": "ClientIP", "ports": [
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+                {"name": "sctp", "port": 99, "protocol": "SCTP"},
+            ]}),
+        );
+        let sl = slice(
+            "s",
+            "dns",
+            json!([{"name": "dns", "port": 5353, "protocol": "UDP"}, {"name": "dns-tcp", "port": 5354, "protocol": "TCP"}]),
+            json!([ready("10.0.0.1")]),
+        );
+        let t = translate(&state(vec![s], vec![sl]), &node());
+        assert_eq!(
+            frontends(&t),
+            vec![
+                (
+                    "10.96.0.53:53/TCP".to_string(),
+                    vec!["10.0.0.1:5354".to_string()]
+                ),
+                (
+                    "10.96.0.53:53/UDP".to_string(),
+                    vec!["10.0.0.1:5353".to_string()]
+                ),
+            ]
+        );
+        for f in t.desired.frontends.values() {
+            assert_eq!(f.affinity_timeout_s, Some(DEFAULT_AFFINITY_TIMEOUT_S));
+        }
+        assert_eq!(t.problems.len(), 1, "SCTP port reported: {:?}", t.problems);
+        assert!(t.problems[0].reason.contains("SCTP is not supported"));
+        assert_eq!(t.desired.service_ips.len(), 1);
+    }
+
+    #[test]
+    fn bad_endpoint_address_is_skipped_not_the_slice() {
+        let sl = slice(
+            "s",
+            "web",
+            http_port(),
+            json!([{"addresses": ["not-an-ip"]}, ready("10.0.0.1")]),
+        );
+        let t = translate(&state(vec![web()], vec![sl]), &node());
+        assert_eq!(
+            frontends(&t),
+            vec![(WEB.to_string(), vec!["10.0.0.1:8080".to_string()])]
+        );
+        assert_eq!(t.problems[0].object, "EndpointSlice ns/s");
+    }
+}

@@ -221,3 +221,163 @@ pub fn mirror_endpoints(key: &ObjectKey, endpoints: &Endpoints) -> Vec<EndpointS
     }
     slices
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn pod(name: &str, ns: &str, ip: &str, ready: bool, extra: Value) -> (ObjectKey, Pod) {
+        let mut v = json!({
+            "metadata": {"name": name, "namespace": ns, "labels": {"app": "web"}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": [
+                {"name": "http", "containerPort": if name.ends_with('b') { 9090 } else { 8080 }}
+            ]}]},
+            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]},
+        });
+        merge(&mut v, extra);
+        (ObjectKey::new(ns, name), serde_json::from_value(v).unwrap())
+    }
+
+    fn merge(a: &mut Value, b: Value) {
+        match (a, b) {
+            (Value::Object(a), Value::Object(b)) => {
+                for (k, v) in b {
+                    merge(a.entry(k).or_insert(Value::Null), v);
+                }
+            }
+            (a, b) => *a = b,
+        }
+    }
+
+    fn service(spec: Value) -> (ObjectKey, Service) {
+        (
+            ObjectKey::new("ns", "web"),
+            serde_json::from_value(
+                json!({"metadata": {"name": "web", "namespace": "ns"}, "spec": spec}),
+            )
+            .unwrap(),
+        )
+    }
+
+    /// (address, port, ready, serving, terminating) of every derived endpoint.
+    fn endpoints(slices: &[EndpointSlice]) -> Vec<(String, i32, bool, bool, bool)> {
+        let mut out = Vec::new();
+        for s in slices {
+            let port = s.ports.as_ref().unwrap()[0].port.unwrap();
+            for e in &s.endpoints {
+                let c = e.conditions.as_ref().unwrap();
+                out.push((
+                    e.addresses[0].clone(),
+                    port,
+                    c.ready.unwrap(),
+                    c.serving.unwrap(),
+                    c.terminating.unwrap(),
+                ));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn derived_like_the_endpointslice_controller() {
+        let pods: BTreeMap<ObjectKey, Pod> = [
+            pod("a", "ns", "10.0.0.1", true, json!({})),
+            pod("b", "ns", "10.0.0.2", true, json!({})),
+            pod("unready", "ns", "10.0.0.3", false, json!({})),
+            pod(
+                "gone",
+                "ns",
+                "10.0.0.4",
+                true,
+                json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+            ),
+            pod(
+                "done",
+                "ns",
+                "10.0.0.5",
+                true,
+                json!({"status": {"phase": "Succeeded"}}),
+            ),
+            pod("noip", "ns", "", true, json!({"status": {"podIP": null}})),
+            pod("elsewhere", "other", "10.0.0.6", true, json!({})),
+            pod(
+                "unlabelled",
+                "ns",
+                "10.0.0.7",
+                true,
+                json!({"metadata": {"labels": {"app": "db"}}}),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let (key, svc) = service(
+            json!({"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": "http"}]}),
+        );
+        let slices = derive_slices(&key, &svc, &pods, &BTreeMap::new());
+        assert_eq!(
+            endpoints(&slices),
+            vec![
+                ("10.0.0.1".into(), 8080, true, true, false),
+                ("10.0.0.2".into(), 9090, true, true, false),
+                ("10.0.0.3".into(), 8080, false, false, false),
+                ("10.0.0.4".into(), 8080, false, true, true),
+            ]
+        );
+        assert_eq!(
+            slices.len(),
+            2,
+            "pods resolving the named port differently get separate slices"
+        );
+        for s in &slices {
+            assert_eq!(
+                s.metadata.labels.as_ref().unwrap()[LABEL_SERVICE_NAME],
+                "web"
+            );
+        }
+    }
+
+    #[test]
+    fn publish_not_ready_addresses_marks_everything_ready() {
+        let pods: BTreeMap<ObjectKey, Pod> = [pod("unready", "ns", "10.0.0.3", false, json!({}))]
+            .into_iter()
+            .collect();
+        let (key, svc) = service(
+            json!({"selector": {"app": "web"}, "publishNotReadyAddresses": true, "ports": [{"port": 80, "targetPort": 8080}]}),
+        );
+        assert_eq!(
+            endpoints(&derive_slices(&key, &svc, &pods, &BTreeMap::new())),
+            vec![("10.0.0.3".into(), 8080, true, true, false)]
+        );
+    }
+
+    #[test]
+    fn unresolvable_named_port_leaves_the_pod_out() {
+        let pods: BTreeMap<ObjectKey, Pod> = [pod("a", "ns", "10.0.0.1", true, json!({}))]
+            .into_iter()
+            .collect();
+        let (key, svc) = service(
+            json!({"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": "grpc"}]}),
+        );
+        assert!(endpoints(&derive_slices(&key, &svc, &pods, &BTreeMap::new())).is_empty());
+    }
+
+    #[test]
+    fn endpoints_are_mirrored_per_subset() {
+        let e: Endpoints = serde_json::from_value(json!({
+            "metadata": {"name": "db", "namespace": "ns"},
+            "subsets": [{"addresses": [{"ip": "10.1.0.1"}], "notReadyAddresses": [{"ip": "10.1.0.2"}], "ports": [{"port": 5432}]}],
+        }))
+        .unwrap();
+        let slices = mirror_endpoints(&ObjectKey::new("ns", "db"), &e);
+        assert_eq!(
+            endpoints(&slices),
+            vec![
+                ("10.1.0.1".into(), 5432, true, true, false),
+                ("10.1.0.2".into(), 5432, false, false, false)
+            ]
+        );
+    }
+}
