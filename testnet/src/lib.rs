@@ -288,10 +288,15 @@ impl Topology {
         program: &Path,
         args: &[String],
     ) -> Result<(), String> {
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.node_ns))
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.node_ns))
             .arg(program)
-            .args(args)
+            .args(args);
+        if std::env::var_os("RUST_LOG").is_none() {
+            // Quiet unless asked: RUST_LOG=info shows the agent's whole log.
+            cmd.env("RUST_LOG", "warn");
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())

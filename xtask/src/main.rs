@@ -1,5 +1,6 @@
-//! `cargo xtask setup | test`: the project's one-command set-up and test run.
+//! `cargo xtask setup | test | demo`: one-command set-up, the test suite, and the demo.
 
+mod demo;
 mod setup;
 mod test;
 
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// Install what a fresh Debian machine lacks to build and test lb.
     Setup,
+    /// A live ClusterIP demo in throw-away namespaces (needs root).
+    Demo,
     /// Run setup, then the whole test suite (privileged tests need root).
     Test {
         /// Skip `cargo fmt --check` and clippy.
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Setup => setup::run(),
+        Command::Demo => demo::run(),
         Command::Test { no_lint, test_args } => test::run(!no_lint, &test_args),
     };
     match result {
