@@ -555,3 +555,39 @@ spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 81}]}
         "the old port is released"
     );
 }
+
+#[test]
+fn agent_restart_keeps_traffic_flowing_and_prunes_on_return() {
+    let (mut c, client) = web_cluster(SVC);
+    let all = ["10.244.1.11:8080", "10.244.1.12:8080", "10.244.1.13:8080"];
+    c.wait_backends("10.96.0.10:80/TCP", &all, Duration::from_secs(5));
+    let ids_before = c.dump("backends");
+    let mut conn = HeldConnection::open(&client, "10.96.0.10", 80);
+    let pod = field(&conn.greeting, "pod").to_string();
+
+    c.stop_agent(SIGKILL);
+    // Down: the pinned maps and links keep serving old and new connections.
+    assert!(conn.send("while down").contains(&format!("pod={pod}")));
+    assert_eq!(c.answering_pods(&client, "http://10.96.0.10/", 30).len(), 3);
+
+    // A pod other than the held connection's goes away meanwhile.
+    let (gone_file, gone_ip) = ["10.244.1.11", "10.244.1.12", "10.244.1.13"]
+        .iter()
+        .enumerate()
+        .find(|(i, _)| format!("web-{i}") != pod)
+        .map(|(i, ip)| (format!("pod-web-{i}.yaml"), ip.to_string()))
+        .unwrap();
+    c.remove(&gone_file);
+    c.start_agent();
+    let left: Vec<&str> = all.iter().copied().filter(|b| !b.starts_with(&format!("{gone_ip}:"))).collect();
+    c.wait_backends("10.96.0.10:80/TCP", &left, Duration::from_secs(5));
+
+    // The remaining backends kept their ids; the connection never broke.
+    let ids_after = c.dump("backends");
+    for b in ids_after["backends"].as_array().unwrap() {
+        let before = ids_before["backends"].as_array().unwrap().iter().find(|x| x["address"] == b["address"]);
+        assert_eq!(before.map(|x| &x["id"]), Some(&b["id"]), "backend id changed across restart: {b}");
+    }
+    assert!(conn.send("after restart").contains(&format!("pod={pod}")));
+    assert_eq!(c.answering_pods(&client, "http://10.96.0.10/", 30).len(), 2);
+}
