@@ -16,11 +16,10 @@ use crate::{
     config::RunConfig,
     datapath::{loader::Datapath, sync::Syncer},
     model::{DesiredState, Problem, translate},
-    source::manifests::ManifestDir,
+    source::{manifests::ManifestDir, watch::DirWatch},
 };
 
-/// How often the directory and the device list are looked at: a change
-/// reaches the maps well within a second.
+/// How often the directory (besides inotify) and the device list are looked at.
 const POLL: Duration = Duration::from_millis(200);
 const RETRY: Duration = Duration::from_secs(5);
 
@@ -56,6 +55,13 @@ pub async fn run(config: RunConfig) -> Result<()> {
     );
 
     let mut source = ManifestDir::new(&config.manifests);
+    let watch = match DirWatch::new(&config.manifests) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(error = %e, "inotify unavailable; polling the manifests directory only");
+            None
+        }
+    };
     let mut reported: BTreeSet<Problem> = BTreeSet::new();
     let mut last_desired: Option<DesiredState> = None;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -68,6 +74,11 @@ pub async fn run(config: RunConfig) -> Result<()> {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            Some(result) = async { Some(watch.as_ref()?.changed().await) } => {
+                if let Err(e) = result {
+                    warn!(error = %e, "inotify read failed; relying on polling");
+                }
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -95,7 +106,9 @@ pub async fn run(config: RunConfig) -> Result<()> {
         first = false;
         let started = Instant::now();
         let (state, mut problems) = source.cluster_state();
+        let assembled = started.elapsed();
         let translation = translate(&state, &config.node);
+        let translated = started.elapsed();
         problems.extend(translation.problems);
         let current: BTreeSet<Problem> = problems.into_iter().collect();
         for p in current.difference(&reported) {
@@ -122,6 +135,8 @@ pub async fn run(config: RunConfig) -> Result<()> {
                 backends_written = report.backends_written,
                 backends_removed = report.backends_removed,
                 elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                assemble_ms = assembled.as_secs_f64() * 1e3,
+                translate_ms = (translated - assembled).as_secs_f64() * 1e3,
                 "synced"
             );
             if report.errors.is_empty() {

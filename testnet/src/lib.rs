@@ -306,6 +306,31 @@ impl Topology {
         Ok(())
     }
 
+    /// Like `spawn_in_node`, with stdout and stderr appended to `log`.
+    pub fn spawn_in_node_logged(
+        &mut self,
+        label: &str,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+    ) -> Result<u32, String> {
+        let file = fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = file.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node_ns))
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("spawn {label}: {e}"))?;
+        // nsenter execs the program: this is its pid.
+        let pid = child.id();
+        self.children.push((label.into(), child));
+        Ok(pid)
+    }
+
     /// Stop a process started here (SIGTERM, then SIGKILL after 5 s).
     pub fn stop(&mut self, label: &str, signal: i32) {
         if let Some(i) = self.children.iter().position(|(l, _)| l == label) {

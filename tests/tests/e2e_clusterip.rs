@@ -579,14 +579,26 @@ fn agent_restart_keeps_traffic_flowing_and_prunes_on_return() {
         .unwrap();
     c.remove(&gone_file);
     c.start_agent();
-    let left: Vec<&str> = all.iter().copied().filter(|b| !b.starts_with(&format!("{gone_ip}:"))).collect();
+    let left: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|b| !b.starts_with(&format!("{gone_ip}:")))
+        .collect();
     c.wait_backends("10.96.0.10:80/TCP", &left, Duration::from_secs(5));
 
     // The remaining backends kept their ids; the connection never broke.
     let ids_after = c.dump("backends");
     for b in ids_after["backends"].as_array().unwrap() {
-        let before = ids_before["backends"].as_array().unwrap().iter().find(|x| x["address"] == b["address"]);
-        assert_eq!(before.map(|x| &x["id"]), Some(&b["id"]), "backend id changed across restart: {b}");
+        let before = ids_before["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["address"] == b["address"]);
+        assert_eq!(
+            before.map(|x| &x["id"]),
+            Some(&b["id"]),
+            "backend id changed across restart: {b}"
+        );
     }
     assert!(conn.send("after restart").contains(&format!("pod={pod}")));
     assert_eq!(c.answering_pods(&client, "http://10.96.0.10/", 30).len(), 2);

@@ -1,6 +1,7 @@
-//! `cargo xtask setup | test | demo`: one-command set-up, the test suite, and the demo.
+//! `cargo xtask setup | test | demo | perf`: one-command set-up, the test suite, and the demo.
 
 mod demo;
+mod perf;
 mod setup;
 mod test;
 
@@ -21,6 +22,20 @@ enum Command {
     Setup,
     /// A live ClusterIP demo in throw-away namespaces (needs root).
     Demo,
+    /// Benchmarks; writes report.md and report.json (needs root).
+    Perf {
+        /// Service counts to measure (10 endpoints each).
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        services: Vec<u32>,
+        /// Endpoint changes timed per Service count.
+        #[arg(long, default_value_t = 100)]
+        changes: usize,
+        /// A short run (100 and 1000 Services, 20 changes).
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "target/perf")]
+        out: std::path::PathBuf,
+    },
     /// Run setup, then the whole test suite (privileged tests need root).
     Test {
         /// Skip `cargo fmt --check` and clippy.
@@ -37,6 +52,23 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Setup => setup::run(),
         Command::Demo => demo::run(),
+        Command::Perf {
+            services,
+            changes,
+            quick,
+            out,
+        } => {
+            let (services, changes) = if quick {
+                (vec![100, 1000], 20)
+            } else {
+                (services, changes)
+            };
+            perf::run(perf::PerfArgs {
+                services,
+                changes,
+                out,
+            })
+        }
         Command::Test { no_lint, test_args } => test::run(!no_lint, &test_args),
     };
     match result {

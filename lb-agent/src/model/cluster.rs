@@ -1,7 +1,7 @@
 //! The cluster as the sources report it: Kubernetes objects keyed by
 //! namespace/name, plus this node's settings.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -31,14 +31,15 @@ impl fmt::Display for ObjectKey {
 }
 
 /// Every object the translation reads. Sources (manifests directory,
-/// Kubernetes API) fill it the same way.
+/// Kubernetes API) fill it the same way. Objects are shared (`Arc`), as
+/// kube-rs reflector stores hand them out, so assembling a state is cheap.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterState {
-    pub services: BTreeMap<ObjectKey, Service>,
+    pub services: BTreeMap<ObjectKey, Arc<Service>>,
     /// EndpointSlices by their own namespace/name; the Service they belong
     /// to is their `kubernetes.io/service-name` label.
-    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
-    pub nodes: BTreeMap<String, Node>,
+    pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
+    pub nodes: BTreeMap<String, Arc<Node>>,
 }
 
 /// This node's view: who we are and which addresses are ours.

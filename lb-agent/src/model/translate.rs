@@ -57,7 +57,11 @@ pub fn translate(state: &ClusterState, node: &NodeConfig) -> Translation {
 
     // Oldest Service first: when two claim one ClusterIP, the first keeps it,
     // as the API server's allocator would have had it.
-    let mut services: Vec<(&ObjectKey, &Service)> = state.services.iter().collect();
+    let mut services: Vec<(&ObjectKey, &Service)> = state
+        .services
+        .iter()
+        .map(|(k, s)| (k, s.as_ref()))
+        .collect();
     services.sort_by(|(ka, a), (kb, b)| {
         let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
         let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
@@ -113,7 +117,7 @@ fn slices_by_service(
         by_service
             .entry(ObjectKey::new(key.namespace.clone(), service.clone()))
             .or_default()
-            .push((key, slice));
+            .push((key, slice.as_ref()));
     }
     by_service
 }
@@ -435,8 +439,14 @@ mod tests {
         slices: Vec<(ObjectKey, EndpointSlice)>,
     ) -> ClusterState {
         ClusterState {
-            services: services.into_iter().collect(),
-            endpoint_slices: slices.into_iter().collect(),
+            services: services
+                .into_iter()
+                .map(|(k, v)| (k, std::sync::Arc::new(v)))
+                .collect(),
+            endpoint_slices: slices
+                .into_iter()
+                .map(|(k, v)| (k, std::sync::Arc::new(v)))
+                .collect(),
             nodes: Default::default(),
         }
     }

@@ -3,7 +3,7 @@
 //! endpointslice controller) and mirrored from custom Endpoints objects
 //! (the endpointslice mirroring controller).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::{
     api::{
@@ -94,7 +94,7 @@ fn slice_meta(namespace: &str, name: String, service: &str) -> ObjectMeta {
 pub fn derive_slices(
     key: &ObjectKey,
     service: &Service,
-    pods: &BTreeMap<ObjectKey, Pod>,
+    pods: &BTreeMap<ObjectKey, Arc<Pod>>,
     node_zones: &BTreeMap<String, String>,
 ) -> Vec<EndpointSlice> {
     let Some(spec) = service.spec.as_ref() else {
@@ -228,7 +228,7 @@ mod tests {
 
     use super::*;
 
-    fn pod(name: &str, ns: &str, ip: &str, ready: bool, extra: Value) -> (ObjectKey, Pod) {
+    fn pod(name: &str, ns: &str, ip: &str, ready: bool, extra: Value) -> (ObjectKey, Arc<Pod>) {
         let mut v = json!({
             "metadata": {"name": name, "namespace": ns, "labels": {"app": "web"}},
             "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": [
@@ -237,7 +237,10 @@ mod tests {
             "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]},
         });
         merge(&mut v, extra);
-        (ObjectKey::new(ns, name), serde_json::from_value(v).unwrap())
+        (
+            ObjectKey::new(ns, name),
+            Arc::new(serde_json::from_value(v).unwrap()),
+        )
     }
 
     fn merge(a: &mut Value, b: Value) {
@@ -283,7 +286,7 @@ mod tests {
 
     #[test]
     fn derived_like_the_endpointslice_controller() {
-        let pods: BTreeMap<ObjectKey, Pod> = [
+        let pods: BTreeMap<ObjectKey, Arc<Pod>> = [
             pod("a", "ns", "10.0.0.1", true, json!({})),
             pod("b", "ns", "10.0.0.2", true, json!({})),
             pod("unready", "ns", "10.0.0.3", false, json!({})),
@@ -341,9 +344,10 @@ mod tests {
 
     #[test]
     fn publish_not_ready_addresses_marks_everything_ready() {
-        let pods: BTreeMap<ObjectKey, Pod> = [pod("unready", "ns", "10.0.0.3", false, json!({}))]
-            .into_iter()
-            .collect();
+        let pods: BTreeMap<ObjectKey, Arc<Pod>> =
+            [pod("unready", "ns", "10.0.0.3", false, json!({}))]
+                .into_iter()
+                .collect();
         let (key, svc) = service(
             json!({"selector": {"app": "web"}, "publishNotReadyAddresses": true, "ports": [{"port": 80, "targetPort": 8080}]}),
         );
@@ -355,7 +359,7 @@ mod tests {
 
     #[test]
     fn unresolvable_named_port_leaves_the_pod_out() {
-        let pods: BTreeMap<ObjectKey, Pod> = [pod("a", "ns", "10.0.0.1", true, json!({}))]
+        let pods: BTreeMap<ObjectKey, Arc<Pod>> = [pod("a", "ns", "10.0.0.1", true, json!({}))]
             .into_iter()
             .collect();
         let (key, svc) = service(

@@ -6,6 +6,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -35,11 +36,11 @@ pub enum ManifestError {
 /// One object of a kind the agent reads.
 #[derive(Clone, Debug)]
 pub enum Object {
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
-    Endpoints(Box<Endpoints>),
-    Pod(Box<Pod>),
-    Node(Box<Node>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    Endpoints(Arc<Endpoints>),
+    Pod(Arc<Pod>),
+    Node(Arc<Node>),
 }
 
 impl Object {
@@ -191,8 +192,8 @@ impl ManifestDir {
     pub fn cluster_state(&self) -> (ClusterState, Vec<Problem>) {
         let mut problems = Vec::new();
         let mut state = ClusterState::default();
-        let mut endpoints: BTreeMap<ObjectKey, Endpoints> = BTreeMap::new();
-        let mut pods: BTreeMap<ObjectKey, Pod> = BTreeMap::new();
+        let mut endpoints: BTreeMap<ObjectKey, Arc<Endpoints>> = BTreeMap::new();
+        let mut pods: BTreeMap<ObjectKey, Arc<Pod>> = BTreeMap::new();
         let mut origin: BTreeMap<(&'static str, ObjectKey), &Path> = BTreeMap::new();
 
         for (path, file) in &self.files {
@@ -211,19 +212,19 @@ impl ManifestDir {
                 origin.insert((object.kind(), key.clone()), path);
                 match object {
                     Object::Service(s) => {
-                        state.services.insert(key.clone(), (**s).clone());
+                        state.services.insert(key.clone(), s.clone());
                     }
                     Object::EndpointSlice(s) => {
-                        state.endpoint_slices.insert(key.clone(), (**s).clone());
+                        state.endpoint_slices.insert(key.clone(), s.clone());
                     }
                     Object::Endpoints(e) => {
-                        endpoints.insert(key.clone(), (**e).clone());
+                        endpoints.insert(key.clone(), e.clone());
                     }
                     Object::Pod(p) => {
-                        pods.insert(key.clone(), (**p).clone());
+                        pods.insert(key.clone(), p.clone());
                     }
                     Object::Node(n) => {
-                        state.nodes.insert(key.name.clone(), (**n).clone());
+                        state.nodes.insert(key.name.clone(), n.clone());
                     }
                 }
             }
@@ -269,7 +270,7 @@ impl ManifestDir {
             let namespace = slice.metadata.namespace.clone().unwrap_or_default();
             state
                 .endpoint_slices
-                .insert(ObjectKey::new(namespace, name), slice);
+                .insert(ObjectKey::new(namespace, name), Arc::new(slice));
         }
         (state, problems)
     }
@@ -281,13 +282,28 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<(ObjectKey, Object)>, S
     let documents: Vec<Value> = if is_json {
         vec![serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?]
     } else {
-        serde_saphyr::from_multiple(text).map_err(|e| format!("invalid YAML: {e}"))?
+        serde_saphyr::from_multiple_with_options(text, yaml_options())
+            .map_err(|e| format!("invalid YAML: {e}"))?
     };
     let mut objects = Vec::new();
     for (i, doc) in documents.into_iter().enumerate() {
         collect(doc, &format!("document {}", i + 1), &mut objects)?;
     }
     Ok(objects)
+}
+
+/// serde-saphyr's default budget (1,024 documents, 250,000 nodes) is sized
+/// for config files; a cluster's manifests are far larger. The depth, alias
+/// and anchor limits that guard against hostile YAML stay at their defaults.
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_documents: 10_000_000,
+            max_nodes: 500_000_000,
+            max_events: 1_000_000_000,
+            max_total_scalar_bytes: 4 << 30,
+        },
+    }
 }
 
 fn collect(doc: Value, at: &str, out: &mut Vec<(ObjectKey, Object)>) -> Result<(), String> {
@@ -324,14 +340,14 @@ fn collect(doc: Value, at: &str, out: &mut Vec<(ObjectKey, Object)>) -> Result<(
     let key = ObjectKey::new(namespace, name);
     let ctx = format!("{at} ({kind} {key})");
     let object = match kind.as_str() {
-        "Service" => Object::Service(Box::new(typed(doc, &ctx)?)),
-        "EndpointSlice" => Object::EndpointSlice(Box::new(typed(doc, &ctx)?)),
-        "Endpoints" => Object::Endpoints(Box::new(typed(doc, &ctx)?)),
-        "Pod" => Object::Pod(Box::new(typed(doc, &ctx)?)),
+        "Service" => Object::Service(Arc::new(typed(doc, &ctx)?)),
+        "EndpointSlice" => Object::EndpointSlice(Arc::new(typed(doc, &ctx)?)),
+        "Endpoints" => Object::Endpoints(Arc::new(typed(doc, &ctx)?)),
+        "Pod" => Object::Pod(Arc::new(typed(doc, &ctx)?)),
         "Node" => {
             let node: Node = typed(doc, &ctx)?;
             // Nodes are cluster-scoped: key them by name alone.
-            out.push((ObjectKey::new("", key.name), Object::Node(Box::new(node))));
+            out.push((ObjectKey::new("", key.name), Object::Node(Arc::new(node))));
             return Ok(());
         }
         _ => {
@@ -408,6 +424,20 @@ items:
                 "{file}: {err:?} should contain {want:?}"
             );
         }
+    }
+
+    #[test]
+    fn large_files_are_not_refused_by_the_yaml_budget() {
+        let doc = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: p}\n";
+        let text: String = (0..3000)
+            .map(|i| doc.replace("name: p", &format!("name: p{i}")))
+            .collect();
+        assert_eq!(
+            parse_file(Path::new("big.yaml"), &text)
+                .expect("parses")
+                .len(),
+            3000
+        );
     }
 
     #[test]

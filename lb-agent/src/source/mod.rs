@@ -3,3 +3,4 @@
 
 pub mod endpoints;
 pub mod manifests;
+pub mod watch;

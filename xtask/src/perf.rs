@@ -1,0 +1,366 @@
+//! `cargo xtask perf`: benchmarks that write a report. This first part
+//! measures the control plane: programming N Services x 10 endpoints from
+//! empty, and how long one endpoint change takes to reach the maps.
+//! (Per-packet and end-to-end sections follow with the performance issue.)
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{BufRead, BufReader, Seek, SeekFrom},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use lb_testnet::Topology;
+use serde_json::Value;
+
+use crate::setup;
+
+const ENDPOINTS_PER_SERVICE: u32 = 10;
+
+pub struct PerfArgs {
+    pub services: Vec<u32>,
+    pub changes: usize,
+    pub out: PathBuf,
+}
+
+fn nth_ip(base: Ipv4Addr, n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(base) + n)
+}
+
+/// N Services (one TCP port each) and one EndpointSlice of 10 ready endpoints per Service.
+fn write_manifests(dir: &Path, services: u32) -> Result<()> {
+    let mut svc = String::with_capacity(services as usize * 200);
+    let mut slices = String::with_capacity(services as usize * 900);
+    for i in 0..services {
+        let ip = nth_ip(Ipv4Addr::new(10, 96, 0, 1), i);
+        writeln!(
+            svc,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: perf}}\nspec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]"
+        )?;
+        writeln!(
+            slices,
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\nmetadata:\n  name: svc-{i}-a\n  namespace: perf\n  labels: {{kubernetes.io/service-name: svc-{i}}}\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:"
+        )?;
+        for j in 0..ENDPOINTS_PER_SERVICE {
+            let ep = nth_ip(Ipv4Addr::new(10, 128, 0, 1), i * ENDPOINTS_PER_SERVICE + j);
+            writeln!(
+                slices,
+                "- {{addresses: [\"{ep}\"], conditions: {{ready: true}}}}"
+            )?;
+        }
+    }
+    fs::write(dir.join("services.yaml"), svc)?;
+    fs::write(dir.join("slices.yaml"), slices)?;
+    Ok(())
+}
+
+/// One extra slice for svc-0 whose endpoint flips readiness: one change.
+fn churn_yaml(ready: bool) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\nmetadata:\n  name: svc-0-churn\n  namespace: perf\n  labels: {{kubernetes.io/service-name: svc-0}}\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n- {{addresses: [\"10.250.0.1\"], conditions: {{ready: {ready}}}}}\n"
+    )
+}
+
+/// Follows the agent's JSON log for "synced" lines.
+struct LogTail {
+    reader: BufReader<fs::File>,
+}
+
+impl LogTail {
+    fn open(path: &Path) -> Result<Self> {
+        let file = fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+        Ok(LogTail {
+            reader: BufReader::new(file),
+        })
+    }
+
+    fn skip_to_end(&mut self) -> Result<()> {
+        self.reader.seek(SeekFrom::End(0))?;
+        Ok(())
+    }
+
+    /// Wait for the next "synced" record matching `want`; returns its fields.
+    fn wait_synced(&mut self, within: Duration, want: impl Fn(&Value) -> bool) -> Result<Value> {
+        let deadline = Instant::now() + within;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.reader.read_line(&mut line)?;
+            if n == 0 || !line.ends_with('\n') {
+                if Instant::now() > deadline {
+                    bail!("no matching sync in the agent log within {within:?}");
+                }
+                if n > 0 {
+                    // A partial line: rewind and wait for the rest.
+                    self.reader.seek(SeekFrom::Current(-(n as i64)))?;
+                }
+                std::thread::sleep(Duration::from_micros(500));
+                continue;
+            }
+            let Ok(record) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            let fields = &record["fields"];
+            if fields["message"] == "synced" && want(fields) {
+                return Ok(fields.clone());
+            }
+            if record["level"] == "ERROR" {
+                bail!("agent error: {}", line.trim());
+            }
+        }
+    }
+}
+
+fn rss_mb(pid: u32) -> Option<f64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+struct ControlPlaneResult {
+    services: u32,
+    program_from_start_ms: f64,
+    sync_ms: f64,
+    change_p50_ms: f64,
+    change_p99_ms: f64,
+    change_max_ms: f64,
+    /// Medians of the agent's own phases for one change.
+    change_assemble_ms: f64,
+    change_translate_ms: f64,
+    change_sync_ms: f64,
+    rss_mb: f64,
+    cpu_s: f64,
+}
+
+fn control_plane(agent: &Path, services: u32, changes: usize) -> Result<ControlPlaneResult> {
+    let mut topo = Topology::new().map_err(|e| anyhow!(e))?;
+    let manifests = topo.dir.join("manifests");
+    fs::create_dir_all(&manifests)?;
+    write_manifests(&manifests, services)?;
+    let log = topo.dir.join("agent.log");
+    let args: Vec<String> = [
+        "run",
+        "--manifests",
+        &manifests.display().to_string(),
+        "--bpffs",
+        &topo.bpffs.display().to_string(),
+        "--pod-devices",
+        &topo.pod_device_glob(),
+        "--node-name",
+        "perf",
+        "--log-format",
+        "json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let started = Instant::now();
+    let pid = topo
+        .spawn_in_node_logged("agent", agent, &args, &log)
+        .map_err(|e| anyhow!(e))?;
+    // The log file exists from the spawn on.
+    let mut tail = LogTail::open(&log)?;
+    let first = tail.wait_synced(Duration::from_secs(300), |f| f["frontends"] == services)?;
+    let program_from_start_ms = started.elapsed().as_secs_f64() * 1e3;
+    let sync_ms = first["elapsed_ms"].as_f64().unwrap_or(f64::NAN);
+
+    let mut latencies = Vec::with_capacity(changes);
+    let mut phases: Vec<(f64, f64, f64)> = Vec::with_capacity(changes);
+    let churn = manifests.join("churn.yaml");
+    for i in 0..changes {
+        tail.skip_to_end()?;
+        let tmp = manifests.join(".churn.tmp");
+        fs::write(&tmp, churn_yaml(i % 2 == 0))?;
+        let t = Instant::now();
+        fs::rename(&tmp, &churn)?;
+        let fields = tail.wait_synced(Duration::from_secs(30), |f| f["written"] == 1)?;
+        latencies.push(t.elapsed().as_secs_f64() * 1e3);
+        let num = |k: &str| fields[k].as_f64().unwrap_or(f64::NAN);
+        phases.push((
+            num("assemble_ms"),
+            num("translate_ms"),
+            num("elapsed_ms") - num("assemble_ms") - num("translate_ms"),
+        ));
+    }
+    latencies.sort_by(f64::total_cmp);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        percentile(&v, 0.5)
+    };
+    let result = ControlPlaneResult {
+        change_assemble_ms: median(phases.iter().map(|p| p.0).collect()),
+        change_translate_ms: median(phases.iter().map(|p| p.1).collect()),
+        change_sync_ms: median(phases.iter().map(|p| p.2).collect()),
+        services,
+        program_from_start_ms,
+        sync_ms,
+        change_p50_ms: percentile(&latencies, 0.5),
+        change_p99_ms: percentile(&latencies, 0.99),
+        change_max_ms: latencies.last().copied().unwrap_or(f64::NAN),
+        rss_mb: rss_mb(pid).unwrap_or(f64::NAN),
+        cpu_s: cpu_seconds(pid).unwrap_or(f64::NAN),
+    };
+    drop(topo);
+    Ok(result)
+}
+
+pub fn run(args: PerfArgs) -> Result<()> {
+    if !setup::is_root() {
+        bail!("perf loads BPF programs and builds namespaces: run it as root");
+    }
+    setup::run()?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf();
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--quiet", "--release", "-p", "lb-agent", "--bins"])
+        .current_dir(&root)
+        .status()
+        .context("building lb-agent (release)")?;
+    if !status.success() {
+        bail!("building lb-agent failed");
+    }
+    let agent = root.join("target/release/lb-agent");
+    let out = if args.out.is_absolute() {
+        args.out.clone()
+    } else {
+        root.join(&args.out)
+    };
+    fs::create_dir_all(&out)?;
+
+    let mut results = Vec::new();
+    for &n in &args.services {
+        println!(
+            "perf: control plane, {n} Services x {ENDPOINTS_PER_SERVICE} endpoints, {} changes ...",
+            args.changes
+        );
+        let r = control_plane(&agent, n, args.changes)?;
+        println!(
+            "perf:   programmed {:.0} ms after start (sync {:.0} ms); one change p50 {:.1} ms p99 {:.1} ms; RSS {:.0} MB",
+            r.program_from_start_ms, r.sync_ms, r.change_p50_ms, r.change_p99_ms, r.rss_mb
+        );
+        results.push(r);
+    }
+
+    let mut md = String::new();
+    writeln!(md, "# lb performance report\n")?;
+    writeln!(
+        md,
+        "Produced by `cargo xtask perf --services {}` (release agent, {} CPUs).\n",
+        args.services
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    )?;
+    writeln!(
+        md,
+        "## Control plane ({ENDPOINTS_PER_SERVICE} endpoints per Service)\n"
+    )?;
+    writeln!(
+        md,
+        "| Services | programmed after agent start | translate + sync | one change to maps p50 | p99 | max | agent RSS | agent CPU |"
+    )?;
+    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    for r in &results {
+        writeln!(
+            md,
+            "| {} | {:.0} ms | {:.0} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} MB | {:.1} s |",
+            r.services,
+            r.program_from_start_ms,
+            r.sync_ms,
+            r.change_p50_ms,
+            r.change_p99_ms,
+            r.change_max_ms,
+            r.rss_mb,
+            r.cpu_s
+        )?;
+    }
+    writeln!(
+        md,
+        "\nWhere one change's time goes (medians, the agent's own measure):\n"
+    )?;
+    writeln!(
+        md,
+        "| Services | assemble cluster state | translate | map sync |"
+    )?;
+    writeln!(md, "|---:|---:|---:|---:|")?;
+    for r in &results {
+        writeln!(
+            md,
+            "| {} | {:.1} ms | {:.1} ms | {:.2} ms |",
+            r.services, r.change_assemble_ms, r.change_translate_ms, r.change_sync_ms
+        )?;
+    }
+    writeln!(
+        md,
+        "\n- *programmed after agent start*: from spawning the agent (loading the BPF object, reading and parsing every manifest) to its log line saying every Service is in the maps."
+    )?;
+    writeln!(
+        md,
+        "- *translate + sync*: the agent's own measure of that first pass (assembling the cluster state, translation, map writes)."
+    )?;
+    writeln!(
+        md,
+        "- *one change*: an EndpointSlice file of one Service replaced (atomic rename) until the agent logs the map write; {} changes.",
+        args.changes
+    )?;
+    fs::write(out.join("report.md"), &md)?;
+    let json: Vec<Value> = results
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "services": r.services,
+                "endpoints_per_service": ENDPOINTS_PER_SERVICE,
+                "program_from_start_ms": r.program_from_start_ms,
+                "sync_ms": r.sync_ms,
+                "change_p50_ms": r.change_p50_ms,
+                "change_p99_ms": r.change_p99_ms,
+                "change_max_ms": r.change_max_ms,
+                "change_assemble_ms": r.change_assemble_ms,
+                "change_translate_ms": r.change_translate_ms,
+                "change_sync_ms": r.change_sync_ms,
+                "agent_rss_mb": r.rss_mb,
+                "agent_cpu_s": r.cpu_s,
+            })
+        })
+        .collect();
+    fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&serde_json::json!({"control_plane": json}))?,
+    )?;
+    println!(
+        "perf: wrote {} and report.json",
+        out.join("report.md").display()
+    );
+    print!("{md}");
+    Ok(())
+}
