@@ -1,7 +1,11 @@
 //! Command line of `lb-agent`, optionally layered over a config file
 //! (`--config FILE`, YAML with the same keys as the long flags).
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
@@ -44,6 +48,23 @@ pub struct RunArgs {
     /// directory (*.yaml, *.yml, *.json) instead of a cluster.
     #[arg(long, value_name = "DIR")]
     pub manifests: Option<PathBuf>,
+    /// Cluster credentials. Default: $KUBECONFIG, ~/.kube/config, then the in-cluster service account.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// API server URL, overriding the kubeconfig's or in-cluster address (which
+    /// points at the `kubernetes` Service that nothing serves without kube-proxy).
+    #[arg(long, value_name = "URL", env = "LB_API_SERVER")]
+    pub api_server: Option<String>,
+    /// /healthz and /livez address ("" disables). Default: 0.0.0.0:10256
+    #[arg(long, value_name = "ADDR")]
+    pub healthz_bind: Option<String>,
+    /// /metrics address ("" disables). Default: 127.0.0.1:10249
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_bind: Option<String>,
+    /// Least time between two syncs; a lone change is applied at once, a burst
+    /// is coalesced (kube-proxy's minSyncPeriod). Default: 1s with a cluster, 0s with --manifests.
+    #[arg(long, value_name = "DURATION")]
+    pub min_sync_period: Option<String>,
     /// This node's name (endpoints with this nodeName are local). Default: $NODE_NAME, then the hostname.
     #[arg(long, value_name = "NAME")]
     pub node_name: Option<String>,
@@ -95,6 +116,11 @@ pub enum OutputFormat {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct FileConfig {
     pub manifests: Option<PathBuf>,
+    pub kubeconfig: Option<PathBuf>,
+    pub api_server: Option<String>,
+    pub healthz_bind: Option<String>,
+    pub metrics_bind: Option<String>,
+    pub min_sync_period: Option<String>,
     pub node_name: Option<String>,
     pub pod_devices: Option<Vec<String>>,
     pub bpffs: Option<PathBuf>,
@@ -106,19 +132,33 @@ pub struct FileConfig {
 pub enum ConfigError {
     #[error("config file {path}: {reason}")]
     File { path: PathBuf, reason: String },
-    #[error(
-        "no --manifests DIR given: the Kubernetes API source is not part of this build yet; \
-         point the agent at a directory of manifests"
-    )]
-    NoSource,
     #[error("--pod-devices: empty pattern")]
     EmptyGlob,
+    #[error("--{flag} {value:?}: {reason}")]
+    Invalid {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// Where the cluster comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceConfig {
+    Manifests(PathBuf),
+    Kube {
+        kubeconfig: Option<PathBuf>,
+        api_server: Option<String>,
+    },
 }
 
 /// Everything `run` needs, resolved from flags, file and environment.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
+    pub healthz_bind: Option<SocketAddr>,
+    pub metrics_bind: Option<SocketAddr>,
+    pub min_sync_period: Duration,
     pub node: NodeConfig,
     pub pod_devices: Vec<String>,
     pub bpffs: PathBuf,
@@ -146,10 +186,37 @@ impl RunArgs {
             }
             None => FileConfig::default(),
         };
-        let manifests = self
-            .manifests
-            .or(file.manifests)
-            .ok_or(ConfigError::NoSource)?;
+        let source = match self.manifests.or(file.manifests) {
+            Some(dir) => SourceConfig::Manifests(dir),
+            None => SourceConfig::Kube {
+                kubeconfig: self.kubeconfig.or(file.kubeconfig),
+                api_server: self
+                    .api_server
+                    .or(file.api_server)
+                    .filter(|s| !s.is_empty()),
+            },
+        };
+        let default_period = match source {
+            SourceConfig::Manifests(_) => "0s",
+            SourceConfig::Kube { .. } => "1s",
+        };
+        let min_sync_period = self.min_sync_period.or(file.min_sync_period);
+        let min_sync_period = parse_duration(min_sync_period.as_deref().unwrap_or(default_period))
+            .map_err(|reason| ConfigError::Invalid {
+                flag: "min-sync-period",
+                value: min_sync_period.clone().unwrap_or_default(),
+                reason,
+            })?;
+        let healthz_bind = parse_bind(
+            "healthz-bind",
+            self.healthz_bind.or(file.healthz_bind),
+            "0.0.0.0:10256",
+        )?;
+        let metrics_bind = parse_bind(
+            "metrics-bind",
+            self.metrics_bind.or(file.metrics_bind),
+            "127.0.0.1:10249",
+        )?;
         let node_name = self
             .node_name
             .or(file.node_name)
@@ -163,7 +230,10 @@ impl RunArgs {
             return Err(ConfigError::EmptyGlob);
         }
         Ok(RunConfig {
-            manifests,
+            source,
+            healthz_bind,
+            metrics_bind,
+            min_sync_period,
             node: NodeConfig {
                 node_name,
                 hairpin_snat_addr: self
@@ -182,6 +252,46 @@ impl RunArgs {
                 .unwrap_or(LogFormat::Text),
         })
     }
+}
+
+/// "1s", "500ms", "2m", "0": a non-negative duration.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: f64 = number
+        .parse()
+        .map_err(|_| "expected a duration like 1s or 500ms".to_string())?;
+    let secs = match unit {
+        "" if n == 0.0 => 0.0,
+        "ms" => n / 1e3,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err("expected a duration like 1s or 500ms".into()),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// A listen address, or None when given as "".
+fn parse_bind(
+    flag: &'static str,
+    value: Option<String>,
+    default: &str,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    let value = value.unwrap_or_else(|| default.to_string());
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value
+        .parse()
+        .map(Some)
+        .map_err(|e: std::net::AddrParseError| ConfigError::Invalid {
+            flag,
+            value,
+            reason: e.to_string(),
+        })
 }
 
 #[cfg(test)]
@@ -206,7 +316,9 @@ mod tests {
         let cfg = args.resolve().unwrap();
         assert_eq!(cfg.node.node_name, "from-flag");
         assert_eq!(cfg.bpffs, PathBuf::from("/sys/fs/bpf/x"));
-        assert_eq!(cfg.manifests, PathBuf::from("/m"));
+        assert_eq!(cfg.source, SourceConfig::Manifests(PathBuf::from("/m")));
+        assert_eq!(cfg.min_sync_period, Duration::ZERO);
+        assert_eq!(cfg.healthz_bind, Some("0.0.0.0:10256".parse().unwrap()));
         assert_eq!(cfg.pod_devices, vec!["veth*", "lxc*", "cali*"]);
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -231,10 +343,40 @@ mod tests {
     }
 
     #[test]
-    fn no_source_is_a_usage_error() {
-        assert!(matches!(
-            RunArgs::default().resolve(),
-            Err(ConfigError::NoSource)
-        ));
+    fn without_manifests_the_cluster_is_the_source() {
+        let cfg = RunArgs {
+            api_server: Some("https://10.0.0.1:6443".into()),
+            metrics_bind: Some("".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            cfg.source,
+            SourceConfig::Kube {
+                kubeconfig: None,
+                api_server: Some("https://10.0.0.1:6443".into())
+            }
+        );
+        assert_eq!(cfg.min_sync_period, Duration::from_secs(1));
+        assert_eq!(cfg.metrics_bind, None, "empty disables");
+    }
+
+    #[test]
+    fn durations_and_bad_values() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("fast").is_err());
+        let err = RunArgs {
+            healthz_bind: Some("nowhere".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("--healthz-bind \"nowhere\""),
+            "{err}"
+        );
     }
 }

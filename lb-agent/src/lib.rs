@@ -7,6 +7,8 @@
 pub mod config;
 pub mod datapath;
 pub mod dump;
+pub mod health;
+pub mod metrics;
 pub mod model;
 pub mod run;
 pub mod source;

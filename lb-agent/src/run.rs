@@ -1,26 +1,31 @@
 //! `lb-agent run`: the loop that moves data one way, source -> ClusterState
-//! -> translate -> DesiredState -> sync -> maps, and keeps the program
-//! attached to pod devices as they come and go.
+//! -> translate -> DesiredState -> sync -> maps, keeps the program attached
+//! to pod devices as they come and go, and serves health and metrics.
 
 use std::{
     collections::BTreeSet,
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
+use axum::Router;
 use lb_common::{ConfigValue, stat};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::RunConfig,
+    config::{RunConfig, SourceConfig},
     datapath::{loader::Datapath, sync::Syncer},
-    model::{DesiredState, Problem, translate},
-    source::{manifests::ManifestDir, watch::DirWatch},
+    health::{DEFAULT_HEALTH_TIMEOUT, Health},
+    metrics::Metrics,
+    model::{ClusterState, DesiredState, Problem, translate},
+    source::{kube::KubeSource, manifests::ManifestDir, watch::DirWatch},
 };
 
 /// How often the directory (besides inotify) and the device list are looked at.
 const POLL: Duration = Duration::from_millis(200);
+/// A sync that failed partly (a full map) is retried on this schedule.
 const RETRY: Duration = Duration::from_secs(5);
 
 /// Agent-side counters mirrored into LB_STATS for `dump stats`.
@@ -29,6 +34,43 @@ struct AgentCounters {
     map_full: u64,
     invalid_objects: u64,
     bad_files: u64,
+}
+
+enum Source {
+    Manifests {
+        dir: ManifestDir,
+        watch: Option<DirWatch>,
+    },
+    Kube(KubeSource),
+}
+
+impl Source {
+    /// Wait until the source may have changed (or forever, if it cannot say).
+    async fn changed(&self) {
+        match self {
+            Source::Manifests { watch: Some(w), .. } => {
+                if let Err(e) = w.changed().await {
+                    warn!(error = %e, "inotify read failed; relying on polling");
+                    std::future::pending::<()>().await;
+                }
+            }
+            Source::Manifests { watch: None, .. } => std::future::pending().await,
+            Source::Kube(k) => k.changed().await,
+        }
+    }
+}
+
+async fn serve(what: &'static str, addr: SocketAddr, router: Router) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} server to {addr}"))?;
+    info!(%addr, "{what} server listening");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            error!(error = %e, "{what} server stopped");
+        }
+    });
+    Ok(())
 }
 
 pub async fn run(config: RunConfig) -> Result<()> {
@@ -46,66 +88,130 @@ pub async fn run(config: RunConfig) -> Result<()> {
         counters.invalid_objects = stats[stat::AGENT_INVALID_OBJECTS as usize];
         counters.bad_files = stats[stat::AGENT_BAD_FILES as usize];
     }
+
+    let health = Health::new(DEFAULT_HEALTH_TIMEOUT);
+    let metrics = Metrics::new(config.bpffs.clone());
+    if let Some(addr) = config.healthz_bind {
+        serve("healthz", addr, health.router()).await?;
+    }
+    if let Some(addr) = config.metrics_bind {
+        serve("metrics", addr, metrics.router()).await?;
+    }
+
+    let source = match &config.source {
+        SourceConfig::Manifests(dir) => {
+            let watch = match DirWatch::new(dir) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    warn!(error = %e, "inotify unavailable; polling the manifests directory only");
+                    None
+                }
+            };
+            Source::Manifests {
+                dir: ManifestDir::new(dir),
+                watch,
+            }
+        }
+        SourceConfig::Kube {
+            kubeconfig,
+            api_server,
+        } => {
+            let client =
+                crate::source::kube::client(kubeconfig.as_ref(), api_server.as_deref()).await?;
+            Source::Kube(KubeSource::start(client, &config.node.node_name))
+        }
+    };
+    let mut source = source;
     info!(
-        manifests = %config.manifests.display(),
+        source = ?config.source,
         node = %config.node.node_name,
         bpffs = %config.bpffs.display(),
         pod_devices = ?config.pod_devices,
+        min_sync_period = ?config.min_sync_period,
         "lb-agent running"
     );
 
-    let mut source = ManifestDir::new(&config.manifests);
-    let watch = match DirWatch::new(&config.manifests) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            warn!(error = %e, "inotify unavailable; polling the manifests directory only");
-            None
-        }
-    };
     let mut reported: BTreeSet<Problem> = BTreeSet::new();
     let mut last_desired: Option<DesiredState> = None;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut tick = tokio::time::interval(POLL);
     let mut first = true;
-    // A sync that failed partly (a full map) is retried on this schedule.
     let mut retry_at: Option<Instant> = None;
+    // A change is waiting for the min sync period to pass.
+    let mut dirty = false;
+    // Oldest change not yet programmed (for health and programming latency).
+    let mut pending_since: Option<Instant> = None;
+    let mut last_sync: Option<Instant> = None;
 
     loop {
+        let next_allowed = last_sync.map_or_else(Instant::now, |t| t + config.min_sync_period);
         tokio::select! {
             _ = tick.tick() => {}
-            Some(result) = async { Some(watch.as_ref()?.changed().await) } => {
-                if let Err(e) = result {
-                    warn!(error = %e, "inotify read failed; relying on polling");
-                }
-            }
+            _ = source.changed() => {}
+            _ = tokio::time::sleep_until(next_allowed.into()), if dirty => {}
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
         datapath.attach_matching(&config.pod_devices);
 
-        let poll = match source.poll() {
-            Ok(p) => p,
-            Err(e) => {
-                // The last programmed state stays in force.
-                if first {
-                    return Err(e).context("reading the manifests directory");
+        // Note what changed, without syncing yet.
+        match &mut source {
+            Source::Manifests { dir, .. } => match dir.poll() {
+                Ok(poll) => {
+                    for err in &poll.new_errors {
+                        counters.bad_files += 1;
+                        error!(file = %err.path.display(), reason = %err.reason, "manifest file rejected; its last good content stays in force");
+                    }
+                    if poll.changed || first {
+                        pending_since.get_or_insert_with(Instant::now);
+                        dirty = true;
+                    }
                 }
-                warn!(error = %e, "manifests directory unreadable; keeping the programmed state");
-                continue;
+                Err(e) => {
+                    if first {
+                        return Err(e).context("reading the manifests directory");
+                    }
+                    // The last programmed state stays in force.
+                    warn!(error = %e, "manifests directory unreadable; keeping the programmed state");
+                }
+            },
+            Source::Kube(k) => {
+                for (kind, n) in k.watch_stats().restarts {
+                    metrics.set_watch_restarts(kind, n);
+                }
+                if !k.ready() {
+                    continue;
+                }
+                if dirty || first || k.has_pending() {
+                    dirty = true;
+                }
             }
-        };
-        for err in &poll.new_errors {
-            counters.bad_files += 1;
-            error!(file = %err.path.display(), reason = %err.reason, "manifest file rejected; its last good content stays in force");
+        }
+        if let Some(t) = pending_since {
+            health.queued(t);
         }
         let retry_due = retry_at.is_some_and(|t| Instant::now() >= t);
-        if !poll.changed && !first && !retry_due {
+        if !(dirty || retry_due) {
             continue;
         }
+        if last_sync.is_some_and(|t| t.elapsed() < config.min_sync_period) && !retry_due {
+            // Coalesce: the sleep_until branch wakes us when the period is over.
+            continue;
+        }
+        dirty = false;
         first = false;
         let started = Instant::now();
-        let (state, mut problems) = source.cluster_state();
+        let (state, mut problems): (ClusterState, Vec<Problem>) = match &mut source {
+            Source::Manifests { dir, .. } => dir.cluster_state(),
+            Source::Kube(k) => {
+                let (state, since) = k.take_snapshot();
+                if let Some(since) = since {
+                    pending_since = Some(pending_since.map_or(since, |p| p.min(since)));
+                }
+                (state, Vec::new())
+            }
+        };
         let assembled = started.elapsed();
         let translation = translate(&state, &config.node);
         let translated = started.elapsed();
@@ -120,21 +226,35 @@ pub async fn run(config: RunConfig) -> Result<()> {
         }
         reported = current;
 
-        if last_desired.as_ref() != Some(&translation.desired) {
+        if last_desired.as_ref() != Some(&translation.desired) || retry_due {
             let report = syncer.sync(&translation.desired);
             for e in &report.errors {
                 if e.full {
                     counters.map_full += 1;
                 }
+                metrics.sync_errors.inc();
                 error!(object = %e.object, reason = %e.reason, "could not program");
             }
+            let elapsed = started.elapsed();
+            metrics.sync_duration.observe(elapsed.as_secs_f64());
+            metrics
+                .services_programmed
+                .set(translation.desired.frontends.len() as i64);
+            metrics.endpoints_programmed.set(
+                translation
+                    .desired
+                    .frontends
+                    .values()
+                    .map(|f| f.backends.len() as i64)
+                    .sum(),
+            );
             info!(
                 frontends = translation.desired.frontends.len(),
                 written = report.frontends_written,
                 removed = report.frontends_removed,
                 backends_written = report.backends_written,
                 backends_removed = report.backends_removed,
-                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                elapsed_ms = elapsed.as_secs_f64() * 1e3,
                 assemble_ms = assembled.as_secs_f64() * 1e3,
                 translate_ms = (translated - assembled).as_secs_f64() * 1e3,
                 "synced"
@@ -146,6 +266,15 @@ pub async fn run(config: RunConfig) -> Result<()> {
                 retry_at = Some(Instant::now() + RETRY);
                 last_desired = None;
             }
+        }
+        last_sync = Some(Instant::now());
+        if let Some(t) = pending_since.take() {
+            metrics
+                .network_programming
+                .observe(t.elapsed().as_secs_f64());
+        }
+        if retry_at.is_none() {
+            health.updated();
         }
         let maps = syncer.maps_mut();
         for (index, value) in [

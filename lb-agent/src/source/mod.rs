@@ -2,5 +2,6 @@
 //! `model::ClusterState`.
 
 pub mod endpoints;
+pub mod kube;
 pub mod manifests;
 pub mod watch;

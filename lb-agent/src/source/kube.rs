@@ -1,0 +1,283 @@
+//! The Kubernetes source: kube-rs watchers for Services, EndpointSlices and
+//! this node's Node, kept in tables the way reflector stores are. The
+//! watcher's Init / InitApply / InitDone protocol is followed: a re-list is
+//! buffered and swapped in whole, so objects deleted while the watch was down
+//! disappear, and nothing is dropped while the API server is unreachable
+//! (the tables, and so the datapath, keep the last known state).
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Config, Resource,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use thiserror::Error;
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use crate::model::{ClusterState, ObjectKey};
+
+#[derive(Debug, Error)]
+pub enum KubeError {
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("no cluster configuration: {0} (give --kubeconfig, set $KUBECONFIG, or run in a pod)")]
+    Infer(kube::config::InferConfigError),
+    #[error("--api-server {url:?}: {reason}")]
+    ApiServer { url: String, reason: String },
+    #[error("building the API client: {0}")]
+    Client(kube::Error),
+}
+
+/// Build a client from --kubeconfig, $KUBECONFIG, ~/.kube/config or the
+/// in-cluster service account, with the API server address overridden
+/// when given: without kube-proxy nothing serves the `kubernetes` Service's
+/// ClusterIP that in-cluster configuration points at.
+pub async fn client(
+    kubeconfig: Option<&PathBuf>,
+    api_server: Option<&str>,
+) -> Result<Client, KubeError> {
+    let mut config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path).map_err(|source| KubeError::Kubeconfig {
+                path: path.clone(),
+                source,
+            })?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| KubeError::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                })?
+        }
+        None => Config::infer().await.map_err(KubeError::Infer)?,
+    };
+    if let Some(url) = api_server {
+        config.cluster_url =
+            url.parse()
+                .map_err(|e: http::uri::InvalidUri| KubeError::ApiServer {
+                    url: url.into(),
+                    reason: e.to_string(),
+                })?;
+    }
+    Client::try_from(config).map_err(KubeError::Client)
+}
+
+/// One watched kind: the live objects and, during a re-list, the buffer.
+struct Table<K> {
+    live: BTreeMap<ObjectKey, Arc<K>>,
+    relist: Option<BTreeMap<ObjectKey, Arc<K>>>,
+    ready: bool,
+}
+
+impl<K> Default for Table<K> {
+    fn default() -> Self {
+        Table {
+            live: BTreeMap::new(),
+            relist: None,
+            ready: false,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tables {
+    services: Table<Service>,
+    slices: Table<EndpointSlice>,
+    nodes: Table<Node>,
+    /// When the oldest change not yet handed to a sync arrived.
+    pending_since: Option<Instant>,
+}
+
+/// Watch restarts per kind (errors after which the watcher backs off and re-lists).
+#[derive(Clone, Debug, Default)]
+pub struct WatchStats {
+    pub restarts: BTreeMap<&'static str, u64>,
+}
+
+trait Watched:
+    Resource<DynamicType = ()>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+    const KIND: &'static str;
+    fn table(t: &mut Tables) -> &mut Table<Self>;
+}
+
+impl Watched for Service {
+    const KIND: &'static str = "services";
+    fn table(t: &mut Tables) -> &mut Table<Self> {
+        &mut t.services
+    }
+}
+
+impl Watched for EndpointSlice {
+    const KIND: &'static str = "endpointslices";
+    fn table(t: &mut Tables) -> &mut Table<Self> {
+        &mut t.slices
+    }
+}
+
+impl Watched for Node {
+    const KIND: &'static str = "nodes";
+    fn table(t: &mut Tables) -> &mut Table<Self> {
+        &mut t.nodes
+    }
+}
+
+fn key_of<K: Resource>(obj: &K) -> ObjectKey {
+    ObjectKey::new(
+        obj.meta().namespace.clone().unwrap_or_default(),
+        obj.meta().name.clone().unwrap_or_default(),
+    )
+}
+
+/// The watched cluster, shared between the watcher tasks and the sync loop.
+#[derive(Clone)]
+pub struct KubeSource {
+    tables: Arc<Mutex<Tables>>,
+    stats: Arc<Mutex<WatchStats>>,
+    changed: Arc<Notify>,
+}
+
+impl KubeSource {
+    /// Start the three watchers. The node watch is limited to this node.
+    pub fn start(client: Client, node_name: &str) -> Self {
+        let source = KubeSource {
+            tables: Arc::default(),
+            stats: Arc::default(),
+            changed: Arc::new(Notify::new()),
+        };
+        let node_cfg = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+        source.spawn(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
+        );
+        source.spawn(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default(),
+        );
+        source.spawn(Api::<Node>::all(client), node_cfg);
+        source
+    }
+
+    fn spawn<K: Watched>(&self, api: Api<K>, config: watcher::Config) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(event) => this.apply(event),
+                    Err(e) => {
+                        warn!(kind = K::KIND, error = %e, "watch failed; backing off and re-listing, the datapath keeps its state");
+                        let mut stats = this.stats.lock().unwrap_or_else(|p| p.into_inner());
+                        *stats.restarts.entry(K::KIND).or_default() += 1;
+                    }
+                }
+            }
+        });
+    }
+
+    fn apply<K: Watched>(&self, event: watcher::Event<K>) {
+        let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let table = K::table(&mut tables);
+        let changed = match event {
+            watcher::Event::Init => {
+                table.relist = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(obj) => {
+                table
+                    .relist
+                    .get_or_insert_default()
+                    .insert(key_of(&obj), Arc::new(obj));
+                false
+            }
+            watcher::Event::InitDone => {
+                table.live = table.relist.take().unwrap_or_default();
+                if !table.ready {
+                    info!(
+                        kind = K::KIND,
+                        objects = table.live.len(),
+                        "initial list done"
+                    );
+                }
+                table.ready = true;
+                true
+            }
+            watcher::Event::Apply(obj) => {
+                debug!(kind = K::KIND, object = %key_of(&obj), "applied");
+                table.live.insert(key_of(&obj), Arc::new(obj));
+                table.ready
+            }
+            watcher::Event::Delete(obj) => {
+                debug!(kind = K::KIND, object = %key_of(&obj), "deleted");
+                table.live.remove(&key_of(&obj));
+                table.ready
+            }
+        };
+        if changed {
+            tables.pending_since.get_or_insert_with(Instant::now);
+            drop(tables);
+            self.changed.notify_one();
+        }
+    }
+
+    /// Every watcher has completed its initial list.
+    pub fn ready(&self) -> bool {
+        let t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        t.services.ready && t.slices.ready && t.nodes.ready
+    }
+
+    /// A change arrived since the last snapshot.
+    pub fn has_pending(&self) -> bool {
+        self.tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pending_since
+            .is_some()
+    }
+
+    /// Wait for the next change.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// The current objects, and when the oldest change in them arrived.
+    pub fn take_snapshot(&self) -> (ClusterState, Option<Instant>) {
+        let mut t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let state = ClusterState {
+            services: t.services.live.clone(),
+            endpoint_slices: t.slices.live.clone(),
+            nodes: t
+                .nodes
+                .live
+                .iter()
+                .map(|(k, n)| (k.name.clone(), n.clone()))
+                .collect(),
+        };
+        (state, t.pending_since.take())
+    }
+
+    pub fn watch_stats(&self) -> WatchStats {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
