@@ -30,7 +30,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Watch Services and endpoints and keep the datapath programmed.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show what the datapath holds, read from the pinned maps.
     Dump(DumpArgs),
 }

@@ -20,7 +20,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {
-            let config = match args.resolve() {
+            let config = match (*args).resolve() {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("lb-agent: {e}");
