@@ -75,10 +75,17 @@ impl Cluster {
     }
 
     pub fn start_agent(&mut self) {
-        let args: Vec<String> = vec![
-            "run".into(),
-            "--manifests".into(),
+        let source = [
+            "--manifests".to_string(),
             self.manifests.display().to_string(),
+        ];
+        self.start_agent_with(&source);
+    }
+
+    /// Start the agent with the given source flags (and any extra flags).
+    pub fn start_agent_with(&mut self, extra: &[String]) {
+        let mut args: Vec<String> = vec![
+            "run".into(),
             "--bpffs".into(),
             self.topo.bpffs.display().to_string(),
             "--pod-devices".into(),
@@ -86,6 +93,7 @@ impl Cluster {
             "--node-name".into(),
             NODE_NAME.into(),
         ];
+        args.extend(extra.iter().cloned());
         self.topo
             .spawn_in_node("agent", &agent_bin(), &args)
             .expect("start agent");

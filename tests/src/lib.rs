@@ -5,6 +5,7 @@
 //! the frame that comes out field by field, verifying checksums with an
 //! implementation of its own (not the program's).
 
+pub mod apiserver;
 pub mod e2e;
 pub mod packet;
 

@@ -1,0 +1,199 @@
+//! The Kubernetes source end to end: the real kube-rs client in the agent
+//! against the test API server (list/watch, resourceVersions, bookmarks,
+//! dropped watches, 410 Gone), with traffic through the maps it programs.
+
+use std::time::Duration;
+
+use lb_tests::{
+    apiserver::{ApiServer, Kind},
+    e2e::*,
+};
+use serde_json::json;
+
+fn service(name: &str, ip: &str, port: u16) -> serde_json::Value {
+    json!({"metadata": {"name": name, "namespace": "default"},
+           "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": port, "protocol": "TCP"}]}})
+}
+
+fn slice(name: &str, service: &str, port: u16, ips: &[&str]) -> serde_json::Value {
+    let endpoints: Vec<_> = ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": NODE_NAME}))
+        .collect();
+    json!({"metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": service}},
+           "addressType": "IPv4",
+           "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+           "endpoints": endpoints})
+}
+
+fn node() -> serde_json::Value {
+    json!({"metadata": {"name": NODE_NAME, "labels": {"topology.kubernetes.io/zone": "zone-a"}}})
+}
+
+/// Pods web-0..2 serving 8080, an API server in the node namespace, and the agent on it.
+fn kube_cluster() -> (Cluster, Pod, ApiServer) {
+    let mut c = Cluster::new();
+    let client = c.pod("client", "10.244.1.2", &[], &[]);
+    for (i, ip) in ["10.244.1.11", "10.244.1.12", "10.244.1.13"]
+        .iter()
+        .enumerate()
+    {
+        c.pod(&format!("web-{i}"), ip, &[8080], &[]);
+    }
+    let api = ApiServer::start_in_netns(&c.topo.node_ns);
+    api.apply(Kind::Node, node());
+    // Another node: must not be watched.
+    api.apply(Kind::Node, json!({"metadata": {"name": "node-b"}}));
+    api.apply(Kind::Service, service("web", "10.96.0.10", 80));
+    api.apply(
+        Kind::EndpointSlice,
+        slice("web-abc", "web", 8080, &["10.244.1.11", "10.244.1.12"]),
+    );
+    let kubeconfig = api.write_kubeconfig(&c.topo.dir);
+    c.start_agent_with(&["--kubeconfig".into(), kubeconfig.display().to_string()]);
+    (c, client, api)
+}
+
+#[test]
+fn objects_created_changed_and_deleted_in_the_api_reach_the_maps() {
+    let (c, client, api) = kube_cluster();
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &["10.244.1.11:8080", "10.244.1.12:8080"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(c.answering_pods(&client, "http://10.96.0.10/", 30).len(), 2);
+
+    // A lone change is applied at once, not after the min sync period.
+    let started = std::time::Instant::now();
+    api.apply(
+        Kind::EndpointSlice,
+        slice(
+            "web-abc",
+            "web",
+            8080,
+            &["10.244.1.11", "10.244.1.12", "10.244.1.13"],
+        ),
+    );
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &["10.244.1.11:8080", "10.244.1.12:8080", "10.244.1.13:8080"],
+        Duration::from_secs(2),
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "lone change took {:?}",
+        started.elapsed()
+    );
+
+    // A second Service, then the first one deleted.
+    api.apply(Kind::Service, service("other", "10.96.0.20", 81));
+    api.apply(
+        Kind::EndpointSlice,
+        slice("other-x", "other", 8080, &["10.244.1.13"]),
+    );
+    c.wait_backends(
+        "10.96.0.20:81/TCP",
+        &["10.244.1.13:8080"],
+        Duration::from_secs(3),
+    );
+    api.delete(Kind::Service, "default", "web");
+    wait_until("web is removed", Duration::from_secs(3), || {
+        c.backends_of("10.96.0.10:80/TCP").is_none()
+    });
+    assert_eq!(
+        c.get(&client, "http://10.96.0.10/"),
+        Err(7),
+        "deleted Service: its IP is no longer served"
+    );
+    assert_eq!(
+        field(
+            &c.get(&client, "http://10.96.0.20:81/").expect("other"),
+            "pod"
+        ),
+        "web-2"
+    );
+}
+
+#[test]
+fn dropped_watches_and_410_gone_lose_nothing() {
+    let (c, client, api) = kube_cluster();
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &["10.244.1.11:8080", "10.244.1.12:8080"],
+        Duration::from_secs(10),
+    );
+    let lists_before = api.lists(Kind::EndpointSlice);
+
+    // The connection drops; a change made meanwhile arrives on the re-watch.
+    api.drop_watches();
+    api.apply(
+        Kind::EndpointSlice,
+        slice("web-abc", "web", 8080, &["10.244.1.13"]),
+    );
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &["10.244.1.13:8080"],
+        Duration::from_secs(10),
+    );
+
+    // History compacted while the agent cannot reach the server: its resume
+    // gets 410 Gone and it re-lists; an object deleted meanwhile must go.
+    api.apply(Kind::Service, service("temp", "10.96.0.30", 80));
+    c.wait_backends("10.96.0.30:80/TCP", &[], Duration::from_secs(5));
+    api.set_down(true);
+    std::thread::sleep(Duration::from_millis(300));
+    api.delete(Kind::Service, "default", "temp");
+    api.apply(
+        Kind::EndpointSlice,
+        slice("web-abc", "web", 8080, &["10.244.1.11", "10.244.1.13"]),
+    );
+    api.compact();
+    api.set_down(false);
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &["10.244.1.11:8080", "10.244.1.13:8080"],
+        Duration::from_secs(15),
+    );
+    wait_until(
+        "temp is pruned after the re-list",
+        Duration::from_secs(15),
+        || c.backends_of("10.96.0.30:80/TCP").is_none(),
+    );
+    assert!(
+        api.lists(Kind::EndpointSlice) > lists_before,
+        "a 410 forces a re-list ({} lists, {lists_before} before)",
+        api.lists(Kind::EndpointSlice)
+    );
+    assert_eq!(c.answering_pods(&client, "http://10.96.0.10/", 30).len(), 2);
+}
+
+#[test]
+fn api_server_away_keeps_the_datapath_then_converges() {
+    let (c, client, api) = kube_cluster();
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &["10.244.1.11:8080", "10.244.1.12:8080"],
+        Duration::from_secs(10),
+    );
+    api.set_down(true);
+    std::thread::sleep(Duration::from_secs(3));
+    // Unreachable API: nothing is removed, traffic flows.
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &["10.244.1.11:8080", "10.244.1.12:8080"],
+        Duration::from_secs(1),
+    );
+    assert_eq!(c.answering_pods(&client, "http://10.96.0.10/", 20).len(), 2);
+    // Changes made while it was away arrive when it is back.
+    api.apply(
+        Kind::EndpointSlice,
+        slice("web-abc", "web", 8080, &["10.244.1.12", "10.244.1.13"]),
+    );
+    api.set_down(false);
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &["10.244.1.12:8080", "10.244.1.13:8080"],
+        Duration::from_secs(30),
+    );
+}
