@@ -12,7 +12,7 @@ use k8s_openapi::api::{
 
 use super::{
     ClusterState, NodeConfig, ObjectKey,
-    cluster::{LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME},
+    cluster::{LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE},
     desired::{Backend, DesiredState, Frontend, FrontendKey, FrontendKind, Protocol},
 };
 
@@ -41,7 +41,7 @@ pub struct Translation {
 }
 
 /// One endpoint of one service port, after kube-proxy's condition rules.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct EndpointInfo {
     addr: Ipv4Addr,
     port: u16,
@@ -49,11 +49,19 @@ struct EndpointInfo {
     serving: bool,
     terminating: bool,
     local: bool,
+    /// Zones this endpoint is hinted for (EndpointSlice hints.forZones).
+    zone_hints: Vec<String>,
 }
 
 pub fn translate(state: &ClusterState, node: &NodeConfig) -> Translation {
     let mut out = Translation::default();
     let slices = slices_by_service(state);
+    // This node's zone, for topology hints.
+    let zone = state
+        .nodes
+        .get(&node.node_name)
+        .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned())
+        .filter(|z| !z.is_empty());
 
     // Oldest Service first: when two claim one ClusterIP, the first keeps it,
     // as the API server's allocator would have had it.
@@ -71,14 +79,15 @@ pub fn translate(state: &ClusterState, node: &NodeConfig) -> Translation {
 
     for (key, svc) in services {
         let object = format!("Service {key}");
-        let frontends = match service_frontends(key, svc, &slices, node, &mut out.problems) {
-            Ok(Some(f)) => f,
-            Ok(None) => continue,
-            Err(reason) => {
-                out.problems.push(Problem { object, reason });
-                continue;
-            }
-        };
+        let frontends =
+            match service_frontends(key, svc, &slices, node, zone.as_deref(), &mut out.problems) {
+                Ok(Some(f)) => f,
+                Ok(None) => continue,
+                Err(reason) => {
+                    out.problems.push(Problem { object, reason });
+                    continue;
+                }
+            };
         if let Some((ip, _)) = frontends.first()
             && let Some(owner) = ip_owner.get(ip)
         {
@@ -130,6 +139,7 @@ fn service_frontends(
     svc: &Service,
     slices: &BTreeMap<ObjectKey, Vec<(&ObjectKey, &EndpointSlice)>>,
     node: &NodeConfig,
+    zone: Option<&str>,
     problems: &mut Vec<Problem>,
 ) -> Result<Option<ServiceFrontends>, String> {
     let Some(spec) = svc.spec.as_ref() else {
@@ -205,7 +215,7 @@ fn service_frontends(
     for (port, number, proto) in checked {
         let port_name = port.name.as_deref().unwrap_or("");
         let endpoints = endpoints_for_port(port_name, proto, service_slices, node, problems);
-        let (backends, drop_if_empty) = select_backends(&endpoints, internal_local);
+        let (backends, drop_if_empty) = select_backends(&endpoints, internal_local, zone);
         let fk = FrontendKey {
             addr: cluster_ip,
             port: number,
@@ -307,6 +317,12 @@ fn endpoints_for_port(
                 serving: conditions.and_then(|c| c.serving).unwrap_or(true),
                 terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
                 local: endpoint.node_name.as_deref() == Some(node.node_name.as_str()),
+                zone_hints: endpoint
+                    .hints
+                    .as_ref()
+                    .and_then(|h| h.for_zones.as_ref())
+                    .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
+                    .unwrap_or_default(),
             };
             match by_addr.get(&(addr, port)) {
                 // A non-terminating duplicate wins over a terminating one.
@@ -320,11 +336,21 @@ fn endpoints_for_port(
     by_addr.into_values().collect()
 }
 
-/// Ready endpoints, else serving-terminating ones (kube-proxy's fallback).
-fn usable(endpoints: &[&EndpointInfo]) -> Vec<Backend> {
+/// kube-proxy's topologyModeFromHints: zone hints are used only when every
+/// ready endpoint has some, and at least one is hinted for this node's zone.
+fn use_zone_hints(endpoints: &[EndpointInfo], zone: Option<&str>) -> bool {
+    let Some(zone) = zone else { return false };
+    let ready = || endpoints.iter().filter(|e| e.ready);
+    ready().all(|e| !e.zone_hints.is_empty())
+        && ready().any(|e| e.zone_hints.iter().any(|z| z == zone))
+}
+
+/// Ready endpoints, else serving-terminating ones (kube-proxy's fallback),
+/// among those `available` keeps.
+fn usable(endpoints: &[EndpointInfo], available: impl Fn(&EndpointInfo) -> bool) -> Vec<Backend> {
     let ready: Vec<Backend> = endpoints
         .iter()
-        .filter(|e| e.ready)
+        .filter(|e| e.ready && available(e))
         .map(|e| Backend {
             addr: e.addr,
             port: e.port,
@@ -336,7 +362,7 @@ fn usable(endpoints: &[&EndpointInfo]) -> Vec<Backend> {
     }
     endpoints
         .iter()
-        .filter(|e| e.serving && e.terminating)
+        .filter(|e| e.serving && e.terminating && available(e))
         .map(|e| Backend {
             addr: e.addr,
             port: e.port,
@@ -346,14 +372,19 @@ fn usable(endpoints: &[&EndpointInfo]) -> Vec<Backend> {
 }
 
 /// The backend set for in-cluster traffic and whether an empty set drops.
-fn select_backends(endpoints: &[EndpointInfo], internal_local: bool) -> (Vec<Backend>, bool) {
-    let all: Vec<&EndpointInfo> = endpoints.iter().collect();
-    let cluster = usable(&all);
+fn select_backends(
+    endpoints: &[EndpointInfo],
+    internal_local: bool,
+    zone: Option<&str>,
+) -> (Vec<Backend>, bool) {
+    let zoned = use_zone_hints(endpoints, zone);
+    let cluster = usable(endpoints, |e| {
+        !zoned || e.zone_hints.iter().any(|z| Some(z.as_str()) == zone)
+    });
     if !internal_local {
         return (cluster, false);
     }
-    let local: Vec<&EndpointInfo> = endpoints.iter().filter(|e| e.local).collect();
-    let local = usable(&local);
+    let local = usable(endpoints, |e| e.local);
     // Endpoints exist, just not here: kube-proxy drops rather than rejects.
     let drop_if_empty = local.is_empty() && !cluster.is_empty();
     (local, drop_if_empty)
@@ -825,6 +856,79 @@ mod tests {
         assert_eq!(t.problems.len(), 1, "SCTP port reported: {:?}", t.problems);
         assert!(t.problems[0].reason.contains("SCTP is not supported"));
         assert_eq!(t.desired.service_ips.len(), 1);
+    }
+
+    /// An endpoint with zone hints.
+    fn hinted(ip: &str, ready: bool, zones: &[&str]) -> Value {
+        let for_zones: Vec<Value> = zones.iter().map(|z| json!({"name": z})).collect();
+        json!({"addresses": [ip], "conditions": {"ready": ready, "serving": true, "terminating": !ready},
+               "nodeName": "other", "hints": {"forZones": for_zones}})
+    }
+
+    #[test]
+    fn topology_hints_as_kube_proxy_uses_them() {
+        // (case, node zone, endpoints, expected backends) after kube-proxy's topology_test.go.
+        let cases: Vec<(&str, Option<&str>, Value, Vec<&str>)> = vec![
+            (
+                "hints for this zone: only those endpoints",
+                Some("zone-a"),
+                json!([
+                    hinted("10.0.0.1", true, &["zone-a"]),
+                    hinted("10.0.0.2", true, &["zone-b"]),
+                    hinted("10.0.0.3", true, &["zone-a", "zone-b"])
+                ]),
+                vec!["10.0.0.1:8080", "10.0.0.3:8080"],
+            ),
+            (
+                "no endpoint hinted for this zone: all",
+                Some("zone-c"),
+                json!([
+                    hinted("10.0.0.1", true, &["zone-a"]),
+                    hinted("10.0.0.2", true, &["zone-b"])
+                ]),
+                vec!["10.0.0.1:8080", "10.0.0.2:8080"],
+            ),
+            (
+                "one ready endpoint without hints: hints ignored",
+                Some("zone-a"),
+                json!([
+                    hinted("10.0.0.1", true, &["zone-a"]),
+                    hinted("10.0.0.2", true, &[])
+                ]),
+                vec!["10.0.0.1:8080", "10.0.0.2:8080"],
+            ),
+            (
+                "node without a zone label: hints ignored",
+                None,
+                json!([
+                    hinted("10.0.0.1", true, &["zone-a"]),
+                    hinted("10.0.0.2", true, &["zone-b"])
+                ]),
+                vec!["10.0.0.1:8080", "10.0.0.2:8080"],
+            ),
+            (
+                "unready endpoints do not count, fallback keeps the zone",
+                Some("zone-a"),
+                json!([
+                    hinted("10.0.0.1", false, &["zone-a"]),
+                    hinted("10.0.0.2", true, &["zone-a"]),
+                    hinted("10.0.0.3", true, &["zone-b"])
+                ]),
+                vec!["10.0.0.2:8080"],
+            ),
+        ];
+        for (name, zone, endpoints, want) in cases {
+            let mut st = state(vec![web()], vec![slice("s", "web", http_port(), endpoints)]);
+            let labels = zone.map(|z| json!({LABEL_ZONE: z})).unwrap_or(json!({}));
+            let node_obj: k8s_openapi::api::core::v1::Node =
+                serde_json::from_value(json!({"metadata": {"name": "local", "labels": labels}}))
+                    .unwrap();
+            st.nodes
+                .insert("local".into(), std::sync::Arc::new(node_obj));
+            let t = translate(&st, &node());
+            let want: Vec<String> = want.into_iter().map(String::from).collect();
+            assert_eq!(frontends(&t), vec![(WEB.to_string(), want)], "{name}");
+        }
     }
 
     #[test]

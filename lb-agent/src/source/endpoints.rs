@@ -8,7 +8,9 @@ use std::{collections::BTreeMap, sync::Arc};
 use k8s_openapi::{
     api::{
         core::v1::{Endpoints, Pod, Service, ServicePort},
-        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+        discovery::v1::{
+            Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone,
+        },
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
@@ -104,6 +106,12 @@ pub fn derive_slices(
         return Vec::new();
     };
     let publish_not_ready = spec.publish_not_ready_addresses.unwrap_or(false);
+    // trafficDistribution PreferClose: like the endpointslice controller, hint
+    // every endpoint for its own zone (kube-proxy decides whether to use them).
+    let prefer_close = matches!(
+        spec.traffic_distribution.as_deref(),
+        Some("PreferClose") | Some("PreferSameZone")
+    );
     let ports = spec.ports.as_deref().unwrap_or_default();
 
     // Resolved port list -> endpoints, so each group becomes one slice.
@@ -129,6 +137,14 @@ pub fn derive_slices(
         let terminating = pod.metadata.deletion_timestamp.is_some();
         let ready = pod_ready(pod);
         let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+        let zone = node_name.as_ref().and_then(|n| node_zones.get(n).cloned());
+        let hints = zone
+            .clone()
+            .filter(|_| prefer_close)
+            .map(|z| EndpointHints {
+                for_zones: Some(vec![ForZone { name: z }]),
+                ..Default::default()
+            });
         let endpoint = Endpoint {
             addresses: vec![ip],
             conditions: Some(EndpointConditions {
@@ -136,8 +152,9 @@ pub fn derive_slices(
                 serving: Some(publish_not_ready || ready),
                 terminating: Some(terminating),
             }),
-            zone: node_name.as_ref().and_then(|n| node_zones.get(n).cloned()),
+            zone,
             node_name,
+            hints,
             target_ref: None,
             ..Default::default()
         };
@@ -340,6 +357,33 @@ mod tests {
                 "web"
             );
         }
+    }
+
+    #[test]
+    fn prefer_close_hints_each_endpoint_for_its_zone() {
+        let pods: BTreeMap<ObjectKey, Arc<Pod>> = [pod("a", "ns", "10.0.0.1", true, json!({}))]
+            .into_iter()
+            .collect();
+        let zones = BTreeMap::from([("n1".to_string(), "zone-a".to_string())]);
+        let (key, svc) = service(
+            json!({"selector": {"app": "web"}, "trafficDistribution": "PreferClose", "ports": [{"port": 80, "targetPort": 8080}]}),
+        );
+        let slices = derive_slices(&key, &svc, &pods, &zones);
+        let e = &slices[0].endpoints[0];
+        assert_eq!(e.zone.as_deref(), Some("zone-a"));
+        assert_eq!(
+            e.hints.as_ref().unwrap().for_zones.as_ref().unwrap()[0].name,
+            "zone-a"
+        );
+        let (key, svc) = service(
+            json!({"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}),
+        );
+        assert!(
+            derive_slices(&key, &svc, &pods, &zones)[0].endpoints[0]
+                .hints
+                .is_none(),
+            "no hints without PreferClose"
+        );
     }
 
     #[test]
