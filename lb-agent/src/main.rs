@@ -7,8 +7,11 @@ use lb_agent::{
 };
 use tracing_subscriber::{EnvFilter, fmt};
 
+/// Default filter: kube_client logs every retried request at ERROR; the
+/// watcher errors that matter reach our own log with context.
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,kube_client=off"));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

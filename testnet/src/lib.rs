@@ -294,7 +294,7 @@ impl Topology {
             .args(args);
         if std::env::var_os("RUST_LOG").is_none() {
             // Quiet unless asked: RUST_LOG=info shows the agent's whole log.
-            cmd.env("RUST_LOG", "warn");
+            cmd.env("RUST_LOG", "warn,kube_client=off");
         }
         let child = cmd
             .stdin(Stdio::null())

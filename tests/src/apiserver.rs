@@ -248,7 +248,7 @@ impl ApiServer {
         store.log.clear();
     }
 
-    /// Go away (503 and no watches) or come back.
+    /// Go away (errors and no watches) or come back.
     pub fn set_down(&self, down: bool) {
         self.shared.down.send_replace(down);
         if down {
@@ -301,9 +301,11 @@ async fn handle(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     if *shared.down.borrow() {
+        // 500, not 503: kube-rs retries 503 inside the client without telling
+        // the watcher, which is not what an API server that is gone looks like.
         return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(status(503, "ServiceUnavailable", "going away")),
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(status(500, "InternalError", "going away")),
         )
             .into_response();
     }

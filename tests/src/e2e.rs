@@ -84,6 +84,16 @@ impl Cluster {
 
     /// Start the agent with the given source flags (and any extra flags).
     pub fn start_agent_with(&mut self, extra: &[String]) {
+        self.start_agent_as(extra, None);
+    }
+
+    /// Start the agent holding only `caps` (capability names as in a pod
+    /// spec, e.g. "NET_ADMIN"), the way a container runtime would start it.
+    pub fn start_agent_with_caps(&mut self, extra: &[String], caps: &[&str]) {
+        self.start_agent_as(extra, Some(caps));
+    }
+
+    fn start_agent_as(&mut self, extra: &[String], caps: Option<&[&str]>) {
         let mut args: Vec<String> = vec![
             "run".into(),
             "--bpffs".into(),
@@ -94,9 +104,29 @@ impl Cluster {
             NODE_NAME.into(),
         ];
         args.extend(extra.iter().cloned());
-        self.topo
-            .spawn_in_node("agent", &agent_bin(), &args)
-            .expect("start agent");
+        match caps {
+            None => self
+                .topo
+                .spawn_in_node("agent", &agent_bin(), &args)
+                .expect("start agent"),
+            Some(caps) => {
+                let set: Vec<String> = caps
+                    .iter()
+                    .map(|c| format!("+{}", c.to_lowercase()))
+                    .collect();
+                let set = format!("-all,{}", set.join(","));
+                let mut wrapped = vec![
+                    format!("--inh-caps={set}"),
+                    format!("--ambient-caps={set}"),
+                    format!("--bounding-set={set}"),
+                    agent_bin().display().to_string(),
+                ];
+                wrapped.extend(args);
+                self.topo
+                    .spawn_in_node("agent", std::path::Path::new("setpriv"), &wrapped)
+                    .expect("start agent under setpriv");
+            }
+        }
         let bpffs = self.topo.bpffs.clone();
         wait_until(
             "the agent's maps can be dumped",
@@ -113,6 +143,28 @@ impl Cluster {
 
     pub fn stop_agent(&mut self, signal: i32) {
         self.topo.stop("agent", signal);
+    }
+
+    /// GET http://127.0.0.1:PORT/PATH inside the node namespace: (status, body).
+    pub fn node_http(&self, port: u16, path: &str) -> (u16, String) {
+        let out = self
+            .topo
+            .exec(
+                &self.topo.node_ns,
+                &[
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "3",
+                    "-w",
+                    "\n%{http_code}",
+                    &format!("http://127.0.0.1:{port}{path}"),
+                ],
+            )
+            .expect("curl in node namespace");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
     }
 
     /// `lb-agent dump WHAT -o json` against this run's pins.

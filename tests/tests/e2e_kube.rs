@@ -197,3 +197,95 @@ fn api_server_away_keeps_the_datapath_then_converges() {
         Duration::from_secs(30),
     );
 }
+
+/// The capabilities deploy/daemonset.yaml grants.
+fn daemonset_caps() -> Vec<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
+    let text = std::fs::read_to_string(path).expect("daemonset.yaml");
+    let ds: serde_json::Value = serde_saphyr::from_str(&text).expect("parse daemonset");
+    ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .expect("capabilities")
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn daemonset_capabilities_suffice_and_health_and_metrics_answer() {
+    let mut c = Cluster::new();
+    let client = c.pod("client", "10.244.1.2", &[], &[]);
+    c.pod("web-0", "10.244.1.11", &[8080], &[]);
+    let api = ApiServer::start_in_netns(&c.topo.node_ns);
+    api.apply(Kind::Node, node());
+    api.apply(Kind::Service, service("web", "10.96.0.10", 80));
+    api.apply(
+        Kind::EndpointSlice,
+        slice("web-abc", "web", 8080, &["10.244.1.11"]),
+    );
+    let kubeconfig = api.write_kubeconfig(&c.topo.dir);
+    let caps = daemonset_caps();
+    let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
+    c.start_agent_with_caps(
+        &["--kubeconfig".into(), kubeconfig.display().to_string()],
+        &caps,
+    );
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &["10.244.1.11:8080"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        field(
+            &c.get(&client, "http://10.96.0.10/").expect("request"),
+            "pod"
+        ),
+        "web-0"
+    );
+
+    let (code, body) = c.node_http(10256, "/healthz");
+    assert_eq!(code, 200, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).expect("healthz JSON");
+    assert!(
+        health["lastUpdated"].as_str().unwrap().ends_with('Z'),
+        "{health}"
+    );
+    assert!(health["currentTime"].is_string());
+    assert_eq!(c.node_http(10256, "/livez").0, 200);
+
+    // A failing API server counts watch restarts (once the client's own
+    // retries of 503 give up).
+    api.set_down(true);
+    wait_until(
+        "a watch restart is counted",
+        Duration::from_secs(30),
+        || {
+            c.node_http(10249, "/metrics")
+                .1
+                .lines()
+                .any(|l| l.starts_with("lb_watch_restarts{") && !l.ends_with(" 0"))
+        },
+    );
+    api.set_down(false);
+    let (code, metrics) = c.node_http(10249, "/metrics");
+    assert_eq!(code, 200);
+    for want in [
+        "lb_services_programmed 1",
+        "lb_endpoints_programmed 1",
+        "lb_map_capacity{map=\"LB_SERVICES\"} 262144",
+        "lb_map_entries{map=\"LB_BACKENDS\"} 1",
+        "lb_sync_duration_seconds_count",
+        "lb_network_programming_duration_seconds_bucket",
+    ] {
+        assert!(metrics.contains(want), "metrics lack {want:?}:\n{metrics}");
+    }
+    let counter = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("lb_datapath_packets{{counter=\"{name}\"}} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no datapath counter {name}:\n{metrics}"))
+    };
+    assert!(counter("new_flow") >= 1);
+    assert!(counter("reply") >= 1);
+}

@@ -28,6 +28,14 @@ use tracing::{debug, info, warn};
 
 use crate::model::{ClusterState, ObjectKey};
 
+/// What the agent reads from the API: (API group, resource, verbs). The
+/// ClusterRole in deploy/ grants exactly this (a test checks it).
+pub const WATCHED: [(&str, &str, &[&str]); 3] = [
+    ("", "services", &["list", "watch"]),
+    ("discovery.k8s.io", "endpointslices", &["list", "watch"]),
+    ("", "nodes", &["list", "watch"]),
+];
+
 #[derive(Debug, Error)]
 pub enum KubeError {
     #[error("kubeconfig {path}: {source}")]
