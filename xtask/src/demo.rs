@@ -294,8 +294,19 @@ mod tests {
     #[test]
     fn flips_one_pods_readiness() {
         let flipped = with_readiness(TEXT, 1, false);
-        assert_eq!(flipped.matches("status: \"False\"").count(), 1);
-        assert_eq!(flipped.matches("status: \"True\"").count(), 2);
+        assert_eq!(
+            flipped.matches("{type: Ready, status: \"False\"}").count(),
+            1
+        );
+        assert_eq!(
+            flipped.matches("{type: Ready, status: \"True\"}").count(),
+            2
+        );
+        let second = flipped.find("54g6x").unwrap();
+        assert!(
+            flipped[second..].find("False") < flipped[second..].find("True"),
+            "the second pod is the one flipped"
+        );
         assert_eq!(with_readiness(TEXT, 1, true), TEXT);
     }
 }
