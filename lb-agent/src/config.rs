@@ -77,6 +77,9 @@ pub struct RunArgs {
     /// Source address for hairpin flows. Default: 169.254.42.1
     #[arg(long, value_name = "ADDR")]
     pub hairpin_snat_address: Option<Ipv4Addr>,
+    /// Backend selection for Services without the `lb/algorithm` annotation. Default: random
+    #[arg(long, value_enum)]
+    pub default_algorithm: Option<Algorithm>,
     /// Agent settings as YAML; flags given on the command line win.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -125,7 +128,17 @@ pub struct FileConfig {
     pub pod_devices: Option<Vec<String>>,
     pub bpffs: Option<PathBuf>,
     pub hairpin_snat_address: Option<Ipv4Addr>,
+    pub default_algorithm: Option<Algorithm>,
     pub log_format: Option<LogFormat>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// A random backend per new flow.
+    Random,
+    /// Maglev consistent hashing: removing one of N backends moves ~1/N of flows.
+    Maglev,
 }
 
 #[derive(Debug, Error)]
@@ -240,6 +253,8 @@ impl RunArgs {
                     .hairpin_snat_address
                     .or(file.hairpin_snat_address)
                     .unwrap_or(DEFAULT_HAIRPIN_SNAT_ADDR),
+                default_maglev: self.default_algorithm.or(file.default_algorithm)
+                    == Some(Algorithm::Maglev),
             },
             pod_devices,
             bpffs: self

@@ -20,8 +20,11 @@ pub mod map_names {
     pub const AFFINITY: &str = "LB_AFFINITY";
     pub const STATS: &str = "LB_STATS";
     pub const CONFIG: &str = "LB_CONFIG";
+    pub const MAGLEV: &str = "LB_MAGLEV";
     /// Every map of the object, in the order the agent pins them.
-    pub const ALL: [&str; 7] = [SERVICES, BACKENDS, REV_NAT, CT, AFFINITY, STATS, CONFIG];
+    pub const ALL: [&str; 8] = [
+        SERVICES, BACKENDS, REV_NAT, CT, AFFINITY, STATS, CONFIG, MAGLEV,
+    ];
 }
 
 /// Program names, as the kernel object declares them.
@@ -41,6 +44,8 @@ pub mod map_sizes {
     /// Two entries (forward and reply) per tracked flow.
     pub const CT: u32 = 524_288;
     pub const AFFINITY: u32 = 131_072;
+    /// Maglev entries over all Maglev frontends (allocated as used).
+    pub const MAGLEV: u32 = 1 << 20;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -90,6 +95,18 @@ pub mod service_flags {
     /// Slot 0 of `{addr, port 0, proto 0}`: the address is a Service IP, and
     /// packets to it on an undeclared port or protocol are rejected.
     pub const ADDRESS_ONLY: u32 = 1 << 12;
+    /// New flows pick their backend from the frontend's Maglev table
+    /// (`LB_MAGLEV`); slot 0's `backend_id` holds the table size.
+    pub const MAGLEV: u32 = 1 << 13;
+}
+
+/// Key of `LB_MAGLEV`: one entry of a frontend's Maglev lookup table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct MaglevKey {
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+    pub index: u32,
 }
 
 /// Value of `LB_SERVICES`. On slot 0: `count`, `rev_nat_id`, `flags` and
@@ -105,10 +122,18 @@ pub struct ServiceValue {
     pub affinity_timeout_s: u32,
 }
 
-/// `BackendValue::state`.
+/// `BackendValue::state`: takes new flows (it is in some frontend's slots).
 pub const BACKEND_ACTIVE: u8 = 0;
-/// Terminating: established flows keep it, new flows avoid it.
-pub const BACKEND_TERMINATING: u8 = 1;
+/// Present but takes no new flows (terminating or not ready): established
+/// TCP flows finish on it, UDP flows and affinity move away from it.
+pub const BACKEND_STANDBY: u8 = 1;
+
+/// Bits of `BackendValue::flags`.
+pub mod backend_flags {
+    /// Selected only because nothing is ready: a serving-terminating endpoint
+    /// (kube-proxy's fallback). Affinity does not pin clients to it.
+    pub const FALLBACK: u32 = 1 << 0;
+}
 
 /// Value of `LB_BACKENDS`, keyed by a `u32` backend id (never 0).
 #[repr(C)]
@@ -289,8 +314,15 @@ pub mod stat {
     pub const AGENT_INVALID_OBJECTS: u32 = 20;
     /// Agent: manifest files rejected (parse errors); their last good content stays.
     pub const AGENT_BAD_FILES: u32 = 21;
+    /// New flow sent to the client's previous backend (sessionAffinity ClientIP).
+    pub const AFFINITY_HIT: u32 = 22;
+    /// Tracked flow re-balanced because its state no longer fits: a UDP flow
+    /// whose backend is terminating, or a new SYN on a closed TCP tuple.
+    pub const FLOW_RESTARTED: u32 = 23;
+    /// New flow chosen through the frontend's Maglev table.
+    pub const MAGLEV: u32 = 24;
     /// Number of counters in use.
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 25;
     /// Size of the stats array (room to grow without a layout change).
     pub const CAPACITY: u32 = 32;
 
@@ -318,6 +350,9 @@ pub mod stat {
         "agent_map_full",
         "agent_invalid_objects",
         "agent_bad_files",
+        "affinity_hit",
+        "flow_restarted",
+        "maglev",
     ];
 }
 
@@ -331,6 +366,7 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<ConfigValue>() == 16);
+    assert!(core::mem::size_of::<MaglevKey>() == 8);
     assert!(stat::COUNT <= stat::CAPACITY);
 };
 
@@ -348,6 +384,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for ConfigValue {}
+    unsafe impl aya::Pod for MaglevKey {}
 }
 
 #[cfg(test)]
@@ -443,6 +480,7 @@ mod tests {
                 8,
             ),
             ("ConfigValue.flags", offset_of!(ConfigValue, flags), 4),
+            ("MaglevKey.index", offset_of!(MaglevKey, index), 4),
             (
                 "ConfigValue.hairpin_snat_addr_be",
                 offset_of!(ConfigValue, hairpin_snat_addr_be),

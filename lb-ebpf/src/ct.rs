@@ -3,7 +3,10 @@
 //! Entries age by protocol state; a dead entry reads as absent.
 
 use aya_ebpf::bindings::BPF_ANY;
-use lb_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, IPPROTO_TCP, ct_flags, ct_lifetime};
+use lb_common::{
+    BACKEND_STANDBY, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, IPPROTO_TCP,
+    ct_flags, ct_lifetime,
+};
 
 use crate::{
     maps::LB_CT,
@@ -61,6 +64,19 @@ pub fn lookup(key: &CtKey, now: u64) -> Option<*mut CtValue> {
         return None;
     }
     Some(entry)
+}
+
+/// Whether a packet must start its flow over instead of following `entry`:
+/// UDP to a backend that is terminating (a client reusing its port, like a
+/// DNS resolver, must not stay stuck on it), or a fresh SYN on a TCP tuple
+/// that was closed (FIN/RST seen): that is a new connection.
+#[inline(always)]
+pub fn restarts(flow: &Flow, entry: &CtValue, backend: &BackendValue) -> bool {
+    if flow.proto != IPPROTO_TCP {
+        return backend.state == BACKEND_STANDBY;
+    }
+    flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && entry.flags & (ct_flags::FIN_SEEN | ct_flags::RST_SEEN) != 0
 }
 
 /// State bits a TCP flag byte adds.

@@ -3,13 +3,14 @@
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
-    CT_DIR_FORWARD, CT_DIR_REPLY, IPPROTO_TCP, SCOPE_CLUSTER, ServiceKey, ServiceValue, ct_flags,
+    AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY,
+    IPPROTO_TCP, MaglevKey, SCOPE_CLUSTER, ServiceKey, ServiceValue, backend_flags, ct_flags,
     service_flags, stat,
 };
 
 use crate::{
     ct,
-    maps::{LB_BACKENDS, LB_CONFIG, LB_SERVICES, count},
+    maps::{LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_SERVICES, count},
     nat::{self, End},
     packet::Packet,
     parse::{self, Flow, Parsed, TCP_RST},
@@ -55,7 +56,7 @@ pub fn process<P: Packet>(pkt: &mut P) -> i32 {
 fn forward<P: Packet>(
     pkt: &mut P,
     flow: &Flow,
-    mut key: ServiceKey,
+    key: ServiceKey,
     frontend: ServiceValue,
     now: u64,
 ) -> i32 {
@@ -63,21 +64,25 @@ fn forward<P: Packet>(
     let fwd_key = ct::forward_key(flow);
     if let Some(entry) = ct::lookup(&fwd_key, now) {
         let backend_id = unsafe { (*entry).backend_id };
-        if let Some(backend) = unsafe { LB_BACKENDS.get(backend_id) } {
-            let to = Rewrite {
-                addr_be: backend.addr_be,
-                port_be: backend.port_be,
-                other_addr_be: unsafe { (*entry).snat_addr_be },
-            };
-            let new_bits = ct::observe(entry, flow, now, len, 0);
-            if new_bits != 0 {
-                let peer = ct::peer_key(flow, unsafe { &*entry }, CT_DIR_FORWARD);
-                ct::merge(&peer, flow.proto, new_bits, now);
+        match unsafe { LB_BACKENDS.get(backend_id) } {
+            Some(backend) if !ct::restarts(flow, unsafe { &*entry }, backend) => {
+                let to = Rewrite {
+                    addr_be: backend.addr_be,
+                    port_be: backend.port_be,
+                    other_addr_be: unsafe { (*entry).snat_addr_be },
+                };
+                let new_bits = ct::observe(entry, flow, now, len, 0);
+                if new_bits != 0 {
+                    let peer = ct::peer_key(flow, unsafe { &*entry }, CT_DIR_FORWARD);
+                    ct::merge(&peer, flow.proto, new_bits, now);
+                }
+                return translate(pkt, flow, End::Destination, &to, stat::ESTABLISHED);
             }
-            return translate(pkt, flow, End::Destination, &to, stat::ESTABLISHED);
+            // The flow no longer fits its entry: balance it again below.
+            Some(_) => count(stat::FLOW_RESTARTED),
+            // The flow's backend is gone.
+            None => count(stat::BACKEND_REPLACED),
         }
-        // The flow's backend is gone: balance it again below.
-        count(stat::BACKEND_REPLACED);
     }
 
     if frontend.count == 0 {
@@ -87,14 +92,7 @@ fn forward<P: Packet>(
         }
         return refuse(pkt, flow);
     }
-    key.slot = (unsafe { bpf_get_prandom_u32() } % frontend.count as u32) as u16 + 1;
-    let Some(slot) = (unsafe { LB_SERVICES.get(key) }) else {
-        count(stat::ERR_SLOT_MISSING);
-        return pkt.drop_verdict();
-    };
-    let backend_id = slot.backend_id;
-    let Some(backend) = (unsafe { LB_BACKENDS.get(backend_id) }) else {
-        count(stat::ERR_BACKEND_MISSING);
+    let Some((backend_id, backend)) = select_backend(flow, key, &frontend, now) else {
         return pkt.drop_verdict();
     };
     let mut to = Rewrite {
@@ -125,6 +123,103 @@ fn forward<P: Packet>(
         count(stat::ERR_CT_FULL);
     }
     translate(pkt, flow, End::Destination, &to, stat::NEW_FLOW)
+}
+
+/// Choose the backend of a new flow: the client's affinity backend while it
+/// is live and active, else the Maglev table or a random slot. Counts and
+/// returns None on an impossible state (the caller drops).
+#[inline(always)]
+fn select_backend(
+    flow: &Flow,
+    mut key: ServiceKey,
+    frontend: &ServiceValue,
+    now: u64,
+) -> Option<(u32, BackendValue)> {
+    let affinity = frontend.flags & service_flags::AFFINITY != 0;
+    let affinity_key = AffinityKey {
+        client_addr_be: flow.src_be,
+        rev_nat_id: frontend.rev_nat_id,
+        _pad: 0,
+    };
+    if affinity && let Some(entry) = unsafe { LB_AFFINITY.get(affinity_key) } {
+        let fresh = now.saturating_sub(entry.last_used_ns)
+            <= frontend.affinity_timeout_s as u64 * 1_000_000_000;
+        let backend_id = entry.backend_id;
+        if fresh
+            && let Some(backend) = unsafe { LB_BACKENDS.get(backend_id) }
+            && backend.state == BACKEND_ACTIVE
+            && backend.flags & backend_flags::FALLBACK == 0
+        {
+            count(stat::AFFINITY_HIT);
+            remember(&affinity_key, backend_id, now);
+            return Some((backend_id, *backend));
+        }
+    }
+    let backend_id = if frontend.flags & service_flags::MAGLEV != 0 && frontend.backend_id != 0 {
+        let index = flow_hash(flow) % frontend.backend_id;
+        let Some(id) = (unsafe {
+            LB_MAGLEV.get(MaglevKey {
+                rev_nat_id: frontend.rev_nat_id,
+                _pad: 0,
+                index,
+            })
+        }) else {
+            count(stat::ERR_SLOT_MISSING);
+            return None;
+        };
+        count(stat::MAGLEV);
+        *id
+    } else {
+        key.slot = (unsafe { bpf_get_prandom_u32() } % frontend.count as u32) as u16 + 1;
+        let Some(slot) = (unsafe { LB_SERVICES.get(key) }) else {
+            count(stat::ERR_SLOT_MISSING);
+            return None;
+        };
+        slot.backend_id
+    };
+    let Some(backend) = (unsafe { LB_BACKENDS.get(backend_id) }) else {
+        count(stat::ERR_BACKEND_MISSING);
+        return None;
+    };
+    if affinity {
+        remember(&affinity_key, backend_id, now);
+    }
+    Some((backend_id, *backend))
+}
+
+#[inline(always)]
+fn remember(key: &AffinityKey, backend_id: u32, now: u64) {
+    let value = AffinityValue {
+        backend_id,
+        _pad: 0,
+        last_used_ns: now,
+    };
+    // A full LRU evicts the oldest client; nothing to count.
+    let _ = LB_AFFINITY.insert(key, &value, 0);
+}
+
+/// Deterministic hash of the flow's 5-tuple (murmur3's finaliser over the
+/// words), so every node's Maglev table sends a flow to the same backend.
+#[inline(always)]
+fn flow_hash(flow: &Flow) -> u32 {
+    let mix = |mut h: u32, k: u32| {
+        let k = k
+            .wrapping_mul(0xcc9e_2d51)
+            .rotate_left(15)
+            .wrapping_mul(0x1b87_3593);
+        h ^= k;
+        h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
+        h
+    };
+    let mut h = mix(0x5bd1_e995, flow.src_be);
+    h = mix(h, flow.dst_be);
+    h = mix(h, (flow.sport_be as u32) << 16 | flow.dport_be as u32);
+    h = mix(h, flow.proto as u32);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
 }
 
 /// A packet not addressed to a frontend: a reply of a translated flow, a

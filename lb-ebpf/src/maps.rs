@@ -2,12 +2,13 @@
 //! outlive it; names and sizes come from lb-common so both sides agree.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, ConfigValue, CtKey, CtValue, RevNatValue, ServiceKey,
-    ServiceValue, map_sizes, stat,
+    AffinityKey, AffinityValue, BackendValue, ConfigValue, CtKey, CtValue, MaglevKey, RevNatValue,
+    ServiceKey, ServiceValue, map_sizes, stat,
 };
 
 /// Frontend slots: {addr, port, proto, scope, slot} -> slot 0 header or backend id.
@@ -36,6 +37,12 @@ pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 /// Per-CPU packet counters indexed by `lb_common::stat`.
 #[map(name = "LB_STATS")]
 pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::CAPACITY, 0);
+
+/// Maglev lookup tables: {rev-NAT id, index} -> backend id. Not preallocated:
+/// memory follows the tables actually programmed.
+#[map(name = "LB_MAGLEV")]
+pub static LB_MAGLEV: HashMap<MaglevKey, u32> =
+    HashMap::with_max_entries(map_sizes::MAGLEV, BPF_F_NO_PREALLOC);
 
 /// Node-wide settings written by the agent (index 0).
 #[map(name = "LB_CONFIG")]

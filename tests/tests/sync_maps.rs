@@ -68,6 +68,8 @@ fn frontend(name: &str, ip: [u8; 4], backends: &[[u8; 4]]) -> (FrontendKey, Fron
                     terminating: false,
                 })
                 .collect(),
+            standby: Vec::new(),
+            maglev: false,
             drop_if_empty: false,
             internal_local: false,
             affinity_timeout_s: None,

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues};
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, ConfigValue, CtKey, CtValue, RevNatValue, ServiceKey,
-    ServiceValue, map_names, map_sizes, stat,
+    AffinityKey, AffinityValue, BackendValue, ConfigValue, CtKey, CtValue, MaglevKey, RevNatValue,
+    ServiceKey, ServiceValue, map_names, map_sizes, stat,
 };
 use thiserror::Error;
 
@@ -53,7 +53,7 @@ impl std::fmt::Display for MapShape {
 }
 
 /// The shapes lb-common declares for every pinned map.
-pub fn expected_shapes() -> [MapShape; 7] {
+pub fn expected_shapes() -> [MapShape; 8] {
     use std::mem::size_of;
     let shape = |name, k: usize, v: usize, max| MapShape {
         name,
@@ -94,6 +94,12 @@ pub fn expected_shapes() -> [MapShape; 7] {
         ),
         shape(map_names::STATS, 4, 8, stat::CAPACITY),
         shape(map_names::CONFIG, 4, size_of::<ConfigValue>(), 1),
+        shape(
+            map_names::MAGLEV,
+            size_of::<MaglevKey>(),
+            4,
+            map_sizes::MAGLEV,
+        ),
     ]
 }
 
@@ -127,6 +133,7 @@ pub type CtMap = HashMap<MapData, CtKey, CtValue>;
 pub type AffinityMap = HashMap<MapData, AffinityKey, AffinityValue>;
 pub type StatsMap = PerCpuArray<MapData, u64>;
 pub type ConfigMap = Array<MapData, ConfigValue>;
+pub type MaglevMap = HashMap<MapData, MaglevKey, u32>;
 
 /// Every map of the datapath.
 pub struct Maps {
@@ -137,6 +144,7 @@ pub struct Maps {
     pub affinity: AffinityMap,
     pub stats: StatsMap,
     pub config: ConfigMap,
+    pub maglev: MaglevMap,
 }
 
 fn typed<T>(name: &'static str, map: Map) -> Result<T, MapsError>
@@ -158,6 +166,7 @@ impl Maps {
             affinity: typed(map_names::AFFINITY, take(map_names::AFFINITY)?)?,
             stats: typed(map_names::STATS, take(map_names::STATS)?)?,
             config: typed(map_names::CONFIG, take(map_names::CONFIG)?)?,
+            maglev: typed(map_names::MAGLEV, take(map_names::MAGLEV)?)?,
         })
     }
 
@@ -179,6 +188,7 @@ impl Maps {
             affinity: typed(map_names::AFFINITY, open(4, Map::LruHashMap)?)?,
             stats: typed(map_names::STATS, open(5, Map::PerCpuArray)?)?,
             config: typed(map_names::CONFIG, open(6, Map::Array)?)?,
+            maglev: typed(map_names::MAGLEV, open(7, Map::HashMap)?)?,
         })
     }
 

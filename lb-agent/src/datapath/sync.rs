@@ -10,13 +10,13 @@ use std::{
 
 use aya::maps::MapError;
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_TERMINATING, BackendValue, RevNatValue, SCOPE_CLUSTER, ServiceKey,
-    ServiceValue, frontend_kind, map_sizes, service_flags,
+    BACKEND_ACTIVE, BACKEND_STANDBY, BackendValue, MaglevKey, RevNatValue, SCOPE_CLUSTER,
+    ServiceKey, ServiceValue, backend_flags, frontend_kind, map_sizes, service_flags,
 };
 use tracing::{debug, warn};
 
 use super::maps::Maps;
-use crate::model::{DesiredState, Frontend, FrontendKey, Protocol, ids::IdAllocator};
+use crate::model::{DesiredState, Frontend, FrontendKey, Protocol, ids::IdAllocator, maglev};
 
 /// A backend is identified by where it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -31,6 +31,8 @@ pub struct BackendKey {
 struct AppliedFrontend {
     head: ServiceValue,
     slots: Vec<u32>,
+    /// Maglev table (backend id per index); empty without Maglev.
+    maglev: Vec<u32>,
 }
 
 /// Something that could not be programmed, naming the Service.
@@ -61,6 +63,7 @@ pub struct Syncer {
     rev_nat: BTreeMap<u16, RevNatValue>,
     /// Map keys found at start that this agent does not manage: pruned on the first sync.
     stray_service_keys: Vec<ServiceKey>,
+    stray_maglev_keys: Vec<MaglevKey>,
 }
 
 fn be32(addr: Ipv4Addr) -> u32 {
@@ -79,6 +82,14 @@ fn service_key(fk: &FrontendKey, slot: u16) -> ServiceKey {
         proto: fk.proto.number(),
         scope: SCOPE_CLUSTER,
         _pad: [0; 2],
+    }
+}
+
+fn maglev_key(rev_nat_id: u16, index: u32) -> MaglevKey {
+    MaglevKey {
+        rev_nat_id,
+        _pad: 0,
+        index,
     }
 }
 
@@ -124,6 +135,7 @@ impl Syncer {
             addresses: BTreeSet::new(),
             rev_nat: BTreeMap::new(),
             stray_service_keys: Vec::new(),
+            stray_maglev_keys: Vec::new(),
         };
         for entry in syncer.maps.backends.iter() {
             let (id, value) = entry?;
@@ -182,7 +194,28 @@ impl Syncer {
                     .insert(key.slot, value.backend_id);
             }
         }
+        let mut tables: BTreeMap<u16, BTreeMap<u32, u32>> = BTreeMap::new();
+        for entry in syncer.maps.maglev.iter() {
+            let (key, id) = entry?;
+            tables
+                .entry(key.rev_nat_id)
+                .or_default()
+                .insert(key.index, id);
+        }
         for (fk, head) in heads {
+            let mut table = if head.flags & service_flags::MAGLEV != 0 {
+                tables.remove(&head.rev_nat_id).unwrap_or_default()
+            } else {
+                BTreeMap::new()
+            };
+            let maglev: Vec<u32> = (0..head.backend_id)
+                .map(|i| table.remove(&i).unwrap_or(0))
+                .collect();
+            for index in table.keys() {
+                syncer
+                    .stray_maglev_keys
+                    .push(maglev_key(head.rev_nat_id, *index));
+            }
             let mut found = slots.remove(&fk).unwrap_or_default();
             let applied: Vec<u32> = (1..=head.count)
                 .map(|s| found.remove(&s).unwrap_or(0))
@@ -196,6 +229,7 @@ impl Syncer {
                 AppliedFrontend {
                     head,
                     slots: applied,
+                    maglev,
                 },
             );
         }
@@ -224,37 +258,28 @@ impl Syncer {
     pub fn sync(&mut self, desired: &DesiredState) -> SyncReport {
         let mut report = SyncReport::default();
 
-        // 1. Backends every desired frontend needs (an active use wins over a
-        //    terminating one for an endpoint shared by two Services).
+        // 1. Backends every desired frontend needs: those in slots take new
+        //    flows (active), the others are kept for established flows only
+        //    (standby). For an endpoint shared by two Services, active wins.
         let mut wanted: BTreeMap<u32, BackendValue> = BTreeMap::new();
         let mut frontend_slots: BTreeMap<FrontendKey, Result<Vec<u32>, SyncError>> =
             BTreeMap::new();
         for (fk, frontend) in &desired.frontends {
             let mut ids = Vec::with_capacity(frontend.backends.len());
             let mut failed = None;
-            for b in &frontend.backends {
+            let uses = frontend
+                .backends
+                .iter()
+                .map(|b| (b, true))
+                .chain(frontend.standby.iter().map(|b| (b, false)));
+            for (b, selectable) in uses {
                 let key = BackendKey {
                     addr: b.addr,
                     port: b.port,
                     proto: fk.proto,
                 };
-                match self.backend_ids.get_or_assign(&key) {
-                    Ok(id) => {
-                        ids.push(id);
-                        let state = if b.terminating {
-                            BACKEND_TERMINATING
-                        } else {
-                            BACKEND_ACTIVE
-                        };
-                        let entry = wanted.entry(id).or_insert(BackendValue {
-                            addr_be: be32(b.addr),
-                            port_be: b.port.to_be(),
-                            proto: fk.proto.number(),
-                            state,
-                            flags: 0,
-                        });
-                        entry.state = entry.state.min(state);
-                    }
+                let id = match self.backend_ids.get_or_assign(&key) {
+                    Ok(id) => id,
                     Err(e) => {
                         failed = Some(SyncError {
                             object: frontend.service_port.clone(),
@@ -262,6 +287,20 @@ impl Syncer {
                             full: true,
                         });
                         break;
+                    }
+                };
+                let entry = wanted.entry(id).or_insert(BackendValue {
+                    addr_be: be32(b.addr),
+                    port_be: b.port.to_be(),
+                    proto: fk.proto.number(),
+                    state: BACKEND_STANDBY,
+                    flags: 0,
+                });
+                if selectable {
+                    ids.push(id);
+                    entry.state = BACKEND_ACTIVE;
+                    if b.terminating {
+                        entry.flags |= backend_flags::FALLBACK;
                     }
                 }
             }
@@ -346,6 +385,13 @@ impl Syncer {
                 for slot in 1..=applied.slots.len() as u16 {
                     ok &= self.remove_key(service_key(&fk, slot));
                 }
+                for index in 0..applied.maglev.len() as u32 {
+                    ok &= removed(
+                        self.maps
+                            .maglev
+                            .remove(&maglev_key(applied.head.rev_nat_id, index)),
+                    );
+                }
                 if ok {
                     self.frontends.remove(&fk);
                     report.frontends_removed += 1;
@@ -364,6 +410,9 @@ impl Syncer {
         }
         for key in std::mem::take(&mut self.stray_service_keys) {
             self.remove_key(key);
+        }
+        for key in std::mem::take(&mut self.stray_maglev_keys) {
+            removed(self.maps.maglev.remove(&key));
         }
         let live_rev_nat: BTreeSet<u16> =
             self.frontends.values().map(|f| f.head.rev_nat_id).collect();
@@ -416,7 +465,56 @@ impl Syncer {
                 }
             }
         }
+        // 4. State that no longer holds: affinity to a backend that left its
+        //    frontend's slots (or of a frontend without affinity now), and
+        //    flows to backends that are gone (removed at once, not aged out).
+        if report.frontends_written + report.frontends_removed > 0 {
+            self.prune_affinity();
+        }
+        if report.backends_removed > 0 {
+            self.prune_conntrack();
+        }
         report
+    }
+
+    fn prune_affinity(&mut self) {
+        let live: BTreeMap<u16, (bool, BTreeSet<u32>)> = self
+            .frontends
+            .values()
+            .map(|f| {
+                let on = f.head.flags & service_flags::AFFINITY != 0;
+                (f.head.rev_nat_id, (on, f.slots.iter().copied().collect()))
+            })
+            .collect();
+        let stale: Vec<_> = self
+            .maps
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                !live
+                    .get(&k.rev_nat_id)
+                    .is_some_and(|(on, slots)| *on && slots.contains(&v.backend_id))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for key in stale {
+            removed(self.maps.affinity.remove(&key));
+        }
+    }
+
+    fn prune_conntrack(&mut self) {
+        let stale: Vec<_> = self
+            .maps
+            .ct
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| !self.backends.contains_key(&v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for key in stale {
+            removed(self.maps.ct.remove(&key));
+        }
     }
 
     /// Remove one SERVICES key; absent counts as removed.
@@ -466,8 +564,24 @@ impl Syncer {
         if frontend.drop_if_empty {
             flags |= service_flags::DROP_IF_EMPTY;
         }
+        // Maglev: the table (by backend name, the same on every node) and
+        // its size in slot 0's backend_id.
+        let table: Vec<u32> = if frontend.maglev && !ids.is_empty() {
+            flags |= service_flags::MAGLEV;
+            let names: Vec<String> = frontend
+                .backends
+                .iter()
+                .map(|b| format!("{}:{}", b.addr, b.port))
+                .collect();
+            maglev::build(&names, maglev::table_size(ids.len()))
+                .into_iter()
+                .map(|i| ids[i as usize])
+                .collect()
+        } else {
+            Vec::new()
+        };
         let head = ServiceValue {
-            backend_id: 0,
+            backend_id: table.len() as u32,
             count: ids.len() as u16,
             rev_nat_id,
             flags,
@@ -476,9 +590,25 @@ impl Syncer {
         let old = self.frontends.get(fk).cloned();
         if old
             .as_ref()
-            .is_some_and(|o| o.head == head && o.slots == ids)
+            .is_some_and(|o| o.head == head && o.slots == ids && o.maglev == table)
         {
             return Ok(false);
+        }
+        // The table before slot 0 names its size (make before break).
+        let old_table = old.as_ref().map(|o| o.maglev.clone()).unwrap_or_default();
+        for (i, id) in table.iter().enumerate() {
+            if old_table.get(i) == Some(id) {
+                continue;
+            }
+            if let Err(e) = self
+                .maps
+                .maglev
+                .insert(maglev_key(rev_nat_id, i as u32), id, 0)
+            {
+                self.stray_maglev_keys
+                    .extend((old_table.len()..i).map(|j| maglev_key(rev_nat_id, j as u32)));
+                return Err(e);
+            }
         }
         let mut old_slots = old.as_ref().map(|o| o.slots.clone()).unwrap_or_default();
         for (i, id) in ids.iter().enumerate() {
@@ -510,8 +640,21 @@ impl Syncer {
         for slot in ids.len() + 1..=old_count.max(old_slots.len()) {
             self.remove_key(service_key(fk, slot as u16));
         }
-        self.frontends
-            .insert(*fk, AppliedFrontend { head, slots: ids });
+        for index in table.len()..old_table.len() {
+            removed(
+                self.maps
+                    .maglev
+                    .remove(&maglev_key(rev_nat_id, index as u32)),
+            );
+        }
+        self.frontends.insert(
+            *fk,
+            AppliedFrontend {
+                head,
+                slots: ids,
+                maglev: table,
+            },
+        );
         Ok(true)
     }
 }

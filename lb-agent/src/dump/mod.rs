@@ -6,7 +6,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use anyhow::{Context as _, Result};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use lb_common::{
-    BACKEND_TERMINATING, CT_DIR_FORWARD, ServiceKey, ServiceValue, ct_flags, service_flags, stat,
+    BACKEND_STANDBY, BackendValue, CT_DIR_FORWARD, ServiceKey, ServiceValue, backend_flags,
+    ct_flags, service_flags, stat,
 };
 use serde::Serialize;
 
@@ -126,6 +127,7 @@ fn frontend_flags(v: &ServiceValue) -> Vec<&'static str> {
         (service_flags::INTERNAL_LOCAL, "internal-local"),
         (service_flags::EXTERNAL_LOCAL, "external-local"),
         (service_flags::DROP_IF_EMPTY, "drop-if-empty"),
+        (service_flags::MAGLEV, "maglev"),
     ] {
         if v.flags & bit != 0 {
             out.push(name);
@@ -134,8 +136,12 @@ fn frontend_flags(v: &ServiceValue) -> Vec<&'static str> {
     out
 }
 
-fn backend_state(state: u8) -> &'static str {
-    if state == BACKEND_TERMINATING {
+/// "active" (takes new flows), "terminating" (takes new flows only because
+/// nothing is ready), "standby" (present, keeps its established flows only).
+fn backend_state(v: &BackendValue) -> &'static str {
+    if v.state == BACKEND_STANDBY {
+        "standby"
+    } else if v.flags & backend_flags::FALLBACK != 0 {
         "terminating"
     } else {
         "active"
@@ -215,7 +221,7 @@ pub fn backends(maps: &Maps) -> Result<BackendsDump> {
             address: addr(v.addr_be),
             port: u16::from_be(v.port_be),
             protocol: proto_name(v.proto),
-            state: backend_state(v.state).into(),
+            state: backend_state(&v).into(),
         });
     }
     backends.sort_by_key(|b| b.id);

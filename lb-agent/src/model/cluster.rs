@@ -48,6 +48,8 @@ pub struct NodeConfig {
     pub node_name: String,
     /// Source address for hairpin flows (a pod reaching itself through its Service).
     pub hairpin_snat_addr: Ipv4Addr,
+    /// Maglev for Services without the `lb/algorithm` annotation.
+    pub default_maglev: bool,
 }
 
 impl Default for NodeConfig {
@@ -55,6 +57,7 @@ impl Default for NodeConfig {
         NodeConfig {
             node_name: "node".into(),
             hairpin_snat_addr: DEFAULT_HAIRPIN_SNAT_ADDR,
+            default_maglev: false,
         }
     }
 }
@@ -65,4 +68,6 @@ pub const DEFAULT_HAIRPIN_SNAT_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Per-Service load-balancing algorithm: `maglev` or `random`.
+pub const ANNOTATION_ALGORITHM: &str = "lb/algorithm";
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";

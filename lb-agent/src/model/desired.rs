@@ -114,6 +114,11 @@ pub struct Frontend {
     pub kind: FrontendKind,
     /// Sorted; empty means "reject" (or drop, with `drop_if_empty`).
     pub backends: Vec<Backend>,
+    /// Endpoints that exist but take no new flows (terminating or not ready):
+    /// kept in the backend map so established TCP flows to them finish.
+    pub standby: Vec<Backend>,
+    /// New flows pick from a Maglev table instead of a random slot.
+    pub maglev: bool,
     /// Drop rather than reject when empty (traffic policy Local, endpoints elsewhere).
     pub drop_if_empty: bool,
     pub internal_local: bool,

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod desired;
 pub mod ids;
+pub mod maglev;
 pub mod translate;
 
 pub use cluster::{ClusterState, NodeConfig, ObjectKey};

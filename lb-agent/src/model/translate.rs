@@ -12,7 +12,10 @@ use k8s_openapi::api::{
 
 use super::{
     ClusterState, NodeConfig, ObjectKey,
-    cluster::{LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE},
+    cluster::{
+        ANNOTATION_ALGORITHM, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
+        LABEL_ZONE,
+    },
     desired::{Backend, DesiredState, Frontend, FrontendKey, FrontendKind, Protocol},
 };
 
@@ -177,6 +180,21 @@ fn service_frontends(
         }
         Some(other) => return Err(format!("sessionAffinity {other:?} is not None or ClientIP")),
     };
+    let algorithm = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_ALGORITHM));
+    let maglev = match algorithm.map(String::as_str) {
+        None => node.default_maglev,
+        Some("maglev") => true,
+        Some("random") => false,
+        Some(other) => {
+            return Err(format!(
+                "annotation {ANNOTATION_ALGORITHM}: {other:?} is not maglev or random"
+            ));
+        }
+    };
     let internal_local = match spec.internal_traffic_policy.as_deref() {
         None | Some("Cluster") => false,
         Some("Local") => true,
@@ -216,6 +234,19 @@ fn service_frontends(
         let port_name = port.name.as_deref().unwrap_or("");
         let endpoints = endpoints_for_port(port_name, proto, service_slices, node, problems);
         let (backends, drop_if_empty) = select_backends(&endpoints, internal_local, zone);
+        let standby = endpoints
+            .iter()
+            .map(|e| Backend {
+                addr: e.addr,
+                port: e.port,
+                terminating: true,
+            })
+            .filter(|b| {
+                !backends
+                    .iter()
+                    .any(|x| x.addr == b.addr && x.port == b.port)
+            })
+            .collect();
         let fk = FrontendKey {
             addr: cluster_ip,
             port: number,
@@ -227,6 +258,8 @@ fn service_frontends(
                 service_port: service_port_name(key, port),
                 kind: FrontendKind::ClusterIP,
                 backends,
+                standby,
+                maglev,
                 drop_if_empty,
                 internal_local,
                 affinity_timeout_s,
@@ -929,6 +962,50 @@ mod tests {
             let want: Vec<String> = want.into_iter().map(String::from).collect();
             assert_eq!(frontends(&t), vec![(WEB.to_string(), want)], "{name}");
         }
+    }
+
+    #[test]
+    fn standby_endpoints_and_algorithm() {
+        let s = svc_meta(
+            json!({"name": "web", "namespace": "ns", "annotations": {ANNOTATION_ALGORITHM: "maglev"}}),
+            json!({"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}),
+        );
+        let sl = slice(
+            "s",
+            "web",
+            http_port(),
+            json!([
+                ready("10.0.0.1"),
+                ep("10.0.0.2", Some(false), Some(true), Some(true), "x"),
+                ep("10.0.0.3", Some(false), Some(false), Some(false), "x")
+            ]),
+        );
+        let t = translate(&state(vec![s], vec![sl]), &node());
+        let f = t.desired.frontends.values().next().unwrap();
+        assert!(f.maglev);
+        let standby: Vec<String> = f.standby.iter().map(|b| b.addr.to_string()).collect();
+        assert_eq!(
+            standby,
+            vec!["10.0.0.2", "10.0.0.3"],
+            "present but not selectable: kept for established flows"
+        );
+        let bad = svc_meta(
+            json!({"name": "bad", "namespace": "ns", "annotations": {ANNOTATION_ALGORITHM: "roundrobin"}}),
+            json!({"clusterIP": "10.96.0.11", "ports": [{"port": 80}]}),
+        );
+        let t = translate(&state(vec![bad], vec![]), &node());
+        assert!(t.problems[0].reason.contains("not maglev or random"));
+        let global = NodeConfig {
+            default_maglev: true,
+            ..node()
+        };
+        assert!(
+            translate(&state(vec![web()], vec![]), &global)
+                .desired
+                .frontends
+                .values()
+                .all(|f| f.maglev)
+        );
     }
 
     #[test]
