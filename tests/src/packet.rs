@@ -14,9 +14,9 @@ use aya::{
 };
 use etherparse::PacketBuilder;
 use lb_common::{
-    BACKEND_ACTIVE, BackendValue, ConfigValue, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP,
-    RevNatValue, SCOPE_CLUSTER, ServiceKey, ServiceValue, frontend_kind, map_names, program_names,
-    service_flags, stat,
+    AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendValue, ConfigValue, CtKey, CtValue,
+    IPPROTO_TCP, IPPROTO_UDP, MaglevKey, RevNatValue, SCOPE_CLUSTER, ServiceKey, ServiceValue,
+    frontend_kind, map_names, program_names, service_flags, stat,
 };
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -200,6 +200,7 @@ impl Datapath {
             .map_max_entries(map_names::SERVICES, 4096)
             .map_max_entries(map_names::BACKENDS, 4096)
             .map_max_entries(map_names::AFFINITY, 1024)
+            .map_max_entries(map_names::MAGLEV, 65536)
             .load(lb_agent::EBPF_OBJECT)
             .expect("load lb eBPF object");
         let tc: &mut SchedClassifier = ebpf
@@ -237,6 +238,64 @@ impl Datapath {
         self.hash::<u32, BackendValue>(map_names::BACKENDS)
             .insert(id, value, 0)
             .expect("insert backend");
+    }
+
+    /// Change a backend's state (`BACKEND_ACTIVE` / `BACKEND_STANDBY`) and flags.
+    pub fn set_backend_state(&mut self, id: u32, state: u8, flags: u32) {
+        let mut backends = self.hash::<u32, BackendValue>(map_names::BACKENDS);
+        let mut value = backends.get(&id, 0).expect("backend exists");
+        value.state = state;
+        value.flags = flags;
+        backends.insert(id, value, 0).expect("update backend");
+    }
+
+    /// Program slot 0 directly (affinity timeout, Maglev size, flags).
+    pub fn set_head(&mut self, at: Ep, proto: u8, update: impl FnOnce(&mut ServiceValue)) {
+        let mut services = self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES);
+        let key = Self::key(at, proto, 0);
+        let mut head = services.get(&key, 0).expect("frontend exists");
+        update(&mut head);
+        services.insert(key, head, 0).expect("update head");
+    }
+
+    /// Fill a Maglev table for a rev-NAT id.
+    pub fn maglev_table(&mut self, rev_nat_id: u16, table: &[u32]) {
+        let mut maglev = self.hash::<MaglevKey, u32>(map_names::MAGLEV);
+        for (i, id) in table.iter().enumerate() {
+            maglev
+                .insert(
+                    MaglevKey {
+                        rev_nat_id,
+                        _pad: 0,
+                        index: i as u32,
+                    },
+                    id,
+                    0,
+                )
+                .expect("maglev entry");
+        }
+    }
+
+    pub fn insert_affinity(
+        &mut self,
+        client: Ipv4Addr,
+        rev_nat_id: u16,
+        backend_id: u32,
+        last_used_ns: u64,
+    ) {
+        let key = AffinityKey {
+            client_addr_be: be32(client),
+            rev_nat_id,
+            _pad: 0,
+        };
+        let value = AffinityValue {
+            backend_id,
+            _pad: 0,
+            last_used_ns,
+        };
+        self.hash::<AffinityKey, AffinityValue>(map_names::AFFINITY)
+            .insert(key, value, 0)
+            .expect("affinity");
     }
 
     pub fn remove_backend(&mut self, id: u32) {
@@ -344,6 +403,16 @@ impl Datapath {
         (0..stat::COUNT)
             .map(|i| stats.get(&i, 0).expect("read stat").iter().sum())
             .collect()
+    }
+
+    /// Monotonic now, as bpf_ktime_get_ns reads it.
+    pub fn now_ns() -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
     }
 
     pub fn run(&self, prog: Prog, frame: &[u8]) -> (Verdict, Vec<u8>) {

@@ -1,0 +1,301 @@
+//! Packet tables for connection semantics: session affinity, standby
+//! (terminating / not ready) backends, restarted flows, Maglev.
+
+use lb_common::{
+    BACKEND_STANDBY, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, backend_flags, service_flags, stat,
+};
+use lb_tests::packet::*;
+
+const CLIENT: &str = "10.0.0.5:40000";
+const WEB: &str = "10.96.0.10:80";
+const DNS: &str = "10.96.0.53:53";
+const WEB_1: &str = "10.0.1.1:8080";
+const WEB_2: &str = "10.0.1.2:8080";
+const WEB_3: &str = "10.0.1.3:8080";
+const DNS_1: &str = "10.0.2.1:5353";
+const DNS_2: &str = "10.0.2.2:5353";
+
+fn webs() -> Vec<Ep> {
+    vec![ep(WEB_1), ep(WEB_2), ep(WEB_3)]
+}
+
+fn from_client(port: u16) -> Ep {
+    Ep { port, ..ep(CLIENT) }
+}
+
+fn case(name: &'static str, setup: impl Fn(&mut Datapath) + 'static, steps: Vec<Step>) -> Case {
+    Case {
+        name,
+        programs: BOTH,
+        setup: Box::new(setup),
+        steps,
+        allowed_errors: &[],
+    }
+}
+
+fn three_webs(dp: &mut Datapath, flags: u32) {
+    dp.backend(1, ep(WEB_1), TCP);
+    dp.backend(2, ep(WEB_2), TCP);
+    dp.backend(3, ep(WEB_3), TCP);
+    dp.frontend_with_flags(ep(WEB), TCP, 1, &[1, 2, 3], flags);
+}
+
+/// Web frontend with only backend 1 in its slots and affinity (100 s).
+fn affinity_single(dp: &mut Datapath) {
+    three_webs(dp, 0);
+    dp.frontend_with_flags(ep(WEB), TCP, 1, &[1], service_flags::AFFINITY);
+    dp.set_head(ep(WEB), TCP, |h| h.affinity_timeout_s = 100);
+}
+
+#[test]
+fn affinity_sends_new_connections_to_the_same_backend() {
+    let mut steps = vec![send(
+        tcp(from_client(41000), ep(WEB), SYN, b""),
+        Expect::Dnat(Target::OneOf(webs())),
+    )];
+    for port in 41001..41015 {
+        steps.push(send(
+            tcp(from_client(port), ep(WEB), SYN, b""),
+            Expect::Dnat(Target::SameAs(0)),
+        ));
+    }
+    steps.push(Step::Stats(vec![
+        (stat::NEW_FLOW, 15),
+        (stat::AFFINITY_HIT, 14),
+    ]));
+    run_case(case(
+        "affinity_sends_new_connections_to_the_same_backend",
+        |dp| {
+            three_webs(dp, service_flags::AFFINITY);
+            dp.set_head(ep(WEB), TCP, |h| h.affinity_timeout_s = 100);
+        },
+        steps,
+    ));
+}
+
+#[test]
+fn live_affinity_entry_decides_the_backend() {
+    run_case(case(
+        "live_affinity_entry_decides_the_backend",
+        |dp| {
+            affinity_single(dp);
+            dp.insert_affinity(ep(CLIENT).addr, 1, 2, Datapath::now_ns());
+        },
+        vec![
+            send(
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_2))),
+            ),
+            Step::Stats(vec![(stat::AFFINITY_HIT, 1)]),
+        ],
+    ));
+}
+
+#[test]
+fn expired_affinity_entry_is_ignored() {
+    run_case(case(
+        "expired_affinity_entry_is_ignored",
+        |dp| {
+            affinity_single(dp);
+            // Last used 101 s ago with a 100 s timeout.
+            dp.insert_affinity(ep(CLIENT).addr, 1, 2, Datapath::now_ns() - 101_000_000_000);
+        },
+        vec![
+            send(
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
+            Step::Stats(vec![(stat::AFFINITY_HIT, 0)]),
+        ],
+    ));
+}
+
+#[test]
+fn affinity_never_picks_a_standby_or_terminating_backend() {
+    for (name, state, flags) in [
+        ("affinity_never_picks_a_standby_backend", BACKEND_STANDBY, 0),
+        (
+            "affinity_never_picks_a_fallback_terminating_backend",
+            lb_common::BACKEND_ACTIVE,
+            backend_flags::FALLBACK,
+        ),
+    ] {
+        run_case(case(
+            name,
+            move |dp| {
+                affinity_single(dp);
+                dp.set_backend_state(2, state, flags);
+                dp.insert_affinity(ep(CLIENT).addr, 1, 2, Datapath::now_ns());
+            },
+            vec![send(
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            )],
+        ));
+    }
+}
+
+#[test]
+fn affinity_off_ignores_entries() {
+    run_case(case(
+        "affinity_off_ignores_entries",
+        |dp| {
+            affinity_single(dp);
+            dp.set_head(ep(WEB), TCP, |h| h.flags &= !service_flags::AFFINITY);
+            dp.insert_affinity(ep(CLIENT).addr, 1, 2, Datapath::now_ns());
+        },
+        vec![send(
+            tcp(ep(CLIENT), ep(WEB), SYN, b""),
+            Expect::Dnat(Target::Exact(ep(WEB_1))),
+        )],
+    ));
+}
+
+#[test]
+fn tcp_flow_on_a_standby_backend_continues() {
+    run_case(case(
+        "tcp_flow_on_a_standby_backend_continues",
+        |dp| {
+            three_webs(dp, 0);
+            dp.frontend(ep(WEB), TCP, 1, &[1]);
+        },
+        vec![
+            send(
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
+            // The endpoint starts terminating: out of the slots, kept as standby.
+            change(|dp| {
+                dp.frontend(ep(WEB), TCP, 1, &[2]);
+                dp.set_backend_state(1, BACKEND_STANDBY, 0);
+            }),
+            send(
+                tcp(ep(CLIENT), ep(WEB), ACK, b"more"),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
+            send(
+                tcp(from_client(40001), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_2))),
+            ),
+            Step::Stats(vec![(stat::ESTABLISHED, 1), (stat::FLOW_RESTARTED, 0)]),
+        ],
+    ));
+}
+
+#[test]
+fn udp_flow_on_a_standby_backend_moves() {
+    run_case(case(
+        "udp_flow_on_a_standby_backend_moves",
+        |dp| {
+            dp.backend(4, ep(DNS_1), UDP);
+            dp.backend(5, ep(DNS_2), UDP);
+            dp.frontend(ep(DNS), UDP, 2, &[4]);
+        },
+        vec![
+            send(
+                udp(ep(CLIENT), ep(DNS), b"q1"),
+                Expect::Dnat(Target::Exact(ep(DNS_1))),
+            ),
+            change(|dp| {
+                dp.frontend(ep(DNS), UDP, 2, &[5]);
+                dp.set_backend_state(4, BACKEND_STANDBY, 0);
+            }),
+            // Same source port (a resolver reusing it): the next query moves at once.
+            send(
+                udp(ep(CLIENT), ep(DNS), b"q2"),
+                Expect::Dnat(Target::Exact(ep(DNS_2))),
+            ),
+            send(
+                udp(ep(CLIENT), ep(DNS), b"q3"),
+                Expect::Dnat(Target::Exact(ep(DNS_2))),
+            ),
+            Step::Stats(vec![(stat::FLOW_RESTARTED, 1), (stat::ESTABLISHED, 1)]),
+        ],
+    ));
+}
+
+#[test]
+fn new_syn_on_a_closed_tuple_is_a_new_connection() {
+    run_case(case(
+        "new_syn_on_a_closed_tuple_is_a_new_connection",
+        |dp| {
+            three_webs(dp, 0);
+            dp.frontend(ep(WEB), TCP, 1, &[1]);
+        },
+        vec![
+            send(
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
+            send(
+                tcp(ep(CLIENT), ep(WEB), Tcp { fin: true, ..ACK }, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
+            change(|dp| dp.frontend(ep(WEB), TCP, 1, &[2])),
+            // The client reuses its port for a new connection: balanced anew.
+            send(
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_2))),
+            ),
+            // A retransmitted SYN of a live (not closed) flow stays put.
+            send(
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_2))),
+            ),
+            Step::Stats(vec![(stat::FLOW_RESTARTED, 1)]),
+        ],
+    ));
+}
+
+#[test]
+fn maglev_frontend_picks_from_its_table() {
+    run_case(case(
+        "maglev_frontend_picks_from_its_table",
+        |dp| {
+            three_webs(dp, service_flags::MAGLEV);
+            // A 7-entry table that only names backend 3.
+            dp.maglev_table(1, &[3; 7]);
+            dp.set_head(ep(WEB), TCP, |h| h.backend_id = 7);
+        },
+        vec![
+            send(
+                tcp(from_client(41000), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_3))),
+            ),
+            send(
+                tcp(from_client(41001), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_3))),
+            ),
+            Step::Stats(vec![(stat::MAGLEV, 2)]),
+        ],
+    ));
+}
+
+#[test]
+fn maglev_maps_a_flow_to_the_same_backend_on_every_node() {
+    // Two independent datapaths (two nodes) with the same table: every flow
+    // must land on the same backend on both, and the table's spread shows.
+    let table: Vec<u32> = (0..101).map(|i| [1, 2, 3][(i * 7 + i / 3) % 3]).collect();
+    let nodes: Vec<Datapath> = (0..2)
+        .map(|_| {
+            let mut dp = Datapath::load();
+            three_webs(&mut dp, service_flags::MAGLEV);
+            dp.maglev_table(1, &table);
+            dp.set_head(ep(WEB), TCP, |h| h.backend_id = 101);
+            dp
+        })
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 42000..42060u16 {
+        let frame = tcp(from_client(port), ep(WEB), SYN, b"");
+        let a = nodes[0].run(Prog::Tc, &frame).1;
+        let b = nodes[1].run(Prog::Xdp, &frame).1;
+        assert_eq!(
+            a[30..34],
+            b[30..34],
+            "flow from port {port} maps to one backend on both nodes"
+        );
+        seen.insert(a[33]);
+    }
+    assert_eq!(seen.len(), 3, "flows spread over every backend: {seen:?}");
+}
