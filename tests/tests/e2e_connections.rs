@@ -1,0 +1,283 @@
+//! Connection semantics end to end: session affinity, graceful termination,
+//! UDP clients that keep their source port, agent restarts under load.
+
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use lb_tests::e2e::*;
+
+const WEB_IPS: [&str; 3] = ["10.244.1.11", "10.244.1.12", "10.244.1.13"];
+const ALL: [&str; 3] = ["10.244.1.11:8080", "10.244.1.12:8080", "10.244.1.13:8080"];
+
+fn svc(extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {{app: web}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: 5353}}\n{extra}"
+    )
+}
+
+const AFFINITY: &str =
+    "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n";
+
+fn cluster(extra: &str) -> (Cluster, Pod) {
+    let mut c = Cluster::new();
+    let client = c.pod("client", "10.244.1.2", &[], &[]);
+    for (i, ip) in WEB_IPS.iter().enumerate() {
+        c.pod(&format!("web-{i}"), ip, &[8080], &[5353]);
+        c.write(
+            &format!("pod-web-{i}.yaml"),
+            &pod_yaml(&format!("web-{i}"), ip, "web", true),
+        );
+    }
+    c.write("svc.yaml", &svc(extra));
+    c.start_agent();
+    c.wait_backends("10.96.0.10:80/TCP", &ALL, Duration::from_secs(5));
+    (c, client)
+}
+
+fn pod_spec(i: usize, ready: bool, terminating: bool) -> String {
+    let name = format!("web-{i}");
+    PodSpec {
+        name: &name,
+        ip: WEB_IPS[i],
+        labels: &[("app", "web")],
+        ready,
+        ports: &[],
+        terminating,
+    }
+    .yaml()
+}
+
+#[test]
+fn session_affinity_sticks_expires_follows_readiness_and_toggles() {
+    let (c, client) = cluster(AFFINITY);
+    let url = "http://10.96.0.10/";
+    let pods = c.answering_pods(&client, url, 15);
+    assert_eq!(
+        pods.len(),
+        1,
+        "15 sequential connections, one pod: {pods:?}"
+    );
+    let first = pods.into_iter().next().unwrap();
+
+    // After the timeout (1 s idle) the next connection is balanced again:
+    // over 8 idle gaps, a fresh choice lands elsewhere at least once
+    // (all eight repeating it has probability (1/3)^8).
+    let mut seen = BTreeSet::new();
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(1300));
+        let chosen = c.answering_pods(&client, url, 3);
+        assert_eq!(
+            chosen.len(),
+            1,
+            "sticky again after the new choice: {chosen:?}"
+        );
+        seen.extend(chosen);
+    }
+    assert!(seen.len() > 1, "affinity must expire: always {seen:?}");
+
+    // The affinity backend stops being ready: new connections move, and stick.
+    let current = c
+        .answering_pods(&client, url, 1)
+        .into_iter()
+        .next()
+        .unwrap();
+    let idx: usize = current.trim_start_matches("web-").parse().unwrap();
+    c.write(&format!("pod-web-{idx}.yaml"), &pod_spec(idx, false, false));
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &ALL.iter()
+            .copied()
+            .filter(|b| !b.starts_with(WEB_IPS[idx]))
+            .collect::<Vec<_>>(),
+        Duration::from_secs(2),
+    );
+    let moved = c.answering_pods(&client, url, 10);
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    assert!(
+        !moved.contains(&current),
+        "affinity follows readiness: still {current}"
+    );
+    c.write(&format!("pod-web-{idx}.yaml"), &pod_spec(idx, true, false));
+    c.wait_backends("10.96.0.10:80/TCP", &ALL, Duration::from_secs(2));
+
+    // Off: balanced at once. On again: sticky at once.
+    c.write("svc.yaml", &svc(""));
+    wait_until("affinity off is programmed", Duration::from_secs(2), || {
+        c.dump("services")["services"][0]["flags"]
+            .as_array()
+            .is_some_and(|f| f.is_empty())
+    });
+    assert!(
+        c.answering_pods(&client, url, 30).len() > 1,
+        "no affinity: balanced"
+    );
+    c.write("svc.yaml", &svc(AFFINITY));
+    wait_until("affinity on is programmed", Duration::from_secs(2), || {
+        c.dump("services")["services"][0]["flags"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty())
+    });
+    assert_eq!(
+        c.answering_pods(&client, url, 15).len(),
+        1,
+        "affinity back on: sticky"
+    );
+    let _ = first;
+}
+
+#[test]
+fn terminating_endpoint_keeps_its_connections_and_gets_no_new_ones() {
+    let (c, client) = cluster("");
+    let mut conn = HeldConnection::open(&client, "10.96.0.10", 80);
+    let pod = field(&conn.greeting, "pod").to_string();
+    let idx: usize = pod.trim_start_matches("web-").parse().unwrap();
+
+    // Terminating (deletionTimestamp), still serving.
+    c.write(&format!("pod-web-{idx}.yaml"), &pod_spec(idx, true, true));
+    let others: Vec<&str> = ALL
+        .iter()
+        .copied()
+        .filter(|b| !b.starts_with(WEB_IPS[idx]))
+        .collect();
+    c.wait_backends("10.96.0.10:80/TCP", &others, Duration::from_secs(2));
+    let states: Vec<String> = c.dump("backends")["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["address"] == WEB_IPS[idx])
+        .map(|b| b["state"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        states.iter().all(|s| s == "standby"),
+        "kept as standby: {states:?}"
+    );
+    for i in 0..5 {
+        assert!(
+            conn.send(&format!("still there {i}"))
+                .contains(&format!("pod={pod}")),
+            "stream survives"
+        );
+    }
+    let fresh = c.answering_pods(&client, "http://10.96.0.10/", 20);
+    assert!(
+        !fresh.contains(&pod),
+        "no new connection to the terminating pod: {fresh:?}"
+    );
+
+    // Nothing ready at all: the serving-terminating endpoints take traffic.
+    for i in 0..3 {
+        c.write(&format!("pod-web-{i}.yaml"), &pod_spec(i, true, true));
+    }
+    c.wait_backends("10.96.0.10:80/TCP", &ALL, Duration::from_secs(2));
+    assert!(
+        c.dump("services")["services"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["state"] == "terminating")
+    );
+    assert_eq!(
+        c.answering_pods(&client, "http://10.96.0.10/", 30).len(),
+        3,
+        "fallback to serving-terminating"
+    );
+    assert!(conn.send("end").contains(&format!("pod={pod}")));
+}
+
+#[test]
+fn udp_client_with_a_fixed_port_moves_within_a_second_of_removal() {
+    let (c, client) = cluster("");
+    let ip = "10.96.0.10".parse().unwrap();
+    let first = c.topo.udp(&client, ip, 53, 2.0, 45000).expect("udp reply");
+    let pod = field(&first, "pod").to_string();
+    let idx: usize = pod.trim_start_matches("web-").parse().unwrap();
+    // Same source port again: the same backend (conntrack).
+    assert_eq!(
+        field(&c.topo.udp(&client, ip, 53, 2.0, 45000).unwrap(), "pod"),
+        pod
+    );
+
+    c.remove(&format!("pod-web-{idx}.yaml"));
+    let removed_at = std::time::Instant::now();
+    let mut moved = None;
+    while removed_at.elapsed() < Duration::from_secs(1) {
+        if let Ok(reply) = c.topo.udp(&client, ip, 53, 0.3, 45000)
+            && field(&reply, "pod") != pod
+        {
+            moved = Some(removed_at.elapsed());
+            break;
+        }
+    }
+    let moved = moved.unwrap_or_else(|| panic!("the client's port stayed stuck on removed {pod}"));
+    println!("UDP client moved {moved:?} after the removal");
+    // Its conntrack entries were removed with the backend.
+    let flows = c.dump("conntrack");
+    assert!(
+        !flows["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["translated_to"]
+                .as_str()
+                .unwrap()
+                .starts_with(WEB_IPS[idx])),
+        "no flow to the removed backend is left"
+    );
+}
+
+#[test]
+fn agent_restart_under_load_fails_no_connection() {
+    let (mut c, client) = cluster("");
+    let mut conn = HeldConnection::open(&client, "10.96.0.10", 80);
+    let pod = field(&conn.greeting, "pod").to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let loader = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let client = client.clone();
+        let topo_ns = client.ns.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let out = std::process::Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &topo_ns,
+                        "curl",
+                        "-sS",
+                        "--max-time",
+                        "2",
+                        "http://10.96.0.10/",
+                    ])
+                    .output()
+                    .expect("curl");
+                if out.status.success() { &ok } else { &failed }.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    c.stop_agent(SIGKILL);
+    std::thread::sleep(Duration::from_secs(1));
+    c.start_agent();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    loader.join().unwrap();
+    assert!(
+        conn.send("after").contains(&format!("pod={pod}")),
+        "the long stream survived"
+    );
+    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    println!("{ok} connections during the restart, {failed} failed");
+    assert!(ok > 10, "the loop ran: {ok}");
+    assert_eq!(
+        failed, 0,
+        "no new connection failed while the agent was down or coming back"
+    );
+}
