@@ -225,3 +225,76 @@ fn shrinking_a_frontend_never_exposes_a_missing_slot() {
         .count();
     assert_eq!(slots, 0);
 }
+
+#[test]
+fn pins_of_another_shape_are_replaced_not_misread() {
+    let fs = Bpffs::new("shape");
+    {
+        // An older layout: LB_SERVICES with another capacity, holding an entry.
+        let mut syncer = Syncer::new(load(&fs, 8)).expect("syncer");
+        assert!(
+            syncer
+                .sync(&desired(vec![frontend(
+                    "a",
+                    [10, 96, 0, 1],
+                    &[[10, 0, 0, 1]]
+                )]))
+                .errors
+                .is_empty()
+        );
+    }
+    let (_dp, maps) =
+        lb_agent::datapath::loader::Datapath::load(&fs.0, lb_common::ConfigValue::default())
+            .expect("the agent starts over an incompatible pin");
+    let shapes = lb_agent::datapath::maps::expected_shapes();
+    for shape in &shapes {
+        lb_agent::datapath::maps::check_pin(&fs.0.join(shape.name), shape)
+            .expect("every pin has our shape now");
+    }
+    assert_eq!(
+        maps.services.keys().count(),
+        0,
+        "the old map's entries were not read as ours"
+    );
+    assert_eq!(
+        maps.backends.keys().count(),
+        1,
+        "compatible maps are adopted"
+    );
+}
+
+#[test]
+fn another_layout_version_replaces_every_pin() {
+    let fs = Bpffs::new("version");
+    {
+        let mut maps = load(&fs, map_sizes::SERVICES);
+        let config = lb_common::ConfigValue {
+            layout_version: lb_common::LAYOUT_VERSION + 1,
+            ..Default::default()
+        };
+        maps.config.set(0, config, 0).unwrap();
+        let mut syncer = Syncer::new(maps).expect("syncer");
+        assert!(
+            syncer
+                .sync(&desired(vec![frontend(
+                    "a",
+                    [10, 96, 0, 1],
+                    &[[10, 0, 0, 1]]
+                )]))
+                .errors
+                .is_empty()
+        );
+    }
+    let (_dp, maps) =
+        lb_agent::datapath::loader::Datapath::load(&fs.0, lb_common::ConfigValue::default())
+            .expect("the agent starts over pins of another layout version");
+    assert_eq!(
+        maps.backends.keys().count(),
+        0,
+        "nothing of the other layout is read"
+    );
+    assert_eq!(
+        maps.config.get(&0, 0).unwrap().layout_version,
+        lb_common::LAYOUT_VERSION
+    );
+}

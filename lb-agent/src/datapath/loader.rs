@@ -9,6 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use aya::maps::{Map, MapData};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
@@ -17,11 +18,11 @@ use aya::{
         tc::{SchedClassifierLink, TcAttachOptions},
     },
 };
-use lb_common::{ConfigValue, LAYOUT_VERSION, program_names};
+use lb_common::{ConfigValue, LAYOUT_VERSION, map_names, program_names};
 use thiserror::Error;
 use tracing::{info, warn};
 
-use super::maps::{Maps, MapsError, check_pin, expected_shapes};
+use super::maps::{ConfigMap, MapShape, Maps, MapsError, check_pin, expected_shapes};
 
 /// statfs f_type of a bpf filesystem.
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -130,6 +131,64 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     go(pattern.as_bytes(), name.as_bytes())
 }
 
+/// Pinned maps written with another layout are never read as ours: a map
+/// whose shape differs, or every map when LB_CONFIG records another layout
+/// version, is unpinned (with a log line saying so) and created afresh.
+/// Programs still attached keep their old maps until their links get the
+/// new program, so traffic flows throughout; tracked flows and affinity are
+/// lost and re-balanced.
+fn replace_stale_pins(bpffs: &Path, shapes: &[MapShape]) -> Result<(), LoadError> {
+    let unpin = |path: &Path| fs::remove_file(path).map_err(io_err(path));
+    let config_path = bpffs.join(map_names::CONFIG);
+    if config_path.exists()
+        && let Some(config_shape) = shapes.iter().find(|s| s.name == map_names::CONFIG)
+        && check_pin(&config_path, config_shape).is_ok()
+    {
+        let version = MapData::from_pin(&config_path)
+            .ok()
+            .and_then(|data| ConfigMap::try_from(Map::Array(data)).ok())
+            .and_then(|config| config.get(&0, 0).ok())
+            .map_or(0, |c| c.layout_version);
+        if version != 0 && version != LAYOUT_VERSION {
+            warn!(
+                found = version,
+                expected = LAYOUT_VERSION,
+                bpffs = %bpffs.display(),
+                "pinned maps have another layout version: replacing all of them; tracked flows will be re-balanced"
+            );
+            for shape in shapes {
+                let path = bpffs.join(shape.name);
+                if path.exists() {
+                    unpin(&path)?;
+                }
+            }
+            return Ok(());
+        }
+    }
+    for shape in shapes {
+        let path = bpffs.join(shape.name);
+        if !path.exists() {
+            continue;
+        }
+        match check_pin(&path, shape) {
+            Ok(()) => {}
+            Err(MapsError::Incompatible {
+                found, expected, ..
+            }) => {
+                warn!(
+                    map = shape.name,
+                    found = %found,
+                    expected = %expected,
+                    "pinned map has another layout: replacing it; its entries are not carried over"
+                );
+                unpin(&path)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 impl Datapath {
     /// Load the programs with maps pinned under `bpffs` (adopting existing
     /// pins after checking their shape), and write the node config.
@@ -145,9 +204,9 @@ impl Datapath {
             .iter()
             .map(|s| (s.name, bpffs.join(s.name)))
             .collect();
-        for (shape, (name, path)) in shapes.iter().zip(&paths) {
+        replace_stale_pins(bpffs, &shapes)?;
+        for (name, path) in &paths {
             if path.exists() {
-                check_pin(path, shape)?;
                 info!(map = name, path = %path.display(), "adopting pinned map");
             }
             loader.map_pin_path(name, path.as_path());
@@ -170,17 +229,6 @@ impl Datapath {
         })?;
 
         let mut maps = Maps::take(&mut ebpf)?;
-        let current = maps.config.get(&0, 0).map_err(|source| LoadError::Map {
-            what: "config",
-            source,
-        })?;
-        if current.layout_version != 0 && current.layout_version != LAYOUT_VERSION {
-            return Err(LoadError::LayoutVersion {
-                path: bpffs.into(),
-                found: current.layout_version,
-                expected: LAYOUT_VERSION,
-            });
-        }
         let config = ConfigValue {
             layout_version: LAYOUT_VERSION,
             ..config
