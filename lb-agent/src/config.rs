@@ -33,6 +33,29 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Show what the datapath holds, read from the pinned maps.
     Dump(DumpArgs),
+    /// Where would this flow go, and why: runs the real program on a
+    /// synthetic packet against the live maps, changing nothing.
+    Explain(ExplainArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExplainArgs {
+    /// Client address, with a port to match an existing flow (default port 40000).
+    #[arg(long, value_name = "IP[:PORT]")]
+    pub from: String,
+    /// Destination (a Service frontend, or anything).
+    #[arg(long, value_name = "IP:PORT")]
+    pub to: std::net::SocketAddrV4,
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub proto: ProtoArg,
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProtoArg {
+    Tcp,
+    Udp,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]

@@ -46,6 +46,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Explain(args) => match dump::explain(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lb-agent explain: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Dump(args) => match dump::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

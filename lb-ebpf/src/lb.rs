@@ -195,7 +195,7 @@ fn remember(key: &AffinityKey, backend_id: u32, now: u64) {
         last_used_ns: now,
     };
     // A full LRU evicts the oldest client; nothing to count.
-    let _ = LB_AFFINITY.insert(key, &value, 0);
+    let _ = LB_AFFINITY.insert(key, value, 0);
 }
 
 /// Deterministic hash of the flow's 5-tuple (murmur3's finaliser over the

@@ -281,3 +281,52 @@ fn agent_restart_under_load_fails_no_connection() {
         "no new connection failed while the agent was down or coming back"
     );
 }
+
+fn explain(c: &Cluster, args: &[&str]) -> String {
+    let out = std::process::Command::new(agent_bin())
+        .arg("explain")
+        .args(args)
+        .arg("--bpffs")
+        .arg(&c.topo.bpffs)
+        .output()
+        .expect("run explain");
+    assert!(out.status.success(), "explain failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn explain_shows_frontend_candidates_deciding_state_and_verdict() {
+    let (c, client) = cluster(AFFINITY);
+    let conn = HeldConnection::open(&client, "10.96.0.10", 80);
+    let pod = field(&conn.greeting, "pod").to_string();
+    let client_addr = field(&conn.greeting, "client").to_string();
+    let flows_before = c.dump("conntrack")["flows"].as_array().unwrap().len();
+
+    // The held connection's own tuple: its tracked flow decides.
+    let text = explain(&c, &["--from", &client_addr, "--to", "10.96.0.10:80"]);
+    assert!(text.contains("frontend   10.96.0.10:80/TCP ClusterIP"), "{text}");
+    assert!(text.contains("affinity"), "{text}");
+    for ip in WEB_IPS {
+        assert!(text.contains(&format!("{ip}:8080 active")), "{text}");
+    }
+    assert!(text.contains("a tracked flow from this port decides"), "{text}");
+    let idx: usize = pod.trim_start_matches("web-").parse().unwrap();
+    assert!(text.contains(&format!("translated to {}:8080 (established", WEB_IPS[idx])), "{text}");
+
+    // A new port from the same client: affinity decides.
+    let text = explain(&c, &["--from", "10.244.1.2:50000", "--to", "10.96.0.10:80"]);
+    assert!(text.contains("client entry for backend"), "{text}");
+    assert!(text.contains(&format!("translated to {}:8080", WEB_IPS[idx])), "{text}");
+    assert!(text.contains("affinity_hit"), "{text}");
+
+    // Undeclared port, UDP port, and a non-frontend.
+    let text = explain(&c, &["--from", "10.244.1.2", "--to", "10.96.0.10:81"]);
+    assert!(text.contains("refused") && text.contains("reject_undeclared"), "{text}");
+    let text = explain(&c, &["--from", "10.244.1.2", "--to", "10.96.0.10:53", "--proto", "udp"]);
+    assert!(text.contains("translated to 10.244.1.1"), "{text}");
+    let text = explain(&c, &["--from", "10.244.1.2", "--to", "192.0.2.1:80"]);
+    assert!(text.contains("passed untouched (pass_not_frontend)"), "{text}");
+
+    // Nothing live was touched.
+    assert_eq!(c.dump("conntrack")["flows"].as_array().unwrap().len(), flows_before);
+}

@@ -12,7 +12,7 @@ use lb_common::{
 use serde::Serialize;
 
 use crate::{
-    config::{DumpArgs, DumpWhat, OutputFormat},
+    config::{DumpArgs, DumpWhat, ExplainArgs, OutputFormat, ProtoArg},
     datapath::maps::Maps,
     model::{FrontendKind, Protocol},
 };
@@ -413,5 +413,110 @@ pub fn run(args: &DumpArgs) -> Result<()> {
         }
     };
     println!("{text}");
+    Ok(())
+}
+
+/// `lb-agent explain`: the frontend, its candidates, what decides, and the
+/// program's verdict on a synthetic packet.
+pub fn explain(args: &ExplainArgs) -> Result<()> {
+    let (from_ip, from_port, port_given) = match args.from.parse::<std::net::SocketAddrV4>() {
+        Ok(sa) => (*sa.ip(), sa.port(), true),
+        Err(_) => {
+            let ip: Ipv4Addr = args
+                .from
+                .parse()
+                .with_context(|| format!("--from {:?}: expected IP or IP:PORT", args.from))?;
+            (ip, 40000, false)
+        }
+    };
+    let proto = match args.proto {
+        ProtoArg::Tcp => Protocol::Tcp,
+        ProtoArg::Udp => Protocol::Udp,
+    };
+    let from = std::net::SocketAddrV4::new(from_ip, from_port);
+    let maps = Maps::open_pinned(&args.bpffs)
+        .with_context(|| format!("opening the maps pinned under {}", args.bpffs.display()))?;
+    let all = services(&maps)?;
+    let frontend = all.services.iter().find(|s| {
+        s.frontend.address == *args.to.ip()
+            && s.frontend.port == args.to.port()
+            && s.frontend.protocol == proto.to_string()
+    });
+    println!("flow       {from} -> {}/{proto}", args.to);
+    match frontend {
+        None if all.service_ips.contains(args.to.ip()) => {
+            println!(
+                "frontend   none: {} is a Service IP without port {}/{proto} (rejected like kube-proxy)",
+                args.to.ip(),
+                args.to.port()
+            )
+        }
+        None => println!(
+            "frontend   none: not a Service frontend (passes untouched, unless it is a reply of a tracked flow)"
+        ),
+        Some(f) => {
+            let flags = if f.flags.is_empty() {
+                String::new()
+            } else {
+                format!(", {}", f.flags.join(", "))
+            };
+            println!(
+                "frontend   {}:{}/{} {} (rev-NAT {}{flags})",
+                f.frontend.address, f.frontend.port, f.frontend.protocol, f.kind, f.rev_nat_id
+            );
+            if f.backends.is_empty() {
+                println!("candidates none");
+            }
+            for (i, b) in f.backends.iter().enumerate() {
+                let head = if i == 0 { "candidates" } else { "" };
+                println!("{head:<10} {}:{} {} #{}", b.address, b.port, b.state, b.id);
+            }
+        }
+    }
+    let outcome = crate::datapath::explain::run(
+        &args.bpffs,
+        from,
+        args.to,
+        proto,
+        frontend.map(|f| f.rev_nat_id),
+    )
+    .context("running the program on a synthetic packet")?;
+    match (&outcome.existing_flow, port_given) {
+        (Some(ct), _) => println!(
+            "existing   a tracked flow from this port decides: backend #{} ({}:{})",
+            ct.backend_id,
+            addr(ct.nat_addr_be),
+            u16::from_be(ct.nat_port_be)
+        ),
+        (None, true) => println!("existing   no tracked flow from this port"),
+        (None, false) => {
+            println!("existing   not considered (give --from IP:PORT to match a flow)")
+        }
+    }
+    if let Some(a) = &outcome.affinity {
+        let idle = monotonic_ns().saturating_sub(a.last_used_ns) as f64 / 1e9;
+        println!(
+            "affinity   client entry for backend #{} (idle {idle:.0}s), used for new flows while live and active",
+            a.backend_id
+        );
+    }
+    let why = outcome.reasons.join(", ");
+    let verdict = match outcome.verdict {
+        0 if outcome.destination != args.to => {
+            format!("translated to {} ({why})", outcome.destination)
+        }
+        0 => format!("passed untouched ({why})"),
+        2 => format!("dropped ({why})"),
+        7 => format!("refused: answer sent back to the client ({why})"),
+        other => format!("tc verdict {other} ({why})"),
+    };
+    println!("verdict    {verdict}");
+    if frontend.is_some_and(|f| f.backends.len() > 1 && !f.flags.contains(&"maglev"))
+        && outcome.existing_flow.is_none()
+    {
+        println!(
+            "           (a new flow picks a random candidate: another run may choose another)"
+        );
+    }
     Ok(())
 }

@@ -1,0 +1,210 @@
+//! `lb-agent explain`: where would this flow go, and why. The real tc
+//! program runs on a synthetic packet through BPF_PROG_TEST_RUN against the
+//! live (pinned) service, backend, rev-NAT, Maglev and config maps. Conntrack,
+//! affinity and counters are private copies: the live flow and affinity
+//! entries for this client are copied in, so they decide as they would, and
+//! nothing live is written.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use lb_common::{
+    AffinityKey, AffinityValue, CT_DIR_FORWARD, CtKey, CtValue, map_names, program_names, stat,
+};
+use thiserror::Error;
+
+use super::maps::{Maps, MapsError};
+use crate::model::Protocol;
+
+#[derive(Debug, Error)]
+pub enum ExplainError {
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error("loading the program against the pinned maps: {0}")]
+    Ebpf(#[from] aya::EbpfError),
+    #[error("running the program: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    #[error("private map {0}: {1}")]
+    Map(&'static str, aya::maps::MapError),
+}
+
+/// What the program did with the synthetic packet.
+#[derive(Debug)]
+pub struct Outcome {
+    /// tc return code: 0 pass, 2 drop, 7 redirect (a reject sent back).
+    pub verdict: i32,
+    /// Destination after the program ran.
+    pub destination: SocketAddrV4,
+    /// Counters that moved, by name (the reason for the verdict).
+    pub reasons: Vec<&'static str>,
+    /// The live flow entry for this tuple, if any (it decides instead of balancing).
+    pub existing_flow: Option<CtValue>,
+    /// The live affinity entry for this client and frontend, if any.
+    pub affinity: Option<AffinityValue>,
+}
+
+fn be32(a: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+fn sum16(bytes: &[u8]) -> u32 {
+    bytes
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum()
+}
+
+fn fold(mut s: u32) -> u16 {
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s as u16
+}
+
+/// A TCP SYN or a UDP datagram from `from` to `to`, with valid checksums.
+pub fn synthetic_packet(from: SocketAddrV4, to: SocketAddrV4, proto: Protocol) -> Vec<u8> {
+    let l4_len = if proto == Protocol::Tcp { 20 } else { 8 + 4 };
+    let mut p = vec![0u8; 14 + 20 + l4_len];
+    p[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+    p[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    p[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip = &mut p[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto.number();
+    ip[12..16].copy_from_slice(&from.ip().octets());
+    ip[16..20].copy_from_slice(&to.ip().octets());
+    let c = !fold(sum16(ip));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let l4 = &mut p[34..];
+    l4[0..2].copy_from_slice(&from.port().to_be_bytes());
+    l4[2..4].copy_from_slice(&to.port().to_be_bytes());
+    if proto == Protocol::Tcp {
+        l4[4..8].copy_from_slice(&1u32.to_be_bytes());
+        l4[12] = 5 << 4;
+        l4[13] = 0x02; // SYN
+        l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    } else {
+        l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        l4[8..12].copy_from_slice(b"lb?\n");
+    }
+    let pseudo = sum16(&from.ip().octets())
+        + sum16(&to.ip().octets())
+        + proto.number() as u32
+        + l4_len as u32;
+    let csum_at = if proto == Protocol::Tcp { 16 } else { 6 };
+    let c = !fold(pseudo + sum16(l4));
+    l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+/// Run the program on one synthetic packet. `rev_nat_id` is the frontend's
+/// (for the affinity lookup), when it has one.
+pub fn run(
+    bpffs: &Path,
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    proto: Protocol,
+    rev_nat_id: Option<u16>,
+) -> Result<Outcome, ExplainError> {
+    let live = Maps::open_pinned(bpffs)?;
+    let mut loader = EbpfLoader::new();
+    let shared = [
+        map_names::SERVICES,
+        map_names::BACKENDS,
+        map_names::REV_NAT,
+        map_names::MAGLEV,
+        map_names::CONFIG,
+    ];
+    let paths: Vec<(&str, std::path::PathBuf)> =
+        shared.iter().map(|n| (*n, bpffs.join(n))).collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    // Private, small: the live ones are only read, and copied from below.
+    loader
+        .map_max_entries(map_names::CT, 16)
+        .map_max_entries(map_names::AFFINITY, 16);
+    let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
+
+    let key = CtKey {
+        src_addr_be: be32(*from.ip()),
+        dst_addr_be: be32(*to.ip()),
+        src_port_be: from.port().to_be(),
+        dst_port_be: to.port().to_be(),
+        proto: proto.number(),
+        dir: CT_DIR_FORWARD,
+        _pad: [0; 2],
+    };
+    let existing_flow = live.ct.get(&key, 0).ok();
+    let affinity_key = rev_nat_id.map(|id| AffinityKey {
+        client_addr_be: be32(*from.ip()),
+        rev_nat_id: id,
+        _pad: 0,
+    });
+    let affinity = affinity_key.and_then(|k| live.affinity.get(&k, 0).ok());
+    let private =
+        |name: &'static str, ebpf: &mut aya::Ebpf| -> Result<aya::maps::Map, ExplainError> {
+            ebpf.take_map(name)
+                .ok_or(ExplainError::Maps(MapsError::Missing { name }))
+        };
+    // These handles hold the private maps open until the program has run.
+    let mut ct: HashMap<MapData, CtKey, CtValue> =
+        HashMap::try_from(private(map_names::CT, &mut ebpf)?)
+            .map_err(|e| ExplainError::Map(map_names::CT, e))?;
+    if let Some(v) = existing_flow {
+        ct.insert(key, v, 0)
+            .map_err(|e| ExplainError::Map(map_names::CT, e))?;
+    }
+    let mut aff: HashMap<MapData, AffinityKey, AffinityValue> =
+        HashMap::try_from(private(map_names::AFFINITY, &mut ebpf)?)
+            .map_err(|e| ExplainError::Map(map_names::AFFINITY, e))?;
+    if let (Some(k), Some(v)) = (affinity_key, affinity) {
+        aff.insert(k, v, 0)
+            .map_err(|e| ExplainError::Map(map_names::AFFINITY, e))?;
+    }
+    let stats = PerCpuArray::<MapData, u64>::try_from(ebpf.take_map(map_names::STATS).ok_or(
+        ExplainError::Maps(MapsError::Missing {
+            name: map_names::STATS,
+        }),
+    )?)
+    .map_err(|e| ExplainError::Map(map_names::STATS, e))?;
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(program_names::TC_INGRESS)
+        .ok_or(ExplainError::Maps(MapsError::Missing {
+            name: program_names::TC_INGRESS,
+        }))?
+        .try_into()?;
+    prog.load()?;
+    let packet = synthetic_packet(from, to, proto);
+    let mut out = vec![0u8; packet.len() + 128];
+    let result = prog.test_run(TestRunOptions {
+        data_in: Some(&packet),
+        data_out: Some(&mut out),
+        ..TestRunOptions::default()
+    })?;
+    let dst_ip = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+    let dst_port = u16::from_be_bytes([out[36], out[37]]);
+    let mut reasons = Vec::new();
+    for i in 0..stat::COUNT {
+        let n: u64 = stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
+        if n > 0 {
+            reasons.push(stat::NAMES[i as usize]);
+        }
+    }
+    Ok(Outcome {
+        verdict: result.return_value as i32,
+        destination: SocketAddrV4::new(dst_ip, dst_port),
+        reasons,
+        existing_flow,
+        affinity,
+    })
+}
