@@ -290,7 +290,11 @@ fn explain(c: &Cluster, args: &[&str]) -> String {
         .arg(&c.topo.bpffs)
         .output()
         .expect("run explain");
-    assert!(out.status.success(), "explain failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "explain failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -304,29 +308,143 @@ fn explain_shows_frontend_candidates_deciding_state_and_verdict() {
 
     // The held connection's own tuple: its tracked flow decides.
     let text = explain(&c, &["--from", &client_addr, "--to", "10.96.0.10:80"]);
-    assert!(text.contains("frontend   10.96.0.10:80/TCP ClusterIP"), "{text}");
+    assert!(
+        text.contains("frontend   10.96.0.10:80/TCP ClusterIP"),
+        "{text}"
+    );
     assert!(text.contains("affinity"), "{text}");
     for ip in WEB_IPS {
         assert!(text.contains(&format!("{ip}:8080 active")), "{text}");
     }
-    assert!(text.contains("a tracked flow from this port decides"), "{text}");
+    assert!(
+        text.contains("a tracked flow from this port decides"),
+        "{text}"
+    );
     let idx: usize = pod.trim_start_matches("web-").parse().unwrap();
-    assert!(text.contains(&format!("translated to {}:8080 (established", WEB_IPS[idx])), "{text}");
+    assert!(
+        text.contains(&format!("translated to {}:8080 (established", WEB_IPS[idx])),
+        "{text}"
+    );
 
     // A new port from the same client: affinity decides.
     let text = explain(&c, &["--from", "10.244.1.2:50000", "--to", "10.96.0.10:80"]);
     assert!(text.contains("client entry for backend"), "{text}");
-    assert!(text.contains(&format!("translated to {}:8080", WEB_IPS[idx])), "{text}");
+    assert!(
+        text.contains(&format!("translated to {}:8080", WEB_IPS[idx])),
+        "{text}"
+    );
     assert!(text.contains("affinity_hit"), "{text}");
 
     // Undeclared port, UDP port, and a non-frontend.
     let text = explain(&c, &["--from", "10.244.1.2", "--to", "10.96.0.10:81"]);
-    assert!(text.contains("refused") && text.contains("reject_undeclared"), "{text}");
-    let text = explain(&c, &["--from", "10.244.1.2", "--to", "10.96.0.10:53", "--proto", "udp"]);
+    assert!(
+        text.contains("refused") && text.contains("reject_undeclared"),
+        "{text}"
+    );
+    let text = explain(
+        &c,
+        &[
+            "--from",
+            "10.244.1.2",
+            "--to",
+            "10.96.0.10:53",
+            "--proto",
+            "udp",
+        ],
+    );
     assert!(text.contains("translated to 10.244.1.1"), "{text}");
     let text = explain(&c, &["--from", "10.244.1.2", "--to", "192.0.2.1:80"]);
-    assert!(text.contains("passed untouched (pass_not_frontend)"), "{text}");
+    assert!(
+        text.contains("passed untouched (pass_not_frontend)"),
+        "{text}"
+    );
 
     // Nothing live was touched.
-    assert_eq!(c.dump("conntrack")["flows"].as_array().unwrap().len(), flows_before);
+    assert_eq!(
+        c.dump("conntrack")["flows"].as_array().unwrap().len(),
+        flows_before
+    );
+}
+
+#[test]
+fn maglev_service_moves_about_one_nth_of_flows_when_a_backend_goes() {
+    let mut c = Cluster::new();
+    let client = c.pod("client", "10.244.1.2", &[], &[]);
+    let ips: Vec<String> = (0..6).map(|i| format!("10.244.1.{}", 21 + i)).collect();
+    for (i, ip) in ips.iter().enumerate() {
+        c.pod(&format!("web-{i}"), ip, &[8080], &[]);
+        c.write(
+            &format!("pod-web-{i}.yaml"),
+            &pod_yaml(&format!("web-{i}"), ip, "web", true),
+        );
+    }
+    c.write(
+        "svc.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations: {lb/algorithm: maglev}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
+    );
+    c.start_agent();
+    let all: Vec<String> = ips.iter().map(|ip| format!("{ip}:8080")).collect();
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &all.iter().map(String::as_str).collect::<Vec<_>>(),
+        Duration::from_secs(5),
+    );
+    let svc = &c.dump("services")["services"][0];
+    assert!(
+        svc["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "maglev"),
+        "{svc}"
+    );
+    assert_eq!(
+        c.answering_pods(&client, "http://10.96.0.10/", 40).len(),
+        6,
+        "flows spread over all six"
+    );
+
+    // Where 100 client ports land, through the real program (explain).
+    let placement = |c: &Cluster| -> Vec<String> {
+        (0..150)
+            .map(|i| {
+                let text = explain(
+                    c,
+                    &[
+                        "--from",
+                        &format!("10.244.1.2:{}", 30000 + i),
+                        "--to",
+                        "10.96.0.10:80",
+                    ],
+                );
+                text.lines()
+                    .find_map(|l| l.strip_prefix("verdict    translated to "))
+                    .and_then(|r| r.split_whitespace().next())
+                    .unwrap_or_else(|| panic!("no translation: {text}"))
+                    .to_string()
+            })
+            .collect()
+    };
+    let before = placement(&c);
+    c.remove("pod-web-3.yaml");
+    let left: Vec<&str> = all
+        .iter()
+        .map(String::as_str)
+        .filter(|b| !b.starts_with(&ips[3]))
+        .collect();
+    c.wait_backends("10.96.0.10:80/TCP", &left, Duration::from_secs(2));
+    let after = placement(&c);
+    let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+    let on_removed = before.iter().filter(|b| b.starts_with(&ips[3])).count();
+    println!(
+        "maglev: {moved} of 150 flows moved after removing 1 of 6 backends ({on_removed} were on it; ideal 1/6 = 25)"
+    );
+    assert!(
+        moved >= on_removed,
+        "every flow of the removed backend moves"
+    );
+    assert!(
+        moved <= on_removed + 150 / 10,
+        "others barely move: {moved} moved, {on_removed} had to"
+    );
 }
