@@ -406,7 +406,7 @@ fn maglev_service_moves_about_one_nth_of_flows_when_a_backend_goes() {
 
     // Where 100 client ports land, through the real program (explain).
     let placement = |c: &Cluster| -> Vec<String> {
-        (0..150)
+        (0..100)
             .map(|i| {
                 let text = explain(
                     c,
@@ -437,14 +437,14 @@ fn maglev_service_moves_about_one_nth_of_flows_when_a_backend_goes() {
     let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
     let on_removed = before.iter().filter(|b| b.starts_with(&ips[3])).count();
     println!(
-        "maglev: {moved} of 150 flows moved after removing 1 of 6 backends ({on_removed} were on it; ideal 1/6 = 25)"
+        "maglev: {moved} of 100 flows moved after removing 1 of 6 backends ({on_removed} were on it; ideal 1/6 = 17)"
     );
     assert!(
         moved >= on_removed,
         "every flow of the removed backend moves"
     );
     assert!(
-        moved <= on_removed + 150 / 10,
+        moved <= on_removed + 100 / 10,
         "others barely move: {moved} moved, {on_removed} had to"
     );
 }
