@@ -186,6 +186,32 @@ pub fn fold(mut s: u32) -> u16 {
     s as u16
 }
 
+/// Verify an IPv4 frame's header and L4 (TCP, UDP unless zero, ICMP)
+/// checksums from scratch.
+pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
+        return Err("not an IPv4 frame".into());
+    }
+    let ihl = (frame[14] & 0x0f) as usize * 4;
+    let tot = u16::from_be_bytes([frame[16], frame[17]]) as usize;
+    if ihl < 20 || tot < ihl || 14 + tot > frame.len() {
+        return Err("inconsistent IPv4 lengths".into());
+    }
+    if fold(sum16(&frame[14..14 + ihl])) != 0xffff {
+        return Err("bad IPv4 header checksum".into());
+    }
+    let l4 = &frame[14 + ihl..14 + tot];
+    let pseudo = sum16(&frame[26..34]) + frame[23] as u32 + l4.len() as u32;
+    match frame[23] {
+        IPPROTO_TCP if fold(pseudo + sum16(l4)) != 0xffff => Err("bad TCP checksum".into()),
+        IPPROTO_UDP if l4.len() >= 8 && l4[6..8] != [0, 0] && fold(pseudo + sum16(l4)) != 0xffff => {
+            Err("bad UDP checksum".into())
+        }
+        1 if fold(sum16(l4)) != 0xffff => Err("bad ICMP checksum".into()),
+        _ => Ok(()),
+    }
+}
+
 /// A loaded copy of lb's programs with private (unpinned) maps.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -416,6 +442,12 @@ impl Datapath {
     }
 
     pub fn run(&self, prog: Prog, frame: &[u8]) -> (Verdict, Vec<u8>) {
+        self.try_run(prog, frame).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {prog:?}: {e}"))
+    }
+
+    /// Like `run`, but a frame the kernel refuses to test (EINVAL for an skb
+    /// too short for its headers) is an Err, not a panic.
+    pub fn try_run(&self, prog: Prog, frame: &[u8]) -> Result<(Verdict, Vec<u8>), String> {
         let mut out = vec![0u8; frame.len() + 256];
         let opts = TestRunOptions {
             data_in: Some(frame),
@@ -442,9 +474,9 @@ impl Datapath {
                 p.test_run(opts)
             }
         }
-        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {prog:?}: {e}"));
+        .map_err(|e| e.to_string())?;
         out.truncate(result.data_size_out as usize);
-        (prog.verdict(result.return_value), out)
+        Ok((prog.verdict(result.return_value), out))
     }
 }
 

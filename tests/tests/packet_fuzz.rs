@@ -1,0 +1,325 @@
+//! Packet fuzzing through BPF_PROG_TEST_RUN: at least 100,000 random and
+//! mutated frames per program (truncated headers, IP options, bad IHL and
+//! total length, fragments, VLAN tags, IPv6, ICMP, random protocols) with
+//! services, conntrack and affinity populated. Properties:
+//! - a frame not addressed to a Service IP and not from a backend passes
+//!   byte-identical;
+//! - a translated frame differs from its input only in addresses, ports and
+//!   checksums, and its checksums are valid whenever the input's were;
+//! - a refusal is a well-formed RST / ICMP error with valid checksums;
+//! - no counter of an impossible state moves.
+//!
+//! Seeded and reproducible: LB_FUZZ_SEED and LB_FUZZ_FRAMES override.
+
+use std::net::Ipv4Addr;
+
+use lb_common::{IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, service_flags, stat};
+use lb_tests::packet::*;
+
+/// xorshift64*: small, fast, reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+const SERVICE_IPS: [&str; 4] = ["10.96.0.10", "10.96.0.53", "10.96.0.99", "10.96.0.77"];
+const BACKEND_IPS: [&str; 5] = ["10.0.1.1", "10.0.1.2", "10.0.1.3", "10.0.2.1", "10.0.2.2"];
+
+fn setup(dp: &mut Datapath) {
+    dp.backend(1, ep("10.0.1.1:8080"), TCP);
+    dp.backend(2, ep("10.0.1.2:8080"), TCP);
+    dp.backend(3, ep("10.0.1.3:8080"), TCP);
+    dp.backend(4, ep("10.0.2.1:5353"), UDP);
+    dp.backend(5, ep("10.0.2.2:5353"), UDP);
+    dp.frontend(ep("10.96.0.10:80"), TCP, 1, &[1, 2, 3]);
+    dp.frontend_with_flags(ep("10.96.0.10:443"), TCP, 2, &[1, 2], service_flags::AFFINITY);
+    dp.set_head(ep("10.96.0.10:443"), TCP, |h| h.affinity_timeout_s = 60);
+    dp.frontend(ep("10.96.0.53:53"), UDP, 3, &[4, 5]);
+    dp.frontend_with_flags(ep("10.96.0.53:53"), TCP, 4, &[1, 2, 3], service_flags::MAGLEV);
+    dp.maglev_table(4, &[1, 2, 3, 1, 2, 3, 1]);
+    dp.set_head(ep("10.96.0.53:53"), TCP, |h| h.backend_id = 7);
+    dp.frontend(ep("10.96.0.99:80"), TCP, 5, &[]);
+    dp.frontend(ep("10.96.0.99:53"), UDP, 6, &[]);
+    dp.frontend_with_flags(ep("10.96.0.77:80"), TCP, 7, &[], service_flags::DROP_IF_EMPTY);
+    for ip in SERVICE_IPS {
+        dp.address_only(ip.parse().unwrap());
+    }
+    dp.set_hairpin_addr("169.254.42.1".parse().unwrap());
+}
+
+fn ip(rng: &mut Rng, pool: &[&str]) -> Ipv4Addr {
+    match rng.below(4) {
+        0 => Ipv4Addr::from(rng.next() as u32),
+        1 => Ipv4Addr::new(10, 0, 0, 1 + rng.below(20) as u8),
+        _ => rng.pick(pool).parse().unwrap(),
+    }
+}
+
+fn port(rng: &mut Rng) -> u16 {
+    match rng.below(3) {
+        0 => rng.next() as u16,
+        _ => *rng.pick(&[80u16, 443, 53, 8080, 5353, 40000, 40001]),
+    }
+}
+
+fn tcp_flags(rng: &mut Rng) -> Tcp {
+    let raw = rng.next();
+    Tcp {
+        syn: raw & 1 != 0,
+        ack: (raw & 2 != 0).then_some(raw as u32 >> 8),
+        fin: raw & 4 != 0,
+        rst: raw & 8 != 0,
+        seq: (raw >> 32) as u32,
+    }
+}
+
+const FRONTENDS: [(&str, u8); 5] =
+    [("10.96.0.10:80", TCP), ("10.96.0.10:443", TCP), ("10.96.0.53:53", UDP), ("10.96.0.53:53", TCP), ("10.96.0.99:80", TCP)];
+const BACKENDS: [(&str, u8); 5] =
+    [("10.0.1.1:8080", TCP), ("10.0.1.2:8080", TCP), ("10.0.1.3:8080", TCP), ("10.0.2.1:5353", UDP), ("10.0.2.2:5353", UDP)];
+
+/// A well-formed frame: to exact frontends, replies from backends to the
+/// clients that use them, or anything near or far.
+fn base(rng: &mut Rng) -> Vec<u8> {
+    let payload: Vec<u8> = (0..rng.below(64)).map(|_| rng.next() as u8).collect();
+    let client = |rng: &mut Rng| Ep { addr: ip(rng, &["10.0.0.5", "10.0.1.1"]), port: *rng.pick(&[40000u16, 40001, 40002]) };
+    let (src, dst, proto) = match rng.below(10) {
+        0..=4 => {
+            let (fe, proto) = *rng.pick(&FRONTENDS);
+            (client(rng), ep(fe), Some(proto))
+        }
+        5 | 6 => {
+            let (be, proto) = *rng.pick(&BACKENDS);
+            (ep(be), client(rng), Some(proto))
+        }
+        7 => (Ep { addr: ip(rng, &BACKEND_IPS), port: port(rng) }, Ep { addr: ip(rng, &["10.0.0.5"]), port: port(rng) }, None),
+        _ => (Ep { addr: ip(rng, &["10.0.0.5", "10.0.1.1"]), port: port(rng) }, Ep { addr: ip(rng, &SERVICE_IPS), port: port(rng) }, None),
+    };
+    let kind = match proto {
+        Some(TCP) => 2,
+        Some(_) => 7,
+        None => rng.below(10),
+    };
+    match kind {
+        0 => {
+            let b = etherparse::PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC)
+                .ipv4(src.addr.octets(), dst.addr.octets(), 64)
+                .icmpv4_echo_request(rng.next() as u16, 1);
+            let mut f = Vec::new();
+            b.write(&mut f, &payload).unwrap();
+            f
+        }
+        1 => {
+            let b = etherparse::PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC)
+                .ipv6([0xfd; 16], [0xfe; 16], 64)
+                .udp(port(rng), port(rng));
+            let mut f = Vec::new();
+            b.write(&mut f, &payload).unwrap();
+            f
+        }
+        2..=5 => tcp(src, dst, tcp_flags(rng), &payload),
+        6 if rng.below(2) == 0 => udp_no_csum(src, dst, &payload),
+        _ => udp(src, dst, &payload),
+    }
+}
+
+/// Fix the IPv4 header checksum and the L4 checksum of a mutated frame.
+fn fix_checksums(f: &mut [u8]) {
+    if f.len() < 34 || f[12..14] != [0x08, 0x00] {
+        return;
+    }
+    let ihl = ((f[14] & 0x0f) as usize * 4).max(20);
+    let tot = u16::from_be_bytes([f[16], f[17]]) as usize;
+    if 14 + ihl > f.len() {
+        return;
+    }
+    f[24] = 0;
+    f[25] = 0;
+    let c = !fold(sum16(&f[14..14 + ihl]));
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    if tot < ihl || 14 + tot > f.len() {
+        return;
+    }
+    let (proto, l4) = (f[23], 14 + ihl);
+    let at = match proto {
+        TCP if tot >= ihl + 20 => l4 + 16,
+        UDP if tot >= ihl + 8 && f[l4 + 6..l4 + 8] != [0, 0] => l4 + 6,
+        _ => return,
+    };
+    f[at] = 0;
+    f[at + 1] = 0;
+    let pseudo = sum16(&f[26..34]) + proto as u32 + (tot - ihl) as u32;
+    let mut c = !fold(pseudo + sum16(&f[l4..14 + tot]));
+    if proto == UDP && c == 0 {
+        c = 0xffff;
+    }
+    f[at..at + 2].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Mutate a frame; returns whether its checksums are still meant to be valid.
+fn mutate(rng: &mut Rng, f: &mut Vec<u8>) -> bool {
+    let mut valid = true;
+    for _ in 0..1 + rng.below(3) {
+        match rng.below(12) {
+            0 => {
+                let n = 14 + rng.below(f.len().saturating_sub(13).max(1));
+                f.truncate(n.min(f.len()));
+            }
+            1 => {
+                let i = rng.below(f.len());
+                f[i] ^= 1 << rng.below(8);
+                valid = false;
+            }
+            2 if f.len() > 14 => f[14] = (f[14] & 0xf0) | rng.below(16) as u8,
+            3 if f.len() > 18 => {
+                let v = rng.next() as u16;
+                f[16..18].copy_from_slice(&v.to_be_bytes());
+            }
+            4 if f.len() > 21 => {
+                let random = rng.next() as u16;
+                let v = *rng.pick(&[0x2000u16, 0x0010, 0x2010, 0x4000, random]);
+                f[20..22].copy_from_slice(&v.to_be_bytes());
+            }
+            5 if f.len() >= 34 && f[14] == 0x45 => {
+                let words = 1 + rng.below(4);
+                let opts: Vec<u8> = (0..words * 4).map(|_| 1).collect();
+                *f = with_ip_options(f, &opts);
+            }
+            6 if f.len() > 23 => f[23] = rng.next() as u8,
+            7 if f.len() > 14 => {
+                let mut tagged = f[..12].to_vec();
+                tagged.extend_from_slice(&[0x81, 0x00, 0x00, rng.below(4095) as u8]);
+                tagged.extend_from_slice(&f[12..]);
+                *f = tagged;
+            }
+            8 if f.len() > 14 + 20 + 13 => {
+                let at = 14 + 20 + 12;
+                f[at] = (rng.below(16) as u8) << 4;
+            }
+            9 => {
+                let extra = rng.below(40);
+                f.extend((0..extra).map(|_| rng.next() as u8));
+            }
+            _ => {}
+        }
+    }
+    if valid {
+        fix_checksums(f);
+    }
+    valid
+}
+
+/// A frame nothing of ours could claim: not to a Service IP, not from a backend.
+fn foreign(f: &[u8]) -> bool {
+    if f.len() < 34 || f[12..14] != [0x08, 0x00] {
+        return true;
+    }
+    let src = Ipv4Addr::new(f[26], f[27], f[28], f[29]).to_string();
+    let dst = Ipv4Addr::new(f[30], f[31], f[32], f[33]).to_string();
+    !SERVICE_IPS.contains(&dst.as_str())
+        && !BACKEND_IPS.contains(&src.as_str())
+        && !BACKEND_IPS.contains(&dst.as_str())
+        && dst != "169.254.42.1"
+}
+
+/// Bytes outside addresses, ports and checksums must be unchanged.
+fn only_nat_fields_changed(input: &[u8], out: &[u8]) -> Result<(), String> {
+    if input.len() != out.len() {
+        return Err(format!("length {} -> {}", input.len(), out.len()));
+    }
+    let ihl = (input[14] & 0x0f) as usize * 4;
+    let l4 = 14 + ihl;
+    let csum = if input[23] == TCP { l4 + 16 } else { l4 + 6 };
+    let allowed = |i: usize| {
+        (24..34).contains(&i) || (l4..l4 + 4).contains(&i) || (csum..csum + 2).contains(&i)
+    };
+    match (0..input.len()).find(|&i| input[i] != out[i] && !allowed(i)) {
+        Some(i) => Err(format!("byte {i} changed")),
+        None => Ok(()),
+    }
+}
+
+const IMPOSSIBLE: [u32; 4] = [stat::ERR_SLOT_MISSING, stat::ERR_BACKEND_MISSING, stat::ERR_NAT_FAILED, stat::ERR_REJECT_FAILED];
+
+fn fuzz(prog: Prog) {
+    let seed: u64 = std::env::var("LB_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_1b00_c0ff_ee01);
+    let frames: usize = std::env::var("LB_FUZZ_FRAMES").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
+    let mut rng = Rng(seed ^ prog as u64);
+    let mut dp = Datapath::load();
+    setup(&mut dp);
+    let (mut untouched, mut translated, mut bounced, mut dropped, mut refused_by_kernel) = (0, 0, 0, 0, 0);
+    for n in 0..frames {
+        let mut frame = base(&mut rng);
+        let csum_valid = if rng.below(5) == 0 { true } else { mutate(&mut rng, &mut frame) };
+        let ctx = || format!("[{prog:?}] frame {n} (seed {seed:#x}): {frame:02x?}");
+        let (verdict, out) = match dp.try_run(prog, &frame) {
+            Ok(r) => r,
+            Err(_) => {
+                // The kernel itself refuses frames too short for an skb.
+                refused_by_kernel += 1;
+                continue;
+            }
+        };
+        match verdict {
+            Verdict::Pass if out == frame => untouched += 1,
+            Verdict::Pass => {
+                translated += 1;
+                assert!(!foreign(&frame), "{}: a foreign frame was changed", ctx());
+                if let Err(e) = only_nat_fields_changed(&frame, &out) {
+                    panic!("{}: translation changed more than NAT fields: {e}", ctx());
+                }
+                if csum_valid && verify_checksums(&frame).is_ok() {
+                    if let Err(e) = verify_checksums(&out) {
+                        panic!("{}: translated frame: {e}; out {out:02x?}", ctx());
+                    }
+                }
+            }
+            Verdict::Bounce => {
+                bounced += 1;
+                assert!(!foreign(&frame), "{}: a foreign frame was answered", ctx());
+                if let Err(e) = verify_checksums(&out) {
+                    panic!("{}: refusal: {e}; out {out:02x?}", ctx());
+                }
+                let proto = out[23];
+                assert!(proto == TCP && out[14 + 20 + 13] & 0x04 != 0 || proto == 1 && out[34] == 3, "{}: refusal is not RST / ICMP unreachable", ctx());
+            }
+            Verdict::Drop => {
+                dropped += 1;
+                assert!(!foreign(&frame), "{}: a foreign frame was dropped", ctx());
+            }
+        }
+    }
+    let stats = dp.stats();
+    for idx in IMPOSSIBLE {
+        assert_eq!(stats[idx as usize], 0, "[{prog:?}] impossible counter {} moved", stat::NAMES[idx as usize]);
+    }
+    println!(
+        "[{prog:?}] {frames} frames: {untouched} untouched, {translated} translated, {bounced} refused, {dropped} dropped, {refused_by_kernel} refused by BPF_PROG_TEST_RUN"
+    );
+    assert!(
+        translated > frames / 10 && untouched > frames / 10 && bounced > frames / 100 && dropped > 0,
+        "the generator reaches every path"
+    );
+}
+
+#[test]
+fn fuzz_tc_program() {
+    fuzz(Prog::Tc);
+}
+
+#[test]
+fn fuzz_xdp_program() {
+    fuzz(Prog::Xdp);
+}
