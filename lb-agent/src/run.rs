@@ -19,7 +19,7 @@ use crate::{
     datapath::{loader::Datapath, sync::Syncer},
     health::{DEFAULT_HEALTH_TIMEOUT, Health},
     metrics::Metrics,
-    model::{ClusterState, DesiredState, Problem, translate},
+    model::{ClusterState, DesiredState, Problem, translate_with},
     source::{kube::KubeSource, manifests::ManifestDir, watch::DirWatch},
 };
 
@@ -133,6 +133,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
 
     let mut reported: BTreeSet<Problem> = BTreeSet::new();
     let mut last_desired: Option<DesiredState> = None;
+    let mut ip_owners = std::collections::BTreeMap::new();
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut tick = tokio::time::interval(POLL);
@@ -213,7 +214,8 @@ pub async fn run(config: RunConfig) -> Result<()> {
             }
         };
         let assembled = started.elapsed();
-        let translation = translate(&state, &config.node);
+        let translation = translate_with(&state, &config.node, &ip_owners);
+        ip_owners = translation.ip_owners.clone();
         let translated = started.elapsed();
         problems.extend(translation.problems);
         let current: BTreeSet<Problem> = problems.into_iter().collect();

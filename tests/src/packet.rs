@@ -204,7 +204,9 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     let pseudo = sum16(&frame[26..34]) + frame[23] as u32 + l4.len() as u32;
     match frame[23] {
         IPPROTO_TCP if fold(pseudo + sum16(l4)) != 0xffff => Err("bad TCP checksum".into()),
-        IPPROTO_UDP if l4.len() >= 8 && l4[6..8] != [0, 0] && fold(pseudo + sum16(l4)) != 0xffff => {
+        IPPROTO_UDP
+            if l4.len() >= 8 && l4[6..8] != [0, 0] && fold(pseudo + sum16(l4)) != 0xffff =>
+        {
             Err("bad UDP checksum".into())
         }
         1 if fold(sum16(l4)) != 0xffff => Err("bad ICMP checksum".into()),
@@ -442,7 +444,8 @@ impl Datapath {
     }
 
     pub fn run(&self, prog: Prog, frame: &[u8]) -> (Verdict, Vec<u8>) {
-        self.try_run(prog, frame).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {prog:?}: {e}"))
+        self.try_run(prog, frame)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {prog:?}: {e}"))
     }
 
     /// Like `run`, but a frame the kernel refuses to test (EINVAL for an skb

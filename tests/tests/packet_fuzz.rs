@@ -44,15 +44,33 @@ fn setup(dp: &mut Datapath) {
     dp.backend(4, ep("10.0.2.1:5353"), UDP);
     dp.backend(5, ep("10.0.2.2:5353"), UDP);
     dp.frontend(ep("10.96.0.10:80"), TCP, 1, &[1, 2, 3]);
-    dp.frontend_with_flags(ep("10.96.0.10:443"), TCP, 2, &[1, 2], service_flags::AFFINITY);
+    dp.frontend_with_flags(
+        ep("10.96.0.10:443"),
+        TCP,
+        2,
+        &[1, 2],
+        service_flags::AFFINITY,
+    );
     dp.set_head(ep("10.96.0.10:443"), TCP, |h| h.affinity_timeout_s = 60);
     dp.frontend(ep("10.96.0.53:53"), UDP, 3, &[4, 5]);
-    dp.frontend_with_flags(ep("10.96.0.53:53"), TCP, 4, &[1, 2, 3], service_flags::MAGLEV);
+    dp.frontend_with_flags(
+        ep("10.96.0.53:53"),
+        TCP,
+        4,
+        &[1, 2, 3],
+        service_flags::MAGLEV,
+    );
     dp.maglev_table(4, &[1, 2, 3, 1, 2, 3, 1]);
     dp.set_head(ep("10.96.0.53:53"), TCP, |h| h.backend_id = 7);
     dp.frontend(ep("10.96.0.99:80"), TCP, 5, &[]);
     dp.frontend(ep("10.96.0.99:53"), UDP, 6, &[]);
-    dp.frontend_with_flags(ep("10.96.0.77:80"), TCP, 7, &[], service_flags::DROP_IF_EMPTY);
+    dp.frontend_with_flags(
+        ep("10.96.0.77:80"),
+        TCP,
+        7,
+        &[],
+        service_flags::DROP_IF_EMPTY,
+    );
     for ip in SERVICE_IPS {
         dp.address_only(ip.parse().unwrap());
     }
@@ -85,16 +103,29 @@ fn tcp_flags(rng: &mut Rng) -> Tcp {
     }
 }
 
-const FRONTENDS: [(&str, u8); 5] =
-    [("10.96.0.10:80", TCP), ("10.96.0.10:443", TCP), ("10.96.0.53:53", UDP), ("10.96.0.53:53", TCP), ("10.96.0.99:80", TCP)];
-const BACKENDS: [(&str, u8); 5] =
-    [("10.0.1.1:8080", TCP), ("10.0.1.2:8080", TCP), ("10.0.1.3:8080", TCP), ("10.0.2.1:5353", UDP), ("10.0.2.2:5353", UDP)];
+const FRONTENDS: [(&str, u8); 5] = [
+    ("10.96.0.10:80", TCP),
+    ("10.96.0.10:443", TCP),
+    ("10.96.0.53:53", UDP),
+    ("10.96.0.53:53", TCP),
+    ("10.96.0.99:80", TCP),
+];
+const BACKENDS: [(&str, u8); 5] = [
+    ("10.0.1.1:8080", TCP),
+    ("10.0.1.2:8080", TCP),
+    ("10.0.1.3:8080", TCP),
+    ("10.0.2.1:5353", UDP),
+    ("10.0.2.2:5353", UDP),
+];
 
 /// A well-formed frame: to exact frontends, replies from backends to the
 /// clients that use them, or anything near or far.
 fn base(rng: &mut Rng) -> Vec<u8> {
     let payload: Vec<u8> = (0..rng.below(64)).map(|_| rng.next() as u8).collect();
-    let client = |rng: &mut Rng| Ep { addr: ip(rng, &["10.0.0.5", "10.0.1.1"]), port: *rng.pick(&[40000u16, 40001, 40002]) };
+    let client = |rng: &mut Rng| Ep {
+        addr: ip(rng, &["10.0.0.5", "10.0.1.1"]),
+        port: *rng.pick(&[40000u16, 40001, 40002]),
+    };
     let (src, dst, proto) = match rng.below(10) {
         0..=4 => {
             let (fe, proto) = *rng.pick(&FRONTENDS);
@@ -104,8 +135,28 @@ fn base(rng: &mut Rng) -> Vec<u8> {
             let (be, proto) = *rng.pick(&BACKENDS);
             (ep(be), client(rng), Some(proto))
         }
-        7 => (Ep { addr: ip(rng, &BACKEND_IPS), port: port(rng) }, Ep { addr: ip(rng, &["10.0.0.5"]), port: port(rng) }, None),
-        _ => (Ep { addr: ip(rng, &["10.0.0.5", "10.0.1.1"]), port: port(rng) }, Ep { addr: ip(rng, &SERVICE_IPS), port: port(rng) }, None),
+        7 => (
+            Ep {
+                addr: ip(rng, &BACKEND_IPS),
+                port: port(rng),
+            },
+            Ep {
+                addr: ip(rng, &["10.0.0.5"]),
+                port: port(rng),
+            },
+            None,
+        ),
+        _ => (
+            Ep {
+                addr: ip(rng, &["10.0.0.5", "10.0.1.1"]),
+                port: port(rng),
+            },
+            Ep {
+                addr: ip(rng, &SERVICE_IPS),
+                port: port(rng),
+            },
+            None,
+        ),
     };
     let kind = match proto {
         Some(TCP) => 2,
@@ -251,18 +302,34 @@ fn only_nat_fields_changed(input: &[u8], out: &[u8]) -> Result<(), String> {
     }
 }
 
-const IMPOSSIBLE: [u32; 4] = [stat::ERR_SLOT_MISSING, stat::ERR_BACKEND_MISSING, stat::ERR_NAT_FAILED, stat::ERR_REJECT_FAILED];
+const IMPOSSIBLE: [u32; 4] = [
+    stat::ERR_SLOT_MISSING,
+    stat::ERR_BACKEND_MISSING,
+    stat::ERR_NAT_FAILED,
+    stat::ERR_REJECT_FAILED,
+];
 
 fn fuzz(prog: Prog) {
-    let seed: u64 = std::env::var("LB_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_1b00_c0ff_ee01);
-    let frames: usize = std::env::var("LB_FUZZ_FRAMES").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
+    let seed: u64 = std::env::var("LB_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_1b00_c0ff_ee01);
+    let frames: usize = std::env::var("LB_FUZZ_FRAMES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000);
     let mut rng = Rng(seed ^ prog as u64);
     let mut dp = Datapath::load();
     setup(&mut dp);
-    let (mut untouched, mut translated, mut bounced, mut dropped, mut refused_by_kernel) = (0, 0, 0, 0, 0);
+    let (mut untouched, mut translated, mut bounced, mut dropped, mut refused_by_kernel) =
+        (0, 0, 0, 0, 0);
     for n in 0..frames {
         let mut frame = base(&mut rng);
-        let csum_valid = if rng.below(5) == 0 { true } else { mutate(&mut rng, &mut frame) };
+        let csum_valid = if rng.below(5) == 0 {
+            true
+        } else {
+            mutate(&mut rng, &mut frame)
+        };
         let ctx = || format!("[{prog:?}] frame {n} (seed {seed:#x}): {frame:02x?}");
         let (verdict, out) = match dp.try_run(prog, &frame) {
             Ok(r) => r,
@@ -280,10 +347,11 @@ fn fuzz(prog: Prog) {
                 if let Err(e) = only_nat_fields_changed(&frame, &out) {
                     panic!("{}: translation changed more than NAT fields: {e}", ctx());
                 }
-                if csum_valid && verify_checksums(&frame).is_ok() {
-                    if let Err(e) = verify_checksums(&out) {
-                        panic!("{}: translated frame: {e}; out {out:02x?}", ctx());
-                    }
+                if csum_valid
+                    && verify_checksums(&frame).is_ok()
+                    && let Err(e) = verify_checksums(&out)
+                {
+                    panic!("{}: translated frame: {e}; out {out:02x?}", ctx());
                 }
             }
             Verdict::Bounce => {
@@ -293,7 +361,11 @@ fn fuzz(prog: Prog) {
                     panic!("{}: refusal: {e}; out {out:02x?}", ctx());
                 }
                 let proto = out[23];
-                assert!(proto == TCP && out[14 + 20 + 13] & 0x04 != 0 || proto == 1 && out[34] == 3, "{}: refusal is not RST / ICMP unreachable", ctx());
+                assert!(
+                    proto == TCP && out[14 + 20 + 13] & 0x04 != 0 || proto == 1 && out[34] == 3,
+                    "{}: refusal is not RST / ICMP unreachable",
+                    ctx()
+                );
             }
             Verdict::Drop => {
                 dropped += 1;
@@ -303,13 +375,21 @@ fn fuzz(prog: Prog) {
     }
     let stats = dp.stats();
     for idx in IMPOSSIBLE {
-        assert_eq!(stats[idx as usize], 0, "[{prog:?}] impossible counter {} moved", stat::NAMES[idx as usize]);
+        assert_eq!(
+            stats[idx as usize],
+            0,
+            "[{prog:?}] impossible counter {} moved",
+            stat::NAMES[idx as usize]
+        );
     }
     println!(
         "[{prog:?}] {frames} frames: {untouched} untouched, {translated} translated, {bounced} refused, {dropped} dropped, {refused_by_kernel} refused by BPF_PROG_TEST_RUN"
     );
     assert!(
-        translated > frames / 10 && untouched > frames / 10 && bounced > frames / 100 && dropped > 0,
+        translated > frames / 10
+            && untouched > frames / 10
+            && bounced > frames / 100
+            && dropped > 0,
         "the generator reaches every path"
     );
 }

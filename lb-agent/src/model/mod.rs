@@ -10,4 +10,4 @@ pub mod translate;
 
 pub use cluster::{ClusterState, NodeConfig, ObjectKey};
 pub use desired::{Backend, DesiredState, Frontend, FrontendKey, FrontendKind, Protocol};
-pub use translate::{Problem, Translation, translate};
+pub use translate::{Problem, Translation, translate, translate_with};

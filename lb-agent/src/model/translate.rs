@@ -41,6 +41,10 @@ impl fmt::Display for Problem {
 pub struct Translation {
     pub desired: DesiredState,
     pub problems: Vec<Problem>,
+    /// Which Service holds each Service IP: the next translation keeps it
+    /// there (`translate_with`), so a newcomer claiming a taken IP never
+    /// takes it over.
+    pub ip_owners: BTreeMap<Ipv4Addr, ObjectKey>,
 }
 
 /// One endpoint of one service port, after kube-proxy's condition rules.
@@ -57,6 +61,16 @@ struct EndpointInfo {
 }
 
 pub fn translate(state: &ClusterState, node: &NodeConfig) -> Translation {
+    translate_with(state, node, &BTreeMap::new())
+}
+
+/// `translate`, where the Services in `prior_owners` keep their IPs against
+/// any other claimant.
+pub fn translate_with(
+    state: &ClusterState,
+    node: &NodeConfig,
+    prior_owners: &BTreeMap<Ipv4Addr, ObjectKey>,
+) -> Translation {
     let mut out = Translation::default();
     let slices = slices_by_service(state);
     // This node's zone, for topology hints.
@@ -66,17 +80,22 @@ pub fn translate(state: &ClusterState, node: &NodeConfig) -> Translation {
         .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned())
         .filter(|z| !z.is_empty());
 
-    // Oldest Service first: when two claim one ClusterIP, the first keeps it,
-    // as the API server's allocator would have had it.
+    // When two Services claim one ClusterIP the first keeps it: the one that
+    // held it before, then the oldest (as the API server's allocator would
+    // have had it), then by name.
     let mut services: Vec<(&ObjectKey, &Service)> = state
         .services
         .iter()
         .map(|(k, s)| (k, s.as_ref()))
         .collect();
+    let held = |k: &ObjectKey| prior_owners.values().any(|owner| owner == k);
     services.sort_by(|(ka, a), (kb, b)| {
         let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
         let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        ta.cmp(&tb).then_with(|| ka.cmp(kb))
+        held(kb)
+            .cmp(&held(ka))
+            .then(ta.cmp(&tb))
+            .then_with(|| ka.cmp(kb))
     });
     let mut ip_owner: BTreeMap<Ipv4Addr, &ObjectKey> = BTreeMap::new();
 
@@ -108,6 +127,10 @@ pub fn translate(state: &ClusterState, node: &NodeConfig) -> Translation {
             }
         }
     }
+    out.ip_owners = ip_owner
+        .into_iter()
+        .map(|(ip, k)| (ip, k.clone()))
+        .collect();
     out.problems.sort();
     out
 }
