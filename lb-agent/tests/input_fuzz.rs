@@ -158,10 +158,10 @@ proptest! {
         for b in &bad {
             // Objects that do not even deserialize are rejected by the source
             // with a reason; translate sees the ones that do.
-            if let Ok(s) = serde_json::from_value::<Service>(b.clone()) {
-                if s.metadata.name.as_deref() != Some("good") {
-                    services.push(s);
-                }
+            if let Ok(s) = serde_json::from_value::<Service>(b.clone())
+                && s.metadata.name.as_deref() != Some("good")
+            {
+                services.push(s);
             }
             let slice_json = json!({"metadata": {"name": format!("{}-s", b["metadata"]["name"].as_str().unwrap()), "namespace": "default",
                 "labels": {"kubernetes.io/service-name": b["metadata"]["name"]}},
