@@ -85,12 +85,38 @@ impl Cluster {
     /// Start the agent with the given source flags (and any extra flags).
     pub fn start_agent_with(&mut self, extra: &[String]) {
         self.start_agent_as(extra, None);
+        self.wait_agent_ready();
+    }
+
+    /// Spawn the agent on the manifests and return at once (no readiness wait).
+    pub fn spawn_agent(&mut self) {
+        let source = [
+            "--manifests".to_string(),
+            self.manifests.display().to_string(),
+        ];
+        self.start_agent_as(&source, None);
     }
 
     /// Start the agent holding only `caps` (capability names as in a pod
     /// spec, e.g. "NET_ADMIN"), the way a container runtime would start it.
     pub fn start_agent_with_caps(&mut self, extra: &[String], caps: &[&str]) {
         self.start_agent_as(extra, Some(caps));
+        self.wait_agent_ready();
+    }
+
+    fn wait_agent_ready(&self) {
+        let bpffs = self.topo.bpffs.clone();
+        wait_until(
+            "the agent's maps can be dumped",
+            Duration::from_secs(20),
+            || {
+                Command::new(agent_bin())
+                    .args(["dump", "stats", "-o", "json", "--bpffs"])
+                    .arg(&bpffs)
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            },
+        );
     }
 
     fn start_agent_as(&mut self, extra: &[String], caps: Option<&[&str]>) {
@@ -127,18 +153,6 @@ impl Cluster {
                     .expect("start agent under setpriv");
             }
         }
-        let bpffs = self.topo.bpffs.clone();
-        wait_until(
-            "the agent's maps can be dumped",
-            Duration::from_secs(20),
-            || {
-                Command::new(agent_bin())
-                    .args(["dump", "stats", "-o", "json", "--bpffs"])
-                    .arg(&bpffs)
-                    .output()
-                    .is_ok_and(|o| o.status.success())
-            },
-        );
     }
 
     pub fn stop_agent(&mut self, signal: i32) {

@@ -258,6 +258,17 @@ impl Syncer {
     pub fn sync(&mut self, desired: &DesiredState) -> SyncReport {
         let mut report = SyncReport::default();
 
+        // 0. Strays (slots no head counts, Maglev entries past a table's
+        //    size, left by an interrupted sync) are unreachable by the
+        //    kernel: remove them first, before this sync may write the same
+        //    keys for real.
+        for key in std::mem::take(&mut self.stray_service_keys) {
+            self.remove_key(key);
+        }
+        for key in std::mem::take(&mut self.stray_maglev_keys) {
+            removed(self.maps.maglev.remove(&key));
+        }
+
         // 1. Backends every desired frontend needs: those in slots take new
         //    flows (active), the others are kept for established flows only
         //    (standby). For an endpoint shared by two Services, active wins.
@@ -407,12 +418,6 @@ impl Syncer {
             if self.remove_key(address_key(addr)) {
                 self.addresses.remove(&addr);
             }
-        }
-        for key in std::mem::take(&mut self.stray_service_keys) {
-            self.remove_key(key);
-        }
-        for key in std::mem::take(&mut self.stray_maglev_keys) {
-            removed(self.maps.maglev.remove(&key));
         }
         let live_rev_nat: BTreeSet<u16> =
             self.frontends.values().map(|f| f.head.rev_nat_id).collect();
