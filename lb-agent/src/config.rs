@@ -100,6 +100,9 @@ pub struct RunArgs {
     /// Source address for hairpin flows. Default: 169.254.42.1
     #[arg(long, value_name = "ADDR")]
     pub hairpin_snat_address: Option<Ipv4Addr>,
+    /// Capacity of the service and backend maps (entries). Default: 262144 / 131072
+    #[arg(long, value_name = "N")]
+    pub lb_map_max: Option<u32>,
     /// Backend selection for Services without the `lb/algorithm` annotation. Default: random
     #[arg(long, value_enum)]
     pub default_algorithm: Option<Algorithm>,
@@ -152,6 +155,7 @@ pub struct FileConfig {
     pub bpffs: Option<PathBuf>,
     pub hairpin_snat_address: Option<Ipv4Addr>,
     pub default_algorithm: Option<Algorithm>,
+    pub lb_map_max: Option<u32>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -192,6 +196,8 @@ pub enum SourceConfig {
 #[derive(Clone, Debug)]
 pub struct RunConfig {
     pub source: SourceConfig,
+    /// Service and backend map capacity (`--lb-map-max`), when not the default.
+    pub lb_map_max: Option<u32>,
     pub healthz_bind: Option<SocketAddr>,
     pub metrics_bind: Option<SocketAddr>,
     pub min_sync_period: Duration,
@@ -265,8 +271,17 @@ impl RunArgs {
         if pod_devices.iter().any(|g| g.is_empty()) {
             return Err(ConfigError::EmptyGlob);
         }
+        let lb_map_max = self.lb_map_max.or(file.lb_map_max);
+        if lb_map_max.is_some_and(|n| n < 16) {
+            return Err(ConfigError::Invalid {
+                flag: "lb-map-max",
+                value: lb_map_max.unwrap_or_default().to_string(),
+                reason: "at least 16 entries".into(),
+            });
+        }
         Ok(RunConfig {
             source,
+            lb_map_max,
             healthz_bind,
             metrics_bind,
             min_sync_period,

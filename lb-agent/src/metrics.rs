@@ -8,6 +8,7 @@ use std::{
 };
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use aya::maps::MapInfo;
 use lb_common::{map_names, stat};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -132,11 +133,14 @@ impl Metrics {
             return;
         };
         for shape in expected_shapes() {
+            // The agent may have sized a map differently (--lb-map-max).
+            let capacity = MapInfo::from_pin(self.bpffs.join(shape.name))
+                .map_or(shape.max_entries, |i| i.max_entries());
             self.map_capacity
                 .get_or_create(&MapLabel {
                     map: shape.name.into(),
                 })
-                .set(shape.max_entries as i64);
+                .set(capacity as i64);
         }
         let counts = [
             (map_names::SERVICES, maps.services.keys().count()),

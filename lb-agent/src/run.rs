@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{RunConfig, SourceConfig},
-    datapath::{loader::Datapath, sync::Syncer},
+    datapath::{loader::Datapath, maps::Capacities, sync::Syncer},
     health::{DEFAULT_HEALTH_TIMEOUT, Health},
     metrics::Metrics,
     model::{ClusterState, DesiredState, Problem, translate_with},
@@ -78,7 +78,13 @@ pub async fn run(config: RunConfig) -> Result<()> {
         hairpin_snat_addr_be: u32::from_ne_bytes(config.node.hairpin_snat_addr.octets()),
         ..Default::default()
     };
-    let (mut datapath, maps) = Datapath::load(&config.bpffs, node_config)
+    let capacities = config
+        .lb_map_max
+        .map_or_else(Capacities::default, |n| Capacities {
+            services: n,
+            backends: n,
+        });
+    let (mut datapath, maps) = Datapath::load_sized(&config.bpffs, node_config, capacities)
         .with_context(|| format!("loading the datapath under {}", config.bpffs.display()))?;
     let mut syncer = Syncer::new(maps).context("reading the pinned maps")?;
     let mut counters = AgentCounters::default();

@@ -153,3 +153,94 @@ fn agent_killed_mid_sync_leaves_consistent_maps_and_converges() {
         "web-0"
     );
 }
+
+#[test]
+fn pins_are_root_only_and_metrics_listen_on_localhost() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut c = Cluster::new();
+    c.write("svc.yaml", SVC);
+    c.start_agent();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&c.topo.bpffs), 0o700, "bpffs directory");
+    assert_eq!(mode(&c.topo.bpffs.join("links")), 0o700, "links directory");
+    for map in lb_common::map_names::ALL {
+        assert_eq!(
+            mode(&c.topo.bpffs.join(map)) & 0o077,
+            0,
+            "{map} is readable by root only"
+        );
+    }
+    let listening = c.topo.exec(&c.topo.node_ns, &["ss", "-Htln"]).unwrap();
+    let listening = String::from_utf8_lossy(&listening.stdout);
+    assert!(
+        listening.contains("127.0.0.1:10249"),
+        "metrics on localhost: {listening}"
+    );
+    assert!(
+        !listening.contains("0.0.0.0:10249") && !listening.contains("*:10249"),
+        "{listening}"
+    );
+}
+
+#[test]
+fn a_full_map_names_the_service_counts_it_and_keeps_the_others() {
+    let mut c = Cluster::new();
+    let client = c.pod("client", "10.244.1.2", &[], &[]);
+    c.pod("web-0", "10.244.1.11", &[8080], &[]);
+    c.write("pod.yaml", &pod_yaml("web-0", "10.244.1.11", "web", true));
+    c.write("svc.yaml", SVC);
+    let small = |name: &str, ip: &str, n: u32| {
+        let mut text = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{name: p, port: 80}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\nmetadata: {{name: {name}-a, labels: {{kubernetes.io/service-name: {name}}}}}\nports: [{{name: p, port: 8080, protocol: TCP}}]\nendpoints:\n"
+        );
+        for j in 0..n {
+            text += &format!("- {{addresses: [\"10.{}.0.{}\"]}}\n", 130 + n / 100, j + 1);
+        }
+        text
+    };
+    c.write("other.yaml", &small("other", "10.96.0.20", 5));
+    c.start_agent_with(&[
+        "--manifests".into(),
+        c.manifests.display().to_string(),
+        "--lb-map-max".into(),
+        "40".into(),
+    ]);
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &["10.244.1.11:8080"],
+        Duration::from_secs(5),
+    );
+    // A Service with more endpoints than the map holds.
+    c.write("huge.yaml", &small("huge", "10.96.0.30", 45));
+    wait_until("the full map is counted", Duration::from_secs(5), || {
+        c.stats()["agent_map_full"].as_u64().unwrap_or(0) > 0
+    });
+    assert!(
+        c.backends_of("10.96.0.30:80/TCP").is_none(),
+        "the Service that does not fit is not half-programmed"
+    );
+    assert_eq!(
+        field(
+            &c.get(&client, "http://10.96.0.10/")
+                .expect("web still works"),
+            "pod"
+        ),
+        "web-0"
+    );
+    assert_eq!(
+        c.backends_of("10.96.0.20:80/TCP").map(|b| b.len()),
+        Some(5),
+        "other still programmed"
+    );
+    let (_, metrics) = c.node_http(10249, "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("lb_sync_errors_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lb_map_capacity{map=\"LB_SERVICES\"} 40"),
+        "{metrics}"
+    );
+}

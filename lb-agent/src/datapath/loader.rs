@@ -22,7 +22,7 @@ use lb_common::{ConfigValue, LAYOUT_VERSION, map_names, program_names};
 use thiserror::Error;
 use tracing::{info, warn};
 
-use super::maps::{ConfigMap, MapShape, Maps, MapsError, check_pin, expected_shapes};
+use super::maps::{Capacities, ConfigMap, MapShape, Maps, MapsError, check_pin, shapes_with};
 
 /// statfs f_type of a bpf filesystem.
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -193,13 +193,31 @@ impl Datapath {
     /// Load the programs with maps pinned under `bpffs` (adopting existing
     /// pins after checking their shape), and write the node config.
     pub fn load(bpffs: &Path, config: ConfigValue) -> Result<(Self, Maps), LoadError> {
+        Self::load_sized(bpffs, config, Capacities::default())
+    }
+
+    /// `load` with the service and backend maps sized as given (a pinned map
+    /// of another size is replaced, which drops its entries).
+    pub fn load_sized(
+        bpffs: &Path,
+        config: ConfigValue,
+        capacities: Capacities,
+    ) -> Result<(Self, Maps), LoadError> {
         fs::create_dir_all(bpffs).map_err(io_err(bpffs))?;
         check_bpffs(bpffs)?;
         let links_dir = bpffs.join("links");
         fs::create_dir_all(&links_dir).map_err(io_err(&links_dir))?;
+        // The maps hold every flow of the node: root only.
+        use std::os::unix::fs::PermissionsExt as _;
+        for dir in [bpffs, links_dir.as_path()] {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+        }
 
-        let shapes = expected_shapes();
+        let shapes = shapes_with(capacities);
         let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(map_names::SERVICES, capacities.services)
+            .map_max_entries(map_names::BACKENDS, capacities.backends);
         let paths: Vec<(&'static str, PathBuf)> = shapes
             .iter()
             .map(|s| (s.name, bpffs.join(s.name)))

@@ -52,8 +52,29 @@ impl std::fmt::Display for MapShape {
     }
 }
 
+/// Capacities the agent may size differently (`--lb-map-max`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    pub services: u32,
+    pub backends: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Capacities {
+            services: map_sizes::SERVICES,
+            backends: map_sizes::BACKENDS,
+        }
+    }
+}
+
 /// The shapes lb-common declares for every pinned map.
 pub fn expected_shapes() -> [MapShape; 8] {
+    shapes_with(Capacities::default())
+}
+
+/// The shapes with the given capacities.
+pub fn shapes_with(cap: Capacities) -> [MapShape; 8] {
     use std::mem::size_of;
     let shape = |name, k: usize, v: usize, max| MapShape {
         name,
@@ -66,13 +87,13 @@ pub fn expected_shapes() -> [MapShape; 8] {
             map_names::SERVICES,
             size_of::<ServiceKey>(),
             size_of::<ServiceValue>(),
-            map_sizes::SERVICES,
+            cap.services,
         ),
         shape(
             map_names::BACKENDS,
             4,
             size_of::<BackendValue>(),
-            map_sizes::BACKENDS,
+            cap.backends,
         ),
         shape(
             map_names::REV_NAT,
@@ -105,6 +126,16 @@ pub fn expected_shapes() -> [MapShape; 8] {
 
 /// Refuse a pinned map whose shape is not ours (aya would adopt it blindly).
 pub fn check_pin(path: &Path, expected: &MapShape) -> Result<(), MapsError> {
+    check_pin_layout(path, expected, true)
+}
+
+/// `check_pin`, optionally accepting any capacity (readers like dump do not
+/// care how large the agent sized a map, only how its entries are laid out).
+pub fn check_pin_layout(
+    path: &Path,
+    expected: &MapShape,
+    capacity_too: bool,
+) -> Result<(), MapsError> {
     let info = MapInfo::from_pin(path).map_err(|source| MapsError::Pin {
         path: path.into(),
         source,
@@ -113,7 +144,11 @@ pub fn check_pin(path: &Path, expected: &MapShape) -> Result<(), MapsError> {
         name: expected.name,
         key_size: info.key_size(),
         value_size: info.value_size(),
-        max_entries: info.max_entries(),
+        max_entries: if capacity_too {
+            info.max_entries()
+        } else {
+            expected.max_entries
+        },
     };
     if found != *expected {
         return Err(MapsError::Incompatible {
@@ -175,7 +210,7 @@ impl Maps {
         let shapes = expected_shapes();
         let open = |i: usize, wrap: fn(MapData) -> Map| -> Result<Map, MapsError> {
             let path = bpffs.join(shapes[i].name);
-            check_pin(&path, &shapes[i])?;
+            check_pin_layout(&path, &shapes[i], false)?;
             let data =
                 MapData::from_pin(&path).map_err(|source| MapsError::Pin { path, source })?;
             Ok(wrap(data))
