@@ -177,14 +177,31 @@ fn api_server_away_keeps_the_datapath_then_converges() {
         Duration::from_secs(10),
     );
     api.set_down(true);
-    std::thread::sleep(Duration::from_secs(3));
-    // Unreachable API: nothing is removed, traffic flows.
+    // 30 s unreachable: nothing is removed, traffic flows throughout, and
+    // the change made meanwhile is not seen yet.
+    let away = std::time::Instant::now();
+    let mut changed = false;
+    while away.elapsed() < Duration::from_secs(30) {
+        assert_eq!(
+            c.answering_pods(&client, "http://10.96.0.10/", 10).len(),
+            2,
+            "at {:?}",
+            away.elapsed()
+        );
+        if !changed && away.elapsed() > Duration::from_secs(10) {
+            api.apply(
+                Kind::EndpointSlice,
+                slice("web-abc", "web", 8080, &["10.244.1.12", "10.244.1.13"]),
+            );
+            changed = true;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
     c.wait_backends(
         "10.96.0.10:80/TCP",
         &["10.244.1.11:8080", "10.244.1.12:8080"],
         Duration::from_secs(1),
     );
-    assert_eq!(c.answering_pods(&client, "http://10.96.0.10/", 20).len(), 2);
     // Changes made while it was away arrive when it is back.
     api.apply(
         Kind::EndpointSlice,

@@ -9,7 +9,7 @@ use std::{
     collections::BTreeMap,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt as _;
@@ -20,7 +20,7 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client, Config, Resource,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{WatchStreamExt as _, watcher},
+    runtime::{WatchStreamExt as _, utils::Backoff, watcher},
 };
 use thiserror::Error;
 use tokio::sync::Notify;
@@ -83,6 +83,45 @@ pub async fn client(
                 })?;
     }
     Client::try_from(config).map_err(KubeError::Client)
+}
+
+/// Retry delays after a watch error: 0.5 s doubling to 5 s, with up to 20 %
+/// jitter so a fleet of nodes does not reconnect in lockstep. Shorter than
+/// client-go's 30 s ceiling: a node agent must catch up soon after an API
+/// outage, and a node watches only three kinds.
+struct WatchBackoff {
+    next: Duration,
+}
+
+const BACKOFF_INITIAL: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff {
+            next: BACKOFF_INITIAL,
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let base = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
+        let jitter = base.mul_f64((nanos % 200) as f64 / 1000.0);
+        Some(base + jitter)
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = BACKOFF_INITIAL;
+    }
 }
 
 /// One watched kind: the live objects and, during a re-list, the buffer.
@@ -190,7 +229,7 @@ impl KubeSource {
     fn spawn<K: Watched>(&self, api: Api<K>, config: watcher::Config) {
         let this = self.clone();
         tokio::spawn(async move {
-            let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
+            let mut stream = std::pin::pin!(watcher(api, config).backoff(WatchBackoff::default()));
             while let Some(event) = stream.next().await {
                 match event {
                     Ok(event) => this.apply(event),
