@@ -16,6 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod soak;
+
 pub const SERVER_PY: &str = include_str!("../assets/server.py");
 pub const UDP_CLIENT_PY: &str = include_str!("../assets/udp_client.py");
 

@@ -3,6 +3,7 @@
 mod demo;
 mod perf;
 mod setup;
+mod soak;
 mod test;
 
 use std::process::ExitCode;
@@ -36,6 +37,16 @@ enum Command {
         #[arg(long, default_value = "target/perf")]
         out: std::path::PathBuf,
     },
+    /// Load and churn: Services x 10 endpoints, endpoint changes per second,
+    /// a client connecting continuously; writes target/soak/report.md (needs root).
+    Soak {
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+        #[arg(long, default_value_t = 10_000)]
+        services: u32,
+        #[arg(long, default_value_t = 100)]
+        changes_per_second: u32,
+    },
     /// Run setup, then the whole test suite (privileged tests need root).
     Test {
         /// Skip `cargo fmt --check` and clippy.
@@ -52,6 +63,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Setup => setup::run(),
         Command::Demo => demo::run(),
+        Command::Soak {
+            duration,
+            services,
+            changes_per_second,
+        } => soak::run(duration, services, changes_per_second),
         Command::Perf {
             services,
             changes,
