@@ -100,6 +100,9 @@ pub struct RunArgs {
     /// Source address for hairpin flows. Default: 169.254.42.1
     #[arg(long, value_name = "ADDR")]
     pub hairpin_snat_address: Option<Ipv4Addr>,
+    /// Only program spec.externalIPs inside these CIDRs (CVE-2020-8554). Default: all
+    #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
+    pub external_ip_cidrs: Option<Vec<ipnet::Ipv4Net>>,
     /// Capacity of the service and backend maps (entries). Default: 262144 / 131072
     #[arg(long, value_name = "N")]
     pub lb_map_max: Option<u32>,
@@ -156,6 +159,7 @@ pub struct FileConfig {
     pub hairpin_snat_address: Option<Ipv4Addr>,
     pub default_algorithm: Option<Algorithm>,
     pub lb_map_max: Option<u32>,
+    pub external_ip_cidrs: Option<Vec<ipnet::Ipv4Net>>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -291,6 +295,7 @@ impl RunArgs {
                     .hairpin_snat_address
                     .or(file.hairpin_snat_address)
                     .unwrap_or(DEFAULT_HAIRPIN_SNAT_ADDR),
+                external_ip_cidrs: self.external_ip_cidrs.or(file.external_ip_cidrs),
                 default_maglev: self.default_algorithm.or(file.default_algorithm)
                     == Some(Algorithm::Maglev),
             },

@@ -3,6 +3,8 @@
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, sync::Arc};
 
+use ipnet::Ipv4Net;
+
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -50,6 +52,8 @@ pub struct NodeConfig {
     pub hairpin_snat_addr: Ipv4Addr,
     /// Maglev for Services without the `lb/algorithm` annotation.
     pub default_maglev: bool,
+    /// spec.externalIPs allowed (None: all, as kube-proxy does).
+    pub external_ip_cidrs: Option<Vec<Ipv4Net>>,
 }
 
 impl Default for NodeConfig {
@@ -58,6 +62,7 @@ impl Default for NodeConfig {
             node_name: "node".into(),
             hairpin_snat_addr: DEFAULT_HAIRPIN_SNAT_ADDR,
             default_maglev: false,
+            external_ip_cidrs: None,
         }
     }
 }

@@ -110,6 +110,8 @@ pub fn translate_with(
                     continue;
                 }
             };
+        // The ClusterIP (first) decides for the whole Service; a taken
+        // externalIP is skipped alone.
         if let Some((ip, _)) = frontends.first()
             && let Some(owner) = ip_owner.get(ip)
         {
@@ -120,6 +122,15 @@ pub fn translate_with(
             continue;
         }
         for (ip, ports) in frontends {
+            if let Some(owner) = ip_owner.get(&ip)
+                && *owner != key
+            {
+                out.problems.push(Problem {
+                    object: object.clone(),
+                    reason: format!("externalIP {ip} is already used by Service {owner}; skipped"),
+                });
+                continue;
+            }
             ip_owner.insert(ip, key);
             out.desired.service_ips.insert(ip);
             for (fk, frontend) in ports {
@@ -289,7 +300,46 @@ fn service_frontends(
             },
         ));
     }
-    Ok(Some(vec![(cluster_ip, frontends)]))
+    let mut all = vec![(cluster_ip, frontends.clone())];
+    // spec.externalIPs: the same ports and backends on each address, if the
+    // --external-ip-cidrs allow-list admits it (CVE-2020-8554: anyone who can
+    // create a Service could otherwise intercept any address).
+    for ext in spec.external_ips.iter().flatten() {
+        let reject = |reason: String| Problem {
+            object: format!("Service {key}"),
+            reason,
+        };
+        let Ok(addr) = ext.parse::<Ipv4Addr>() else {
+            if !ext.contains(':') {
+                problems.push(reject(format!(
+                    "externalIP {ext:?} is not an IPv4 address; skipped"
+                )));
+            }
+            continue;
+        };
+        if let Some(allowed) = &node.external_ip_cidrs
+            && !allowed.iter().any(|net| net.contains(&addr))
+        {
+            problems.push(reject(format!(
+                "externalIP {addr} is outside --external-ip-cidrs; skipped"
+            )));
+            continue;
+        }
+        let ports = frontends
+            .iter()
+            .map(|(fk, f)| {
+                (
+                    FrontendKey { addr, ..*fk },
+                    Frontend {
+                        kind: FrontendKind::ExternalIP,
+                        ..f.clone()
+                    },
+                )
+            })
+            .collect();
+        all.push((addr, ports));
+    }
+    Ok(Some(all))
 }
 
 fn service_port_name(key: &ObjectKey, port: &ServicePort) -> String {
@@ -1029,6 +1079,47 @@ mod tests {
                 .values()
                 .all(|f| f.maglev)
         );
+    }
+
+    #[test]
+    fn external_ips_follow_the_allow_list() {
+        let s = svc(
+            "web",
+            json!({"clusterIP": "10.96.0.10", "externalIPs": ["192.0.2.10", "198.51.100.7", "bogus"], "ports": [{"name": "http", "port": 80}]}),
+        );
+        let sl = slice("s", "web", http_port(), json!([ready("10.0.0.1")]));
+        let t = translate(&state(vec![s.clone()], vec![sl.clone()]), &node());
+        let keys: Vec<String> = t.desired.frontends.keys().map(|k| k.to_string()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "10.96.0.10:80/TCP",
+                "192.0.2.10:80/TCP",
+                "198.51.100.7:80/TCP"
+            ],
+            "no allow-list: all, like kube-proxy"
+        );
+        assert!(t.problems.iter().any(|p| p.reason.contains("\"bogus\"")));
+        let only = NodeConfig {
+            external_ip_cidrs: Some(vec!["192.0.2.0/24".parse().unwrap()]),
+            ..node()
+        };
+        let t = translate(&state(vec![s], vec![sl]), &only);
+        let keys: Vec<String> = t.desired.frontends.keys().map(|k| k.to_string()).collect();
+        assert_eq!(keys, vec!["10.96.0.10:80/TCP", "192.0.2.10:80/TCP"]);
+        assert!(t.problems.iter().any(|p| {
+            p.reason
+                .contains("198.51.100.7 is outside --external-ip-cidrs")
+        }));
+        let ext = &t
+            .desired
+            .frontends
+            .iter()
+            .find(|(k, _)| k.addr.to_string() == "192.0.2.10")
+            .unwrap()
+            .1;
+        assert_eq!(ext.kind, FrontendKind::ExternalIP);
+        assert_eq!(ext.backends.len(), 1);
     }
 
     #[test]
