@@ -54,6 +54,18 @@ mod programs {
         lb::process(&mut XdpPacket { ctx }) as u32
     }
 
+    /// The floor for `cargo xtask perf`: a tc program that only passes.
+    #[classifier]
+    pub fn lb_noop_tc(_ctx: TcContext) -> i32 {
+        aya_ebpf::bindings::TC_ACT_OK
+    }
+
+    /// The floor for `cargo xtask perf`: an XDP program that only passes.
+    #[xdp]
+    pub fn lb_noop_xdp(_ctx: XdpContext) -> u32 {
+        aya_ebpf::bindings::xdp_action::XDP_PASS
+    }
+
     #[panic_handler]
     fn panic(_info: &core::panic::PanicInfo) -> ! {
         // The verifier rejects any reachable panic; this is never executed.

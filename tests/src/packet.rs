@@ -221,12 +221,17 @@ pub struct Datapath {
 
 impl Datapath {
     pub fn load() -> Self {
+        // Small maps: tests load many copies in parallel.
+        Self::load_sized(4096, 4096)
+    }
+
+    /// With room for `services` slots and `backends` backends (benchmarks).
+    pub fn load_sized(services: u32, backends: u32) -> Self {
         crate::require_root();
         let mut ebpf = EbpfLoader::new()
-            // Small maps: tests load many copies in parallel.
-            .map_max_entries(map_names::CT, 4096)
-            .map_max_entries(map_names::SERVICES, 4096)
-            .map_max_entries(map_names::BACKENDS, 4096)
+            .map_max_entries(map_names::CT, services.max(4096))
+            .map_max_entries(map_names::SERVICES, services)
+            .map_max_entries(map_names::BACKENDS, backends)
             .map_max_entries(map_names::AFFINITY, 1024)
             .map_max_entries(map_names::MAGLEV, 65536)
             .load(lb_agent::EBPF_OBJECT)
@@ -441,6 +446,39 @@ impl Datapath {
         };
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
         ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+
+    /// In-kernel time per run of a program on `frame`, repeated `repeat` times
+    /// (BPF_PROG_TEST_RUN's own measure), in nanoseconds.
+    pub fn time(&mut self, program: &str, frame: &[u8], repeat: u32) -> f64 {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        let prog = self
+            .ebpf
+            .program_mut(program)
+            .unwrap_or_else(|| panic!("program {program}"));
+        let result = match prog {
+            aya::programs::Program::SchedClassifier(p) => {
+                if p.fd().is_err() {
+                    p.load().expect("load");
+                }
+                p.test_run(opts)
+            }
+            aya::programs::Program::Xdp(p) => {
+                if p.fd().is_err() {
+                    p.load().expect("load");
+                }
+                p.test_run(opts)
+            }
+            _ => panic!("{program} is neither tc nor XDP"),
+        }
+        .unwrap_or_else(|e| panic!("test run {program}: {e}"));
+        result.duration.as_nanos() as f64
     }
 
     pub fn run(&self, prog: Prog, frame: &[u8]) -> (Verdict, Vec<u8>) {

@@ -80,6 +80,7 @@ fn main() -> ExitCode {
                 (services, changes)
             };
             perf::run(perf::PerfArgs {
+                quick,
                 services,
                 changes,
                 out,

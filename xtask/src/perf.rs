@@ -22,6 +22,7 @@ use crate::setup;
 const ENDPOINTS_PER_SERVICE: u32 = 10;
 
 pub struct PerfArgs {
+    pub quick: bool,
     pub services: Vec<u32>,
     pub changes: usize,
     pub out: PathBuf,
@@ -255,6 +256,51 @@ pub fn run(args: PerfArgs) -> Result<()> {
     };
     fs::create_dir_all(&out)?;
 
+    // Per-packet cost through BPF_PROG_TEST_RUN (the lb-bench binary of lb-tests).
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "lb-tests",
+            "--bin",
+            "lb-bench",
+        ])
+        .current_dir(&root)
+        .status()
+        .context("building lb-bench")?;
+    if !status.success() {
+        bail!("building lb-bench failed");
+    }
+    let bench_services = if args.quick {
+        "10,1000,10000"
+    } else {
+        "10,1000,10000,100000"
+    };
+    let repeat = if args.quick { "100000" } else { "1000000" };
+    println!(
+        "perf: per-packet cost at {bench_services} Services (repeat {repeat}, median of 5) ..."
+    );
+    let bench = Command::new(root.join("target/release/lb-bench"))
+        .args([
+            "--services",
+            bench_services,
+            "--repeat",
+            repeat,
+            "--runs",
+            "5",
+        ])
+        .output()
+        .context("running lb-bench")?;
+    if !bench.status.success() {
+        bail!(
+            "lb-bench failed: {}",
+            String::from_utf8_lossy(&bench.stderr)
+        );
+    }
+    let packet: Value = serde_json::from_slice(&bench.stdout).context("lb-bench output")?;
+
     let mut results = Vec::new();
     for &n in &args.services {
         println!(
@@ -281,6 +327,36 @@ pub fn run(args: PerfArgs) -> Result<()> {
             .join(","),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     )?;
+    writeln!(
+        md,
+        "## Per-packet cost (BPF_PROG_TEST_RUN, in-kernel ns per packet, median of 5)\n"
+    )?;
+    writeln!(
+        md,
+        "Floor: a no-op tc program {:.0} ns, a no-op XDP program {:.0} ns. New flow: one run per packet (distinct flows), median; the others repeat one packet {repeat} times.\n",
+        packet["floor_tc_ns"].as_f64().unwrap_or(f64::NAN),
+        packet["floor_xdp_ns"].as_f64().unwrap_or(f64::NAN)
+    )?;
+    writeln!(
+        md,
+        "| Services | program | new flow | established | reply | not a frontend | established / floor |"
+    )?;
+    writeln!(md, "|---:|---|---:|---:|---:|---:|---:|")?;
+    for row in packet["rows"].as_array().into_iter().flatten() {
+        let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
+        writeln!(
+            md,
+            "| {} | {} | {:.0} ns | {:.0} ns | {:.0} ns | {:.0} ns | {:.1}x |",
+            row["services"],
+            row["program"].as_str().unwrap_or("?"),
+            f("new_flow_ns"),
+            f("established_ns"),
+            f("reply_ns"),
+            f("miss_ns"),
+            f("established_ns") / f("floor_ns")
+        )?;
+    }
+    writeln!(md)?;
     writeln!(
         md,
         "## Control plane ({ENDPOINTS_PER_SERVICE} endpoints per Service)\n"
@@ -355,7 +431,9 @@ pub fn run(args: PerfArgs) -> Result<()> {
         .collect();
     fs::write(
         out.join("report.json"),
-        serde_json::to_string_pretty(&serde_json::json!({"control_plane": json}))?,
+        serde_json::to_string_pretty(
+            &serde_json::json!({"per_packet": packet, "control_plane": json}),
+        )?,
     )?;
     println!(
         "perf: wrote {} and report.json",
