@@ -6,7 +6,7 @@
 use std::{
     fs,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -15,7 +15,10 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use lb_testnet::Topology;
 
-use crate::setup;
+use crate::{
+    build::{self, workspace_root},
+    setup,
+};
 
 const CLUSTER_IP_URL: &str = "http://10.96.249.28:8080/";
 const PODS_FILE: &str = "sample-deployment-pods.yaml";
@@ -32,13 +35,6 @@ fn check_interrupt() -> Result<()> {
         bail!("interrupted; cleaning up");
     }
     Ok(())
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
 }
 
 /// Pods of the example: (name, IP), read from the example file.
@@ -154,15 +150,7 @@ pub fn run() -> Result<()> {
     }
     setup::run()?;
     let root = workspace_root();
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--quiet", "-p", "lb-agent", "--bins"])
-        .current_dir(&root)
-        .status()
-        .context("building lb-agent")?;
-    if !status.success() {
-        bail!("building lb-agent failed");
-    }
-    let agent = root.join("target/debug/lb-agent");
+    let agent = build::binary("lb-agent", "lb-agent", false)?;
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
 
     let examples = root.join("examples");

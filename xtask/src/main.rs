@@ -1,5 +1,6 @@
 //! `cargo xtask setup | test | demo | perf`: one-command set-up, the test suite, and the demo.
 
+mod build;
 mod demo;
 mod perf;
 mod setup;

@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use lb_testnet::Topology;
 use serde_json::Value;
 
-use crate::setup;
+use crate::{build, setup};
 
 const ENDPOINTS_PER_SERVICE: u32 = 10;
 
@@ -236,19 +236,8 @@ pub fn run(args: PerfArgs) -> Result<()> {
         bail!("perf loads BPF programs and builds namespaces: run it as root");
     }
     setup::run()?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf();
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--quiet", "--release", "-p", "lb-agent", "--bins"])
-        .current_dir(&root)
-        .status()
-        .context("building lb-agent (release)")?;
-    if !status.success() {
-        bail!("building lb-agent failed");
-    }
-    let agent = root.join("target/release/lb-agent");
+    let root = build::workspace_root();
+    let agent = build::binary("lb-agent", "lb-agent", true)?;
     let out = if args.out.is_absolute() {
         args.out.clone()
     } else {
@@ -257,22 +246,7 @@ pub fn run(args: PerfArgs) -> Result<()> {
     fs::create_dir_all(&out)?;
 
     // Per-packet cost through BPF_PROG_TEST_RUN (the lb-bench binary of lb-tests).
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "lb-tests",
-            "--bin",
-            "lb-bench",
-        ])
-        .current_dir(&root)
-        .status()
-        .context("building lb-bench")?;
-    if !status.success() {
-        bail!("building lb-bench failed");
-    }
+    let bench_bin = build::binary("lb-tests", "lb-bench", true)?;
     let bench_services = if args.quick {
         "10,1000,10000"
     } else {
@@ -282,7 +256,7 @@ pub fn run(args: PerfArgs) -> Result<()> {
     println!(
         "perf: per-packet cost at {bench_services} Services (repeat {repeat}, median of 5) ..."
     );
-    let bench = Command::new(root.join("target/release/lb-bench"))
+    let bench = Command::new(&bench_bin)
         .args([
             "--services",
             bench_services,

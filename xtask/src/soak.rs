@@ -1,35 +1,25 @@
 //! `cargo xtask soak`: the long load-and-churn run with a written report.
 
-use std::{fs, path::Path, process::Command, time::Duration};
+use std::{fs, time::Duration};
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use lb_testnet::soak::{SoakParams, run as soak};
 
-use crate::setup;
+use crate::{build, setup};
 
 pub fn run(duration_s: u64, services: u32, changes_per_second: u32) -> Result<()> {
     if !setup::is_root() {
         bail!("soak builds namespaces and loads BPF programs: run it as root");
     }
     setup::run()?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf();
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--quiet", "--release", "-p", "lb-agent", "--bins"])
-        .current_dir(&root)
-        .status()
-        .context("building lb-agent (release)")?;
-    if !status.success() {
-        bail!("building lb-agent failed");
-    }
+    let root = build::workspace_root();
+    let agent = build::binary("lb-agent", "lb-agent", true)?;
     let params = SoakParams {
         services,
         endpoints_per_service: 10,
         changes_per_second,
         duration: Duration::from_secs(duration_s),
-        agent: root.join("target/release/lb-agent"),
+        agent,
     };
     println!(
         "soak: {services} Services x 10 endpoints, {changes_per_second} changes/s for {duration_s} s ..."

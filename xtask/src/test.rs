@@ -6,16 +6,10 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::setup;
+use crate::{build::cargo, setup};
 
 /// The package whose tests need root.
 const PRIVILEGED_PACKAGE: &str = "lb-tests";
-
-fn cargo(args: &[&str]) -> Command {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(args);
-    cmd
-}
 
 fn run_cmd(cmd: &mut Command) -> Result<()> {
     println!("xtask: running {cmd:?}");
