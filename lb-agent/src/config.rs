@@ -94,6 +94,20 @@ pub struct RunArgs {
     /// Host-side pod devices to attach to, as globs. Default: veth*,lxc*,cali*
     #[arg(long, value_name = "GLOB[,GLOB]", value_delimiter = ',')]
     pub pod_devices: Option<Vec<String>>,
+    /// Node devices carrying traffic from outside the node (NodePort,
+    /// LoadBalancer IPs, externalIPs). Default: none (in-cluster traffic only)
+    #[arg(long, value_name = "IF[,IF]", value_delimiter = ',')]
+    pub devices: Option<Vec<String>>,
+    /// Program on node devices: xdp (native, else generic) or tc (TCX ingress). Default: xdp
+    #[arg(long, value_enum)]
+    pub device_mode: Option<DeviceMode>,
+    /// NodePorts answer only on node device addresses inside these CIDRs. Default: all of them
+    #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
+    pub nodeport_addresses: Option<Vec<ipnet::Ipv4Net>>,
+    /// Answer pings to Service addresses that have a usable endpoint (and
+    /// drop them when none has). Default: true
+    #[arg(long, value_name = "BOOL")]
+    pub ping_services: Option<bool>,
     /// Where maps and links are pinned. Default: /sys/fs/bpf/lb
     #[arg(long, value_name = "DIR")]
     pub bpffs: Option<PathBuf>,
@@ -155,12 +169,25 @@ pub struct FileConfig {
     pub min_sync_period: Option<String>,
     pub node_name: Option<String>,
     pub pod_devices: Option<Vec<String>>,
+    pub devices: Option<Vec<String>>,
+    pub device_mode: Option<DeviceMode>,
+    pub nodeport_addresses: Option<Vec<ipnet::Ipv4Net>>,
+    pub ping_services: Option<bool>,
     pub bpffs: Option<PathBuf>,
     pub hairpin_snat_address: Option<Ipv4Addr>,
     pub default_algorithm: Option<Algorithm>,
     pub lb_map_max: Option<u32>,
     pub external_ip_cidrs: Option<Vec<ipnet::Ipv4Net>>,
     pub log_format: Option<LogFormat>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceMode {
+    /// XDP in the driver where it supports it, generic XDP otherwise.
+    Xdp,
+    /// A TCX ingress program (for drivers or setups where XDP is unwanted).
+    Tc,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -207,6 +234,12 @@ pub struct RunConfig {
     pub min_sync_period: Duration,
     pub node: NodeConfig,
     pub pod_devices: Vec<String>,
+    /// Node devices (NodePort, LoadBalancer and externalIP traffic).
+    pub devices: Vec<String>,
+    pub device_mode: DeviceMode,
+    /// --nodeport-addresses (None: every node device address).
+    pub nodeport_cidrs: Option<Vec<ipnet::Ipv4Net>>,
+    pub ping_services: bool,
     pub bpffs: PathBuf,
     pub log_format: LogFormat,
 }
@@ -275,6 +308,17 @@ impl RunArgs {
         if pod_devices.iter().any(|g| g.is_empty()) {
             return Err(ConfigError::EmptyGlob);
         }
+        let devices = self.devices.or(file.devices).unwrap_or_default();
+        if let Some(bad) = devices
+            .iter()
+            .find(|d| d.is_empty() || d.len() > 15 || d.contains(['/', ' ', '*']))
+        {
+            return Err(ConfigError::Invalid {
+                flag: "devices",
+                value: bad.clone(),
+                reason: "not an interface name".into(),
+            });
+        }
         let lb_map_max = self.lb_map_max.or(file.lb_map_max);
         if lb_map_max.is_some_and(|n| n < 16) {
             return Err(ConfigError::Invalid {
@@ -298,8 +342,16 @@ impl RunArgs {
                 external_ip_cidrs: self.external_ip_cidrs.or(file.external_ip_cidrs),
                 default_maglev: self.default_algorithm.or(file.default_algorithm)
                     == Some(Algorithm::Maglev),
+                nodeport_addresses: Vec::new(),
             },
             pod_devices,
+            devices,
+            device_mode: self
+                .device_mode
+                .or(file.device_mode)
+                .unwrap_or(DeviceMode::Xdp),
+            nodeport_cidrs: self.nodeport_addresses.or(file.nodeport_addresses),
+            ping_services: self.ping_services.or(file.ping_services).unwrap_or(true),
             bpffs: self
                 .bpffs
                 .or(file.bpffs)

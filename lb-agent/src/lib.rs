@@ -8,6 +8,7 @@ pub mod config;
 pub mod datapath;
 pub mod dump;
 pub mod health;
+pub mod healthcheck;
 pub mod metrics;
 pub mod model;
 pub mod run;

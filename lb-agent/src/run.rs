@@ -4,22 +4,29 @@
 
 use std::{
     collections::BTreeSet,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 use axum::Router;
-use lb_common::{ConfigValue, stat};
+use lb_common::{
+    ConfigValue, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, LAYOUT_VERSION, config_flags, stat,
+};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
     config::{RunConfig, SourceConfig},
-    datapath::{loader::Datapath, maps::Capacities, sync::Syncer},
+    datapath::{
+        loader::{Datapath, device_addresses},
+        maps::Capacities,
+        sync::Syncer,
+    },
     health::{DEFAULT_HEALTH_TIMEOUT, Health},
+    healthcheck::HealthCheckServers,
     metrics::Metrics,
-    model::{ClusterState, DesiredState, Problem, translate_with},
+    model::{ClusterState, DesiredState, NodeConfig, Problem, translate_with},
     source::{kube::KubeSource, manifests::ManifestDir, watch::DirWatch},
 };
 
@@ -73,11 +80,50 @@ async fn serve(what: &'static str, addr: SocketAddr, router: Router) -> Result<(
     Ok(())
 }
 
+/// The datapath's node-wide settings for the current node view.
+fn datapath_config(config: &RunConfig, node: &NodeConfig, snat: Option<Ipv4Addr>) -> ConfigValue {
+    let be = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
+    ConfigValue {
+        layout_version: LAYOUT_VERSION,
+        flags: if config.ping_services {
+            config_flags::ECHO_REPLY
+        } else {
+            0
+        },
+        hairpin_snat_addr_be: be(node.hairpin_snat_addr),
+        nodeport_snat_addr_be: snat.map_or(0, be),
+        snat_port_min: DEFAULT_SNAT_PORT_MIN,
+        snat_port_max: DEFAULT_SNAT_PORT_MAX,
+        _pad: 0,
+    }
+}
+
+/// The node devices' addresses: NodePort addresses (filtered by
+/// --nodeport-addresses) and the SNAT address for external flows to other
+/// nodes (the first address of the first node device that has one).
+fn node_addresses(config: &RunConfig) -> (Vec<Ipv4Addr>, Option<Ipv4Addr>) {
+    let found = device_addresses(&config.devices);
+    let snat = found.first().map(|(_, a)| *a);
+    let mut nodeport: Vec<Ipv4Addr> = found
+        .into_iter()
+        .map(|(_, a)| a)
+        .filter(|a| {
+            config
+                .nodeport_cidrs
+                .as_ref()
+                .is_none_or(|cidrs| cidrs.iter().any(|c| c.contains(a)))
+        })
+        .collect();
+    nodeport.sort();
+    nodeport.dedup();
+    (nodeport, snat)
+}
+
 pub async fn run(config: RunConfig) -> Result<()> {
-    let node_config = ConfigValue {
-        hairpin_snat_addr_be: u32::from_ne_bytes(config.node.hairpin_snat_addr.octets()),
-        ..Default::default()
-    };
+    let mut node = config.node.clone();
+    let (nodeport_addresses, mut snat_addr) = node_addresses(&config);
+    node.nodeport_addresses = nodeport_addresses;
+    let node_config = datapath_config(&config, &node, snat_addr);
     let capacities = config
         .lb_map_max
         .map_or_else(Capacities::default, |n| Capacities {
@@ -133,6 +179,9 @@ pub async fn run(config: RunConfig) -> Result<()> {
         node = %config.node.node_name,
         bpffs = %config.bpffs.display(),
         pod_devices = ?config.pod_devices,
+        devices = ?config.devices,
+        nodeport_addresses = ?node.nodeport_addresses,
+        snat_address = ?snat_addr,
         min_sync_period = ?config.min_sync_period,
         "lb-agent running"
     );
@@ -150,6 +199,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
     // Oldest change not yet programmed (for health and programming latency).
     let mut pending_since: Option<Instant> = None;
     let mut last_sync: Option<Instant> = None;
+    let mut health_checks = HealthCheckServers::new(None);
 
     loop {
         let next_allowed = last_sync.map_or_else(Instant::now, |t| t + config.min_sync_period);
@@ -160,7 +210,21 @@ pub async fn run(config: RunConfig) -> Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
-        datapath.attach_matching(&config.pod_devices);
+        datapath.attach_matching(&config.pod_devices, &config.devices, config.device_mode);
+        if !config.devices.is_empty() {
+            let (nodeport_addresses, snat) = node_addresses(&config);
+            if nodeport_addresses != node.nodeport_addresses || snat != snat_addr {
+                info!(?nodeport_addresses, snat_address = ?snat, "node device addresses changed");
+                node.nodeport_addresses = nodeport_addresses;
+                snat_addr = snat;
+                let value = datapath_config(&config, &node, snat_addr);
+                if let Err(e) = syncer.maps_mut().config.set(0, value, 0) {
+                    warn!(error = %e, "writing the datapath config failed");
+                }
+                pending_since.get_or_insert_with(Instant::now);
+                dirty = true;
+            }
+        }
 
         // Note what changed, without syncing yet.
         match &mut source {
@@ -220,7 +284,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
             }
         };
         let assembled = started.elapsed();
-        let translation = translate_with(&state, &config.node, &ip_owners);
+        let translation = translate_with(&state, &node, &ip_owners);
         ip_owners = translation.ip_owners.clone();
         let translated = started.elapsed();
         problems.extend(translation.problems);
@@ -234,6 +298,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         }
         reported = current;
 
+        health_checks.update(&translation.desired.health_checks);
         if last_desired.as_ref() != Some(&translation.desired) || retry_due {
             let report = syncer.sync(&translation.desired);
             for e in &report.errors {

@@ -9,7 +9,7 @@
 
 /// Version of the map layout below. Bump it whenever a key or value changes
 /// shape, so an agent never adopts pinned maps written with another layout.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Map names, as the kernel object declares them and as they are pinned.
 pub mod map_names {
@@ -21,18 +21,32 @@ pub mod map_names {
     pub const STATS: &str = "LB_STATS";
     pub const CONFIG: &str = "LB_CONFIG";
     pub const MAGLEV: &str = "LB_MAGLEV";
+    pub const SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
     /// Every map of the object, in the order the agent pins them.
-    pub const ALL: [&str; 8] = [
-        SERVICES, BACKENDS, REV_NAT, CT, AFFINITY, STATS, CONFIG, MAGLEV,
+    pub const ALL: [&str; 9] = [
+        SERVICES,
+        BACKENDS,
+        REV_NAT,
+        CT,
+        AFFINITY,
+        STATS,
+        CONFIG,
+        MAGLEV,
+        SOURCE_RANGES,
     ];
 }
 
 /// Program names, as the kernel object declares them.
 pub mod program_names {
-    /// tc (TCX) ingress on pod devices and node devices.
+    /// tc (TCX) ingress on pod devices: traffic from pods (scope internal).
     pub const TC_INGRESS: &str = "lb_tc_ingress";
-    /// XDP on node devices.
+    /// XDP with the pod-side logic: packet tables and `xtask perf` compare
+    /// it with the tc program; the agent does not attach it.
     pub const XDP: &str = "lb_xdp";
+    /// XDP on node devices (--devices): traffic from outside the node.
+    pub const XDP_NODE: &str = "lb_xdp_node";
+    /// tc (TCX) ingress on node devices where XDP is not used.
+    pub const TC_NODE: &str = "lb_tc_node";
 }
 
 /// Map capacities.
@@ -46,16 +60,20 @@ pub mod map_sizes {
     pub const AFFINITY: u32 = 131_072;
     /// Maglev entries over all Maglev frontends (allocated as used).
     pub const MAGLEV: u32 = 1 << 20;
+    /// loadBalancerSourceRanges prefixes over all LoadBalancer IPs.
+    pub const SOURCE_RANGES: u32 = 16_384;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMP: u8 = 1;
 
-/// `ServiceKey::scope`: which backend set the slots list.
-pub const SCOPE_CLUSTER: u8 = 0;
-/// Node-local backends only (traffic policy Local).
-pub const SCOPE_LOCAL: u8 = 1;
+/// `ServiceKey::scope`: which traffic an entry serves. In-cluster traffic:
+/// packets from pods (pod devices) and the node itself.
+pub const SCOPE_INTERNAL: u8 = 0;
+/// Traffic from outside the node (node devices): NodePort, LoadBalancer IPs
+/// and externalIPs, with externalTrafficPolicy's backend set.
+pub const SCOPE_EXTERNAL: u8 = 1;
 
 /// Key of `LB_SERVICES`. Slot 0 describes the frontend, slots `1..=count`
 /// each name one backend.
@@ -98,6 +116,12 @@ pub mod service_flags {
     /// New flows pick their backend from the frontend's Maglev table
     /// (`LB_MAGLEV`); slot 0's `backend_id` holds the table size.
     pub const MAGLEV: u32 = 1 << 13;
+    /// On an address entry: answer ICMP echo requests (the address has a
+    /// frontend with a usable backend). An address entry without it drops them.
+    pub const ECHO: u32 = 1 << 14;
+    /// Only clients inside the frontend address's `LB_SOURCE_RANGES`
+    /// prefixes may use it (loadBalancerSourceRanges); others are dropped.
+    pub const SOURCE_RANGES: u32 = 1 << 15;
 }
 
 /// Key of `LB_MAGLEV`: one entry of a frontend's Maglev lookup table.
@@ -133,6 +157,9 @@ pub mod backend_flags {
     /// Selected only because nothing is ready: a serving-terminating endpoint
     /// (kube-proxy's fallback). Affinity does not pin clients to it.
     pub const FALLBACK: u32 = 1 << 0;
+    /// The endpoint runs on another node: external traffic sent to it is
+    /// source-NATed to the node address so the reply comes back through us.
+    pub const REMOTE: u32 = 1 << 1;
 }
 
 /// Value of `LB_BACKENDS`, keyed by a `u32` backend id (never 0).
@@ -149,14 +176,26 @@ pub struct BackendValue {
 }
 
 /// Value of `LB_REV_NAT`, keyed by a `u16` rev-NAT id (never 0): the frontend
-/// a reply is translated back to.
+/// a reply is translated back to. Each scope of a frontend has its own id
+/// (own affinity and Maglev table).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RevNatValue {
     pub addr_be: u32,
     pub port_be: u16,
     pub proto: u8,
-    pub _pad: u8,
+    pub scope: u8,
+}
+
+/// Data of an `LB_SOURCE_RANGES` LPM trie key (the trie's key is
+/// `{prefix_len: u32, data}`): the prefix length counts from the start of
+/// `frontend_addr_be` (32 + the client prefix length), so a lookup with 64
+/// bits matches one LoadBalancer IP's allowed client prefixes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SourceRange {
+    pub frontend_addr_be: u32,
+    pub client_addr_be: u32,
 }
 
 /// `CtKey::dir`: the packet goes client -> frontend.
@@ -223,11 +262,16 @@ pub struct CtValue {
     pub last_seen_ns: u64,
     /// Seconds after `last_seen_ns` at which the entry is dead.
     pub lifetime_s: u32,
-    /// Source NAT (hairpin). Forward: the source address written (0: none).
-    /// Reply: the client address to restore as destination (0: none).
+    /// Source NAT (hairpin, or external traffic to a remote backend).
+    /// Forward: the source address written (0: none). Reply: the client
+    /// address to restore as destination (0: none).
     pub snat_addr_be: u32,
     pub packets: u64,
     pub bytes: u64,
+    /// Port counterpart of `snat_addr_be` (forward: the allocated source
+    /// port; reply: the client port), network byte order.
+    pub snat_port_be: u16,
+    pub _pad1: [u8; 6],
 }
 
 /// Key of `LB_AFFINITY`.
@@ -259,13 +303,27 @@ pub struct ConfigValue {
     /// Source address for hairpin flows (a pod reaching itself through a
     /// Service), network byte order; 0 disables hairpin SNAT.
     pub hairpin_snat_addr_be: u32,
+    /// Node address external flows to remote backends are source-NATed
+    /// to, network byte order; 0 disables that SNAT.
+    pub nodeport_snat_addr_be: u32,
+    /// Source ports for that SNAT, host order, inclusive. Outside the
+    /// node's ephemeral range, so they never meet the node's own sockets.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
     pub _pad: u32,
 }
 
 pub mod config_flags {
     /// Log every new flow through aya-log (debugging only: it costs per connection).
     pub const DEBUG_FLOWS: u32 = 1 << 0;
+    /// Answer ICMP echo requests to Service addresses (`ECHO` entries).
+    pub const ECHO_REPLY: u32 = 1 << 1;
 }
+
+/// Default SNAT port range: above Linux's default ip_local_port_range
+/// (32768-60999) and the NodePort range.
+pub const DEFAULT_SNAT_PORT_MIN: u16 = 61_000;
+pub const DEFAULT_SNAT_PORT_MAX: u16 = 65_535;
 
 /// Indices of the per-CPU `LB_STATS` array: one packet counter per verdict and reason.
 pub mod stat {
@@ -321,8 +379,18 @@ pub mod stat {
     pub const FLOW_RESTARTED: u32 = 23;
     /// New flow chosen through the frontend's Maglev table.
     pub const MAGLEV: u32 = 24;
+    /// ICMP echo request to a Service address with a usable backend: answered.
+    pub const ECHO_REPLY: u32 = 25;
+    /// ICMP echo request to a Service address without a usable backend: dropped.
+    pub const DROP_ECHO: u32 = 26;
+    /// LoadBalancer IP traffic from outside loadBalancerSourceRanges: dropped.
+    pub const DROP_SOURCE_RANGE: u32 = 27;
+    /// New external flow to a backend on another node: source-NATed to the node.
+    pub const NODEPORT_SNAT: u32 = 28;
+    /// No free SNAT port for a new external flow: dropped.
+    pub const ERR_SNAT_PORTS: u32 = 29;
     /// Number of counters in use.
-    pub const COUNT: u32 = 25;
+    pub const COUNT: u32 = 30;
     /// Size of the stats array (room to grow without a layout change).
     pub const CAPACITY: u32 = 32;
 
@@ -353,6 +421,11 @@ pub mod stat {
         "affinity_hit",
         "flow_restarted",
         "maglev",
+        "echo_reply",
+        "drop_echo",
+        "drop_source_range",
+        "nodeport_snat",
+        "err_snat_ports",
     ];
 }
 
@@ -362,10 +435,11 @@ const _: () = {
     assert!(core::mem::size_of::<BackendValue>() == 12);
     assert!(core::mem::size_of::<RevNatValue>() == 8);
     assert!(core::mem::size_of::<CtKey>() == 16);
-    assert!(core::mem::size_of::<CtValue>() == 56);
+    assert!(core::mem::size_of::<CtValue>() == 64);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
-    assert!(core::mem::size_of::<ConfigValue>() == 16);
+    assert!(core::mem::size_of::<ConfigValue>() == 24);
+    assert!(core::mem::size_of::<SourceRange>() == 8);
     assert!(core::mem::size_of::<MaglevKey>() == 8);
     assert!(stat::COUNT <= stat::CAPACITY);
 };
@@ -385,6 +459,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for ConfigValue {}
     unsafe impl aya::Pod for MaglevKey {}
+    unsafe impl aya::Pod for SourceRange {}
 }
 
 #[cfg(test)]
@@ -406,7 +481,7 @@ mod tests {
             port_be: 80u16.to_be(),
             slot: 3,
             proto: IPPROTO_TCP,
-            scope: SCOPE_LOCAL,
+            scope: SCOPE_EXTERNAL,
             _pad: [0; 2],
         };
         let slot = 3u16.to_ne_bytes();
@@ -487,6 +562,32 @@ mod tests {
                 8,
             ),
             ("RevNatValue.proto", offset_of!(RevNatValue, proto), 6),
+            ("RevNatValue.scope", offset_of!(RevNatValue, scope), 7),
+            (
+                "CtValue.snat_port_be",
+                offset_of!(CtValue, snat_port_be),
+                56,
+            ),
+            (
+                "ConfigValue.nodeport_snat_addr_be",
+                offset_of!(ConfigValue, nodeport_snat_addr_be),
+                12,
+            ),
+            (
+                "ConfigValue.snat_port_min",
+                offset_of!(ConfigValue, snat_port_min),
+                16,
+            ),
+            (
+                "ConfigValue.snat_port_max",
+                offset_of!(ConfigValue, snat_port_max),
+                18,
+            ),
+            (
+                "SourceRange.client_addr_be",
+                offset_of!(SourceRange, client_addr_be),
+                4,
+            ),
         ];
         for (name, got, want) in cases {
             assert_eq!(got, want, "offset of {name}");

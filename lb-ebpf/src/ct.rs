@@ -2,7 +2,10 @@
 //! reply entry (backend -> client) names the frontend to translate back to.
 //! Entries age by protocol state; a dead entry reads as absent.
 
-use aya_ebpf::bindings::BPF_ANY;
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_get_prandom_u32,
+};
 use lb_common::{
     BACKEND_STANDBY, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, IPPROTO_TCP,
     ct_flags, ct_lifetime,
@@ -124,52 +127,61 @@ pub fn merge(key: &CtKey, proto: u8, bits: u16, now: u64) {
     }
 }
 
+/// How a new flow is translated: the backend written as destination and,
+/// for source NAT, the source written (port 0 in `snat_port_be` with a port
+/// range: allocate one).
+pub struct Nat {
+    pub backend_addr_be: u32,
+    pub backend_port_be: u16,
+    /// 0: no source NAT.
+    pub snat_addr_be: u32,
+    pub snat_port_be: u16,
+}
+
+pub enum CreateError {
+    /// The map refused an insert: the flow goes on untracked.
+    Full,
+    /// Every SNAT port tried is taken: the flow cannot be translated.
+    NoPort,
+}
+
+/// Random probes for a free SNAT port before giving up. With the default
+/// 4,536 ports and half of them in use towards one backend, all 16 collide
+/// with probability 2^-16.
+const SNAT_TRIES: u32 = 16;
+
 /// Track a new translated flow: forward entry keyed by the client's tuple,
-/// reply entry keyed by the backend's answer. False when the map refused.
+/// reply entry keyed by the backend's answer. With `port_range`, the SNAT
+/// port is allocated here: the reply entry is inserted only if its tuple is
+/// free (or dead), so two flows never share a tuple; `nat.snat_port_be` is
+/// set to the port taken.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub fn create(
     flow: &Flow,
     backend_id: u32,
     rev_nat_id: u16,
-    backend_addr_be: u32,
-    backend_port_be: u16,
-    snat_addr_be: u32,
+    nat: &mut Nat,
+    port_range: Option<(u16, u16)>,
     now: u64,
     len: u32,
-) -> bool {
+) -> Result<(), CreateError> {
     let mut flags = state_bits(flow);
     if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         flags |= ct_flags::SYN_SEEN;
     }
     let lifetime_s = lifetime(flow.proto, flags);
-    let forward = CtValue {
-        backend_id,
-        rev_nat_id,
-        flags,
-        nat_addr_be: backend_addr_be,
-        nat_port_be: backend_port_be,
-        tcp_flags_seen: flow.tcp_flags,
-        created_ns: now,
-        last_seen_ns: now,
-        lifetime_s,
-        snat_addr_be,
-        packets: 1,
-        bytes: len as u64,
-        ..Default::default()
-    };
-    // With hairpin SNAT the backend answers the SNAT address, and the reply
-    // entry remembers the real client to restore.
-    let (reply_dst, restore) = if snat_addr_be != 0 {
-        (snat_addr_be, flow.src_be)
+    // With SNAT the backend answers the SNAT address, and the reply entry
+    // remembers the real client to restore.
+    let (reply_dst, restore_addr, restore_port) = if nat.snat_addr_be != 0 {
+        (nat.snat_addr_be, flow.src_be, flow.sport_be)
     } else {
-        (flow.src_be, 0)
+        (flow.src_be, 0, 0)
     };
-    let reply_key = CtKey {
-        src_addr_be: backend_addr_be,
+    let mut reply_key = CtKey {
+        src_addr_be: nat.backend_addr_be,
         dst_addr_be: reply_dst,
-        src_port_be: backend_port_be,
-        dst_port_be: flow.sport_be,
+        src_port_be: nat.backend_port_be,
+        dst_port_be: nat.snat_port_be,
         proto: flow.proto,
         dir: CT_DIR_REPLY,
         _pad: [0; 2],
@@ -183,44 +195,86 @@ pub fn create(
         created_ns: now,
         last_seen_ns: now,
         lifetime_s,
-        snat_addr_be: restore,
+        snat_addr_be: restore_addr,
+        snat_port_be: restore_port,
         ..Default::default()
     };
     // Reply first: a forward entry must never exist without its way back.
-    LB_CT.insert(reply_key, reply, BPF_ANY as u64).is_ok()
-        && LB_CT
-            .insert(forward_key(flow), forward, BPF_ANY as u64)
-            .is_ok()
+    match port_range {
+        None => {
+            if LB_CT.insert(reply_key, reply, BPF_ANY as u64).is_err() {
+                return Err(CreateError::Full);
+            }
+        }
+        Some((min, max)) => {
+            let span = (max as u32).saturating_sub(min as u32) + 1;
+            let mut taken = false;
+            for _ in 0..SNAT_TRIES {
+                let port = min as u32 + unsafe { bpf_get_prandom_u32() } % span;
+                reply_key.dst_port_be = (port as u16).to_be();
+                if LB_CT.insert(reply_key, reply, BPF_NOEXIST as u64).is_ok()
+                    || (lookup(&reply_key, now).is_none()
+                        && LB_CT.insert(reply_key, reply, BPF_ANY as u64).is_ok())
+                {
+                    taken = true;
+                    break;
+                }
+            }
+            if !taken {
+                return Err(CreateError::NoPort);
+            }
+            nat.snat_port_be = reply_key.dst_port_be;
+        }
+    }
+    let forward = CtValue {
+        backend_id,
+        rev_nat_id,
+        flags,
+        nat_addr_be: nat.backend_addr_be,
+        nat_port_be: nat.backend_port_be,
+        tcp_flags_seen: flow.tcp_flags,
+        created_ns: now,
+        last_seen_ns: now,
+        lifetime_s,
+        snat_addr_be: nat.snat_addr_be,
+        snat_port_be: nat.snat_port_be,
+        packets: 1,
+        bytes: len as u64,
+        ..Default::default()
+    };
+    LB_CT
+        .insert(forward_key(flow), forward, BPF_ANY as u64)
+        .map_err(|_| CreateError::Full)
 }
 
 /// The reply key of a forward entry, and the forward key of a reply entry.
 #[inline(always)]
 pub fn peer_key(flow: &Flow, entry: &CtValue, dir: u8) -> CtKey {
     if dir == CT_DIR_FORWARD {
-        let client = if entry.snat_addr_be != 0 {
-            entry.snat_addr_be
+        let (client, client_port) = if entry.snat_addr_be != 0 {
+            (entry.snat_addr_be, entry.snat_port_be)
         } else {
-            flow.src_be
+            (flow.src_be, flow.sport_be)
         };
         CtKey {
             src_addr_be: entry.nat_addr_be,
             dst_addr_be: client,
             src_port_be: entry.nat_port_be,
-            dst_port_be: flow.sport_be,
+            dst_port_be: client_port,
             proto: flow.proto,
             dir: CT_DIR_REPLY,
             _pad: [0; 2],
         }
     } else {
-        let client = if entry.snat_addr_be != 0 {
-            entry.snat_addr_be
+        let (client, client_port) = if entry.snat_addr_be != 0 {
+            (entry.snat_addr_be, entry.snat_port_be)
         } else {
-            flow.dst_be
+            (flow.dst_be, flow.dport_be)
         };
         CtKey {
             src_addr_be: client,
             dst_addr_be: entry.nat_addr_be,
-            src_port_be: flow.dport_be,
+            src_port_be: client_port,
             dst_port_be: entry.nat_port_be,
             proto: flow.proto,
             dir: CT_DIR_FORWARD,

@@ -1,36 +1,61 @@
 //! Service translation: frontend lookup, backend selection, conntrack, and
 //! the reverse translation of replies. Shared by the tc and XDP programs.
 
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::{
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
+};
 use lb_common::{
     AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY,
-    IPPROTO_TCP, MaglevKey, SCOPE_CLUSTER, ServiceKey, ServiceValue, backend_flags, ct_flags,
-    service_flags, stat,
+    IPPROTO_TCP, MaglevKey, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue, SourceRange,
+    backend_flags, config_flags, ct_flags, service_flags, stat,
 };
 
 use crate::{
-    ct,
-    maps::{LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_SERVICES, count},
+    ct::{self, CreateError, Nat},
+    maps::{LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_SERVICES, LB_SOURCE_RANGES, count},
     nat::{self, End},
     packet::Packet,
-    parse::{self, Flow, Parsed, TCP_RST},
+    parse::{self, Echo, Flow, Parsed, TCP_RST},
     reject,
 };
 
+/// Which side of the node a packet came in on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A pod device: in-cluster traffic.
+    Pod,
+    /// A node device: traffic from outside the node.
+    Node,
+}
+
+impl Origin {
+    #[inline(always)]
+    fn scope(self) -> u8 {
+        match self {
+            Origin::Pod => SCOPE_INTERNAL,
+            Origin::Node => SCOPE_EXTERNAL,
+        }
+    }
+}
+
 /// Where a translated packet goes: the destination (forward) or source (reply)
-/// to write, and for hairpin flows the other end too.
+/// to write, and for source-NATed flows the other end too.
 struct Rewrite {
     addr_be: u32,
     port_be: u16,
     /// Forward: new source address; reply: new destination address (0: keep).
     other_addr_be: u32,
+    /// Port counterpart of `other_addr_be`.
+    other_port_be: u16,
 }
 
 /// Translate one packet; returns the program verdict.
 #[inline(always)]
-pub fn process<P: Packet>(pkt: &mut P) -> i32 {
+pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
     let flow = match parse::parse(pkt) {
         Parsed::Flow(flow) => flow,
+        Parsed::Echo(echo) => return echo_request(pkt, &echo, origin),
         Parsed::Pass(reason) => {
             count(reason);
             return pkt.pass();
@@ -42,13 +67,65 @@ pub fn process<P: Packet>(pkt: &mut P) -> i32 {
         port_be: flow.dport_be,
         slot: 0,
         proto: flow.proto,
-        scope: SCOPE_CLUSTER,
+        scope: origin.scope(),
         _pad: [0; 2],
     };
     match unsafe { LB_SERVICES.get(key) } {
-        Some(frontend) => forward(pkt, &flow, key, *frontend, now),
-        None => reply(pkt, &flow, now),
+        Some(frontend) => forward(pkt, &flow, key, *frontend, now, origin),
+        None => reply(pkt, &flow, now, origin),
     }
+}
+
+/// A ping. Answered for a Service address with a usable backend, dropped for
+/// one without (so it tells the truth), passed for anything else.
+#[inline(always)]
+fn echo_request<P: Packet>(pkt: &mut P, echo: &Echo, origin: Origin) -> i32 {
+    let key = ServiceKey {
+        addr_be: echo.dst_be,
+        port_be: 0,
+        slot: 0,
+        proto: 0,
+        scope: origin.scope(),
+        _pad: [0; 2],
+    };
+    let Some(address) = (unsafe { LB_SERVICES.get(key) }) else {
+        count(stat::PASS_OTHER_PROTO);
+        return pkt.pass();
+    };
+    let enabled = LB_CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & config_flags::ECHO_REPLY != 0);
+    if !enabled {
+        count(stat::PASS_OTHER_PROTO);
+        return pkt.pass();
+    }
+    if address.flags & service_flags::ECHO == 0 {
+        count(stat::DROP_ECHO);
+        return pkt.drop_verdict();
+    }
+    match reject::echo_reply(pkt, echo) {
+        Ok(()) => {
+            count(stat::ECHO_REPLY);
+            pkt.bounce()
+        }
+        Err(_) => {
+            count(stat::ERR_REJECT_FAILED);
+            pkt.drop_verdict()
+        }
+    }
+}
+
+/// loadBalancerSourceRanges: whether the client may use this frontend address.
+#[inline(always)]
+fn source_allowed(flow: &Flow) -> bool {
+    let key = Key::new(
+        64,
+        SourceRange {
+            frontend_addr_be: flow.dst_be,
+            client_addr_be: flow.src_be,
+        },
+    );
+    LB_SOURCE_RANGES.get(key).is_some()
 }
 
 /// A packet addressed to a frontend.
@@ -59,7 +136,12 @@ fn forward<P: Packet>(
     key: ServiceKey,
     frontend: ServiceValue,
     now: u64,
+    origin: Origin,
 ) -> i32 {
+    if frontend.flags & service_flags::SOURCE_RANGES != 0 && !source_allowed(flow) {
+        count(stat::DROP_SOURCE_RANGE);
+        return pkt.drop_verdict();
+    }
     let len = pkt.len();
     let fwd_key = ct::forward_key(flow);
     if let Some(entry) = ct::lookup(&fwd_key, now) {
@@ -70,6 +152,7 @@ fn forward<P: Packet>(
                     addr_be: backend.addr_be,
                     port_be: backend.port_be,
                     other_addr_be: unsafe { (*entry).snat_addr_be },
+                    other_port_be: unsafe { (*entry).snat_port_be },
                 };
                 let new_bits = ct::observe(entry, flow, now, len, 0);
                 if new_bits != 0 {
@@ -95,33 +178,58 @@ fn forward<P: Packet>(
     let Some((backend_id, backend)) = select_backend(flow, key, &frontend, now) else {
         return pkt.drop_verdict();
     };
-    let mut to = Rewrite {
-        addr_be: backend.addr_be,
-        port_be: backend.port_be,
-        other_addr_be: 0,
+    let mut nat = Nat {
+        backend_addr_be: backend.addr_be,
+        backend_port_be: backend.port_be,
+        snat_addr_be: 0,
+        snat_port_be: flow.sport_be,
     };
+    let mut port_range = None;
     if backend.addr_be == flow.src_be {
         // Hairpin: the pod would answer itself directly, bypassing the
         // reverse translation. Make the reply come back through us.
         if let Some(config) = LB_CONFIG.get(0) {
-            to.other_addr_be = config.hairpin_snat_addr_be;
+            nat.snat_addr_be = config.hairpin_snat_addr_be;
         }
-        if to.other_addr_be != 0 {
+        if nat.snat_addr_be != 0 {
             count(stat::HAIRPIN);
         }
+    } else if origin == Origin::Node
+        && backend.flags & backend_flags::REMOTE != 0
+        && let Some(config) = LB_CONFIG.get(0)
+        && config.nodeport_snat_addr_be != 0
+    {
+        // External traffic to another node's backend: the reply must come
+        // back here to be translated, so the source becomes this node.
+        nat.snat_addr_be = config.nodeport_snat_addr_be;
+        port_range = Some((config.snat_port_min, config.snat_port_max));
     }
-    if !ct::create(
+    match ct::create(
         flow,
         backend_id,
         frontend.rev_nat_id,
-        to.addr_be,
-        to.port_be,
-        to.other_addr_be,
+        &mut nat,
+        port_range,
         now,
         len,
     ) {
-        count(stat::ERR_CT_FULL);
+        Ok(()) => {
+            if port_range.is_some() {
+                count(stat::NODEPORT_SNAT);
+            }
+        }
+        Err(CreateError::Full) => count(stat::ERR_CT_FULL),
+        Err(CreateError::NoPort) => {
+            count(stat::ERR_SNAT_PORTS);
+            return pkt.drop_verdict();
+        }
     }
+    let to = Rewrite {
+        addr_be: nat.backend_addr_be,
+        port_be: nat.backend_port_be,
+        other_addr_be: nat.snat_addr_be,
+        other_port_be: nat.snat_port_be,
+    };
     translate(pkt, flow, End::Destination, &to, stat::NEW_FLOW)
 }
 
@@ -225,10 +333,10 @@ fn flow_hash(flow: &Flow) -> u32 {
 /// A packet not addressed to a frontend: a reply of a translated flow, a
 /// packet to a Service IP on an undeclared port, or none of ours.
 #[inline(always)]
-fn reply<P: Packet>(pkt: &mut P, flow: &Flow, now: u64) -> i32 {
+fn reply<P: Packet>(pkt: &mut P, flow: &Flow, now: u64, origin: Origin) -> i32 {
     let key = ct::reply_key(flow);
     let Some(entry) = ct::lookup(&key, now) else {
-        return not_a_frontend(pkt, flow);
+        return not_a_frontend(pkt, flow, origin);
     };
     let first_reply = unsafe { (*entry).flags } & ct_flags::REPLY_SEEN == 0;
     let extra = if first_reply { ct_flags::REPLY_SEEN } else { 0 };
@@ -242,18 +350,25 @@ fn reply<P: Packet>(pkt: &mut P, flow: &Flow, now: u64) -> i32 {
         addr_be: entry.nat_addr_be,
         port_be: entry.nat_port_be,
         other_addr_be: entry.snat_addr_be,
+        other_port_be: entry.snat_port_be,
     };
     translate(pkt, flow, End::Source, &to, stat::REPLY)
 }
 
 #[inline(always)]
-fn not_a_frontend<P: Packet>(pkt: &mut P, flow: &Flow) -> i32 {
+fn not_a_frontend<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
+    if origin == Origin::Node {
+        // From outside, other ports of these addresses may be the node's own
+        // services (an externalIP on a node address): never refused here.
+        count(stat::PASS_NOT_FRONTEND);
+        return pkt.pass();
+    }
     let address_key = ServiceKey {
         addr_be: flow.dst_be,
         port_be: 0,
         slot: 0,
         proto: 0,
-        scope: SCOPE_CLUSTER,
+        scope: SCOPE_INTERNAL,
         _pad: [0; 2],
     };
     if let Some(address) = unsafe { LB_SERVICES.get(address_key) }
@@ -270,11 +385,11 @@ fn not_a_frontend<P: Packet>(pkt: &mut P, flow: &Flow) -> i32 {
 fn translate<P: Packet>(pkt: &mut P, flow: &Flow, end: End, to: &Rewrite, verdict: u32) -> i32 {
     let mut result = nat::rewrite(pkt, flow, end, to.addr_be, to.port_be);
     if result.is_ok() && to.other_addr_be != 0 {
-        let (other_end, other_port) = match end {
-            End::Destination => (End::Source, flow.sport_be),
-            End::Source => (End::Destination, flow.dport_be),
+        let other_end = match end {
+            End::Destination => End::Source,
+            End::Source => End::Destination,
         };
-        result = nat::rewrite(pkt, flow, other_end, to.other_addr_be, other_port);
+        result = nat::rewrite(pkt, flow, other_end, to.other_addr_be, to.other_port_be);
     }
     match result {
         Ok(()) => {

@@ -28,30 +28,42 @@ mod programs {
     };
 
     use crate::{
-        lb,
+        lb::{self, Origin},
         packet::{TcPacket, XdpPacket},
     };
 
-    /// tc ingress (TCX) on pod and node devices.
+    /// tc ingress (TCX) on pod devices: in-cluster traffic.
     #[classifier]
     pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
-        try_tc_ingress(&ctx)
+        try_tc(&ctx, Origin::Pod)
+    }
+
+    /// tc ingress (TCX) on node devices where XDP is not used.
+    #[classifier]
+    pub fn lb_tc_node(ctx: TcContext) -> i32 {
+        try_tc(&ctx, Origin::Node)
     }
 
     #[inline(always)]
-    fn try_tc_ingress(ctx: &TcContext) -> i32 {
-        lb::process(&mut TcPacket { ctx })
+    fn try_tc(ctx: &TcContext, origin: Origin) -> i32 {
+        lb::process(&mut TcPacket { ctx }, origin)
     }
 
-    /// XDP on node devices: the same translation before the stack sees the packet.
+    /// XDP with the pod-side logic, for packet tables and perf comparisons.
     #[xdp]
     pub fn lb_xdp(ctx: XdpContext) -> u32 {
-        try_xdp(&ctx)
+        try_xdp(&ctx, Origin::Pod)
+    }
+
+    /// XDP on node devices: external traffic translated before the stack sees it.
+    #[xdp]
+    pub fn lb_xdp_node(ctx: XdpContext) -> u32 {
+        try_xdp(&ctx, Origin::Node)
     }
 
     #[inline(always)]
-    fn try_xdp(ctx: &XdpContext) -> u32 {
-        lb::process(&mut XdpPacket { ctx }) as u32
+    fn try_xdp(ctx: &XdpContext, origin: Origin) -> u32 {
+        lb::process(&mut XdpPacket { ctx }, origin) as u32
     }
 
     /// The floor for `cargo xtask perf`: a tc program that only passes.

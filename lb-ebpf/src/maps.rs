@@ -4,11 +4,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     AffinityKey, AffinityValue, BackendValue, ConfigValue, CtKey, CtValue, MaglevKey, RevNatValue,
-    ServiceKey, ServiceValue, map_sizes, stat,
+    ServiceKey, ServiceValue, SourceRange, map_sizes, stat,
 };
 
 /// Frontend slots: {addr, port, proto, scope, slot} -> slot 0 header or backend id.
@@ -43,6 +43,12 @@ pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::CAPA
 #[map(name = "LB_MAGLEV")]
 pub static LB_MAGLEV: HashMap<MaglevKey, u32> =
     HashMap::with_max_entries(map_sizes::MAGLEV, BPF_F_NO_PREALLOC);
+
+/// loadBalancerSourceRanges: {LoadBalancer IP, client prefix} -> 1.
+/// LPM tries must not be preallocated.
+#[map(name = "LB_SOURCE_RANGES")]
+pub static LB_SOURCE_RANGES: LpmTrie<SourceRange, u32> =
+    LpmTrie::with_max_entries(map_sizes::SOURCE_RANGES, BPF_F_NO_PREALLOC);
 
 /// Node-wide settings written by the agent (index 0).
 #[map(name = "LB_CONFIG")]

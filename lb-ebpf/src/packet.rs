@@ -27,6 +27,8 @@ pub enum L4Csum {
     Tcp,
     /// UDP: zero means "no checksum" and must stay zero.
     Udp,
+    /// ICMP: always present, no pseudo header.
+    Icmp,
 }
 
 pub trait Packet {

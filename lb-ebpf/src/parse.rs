@@ -1,7 +1,7 @@
 //! Header parsing. Anything we cannot fully account for is reported with the
 //! stat that explains why it is passed untouched.
 
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, stat};
+use lb_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, stat};
 
 use crate::packet::Packet;
 
@@ -64,8 +64,21 @@ pub struct Flow {
     pub ip_end: u32,
 }
 
+/// An ICMP echo request (ping) over IPv4.
+#[derive(Clone, Copy)]
+pub struct Echo {
+    pub src_be: u32,
+    pub dst_be: u32,
+    /// Start of the ICMP header.
+    pub l4_off: u32,
+}
+
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMP_ECHO_REPLY: u8 = 0;
+
 pub enum Parsed {
     Flow(Flow),
+    Echo(Echo),
     /// Not ours to touch; the stat says why.
     Pass(u32),
 }
@@ -120,6 +133,20 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
             if udp_len < 8 || l4_off + udp_len > ip_end {
                 return Parsed::Pass(stat::MALFORMED);
             }
+        }
+        IPPROTO_ICMP => {
+            // Only echo requests are ours (to answer for Service addresses).
+            if l4_off + 8 > ip_end {
+                return Parsed::Pass(stat::PASS_OTHER_PROTO);
+            }
+            return match pkt.load::<[u8; 2]>(l4_off) {
+                Ok([ICMP_ECHO_REQUEST, 0]) => Parsed::Echo(Echo {
+                    src_be: ip.src_be,
+                    dst_be: ip.dst_be,
+                    l4_off,
+                }),
+                _ => Parsed::Pass(stat::PASS_OTHER_PROTO),
+            };
         }
         _ => return Parsed::Pass(stat::PASS_OTHER_PROTO),
     }

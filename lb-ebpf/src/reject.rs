@@ -1,13 +1,18 @@
-//! Answers for a frontend without backends, the way kube-proxy's REJECT does:
-//! TCP gets an RST, UDP an ICMP port unreachable. The packet is rewritten in
-//! place into the answer and bounced back out of the device it came from.
+//! Answers the datapath gives itself. For a frontend without backends, the
+//! way kube-proxy's REJECT does: TCP gets an RST, UDP an ICMP port
+//! unreachable. For a ping to a Service address with a usable backend, the
+//! echo reply. The packet is rewritten in place into the answer and bounced
+//! back out of the device it came from.
 
 use lb_common::{IPPROTO_ICMP, IPPROTO_TCP};
 
 use crate::{
     csum,
-    packet::{Packet, Result},
-    parse::{ETH_HLEN, ETH_P_IP, Flow, Ipv4Hdr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{L4Csum, Packet, Result},
+    parse::{
+        ETH_HLEN, ETH_P_IP, Echo, Flow, ICMP_ECHO_REPLY, IP_DST_OFF, IP_SRC_OFF, Ipv4Hdr, TCP_ACK,
+        TCP_FIN, TCP_RST, TCP_SYN,
+    },
 };
 
 #[repr(C)]
@@ -163,4 +168,26 @@ pub fn icmp_port_unreachable<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<()> 
     pkt.store(0, &eth)?;
     pkt.store(ETH_HLEN, &ip)?;
     pkt.store(ETH_HLEN + IP_HLEN, &icmp)
+}
+
+/// Rewrite an ICMP echo request into its reply (RFC 792): addresses
+/// swapped, type 0; identifier, sequence and data stay as they came.
+#[inline(always)]
+pub fn echo_reply<P: Packet>(pkt: &mut P, echo: &Echo) -> Result<()> {
+    let eth = answer_eth(pkt)?;
+    let old_type_code: u16 = pkt.load(echo.l4_off)?;
+    let new_type_code = u16::from_ne_bytes([ICMP_ECHO_REPLY, 0]);
+    pkt.l4_csum_replace(
+        L4Csum::Icmp,
+        echo.l4_off + 2,
+        old_type_code as u32,
+        new_type_code as u32,
+        2,
+        false,
+    )?;
+    pkt.store(echo.l4_off, &new_type_code)?;
+    // Swapping the addresses leaves the IPv4 header's sum as it is.
+    pkt.store(IP_SRC_OFF, &echo.dst_be)?;
+    pkt.store(IP_DST_OFF, &echo.src_be)?;
+    pkt.store(0, &eth)
 }

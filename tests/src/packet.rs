@@ -9,14 +9,14 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, lpm_trie::LpmTrie},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use etherparse::PacketBuilder;
 use lb_common::{
     AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendValue, ConfigValue, CtKey, CtValue,
-    IPPROTO_TCP, IPPROTO_UDP, MaglevKey, RevNatValue, SCOPE_CLUSTER, ServiceKey, ServiceValue,
-    frontend_kind, map_names, program_names, service_flags, stat,
+    IPPROTO_TCP, IPPROTO_UDP, MaglevKey, RevNatValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey,
+    ServiceValue, SourceRange, frontend_kind, map_names, program_names, service_flags, stat,
 };
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -25,11 +25,19 @@ pub const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 /// The program under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Prog {
+    /// Pod devices (in-cluster traffic).
     Tc,
+    /// The pod-side logic under XDP.
     Xdp,
+    /// Node devices under tc (traffic from outside).
+    TcNode,
+    /// Node devices under XDP.
+    XdpNode,
 }
 
 pub const BOTH: &[Prog] = &[Prog::Tc, Prog::Xdp];
+/// The node-device programs.
+pub const NODE: &[Prog] = &[Prog::TcNode, Prog::XdpNode];
 
 /// What the program decided, normalised across tc and XDP return codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,11 +49,20 @@ pub enum Verdict {
 }
 
 impl Prog {
+    pub fn program_name(self) -> &'static str {
+        match self {
+            Prog::Tc => program_names::TC_INGRESS,
+            Prog::Xdp => program_names::XDP,
+            Prog::TcNode => program_names::TC_NODE,
+            Prog::XdpNode => program_names::XDP_NODE,
+        }
+    }
+
     fn verdict(self, code: u32) -> Verdict {
         match (self, code) {
-            (Prog::Tc, 0) | (Prog::Xdp, 2) => Verdict::Pass,
-            (Prog::Tc, 2) | (Prog::Xdp, 1) => Verdict::Drop,
-            (Prog::Tc, 7) | (Prog::Xdp, 3) => Verdict::Bounce,
+            (Prog::Tc | Prog::TcNode, 0) | (Prog::Xdp | Prog::XdpNode, 2) => Verdict::Pass,
+            (Prog::Tc | Prog::TcNode, 2) | (Prog::Xdp | Prog::XdpNode, 1) => Verdict::Drop,
+            (Prog::Tc | Prog::TcNode, 7) | (Prog::Xdp | Prog::XdpNode, 3) => Verdict::Bounce,
             (prog, code) => panic!("{prog:?} returned unexpected code {code}"),
         }
     }
@@ -236,18 +253,24 @@ impl Datapath {
             .map_max_entries(map_names::MAGLEV, 65536)
             .load(lb_agent::EBPF_OBJECT)
             .expect("load lb eBPF object");
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(program_names::TC_INGRESS)
-            .expect("tc program in object")
-            .try_into()
-            .expect("tc program is a classifier");
-        tc.load().expect("verifier accepts the tc program");
-        let xdp: &mut Xdp = ebpf
-            .program_mut(program_names::XDP)
-            .expect("xdp program in object")
-            .try_into()
-            .expect("xdp program is XDP");
-        xdp.load().expect("verifier accepts the XDP program");
+        for name in [program_names::TC_INGRESS, program_names::TC_NODE] {
+            let tc: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("{name} in object"))
+                .try_into()
+                .unwrap_or_else(|e| panic!("{name} is a classifier: {e}"));
+            tc.load()
+                .unwrap_or_else(|e| panic!("verifier accepts {name}: {e}"));
+        }
+        for name in [program_names::XDP, program_names::XDP_NODE] {
+            let xdp: &mut Xdp = ebpf
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("{name} in object"))
+                .try_into()
+                .unwrap_or_else(|e| panic!("{name} is XDP: {e}"));
+            xdp.load()
+                .unwrap_or_else(|e| panic!("verifier accepts {name}: {e}"));
+        }
         Datapath { ebpf }
     }
 
@@ -338,14 +361,79 @@ impl Datapath {
     }
 
     fn key(at: Ep, proto: u8, slot: u16) -> ServiceKey {
+        Self::scoped_key(at, proto, slot, SCOPE_INTERNAL)
+    }
+
+    fn scoped_key(at: Ep, proto: u8, slot: u16, scope: u8) -> ServiceKey {
         ServiceKey {
             addr_be: be32(at.addr),
             port_be: at.port.to_be(),
             slot,
             proto,
-            scope: SCOPE_CLUSTER,
+            scope,
             _pad: [0; 2],
         }
+    }
+
+    /// Program a frontend for traffic from outside (node devices): kind
+    /// `kind` (a `frontend_kind`), scope external.
+    pub fn external_frontend(
+        &mut self,
+        at: Ep,
+        proto: u8,
+        rev_nat_id: u16,
+        backends: &[u32],
+        kind_and_flags: u32,
+    ) {
+        self.scoped_frontend(
+            at,
+            proto,
+            rev_nat_id,
+            backends,
+            kind_and_flags,
+            SCOPE_EXTERNAL,
+        );
+    }
+
+    /// An address entry (`{addr, port 0, proto 0}`) in a scope with these flags.
+    pub fn address_entry(&mut self, addr: Ipv4Addr, scope: u8, flags: u32) {
+        let head = ServiceValue {
+            flags: frontend_kind::CLUSTER_IP | flags,
+            ..Default::default()
+        };
+        self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES)
+            .insert(Self::scoped_key(Ep { addr, port: 0 }, 0, 0, scope), head, 0)
+            .expect("address entry");
+    }
+
+    /// Allow clients in `client/prefix` to use LoadBalancer IP `frontend`.
+    pub fn source_range(&mut self, frontend: Ipv4Addr, client: Ipv4Addr, prefix: u32) {
+        let mut trie = LpmTrie::<_, SourceRange, u32>::try_from(
+            self.ebpf
+                .map_mut(map_names::SOURCE_RANGES)
+                .expect("source ranges map"),
+        )
+        .expect("source ranges is an LPM trie");
+        let key = aya::maps::lpm_trie::Key::new(
+            32 + prefix,
+            SourceRange {
+                frontend_addr_be: be32(frontend),
+                client_addr_be: be32(client),
+            },
+        );
+        trie.insert(&key, 1, 0).expect("insert source range");
+    }
+
+    /// Rewrite the node config (SNAT address and ports, flags).
+    pub fn set_config(&mut self, update: impl FnOnce(&mut ConfigValue)) {
+        let mut config = Array::<_, ConfigValue>::try_from(
+            self.ebpf.map_mut(map_names::CONFIG).expect("config map"),
+        )
+        .expect("config is an array");
+        let mut value = config.get(&0, 0).expect("read config");
+        value.layout_version = lb_common::LAYOUT_VERSION;
+        update(&mut value);
+        config.set(0, value, 0).expect("write config");
     }
 
     /// Program a frontend with the given backend ids, in make-before-break order.
@@ -385,6 +473,25 @@ impl Datapath {
         backends: &[u32],
         flags: u32,
     ) {
+        self.scoped_frontend(
+            at,
+            proto,
+            rev_nat_id,
+            backends,
+            frontend_kind::CLUSTER_IP | flags,
+            SCOPE_INTERNAL,
+        );
+    }
+
+    fn scoped_frontend(
+        &mut self,
+        at: Ep,
+        proto: u8,
+        rev_nat_id: u16,
+        backends: &[u32],
+        kind_and_flags: u32,
+        scope: u8,
+    ) {
         let mut services = self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES);
         for (i, id) in backends.iter().enumerate() {
             let slot = ServiceValue {
@@ -392,24 +499,24 @@ impl Datapath {
                 ..Default::default()
             };
             services
-                .insert(Self::key(at, proto, i as u16 + 1), slot, 0)
+                .insert(Self::scoped_key(at, proto, i as u16 + 1, scope), slot, 0)
                 .expect("slot");
         }
         let head = ServiceValue {
             backend_id: 0,
             count: backends.len() as u16,
             rev_nat_id,
-            flags: frontend_kind::CLUSTER_IP | flags,
+            flags: kind_and_flags,
             affinity_timeout_s: 0,
         };
         services
-            .insert(Self::key(at, proto, 0), head, 0)
+            .insert(Self::scoped_key(at, proto, 0, scope), head, 0)
             .expect("slot 0");
         let rev = RevNatValue {
             addr_be: be32(at.addr),
             port_be: at.port.to_be(),
             proto,
-            _pad: 0,
+            scope,
         };
         self.hash::<u16, RevNatValue>(map_names::REV_NAT)
             .insert(rev_nat_id, rev, 0)
@@ -495,20 +602,21 @@ impl Datapath {
             data_out: Some(&mut out),
             ..TestRunOptions::default()
         };
+        let name = prog.program_name();
         let result = match prog {
-            Prog::Tc => {
+            Prog::Tc | Prog::TcNode => {
                 let p: &SchedClassifier = self
                     .ebpf
-                    .program(program_names::TC_INGRESS)
+                    .program(name)
                     .expect("tc program")
                     .try_into()
                     .expect("classifier");
                 p.test_run(opts)
             }
-            Prog::Xdp => {
+            Prog::Xdp | Prog::XdpNode => {
                 let p: &Xdp = self
                     .ebpf
-                    .program(program_names::XDP)
+                    .program(name)
                     .expect("xdp program")
                     .try_into()
                     .expect("xdp");

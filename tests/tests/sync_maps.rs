@@ -7,7 +7,7 @@ use std::{net::Ipv4Addr, path::PathBuf, process::Command};
 use aya::EbpfLoader;
 use lb_agent::{
     datapath::{maps::Maps, sync::Syncer},
-    model::{Backend, DesiredState, Frontend, FrontendKey, FrontendKind, Protocol},
+    model::{Backend, DesiredState, Frontend, FrontendKey, FrontendKind, Protocol, Scope},
 };
 use lb_common::{map_names, map_sizes};
 
@@ -56,6 +56,7 @@ fn frontend(name: &str, ip: [u8; 4], backends: &[[u8; 4]]) -> (FrontendKey, Fron
             addr: Ipv4Addr::from(ip),
             port: 80,
             proto: Protocol::Tcp,
+            scope: Scope::Internal,
         },
         Frontend {
             service_port: format!("default/{name}"),
@@ -66,6 +67,7 @@ fn frontend(name: &str, ip: [u8; 4], backends: &[[u8; 4]]) -> (FrontendKey, Fron
                     addr: Ipv4Addr::from(*b),
                     port: 8080,
                     terminating: false,
+                    remote: false,
                 })
                 .collect(),
             standby: Vec::new(),
@@ -73,14 +75,16 @@ fn frontend(name: &str, ip: [u8; 4], backends: &[[u8; 4]]) -> (FrontendKey, Fron
             drop_if_empty: false,
             internal_local: false,
             affinity_timeout_s: None,
+            source_ranges: false,
         },
     )
 }
 
 fn desired(frontends: Vec<(FrontendKey, Frontend)>) -> DesiredState {
+    // No address entries: the capacity tests count frontend slots only.
     DesiredState {
         frontends: frontends.into_iter().collect(),
-        service_ips: Default::default(),
+        ..Default::default()
     }
 }
 

@@ -1,6 +1,7 @@
 //! Load the kernel programs, pin maps and links under --bpffs so traffic
-//! keeps flowing while the agent is down, and attach the tc program to every
-//! pod device, now and as devices appear.
+//! keeps flowing while the agent is down, and attach the pod program to every
+//! pod device and the node program (XDP, or tc) to every node device, now and
+//! as devices appear.
 
 use std::{
     collections::BTreeMap,
@@ -13,9 +14,10 @@ use aya::maps::{Map, MapData};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::{XdpLink, XdpMode},
     },
 };
 use lb_common::{ConfigValue, LAYOUT_VERSION, map_names, program_names};
@@ -23,6 +25,7 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 use super::maps::{Capacities, ConfigMap, MapShape, Maps, MapsError, check_pin, shapes_with};
+use crate::config::DeviceMode;
 
 /// statfs f_type of a bpf filesystem.
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -61,9 +64,41 @@ pub enum LoadError {
     },
 }
 
+/// Which program a device runs, and the prefix of its link pin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// Pod device: lb_tc_ingress.
+    PodTc,
+    /// Node device: lb_tc_node.
+    NodeTc,
+    /// Node device: lb_xdp_node.
+    NodeXdp,
+}
+
+impl Attachment {
+    const ALL: [Attachment; 3] = [Attachment::PodTc, Attachment::NodeTc, Attachment::NodeXdp];
+
+    fn pin_prefix(self) -> &'static str {
+        match self {
+            Attachment::PodTc => "tc",
+            Attachment::NodeTc => "tcn",
+            Attachment::NodeXdp => "xdp",
+        }
+    }
+
+    fn program(self) -> &'static str {
+        match self {
+            Attachment::PodTc => program_names::TC_INGRESS,
+            Attachment::NodeTc => program_names::TC_NODE,
+            Attachment::NodeXdp => program_names::XDP_NODE,
+        }
+    }
+}
+
 /// Attached devices, by ifindex.
 struct Attached {
     name: String,
+    kind: Attachment,
 }
 
 pub struct Datapath {
@@ -113,6 +148,41 @@ pub fn interfaces() -> Vec<(u32, String)> {
             p = p.add(1);
         }
         libc::if_freenameindex(list);
+    }
+    out
+}
+
+/// IPv4 addresses of the named devices in the current network namespace,
+/// in the order the devices are named (then the kernel's order).
+pub fn device_addresses(devices: &[String]) -> Vec<(String, std::net::Ipv4Addr)> {
+    let mut found: Vec<(String, std::net::Ipv4Addr)> = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we walk read-only and free once.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return found;
+        }
+        let mut p = list;
+        while !p.is_null() {
+            let entry = &*p;
+            if !entry.ifa_addr.is_null()
+                && (*entry.ifa_addr).sa_family as i32 == libc::AF_INET
+                && !entry.ifa_name.is_null()
+            {
+                let name = CStr::from_ptr(entry.ifa_name)
+                    .to_string_lossy()
+                    .into_owned();
+                let sin = &*(entry.ifa_addr as *const libc::sockaddr_in);
+                let addr = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                found.push((name, addr));
+            }
+            p = entry.ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    let mut out = Vec::new();
+    for device in devices {
+        out.extend(found.iter().filter(|(n, _)| n == device).cloned());
     }
     out
 }
@@ -230,21 +300,23 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(program_names::TC_INGRESS)
-            .ok_or(LoadError::Program {
-                name: program_names::TC_INGRESS,
-                source: ProgramError::NotLoaded,
-            })?
+        for name in [program_names::TC_INGRESS, program_names::TC_NODE] {
+            let prog_err = |source| LoadError::Program { name, source };
+            let tc: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(prog_err(ProgramError::NotLoaded))?
+                .try_into()
+                .map_err(prog_err)?;
+            tc.load().map_err(prog_err)?;
+        }
+        let name = program_names::XDP_NODE;
+        let prog_err = |source| LoadError::Program { name, source };
+        let xdp: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or(prog_err(ProgramError::NotLoaded))?
             .try_into()
-            .map_err(|source| LoadError::Program {
-                name: program_names::TC_INGRESS,
-                source,
-            })?;
-        tc.load().map_err(|source| LoadError::Program {
-            name: program_names::TC_INGRESS,
-            source,
-        })?;
+            .map_err(prog_err)?;
+        xdp.load().map_err(prog_err)?;
 
         let mut maps = Maps::take(&mut ebpf)?;
         let config = ConfigValue {
@@ -267,15 +339,21 @@ impl Datapath {
         ))
     }
 
-    fn link_pin(&self, ifindex: u32, name: &str) -> PathBuf {
+    fn link_pin(&self, kind: Attachment, ifindex: u32, name: &str) -> PathBuf {
         self.bpffs
             .join("links")
-            .join(format!("tc-{ifindex}-{name}"))
+            .join(format!("{}-{ifindex}-{name}", kind.pin_prefix()))
     }
 
-    /// Attach to every device matching `globs` that is not attached yet, and
-    /// forget devices that went away. Returns the devices newly attached.
-    pub fn attach_matching(&mut self, globs: &[String]) -> Vec<String> {
+    /// Attach the node program to every device in `devices` and the pod
+    /// program to every other device matching `pod_globs`, where not attached
+    /// yet, and forget devices that went away. Returns the devices newly attached.
+    pub fn attach_matching(
+        &mut self,
+        pod_globs: &[String],
+        devices: &[String],
+        mode: DeviceMode,
+    ) -> Vec<String> {
         let current = interfaces();
         let live: BTreeMap<u32, &str> = current.iter().map(|(i, n)| (*i, n.as_str())).collect();
         self.attached
@@ -284,33 +362,74 @@ impl Datapath {
 
         let mut newly = Vec::new();
         for (ifindex, name) in &current {
-            if self.attached.contains_key(ifindex) || !globs.iter().any(|g| glob_match(g, name)) {
+            let kind = if devices.contains(name) {
+                match mode {
+                    DeviceMode::Xdp => Attachment::NodeXdp,
+                    DeviceMode::Tc => Attachment::NodeTc,
+                }
+            } else if pod_globs.iter().any(|g| glob_match(g, name)) {
+                Attachment::PodTc
+            } else {
+                continue;
+            };
+            if self.attached.contains_key(ifindex) {
                 continue;
             }
-            match self.attach_one(*ifindex, name) {
-                Ok(how) => {
-                    info!(device = %name, ifindex, how, "tc program attached");
-                    self.attached
-                        .insert(*ifindex, Attached { name: name.clone() });
+            let result = match kind {
+                Attachment::NodeXdp => match self.attach_xdp(*ifindex, name) {
+                    Ok(how) => Ok((kind, how)),
+                    Err(e) => {
+                        warn!(device = %name, error = %e, "XDP unavailable on this device; using the tc program");
+                        self.attach_tc(Attachment::NodeTc, *ifindex, name)
+                            .map(|how| (Attachment::NodeTc, how))
+                    }
+                },
+                _ => self.attach_tc(kind, *ifindex, name).map(|how| (kind, how)),
+            };
+            match result {
+                Ok((kind, how)) => {
+                    info!(device = %name, ifindex, program = kind.program(), how, "program attached");
+                    // Make before break: a program of another kind from an
+                    // earlier run goes only now.
+                    for other in Attachment::ALL {
+                        let pin = self.link_pin(other, *ifindex, name);
+                        if other != kind && pin.exists() {
+                            info!(pin = %pin.display(), "detaching the previous program");
+                            let _ = fs::remove_file(&pin);
+                        }
+                    }
+                    self.attached.insert(
+                        *ifindex,
+                        Attached {
+                            name: name.clone(),
+                            kind,
+                        },
+                    );
                     newly.push(name.clone());
                 }
                 Err(e) => {
-                    warn!(device = %name, error = %e, "attaching tc program failed; will retry")
+                    warn!(device = %name, error = %e, "attaching program failed; will retry")
                 }
             }
         }
         newly
     }
 
-    fn attach_one(&mut self, ifindex: u32, name: &str) -> Result<&'static str, LoadError> {
-        let pin = self.link_pin(ifindex, name);
+    fn attach_tc(
+        &mut self,
+        kind: Attachment,
+        ifindex: u32,
+        name: &str,
+    ) -> Result<&'static str, LoadError> {
+        let pin = self.link_pin(kind, ifindex, name);
+        let program = kind.program();
         let prog_err = |source| LoadError::Program {
-            name: program_names::TC_INGRESS,
+            name: program,
             source,
         };
         let tc: &mut SchedClassifier = self
             .ebpf
-            .program_mut(program_names::TC_INGRESS)
+            .program_mut(program)
             .ok_or(prog_err(ProgramError::NotLoaded))?
             .try_into()
             .map_err(prog_err)?;
@@ -350,6 +469,58 @@ impl Datapath {
         Ok("attached (TCX) and pinned")
     }
 
+    /// XDP in the driver, else generic; the link pinned like the tc ones.
+    fn attach_xdp(&mut self, ifindex: u32, name: &str) -> Result<&'static str, LoadError> {
+        let pin = self.link_pin(Attachment::NodeXdp, ifindex, name);
+        let program = program_names::XDP_NODE;
+        let prog_err = |source| LoadError::Program {
+            name: program,
+            source,
+        };
+        let xdp: &mut Xdp = self
+            .ebpf
+            .program_mut(program)
+            .ok_or(prog_err(ProgramError::NotLoaded))?
+            .try_into()
+            .map_err(prog_err)?;
+        if pin.exists() {
+            let adopted = PinnedLink::from_pin(&pin)
+                .map_err(|e| prog_err(ProgramError::IOError(std::io::Error::other(e))))
+                .map(FdLink::from)
+                .and_then(|fd| {
+                    XdpLink::try_from(fd)
+                        .map_err(|e| prog_err(ProgramError::IOError(std::io::Error::other(e))))
+                })
+                .and_then(|link| xdp.attach_to_link(link).map_err(prog_err));
+            match adopted {
+                Ok(_) => return Ok("replaced program of pinned XDP link"),
+                Err(e) => {
+                    warn!(pin = %pin.display(), error = %e, "pinned XDP link unusable; attaching anew");
+                    let _ = fs::remove_file(&pin);
+                }
+            }
+        }
+        let (id, how) = match xdp.attach(name, XdpMode::Driver) {
+            Ok(id) => (id, "attached (XDP native) and pinned"),
+            Err(native) => {
+                let id = xdp.attach(name, XdpMode::Skb).map_err(|generic| {
+                    prog_err(ProgramError::IOError(std::io::Error::other(format!(
+                        "native: {native}; generic: {generic}"
+                    ))))
+                })?;
+                (id, "attached (XDP generic) and pinned")
+            }
+        };
+        let link = xdp.take_link(id).map_err(prog_err)?;
+        let fd = FdLink::try_from(link)
+            .map_err(|e| prog_err(ProgramError::IOError(std::io::Error::other(e))))?;
+        fd.pin(&pin).map_err(|e| LoadError::Io {
+            path: pin.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        Ok(how)
+    }
+
     /// Remove link pins of devices that no longer exist (their links are defunct).
     fn prune_stale_link_pins(&self, live: &BTreeMap<u32, &str>) {
         let dir = self.bpffs.join("links");
@@ -358,7 +529,7 @@ impl Datapath {
         };
         for entry in entries.flatten() {
             let file = entry.file_name().to_string_lossy().into_owned();
-            let Some(rest) = file.strip_prefix("tc-") else {
+            let Some((_, rest)) = file.split_once('-') else {
                 continue;
             };
             let Some((index, name)) = rest.split_once('-') else {
@@ -372,8 +543,12 @@ impl Datapath {
         }
     }
 
-    pub fn attached_devices(&self) -> Vec<String> {
-        self.attached.values().map(|a| a.name.clone()).collect()
+    /// Attached devices and the program each runs.
+    pub fn attached_devices(&self) -> Vec<(String, &'static str)> {
+        self.attached
+            .values()
+            .map(|a| (a.name.clone(), a.kind.program()))
+            .collect()
     }
 }
 

@@ -3,10 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues};
+use aya::maps::{
+    Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues, lpm_trie::LpmTrie,
+};
 use lb_common::{
     AffinityKey, AffinityValue, BackendValue, ConfigValue, CtKey, CtValue, MaglevKey, RevNatValue,
-    ServiceKey, ServiceValue, map_names, map_sizes, stat,
+    ServiceKey, ServiceValue, SourceRange, map_names, map_sizes, stat,
 };
 use thiserror::Error;
 
@@ -69,12 +71,12 @@ impl Default for Capacities {
 }
 
 /// The shapes lb-common declares for every pinned map.
-pub fn expected_shapes() -> [MapShape; 8] {
+pub fn expected_shapes() -> [MapShape; 9] {
     shapes_with(Capacities::default())
 }
 
 /// The shapes with the given capacities.
-pub fn shapes_with(cap: Capacities) -> [MapShape; 8] {
+pub fn shapes_with(cap: Capacities) -> [MapShape; 9] {
     use std::mem::size_of;
     let shape = |name, k: usize, v: usize, max| MapShape {
         name,
@@ -120,6 +122,13 @@ pub fn shapes_with(cap: Capacities) -> [MapShape; 8] {
             size_of::<MaglevKey>(),
             4,
             map_sizes::MAGLEV,
+        ),
+        // LPM trie keys carry the 4-byte prefix length in front of the data.
+        shape(
+            map_names::SOURCE_RANGES,
+            4 + size_of::<SourceRange>(),
+            4,
+            map_sizes::SOURCE_RANGES,
         ),
     ]
 }
@@ -169,6 +178,7 @@ pub type AffinityMap = HashMap<MapData, AffinityKey, AffinityValue>;
 pub type StatsMap = PerCpuArray<MapData, u64>;
 pub type ConfigMap = Array<MapData, ConfigValue>;
 pub type MaglevMap = HashMap<MapData, MaglevKey, u32>;
+pub type SourceRangesMap = LpmTrie<MapData, SourceRange, u32>;
 
 /// Every map of the datapath.
 pub struct Maps {
@@ -180,6 +190,7 @@ pub struct Maps {
     pub stats: StatsMap,
     pub config: ConfigMap,
     pub maglev: MaglevMap,
+    pub source_ranges: SourceRangesMap,
 }
 
 fn typed<T>(name: &'static str, map: Map) -> Result<T, MapsError>
@@ -202,6 +213,7 @@ impl Maps {
             stats: typed(map_names::STATS, take(map_names::STATS)?)?,
             config: typed(map_names::CONFIG, take(map_names::CONFIG)?)?,
             maglev: typed(map_names::MAGLEV, take(map_names::MAGLEV)?)?,
+            source_ranges: typed(map_names::SOURCE_RANGES, take(map_names::SOURCE_RANGES)?)?,
         })
     }
 
@@ -224,6 +236,7 @@ impl Maps {
             stats: typed(map_names::STATS, open(5, Map::PerCpuArray)?)?,
             config: typed(map_names::CONFIG, open(6, Map::Array)?)?,
             maglev: typed(map_names::MAGLEV, open(7, Map::HashMap)?)?,
+            source_ranges: typed(map_names::SOURCE_RANGES, open(8, Map::LpmTrie)?)?,
         })
     }
 

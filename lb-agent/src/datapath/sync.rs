@@ -8,15 +8,18 @@ use std::{
     net::Ipv4Addr,
 };
 
-use aya::maps::MapError;
+use aya::maps::{MapError, lpm_trie::Key};
+use ipnet::Ipv4Net;
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_STANDBY, BackendValue, MaglevKey, RevNatValue, SCOPE_CLUSTER,
-    ServiceKey, ServiceValue, backend_flags, frontend_kind, map_sizes, service_flags,
+    BACKEND_ACTIVE, BACKEND_STANDBY, BackendValue, MaglevKey, RevNatValue, ServiceKey,
+    ServiceValue, SourceRange, backend_flags, frontend_kind, map_sizes, service_flags,
 };
 use tracing::{debug, warn};
 
 use super::maps::Maps;
-use crate::model::{DesiredState, Frontend, FrontendKey, Protocol, ids::IdAllocator, maglev};
+use crate::model::{
+    AddressEntry, DesiredState, Frontend, FrontendKey, Protocol, Scope, ids::IdAllocator, maglev,
+};
 
 /// A backend is identified by where it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -59,7 +62,9 @@ pub struct Syncer {
     rev_nat_ids: IdAllocator<FrontendKey>,
     backends: BTreeMap<u32, BackendValue>,
     frontends: BTreeMap<FrontendKey, AppliedFrontend>,
-    addresses: BTreeSet<Ipv4Addr>,
+    /// Address entries: (address, scope) -> slot 0 flags.
+    addresses: BTreeMap<(Ipv4Addr, Scope), u32>,
+    source_ranges: BTreeSet<(Ipv4Addr, Ipv4Net)>,
     rev_nat: BTreeMap<u16, RevNatValue>,
     /// Map keys found at start that this agent does not manage: pruned on the first sync.
     stray_service_keys: Vec<ServiceKey>,
@@ -80,7 +85,7 @@ fn service_key(fk: &FrontendKey, slot: u16) -> ServiceKey {
         port_be: fk.port.to_be(),
         slot,
         proto: fk.proto.number(),
-        scope: SCOPE_CLUSTER,
+        scope: fk.scope.code(),
         _pad: [0; 2],
     }
 }
@@ -93,11 +98,33 @@ fn maglev_key(rev_nat_id: u16, index: u32) -> MaglevKey {
     }
 }
 
-fn address_key(addr: Ipv4Addr) -> ServiceKey {
+fn address_key(addr: Ipv4Addr, scope: Scope) -> ServiceKey {
     ServiceKey {
         addr_be: be32(addr),
+        scope: scope.code(),
         ..Default::default()
     }
+}
+
+fn address_flags(entry: &AddressEntry) -> u32 {
+    let mut flags = frontend_kind::CLUSTER_IP;
+    if entry.reject_undeclared {
+        flags |= service_flags::ADDRESS_ONLY;
+    }
+    if entry.echo {
+        flags |= service_flags::ECHO;
+    }
+    flags
+}
+
+fn source_range_key(frontend: Ipv4Addr, net: Ipv4Net) -> Key<SourceRange> {
+    Key::new(
+        32 + net.prefix_len() as u32,
+        SourceRange {
+            frontend_addr_be: be32(frontend),
+            client_addr_be: be32(net.network()),
+        },
+    )
 }
 
 fn is_full(err: &MapError) -> bool {
@@ -132,7 +159,8 @@ impl Syncer {
             rev_nat_ids: IdAllocator::new("rev-NAT", map_sizes::REV_NAT),
             backends: BTreeMap::new(),
             frontends: BTreeMap::new(),
-            addresses: BTreeSet::new(),
+            addresses: BTreeMap::new(),
+            source_ranges: BTreeSet::new(),
             rev_nat: BTreeMap::new(),
             stray_service_keys: Vec::new(),
             stray_maglev_keys: Vec::new(),
@@ -156,11 +184,15 @@ impl Syncer {
         }
         for entry in syncer.maps.rev_nat.iter() {
             let (id, value) = entry?;
-            if let Some(proto) = Protocol::from_number(value.proto) {
+            if let (Some(proto), Some(scope)) = (
+                Protocol::from_number(value.proto),
+                Scope::from_code(value.scope),
+            ) {
                 let fk = FrontendKey {
                     addr: from_be32(value.addr_be),
                     port: u16::from_be(value.port_be),
                     proto,
+                    scope,
                 };
                 syncer.rev_nat_ids.adopt(fk, id as u32);
             }
@@ -170,13 +202,17 @@ impl Syncer {
         let mut heads: BTreeMap<FrontendKey, ServiceValue> = BTreeMap::new();
         for entry in syncer.maps.services.iter() {
             let (key, value) = entry?;
-            if key.port_be == 0 && key.proto == 0 && key.slot == 0 && key.scope == SCOPE_CLUSTER {
-                syncer.addresses.insert(from_be32(key.addr_be));
+            let Some(scope) = Scope::from_code(key.scope) else {
+                syncer.stray_service_keys.push(key);
+                continue;
+            };
+            if key.port_be == 0 && key.proto == 0 && key.slot == 0 {
+                syncer
+                    .addresses
+                    .insert((from_be32(key.addr_be), scope), value.flags);
                 continue;
             }
-            let Some(proto) =
-                Protocol::from_number(key.proto).filter(|_| key.scope == SCOPE_CLUSTER)
-            else {
+            let Some(proto) = Protocol::from_number(key.proto) else {
                 syncer.stray_service_keys.push(key);
                 continue;
             };
@@ -184,6 +220,7 @@ impl Syncer {
                 addr: from_be32(key.addr_be),
                 port: u16::from_be(key.port_be),
                 proto,
+                scope,
             };
             if key.slot == 0 {
                 heads.insert(fk, value);
@@ -192,6 +229,18 @@ impl Syncer {
                     .entry(fk)
                     .or_default()
                     .insert(key.slot, value.backend_id);
+            }
+        }
+        for entry in syncer.maps.source_ranges.iter() {
+            let (key, _) = entry?;
+            let data = key.data();
+            if let Ok(net) = Ipv4Net::new(
+                from_be32(data.client_addr_be),
+                key.prefix_len().saturating_sub(32) as u8,
+            ) {
+                syncer
+                    .source_ranges
+                    .insert((from_be32(data.frontend_addr_be), net));
             }
         }
         let mut tables: BTreeMap<u16, BTreeMap<u32, u32>> = BTreeMap::new();
@@ -305,7 +354,7 @@ impl Syncer {
                     port_be: b.port.to_be(),
                     proto: fk.proto.number(),
                     state: BACKEND_STANDBY,
-                    flags: 0,
+                    flags: if b.remote { backend_flags::REMOTE } else { 0 },
                 });
                 if selectable {
                     ids.push(id);
@@ -331,6 +380,29 @@ impl Syncer {
                     failed_backends.insert(*id);
                     warn!(backend_id = id, error = %e, "writing backend failed");
                 }
+            }
+        }
+
+        // Source ranges before the frontends that check them.
+        let wanted_ranges: BTreeSet<(Ipv4Addr, Ipv4Net)> = desired
+            .source_ranges
+            .iter()
+            .flat_map(|(addr, nets)| nets.iter().map(|n| (*addr, *n)))
+            .collect();
+        for (addr, net) in wanted_ranges.difference(&self.source_ranges.clone()) {
+            match self
+                .maps
+                .source_ranges
+                .insert(&source_range_key(*addr, *net), 1, 0)
+            {
+                Ok(()) => {
+                    self.source_ranges.insert((*addr, *net));
+                }
+                Err(e) => report.errors.push(SyncError {
+                    object: format!("LoadBalancer IP {addr}"),
+                    reason: format!("source range {net}: {e}"),
+                    full: is_full(&e),
+                }),
             }
         }
 
@@ -362,21 +434,26 @@ impl Syncer {
                 }),
             }
         }
-        for addr in &desired.service_ips {
-            if self.addresses.contains(addr) {
+        for ((addr, scope), entry) in &desired.addresses {
+            let flags = address_flags(entry);
+            if self.addresses.get(&(*addr, *scope)) == Some(&flags) {
                 continue;
             }
             let head = ServiceValue {
-                flags: frontend_kind::CLUSTER_IP | service_flags::ADDRESS_ONLY,
+                flags,
                 ..Default::default()
             };
-            match self.maps.services.insert(address_key(*addr), head, 0) {
+            match self
+                .maps
+                .services
+                .insert(address_key(*addr, *scope), head, 0)
+            {
                 Ok(()) => {
-                    self.addresses.insert(*addr);
+                    self.addresses.insert((*addr, *scope), flags);
                 }
                 Err(e) => report.errors.push(SyncError {
                     object: format!("Service IP {addr}"),
-                    reason: format!("undeclared-port entry: {e}"),
+                    reason: format!("address entry: {e}"),
                     full: is_full(&e),
                 }),
             }
@@ -409,14 +486,25 @@ impl Syncer {
                 }
             }
         }
-        let stale_addresses: Vec<Ipv4Addr> = self
+        let stale_addresses: Vec<(Ipv4Addr, Scope)> = self
             .addresses
-            .difference(&desired.service_ips)
+            .keys()
+            .filter(|k| !desired.addresses.contains_key(k))
             .copied()
             .collect();
-        for addr in stale_addresses {
-            if self.remove_key(address_key(addr)) {
-                self.addresses.remove(&addr);
+        for (addr, scope) in stale_addresses {
+            if self.remove_key(address_key(addr, scope)) {
+                self.addresses.remove(&(addr, scope));
+            }
+        }
+        let stale_ranges: Vec<(Ipv4Addr, Ipv4Net)> = self
+            .source_ranges
+            .difference(&wanted_ranges)
+            .copied()
+            .collect();
+        for (addr, net) in stale_ranges {
+            if removed(self.maps.source_ranges.remove(&source_range_key(addr, net))) {
+                self.source_ranges.remove(&(addr, net));
             }
         }
         let live_rev_nat: BTreeSet<u16> =
@@ -433,11 +521,13 @@ impl Syncer {
             }
             if let Some(value) = self.rev_nat.remove(&id)
                 && let Some(proto) = Protocol::from_number(value.proto)
+                && let Some(scope) = Scope::from_code(value.scope)
             {
                 self.rev_nat_ids.release(&FrontendKey {
                     addr: from_be32(value.addr_be),
                     port: u16::from_be(value.port_be),
                     proto,
+                    scope,
                 });
             }
         }
@@ -553,7 +643,7 @@ impl Syncer {
             addr_be: be32(fk.addr),
             port_be: fk.port.to_be(),
             proto: fk.proto.number(),
-            _pad: 0,
+            scope: fk.scope.code(),
         };
         if self.rev_nat.get(&rev_nat_id) != Some(&rev) {
             self.maps.rev_nat.insert(rev_nat_id, rev, 0)?;
@@ -568,6 +658,9 @@ impl Syncer {
         }
         if frontend.drop_if_empty {
             flags |= service_flags::DROP_IF_EMPTY;
+        }
+        if frontend.source_ranges {
+            flags |= service_flags::SOURCE_RANGES;
         }
         // Maglev: the table (by backend name, the same on every node) and
         // its size in slot 0's backend_id.

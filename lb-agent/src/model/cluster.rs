@@ -54,6 +54,9 @@ pub struct NodeConfig {
     pub default_maglev: bool,
     /// spec.externalIPs allowed (None: all, as kube-proxy does).
     pub external_ip_cidrs: Option<Vec<Ipv4Net>>,
+    /// Addresses NodePorts answer on: the node devices' addresses, filtered
+    /// by --nodeport-addresses.
+    pub nodeport_addresses: Vec<Ipv4Addr>,
 }
 
 impl Default for NodeConfig {
@@ -63,6 +66,7 @@ impl Default for NodeConfig {
             hairpin_snat_addr: DEFAULT_HAIRPIN_SNAT_ADDR,
             default_maglev: false,
             external_ip_cidrs: None,
+            nodeport_addresses: Vec::new(),
         }
     }
 }

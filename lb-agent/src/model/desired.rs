@@ -7,8 +7,11 @@ use std::{
     net::Ipv4Addr,
 };
 
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, frontend_kind};
+use ipnet::Ipv4Net;
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, frontend_kind};
 use serde::Serialize;
+
+use super::ObjectKey;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -54,17 +57,48 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// {address, port, protocol} of a frontend.
+/// Which traffic a frontend entry serves: in-cluster (from pods and the
+/// node, on pod devices) or external (from outside, on node devices).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Internal,
+    External,
+}
+
+impl Scope {
+    pub fn code(self) -> u8 {
+        match self {
+            Scope::Internal => SCOPE_INTERNAL,
+            Scope::External => SCOPE_EXTERNAL,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            SCOPE_INTERNAL => Some(Scope::Internal),
+            SCOPE_EXTERNAL => Some(Scope::External),
+            _ => None,
+        }
+    }
+}
+
+/// {address, port, protocol, scope} of a frontend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FrontendKey {
     pub addr: Ipv4Addr,
     pub port: u16,
     pub proto: Protocol,
+    pub scope: Scope,
 }
 
 impl fmt::Display for FrontendKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)?;
+        if self.scope == Scope::External {
+            f.write_str(" (external)")?;
+        }
+        Ok(())
     }
 }
 
@@ -105,6 +139,8 @@ pub struct Backend {
     pub port: u16,
     /// Used only because nothing is ready (serving-terminating fallback).
     pub terminating: bool,
+    /// Not on this node: external traffic to it is source-NATed.
+    pub remote: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,11 +160,52 @@ pub struct Frontend {
     pub internal_local: bool,
     /// sessionAffinity ClientIP timeout; None without affinity.
     pub affinity_timeout_s: Option<u32>,
+    /// Clients are checked against `DesiredState::source_ranges` of the address.
+    pub source_ranges: bool,
+}
+
+/// What the datapath does with packets to a Service address that match no
+/// frontend (an address entry).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddressEntry {
+    /// Undeclared ports and protocols are refused (in-cluster scope only:
+    /// from outside, other ports of an address may be the node's own).
+    pub reject_undeclared: bool,
+    /// Some frontend on the address has a usable backend: pings are answered.
+    pub echo: bool,
+}
+
+/// healthCheckNodePort of a Service with externalTrafficPolicy Local.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub service: ObjectKey,
+    /// Endpoints on this node that external traffic may use.
+    pub local_endpoints: usize,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
-    /// Service IPs whose undeclared ports and protocols are rejected.
-    pub service_ips: BTreeSet<Ipv4Addr>,
+    /// Service addresses (ClusterIPs, externalIPs, LoadBalancer IPs) per scope.
+    pub addresses: BTreeMap<(Ipv4Addr, Scope), AddressEntry>,
+    /// loadBalancerSourceRanges per LoadBalancer IP.
+    pub source_ranges: BTreeMap<Ipv4Addr, BTreeSet<Ipv4Net>>,
+    /// healthCheckNodePort -> what it reports.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+impl DesiredState {
+    /// Address entries from the frontends: every Service address (not the
+    /// node addresses NodePorts live on), in the scopes it has frontends in.
+    pub fn derive_addresses(&mut self) {
+        self.addresses.clear();
+        for (fk, frontend) in &self.frontends {
+            if frontend.kind == FrontendKind::NodePort {
+                continue;
+            }
+            let entry = self.addresses.entry((fk.addr, fk.scope)).or_default();
+            entry.reject_undeclared = fk.scope == Scope::Internal;
+            entry.echo |= !frontend.backends.is_empty();
+        }
+    }
 }

@@ -9,5 +9,8 @@ pub mod maglev;
 pub mod translate;
 
 pub use cluster::{ClusterState, NodeConfig, ObjectKey};
-pub use desired::{Backend, DesiredState, Frontend, FrontendKey, FrontendKind, Protocol};
+pub use desired::{
+    AddressEntry, Backend, DesiredState, Frontend, FrontendKey, FrontendKind, HealthCheck,
+    Protocol, Scope,
+};
 pub use translate::{Problem, Translation, translate, translate_with};

@@ -3,7 +3,13 @@
 //! objects that could not be used. A bad object is skipped whole; it never
 //! changes what a good one programs.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
+
+use ipnet::Ipv4Net;
 
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort},
@@ -16,7 +22,9 @@ use super::{
         ANNOTATION_ALGORITHM, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
         LABEL_ZONE,
     },
-    desired::{Backend, DesiredState, Frontend, FrontendKey, FrontendKind, Protocol},
+    desired::{
+        Backend, DesiredState, Frontend, FrontendKey, FrontendKind, HealthCheck, Protocol, Scope,
+    },
 };
 
 /// Default and ceiling of sessionAffinityConfig.clientIP.timeoutSeconds.
@@ -101,7 +109,7 @@ pub fn translate_with(
 
     for (key, svc) in services {
         let object = format!("Service {key}");
-        let frontends =
+        let service =
             match service_frontends(key, svc, &slices, node, zone.as_deref(), &mut out.problems) {
                 Ok(Some(f)) => f,
                 Ok(None) => continue,
@@ -111,8 +119,8 @@ pub fn translate_with(
                 }
             };
         // The ClusterIP (first) decides for the whole Service; a taken
-        // externalIP is skipped alone.
-        if let Some((ip, _)) = frontends.first()
+        // externalIP or LoadBalancer IP is skipped alone.
+        if let Some((ip, _, _)) = service.by_ip.first()
             && let Some(owner) = ip_owner.get(ip)
         {
             out.problems.push(Problem {
@@ -121,23 +129,65 @@ pub fn translate_with(
             });
             continue;
         }
-        for (ip, ports) in frontends {
+        // A nodePort another Service holds on this node: that port is skipped.
+        let mut taken_node_ports = BTreeSet::new();
+        for (fk, _) in &service.node_ports {
+            if let Some(holder) = out.desired.frontends.get(fk) {
+                taken_node_ports.insert((fk.port, fk.proto));
+                out.problems.push(Problem {
+                    object: object.clone(),
+                    reason: format!(
+                        "nodePort {}/{} is already used by {}; skipped",
+                        fk.port, fk.proto, holder.service_port
+                    ),
+                });
+            }
+        }
+        for (ip, kind, ports) in service.by_ip {
             if let Some(owner) = ip_owner.get(&ip)
                 && *owner != key
             {
+                let what = match kind {
+                    FrontendKind::LoadBalancer => "LoadBalancer IP",
+                    _ => "externalIP",
+                };
                 out.problems.push(Problem {
                     object: object.clone(),
-                    reason: format!("externalIP {ip} is already used by Service {owner}; skipped"),
+                    reason: format!("{what} {ip} is already used by Service {owner}; skipped"),
                 });
                 continue;
             }
             ip_owner.insert(ip, key);
-            out.desired.service_ips.insert(ip);
+            if kind == FrontendKind::LoadBalancer && !service.source_ranges.is_empty() {
+                out.desired
+                    .source_ranges
+                    .insert(ip, service.source_ranges.clone());
+            }
             for (fk, frontend) in ports {
                 out.desired.frontends.insert(fk, frontend);
             }
         }
+        for (fk, frontend) in service.node_ports {
+            if !taken_node_ports.contains(&(fk.port, fk.proto)) {
+                out.desired.frontends.insert(fk, frontend);
+            }
+        }
+        if let Some((port, check)) = service.health_check {
+            match out.desired.health_checks.get(&port) {
+                Some(holder) => out.problems.push(Problem {
+                    object: object.clone(),
+                    reason: format!(
+                        "healthCheckNodePort {port} is already used by Service {}; not served",
+                        holder.service
+                    ),
+                }),
+                None => {
+                    out.desired.health_checks.insert(port, check);
+                }
+            }
+        }
     }
+    out.desired.derive_addresses();
     out.ip_owners = ip_owner
         .into_iter()
         .map(|(ip, k)| (ip, k.clone()))
@@ -168,7 +218,16 @@ fn slices_by_service(
     by_service
 }
 
-type ServiceFrontends = Vec<(Ipv4Addr, Vec<(FrontendKey, Frontend)>)>;
+/// Everything one Service programs.
+struct ServiceFrontends {
+    /// Frontends per Service address it claims: the ClusterIP first, then
+    /// externalIPs and LoadBalancer IPs (each with both scopes' entries).
+    by_ip: Vec<(Ipv4Addr, FrontendKind, Vec<(FrontendKey, Frontend)>)>,
+    /// NodePort frontends on the node's addresses (shared, not claimed).
+    node_ports: Vec<(FrontendKey, Frontend)>,
+    health_check: Option<(u16, HealthCheck)>,
+    source_ranges: BTreeSet<Ipv4Net>,
+}
 
 /// The frontends of one Service; Ok(None) when kube-proxy ignores it.
 fn service_frontends(
@@ -262,53 +321,134 @@ fn service_frontends(
         }
     }
 
+    let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let external_local = match spec.external_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            return Err(format!(
+                "externalTrafficPolicy {other:?} is not Cluster or Local"
+            ));
+        }
+    };
+    let has_node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
+    let mut source_ranges = BTreeSet::new();
+    if service_type == "LoadBalancer" {
+        for range in spec.load_balancer_source_ranges.iter().flatten() {
+            let range = range.trim();
+            if range.contains(':') {
+                // IPv6 prefix: nothing of this IPv4 datapath can match it.
+                continue;
+            }
+            // Fail closed: a range we cannot read must not open the IP to all.
+            let net: Ipv4Net = range.parse().map_err(|_| {
+                format!("loadBalancerSourceRanges entry {range:?} is not an IPv4 CIDR")
+            })?;
+            source_ranges.insert(net.trunc());
+        }
+    }
+
     let service_slices = slices.get(key).map(Vec::as_slice).unwrap_or_default();
-    let mut frontends = Vec::new();
+    let mut cluster_ip_ports = Vec::new();
+    let mut external_ports = Vec::new();
+    let mut node_ports = Vec::new();
+    let mut local_endpoints = BTreeSet::new();
     for (port, number, proto) in checked {
         let port_name = port.name.as_deref().unwrap_or("");
         let endpoints = endpoints_for_port(port_name, proto, service_slices, node, problems);
-        let (backends, drop_if_empty) = select_backends(&endpoints, internal_local, zone);
-        let standby = endpoints
-            .iter()
-            .map(|e| Backend {
-                addr: e.addr,
-                port: e.port,
-                terminating: true,
-            })
-            .filter(|b| {
-                !backends
-                    .iter()
-                    .any(|x| x.addr == b.addr && x.port == b.port)
-            })
-            .collect();
-        let fk = FrontendKey {
-            addr: cluster_ip,
-            port: number,
-            proto,
+        let sets = backend_sets(&endpoints, zone);
+        local_endpoints.extend(sets.local.iter().map(|b| b.addr));
+        let in_cluster = |backends: Vec<Backend>, drop_if_empty: bool| Frontend {
+            service_port: service_port_name(key, port),
+            kind: FrontendKind::ClusterIP,
+            standby: standby(&endpoints, &backends),
+            backends,
+            maglev,
+            drop_if_empty,
+            internal_local,
+            affinity_timeout_s,
+            source_ranges: false,
         };
-        frontends.push((
-            fk,
-            Frontend {
-                service_port: service_port_name(key, port),
-                kind: FrontendKind::ClusterIP,
-                backends,
-                standby,
-                maglev,
-                drop_if_empty,
-                internal_local,
-                affinity_timeout_s,
+        let (internal, internal_drop) = sets.for_policy(internal_local);
+        cluster_ip_ports.push((
+            FrontendKey {
+                addr: cluster_ip,
+                port: number,
+                proto,
+                scope: Scope::Internal,
             },
+            in_cluster(internal, internal_drop),
         ));
-    }
-    let mut all = vec![(cluster_ip, frontends.clone())];
-    // spec.externalIPs: the same ports and backends on each address, if the
-    // --external-ip-cidrs allow-list admits it (CVE-2020-8554: anyone who can
-    // create a Service could otherwise intercept any address).
-    for ext in spec.external_ips.iter().flatten() {
-        let reject = |reason: String| Problem {
-            object: format!("Service {key}"),
-            reason,
+        // Externally reachable frontends: from pods and the node they use
+        // every endpoint (kube-proxy short-circuits them to the cluster set,
+        // whatever the traffic policies); from outside, externalTrafficPolicy.
+        let from_pods = Frontend {
+            internal_local: false,
+            ..in_cluster(sets.cluster.clone(), false)
         };
+        let (external, external_drop) = sets.for_policy(external_local);
+        let from_outside = in_cluster(external, external_drop);
+        external_ports.push((number, proto, from_pods.clone(), from_outside.clone()));
+        if has_node_ports && let Some(node_port) = port.node_port {
+            let node_port = port_number(node_port).ok_or_else(|| {
+                format!("spec.ports[{port_name:?}].nodePort {node_port} is outside 1..=65535")
+            })?;
+            for addr in &node.nodeport_addresses {
+                for (scope, frontend) in [
+                    (Scope::Internal, &from_pods),
+                    (Scope::External, &from_outside),
+                ] {
+                    node_ports.push((
+                        FrontendKey {
+                            addr: *addr,
+                            port: node_port,
+                            proto,
+                            scope,
+                        },
+                        Frontend {
+                            kind: FrontendKind::NodePort,
+                            ..frontend.clone()
+                        },
+                    ));
+                }
+            }
+        }
+    }
+
+    let mut by_ip = vec![(cluster_ip, FrontendKind::ClusterIP, cluster_ip_ports)];
+    // The same ports on an external address, both scopes.
+    let on_address = |addr: Ipv4Addr, kind: FrontendKind, ranges: bool| {
+        let mut out = Vec::new();
+        for (number, proto, from_pods, from_outside) in &external_ports {
+            for (scope, frontend) in [
+                (Scope::Internal, from_pods),
+                (Scope::External, from_outside),
+            ] {
+                out.push((
+                    FrontendKey {
+                        addr,
+                        port: *number,
+                        proto: *proto,
+                        scope,
+                    },
+                    Frontend {
+                        kind,
+                        source_ranges: ranges,
+                        ..frontend.clone()
+                    },
+                ));
+            }
+        }
+        (addr, kind, out)
+    };
+    let reject = |reason: String| Problem {
+        object: format!("Service {key}"),
+        reason,
+    };
+    // spec.externalIPs, if the --external-ip-cidrs allow-list admits them
+    // (CVE-2020-8554: anyone who can create a Service could otherwise
+    // intercept any address).
+    for ext in spec.external_ips.iter().flatten() {
         let Ok(addr) = ext.parse::<Ipv4Addr>() else {
             if !ext.contains(':') {
                 problems.push(reject(format!(
@@ -325,21 +465,74 @@ fn service_frontends(
             )));
             continue;
         }
-        let ports = frontends
-            .iter()
-            .map(|(fk, f)| {
-                (
-                    FrontendKey { addr, ..*fk },
-                    Frontend {
-                        kind: FrontendKind::ExternalIP,
-                        ..f.clone()
-                    },
-                )
-            })
-            .collect();
-        all.push((addr, ports));
+        by_ip.push(on_address(addr, FrontendKind::ExternalIP, false));
     }
-    Ok(Some(all))
+    // status.loadBalancer.ingress IPs. ipMode Proxy means the load balancer
+    // proxies to the nodes itself: kube-proxy leaves those IPs alone.
+    if service_type == "LoadBalancer" {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for entry in ingress.into_iter().flatten() {
+            if entry.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            let Some(ip) = entry.ip.as_deref() else {
+                continue;
+            };
+            match ip.parse::<Ipv4Addr>() {
+                Ok(addr) => by_ip.push(on_address(
+                    addr,
+                    FrontendKind::LoadBalancer,
+                    !source_ranges.is_empty(),
+                )),
+                Err(_) if ip.contains(':') => {}
+                Err(_) => problems.push(reject(format!(
+                    "status.loadBalancer.ingress IP {ip:?} is not an IPv4 address; skipped"
+                ))),
+            }
+        }
+    }
+    let health_check = match spec.health_check_node_port {
+        Some(port) if service_type == "LoadBalancer" && external_local => {
+            let port = port_number(port)
+                .ok_or_else(|| format!("healthCheckNodePort {port} is outside 1..=65535"))?;
+            Some((
+                port,
+                HealthCheck {
+                    service: key.clone(),
+                    local_endpoints: local_endpoints.len(),
+                },
+            ))
+        }
+        _ => None,
+    };
+    Ok(Some(ServiceFrontends {
+        by_ip,
+        node_ports,
+        health_check,
+        source_ranges,
+    }))
+}
+
+/// Endpoints that exist but are not in `selected`: standby backends.
+fn standby(endpoints: &[EndpointInfo], selected: &[Backend]) -> Vec<Backend> {
+    endpoints
+        .iter()
+        .filter(|e| {
+            !selected
+                .iter()
+                .any(|x| x.addr == e.addr && x.port == e.port)
+        })
+        .map(|e| Backend {
+            addr: e.addr,
+            port: e.port,
+            terminating: true,
+            remote: !e.local,
+        })
+        .collect()
 }
 
 fn service_port_name(key: &ObjectKey, port: &ServicePort) -> String {
@@ -454,14 +647,16 @@ fn use_zone_hints(endpoints: &[EndpointInfo], zone: Option<&str>) -> bool {
 /// Ready endpoints, else serving-terminating ones (kube-proxy's fallback),
 /// among those `available` keeps.
 fn usable(endpoints: &[EndpointInfo], available: impl Fn(&EndpointInfo) -> bool) -> Vec<Backend> {
+    let backend = |e: &EndpointInfo, terminating: bool| Backend {
+        addr: e.addr,
+        port: e.port,
+        terminating,
+        remote: !e.local,
+    };
     let ready: Vec<Backend> = endpoints
         .iter()
         .filter(|e| e.ready && available(e))
-        .map(|e| Backend {
-            addr: e.addr,
-            port: e.port,
-            terminating: false,
-        })
+        .map(|e| backend(e, false))
         .collect();
     if !ready.is_empty() {
         return ready;
@@ -469,31 +664,38 @@ fn usable(endpoints: &[EndpointInfo], available: impl Fn(&EndpointInfo) -> bool)
     endpoints
         .iter()
         .filter(|e| e.serving && e.terminating && available(e))
-        .map(|e| Backend {
-            addr: e.addr,
-            port: e.port,
-            terminating: true,
-        })
+        .map(|e| backend(e, true))
         .collect()
 }
 
-/// The backend set for in-cluster traffic and whether an empty set drops.
-fn select_backends(
-    endpoints: &[EndpointInfo],
-    internal_local: bool,
-    zone: Option<&str>,
-) -> (Vec<Backend>, bool) {
+/// kube-proxy's CategorizeEndpoints: the cluster-wide set (after topology
+/// hints) and the node-local set of one service port.
+struct BackendSets {
+    cluster: Vec<Backend>,
+    local: Vec<Backend>,
+}
+
+fn backend_sets(endpoints: &[EndpointInfo], zone: Option<&str>) -> BackendSets {
     let zoned = use_zone_hints(endpoints, zone);
-    let cluster = usable(endpoints, |e| {
-        !zoned || e.zone_hints.iter().any(|z| Some(z.as_str()) == zone)
-    });
-    if !internal_local {
-        return (cluster, false);
+    BackendSets {
+        cluster: usable(endpoints, |e| {
+            !zoned || e.zone_hints.iter().any(|z| Some(z.as_str()) == zone)
+        }),
+        local: usable(endpoints, |e| e.local),
     }
-    let local = usable(endpoints, |e| e.local);
-    // Endpoints exist, just not here: kube-proxy drops rather than rejects.
-    let drop_if_empty = local.is_empty() && !cluster.is_empty();
-    (local, drop_if_empty)
+}
+
+impl BackendSets {
+    /// The set a traffic policy selects, and whether an empty set drops:
+    /// with policy Local and endpoints only elsewhere kube-proxy drops
+    /// rather than rejects.
+    fn for_policy(&self, local: bool) -> (Vec<Backend>, bool) {
+        if !local {
+            return (self.cluster.clone(), false);
+        }
+        let drop_if_empty = self.local.is_empty() && !self.cluster.is_empty();
+        (self.local.clone(), drop_if_empty)
+    }
 }
 
 #[cfg(test)]
@@ -843,7 +1045,7 @@ mod tests {
         for (name, s) in cases {
             let t = translate(&state(vec![s], vec![]), &node());
             assert!(
-                t.desired.frontends.is_empty() && t.desired.service_ips.is_empty(),
+                t.desired.frontends.is_empty() && t.desired.addresses.is_empty(),
                 "{name}"
             );
             assert!(t.problems.is_empty(), "{name}: {:?}", t.problems);
@@ -961,7 +1163,7 @@ mod tests {
         }
         assert_eq!(t.problems.len(), 1, "SCTP port reported: {:?}", t.problems);
         assert!(t.problems[0].reason.contains("SCTP is not supported"));
-        assert_eq!(t.desired.service_ips.len(), 1);
+        assert_eq!(t.desired.addresses.len(), 1);
     }
 
     /// An endpoint with zone hints.
@@ -1095,9 +1297,11 @@ mod tests {
             vec![
                 "10.96.0.10:80/TCP",
                 "192.0.2.10:80/TCP",
-                "198.51.100.7:80/TCP"
+                "192.0.2.10:80/TCP (external)",
+                "198.51.100.7:80/TCP",
+                "198.51.100.7:80/TCP (external)"
             ],
-            "no allow-list: all, like kube-proxy"
+            "no allow-list: all, like kube-proxy; each for pods and from outside"
         );
         assert!(t.problems.iter().any(|p| p.reason.contains("\"bogus\"")));
         let only = NodeConfig {
@@ -1106,7 +1310,14 @@ mod tests {
         };
         let t = translate(&state(vec![s], vec![sl]), &only);
         let keys: Vec<String> = t.desired.frontends.keys().map(|k| k.to_string()).collect();
-        assert_eq!(keys, vec!["10.96.0.10:80/TCP", "192.0.2.10:80/TCP"]);
+        assert_eq!(
+            keys,
+            vec![
+                "10.96.0.10:80/TCP",
+                "192.0.2.10:80/TCP",
+                "192.0.2.10:80/TCP (external)"
+            ]
+        );
         assert!(t.problems.iter().any(|p| {
             p.reason
                 .contains("198.51.100.7 is outside --external-ip-cidrs")
