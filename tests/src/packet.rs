@@ -151,6 +151,16 @@ pub fn udp(src: Ep, dst: Ep, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// An ICMP echo request (ping) with identifier, sequence and payload.
+pub fn echo_request(src: Ipv4Addr, dst: Ipv4Addr, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .icmpv4_echo_request(id, seq);
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("build echo frame");
+    out
+}
+
 /// The same UDP frame with checksum 0 ("no checksum").
 pub fn udp_no_csum(src: Ep, dst: Ep, payload: &[u8]) -> Vec<u8> {
     let mut f = udp(src, dst, payload);
@@ -648,10 +658,19 @@ pub enum Expect {
     RevNat(Ep),
     /// Passed with both ends rewritten (hairpin).
     Nat { src: Ep, dst: Ep },
+    /// Passed with the destination rewritten to `dst` and the source to
+    /// `src_addr` with a port in `ports` (SNAT port allocation).
+    Snat {
+        src_addr: Ipv4Addr,
+        ports: (u16, u16),
+        dst: Ep,
+    },
     /// Bounced as an RST with these sequence numbers (ack None: no ACK flag).
     TcpRst { seq: u32, ack: Option<u32> },
     /// Bounced as ICMP port unreachable quoting the input.
     IcmpPortUnreachable,
+    /// Bounced as the ICMP echo reply to the input's request.
+    EchoReply,
 }
 
 pub enum Step {
@@ -909,6 +928,22 @@ fn check(
             assert_translated(ctx, input, out, *src, *dst);
             None
         }
+        Expect::Snat {
+            src_addr,
+            ports,
+            dst,
+        } => {
+            expect_verdict(ctx, verdict, Verdict::Pass);
+            let src = View::new(ctx, out).src();
+            assert_eq!(src.addr, *src_addr, "{ctx}: SNAT address");
+            assert!(
+                (ports.0..=ports.1).contains(&src.port),
+                "{ctx}: SNAT port {} outside {ports:?}",
+                src.port
+            );
+            assert_translated(ctx, input, out, src, *dst);
+            Some(src)
+        }
         Expect::TcpRst { seq, ack } => {
             expect_verdict(ctx, verdict, Verdict::Bounce);
             let (i, o) = (View::new(ctx, input), View::new(ctx, out));
@@ -941,6 +976,24 @@ fn check(
                 }
                 None => assert_eq!(flags, 0x04, "{ctx}: RST without ACK"),
             }
+            o.assert_checksums(ctx);
+            None
+        }
+        Expect::EchoReply => {
+            expect_verdict(ctx, verdict, Verdict::Bounce);
+            assert_eq!(out.len(), input.len(), "{ctx}: echo reply length");
+            assert_eq!(&out[..6], &input[6..12], "{ctx}: reply to the sender's MAC");
+            assert_eq!(&out[6..12], &input[..6], "{ctx}: reply from the receiving MAC");
+            let (i, o) = (View::new(ctx, input), View::new(ctx, out));
+            assert_eq!(o.proto(), 1, "{ctx}: protocol ICMP");
+            assert_eq!(&out[26..30], &input[30..34], "{ctx}: from the pinged address");
+            assert_eq!(&out[30..34], &input[26..30], "{ctx}: to the pinger");
+            assert_eq!((o.l4()[0], o.l4()[1]), (0, 0), "{ctx}: type 0 code 0");
+            assert_eq!(
+                &o.l4()[4..],
+                &i.l4()[4..],
+                "{ctx}: identifier, sequence and data echoed"
+            );
             o.assert_checksums(ctx);
             None
         }

@@ -1,0 +1,443 @@
+//! Packet tables for traffic from outside the node: the node-device programs
+//! (`lb_tc_node`, `lb_xdp_node`) with NodePort, LoadBalancer and externalIP
+//! frontends, SNAT to remote backends and its reverse, traffic policy Local,
+//! loadBalancerSourceRanges, and pings to Service addresses (also from pods).
+//! Checksums of every rewritten frame are verified from scratch.
+
+use lb_common::{
+    CT_DIR_REPLY, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    backend_flags, config_flags, frontend_kind, service_flags, stat,
+};
+use lb_tests::packet::*;
+
+const CLIENT: &str = "203.0.113.5:40000";
+const OTHER_CLIENT: &str = "203.0.113.6:40000";
+const OUTSIDE_RANGES: &str = "192.0.2.9:40000";
+/// This node's address: NodePorts and the SNAT source.
+const NODE_ADDR: &str = "192.168.50.1";
+const NODE_PORT: &str = "192.168.50.1:30080";
+const NODE_PORT_UDP: &str = "192.168.50.1:30053";
+const LB_IP: &str = "198.51.100.10:80";
+const CLUSTER_IP: &str = "10.96.0.10:80";
+const LOCAL_POD: &str = "10.1.1.2:8080";
+const REMOTE_POD: &str = "10.1.2.2:8080";
+const REMOTE_DNS: &str = "10.1.2.3:5353";
+const SNAT_PORT: u16 = 61_000;
+
+fn node_addr() -> std::net::Ipv4Addr {
+    NODE_ADDR.parse().unwrap()
+}
+
+fn snat(port: u16) -> Ep {
+    Ep {
+        addr: node_addr(),
+        port,
+    }
+}
+
+fn case(name: &'static str, setup: fn(&mut Datapath), steps: Vec<Step>) -> Case {
+    Case {
+        name,
+        programs: NODE,
+        setup: Box::new(setup),
+        steps,
+        allowed_errors: &[],
+    }
+}
+
+fn counters(want: &[(u32, u64)]) -> Step {
+    Step::Stats(want.to_vec())
+}
+
+/// SNAT to the node with one port (61000), so its allocation is predictable.
+fn node_config(dp: &mut Datapath, max_port: u16) {
+    dp.set_config(|c| {
+        c.nodeport_snat_addr_be = u32::from_ne_bytes(node_addr().octets());
+        c.snat_port_min = SNAT_PORT;
+        c.snat_port_max = max_port;
+        c.flags |= config_flags::ECHO_REPLY;
+    });
+}
+
+/// A NodePort whose only backend is on this node (id 1), one whose only
+/// backend is on another node (id 2, UDP id 3), and the ClusterIP of the
+/// first for pods.
+fn node_ports(dp: &mut Datapath) {
+    node_config(dp, SNAT_PORT);
+    dp.backend(1, ep(LOCAL_POD), TCP);
+    dp.backend(2, ep(REMOTE_POD), TCP);
+    dp.set_backend_state(2, 0, backend_flags::REMOTE);
+    dp.backend(3, ep(REMOTE_DNS), UDP);
+    dp.set_backend_state(3, 0, backend_flags::REMOTE);
+    dp.external_frontend(ep(NODE_PORT), TCP, 1, &[1], frontend_kind::NODE_PORT);
+    dp.external_frontend(
+        Ep {
+            port: 30081,
+            ..ep(NODE_PORT)
+        },
+        TCP,
+        2,
+        &[2],
+        frontend_kind::NODE_PORT,
+    );
+    dp.external_frontend(ep(NODE_PORT_UDP), UDP, 3, &[3], frontend_kind::NODE_PORT);
+    dp.frontend(ep(CLUSTER_IP), TCP, 4, &[1]);
+}
+
+fn remote_node_port() -> Ep {
+    Ep {
+        port: 30081,
+        ..ep(NODE_PORT)
+    }
+}
+
+#[test]
+fn nodeport_to_a_local_backend_keeps_the_client_address() {
+    run_case(case(
+        "nodeport_to_a_local_backend_keeps_the_client_address",
+        node_ports,
+        vec![
+            send(
+                tcp(ep(CLIENT), ep(NODE_PORT), SYN, b""),
+                Expect::Nat {
+                    src: ep(CLIENT),
+                    dst: ep(LOCAL_POD),
+                },
+            ),
+            send(
+                tcp(ep(LOCAL_POD), ep(CLIENT), ACK, b""),
+                Expect::RevNat(ep(NODE_PORT)),
+            ),
+            counters(&[(stat::NEW_FLOW, 1), (stat::REPLY, 1), (stat::NODEPORT_SNAT, 0)]),
+        ],
+    ));
+}
+
+#[test]
+fn nodeport_to_a_remote_backend_is_snated_and_reversed() {
+    run_case(case(
+        "nodeport_to_a_remote_backend_is_snated_and_reversed",
+        node_ports,
+        vec![
+            send(
+                tcp(ep(CLIENT), remote_node_port(), SYN, b""),
+                Expect::Nat {
+                    src: snat(SNAT_PORT),
+                    dst: ep(REMOTE_POD),
+                },
+            ),
+            // The other node's backend answers the node address.
+            send(
+                tcp(ep(REMOTE_POD), snat(SNAT_PORT), ACK, b""),
+                Expect::Nat {
+                    src: remote_node_port(),
+                    dst: ep(CLIENT),
+                },
+            ),
+            send(
+                tcp(ep(CLIENT), remote_node_port(), ACK, b"GET /"),
+                Expect::Nat {
+                    src: snat(SNAT_PORT),
+                    dst: ep(REMOTE_POD),
+                },
+            ),
+            counters(&[
+                (stat::NEW_FLOW, 1),
+                (stat::NODEPORT_SNAT, 1),
+                (stat::ESTABLISHED, 1),
+                (stat::REPLY, 1),
+            ]),
+        ],
+    ));
+}
+
+#[test]
+fn udp_nodeport_to_a_remote_backend_is_snated_and_reversed() {
+    run_case(case(
+        "udp_nodeport_to_a_remote_backend_is_snated_and_reversed",
+        node_ports,
+        vec![
+            send(
+                udp(ep(CLIENT), ep(NODE_PORT_UDP), b"query"),
+                Expect::Nat {
+                    src: snat(SNAT_PORT),
+                    dst: ep(REMOTE_DNS),
+                },
+            ),
+            send(
+                udp(ep(REMOTE_DNS), snat(SNAT_PORT), b"answer"),
+                Expect::Nat {
+                    src: ep(NODE_PORT_UDP),
+                    dst: ep(CLIENT),
+                },
+            ),
+            send(
+                udp_no_csum(ep(REMOTE_DNS), snat(SNAT_PORT), b"answer"),
+                Expect::Nat {
+                    src: ep(NODE_PORT_UDP),
+                    dst: ep(CLIENT),
+                },
+            ),
+        ],
+    ));
+}
+
+#[test]
+fn snat_ports_never_collide_a_taken_tuple_drops_the_new_flow() {
+    // One SNAT port: a second client towards the same backend cannot get a
+    // tuple of its own, so it is dropped rather than sharing one.
+    run_case(case(
+        "snat_ports_never_collide_a_taken_tuple_drops_the_new_flow",
+        node_ports,
+        vec![
+            send(
+                tcp(ep(CLIENT), remote_node_port(), SYN, b""),
+                Expect::Nat {
+                    src: snat(SNAT_PORT),
+                    dst: ep(REMOTE_POD),
+                },
+            ),
+            send(
+                tcp(ep(OTHER_CLIENT), remote_node_port(), SYN, b""),
+                Expect::Dropped,
+            ),
+            counters(&[(stat::NODEPORT_SNAT, 1), (stat::ERR_SNAT_PORTS, 1)]),
+            // The first flow is untouched by the attempt.
+            send(
+                tcp(ep(REMOTE_POD), snat(SNAT_PORT), ACK, b""),
+                Expect::Nat {
+                    src: remote_node_port(),
+                    dst: ep(CLIENT),
+                },
+            ),
+        ],
+    ));
+}
+
+fn two_snat_ports(dp: &mut Datapath) {
+    node_ports(dp);
+    node_config(dp, SNAT_PORT + 1);
+}
+
+#[test]
+fn snat_allocates_a_distinct_port_per_flow() {
+    let distinct = change(|dp| {
+        let mut ports: Vec<u16> = dp
+            .ct()
+            .into_iter()
+            .filter(|(k, _)| k.dir == CT_DIR_REPLY)
+            .map(|(k, _)| u16::from_be(k.dst_port_be))
+            .collect();
+        ports.sort();
+        assert_eq!(
+            ports,
+            vec![SNAT_PORT, SNAT_PORT + 1],
+            "two flows, two SNAT ports in the range"
+        );
+    });
+    run_case(case(
+        "snat_allocates_a_distinct_port_per_flow",
+        two_snat_ports,
+        vec![
+            send(
+                tcp(ep(CLIENT), remote_node_port(), SYN, b""),
+                Expect::Snat {
+                    src_addr: node_addr(),
+                    ports: (SNAT_PORT, SNAT_PORT + 1),
+                    dst: ep(REMOTE_POD),
+                },
+            ),
+            send(
+                tcp(ep(OTHER_CLIENT), remote_node_port(), SYN, b""),
+                Expect::Snat {
+                    src_addr: node_addr(),
+                    ports: (SNAT_PORT, SNAT_PORT + 1),
+                    dst: ep(REMOTE_POD),
+                },
+            ),
+            distinct,
+            counters(&[(stat::NODEPORT_SNAT, 2), (stat::ERR_SNAT_PORTS, 0)]),
+        ],
+    ));
+}
+
+#[test]
+fn pods_reaching_a_nodeport_are_not_snated() {
+    // The same remote backend through the internal entry: pod sources are
+    // routable, so only the destination changes.
+    run_case(Case {
+        name: "pods_reaching_a_nodeport_are_not_snated",
+        programs: BOTH,
+        setup: Box::new(|dp| {
+            node_ports(dp);
+            dp.frontend(remote_node_port(), TCP, 5, &[2]);
+        }),
+        steps: vec![send(
+            tcp(ep("10.1.1.9:40000"), remote_node_port(), SYN, b""),
+            Expect::Nat {
+                src: ep("10.1.1.9:40000"),
+                dst: ep(REMOTE_POD),
+            },
+        )],
+        allowed_errors: &[],
+    });
+}
+
+#[test]
+fn clusterip_is_not_served_from_outside() {
+    run_case(case(
+        "clusterip_is_not_served_from_outside",
+        node_ports,
+        vec![
+            send(
+                tcp(ep(CLIENT), ep(CLUSTER_IP), SYN, b""),
+                Expect::Unchanged,
+            ),
+            counters(&[(stat::PASS_NOT_FRONTEND, 1)]),
+        ],
+    ));
+}
+
+/// externalTrafficPolicy Local: no local endpoint (drop) and no endpoint at
+/// all (reject), with an in-cluster undeclared-port entry on the LB IP.
+fn local_policy(dp: &mut Datapath) {
+    node_config(dp, SNAT_PORT);
+    dp.external_frontend(
+        ep(NODE_PORT),
+        TCP,
+        1,
+        &[],
+        frontend_kind::NODE_PORT | service_flags::DROP_IF_EMPTY,
+    );
+    dp.external_frontend(
+        ep(NODE_PORT_UDP),
+        UDP,
+        2,
+        &[],
+        frontend_kind::NODE_PORT | service_flags::DROP_IF_EMPTY,
+    );
+    dp.external_frontend(ep(LB_IP), TCP, 3, &[], frontend_kind::LOAD_BALANCER);
+    dp.address_entry(
+        ep(LB_IP).addr,
+        SCOPE_INTERNAL,
+        service_flags::ADDRESS_ONLY,
+    );
+}
+
+#[test]
+fn local_policy_without_local_endpoints_drops_and_without_any_rejects() {
+    run_case(case(
+        "local_policy_without_local_endpoints_drops_and_without_any_rejects",
+        local_policy,
+        vec![
+            send(tcp(ep(CLIENT), ep(NODE_PORT), SYN, b""), Expect::Dropped),
+            send(udp(ep(CLIENT), ep(NODE_PORT_UDP), b"q"), Expect::Dropped),
+            send(
+                tcp(ep(CLIENT), ep(LB_IP), SYN, b""),
+                Expect::TcpRst {
+                    seq: 0,
+                    ack: Some(1001),
+                },
+            ),
+            // Other ports of the address may be the node's own: passed from
+            // outside, though pods get them refused.
+            send(
+                tcp(
+                    ep(CLIENT),
+                    Ep {
+                        port: 22,
+                        ..ep(LB_IP)
+                    },
+                    SYN,
+                    b"",
+                ),
+                Expect::Unchanged,
+            ),
+            counters(&[(stat::DROP_NO_BACKEND, 2), (stat::REJECT_TCP_RST, 1)]),
+        ],
+    ));
+}
+
+/// A LoadBalancer IP open to 203.0.113.0/24 only, in both scopes.
+fn source_ranges(dp: &mut Datapath) {
+    node_config(dp, SNAT_PORT);
+    dp.backend(1, ep(LOCAL_POD), TCP);
+    let flags = frontend_kind::LOAD_BALANCER | service_flags::SOURCE_RANGES;
+    dp.external_frontend(ep(LB_IP), TCP, 1, &[1], flags);
+    dp.frontend_with_flags(ep(LB_IP), TCP, 2, &[1], service_flags::SOURCE_RANGES);
+    dp.external_frontend(ep(NODE_PORT), TCP, 3, &[1], frontend_kind::NODE_PORT);
+    dp.source_range(ep(LB_IP).addr, "203.0.113.0".parse().unwrap(), 24);
+}
+
+#[test]
+fn load_balancer_source_ranges_drop_other_clients_but_not_nodeports() {
+    run_case(Case {
+        name: "load_balancer_source_ranges_drop_other_clients_but_not_nodeports",
+        programs: &[Prog::TcNode, Prog::XdpNode, Prog::Tc, Prog::Xdp],
+        setup: Box::new(source_ranges),
+        steps: vec![
+            send(
+                tcp(ep(CLIENT), ep(LB_IP), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(LOCAL_POD))),
+            ),
+            send(
+                tcp(ep(OUTSIDE_RANGES), ep(LB_IP), SYN, b""),
+                Expect::Dropped,
+            ),
+            counters(&[(stat::DROP_SOURCE_RANGE, 1)]),
+        ],
+        allowed_errors: &[],
+    });
+    // NodePort traffic is not filtered by them.
+    run_case(case(
+        "source_ranges_do_not_filter_nodeports",
+        source_ranges,
+        vec![send(
+            tcp(ep(OUTSIDE_RANGES), ep(NODE_PORT), SYN, b""),
+            Expect::Dnat(Target::Exact(ep(LOCAL_POD))),
+        )],
+    ));
+}
+
+/// Pingable addresses: the LB IP has a usable backend (ECHO), another
+/// Service address has none.
+fn pingable(dp: &mut Datapath) {
+    node_config(dp, SNAT_PORT);
+    for scope in [SCOPE_INTERNAL, SCOPE_EXTERNAL] {
+        dp.address_entry(ep(LB_IP).addr, scope, service_flags::ECHO);
+        dp.address_entry("198.51.100.11".parse().unwrap(), scope, 0);
+    }
+}
+
+#[test]
+fn pings_to_service_addresses_tell_the_truth() {
+    let client = ep(CLIENT).addr;
+    run_case(Case {
+        name: "pings_to_service_addresses_tell_the_truth",
+        programs: &[Prog::TcNode, Prog::XdpNode, Prog::Tc, Prog::Xdp],
+        setup: Box::new(pingable),
+        steps: vec![
+            send(
+                echo_request(client, ep(LB_IP).addr, 7, 1, b"abcdefgh"),
+                Expect::EchoReply,
+            ),
+            send(
+                echo_request(client, "198.51.100.11".parse().unwrap(), 7, 2, b"x"),
+                Expect::Dropped,
+            ),
+            // Not a Service address: none of our business.
+            send(
+                echo_request(client, node_addr(), 7, 3, b"x"),
+                Expect::Unchanged,
+            ),
+            counters(&[(stat::ECHO_REPLY, 1), (stat::DROP_ECHO, 1)]),
+            // Turned off: pings pass untouched, as with kube-proxy.
+            change(|dp| dp.set_config(|c| c.flags &= !config_flags::ECHO_REPLY)),
+            send(
+                echo_request(client, ep(LB_IP).addr, 7, 4, b"x"),
+                Expect::Unchanged,
+            ),
+        ],
+        allowed_errors: &[],
+    });
+}
