@@ -983,10 +983,18 @@ fn check(
             expect_verdict(ctx, verdict, Verdict::Bounce);
             assert_eq!(out.len(), input.len(), "{ctx}: echo reply length");
             assert_eq!(&out[..6], &input[6..12], "{ctx}: reply to the sender's MAC");
-            assert_eq!(&out[6..12], &input[..6], "{ctx}: reply from the receiving MAC");
+            assert_eq!(
+                &out[6..12],
+                &input[..6],
+                "{ctx}: reply from the receiving MAC"
+            );
             let (i, o) = (View::new(ctx, input), View::new(ctx, out));
             assert_eq!(o.proto(), 1, "{ctx}: protocol ICMP");
-            assert_eq!(&out[26..30], &input[30..34], "{ctx}: from the pinged address");
+            assert_eq!(
+                &out[26..30],
+                &input[30..34],
+                "{ctx}: from the pinged address"
+            );
             assert_eq!(&out[30..34], &input[26..30], "{ctx}: to the pinger");
             assert_eq!((o.l4()[0], o.l4()[1]), (0, 0), "{ctx}: type 0 code 0");
             assert_eq!(

@@ -108,7 +108,11 @@ fn nodeport_to_a_local_backend_keeps_the_client_address() {
                 tcp(ep(LOCAL_POD), ep(CLIENT), ACK, b""),
                 Expect::RevNat(ep(NODE_PORT)),
             ),
-            counters(&[(stat::NEW_FLOW, 1), (stat::REPLY, 1), (stat::NODEPORT_SNAT, 0)]),
+            counters(&[
+                (stat::NEW_FLOW, 1),
+                (stat::REPLY, 1),
+                (stat::NODEPORT_SNAT, 0),
+            ]),
         ],
     ));
 }
@@ -289,10 +293,7 @@ fn clusterip_is_not_served_from_outside() {
         "clusterip_is_not_served_from_outside",
         node_ports,
         vec![
-            send(
-                tcp(ep(CLIENT), ep(CLUSTER_IP), SYN, b""),
-                Expect::Unchanged,
-            ),
+            send(tcp(ep(CLIENT), ep(CLUSTER_IP), SYN, b""), Expect::Unchanged),
             counters(&[(stat::PASS_NOT_FRONTEND, 1)]),
         ],
     ));
@@ -317,11 +318,7 @@ fn local_policy(dp: &mut Datapath) {
         frontend_kind::NODE_PORT | service_flags::DROP_IF_EMPTY,
     );
     dp.external_frontend(ep(LB_IP), TCP, 3, &[], frontend_kind::LOAD_BALANCER);
-    dp.address_entry(
-        ep(LB_IP).addr,
-        SCOPE_INTERNAL,
-        service_flags::ADDRESS_ONLY,
-    );
+    dp.address_entry(ep(LB_IP).addr, SCOPE_INTERNAL, service_flags::ADDRESS_ONLY);
 }
 
 #[test]

@@ -707,7 +707,7 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::model::NodeConfig;
+    use crate::model::{AddressEntry, NodeConfig};
 
     fn svc(name: &str, spec: Value) -> (ObjectKey, Service) {
         svc_meta(json!({"name": name, "namespace": "ns"}), spec)
@@ -1347,5 +1347,346 @@ mod tests {
             vec![(WEB.to_string(), vec!["10.0.0.1:8080".to_string()])]
         );
         assert_eq!(t.problems[0].object, "EndpointSlice ns/s");
+    }
+
+    // ---- external traffic ----------------------------------------------
+
+    const NODE_ADDR: &str = "192.168.50.1";
+
+    fn external_node() -> NodeConfig {
+        NodeConfig {
+            nodeport_addresses: vec![NODE_ADDR.parse().unwrap()],
+            ..node()
+        }
+    }
+
+    /// A LoadBalancer Service reachable every external way: ClusterIP,
+    /// NodePort 30080, externalIP 192.0.2.10, ingress IP 198.51.100.10.
+    fn lb_service(itp: &str, etp: &str) -> (ObjectKey, Service) {
+        let s: Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "ns"},
+            "spec": {
+                "type": "LoadBalancer",
+                "clusterIP": "10.96.0.10",
+                "externalIPs": ["192.0.2.10"],
+                "internalTrafficPolicy": itp,
+                "externalTrafficPolicy": etp,
+                "healthCheckNodePort": 32000,
+                "ports": [{"name": "http", "port": 80, "nodePort": 30080}],
+            },
+            "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.10"}]}},
+        }))
+        .unwrap();
+        (ObjectKey::new("ns", "web"), s)
+    }
+
+    /// Backends of each frontend kind and scope: ("NodePort external", ["10.0.0.1"]).
+    fn by_kind(t: &Translation) -> BTreeMap<String, (Vec<String>, bool)> {
+        t.desired
+            .frontends
+            .iter()
+            .map(|(k, f)| {
+                let scope = match k.scope {
+                    Scope::Internal => "internal",
+                    Scope::External => "external",
+                };
+                let backends = f
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        format!(
+                            "{}{}{}",
+                            b.addr,
+                            if b.remote { "" } else { "(local)" },
+                            if b.terminating { "~" } else { "" }
+                        )
+                    })
+                    .collect();
+                (format!("{:?} {scope}", f.kind), (backends, f.drop_if_empty))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn traffic_policies_per_frontend_kind_and_scope() {
+        // After kube-proxy's TestInternalExternalMasquerade and
+        // TestExternalTrafficPolicyLocal/Cluster: iTP applies to the
+        // ClusterIP only, eTP to traffic from outside only, and pods reaching
+        // external addresses get every endpoint.
+        let local = ep("10.0.0.1", Some(true), Some(true), None, "local");
+        let remote = ep("10.0.0.2", Some(true), Some(true), None, "other");
+        let both = json!([local, remote]);
+        let remote_only = json!([remote]);
+        let all = vec!["10.0.0.1(local)", "10.0.0.2"];
+        let one = vec!["10.0.0.1(local)"];
+        let none: Vec<&str> = vec![];
+        #[allow(clippy::type_complexity)]
+        let cases: Vec<(&str, &str, &str, &Value, Vec<(&str, Vec<&str>, bool)>)> = vec![
+            (
+                "Cluster/Cluster",
+                "Cluster",
+                "Cluster",
+                &both,
+                vec![
+                    ("ClusterIP internal", all.clone(), false),
+                    ("NodePort internal", all.clone(), false),
+                    ("NodePort external", all.clone(), false),
+                    ("LoadBalancer external", all.clone(), false),
+                    ("ExternalIP external", all.clone(), false),
+                ],
+            ),
+            (
+                "eTP Local: outside gets local endpoints, pods all",
+                "Cluster",
+                "Local",
+                &both,
+                vec![
+                    ("ClusterIP internal", all.clone(), false),
+                    ("NodePort internal", all.clone(), false),
+                    ("LoadBalancer internal", all.clone(), false),
+                    ("NodePort external", one.clone(), false),
+                    ("LoadBalancer external", one.clone(), false),
+                    ("ExternalIP external", one.clone(), false),
+                ],
+            ),
+            (
+                "iTP Local: only the ClusterIP",
+                "Local",
+                "Cluster",
+                &both,
+                vec![
+                    ("ClusterIP internal", one.clone(), false),
+                    ("NodePort internal", all.clone(), false),
+                    ("NodePort external", all.clone(), false),
+                    ("ExternalIP internal", all.clone(), false),
+                ],
+            ),
+            (
+                "both Local, endpoints elsewhere only: drop",
+                "Local",
+                "Local",
+                &remote_only,
+                vec![
+                    ("ClusterIP internal", none.clone(), true),
+                    ("NodePort internal", vec!["10.0.0.2"], false),
+                    ("NodePort external", none.clone(), true),
+                    ("LoadBalancer external", none.clone(), true),
+                ],
+            ),
+        ];
+        for (name, itp, etp, endpoints, want) in cases {
+            let sl = slice("s", "web", http_port(), endpoints.clone());
+            let t = translate(
+                &state(vec![lb_service(itp, etp)], vec![sl]),
+                &external_node(),
+            );
+            assert!(t.problems.is_empty(), "{name}: {:?}", t.problems);
+            let got = by_kind(&t);
+            for (kind, backends, drop) in want {
+                let backends: Vec<String> = backends.into_iter().map(String::from).collect();
+                assert_eq!(
+                    got.get(kind),
+                    Some(&(backends, drop)),
+                    "{name}: {kind} (all: {got:?})"
+                );
+            }
+        }
+        // No endpoint at all: rejected (not dropped) even with eTP Local.
+        let t = translate(
+            &state(vec![lb_service("Cluster", "Local")], vec![]),
+            &external_node(),
+        );
+        assert_eq!(by_kind(&t).get("NodePort external"), Some(&(vec![], false)));
+    }
+
+    #[test]
+    fn terminating_endpoints_with_external_policy_local() {
+        // kube-proxy's TestTerminatingEndpointsTrafficPolicyLocal: the local
+        // set falls back to the local serving-terminating endpoint while the
+        // cluster set keeps the ready remote one.
+        let sl = slice(
+            "s",
+            "web",
+            http_port(),
+            json!([
+                ep("10.0.0.1", Some(false), Some(true), Some(true), "local"),
+                ep("10.0.0.2", Some(true), Some(true), None, "other"),
+            ]),
+        );
+        let t = translate(
+            &state(vec![lb_service("Cluster", "Local")], vec![sl]),
+            &external_node(),
+        );
+        let got = by_kind(&t);
+        assert_eq!(
+            got["NodePort external"],
+            (vec!["10.0.0.1(local)~".to_string()], false)
+        );
+        assert_eq!(
+            got["NodePort internal"],
+            (vec!["10.0.0.2".to_string()], false)
+        );
+        assert_eq!(t.desired.health_checks[&32000].local_endpoints, 1);
+    }
+
+    #[test]
+    fn node_ports_follow_the_type_and_node_addresses() {
+        let sl = || slice("s", "web", http_port(), json!([ready("10.0.0.1")]));
+        let keys = |t: &Translation| -> Vec<String> {
+            t.desired
+                .frontends
+                .iter()
+                .filter(|(_, f)| f.kind == FrontendKind::NodePort)
+                .map(|(k, _)| k.to_string())
+                .collect()
+        };
+        let mut node = external_node();
+        node.nodeport_addresses
+            .push("192.168.60.1".parse().unwrap());
+        let t = translate(
+            &state(vec![lb_service("Cluster", "Cluster")], vec![sl()]),
+            &node,
+        );
+        assert_eq!(
+            keys(&t),
+            vec![
+                "192.168.50.1:30080/TCP",
+                "192.168.50.1:30080/TCP (external)",
+                "192.168.60.1:30080/TCP",
+                "192.168.60.1:30080/TCP (external)"
+            ]
+        );
+        // Type changes release what is no longer declared.
+        for (ty, node_ports, lb_ip) in [
+            ("NodePort", 4, false),
+            ("ClusterIP", 0, false),
+            ("LoadBalancer", 4, true),
+        ] {
+            let (k, mut s) = lb_service("Cluster", "Cluster");
+            s.spec.as_mut().unwrap().type_ = Some(ty.into());
+            let t = translate(&state(vec![(k, s)], vec![sl()]), &node);
+            assert_eq!(keys(&t).len(), node_ports, "{ty}: node ports");
+            let has_lb = t
+                .desired
+                .frontends
+                .keys()
+                .any(|k| k.addr.to_string() == "198.51.100.10");
+            assert_eq!(has_lb, lb_ip, "{ty}: LoadBalancer IP");
+        }
+        // Two Services on one nodePort: the first keeps it.
+        let (_, mut other) = lb_service("Cluster", "Cluster");
+        let spec = other.spec.as_mut().unwrap();
+        spec.cluster_ip = Some("10.96.0.11".into());
+        spec.external_ips = None;
+        other.status = None;
+        let t = translate(
+            &state(
+                vec![
+                    lb_service("Cluster", "Cluster"),
+                    (ObjectKey::new("ns", "zz"), other),
+                ],
+                vec![sl()],
+            ),
+            &node,
+        );
+        assert_eq!(keys(&t).len(), 4);
+        assert!(
+            t.problems
+                .iter()
+                .any(|p| p.object == "Service ns/zz" && p.reason.contains("nodePort 30080/TCP")),
+            "{:?}",
+            t.problems
+        );
+    }
+
+    #[test]
+    fn source_ranges_health_checks_and_addresses() {
+        let (k, mut s) = lb_service("Cluster", "Local");
+        s.spec.as_mut().unwrap().load_balancer_source_ranges =
+            Some(vec!["203.0.113.0/24".into(), " 10.1.2.3/8 ".into()]);
+        let sl = slice("s", "web", http_port(), json!([ready("10.0.0.2")]));
+        let t = translate(
+            &state(vec![(k.clone(), s.clone())], vec![sl.clone()]),
+            &external_node(),
+        );
+        let lb_ip: Ipv4Addr = "198.51.100.10".parse().unwrap();
+        let ranges: Vec<String> = t.desired.source_ranges[&lb_ip]
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(ranges, vec!["10.0.0.0/8", "203.0.113.0/24"]);
+        for (fk, f) in &t.desired.frontends {
+            assert_eq!(
+                f.source_ranges,
+                fk.addr == lb_ip,
+                "{fk}: ranges filter LoadBalancer IPs only"
+            );
+        }
+        // eTP Local without local endpoints: 503 material.
+        assert_eq!(
+            t.desired.health_checks[&32000],
+            HealthCheck {
+                service: k.clone(),
+                local_endpoints: 0
+            }
+        );
+        // Addresses: Service IPs in the scopes they have frontends in; the
+        // node address carries NodePorts only. From outside the LB IP has no
+        // usable (local) endpoint, so pings from outside are not answered.
+        let entry = |ip: &str, scope| {
+            t.desired
+                .addresses
+                .get(&(ip.parse().unwrap(), scope))
+                .copied()
+        };
+        let internal = |echo| {
+            Some(AddressEntry {
+                reject_undeclared: true,
+                echo,
+            })
+        };
+        let external = |echo| {
+            Some(AddressEntry {
+                reject_undeclared: false,
+                echo,
+            })
+        };
+        assert_eq!(entry("10.96.0.10", Scope::Internal), internal(true));
+        assert_eq!(entry("10.96.0.10", Scope::External), None);
+        assert_eq!(entry("198.51.100.10", Scope::Internal), internal(true));
+        assert_eq!(entry("198.51.100.10", Scope::External), external(false));
+        assert_eq!(entry(NODE_ADDR, Scope::Internal), None);
+
+        // A range we cannot read closes the Service rather than opening it.
+        s.spec.as_mut().unwrap().load_balancer_source_ranges = Some(vec!["not-a-cidr".into()]);
+        let t = translate(&state(vec![(k, s)], vec![sl]), &external_node());
+        assert!(t.desired.frontends.is_empty());
+        assert!(
+            t.problems[0].reason.contains("\"not-a-cidr\""),
+            "{:?}",
+            t.problems
+        );
+    }
+
+    #[test]
+    fn proxy_mode_ingress_ips_are_left_to_the_load_balancer() {
+        let (k, mut s) = lb_service("Cluster", "Cluster");
+        s.status = Some(
+            serde_json::from_value(json!({"loadBalancer": {"ingress": [
+                {"ip": "198.51.100.10", "ipMode": "Proxy"},
+                {"ip": "198.51.100.11", "ipMode": "VIP"},
+                {"hostname": "lb.example.com"}
+            ]}}))
+            .unwrap(),
+        );
+        let t = translate(&state(vec![(k, s)], vec![]), &external_node());
+        let lb: BTreeSet<String> = t
+            .desired
+            .frontends
+            .iter()
+            .filter(|(_, f)| f.kind == FrontendKind::LoadBalancer)
+            .map(|(k, _)| k.addr.to_string())
+            .collect();
+        assert_eq!(lb, BTreeSet::from(["198.51.100.11".to_string()]));
     }
 }
