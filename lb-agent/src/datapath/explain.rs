@@ -123,6 +123,7 @@ pub fn run(
         map_names::REV_NAT,
         map_names::MAGLEV,
         map_names::CONFIG,
+        map_names::SOURCE_RANGES,
     ];
     let paths: Vec<(&str, std::path::PathBuf)> =
         shared.iter().map(|n| (*n, bpffs.join(n))).collect();

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::{
     config::{DumpArgs, DumpWhat, ExplainArgs, OutputFormat, ProtoArg},
     datapath::maps::Maps,
-    model::{FrontendKind, Protocol},
+    model::{FrontendKind, Protocol, Scope},
 };
 
 fn addr(be: u32) -> Ipv4Addr {
@@ -50,11 +50,15 @@ pub struct DumpBackend {
     pub protocol: String,
     /// "active" or "terminating"; "missing" when a slot names an absent id.
     pub state: String,
+    /// On another node (external traffic to it is source-NATed).
+    pub remote: bool,
 }
 
 #[derive(Serialize)]
 pub struct DumpService {
     pub frontend: DumpEndpoint,
+    /// "internal" (traffic from pods and the node) or "external" (from outside).
+    pub scope: Scope,
     #[serde(rename = "type")]
     pub kind: String,
     pub flags: Vec<&'static str>,
@@ -68,6 +72,14 @@ pub struct ServicesDump {
     pub services: Vec<DumpService>,
     /// Service IPs on which undeclared ports and protocols are rejected.
     pub service_ips: Vec<Ipv4Addr>,
+    /// Service addresses pings are answered for, per scope.
+    pub pingable: Vec<DumpAddress>,
+}
+
+#[derive(Serialize)]
+pub struct DumpAddress {
+    pub address: Ipv4Addr,
+    pub scope: Scope,
 }
 
 #[derive(Serialize)]
@@ -84,8 +96,9 @@ pub struct DumpFlow {
     pub destination: String,
     /// Forward: the backend the destination becomes. Reply: the frontend the source becomes.
     pub translated_to: String,
-    /// Hairpin flows: the source written (forward) or destination restored (reply).
-    pub snat: Option<Ipv4Addr>,
+    /// Source-NATed flows (hairpin, external to a remote backend): the
+    /// source written (forward) or the client restored (reply), "addr:port".
+    pub snat: Option<String>,
     pub backend_id: u32,
     pub rev_nat_id: u16,
     pub flags: Vec<&'static str>,
@@ -128,6 +141,7 @@ fn frontend_flags(v: &ServiceValue) -> Vec<&'static str> {
         (service_flags::EXTERNAL_LOCAL, "external-local"),
         (service_flags::DROP_IF_EMPTY, "drop-if-empty"),
         (service_flags::MAGLEV, "maglev"),
+        (service_flags::SOURCE_RANGES, "source-ranges"),
     ] {
         if v.flags & bit != 0 {
             out.push(name);
@@ -151,16 +165,32 @@ fn backend_state(v: &BackendValue) -> &'static str {
 pub fn services(maps: &Maps) -> Result<ServicesDump> {
     let backends = backends(maps)?.backends;
     let by_id: BTreeMap<u32, &DumpBackend> = backends.iter().map(|b| (b.id, b)).collect();
-    let mut heads: BTreeMap<(u32, u16, u8), ServiceValue> = BTreeMap::new();
-    let mut slots: BTreeMap<(u32, u16, u8), BTreeMap<u16, u32>> = BTreeMap::new();
+    type Id = (u32, u16, u8, u8);
+    let mut heads: BTreeMap<Id, ServiceValue> = BTreeMap::new();
+    let mut slots: BTreeMap<Id, BTreeMap<u16, u32>> = BTreeMap::new();
     let mut service_ips = Vec::new();
+    let mut pingable = Vec::new();
     for entry in maps.services.iter() {
         let (k, v): (ServiceKey, ServiceValue) = entry.context("reading LB_SERVICES")?;
-        if v.flags & service_flags::ADDRESS_ONLY != 0 {
-            service_ips.push(addr(k.addr_be));
+        let scope = Scope::from_code(k.scope).unwrap_or(Scope::Internal);
+        if k.port_be == 0 && k.proto == 0 && k.slot == 0 {
+            if v.flags & service_flags::ADDRESS_ONLY != 0 {
+                service_ips.push(addr(k.addr_be));
+            }
+            if v.flags & service_flags::ECHO != 0 {
+                pingable.push(DumpAddress {
+                    address: addr(k.addr_be),
+                    scope,
+                });
+            }
             continue;
         }
-        let id = (u32::from_be(k.addr_be), u16::from_be(k.port_be), k.proto);
+        let id = (
+            u32::from_be(k.addr_be),
+            u16::from_be(k.port_be),
+            k.proto,
+            k.scope,
+        );
         if k.slot == 0 {
             heads.insert(id, v);
         } else {
@@ -168,9 +198,10 @@ pub fn services(maps: &Maps) -> Result<ServicesDump> {
         }
     }
     service_ips.sort();
+    pingable.sort_by_key(|a| (a.address, a.scope));
     let mut services = Vec::new();
-    for ((a, port, proto), head) in heads {
-        let slot_ids = slots.remove(&(a, port, proto)).unwrap_or_default();
+    for ((a, port, proto, scope), head) in heads {
+        let slot_ids = slots.remove(&(a, port, proto, scope)).unwrap_or_default();
         let backends = (1..=head.count)
             .map(|s| {
                 let id = slot_ids.get(&s).copied().unwrap_or(0);
@@ -181,6 +212,7 @@ pub fn services(maps: &Maps) -> Result<ServicesDump> {
                         port: b.port,
                         protocol: b.protocol.clone(),
                         state: b.state.clone(),
+                        remote: b.remote,
                     },
                     None => DumpBackend {
                         id,
@@ -188,6 +220,7 @@ pub fn services(maps: &Maps) -> Result<ServicesDump> {
                         port: 0,
                         protocol: proto_name(proto),
                         state: "missing".into(),
+                        remote: false,
                     },
                 }
             })
@@ -198,6 +231,7 @@ pub fn services(maps: &Maps) -> Result<ServicesDump> {
                 port,
                 protocol: proto_name(proto),
             },
+            scope: Scope::from_code(scope).unwrap_or(Scope::Internal),
             kind: FrontendKind::from_code(head.flags)
                 .map_or_else(|| "Unknown".into(), |k| format!("{k:?}")),
             flags: frontend_flags(&head),
@@ -209,6 +243,7 @@ pub fn services(maps: &Maps) -> Result<ServicesDump> {
     Ok(ServicesDump {
         services,
         service_ips,
+        pingable,
     })
 }
 
@@ -222,6 +257,7 @@ pub fn backends(maps: &Maps) -> Result<BackendsDump> {
             port: u16::from_be(v.port_be),
             protocol: proto_name(v.proto),
             state: backend_state(&v).into(),
+            remote: v.flags & backend_flags::REMOTE != 0,
         });
     }
     backends.sort_by_key(|b| b.id);
@@ -256,7 +292,8 @@ pub fn conntrack(maps: &Maps) -> Result<ConntrackDump> {
             source: format!("{}:{}", addr(k.src_addr_be), u16::from_be(k.src_port_be)),
             destination: format!("{}:{}", addr(k.dst_addr_be), u16::from_be(k.dst_port_be)),
             translated_to: format!("{}:{}", addr(v.nat_addr_be), u16::from_be(v.nat_port_be)),
-            snat: (v.snat_addr_be != 0).then(|| addr(v.snat_addr_be)),
+            snat: (v.snat_addr_be != 0)
+                .then(|| format!("{}:{}", addr(v.snat_addr_be), u16::from_be(v.snat_port_be))),
             backend_id: v.backend_id,
             rev_nat_id: v.rev_nat_id,
             flags,
@@ -322,8 +359,15 @@ pub fn run(args: &DumpArgs) -> Result<()> {
                     };
                     t.add_row(vec![
                         format!(
-                            "{}:{}/{}",
-                            s.frontend.address, s.frontend.port, s.frontend.protocol
+                            "{}:{}/{}{}",
+                            s.frontend.address,
+                            s.frontend.port,
+                            s.frontend.protocol,
+                            if s.scope == Scope::External {
+                                " (external)"
+                            } else {
+                                ""
+                            }
                         ),
                         s.kind.clone(),
                         s.flags.join(","),
@@ -437,8 +481,10 @@ pub fn explain(args: &ExplainArgs) -> Result<()> {
     let maps = Maps::open_pinned(&args.bpffs)
         .with_context(|| format!("opening the maps pinned under {}", args.bpffs.display()))?;
     let all = services(&maps)?;
+    // explain follows a packet from a pod: the in-cluster entries decide.
     let frontend = all.services.iter().find(|s| {
-        s.frontend.address == *args.to.ip()
+        s.scope == Scope::Internal
+            && s.frontend.address == *args.to.ip()
             && s.frontend.port == args.to.port()
             && s.frontend.protocol == proto.to_string()
     });
