@@ -98,7 +98,7 @@ pub struct RunArgs {
     /// LoadBalancer IPs, externalIPs). Default: none (in-cluster traffic only)
     #[arg(long, value_name = "IF[,IF]", value_delimiter = ',')]
     pub devices: Option<Vec<String>>,
-    /// Program on node devices: xdp (native, else generic) or tc (TCX ingress). Default: xdp
+    /// Program on node devices: xdp (native, else generic), xdp-generic, or tc (TCX ingress). Default: xdp
     #[arg(long, value_enum)]
     pub device_mode: Option<DeviceMode>,
     /// NodePorts answer only on node device addresses inside these CIDRs. Default: all of them
@@ -186,6 +186,9 @@ pub struct FileConfig {
 pub enum DeviceMode {
     /// XDP in the driver where it supports it, generic XDP otherwise.
     Xdp,
+    /// Generic (skb) XDP only: for drivers whose native XDP misbehaves
+    /// (veth delays XDP_TX answers until its next poll).
+    XdpGeneric,
     /// A TCX ingress program (for drivers or setups where XDP is unwanted).
     Tc,
 }

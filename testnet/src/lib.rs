@@ -417,6 +417,117 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// A route in the node namespace (`ip route add DEST via GATEWAY`).
+    pub fn route(&self, dest: &str, via: &str) -> Result<(), String> {
+        ip(&["-n", &self.node_ns, "route", "add", dest, "via", via])
+    }
+
+    /// One ping from a namespace: whether an echo reply came back within a second.
+    pub fn ping(&self, ns: &str, addr: Ipv4Addr) -> bool {
+        self.exec(ns, &["ping", "-c", "1", "-W", "1", &addr.to_string()])
+            .is_ok_and(|o| o.status.success())
+    }
+}
+
+/// An underlay: a bridge in its own namespace joining node namespaces (each
+/// through a veth, its "node device") and external hosts.
+pub struct Lan {
+    pub ns: String,
+    prefix: String,
+    hosts: Vec<String>,
+    next_port: u32,
+}
+
+impl Lan {
+    /// A bridge namespace named after `topo`'s prefix.
+    pub fn new(topo: &Topology) -> Result<Self, String> {
+        let ns = format!("{}-lan", topo.prefix);
+        ip(&["netns", "add", &ns])?;
+        let lan = Lan {
+            ns: ns.clone(),
+            prefix: topo.prefix.clone(),
+            hosts: Vec::new(),
+            next_port: 0,
+        };
+        ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &ns, "link", "set", "br0", "up"])?;
+        Ok(lan)
+    }
+
+    /// A veth from `ns` (named `dev` there, with `addr_cidr`) to the bridge.
+    /// Checksum offload off on both ends; GRO on the bridge end so frames an
+    /// XDP program bounces (XDP_TX) into it are received.
+    fn plug(&mut self, ns: &str, dev: &str, addr_cidr: &str) -> Result<(), String> {
+        let port = format!("{}p{}", self.prefix, self.next_port);
+        self.next_port += 1;
+        ip(&[
+            "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", &port, "netns", &self.ns,
+        ])?;
+        ip(&["-n", &self.ns, "link", "set", &port, "master", "br0"])?;
+        ip(&["-n", &self.ns, "link", "set", &port, "up"])?;
+        ip(&["-n", ns, "addr", "add", addr_cidr, "dev", dev])?;
+        ip(&["-n", ns, "link", "set", dev, "up"])?;
+        for (where_ns, d, feature) in [
+            (ns, dev, "tx"),
+            (self.ns.as_str(), port.as_str(), "tx"),
+            (self.ns.as_str(), port.as_str(), "gro"),
+        ] {
+            let value = if feature == "gro" { "on" } else { "off" };
+            run(Command::new("ip").args([
+                "netns", "exec", where_ns, "ethtool", "-K", d, feature, value,
+            ]))?;
+        }
+        Ok(())
+    }
+
+    /// Join a node: its node device is `<prefix>u` with `addr_cidr`. Returns the device name.
+    pub fn connect(&mut self, topo: &Topology, addr_cidr: &str) -> Result<String, String> {
+        let dev = format!("{}u", topo.prefix);
+        self.plug(&topo.node_ns.clone(), &dev, addr_cidr)?;
+        Ok(dev)
+    }
+
+    /// An external host on the LAN (a client outside the cluster), with
+    /// routes `(destination, gateway)`. Returned as a `Pod` so the
+    /// topology's clients (curl, UDP, ping) work from it.
+    pub fn add_host(
+        &mut self,
+        name: &str,
+        addr_cidr: &str,
+        routes: &[(&str, &str)],
+    ) -> Result<Pod, String> {
+        let ns = format!("{}-{name}", self.prefix);
+        ip(&["netns", "add", &ns])?;
+        self.hosts.push(ns.clone());
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        self.plug(&ns, "eth0", addr_cidr)?;
+        for (dest, via) in routes {
+            ip(&["-n", &ns, "route", "add", dest, "via", via])?;
+        }
+        let addr = addr_cidr
+            .split('/')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| format!("bad host address {addr_cidr}"))?;
+        Ok(Pod {
+            name: name.into(),
+            ns,
+            ip: addr,
+            host_dev: String::new(),
+        })
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for ns in &self.hosts {
+            let _ = ip(&["netns", "del", ns]);
+        }
+        let _ = ip(&["netns", "del", &self.ns]);
+    }
+}
+
 unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;

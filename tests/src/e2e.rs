@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use lb_testnet::{Pod, SIGKILL, SIGTERM, Topology};
+pub use lb_testnet::{Lan, Pod, SIGKILL, SIGTERM, Topology};
 
 /// The agent binary (built by `cargo xtask test` before the tests run).
 pub fn agent_bin() -> PathBuf {
@@ -37,15 +37,26 @@ pub const NODE_NAME: &str = "node-a";
 pub struct Cluster {
     pub topo: Topology,
     pub manifests: PathBuf,
+    /// The agent's --node-name.
+    pub node_name: String,
 }
 
 impl Cluster {
     pub fn new() -> Self {
+        Self::named(NODE_NAME)
+    }
+
+    /// A node called `node_name` (endpoints with that nodeName are its own).
+    pub fn named(node_name: &str) -> Self {
         crate::require_root();
         let topo = Topology::new().unwrap_or_else(|e| panic!("building the topology: {e}"));
         let manifests = topo.dir.join("manifests");
         fs::create_dir_all(&manifests).expect("manifests dir");
-        Cluster { topo, manifests }
+        Cluster {
+            topo,
+            manifests,
+            node_name: node_name.into(),
+        }
     }
 
     /// A pod with a server on the given ports.
@@ -127,7 +138,7 @@ impl Cluster {
             "--pod-devices".into(),
             self.topo.pod_device_glob(),
             "--node-name".into(),
-            NODE_NAME.into(),
+            self.node_name.clone(),
         ];
         args.extend(extra.iter().cloned());
         match caps {
@@ -196,7 +207,8 @@ impl Cluster {
         serde_json::from_slice(&out.stdout).expect("dump JSON")
     }
 
-    /// Backends ("ip:port") the datapath holds for a frontend "ip:port/PROTO".
+    /// Backends ("ip:port") the datapath holds for a frontend "ip:port/PROTO"
+    /// (in-cluster entry) or "ip:port/PROTO (external)".
     pub fn backends_of(&self, frontend: &str) -> Option<BTreeSet<String>> {
         let dump = self.dump("services");
         dump["services"]
@@ -205,8 +217,13 @@ impl Cluster {
             .iter()
             .find_map(|s| {
                 let f = &s["frontend"];
+                let external = if s["scope"] == "external" {
+                    " (external)"
+                } else {
+                    ""
+                };
                 let key = format!(
-                    "{}:{}/{}",
+                    "{}:{}/{}{external}",
                     f["address"].as_str()?,
                     f["port"],
                     f["protocol"].as_str()?

@@ -17,6 +17,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "curl",
     "python3",
     "procps",
+    // Pings to Service addresses.
+    "iputils-ping",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

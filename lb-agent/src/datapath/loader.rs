@@ -187,6 +187,18 @@ pub fn device_addresses(devices: &[String]) -> Vec<(String, std::net::Ipv4Addr)>
     out
 }
 
+/// Let `device` accept packets whose source is one of the node's own
+/// addresses. Translated packets re-enter the stack that way: external flows
+/// source-NATed to the node address, and replies from a NodePort (a node
+/// address) reverse-translated on the way back. Without it the stack drops
+/// them as martians.
+fn accept_local(device: &str) {
+    let path = format!("/proc/sys/net/ipv4/conf/{device}/accept_local");
+    if let Err(e) = fs::write(&path, "1") {
+        warn!(%path, error = %e, "cannot set accept_local: NodePort replies and SNATed flows through this device will be dropped by the stack");
+    }
+}
+
 /// Shell-style glob with `*` and `?`, as --pod-devices uses.
 pub fn glob_match(pattern: &str, name: &str) -> bool {
     fn go(p: &[u8], n: &[u8]) -> bool {
@@ -364,7 +376,7 @@ impl Datapath {
         for (ifindex, name) in &current {
             let kind = if devices.contains(name) {
                 match mode {
-                    DeviceMode::Xdp => Attachment::NodeXdp,
+                    DeviceMode::Xdp | DeviceMode::XdpGeneric => Attachment::NodeXdp,
                     DeviceMode::Tc => Attachment::NodeTc,
                 }
             } else if pod_globs.iter().any(|g| glob_match(g, name)) {
@@ -376,19 +388,22 @@ impl Datapath {
                 continue;
             }
             let result = match kind {
-                Attachment::NodeXdp => match self.attach_xdp(*ifindex, name) {
-                    Ok(how) => Ok((kind, how)),
-                    Err(e) => {
-                        warn!(device = %name, error = %e, "XDP unavailable on this device; using the tc program");
-                        self.attach_tc(Attachment::NodeTc, *ifindex, name)
-                            .map(|how| (Attachment::NodeTc, how))
+                Attachment::NodeXdp => {
+                    match self.attach_xdp(*ifindex, name, mode == DeviceMode::Xdp) {
+                        Ok(how) => Ok((kind, how)),
+                        Err(e) => {
+                            warn!(device = %name, error = %e, "XDP unavailable on this device; using the tc program");
+                            self.attach_tc(Attachment::NodeTc, *ifindex, name)
+                                .map(|how| (Attachment::NodeTc, how))
+                        }
                     }
-                },
+                }
                 _ => self.attach_tc(kind, *ifindex, name).map(|how| (kind, how)),
             };
             match result {
                 Ok((kind, how)) => {
                     info!(device = %name, ifindex, program = kind.program(), how, "program attached");
+                    accept_local(name);
                     // Make before break: a program of another kind from an
                     // earlier run goes only now.
                     for other in Attachment::ALL {
@@ -469,8 +484,13 @@ impl Datapath {
         Ok("attached (TCX) and pinned")
     }
 
-    /// XDP in the driver, else generic; the link pinned like the tc ones.
-    fn attach_xdp(&mut self, ifindex: u32, name: &str) -> Result<&'static str, LoadError> {
+    /// XDP in the driver (if `native`), else generic; the link pinned like the tc ones.
+    fn attach_xdp(
+        &mut self,
+        ifindex: u32,
+        name: &str,
+        native: bool,
+    ) -> Result<&'static str, LoadError> {
         let pin = self.link_pin(Attachment::NodeXdp, ifindex, name);
         let program = program_names::XDP_NODE;
         let prog_err = |source| LoadError::Program {
@@ -500,12 +520,18 @@ impl Datapath {
                 }
             }
         }
-        let (id, how) = match xdp.attach(name, XdpMode::Driver) {
+        let native_attempt = if native {
+            xdp.attach(name, XdpMode::Driver)
+                .map_err(|e| format!("native: {e}; "))
+        } else {
+            Err(String::new())
+        };
+        let (id, how) = match native_attempt {
             Ok(id) => (id, "attached (XDP native) and pinned"),
             Err(native) => {
                 let id = xdp.attach(name, XdpMode::Skb).map_err(|generic| {
                     prog_err(ProgramError::IOError(std::io::Error::other(format!(
-                        "native: {native}; generic: {generic}"
+                        "{native}generic: {generic}"
                     ))))
                 })?;
                 (id, "attached (XDP generic) and pinned")

@@ -1,0 +1,369 @@
+//! External traffic end to end: two node namespaces joined by an underlay
+//! (a bridge), each running its own agent with its own --bpffs (node A with
+//! native or generic XDP on its node device, node B with the tc program),
+//! pods on both, and
+//! external clients on the underlay. Real servers, curl, a UDP client, ping.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use lb_tests::e2e::{Cluster, Lan, Pod, field, wait_until};
+
+const NODE_A: &str = "192.168.50.1";
+const NODE_B: &str = "192.168.50.2";
+const CLIENT: &str = "192.168.50.100";
+const OTHER_CLIENT: &str = "192.168.50.101";
+const LB_IP: &str = "198.51.100.10";
+const EXTERNAL_IP: &str = "192.0.2.10";
+const POD_A: &str = "10.1.1.2";
+const POD_B: &str = "10.1.2.2";
+
+struct TwoNodes {
+    a: Cluster,
+    b: Cluster,
+    pod_a: Pod,
+    pod_b: Pod,
+    client: Pod,
+    other_client: Pod,
+    /// Dropped before the nodes: its namespaces hold their node devices' peers.
+    _lan: Lan,
+}
+
+impl TwoNodes {
+    /// Node A runs `a_mode` on its node device, node B the tc program.
+    fn new(a_mode: &str) -> Self {
+        let mut a = Cluster::named("node-a");
+        let mut b = Cluster::named("node-b");
+        let mut lan = Lan::new(&a.topo).expect("lan");
+        let dev_a = lan
+            .connect(&a.topo, &format!("{NODE_A}/24"))
+            .expect("node A on the lan");
+        let dev_b = lan
+            .connect(&b.topo, &format!("{NODE_B}/24"))
+            .expect("node B on the lan");
+        // Pod CIDRs are routed to their node over the underlay; LoadBalancer
+        // IPs and externalIPs reach node A (as an upstream router would send them).
+        a.topo
+            .route("10.1.2.0/24", NODE_B)
+            .expect("route to B's pods");
+        b.topo
+            .route("10.1.1.0/24", NODE_A)
+            .expect("route to A's pods");
+        let routes = [("198.51.100.0/24", NODE_A), ("192.0.2.0/24", NODE_A)];
+        let client = lan
+            .add_host("client", &format!("{CLIENT}/24"), &routes)
+            .expect("client");
+        let other_client = lan
+            .add_host("other", &format!("{OTHER_CLIENT}/24"), &routes)
+            .expect("other client");
+        let pod_a = a.pod("web-a", POD_A, &[8080], &[5353]);
+        let pod_b = b.pod("web-b", POD_B, &[8080], &[5353]);
+        let manifests = a.manifests.display().to_string();
+        for (node, dev, mode) in [(&mut a, dev_a, a_mode), (&mut b, dev_b, "tc")] {
+            node.start_agent_with(&[
+                "--manifests".into(),
+                manifests.clone(),
+                "--devices".into(),
+                dev,
+                "--device-mode".into(),
+                mode.into(),
+            ]);
+        }
+        TwoNodes {
+            a,
+            b,
+            pod_a,
+            pod_b,
+            client,
+            other_client,
+            _lan: lan,
+        }
+    }
+
+    /// EndpointSlice of Service `svc` with endpoints (ip, node).
+    fn endpoints(&self, svc: &str, endpoints: &[(&str, &str)]) {
+        let list: Vec<String> = endpoints
+            .iter()
+            .map(|(ip, node)| {
+                format!(
+                    "- {{addresses: [\"{ip}\"], conditions: {{ready: true}}, nodeName: {node}}}"
+                )
+            })
+            .collect();
+        let list = if list.is_empty() {
+            "[]".to_string()
+        } else {
+            format!("\n{}", list.join("\n"))
+        };
+        self.a.write(
+            &format!("{svc}-slice.yaml"),
+            &format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-1\n  \
+                 labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080, protocol: TCP}}\n\
+                 - {{name: dns, port: 5353, protocol: UDP}}\nendpoints: {list}\n"
+            ),
+        );
+    }
+
+    /// Wait until both agents hold `frontend` (as dump shows it) with `n` backends.
+    fn wait_programmed(&self, frontend: &str, n: usize) {
+        self.wait_programmed_on(&[&self.a, &self.b], frontend, n);
+    }
+
+    fn wait_programmed_on(&self, nodes: &[&Cluster], frontend: &str, n: usize) {
+        for node in nodes {
+            wait_until(
+                &format!("{} programs {frontend} with {n} backends", node.node_name),
+                Duration::from_secs(10),
+                || node.backends_of(frontend).is_some_and(|b| b.len() == n),
+            );
+        }
+    }
+}
+
+/// curl from an external host: the body, or curl's exit code (7 refused, 28 timeout).
+fn get(node: &Cluster, from: &Pod, url: &str, timeout_s: f64) -> Result<String, i32> {
+    node.topo
+        .curl(from, url, timeout_s)
+        .map_err(|(code, _)| code)
+}
+
+/// (pod, client address it saw) for `n` requests.
+fn answers(node: &Cluster, from: &Pod, url: &str, n: usize) -> BTreeSet<(String, String)> {
+    (0..n)
+        .map(|i| {
+            let body = get(node, from, url, 3.0).unwrap_or_else(|c| {
+                panic!(
+                    "request {i} to {url}: curl exit {c}\n{} stats: {}\nconntrack: {}",
+                    node.node_name,
+                    node.stats(),
+                    node.dump("conntrack")
+                )
+            });
+            let client = field(&body, "client");
+            let ip = client.split(':').next().unwrap_or_default().to_string();
+            (field(&body, "pod").to_string(), ip)
+        })
+        .collect()
+}
+
+fn pair(pod: &str, client: &str) -> (String, String) {
+    (pod.to_string(), client.to_string())
+}
+
+#[test]
+fn nodeport_from_outside_reaches_local_and_remote_endpoints_and_is_released_on_delete() {
+    let net = TwoNodes::new("xdp");
+    net.a.write(
+        "web.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  \
+         clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80, nodePort: 30080, protocol: TCP}\n  \
+         - {name: dns, port: 53, nodePort: 30053, protocol: UDP}\n",
+    );
+    net.endpoints("web", &[(POD_A, "node-a"), (POD_B, "node-b")]);
+    net.wait_programmed_on(&[&net.a], &format!("{NODE_A}:30080/TCP (external)"), 2);
+    net.wait_programmed_on(&[&net.b], &format!("{NODE_B}:30080/TCP (external)"), 2);
+
+    // eTP Cluster: the local endpoint sees the client, the remote one sees
+    // the node that source-NATed (so its reply comes back through it).
+    for (node, addr) in [(&net.a, NODE_A), (&net.b, NODE_B)] {
+        let (local, remote) = if addr == NODE_A {
+            ("web-a", "web-b")
+        } else {
+            ("web-b", "web-a")
+        };
+        let seen = answers(node, &net.client, &format!("http://{addr}:30080/"), 24);
+        assert_eq!(
+            seen,
+            BTreeSet::from([pair(local, CLIENT), pair(remote, addr)]),
+            "through {} ({addr})",
+            node.node_name
+        );
+    }
+    // UDP through the NodePort, to whichever endpoint.
+    for _ in 0..6 {
+        let reply = net
+            .a
+            .topo
+            .udp(&net.client, NODE_A.parse().unwrap(), 30053, 2.0, 0)
+            .expect("UDP through the NodePort");
+        assert!(reply.contains("port=5353"), "{reply}");
+    }
+    let stats = net.a.stats();
+    assert!(stats["nodeport_snat"].as_u64().unwrap() > 0, "{stats}");
+
+    // Deleting the Service releases its NodePorts at once: nothing answers
+    // there any more, so the node's own stack refuses the connection.
+    net.a.remove("web.yaml");
+    wait_until(
+        "node A's NodePort is gone from the maps",
+        Duration::from_secs(5),
+        || {
+            net.a
+                .backends_of(&format!("{NODE_A}:30080/TCP (external)"))
+                .is_none()
+        },
+    );
+    assert_eq!(
+        get(&net.a, &net.client, &format!("http://{NODE_A}:30080/"), 3.0),
+        Err(7),
+        "a released NodePort is refused"
+    );
+}
+
+#[test]
+fn external_policy_local_keeps_the_client_ip_drops_elsewhere_and_reports_health() {
+    let net = TwoNodes::new("xdp");
+    net.a.write(
+        "web.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  type: LoadBalancer\n  \
+             clusterIP: 10.96.0.20\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  ports:\n  \
+             - {{name: http, port: 80, nodePort: 30090, protocol: TCP}}\nstatus:\n  loadBalancer:\n    ingress: [{{ip: {LB_IP}}}]\n"
+        ),
+    );
+    net.endpoints("web", &[(POD_A, "node-a")]);
+    net.wait_programmed_on(&[&net.a], &format!("{NODE_A}:30090/TCP (external)"), 1);
+    net.wait_programmed_on(&[&net.b], &format!("{NODE_B}:30090/TCP (external)"), 0);
+
+    let url_a = format!("http://{NODE_A}:30090/");
+    let url_b = format!("http://{NODE_B}:30090/");
+    assert_eq!(
+        answers(&net.a, &net.client, &url_a, 4),
+        BTreeSet::from([pair("web-a", CLIENT)]),
+        "local endpoint, client address preserved"
+    );
+    assert_eq!(
+        answers(&net.a, &net.client, &format!("http://{LB_IP}/"), 4),
+        BTreeSet::from([pair("web-a", CLIENT)]),
+        "LoadBalancer IP, client address preserved"
+    );
+    assert_eq!(
+        get(&net.b, &net.client, &url_b, 1.5),
+        Err(28),
+        "node B has no local endpoint: dropped, not refused"
+    );
+    // Pods reaching the NodePort are short-circuited to every endpoint.
+    assert_eq!(
+        answers(&net.b, &net.pod_b, &url_b, 2),
+        BTreeSet::from([pair("web-a", POD_B)]),
+    );
+
+    let health = |node: &Cluster, addr: &str| -> (u16, String) {
+        let out = node
+            .topo
+            .exec(
+                &net.client.ns,
+                &[
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "3",
+                    "-w",
+                    "\n%{http_code}",
+                    &format!("http://{addr}:32000/healthz"),
+                ],
+            )
+            .expect("curl health");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    };
+    let (code, body) = health(&net.a, NODE_A);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#""localEndpoints":1"#), "{body}");
+    assert!(body.contains(r#""name":"web""#), "{body}");
+    assert_eq!(health(&net.b, NODE_B).0, 503);
+
+    // The endpoint moves to node B: the health checks flip, and so does traffic.
+    net.endpoints("web", &[(POD_B, "node-b")]);
+    wait_until(
+        "node A's health check turns 503",
+        Duration::from_secs(10),
+        || health(&net.a, NODE_A).0 == 503,
+    );
+    wait_until(
+        "node B's health check turns 200",
+        Duration::from_secs(10),
+        || health(&net.b, NODE_B).0 == 200,
+    );
+    assert_eq!(
+        answers(&net.b, &net.client, &url_b, 4),
+        BTreeSet::from([pair("web-b", CLIENT)]),
+    );
+    assert_eq!(get(&net.a, &net.client, &url_a, 1.5), Err(28));
+}
+
+#[test]
+fn source_ranges_external_ips_and_pings() {
+    // Generic XDP: native XDP on veth holds XDP_TX answers (the echo
+    // replies) until its next poll, which a one-second ping misses.
+    let net = TwoNodes::new("xdp-generic");
+    net.a.write(
+        "web.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  type: LoadBalancer\n  \
+             clusterIP: 10.96.0.30\n  externalIPs: [{EXTERNAL_IP}]\n  loadBalancerSourceRanges: [{CLIENT}/32]\n  ports:\n  \
+             - {{name: http, port: 80, nodePort: 30100, protocol: TCP}}\nstatus:\n  loadBalancer:\n    ingress: [{{ip: {LB_IP}}}]\n"
+        ),
+    );
+    net.endpoints("web", &[(POD_A, "node-a"), (POD_B, "node-b")]);
+    net.wait_programmed(&format!("{LB_IP}:80/TCP"), 2);
+
+    let lb_url = format!("http://{LB_IP}/");
+    assert!(
+        get(&net.a, &net.client, &lb_url, 3.0).is_ok(),
+        "inside the ranges"
+    );
+    assert_eq!(
+        get(&net.a, &net.other_client, &lb_url, 1.5),
+        Err(28),
+        "outside loadBalancerSourceRanges: dropped"
+    );
+    assert!(
+        get(
+            &net.a,
+            &net.other_client,
+            &format!("http://{NODE_A}:30100/"),
+            3.0
+        )
+        .is_ok(),
+        "NodePorts are not filtered by the ranges"
+    );
+    let seen = answers(
+        &net.a,
+        &net.other_client,
+        &format!("http://{EXTERNAL_IP}/"),
+        16,
+    );
+    let pods: BTreeSet<String> = seen.into_iter().map(|(p, _)| p).collect();
+    assert_eq!(
+        pods,
+        BTreeSet::from(["web-a".into(), "web-b".into()]),
+        "externalIP"
+    );
+
+    // Pings tell the truth: answered while an endpoint exists...
+    let lb: std::net::Ipv4Addr = LB_IP.parse().unwrap();
+    let cluster_ip: std::net::Ipv4Addr = "10.96.0.30".parse().unwrap();
+    assert!(
+        net.a.topo.ping(&net.client.ns, lb),
+        "ping the LoadBalancer IP from outside: {}",
+        net.a.stats()
+    );
+    assert!(
+        net.a.topo.ping(&net.pod_a.ns, cluster_ip),
+        "ping the ClusterIP from a pod"
+    );
+    // ... and not when none does.
+    net.endpoints("web", &[]);
+    net.wait_programmed(&format!("{LB_IP}:80/TCP"), 0);
+    assert!(!net.a.topo.ping(&net.client.ns, lb), "no endpoint: no echo");
+    assert!(
+        !net.a.topo.ping(&net.pod_a.ns, cluster_ip),
+        "no endpoint: no echo"
+    );
+    let stats = net.a.stats();
+    assert!(stats["echo_reply"].as_u64().unwrap() >= 2, "{stats}");
+    assert!(stats["drop_echo"].as_u64().unwrap() >= 2, "{stats}");
+    assert!(stats["drop_source_range"].as_u64().unwrap() >= 1, "{stats}");
+}
