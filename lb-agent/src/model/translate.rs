@@ -218,11 +218,14 @@ fn slices_by_service(
     by_service
 }
 
+/// The frontends on one Service address, of one kind.
+type AddressFrontends = (Ipv4Addr, FrontendKind, Vec<(FrontendKey, Frontend)>);
+
 /// Everything one Service programs.
 struct ServiceFrontends {
     /// Frontends per Service address it claims: the ClusterIP first, then
     /// externalIPs and LoadBalancer IPs (each with both scopes' entries).
-    by_ip: Vec<(Ipv4Addr, FrontendKind, Vec<(FrontendKey, Frontend)>)>,
+    by_ip: Vec<AddressFrontends>,
     /// NodePort frontends on the node's addresses (shared, not claimed).
     node_ports: Vec<(FrontendKey, Frontend)>,
     health_check: Option<(u16, HealthCheck)>,
