@@ -170,8 +170,15 @@ fn pins_are_root_only_and_metrics_listen_on_localhost() {
             "{map} is readable by root only"
         );
     }
-    let listening = c.topo.exec(&c.topo.node_ns, &["ss", "-Htln"]).unwrap();
-    let listening = String::from_utf8_lossy(&listening.stdout);
+    // The pins exist before the agent has bound its servers: wait for it.
+    let listening = || {
+        let out = c.topo.exec(&c.topo.node_ns, &["ss", "-Htln"]).unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_until("the agent listens", Duration::from_secs(10), || {
+        listening().contains(":10249")
+    });
+    let listening = listening();
     assert!(
         listening.contains("127.0.0.1:10249"),
         "metrics on localhost: {listening}"

@@ -20,7 +20,11 @@ use crate::{
     setup,
 };
 
+const CLUSTER_IP: &str = "10.96.249.28";
 const CLUSTER_IP_URL: &str = "http://10.96.249.28:8080/";
+/// The node's address on the underlay, where the NodePort example answers.
+const NODE_ADDR: &str = "192.168.60.1";
+const NODE_PORT_URL: &str = "http://192.168.60.1:30001/";
 const PODS_FILE: &str = "sample-deployment-pods.yaml";
 const NODE_NAME: &str = "node-a";
 
@@ -85,12 +89,21 @@ fn field<'a>(body: &'a str, key: &str) -> &'a str {
 }
 
 fn requests(topo: &Topology, client: &lb_testnet::Pod, n: usize) -> Result<Vec<(String, String)>> {
+    requests_to(topo, client, CLUSTER_IP_URL, n)
+}
+
+fn requests_to(
+    topo: &Topology,
+    client: &lb_testnet::Pod,
+    url: &str,
+    n: usize,
+) -> Result<Vec<(String, String)>> {
     let mut rows = Vec::new();
     for _ in 0..n {
         check_interrupt()?;
         let body = topo
-            .curl(client, CLUSTER_IP_URL, 3.0)
-            .map_err(|(code, err)| anyhow!("curl {CLUSTER_IP_URL} failed (exit {code}): {err}"))?;
+            .curl(client, url, 3.0)
+            .map_err(|(code, err)| anyhow!("curl {url} failed (exit {code}): {err}"))?;
         rows.push((
             field(&body, "pod").to_string(),
             field(&body, "client").to_string(),
@@ -130,13 +143,33 @@ fn agent_dump(agent: &Path, bpffs: &Path) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Active backends of the sample-clusterip frontend, from `dump -o json`.
+fn clusterip_backends(agent: &Path, bpffs: &Path) -> Option<usize> {
+    let out = Command::new(agent)
+        .args(["dump", "services", "-o", "json", "--bpffs"])
+        .arg(bpffs)
+        .output()
+        .ok()?;
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let service = dump["services"].as_array()?.iter().find(|s| {
+        s["frontend"]["address"] == CLUSTER_IP
+            && s["frontend"]["port"] == 8080
+            && s["scope"] == "internal"
+    })?;
+    Some(
+        service["backends"]
+            .as_array()?
+            .iter()
+            .filter(|b| b["state"] == "active")
+            .count(),
+    )
+}
+
 fn wait_backends(agent: &Path, bpffs: &Path, want: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         check_interrupt()?;
-        if let Ok(text) = agent_dump(agent, bpffs)
-            && text.matches("(active)").count() == want
-        {
+        if clusterip_backends(agent, bpffs) == Some(want) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -193,8 +226,20 @@ pub fn run() -> Result<()> {
         .add_pod("testpod", "10.244.1.2".parse()?)
         .map_err(|e| anyhow!(e))?;
     println!(
-        "  pod {:<36} {}  the client (like `kubectl run testpod`)\n",
+        "  pod {:<36} {}  the client (like `kubectl run testpod`)",
         "testpod", client.ip
+    );
+    // The node's NIC on a LAN with a host outside the cluster.
+    let mut lan = lb_testnet::Lan::new(&topo).map_err(|e| anyhow!(e))?;
+    let node_device = lan
+        .connect(&topo, &format!("{NODE_ADDR}/24"))
+        .map_err(|e| anyhow!(e))?;
+    let outside = lan
+        .add_host("outside", "192.168.60.100/24", &[])
+        .map_err(|e| anyhow!(e))?;
+    println!(
+        "  host {:<35} {}  outside the cluster, on the node's LAN ({NODE_ADDR})\n",
+        "outside", outside.ip
     );
 
     let args: Vec<String> = [
@@ -207,6 +252,10 @@ pub fn run() -> Result<()> {
         &topo.pod_device_glob(),
         "--node-name",
         NODE_NAME,
+        "--devices",
+        &node_device,
+        "--device-mode",
+        "tc",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -257,10 +306,19 @@ pub fn run() -> Result<()> {
         started.elapsed().as_millis()
     );
 
-    println!("\n4. What the datapath holds (`lb-agent dump services`):");
+    println!(
+        "\n4. From outside the cluster: six requests from the LAN host to the NodePort of\n   \
+         sample-nodeport.yaml (the notes' http-go-svc, nodePort 30001) at {NODE_PORT_URL}:"
+    );
+    let rows = requests_to(&topo, &outside, NODE_PORT_URL, 6)?;
+    print_table(&rows);
+    println!("   the endpoints are on this node, so each pod sees the outside host's own address.");
+
+    println!("\n5. What the datapath holds (`lb-agent dump services`):");
     print!("{}", agent_dump(&agent, &topo.bpffs)?);
 
     println!("\nCleaning up (namespaces, pins, processes).");
+    drop(lan);
     drop(topo);
     println!("Done.");
     Ok(())

@@ -192,11 +192,23 @@ pub fn device_addresses(devices: &[String]) -> Vec<(String, std::net::Ipv4Addr)>
 /// source-NATed to the node address, and replies from a NodePort (a node
 /// address) reverse-translated on the way back. Without it the stack drops
 /// them as martians.
+/// In a container /proc/sys is read-only; the DaemonSet mounts the host's
+/// /proc/sys/net at /host/proc/sys/net for this.
 fn accept_local(device: &str) {
-    let path = format!("/proc/sys/net/ipv4/conf/{device}/accept_local");
-    if let Err(e) = fs::write(&path, "1") {
-        warn!(%path, error = %e, "cannot set accept_local: NodePort replies and SNATed flows through this device will be dropped by the stack");
+    let tail = format!("ipv4/conf/{device}/accept_local");
+    let mut errors = Vec::new();
+    for root in ["/proc/sys/net", "/host/proc/sys/net"] {
+        let path = format!("{root}/{tail}");
+        match fs::write(&path, "1") {
+            Ok(()) => return,
+            Err(e) => errors.push(format!("{path}: {e}")),
+        }
     }
+    warn!(
+        device,
+        errors = %errors.join("; "),
+        "cannot set accept_local: NodePort replies and SNATed flows through this device will be dropped by the stack"
+    );
 }
 
 /// Shell-style glob with `*` and `?`, as --pod-devices uses.

@@ -97,8 +97,10 @@ pub struct DumpFlow {
     /// Forward: the backend the destination becomes. Reply: the frontend the source becomes.
     pub translated_to: String,
     /// Source-NATed flows (hairpin, external to a remote backend): the
-    /// source written (forward) or the client restored (reply), "addr:port".
-    pub snat: Option<String>,
+    /// source address written (forward) or the client restored (reply).
+    pub snat: Option<Ipv4Addr>,
+    /// Port counterpart of `snat`.
+    pub snat_port: Option<u16>,
     pub backend_id: u32,
     pub rev_nat_id: u16,
     pub flags: Vec<&'static str>,
@@ -292,8 +294,8 @@ pub fn conntrack(maps: &Maps) -> Result<ConntrackDump> {
             source: format!("{}:{}", addr(k.src_addr_be), u16::from_be(k.src_port_be)),
             destination: format!("{}:{}", addr(k.dst_addr_be), u16::from_be(k.dst_port_be)),
             translated_to: format!("{}:{}", addr(v.nat_addr_be), u16::from_be(v.nat_port_be)),
-            snat: (v.snat_addr_be != 0)
-                .then(|| format!("{}:{}", addr(v.snat_addr_be), u16::from_be(v.snat_port_be))),
+            snat: (v.snat_addr_be != 0).then(|| addr(v.snat_addr_be)),
+            snat_port: (v.snat_addr_be != 0).then(|| u16::from_be(v.snat_port_be)),
             backend_id: v.backend_id,
             rev_nat_id: v.rev_nat_id,
             flags,
