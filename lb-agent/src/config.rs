@@ -101,6 +101,11 @@ pub struct RunArgs {
     /// Program on node devices: xdp (native, else generic), xdp-generic, or tc (TCX ingress). Default: xdp
     #[arg(long, value_enum)]
     pub device_mode: Option<DeviceMode>,
+    /// Pod CIDRs of the cluster: traffic from outside them reaching a ClusterIP
+    /// through a node device is served and masqueraded, as kube-proxy does.
+    /// Default: unset (ClusterIPs are not served from outside)
+    #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
+    pub cluster_cidr: Option<Vec<ipnet::Ipv4Net>>,
     /// NodePorts answer only on node device addresses inside these CIDRs. Default: all of them
     #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
     pub nodeport_addresses: Option<Vec<ipnet::Ipv4Net>>,
@@ -172,6 +177,7 @@ pub struct FileConfig {
     pub devices: Option<Vec<String>>,
     pub device_mode: Option<DeviceMode>,
     pub nodeport_addresses: Option<Vec<ipnet::Ipv4Net>>,
+    pub cluster_cidr: Option<Vec<ipnet::Ipv4Net>>,
     pub ping_services: Option<bool>,
     pub bpffs: Option<PathBuf>,
     pub hairpin_snat_address: Option<Ipv4Addr>,
@@ -346,6 +352,7 @@ impl RunArgs {
                 default_maglev: self.default_algorithm.or(file.default_algorithm)
                     == Some(Algorithm::Maglev),
                 nodeport_addresses: Vec::new(),
+                cluster_cidrs: self.cluster_cidr.or(file.cluster_cidr).unwrap_or_default(),
             },
             pod_devices,
             devices,

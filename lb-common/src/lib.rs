@@ -122,6 +122,10 @@ pub mod service_flags {
     /// Only clients inside the frontend address's `LB_SOURCE_RANGES`
     /// prefixes may use it (loadBalancerSourceRanges); others are dropped.
     pub const SOURCE_RANGES: u32 = 1 << 15;
+    /// Source-NAT every new flow from outside to the node address, also to
+    /// local backends (a ClusterIP reached from outside --cluster-cidr, as
+    /// kube-proxy masquerades it).
+    pub const MASQUERADE: u32 = 1 << 16;
 }
 
 /// Key of `LB_MAGLEV`: one entry of a frontend's Maglev lookup table.

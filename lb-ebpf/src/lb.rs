@@ -195,12 +195,14 @@ fn forward<P: Packet>(
             count(stat::HAIRPIN);
         }
     } else if origin == Origin::Node
-        && backend.flags & backend_flags::REMOTE != 0
+        && (backend.flags & backend_flags::REMOTE != 0
+            || frontend.flags & service_flags::MASQUERADE != 0)
         && let Some(config) = LB_CONFIG.get(0)
         && config.nodeport_snat_addr_be != 0
     {
-        // External traffic to another node's backend: the reply must come
-        // back here to be translated, so the source becomes this node.
+        // External traffic to another node's backend (or masqueraded): the
+        // reply must come back here to be translated, so the source becomes
+        // this node.
         nat.snat_addr_be = config.nodeport_snat_addr_be;
         port_range = Some((config.snat_port_min, config.snat_port_max));
     }

@@ -438,3 +438,42 @@ fn pings_to_service_addresses_tell_the_truth() {
         allowed_errors: &[],
     });
 }
+
+/// A ClusterIP served from outside with --cluster-cidr: masqueraded even to
+/// a backend on this node.
+fn masqueraded_cluster_ip(dp: &mut Datapath) {
+    node_config(dp, SNAT_PORT);
+    dp.backend(1, ep(LOCAL_POD), TCP);
+    dp.external_frontend(
+        ep(CLUSTER_IP),
+        TCP,
+        1,
+        &[1],
+        frontend_kind::CLUSTER_IP | service_flags::MASQUERADE,
+    );
+}
+
+#[test]
+fn cluster_ip_from_outside_is_masqueraded_even_to_a_local_backend() {
+    run_case(case(
+        "cluster_ip_from_outside_is_masqueraded_even_to_a_local_backend",
+        masqueraded_cluster_ip,
+        vec![
+            send(
+                tcp(ep(CLIENT), ep(CLUSTER_IP), SYN, b""),
+                Expect::Nat {
+                    src: snat(SNAT_PORT),
+                    dst: ep(LOCAL_POD),
+                },
+            ),
+            send(
+                tcp(ep(LOCAL_POD), snat(SNAT_PORT), ACK, b""),
+                Expect::Nat {
+                    src: ep(CLUSTER_IP),
+                    dst: ep(CLIENT),
+                },
+            ),
+            counters(&[(stat::NODEPORT_SNAT, 1)]),
+        ],
+    ));
+}

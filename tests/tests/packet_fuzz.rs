@@ -13,7 +13,10 @@
 
 use std::net::Ipv4Addr;
 
-use lb_common::{IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, service_flags, stat};
+use lb_common::{
+    IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, backend_flags,
+    config_flags, frontend_kind, service_flags, stat,
+};
 use lb_tests::packet::*;
 
 /// xorshift64*: small, fast, reproducible.
@@ -75,6 +78,49 @@ fn setup(dp: &mut Datapath) {
         dp.address_only(ip.parse().unwrap());
     }
     dp.set_hairpin_addr("169.254.42.1".parse().unwrap());
+    // The same frontends for traffic from outside (node programs), with one
+    // backend on another node (SNAT), and pings answered for one address.
+    for (fe, proto) in FRONTENDS {
+        let backends: &[u32] = match (fe, proto) {
+            ("10.96.0.10:80", _) => &[1, 2, 3],
+            ("10.96.0.10:443", _) => &[1, 2],
+            ("10.96.0.53:53", UDP) => &[4, 5],
+            ("10.96.0.53:53", _) => &[1, 2, 3],
+            _ => &[],
+        };
+        dp.external_frontend(
+            ep(fe),
+            proto,
+            10 + backends.len() as u16,
+            backends,
+            frontend_kind::NODE_PORT,
+        );
+    }
+    dp.external_frontend(
+        ep("10.96.0.77:80"),
+        TCP,
+        20,
+        &[],
+        frontend_kind::NODE_PORT | service_flags::DROP_IF_EMPTY,
+    );
+    dp.set_backend_state(2, 0, backend_flags::REMOTE);
+    dp.set_backend_state(5, 0, backend_flags::REMOTE);
+    dp.address_entry(
+        "10.96.0.10".parse().unwrap(),
+        SCOPE_INTERNAL,
+        service_flags::ADDRESS_ONLY | service_flags::ECHO,
+    );
+    dp.address_entry(
+        "10.96.0.10".parse().unwrap(),
+        SCOPE_EXTERNAL,
+        service_flags::ECHO,
+    );
+    dp.set_config(|c| {
+        c.nodeport_snat_addr_be = u32::from_ne_bytes([192, 168, 50, 1]);
+        c.snat_port_min = 61_000;
+        c.snat_port_max = 61_100;
+        c.flags |= config_flags::ECHO_REPLY;
+    });
 }
 
 fn ip(rng: &mut Rng, pool: &[&str]) -> Ipv4Addr {
@@ -357,15 +403,24 @@ fn fuzz(prog: Prog) {
             Verdict::Bounce => {
                 bounced += 1;
                 assert!(!foreign(&frame), "{}: a foreign frame was answered", ctx());
-                if let Err(e) = verify_checksums(&out) {
-                    panic!("{}: refusal: {e}; out {out:02x?}", ctx());
-                }
+                let l4 = 14 + (out[14] & 0x0f) as usize * 4;
                 let proto = out[23];
+                let echo_reply = proto == 1 && out.get(l4) == Some(&0);
                 assert!(
-                    proto == TCP && out[14 + 20 + 13] & 0x04 != 0 || proto == 1 && out[34] == 3,
-                    "{}: refusal is not RST / ICMP unreachable",
+                    proto == TCP && out[14 + 20 + 13] & 0x04 != 0
+                        || proto == 1 && out[34] == 3
+                        || echo_reply,
+                    "{}: answer is not RST / ICMP unreachable / echo reply",
                     ctx()
                 );
+                // Refusals are built from scratch: always valid. An echo
+                // reply is patched from its request: valid when that was.
+                let input_valid = csum_valid && verify_checksums(&frame).is_ok();
+                if (!echo_reply || input_valid)
+                    && let Err(e) = verify_checksums(&out)
+                {
+                    panic!("{}: answer: {e}; out {out:02x?}", ctx());
+                }
             }
             Verdict::Drop => {
                 dropped += 1;
@@ -402,4 +457,14 @@ fn fuzz_tc_program() {
 #[test]
 fn fuzz_xdp_program() {
     fuzz(Prog::Xdp);
+}
+
+#[test]
+fn fuzz_node_tc_program() {
+    fuzz(Prog::TcNode);
+}
+
+#[test]
+fn fuzz_node_xdp_program() {
+    fuzz(Prog::XdpNode);
 }

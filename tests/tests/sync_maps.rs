@@ -76,6 +76,7 @@ fn frontend(name: &str, ip: [u8; 4], backends: &[[u8; 4]]) -> (FrontendKey, Fron
             internal_local: false,
             affinity_timeout_s: None,
             source_ranges: false,
+            masquerade: false,
         },
     )
 }

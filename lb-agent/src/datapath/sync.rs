@@ -662,6 +662,9 @@ impl Syncer {
         if frontend.source_ranges {
             flags |= service_flags::SOURCE_RANGES;
         }
+        if frontend.masquerade {
+            flags |= service_flags::MASQUERADE;
+        }
         // Maglev: the table (by backend name, the same on every node) and
         // its size in slot 0's backend_id.
         let table: Vec<u32> = if frontend.maglev && !ids.is_empty() {

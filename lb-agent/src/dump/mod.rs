@@ -144,6 +144,7 @@ fn frontend_flags(v: &ServiceValue) -> Vec<&'static str> {
         (service_flags::DROP_IF_EMPTY, "drop-if-empty"),
         (service_flags::MAGLEV, "maglev"),
         (service_flags::SOURCE_RANGES, "source-ranges"),
+        (service_flags::MASQUERADE, "masquerade"),
     ] {
         if v.flags & bit != 0 {
             out.push(name);

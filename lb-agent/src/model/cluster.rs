@@ -57,6 +57,9 @@ pub struct NodeConfig {
     /// Addresses NodePorts answer on: the node devices' addresses, filtered
     /// by --nodeport-addresses.
     pub nodeport_addresses: Vec<Ipv4Addr>,
+    /// --cluster-cidr: when set, ClusterIPs are also served to traffic from
+    /// outside (sources outside these CIDRs), masqueraded to the node.
+    pub cluster_cidrs: Vec<Ipv4Net>,
 }
 
 impl Default for NodeConfig {
@@ -67,6 +70,7 @@ impl Default for NodeConfig {
             default_maglev: false,
             external_ip_cidrs: None,
             nodeport_addresses: Vec::new(),
+            cluster_cidrs: Vec::new(),
         }
     }
 }

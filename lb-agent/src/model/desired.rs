@@ -162,6 +162,8 @@ pub struct Frontend {
     pub affinity_timeout_s: Option<u32>,
     /// Clients are checked against `DesiredState::source_ranges` of the address.
     pub source_ranges: bool,
+    /// Every new flow is source-NATed to the node (ClusterIP from outside).
+    pub masquerade: bool,
 }
 
 /// What the datapath does with packets to a Service address that match no

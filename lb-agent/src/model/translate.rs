@@ -371,8 +371,27 @@ fn service_frontends(
             internal_local,
             affinity_timeout_s,
             source_ranges: false,
+            masquerade: false,
         };
         let (internal, internal_drop) = sets.for_policy(internal_local);
+        let cluster_ip_frontend = in_cluster(internal, internal_drop);
+        if !node.cluster_cidrs.is_empty() {
+            // kube-proxy with --cluster-cidr: off-cluster traffic routed to a
+            // ClusterIP is served and masqueraded (its source is outside the
+            // cluster CIDR by construction: pods use their own node's entries).
+            cluster_ip_ports.push((
+                FrontendKey {
+                    addr: cluster_ip,
+                    port: number,
+                    proto,
+                    scope: Scope::External,
+                },
+                Frontend {
+                    masquerade: true,
+                    ..cluster_ip_frontend.clone()
+                },
+            ));
+        }
         cluster_ip_ports.push((
             FrontendKey {
                 addr: cluster_ip,
@@ -380,7 +399,7 @@ fn service_frontends(
                 proto,
                 scope: Scope::Internal,
             },
-            in_cluster(internal, internal_drop),
+            cluster_ip_frontend,
         ));
         // Externally reachable frontends: from pods and the node they use
         // every endpoint (kube-proxy short-circuits them to the cluster set,
@@ -1691,5 +1710,42 @@ mod tests {
             .map(|(k, _)| k.addr.to_string())
             .collect();
         assert_eq!(lb, BTreeSet::from(["198.51.100.11".to_string()]));
+    }
+
+    #[test]
+    fn cluster_cidr_serves_cluster_ips_from_outside_masqueraded() {
+        let sl = slice("s", "web", http_port(), json!([ready("10.0.0.1")]));
+        let t = translate(&state(vec![web()], vec![sl.clone()]), &node());
+        assert!(
+            t.desired
+                .frontends
+                .keys()
+                .all(|k| k.scope == Scope::Internal),
+            "without --cluster-cidr ClusterIPs are in-cluster only"
+        );
+        let with_cidr = NodeConfig {
+            cluster_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
+            ..node()
+        };
+        let t = translate(&state(vec![web()], vec![sl]), &with_cidr);
+        let external: Vec<(&FrontendKey, &Frontend)> = t
+            .desired
+            .frontends
+            .iter()
+            .filter(|(k, _)| k.scope == Scope::External)
+            .collect();
+        assert_eq!(external.len(), 1);
+        let (key, frontend) = external[0];
+        assert_eq!(key.to_string(), "10.96.0.10:80/TCP (external)");
+        assert!(frontend.masquerade);
+        assert_eq!(frontend.backends.len(), 1);
+        assert!(
+            !t.desired.frontends[&FrontendKey {
+                scope: Scope::Internal,
+                ..*key
+            }]
+                .masquerade,
+            "pods keep their source"
+        );
     }
 }
