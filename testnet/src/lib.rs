@@ -252,23 +252,42 @@ impl Topology {
     /// Start the test server in a pod and wait until it listens.
     pub fn start_server(&mut self, pod: &Pod, tcp: &[u16], udp: &[u16]) -> Result<(), String> {
         let join = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
-        let script = self.dir.join("server.py");
+        let args: Vec<String> = [
+            self.dir.join("server.py").display().to_string(),
+            "--name".into(),
+            pod.name.clone(),
+            "--tcp".into(),
+            join(tcp),
+            "--udp".into(),
+            join(udp),
+        ]
+        .into();
+        self.start_in_pod(
+            &format!("server {}", pod.name),
+            pod,
+            Path::new("python3"),
+            &args,
+        )
+    }
+
+    /// Run `program` in a pod's namespace and wait for its first stdout line
+    /// to be "ready" (servers print it once listening).
+    pub fn start_in_pod(
+        &mut self,
+        label: &str,
+        pod: &Pod,
+        program: &Path,
+        args: &[String],
+    ) -> Result<(), String> {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &pod.ns, "python3"])
-            .arg(&script)
-            .args([
-                "--name",
-                &pod.name,
-                "--tcp",
-                &join(tcp),
-                "--udp",
-                &join(udp),
-            ])
+            .args(["netns", "exec", &pod.ns])
+            .arg(program)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .map_err(|e| format!("start server in {}: {e}", pod.name))?;
+            .map_err(|e| format!("start {label} in {}: {e}", pod.name))?;
         let stdout = child.stdout.take().ok_or("server stdout")?;
         let mut line = String::new();
         BufReader::new(stdout)
@@ -276,10 +295,15 @@ impl Topology {
             .map_err(|e| e.to_string())?;
         if line.trim() != "ready" {
             let _ = child.kill();
-            return Err(format!("server in {} did not start: {line:?}", pod.name));
+            return Err(format!("{label} in {} did not start: {line:?}", pod.name));
         }
-        self.children.push((format!("server {}", pod.name), child));
+        self.children.push((label.into(), child));
         Ok(())
+    }
+
+    /// Write a net sysctl of the node namespace.
+    pub fn node_sysctl(&self, key: &str, value: &str) -> Result<(), String> {
+        sysctl(&self.node_ns, key, value)
     }
 
     /// Spawn a process in the node namespace with `nsenter --net` (keeps

@@ -1,8 +1,12 @@
 //! `cargo xtask setup | test | demo | perf`: one-command set-up, the test suite, and the demo.
 
 mod build;
+mod chart;
+mod contenders;
 mod demo;
+mod netbench;
 mod perf;
+mod perf_e2e;
 mod setup;
 mod soak;
 mod test;
@@ -48,6 +52,34 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         changes_per_second: u32,
     },
+    /// perf's in-namespace TCP server: accepts and closes; prints "ready".
+    #[command(hide = true)]
+    NetServer {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+    /// perf's connect() latency probe, alternating between targets; JSON out.
+    #[command(hide = true)]
+    NetLatency {
+        #[arg(long, value_delimiter = ',')]
+        targets: Vec<std::net::SocketAddr>,
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        #[arg(long, default_value_t = 100)]
+        per_round: usize,
+    },
+    /// perf's connections-per-second load; JSON out.
+    #[command(hide = true)]
+    NetRate {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
     /// Run setup, then the whole test suite (privileged tests need root).
     Test {
         /// Skip `cargo fmt --check` and clippy.
@@ -88,6 +120,17 @@ fn main() -> ExitCode {
             })
         }
         Command::Test { no_lint, test_args } => test::run(!no_lint, &test_args),
+        Command::NetServer { port, threads } => netbench::server(port, threads),
+        Command::NetLatency {
+            targets,
+            rounds,
+            per_round,
+        } => netbench::latency(&targets, rounds, per_round),
+        Command::NetRate {
+            target,
+            seconds,
+            threads,
+        } => netbench::rate(target, std::time::Duration::from_secs_f64(seconds), threads),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

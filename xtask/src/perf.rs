@@ -7,7 +7,6 @@ use std::{
     fmt::Write as _,
     fs,
     io::{BufRead, BufReader, Seek, SeekFrom},
-    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -17,7 +16,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use lb_testnet::Topology;
 use serde_json::Value;
 
-use crate::{build, setup};
+use crate::{build, chart, contenders, perf_e2e, setup};
 
 const ENDPOINTS_PER_SERVICE: u32 = 10;
 
@@ -28,32 +27,10 @@ pub struct PerfArgs {
     pub out: PathBuf,
 }
 
-fn nth_ip(base: Ipv4Addr, n: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(base) + n)
-}
-
 /// N Services (one TCP port each) and one EndpointSlice of 10 ready endpoints per Service.
 fn write_manifests(dir: &Path, services: u32) -> Result<()> {
-    let mut svc = String::with_capacity(services as usize * 200);
-    let mut slices = String::with_capacity(services as usize * 900);
-    for i in 0..services {
-        let ip = nth_ip(Ipv4Addr::new(10, 96, 0, 1), i);
-        writeln!(
-            svc,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: perf}}\nspec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]"
-        )?;
-        writeln!(
-            slices,
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\nmetadata:\n  name: svc-{i}-a\n  namespace: perf\n  labels: {{kubernetes.io/service-name: svc-{i}}}\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:"
-        )?;
-        for j in 0..ENDPOINTS_PER_SERVICE {
-            let ep = nth_ip(Ipv4Addr::new(10, 128, 0, 1), i * ENDPOINTS_PER_SERVICE + j);
-            writeln!(
-                slices,
-                "- {{addresses: [\"{ep}\"], conditions: {{ready: true}}}}"
-            )?;
-        }
-    }
+    let (svc, slices) =
+        contenders::manifests(&contenders::service_set(services, ENDPOINTS_PER_SERVICE));
     fs::write(dir.join("services.yaml"), svc)?;
     fs::write(dir.join("slices.yaml"), slices)?;
     Ok(())
@@ -231,6 +208,108 @@ fn control_plane(agent: &Path, services: u32, changes: usize) -> Result<ControlP
     Ok(result)
 }
 
+/// One line of progress, redrawn in place: `[=====>    ] 3/8 what`.
+fn progress_bar(done: usize, total: usize, what: &str) {
+    const WIDTH: usize = 24;
+    let filled = (done * WIDTH).checked_div(total).unwrap_or(WIDTH);
+    let bar: String = (0..WIDTH)
+        .map(|i| match i.cmp(&filled) {
+            std::cmp::Ordering::Less => '=',
+            std::cmp::Ordering::Equal => '>',
+            std::cmp::Ordering::Greater => ' ',
+        })
+        .collect();
+    eprint!("\r\x1b[2Kperf: [{bar}] {done}/{total} {what}");
+}
+
+fn write_e2e(md: &mut String, rows: &[perf_e2e::E2eRow]) -> Result<()> {
+    writeln!(
+        md,
+        "\n## End to end: pod -> ClusterIP (new TCP connections)\n"
+    )?;
+    writeln!(
+        md,
+        "Same node namespace, same two backend pods (a Rust accept-and-close server), same client pod, for every contender; the Service under test is the last one programmed. *connect* is a sequential connect() probe, paired in alternating rounds with the direct path (Δ = contender p50 - direct p50 of the same rounds). *conns/s*: two connecting threads; both ends close with an RST, so no TIME_WAIT fills ports or conntrack, and the node's conntrack ages CLOSE entries after 1 s. The netfilter contenders run kube-proxy's rule shapes generated from the same Services (iptables: Debian's iptables-nft backend).\n"
+    )?;
+    writeln!(
+        md,
+        "| Services | contender | connect p50 | p99 | Δ p50 vs direct | conns/s | vs direct | rules from empty | one change |"
+    )?;
+    writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|---:|")?;
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} ms"));
+    for r in rows {
+        writeln!(
+            md,
+            "| {} | {} | {:.1} us | {:.1} us | {:+.1} us | {:.0} | {:.2}x | {} | {} |",
+            r.services,
+            r.contender,
+            r.p50_us,
+            r.p99_us,
+            r.p50_us - r.direct_p50_us,
+            r.conns_per_s,
+            r.conns_per_s / r.direct_conns_per_s,
+            ms(r.load_ms),
+            ms(r.change_ms),
+        )?;
+    }
+    Ok(())
+}
+
+/// per-packet.svg (established-flow cost over the floor) and
+/// connect-latency.svg (Δ p50 vs direct per contender), linked from the report.
+fn write_charts(
+    out: &Path,
+    packet: &Value,
+    e2e: &[perf_e2e::E2eRow],
+    md: &mut String,
+) -> Result<()> {
+    let mut per_packet = Vec::new();
+    for row in packet["rows"].as_array().into_iter().flatten() {
+        let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
+        for (case, key) in [
+            ("new flow", "new_flow_ns"),
+            ("established", "established_ns"),
+            ("reply", "reply_ns"),
+            ("not a frontend", "miss_ns"),
+        ] {
+            per_packet.push((
+                format!(
+                    "{} {} Services, {case}",
+                    row["program"].as_str().unwrap_or("?"),
+                    row["services"]
+                ),
+                f(key) / f("floor_ns"),
+            ));
+        }
+    }
+    fs::write(
+        out.join("per-packet.svg"),
+        chart::bars(
+            "Per-packet cost as a multiple of the no-op program",
+            "x",
+            &per_packet,
+        ),
+    )?;
+    let connect: Vec<(String, f64)> = e2e
+        .iter()
+        .map(|r| {
+            (
+                format!("{} at {} Services", r.contender, r.services),
+                r.p50_us,
+            )
+        })
+        .collect();
+    fs::write(
+        out.join("connect-latency.svg"),
+        chart::bars("Pod -> ClusterIP connect() p50", "us", &connect),
+    )?;
+    writeln!(
+        md,
+        "\n![per-packet cost](per-packet.svg)\n\n![connect latency](connect-latency.svg)"
+    )?;
+    Ok(())
+}
+
 pub fn run(args: PerfArgs) -> Result<()> {
     if !setup::is_root() {
         bail!("perf loads BPF programs and builds namespaces: run it as root");
@@ -288,6 +367,29 @@ pub fn run(args: PerfArgs) -> Result<()> {
         );
         results.push(r);
     }
+
+    // End to end: every contender in the same topology.
+    let e2e_counts: Vec<u32> = if args.quick {
+        vec![1000]
+    } else {
+        args.services.clone()
+    };
+    let total = e2e_counts.len() * perf_e2e::CONTENDERS.len();
+    let mut done = 0;
+    let mut e2e = Vec::new();
+    for &n in &e2e_counts {
+        let params = perf_e2e::E2eParams {
+            rounds: if args.quick { 6 } else { 10 },
+            per_round: if args.quick { 100 } else { 200 },
+            rate_seconds: if args.quick { 1.5 } else { 4.0 },
+        };
+        let rows = perf_e2e::run(&agent, n, params, &mut |name| {
+            done += 1;
+            progress_bar(done, total, &format!("end to end: {name}, {n} Services"));
+        })?;
+        e2e.extend(rows);
+    }
+    eprintln!();
 
     let mut md = String::new();
     writeln!(md, "# lb performance report\n")?;
@@ -383,6 +485,8 @@ pub fn run(args: PerfArgs) -> Result<()> {
         "- *one change*: an EndpointSlice file of one Service replaced (atomic rename) until the agent logs the map write; {} changes.",
         args.changes
     )?;
+    write_e2e(&mut md, &e2e)?;
+    write_charts(&out, &packet, &e2e, &mut md)?;
     fs::write(out.join("report.md"), &md)?;
     let json: Vec<Value> = results
         .iter()
@@ -405,9 +509,21 @@ pub fn run(args: PerfArgs) -> Result<()> {
         .collect();
     fs::write(
         out.join("report.json"),
-        serde_json::to_string_pretty(
-            &serde_json::json!({"per_packet": packet, "control_plane": json}),
-        )?,
+        serde_json::to_string_pretty(&serde_json::json!({
+            "per_packet": packet,
+            "control_plane": json,
+            "end_to_end": e2e.iter().map(|r| serde_json::json!({
+                "services": r.services,
+                "contender": r.contender,
+                "connect_p50_us": r.p50_us,
+                "connect_p99_us": r.p99_us,
+                "direct_connect_p50_us": r.direct_p50_us,
+                "conns_per_s": r.conns_per_s,
+                "direct_conns_per_s": r.direct_conns_per_s,
+                "rules_load_ms": r.load_ms,
+                "rules_one_change_ms": r.change_ms,
+            })).collect::<Vec<_>>(),
+        }))?,
     )?;
     println!(
         "perf: wrote {} and report.json",

@@ -19,6 +19,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "procps",
     // Pings to Service addresses.
     "iputils-ping",
+    // `cargo xtask perf` measures kube-proxy's rule shapes with these.
+    "iptables",
+    "nftables",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -1,0 +1,294 @@
+//! End to end for `cargo xtask perf`: a pod connecting to a ClusterIP through
+//! each contender, in the same topology with the same server and client:
+//! direct to the backend pod (the ceiling), lb, kube-proxy's iptables rule
+//! shape and its nftables rule shape, all generated from the same Services.
+//! Connect latency is a sequential connect() probe in paired, alternating
+//! rounds against the direct path; connections per second come from two
+//! connecting threads. The netfilter contenders' rule loads (full and one
+//! change, as kube-proxy writes them) are timed too.
+
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use lb_testnet::{Pod, Topology};
+use serde_json::Value;
+
+use crate::contenders::{self, ServicePort};
+
+pub const CONTENDERS: [&str; 4] = ["direct", "lb", "iptables", "nftables"];
+
+#[derive(Clone, Debug)]
+pub struct E2eRow {
+    pub services: u32,
+    pub contender: &'static str,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// The direct path in the same paired rounds.
+    pub direct_p50_us: f64,
+    pub conns_per_s: f64,
+    pub direct_conns_per_s: f64,
+    /// Rules loaded from empty (netfilter contenders), ms.
+    pub load_ms: Option<f64>,
+    /// One Service's endpoints changed, as kube-proxy writes it, ms.
+    pub change_ms: Option<f64>,
+}
+
+pub struct E2eParams {
+    pub rounds: usize,
+    pub per_round: usize,
+    pub rate_seconds: f64,
+}
+
+const SERVER_PORT: u16 = 8080;
+
+struct Bench {
+    topo: Topology,
+    client: Pod,
+    xtask: PathBuf,
+    direct: SocketAddr,
+    params: E2eParams,
+}
+
+impl Bench {
+    fn client_json(&self, args: &[String]) -> Result<Value> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.client.ns])
+            .arg(&self.xtask)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running the benchmark client")?;
+        if !out.status.success() {
+            bail!(
+                "benchmark client {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("benchmark client output")
+    }
+
+    /// Paired latency (`target` vs direct) and both rates.
+    fn measure(
+        &self,
+        services: u32,
+        contender: &'static str,
+        target: SocketAddr,
+    ) -> Result<E2eRow> {
+        let latency = self.client_json(&[
+            "net-latency".into(),
+            "--targets".into(),
+            format!("{target},{}", self.direct),
+            "--rounds".into(),
+            self.params.rounds.to_string(),
+            "--per-round".into(),
+            self.params.per_round.to_string(),
+        ])?;
+        let rate = |target: SocketAddr| -> Result<f64> {
+            let v = self.client_json(&[
+                "net-rate".into(),
+                "--target".into(),
+                target.to_string(),
+                "--seconds".into(),
+                self.params.rate_seconds.to_string(),
+            ])?;
+            Ok(v["conns_per_s"].as_f64().unwrap_or(f64::NAN))
+        };
+        let failures = latency[0]["failures"].as_u64().unwrap_or(0);
+        if failures > 0 {
+            bail!("{contender}: {failures} connects to {target} failed");
+        }
+        let direct_conns_per_s = rate(self.direct)?;
+        let conns_per_s = rate(target)?;
+        let f = |i: usize, k: &str| latency[i][k].as_f64().unwrap_or(f64::NAN);
+        Ok(E2eRow {
+            services,
+            contender,
+            p50_us: f(0, "p50_us"),
+            p99_us: f(0, "p99_us"),
+            direct_p50_us: f(1, "p50_us"),
+            conns_per_s,
+            direct_conns_per_s,
+            load_ms: None,
+            change_ms: None,
+        })
+    }
+
+    /// Run a command in the node namespace with `input` on stdin; its wall time.
+    fn node_cmd(&self, args: &[&str], input: &Path) -> Result<Duration> {
+        let started = Instant::now();
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.topo.node_ns])
+            .args(args)
+            .stdin(fs::File::open(input)?)
+            .output()
+            .with_context(|| format!("running {args:?}"))?;
+        if !out.status.success() {
+            bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(started.elapsed())
+    }
+}
+
+/// Wait until lb's maps hold the Service under test with `want` backends.
+fn wait_lb(agent: &Path, bpffs: &Path, vip: SocketAddr, want: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline {
+        let out = Command::new(agent)
+            .args(["dump", "services", "-o", "json", "--bpffs"])
+            .arg(bpffs)
+            .output()?;
+        if let Ok(dump) = serde_json::from_slice::<Value>(&out.stdout)
+            && dump["services"].as_array().is_some_and(|all| {
+                all.iter().any(|s| {
+                    s["frontend"]["address"] == vip.ip().to_string()
+                        && s["frontend"]["port"] == vip.port()
+                        && s["backends"].as_array().map(Vec::len) == Some(want)
+                })
+            })
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("lb did not program {vip} within 300 s")
+}
+
+/// Every contender at `services` Services; `progress` is told each step.
+pub fn run(
+    agent: &Path,
+    services: u32,
+    params: E2eParams,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<E2eRow>> {
+    let mut topo = Topology::new().map_err(|e| anyhow!(e))?;
+    // RST-closed connections leave conntrack entries in CLOSE state: age
+    // them out after a second so the netfilter contenders' table stays small.
+    for (key, value) in [
+        ("net.netfilter.nf_conntrack_tcp_timeout_close", "1"),
+        ("net.netfilter.nf_conntrack_tcp_timeout_time_wait", "1"),
+    ] {
+        topo.node_sysctl(key, value).map_err(|e| anyhow!(e))?;
+    }
+    let xtask = std::env::current_exe().context("locating the xtask binary")?;
+    let mut backends = Vec::new();
+    for (i, ip) in [Ipv4Addr::new(10, 244, 1, 11), Ipv4Addr::new(10, 244, 1, 12)]
+        .into_iter()
+        .enumerate()
+    {
+        let pod = topo
+            .add_pod(&format!("srv{i}"), ip)
+            .map_err(|e| anyhow!(e))?;
+        topo.start_in_pod(
+            &format!("net-server {i}"),
+            &pod,
+            &xtask,
+            &[
+                "net-server".into(),
+                "--port".into(),
+                SERVER_PORT.to_string(),
+            ],
+        )
+        .map_err(|e| anyhow!(e))?;
+        backends.push((ip, SERVER_PORT));
+    }
+    let client = topo
+        .add_pod("client", Ipv4Addr::new(10, 244, 1, 2))
+        .map_err(|e| anyhow!(e))?;
+
+    // The Service under test is the last one programmed.
+    let mut set: Vec<ServicePort> = contenders::service_set(services, 10);
+    let last = set.len() - 1;
+    set[last].endpoints = backends.clone();
+    let vip = SocketAddr::from((set[last].cluster_ip, set[last].port));
+    let direct = SocketAddr::from(backends[0]);
+    let dir = topo.dir.clone();
+    let bench = Bench {
+        topo,
+        client,
+        xtask,
+        direct,
+        params,
+    };
+    let mut rows = Vec::new();
+
+    progress("direct");
+    // The direct row pairs the backend with itself: the probe's own spread.
+    rows.push(bench.measure(services, "direct", direct)?);
+
+    progress("lb");
+    let manifests = dir.join("manifests");
+    fs::create_dir_all(&manifests)?;
+    let (svc_yaml, slices_yaml) = contenders::manifests(&set);
+    fs::write(manifests.join("services.yaml"), svc_yaml)?;
+    fs::write(manifests.join("slices.yaml"), slices_yaml)?;
+    let mut bench = bench;
+    let args: Vec<String> = [
+        "run",
+        "--manifests",
+        &manifests.display().to_string(),
+        "--bpffs",
+        &bench.topo.bpffs.display().to_string(),
+        "--pod-devices",
+        &bench.topo.pod_device_glob(),
+        "--node-name",
+        "perf",
+        "--healthz-bind",
+        "",
+        "--metrics-bind",
+        "",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let log = dir.join("agent.log");
+    bench
+        .topo
+        .spawn_in_node_logged("agent", agent, &args, &log)
+        .map_err(|e| anyhow!(e))?;
+    wait_lb(agent, &bench.topo.bpffs, vip, backends.len())?;
+    rows.push(bench.measure(services, "lb", vip)?);
+    // Detach: stop the agent, then drop the link pins that keep the programs on.
+    bench.topo.stop("agent", lb_testnet::SIGTERM);
+    for entry in fs::read_dir(bench.topo.bpffs.join("links"))? {
+        fs::remove_file(entry?.path())?;
+    }
+
+    progress("iptables");
+    let full = dir.join("iptables.rules");
+    fs::write(&full, contenders::iptables_full(&set))?;
+    let load = bench.node_cmd(&["iptables-restore"], &full)?;
+    let mut row = bench.measure(services, "iptables", vip)?;
+    let mut changed = set[0].clone();
+    changed.endpoints.pop();
+    let change = dir.join("iptables.change");
+    fs::write(&change, contenders::iptables_one_change(0, &changed))?;
+    row.change_ms = Some(
+        bench
+            .node_cmd(&["iptables-restore", "--noflush"], &change)?
+            .as_secs_f64()
+            * 1e3,
+    );
+    row.load_ms = Some(load.as_secs_f64() * 1e3);
+    rows.push(row);
+    let empty = dir.join("iptables.empty");
+    fs::write(&empty, "*nat\nCOMMIT\n")?;
+    bench.node_cmd(&["iptables-restore"], &empty)?;
+
+    progress("nftables");
+    let full = dir.join("nft.rules");
+    fs::write(&full, contenders::nft_full(&set))?;
+    let load = bench.node_cmd(&["nft", "-f", "-"], &full)?;
+    let mut row = bench.measure(services, "nftables", vip)?;
+    let change = dir.join("nft.change");
+    fs::write(&change, contenders::nft_one_change(0, &changed))?;
+    row.change_ms = Some(bench.node_cmd(&["nft", "-f", "-"], &change)?.as_secs_f64() * 1e3);
+    row.load_ms = Some(load.as_secs_f64() * 1e3);
+    rows.push(row);
+    Ok(rows)
+}
