@@ -233,14 +233,14 @@ fn write_e2e(md: &mut String, rows: &[perf_e2e::E2eRow]) -> Result<()> {
     )?;
     writeln!(
         md,
-        "| Services | contender | connect p50 | p99 | Δ p50 vs direct | conns/s | vs direct | rules from empty | one change |"
+        "| Services | contender | connect p50 | p99 | Δ p50 vs direct | conns/s | vs direct | failed connects | rules from empty | one change |"
     )?;
-    writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} ms"));
     for r in rows {
         writeln!(
             md,
-            "| {} | {} | {:.1} us | {:.1} us | {:+.1} us | {:.0} | {:.2}x | {} | {} |",
+            "| {} | {} | {:.1} us | {:.1} us | {:+.1} us | {:.0} | {:.2}x | {} | {} | {} |",
             r.services,
             r.contender,
             r.p50_us,
@@ -248,6 +248,7 @@ fn write_e2e(md: &mut String, rows: &[perf_e2e::E2eRow]) -> Result<()> {
             r.p50_us - r.direct_p50_us,
             r.conns_per_s,
             r.conns_per_s / r.direct_conns_per_s,
+            r.failed_connects,
             ms(r.load_ms),
             ms(r.change_ms),
         )?;
