@@ -113,6 +113,11 @@ pub struct RunArgs {
     /// drop them when none has). Default: true
     #[arg(long, value_name = "BOOL")]
     pub ping_services: Option<bool>,
+    /// Hand translated packets on tc straight to the device the FIB routes
+    /// them to (bpf_redirect_neigh), skipping the host's routing and
+    /// netfilter for them. Default: true
+    #[arg(long, value_name = "BOOL")]
+    pub fast_path: Option<bool>,
     /// Where maps and links are pinned. Default: /sys/fs/bpf/lb
     #[arg(long, value_name = "DIR")]
     pub bpffs: Option<PathBuf>,
@@ -179,6 +184,7 @@ pub struct FileConfig {
     pub nodeport_addresses: Option<Vec<ipnet::Ipv4Net>>,
     pub cluster_cidr: Option<Vec<ipnet::Ipv4Net>>,
     pub ping_services: Option<bool>,
+    pub fast_path: Option<bool>,
     pub bpffs: Option<PathBuf>,
     pub hairpin_snat_address: Option<Ipv4Addr>,
     pub default_algorithm: Option<Algorithm>,
@@ -249,6 +255,7 @@ pub struct RunConfig {
     /// --nodeport-addresses (None: every node device address).
     pub nodeport_cidrs: Option<Vec<ipnet::Ipv4Net>>,
     pub ping_services: bool,
+    pub fast_path: bool,
     pub bpffs: PathBuf,
     pub log_format: LogFormat,
 }
@@ -362,6 +369,7 @@ impl RunArgs {
                 .unwrap_or(DeviceMode::Xdp),
             nodeport_cidrs: self.nodeport_addresses.or(file.nodeport_addresses),
             ping_services: self.ping_services.or(file.ping_services).unwrap_or(true),
+            fast_path: self.fast_path.or(file.fast_path).unwrap_or(true),
             bpffs: self
                 .bpffs
                 .or(file.bpffs)

@@ -89,6 +89,10 @@ fn datapath_config(config: &RunConfig, node: &NodeConfig, snat: Option<Ipv4Addr>
             config_flags::ECHO_REPLY
         } else {
             0
+        } | if config.fast_path {
+            config_flags::FAST_PATH
+        } else {
+            0
         },
         hairpin_snat_addr_be: be(node.hairpin_snat_addr),
         nodeport_snat_addr_be: snat.map_or(0, be),

@@ -322,6 +322,9 @@ pub mod config_flags {
     pub const DEBUG_FLOWS: u32 = 1 << 0;
     /// Answer ICMP echo requests to Service addresses (`ECHO` entries).
     pub const ECHO_REPLY: u32 = 1 << 1;
+    /// tc programs hand translated packets straight to the device the FIB
+    /// routes them to (bpf_redirect_neigh), skipping the host stack.
+    pub const FAST_PATH: u32 = 1 << 2;
 }
 
 /// Default SNAT port range: above Linux's default ip_local_port_range
@@ -393,8 +396,10 @@ pub mod stat {
     pub const NODEPORT_SNAT: u32 = 28;
     /// No free SNAT port for a new external flow: dropped.
     pub const ERR_SNAT_PORTS: u32 = 29;
+    /// Translated packet redirected to its FIB egress device (fast path).
+    pub const REDIRECTED: u32 = 30;
     /// Number of counters in use.
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 31;
     /// Size of the stats array (room to grow without a layout change).
     pub const CAPACITY: u32 = 32;
 
@@ -430,6 +435,7 @@ pub mod stat {
         "drop_source_range",
         "nodeport_snat",
         "err_snat_ports",
+        "redirected",
     ];
 }
 

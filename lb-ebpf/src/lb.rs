@@ -15,7 +15,7 @@ use crate::{
     ct::{self, CreateError, Nat},
     maps::{LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_SERVICES, LB_SOURCE_RANGES, count},
     nat::{self, End},
-    packet::Packet,
+    packet::{Packet, Routed},
     parse::{self, Echo, Flow, Parsed, TCP_RST},
     reject,
 };
@@ -396,12 +396,48 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, end: End, to: &Rewrite, verdic
     match result {
         Ok(()) => {
             count(verdict);
+            if LB_CONFIG
+                .get(0)
+                .is_some_and(|c| c.flags & config_flags::FAST_PATH != 0)
+            {
+                let (src, dst) = match end {
+                    End::Destination => (
+                        other_or(to, (flow.src_be, flow.sport_be)),
+                        (to.addr_be, to.port_be),
+                    ),
+                    End::Source => (
+                        (to.addr_be, to.port_be),
+                        other_or(to, (flow.dst_be, flow.dport_be)),
+                    ),
+                };
+                let routed = Routed {
+                    src_be: src.0,
+                    dst_be: dst.0,
+                    sport_be: src.1,
+                    dport_be: dst.1,
+                    proto: flow.proto,
+                };
+                if let Some(redirected) = pkt.redirect_routed(&routed) {
+                    count(stat::REDIRECTED);
+                    return redirected;
+                }
+            }
             pkt.pass()
         }
         Err(_) => {
             count(stat::ERR_NAT_FAILED);
             pkt.drop_verdict()
         }
+    }
+}
+
+/// The other end after translation: the SNAT one, or the packet's own.
+#[inline(always)]
+fn other_or(to: &Rewrite, unchanged: (u32, u16)) -> (u32, u16) {
+    if to.other_addr_be != 0 {
+        (to.other_addr_be, to.other_port_be)
+    } else {
+        unchanged
     }
 }
 

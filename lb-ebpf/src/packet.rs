@@ -4,10 +4,13 @@
 //! instead of reading past the end, and the verifier needs no pointer proofs.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT, xdp_action},
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT, bpf_fib_lookup as FibLookup, xdp_action,
+    },
     helpers::generated::{
-        bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail, bpf_xdp_adjust_head,
-        bpf_xdp_adjust_tail, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
+        bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head, bpf_skb_change_tail,
+        bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
     },
     programs::{TcContext, XdpContext},
 };
@@ -58,6 +61,19 @@ pub trait Packet {
     fn pass(&self) -> i32;
     /// The verdict dropping the packet.
     fn drop_verdict(&self) -> i32;
+    /// Hand the packet, now `src -> dst`, to the device the FIB routes it
+    /// to, skipping the host stack; None when that is not possible here
+    /// (XDP, a local destination, no route) and the packet should pass.
+    fn redirect_routed(&self, to: &Routed) -> Option<i32>;
+}
+
+/// A translated packet's tuple, for the FIB lookup of the fast path.
+pub struct Routed {
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
 }
 
 pub struct TcPacket<'a> {
@@ -143,6 +159,36 @@ impl Packet for TcPacket<'_> {
     #[inline(always)]
     fn drop_verdict(&self) -> i32 {
         aya_ebpf::bindings::TC_ACT_SHOT
+    }
+
+    #[inline(always)]
+    fn redirect_routed(&self, to: &Routed) -> Option<i32> {
+        const AF_INET: u8 = 2;
+        // SAFETY: plain data; every field the helper reads is set below.
+        let mut fib: FibLookup = unsafe { core::mem::zeroed() };
+        fib.family = AF_INET;
+        fib.l4_protocol = to.proto;
+        fib.sport = to.sport_be;
+        fib.dport = to.dport_be;
+        fib.ifindex = unsafe { (*self.ctx.skb.skb).ifindex };
+        fib.__bindgen_anon_3.ipv4_src = to.src_be;
+        fib.__bindgen_anon_4.ipv4_dst = to.dst_be;
+        let ret = unsafe {
+            bpf_fib_lookup(
+                self.ctx.skb.skb.cast(),
+                &mut fib,
+                size_of::<FibLookup>() as i32,
+                0,
+            )
+        };
+        // Forwarded routes only; anything local or unroutable goes up the stack.
+        if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 && ret != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+            return None;
+        }
+        // The neighbour subsystem fills in the MAC addresses (and resolves
+        // them when unknown).
+        let verdict = unsafe { bpf_redirect_neigh(fib.ifindex, ptr::null_mut(), 0, 0) };
+        (verdict == TC_ACT_REDIRECT as i64).then_some(TC_ACT_REDIRECT)
     }
 }
 
@@ -261,5 +307,11 @@ impl Packet for XdpPacket<'_> {
     #[inline(always)]
     fn drop_verdict(&self) -> i32 {
         xdp_action::XDP_DROP as i32
+    }
+
+    #[inline(always)]
+    fn redirect_routed(&self, _to: &Routed) -> Option<i32> {
+        // XDP runs before the stack anyway; its packets take the normal path.
+        None
     }
 }

@@ -96,7 +96,7 @@ impl Cluster {
     /// Start the agent with the given source flags (and any extra flags).
     pub fn start_agent_with(&mut self, extra: &[String]) {
         self.start_agent_as(extra, None);
-        self.wait_agent_ready();
+        self.wait_agent_ready(extra);
     }
 
     /// Spawn the agent on the manifests and return at once (no readiness wait).
@@ -112,10 +112,14 @@ impl Cluster {
     /// spec, e.g. "NET_ADMIN"), the way a container runtime would start it.
     pub fn start_agent_with_caps(&mut self, extra: &[String], caps: &[&str]) {
         self.start_agent_as(extra, Some(caps));
-        self.wait_agent_ready();
+        self.wait_agent_ready(extra);
     }
 
-    fn wait_agent_ready(&self) {
+    /// The maps are pinned before the agent has verified its programs and
+    /// written its config; its health server answers only after that. So
+    /// wait for both (the pins alone would let a test talk to the previous
+    /// agent's leftovers).
+    fn wait_agent_ready(&self, extra: &[String]) {
         let bpffs = self.topo.bpffs.clone();
         wait_until(
             "the agent's maps can be dumped",
@@ -128,6 +132,13 @@ impl Cluster {
                     .is_ok_and(|o| o.status.success())
             },
         );
+        if !extra.iter().any(|a| a == "--healthz-bind") {
+            wait_until(
+                "the agent's health server answers",
+                Duration::from_secs(20),
+                || self.node_http(10256, "/livez").0 != 0,
+            );
+        }
     }
 
     fn start_agent_as(&mut self, extra: &[String], caps: Option<&[&str]>) {

@@ -603,3 +603,44 @@ fn agent_restart_keeps_traffic_flowing_and_prunes_on_return() {
     assert!(conn.send("after restart").contains(&format!("pod={pod}")));
     assert_eq!(c.answering_pods(&client, "http://10.96.0.10/", 30).len(), 2);
 }
+
+#[test]
+fn fast_path_redirects_translated_packets_and_can_be_turned_off() {
+    let svc = format!("{SVC}  - {{name: dns, port: 53, protocol: UDP, targetPort: 5353}}\n");
+    let (mut c, client) = web_cluster(&svc);
+    let all = ["10.244.1.11:8080", "10.244.1.12:8080", "10.244.1.13:8080"];
+    c.wait_backends("10.96.0.10:80/TCP", &all, Duration::from_secs(5));
+    let redirected = |c: &Cluster| c.stats()["redirected"].as_u64().unwrap_or(0);
+    let before = redirected(&c);
+    for _ in 0..5 {
+        c.get(&client, "http://10.96.0.10/")
+            .expect("through the fast path");
+        let reply = c
+            .topo
+            .udp(&client, "10.96.0.10".parse().unwrap(), 53, 2.0, 0)
+            .expect("UDP through the fast path");
+        assert!(reply.contains("pod=web-"), "{reply}");
+    }
+    // Requests and replies both skip the host stack once translated.
+    assert!(
+        redirected(&c) >= before + 20,
+        "redirected {} -> {}",
+        before,
+        redirected(&c)
+    );
+
+    c.stop_agent(SIGTERM);
+    c.start_agent_with(&[
+        "--manifests".into(),
+        c.manifests.display().to_string(),
+        "--fast-path".into(),
+        "false".into(),
+    ]);
+    c.wait_backends("10.96.0.10:80/TCP", &all, Duration::from_secs(5));
+    let off = redirected(&c);
+    for _ in 0..5 {
+        c.get(&client, "http://10.96.0.10/")
+            .expect("through the host stack");
+    }
+    assert_eq!(redirected(&c), off, "--fast-path false: nothing redirected");
+}

@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use crate::contenders::{self, ServicePort};
 
-pub const CONTENDERS: [&str; 4] = ["direct", "lb", "iptables", "nftables"];
+pub const CONTENDERS: [&str; 5] = ["direct", "lb (no fast path)", "lb", "iptables", "nftables"];
 
 #[derive(Clone, Debug)]
 pub struct E2eRow {
@@ -171,6 +171,24 @@ fn wait_lb(agent: &Path, bpffs: &Path, vip: SocketAddr, want: usize) -> Result<(
     bail!("lb did not program {vip} within 300 s")
 }
 
+/// Remove lb's link and map pins: its programs detach, its maps go.
+fn clear_pins(bpffs: &Path) -> Result<()> {
+    for entry in fs::read_dir(bpffs.join("links"))? {
+        fs::remove_file(entry?.path())?;
+    }
+    for entry in fs::read_dir(bpffs)? {
+        let path = entry?.path();
+        if path.is_file()
+            || path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("LB_"))
+        {
+            fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
 /// Every contender at `services` Services; `progress` is told each step.
 pub fn run(
     agent: &Path,
@@ -233,42 +251,47 @@ pub fn run(
     // The direct row pairs the backend with itself: the probe's own spread.
     rows.push(bench.measure(services, "direct", direct)?);
 
-    progress("lb");
     let manifests = dir.join("manifests");
     fs::create_dir_all(&manifests)?;
     let (svc_yaml, slices_yaml) = contenders::manifests(&set);
     fs::write(manifests.join("services.yaml"), svc_yaml)?;
     fs::write(manifests.join("slices.yaml"), slices_yaml)?;
     let mut bench = bench;
-    let args: Vec<String> = [
-        "run",
-        "--manifests",
-        &manifests.display().to_string(),
-        "--bpffs",
-        &bench.topo.bpffs.display().to_string(),
-        "--pod-devices",
-        &bench.topo.pod_device_glob(),
-        "--node-name",
-        "perf",
-        "--healthz-bind",
-        "",
-        "--metrics-bind",
-        "",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let log = dir.join("agent.log");
-    bench
-        .topo
-        .spawn_in_node_logged("agent", agent, &args, &log)
-        .map_err(|e| anyhow!(e))?;
-    wait_lb(agent, &bench.topo.bpffs, vip, backends.len())?;
-    rows.push(bench.measure(services, "lb", vip)?);
-    // Detach: stop the agent, then drop the link pins that keep the programs on.
-    bench.topo.stop("agent", lb_testnet::SIGTERM);
-    for entry in fs::read_dir(bench.topo.bpffs.join("links"))? {
-        fs::remove_file(entry?.path())?;
+    // lb without, then with the fast path; each from empty pins, so the
+    // Service showing up in the maps means this agent programmed it.
+    for (contender, fast_path) in [("lb (no fast path)", "false"), ("lb", "true")] {
+        progress(contender);
+        let args: Vec<String> = [
+            "run",
+            "--manifests",
+            &manifests.display().to_string(),
+            "--bpffs",
+            &bench.topo.bpffs.display().to_string(),
+            "--pod-devices",
+            &bench.topo.pod_device_glob(),
+            "--node-name",
+            "perf",
+            "--healthz-bind",
+            "",
+            "--metrics-bind",
+            "",
+            "--fast-path",
+            fast_path,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let log = dir.join("agent.log");
+        bench
+            .topo
+            .spawn_in_node_logged("agent", agent, &args, &log)
+            .map_err(|e| anyhow!(e))?;
+        wait_lb(agent, &bench.topo.bpffs, vip, backends.len())?;
+        rows.push(bench.measure(services, contender, vip)?);
+        // Detach: stop the agent, then drop the pins that keep programs
+        // and maps alive.
+        bench.topo.stop("agent", lb_testnet::SIGTERM);
+        clear_pins(&bench.topo.bpffs)?;
     }
 
     progress("iptables");
