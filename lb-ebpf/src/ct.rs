@@ -82,6 +82,17 @@ pub fn restarts(flow: &Flow, entry: &CtValue, backend: &BackendValue) -> bool {
         && entry.flags & (ct_flags::FIN_SEEN | ct_flags::RST_SEEN) != 0
 }
 
+/// Whether a reply entry is a leftover for this packet: a SYN (a SYN-ACK
+/// answering a new connection) on a tuple whose translated connection was
+/// closed. Translating it would hijack a direct connection that happens to
+/// reuse the client port.
+#[inline(always)]
+pub fn stale_for(flow: &Flow, entry: &CtValue) -> bool {
+    flow.proto == IPPROTO_TCP
+        && flow.tcp_flags & TCP_SYN != 0
+        && entry.flags & (ct_flags::FIN_SEEN | ct_flags::RST_SEEN) != 0
+}
+
 /// State bits a TCP flag byte adds.
 #[inline(always)]
 fn state_bits(flow: &Flow) -> u16 {

@@ -340,6 +340,11 @@ fn reply<P: Packet>(pkt: &mut P, flow: &Flow, now: u64, origin: Origin) -> i32 {
     let Some(entry) = ct::lookup(&key, now) else {
         return not_a_frontend(pkt, flow, origin);
     };
+    if ct::stale_for(flow, unsafe { &*entry }) {
+        // A new connection on the tuple of a closed one (the client reached
+        // the backend directly from the same port): not ours to translate.
+        return not_a_frontend(pkt, flow, origin);
+    }
     let first_reply = unsafe { (*entry).flags } & ct_flags::REPLY_SEEN == 0;
     let extra = if first_reply { ct_flags::REPLY_SEEN } else { 0 };
     let new_bits = ct::observe(entry, flow, now, pkt.len(), extra);

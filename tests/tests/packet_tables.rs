@@ -920,3 +920,36 @@ fn hairpin_without_configured_address_keeps_source() {
         )],
     ));
 }
+
+#[test]
+fn direct_connection_reusing_a_closed_flows_tuple_is_not_hijacked() {
+    let syn_ack = Tcp {
+        syn: true,
+        ack: Some(1001),
+        ..ACK
+    };
+    let rst = Tcp { rst: true, ..ACK };
+    run_case(case(
+        "direct_connection_reusing_a_closed_flows_tuple_is_not_hijacked",
+        single_backend,
+        vec![
+            // A connection through the Service, answered, then reset.
+            send(
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
+            send(
+                tcp(ep(WEB_1), ep(CLIENT), syn_ack, b""),
+                Expect::RevNat(ep(WEB)),
+            ),
+            send(
+                tcp(ep(CLIENT), ep(WEB), rst, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
+            // The client reaches the backend directly from the same port:
+            // the backend's SYN-ACK must not be rewritten to the Service.
+            send(tcp(ep(CLIENT), ep(WEB_1), SYN, b""), Expect::Unchanged),
+            send(tcp(ep(WEB_1), ep(CLIENT), syn_ack, b""), Expect::Unchanged),
+        ],
+    ));
+}

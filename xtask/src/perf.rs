@@ -229,7 +229,7 @@ fn write_e2e(md: &mut String, rows: &[perf_e2e::E2eRow]) -> Result<()> {
     )?;
     writeln!(
         md,
-        "Same node namespace, same two backend pods (a Rust accept-and-close server), same client pod, for every contender; the Service under test is the last one programmed. *connect* is a sequential connect() probe, paired in alternating rounds with the direct path (Δ = contender p50 - direct p50 of the same rounds). *conns/s*: two connecting threads; both ends close with an RST, so no TIME_WAIT fills ports or conntrack, and the node's conntrack ages CLOSE entries after 1 s. The netfilter contenders run kube-proxy's rule shapes generated from the same Services (iptables: Debian's iptables-nft backend).\n"
+        "Same node namespace, same two backend pods (a Rust accept-and-close server), same client pod, for every contender; the Service under test is the last one programmed. *connect* is a sequential connect() probe, paired in alternating rounds with the direct path (Δ = contender p50 - direct p50 of the same rounds). *conns/s*: two connecting threads; both ends close with an RST, so no TIME_WAIT fills ports or conntrack, and the node's conntrack ages CLOSE entries after 1 s. The netfilter contenders run kube-proxy's rule shapes generated from the same Services (iptables: Debian's iptables-nft backend). Loading NAT rules turns on conntrack for all of the node's traffic, the direct path included, so the Δ column understates them: compare their absolute values with the direct row.\n"
     )?;
     writeln!(
         md,

@@ -174,16 +174,18 @@ fn wait_lb(agent: &Path, bpffs: &Path, vip: SocketAddr, want: usize) -> Result<(
 /// Remove lb's link and map pins: its programs detach, its maps go.
 fn clear_pins(bpffs: &Path) -> Result<()> {
     for entry in fs::read_dir(bpffs.join("links"))? {
-        fs::remove_file(entry?.path())?;
+        let path = entry?.path();
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     }
     for entry in fs::read_dir(bpffs)? {
         let path = entry?.path();
-        if path.is_file()
-            || path
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("LB_"))
+        // Only lb's maps: a bpffs also holds the kernel's maps.debug and
+        // progs.debug, which cannot be removed.
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("LB_"))
         {
-            fs::remove_file(&path)?;
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
     }
     Ok(())
