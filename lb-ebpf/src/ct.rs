@@ -156,6 +156,19 @@ pub enum CreateError {
     NoPort,
 }
 
+/// Whether the entry holding a SNAT tuple may be replaced: it is dead, or
+/// its connection was reset (no TIME_WAIT follows an RST, so the tuple is
+/// free at once; closing by FIN keeps it for the closing lifetime).
+#[inline(always)]
+fn reusable(key: &CtKey, now: u64) -> bool {
+    match LB_CT.get_ptr_mut(key) {
+        None => true,
+        Some(entry) => {
+            lookup(key, now).is_none() || unsafe { (*entry).flags } & ct_flags::RST_SEEN != 0
+        }
+    }
+}
+
 /// Random probes for a free SNAT port before giving up. With the default
 /// 4,536 ports and half of them in use towards one backend, all 16 collide
 /// with probability 2^-16.
@@ -164,7 +177,7 @@ const SNAT_TRIES: u32 = 16;
 /// Track a new translated flow: forward entry keyed by the client's tuple,
 /// reply entry keyed by the backend's answer. With `port_range`, the SNAT
 /// port is allocated here: the reply entry is inserted only if its tuple is
-/// free (or dead), so two flows never share a tuple; `nat.snat_port_be` is
+/// free (or dead, or reset), so two live flows never share a tuple; `nat.snat_port_be` is
 /// set to the port taken.
 #[inline(always)]
 pub fn create(
@@ -224,7 +237,7 @@ pub fn create(
                 let port = min as u32 + unsafe { bpf_get_prandom_u32() } % span;
                 reply_key.dst_port_be = (port as u16).to_be();
                 if LB_CT.insert(reply_key, reply, BPF_NOEXIST as u64).is_ok()
-                    || (lookup(&reply_key, now).is_none()
+                    || (reusable(&reply_key, now)
                         && LB_CT.insert(reply_key, reply, BPF_ANY as u64).is_ok())
                 {
                     taken = true;

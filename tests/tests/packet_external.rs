@@ -477,3 +477,44 @@ fn cluster_ip_from_outside_is_masqueraded_even_to_a_local_backend() {
         ],
     ));
 }
+
+#[test]
+fn a_reset_flows_snat_port_is_free_at_once() {
+    let rst = Tcp { rst: true, ..ACK };
+    run_case(case(
+        "a_reset_flows_snat_port_is_free_at_once",
+        node_ports,
+        vec![
+            send(
+                tcp(ep(CLIENT), remote_node_port(), SYN, b""),
+                Expect::Nat {
+                    src: snat(SNAT_PORT),
+                    dst: ep(REMOTE_POD),
+                },
+            ),
+            send(
+                tcp(ep(CLIENT), remote_node_port(), rst, b""),
+                Expect::Nat {
+                    src: snat(SNAT_PORT),
+                    dst: ep(REMOTE_POD),
+                },
+            ),
+            // The only port is taken again right away: an RST leaves no TIME_WAIT.
+            send(
+                tcp(ep(OTHER_CLIENT), remote_node_port(), SYN, b""),
+                Expect::Nat {
+                    src: snat(SNAT_PORT),
+                    dst: ep(REMOTE_POD),
+                },
+            ),
+            send(
+                tcp(ep(REMOTE_POD), snat(SNAT_PORT), ACK, b""),
+                Expect::Nat {
+                    src: remote_node_port(),
+                    dst: ep(OTHER_CLIENT),
+                },
+            ),
+            counters(&[(stat::NODEPORT_SNAT, 2), (stat::ERR_SNAT_PORTS, 0)]),
+        ],
+    ));
+}

@@ -11,6 +11,8 @@ use std::{fmt::Write as _, net::Ipv4Addr};
 pub struct ServicePort {
     pub cluster_ip: Ipv4Addr,
     pub port: u16,
+    /// type NodePort with this nodePort (externalTrafficPolicy Cluster).
+    pub node_port: Option<u16>,
     pub endpoints: Vec<(Ipv4Addr, u16)>,
 }
 
@@ -25,6 +27,7 @@ pub fn service_set(n: u32, endpoints: u32) -> Vec<ServicePort> {
         .map(|i| ServicePort {
             cluster_ip: nth_ip(Ipv4Addr::new(10, 96, 0, 1), i),
             port: 80,
+            node_port: None,
             endpoints: (0..endpoints)
                 .map(|j| {
                     (
@@ -38,14 +41,19 @@ pub fn service_set(n: u32, endpoints: u32) -> Vec<ServicePort> {
 }
 
 /// The same Services for lb's manifests source: (Services, EndpointSlices)
-/// as multi-document YAML; Service i is `svc-i` in namespace `perf`.
-pub fn manifests(services: &[ServicePort]) -> (String, String) {
+/// as multi-document YAML; Service i is `svc-i` in namespace `perf`, every
+/// endpoint on node `node`.
+pub fn manifests(services: &[ServicePort], node: &str) -> (String, String) {
     let mut svc = String::with_capacity(services.len() * 200);
     let mut slices = String::with_capacity(services.len() * 900);
     for (i, s) in services.iter().enumerate() {
+        let (kind, node_port) = match s.node_port {
+            Some(n) => ("NodePort", format!(", nodePort: {n}")),
+            None => ("ClusterIP", String::new()),
+        };
         let _ = writeln!(
             svc,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: perf}}\nspec:\n  clusterIP: {}\n  ports: [{{name: http, port: {}, targetPort: 8080}}]",
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: perf}}\nspec:\n  type: {kind}\n  clusterIP: {}\n  ports: [{{name: http, port: {}, targetPort: 8080{node_port}}}]",
             s.cluster_ip, s.port
         );
         let port = s.endpoints.first().map_or(8080, |e| e.1);
@@ -56,7 +64,7 @@ pub fn manifests(services: &[ServicePort]) -> (String, String) {
         for (addr, _) in &s.endpoints {
             let _ = writeln!(
                 slices,
-                "- {{addresses: [\"{addr}\"], conditions: {{ready: true}}}}"
+                "- {{addresses: [\"{addr}\"], conditions: {{ready: true}}, nodeName: {node}}}"
             );
         }
     }
@@ -67,6 +75,10 @@ pub fn manifests(services: &[ServicePort]) -> (String, String) {
 /// keeps them unique and readable here.
 fn svc_chain(i: usize) -> String {
     format!("KUBE-SVC-{i:08X}")
+}
+
+fn ext_chain(i: usize) -> String {
+    format!("KUBE-EXT-{i:08X}")
 }
 
 fn sep_chain(i: usize, j: usize) -> String {
@@ -100,6 +112,9 @@ fn iptables_service(out: &mut String, i: usize, svc: &ServicePort) {
 
 fn iptables_chains(out: &mut String, i: usize, svc: &ServicePort) {
     let _ = writeln!(out, ":{} - [0:0]", svc_chain(i));
+    if svc.node_port.is_some() {
+        let _ = writeln!(out, ":{} - [0:0]", ext_chain(i));
+    }
     for j in 0..svc.endpoints.len() {
         let _ = writeln!(out, ":{} - [0:0]", sep_chain(i, j));
     }
@@ -109,7 +124,7 @@ fn iptables_chains(out: &mut String, i: usize, svc: &ServicePort) {
 pub fn iptables_full(services: &[ServicePort]) -> String {
     let mut out = String::with_capacity(services.len() * 1200);
     out.push_str("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n");
-    out.push_str(":KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n");
+    out.push_str(":KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n");
     for (i, svc) in services.iter().enumerate() {
         iptables_chains(&mut out, i, svc);
     }
@@ -132,6 +147,20 @@ pub fn iptables_full(services: &[ServicePort]) -> String {
             svc.port,
             svc_chain(i)
         );
+    }
+    // NodePorts: last in KUBE-SERVICES, for the node's own addresses;
+    // external traffic (policy Cluster) is masqueraded.
+    out.push_str("-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n");
+    for (i, svc) in services.iter().enumerate() {
+        if let Some(node_port) = svc.node_port {
+            let _ = writeln!(
+                out,
+                "-A KUBE-NODEPORTS -p tcp -m tcp --dport {node_port} -j {}",
+                ext_chain(i)
+            );
+            let _ = writeln!(out, "-A {} -j KUBE-MARK-MASQ", ext_chain(i));
+            let _ = writeln!(out, "-A {} -j {}", ext_chain(i), svc_chain(i));
+        }
     }
     for (i, svc) in services.iter().enumerate() {
         iptables_service(&mut out, i, svc);
@@ -204,6 +233,10 @@ pub fn nft_full(services: &[ServicePort]) -> String {
         "add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips\n",
     );
     out.push_str(
+        "add map ip kube-proxy service-nodeports { type inet_proto . inet_service : verdict ; }\n",
+    );
+    out.push_str("add rule ip kube-proxy services fib daddr type local meta l4proto . th dport vmap @service-nodeports\n");
+    out.push_str(
         "add chain ip kube-proxy nat-prerouting { type nat hook prerouting priority dstnat ; }\n",
     );
     out.push_str("add rule ip kube-proxy nat-prerouting jump services\n");
@@ -218,6 +251,20 @@ pub fn nft_full(services: &[ServicePort]) -> String {
             svc.port,
             nft_service_chain(i)
         );
+        if let Some(node_port) = svc.node_port {
+            let ext = format!("external-{i:08x}");
+            let _ = writeln!(out, "add chain ip kube-proxy {ext}");
+            let _ = writeln!(out, "add rule ip kube-proxy {ext} jump mark-for-masquerade");
+            let _ = writeln!(
+                out,
+                "add rule ip kube-proxy {ext} goto {}",
+                nft_service_chain(i)
+            );
+            let _ = writeln!(
+                out,
+                "add element ip kube-proxy service-nodeports {{ tcp . {node_port} : goto {ext} }}"
+            );
+        }
     }
     out
 }
@@ -238,6 +285,7 @@ mod tests {
             ServicePort {
                 cluster_ip: Ipv4Addr::new(10, 96, 0, 1),
                 port: 80,
+                node_port: None,
                 endpoints: vec![
                     (Ipv4Addr::new(10, 0, 0, 1), 8080),
                     (Ipv4Addr::new(10, 0, 0, 2), 8080),
@@ -247,6 +295,7 @@ mod tests {
             ServicePort {
                 cluster_ip: Ipv4Addr::new(10, 96, 0, 2),
                 port: 443,
+                node_port: Some(30443),
                 endpoints: vec![(Ipv4Addr::new(10, 0, 1, 1), 8443)],
             },
         ]
@@ -266,6 +315,10 @@ mod tests {
             "-A KUBE-SEP-000000000002 -p tcp -m tcp -j DNAT --to-destination 10.0.0.3:8080"
         ));
         assert!(rules.ends_with("COMMIT\n"));
+        assert!(
+            rules.contains("-A KUBE-NODEPORTS -p tcp -m tcp --dport 30443 -j KUBE-EXT-00000001")
+        );
+        assert!(rules.contains("-A KUBE-EXT-00000001 -j KUBE-SVC-00000001"));
         let change = iptables_one_change(1, &two()[1]);
         assert!(change.starts_with("*nat\n:KUBE-SVC-00000001 - [0:0]\n"));
         assert!(
@@ -285,6 +338,9 @@ mod tests {
         ));
         assert!(rules.contains(
             "add rule ip kube-proxy endpoint-00000001-0000 meta l4proto tcp dnat to 10.0.1.1:8443"
+        ));
+        assert!(rules.contains(
+            "add element ip kube-proxy service-nodeports { tcp . 30443 : goto external-00000001 }"
         ));
         assert!(!nft_one_change(0, &two()[0]).contains("service-ips"));
     }

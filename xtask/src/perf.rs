@@ -29,8 +29,10 @@ pub struct PerfArgs {
 
 /// N Services (one TCP port each) and one EndpointSlice of 10 ready endpoints per Service.
 fn write_manifests(dir: &Path, services: u32) -> Result<()> {
-    let (svc, slices) =
-        contenders::manifests(&contenders::service_set(services, ENDPOINTS_PER_SERVICE));
+    let (svc, slices) = contenders::manifests(
+        &contenders::service_set(services, ENDPOINTS_PER_SERVICE),
+        "perf",
+    );
     fs::write(dir.join("services.yaml"), svc)?;
     fs::write(dir.join("slices.yaml"), slices)?;
     Ok(())
@@ -225,23 +227,24 @@ fn progress_bar(done: usize, total: usize, what: &str) {
 fn write_e2e(md: &mut String, rows: &[perf_e2e::E2eRow]) -> Result<()> {
     writeln!(
         md,
-        "\n## End to end: pod -> ClusterIP (new TCP connections)\n"
+        "\n## End to end: new TCP connections, pod -> ClusterIP and outside host -> NodePort\n"
     )?;
     writeln!(
         md,
-        "Same node namespace, same two backend pods (a Rust accept-and-close server), same client pod, for every contender; the Service under test is the last one programmed. *connect* is a sequential connect() probe, paired in alternating rounds with the direct path (Δ = contender p50 - direct p50 of the same rounds). *conns/s*: two connecting threads; both ends close with an RST, so no TIME_WAIT fills ports or conntrack, and the node's conntrack ages CLOSE entries after 1 s. The netfilter contenders run kube-proxy's rule shapes generated from the same Services (iptables: Debian's iptables-nft backend). Loading NAT rules turns on conntrack for all of the node's traffic, the direct path included, so the Δ column understates them: compare their absolute values with the direct row.\n"
+        "Same node namespace, same two backend pods (a Rust accept-and-close server), same client pod and outside host (on the node's LAN, its NIC running lb's XDP program when lb is measured), for every contender; the Service under test is the last one programmed, also a NodePort (externalTrafficPolicy Cluster: kube-proxy's shapes masquerade that traffic, lb keeps the client address for local endpoints). *connect* is a sequential connect() probe, paired in alternating rounds with the direct path (Δ = contender p50 - direct p50 of the same rounds). *conns/s*: two connecting threads; both ends close with an RST, so no TIME_WAIT fills ports or conntrack, and the node's conntrack ages CLOSE entries after 1 s. The netfilter contenders run kube-proxy's rule shapes generated from the same Services (iptables: Debian's iptables-nft backend). Loading NAT rules turns on conntrack for all of the node's traffic, the direct path included, so the Δ column understates them: compare their absolute values with the direct row.\n"
     )?;
     writeln!(
         md,
-        "| Services | contender | connect p50 | p99 | Δ p50 vs direct | conns/s | vs direct | failed connects | rules from empty | one change |"
+        "| Services | path | contender | connect p50 | p99 | Δ p50 vs direct | conns/s | vs direct | failed connects | rules from empty | one change |"
     )?;
-    writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(md, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} ms"));
     for r in rows {
         writeln!(
             md,
-            "| {} | {} | {:.1} us | {:.1} us | {:+.1} us | {:.0} | {:.2}x | {} | {} | {} |",
+            "| {} | {} | {} | {:.1} us | {:.1} us | {:+.1} us | {:.0} | {:.2}x | {} | {} | {} |",
             r.services,
+            r.path,
             r.contender,
             r.p50_us,
             r.p99_us,
@@ -295,14 +298,14 @@ fn write_charts(
         .iter()
         .map(|r| {
             (
-                format!("{} at {} Services", r.contender, r.services),
+                format!("{}: {} at {} Services", r.path, r.contender, r.services),
                 r.p50_us,
             )
         })
         .collect();
     fs::write(
         out.join("connect-latency.svg"),
-        chart::bars("Pod -> ClusterIP connect() p50", "us", &connect),
+        chart::bars("connect() p50", "us", &connect),
     )?;
     writeln!(
         md,

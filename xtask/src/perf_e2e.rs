@@ -1,5 +1,6 @@
-//! End to end for `cargo xtask perf`: a pod connecting to a ClusterIP through
-//! each contender, in the same topology with the same server and client:
+//! End to end for `cargo xtask perf`: a pod connecting to a ClusterIP, and a
+//! host outside the cluster connecting to a NodePort, through each
+//! contender, in the same topology with the same server and clients:
 //! direct to the backend pod (the ceiling), lb, kube-proxy's iptables rule
 //! shape and its nftables rule shape, all generated from the same Services.
 //! Connect latency is a sequential connect() probe in paired, alternating
@@ -16,7 +17,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use lb_testnet::{Pod, Topology};
+use lb_testnet::{Lan, Pod, Topology};
 use serde_json::Value;
 
 use crate::contenders::{self, ServicePort};
@@ -26,6 +27,8 @@ pub const CONTENDERS: [&str; 5] = ["direct", "lb (no fast path)", "lb", "iptable
 #[derive(Clone, Debug)]
 pub struct E2eRow {
     pub services: u32,
+    /// "pod -> ClusterIP" or "outside -> NodePort".
+    pub path: &'static str,
     pub contender: &'static str,
     pub p50_us: f64,
     pub p99_us: f64,
@@ -48,19 +51,29 @@ pub struct E2eParams {
 }
 
 const SERVER_PORT: u16 = 8080;
+const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 70, 1);
+const NODE_PORT: u16 = 30080;
+
+/// Who connects where: the client, the Service's address for it, and the
+/// backend it can also reach directly (the ceiling).
+struct Route {
+    name: &'static str,
+    client: Pod,
+    service: SocketAddr,
+    direct: SocketAddr,
+}
 
 struct Bench {
     topo: Topology,
-    client: Pod,
+    routes: Vec<Route>,
     xtask: PathBuf,
-    direct: SocketAddr,
     params: E2eParams,
 }
 
 impl Bench {
-    fn client_json(&self, args: &[String]) -> Result<Value> {
+    fn client_json(&self, client: &Pod, args: &[String]) -> Result<Value> {
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.client.ns])
+            .args(["netns", "exec", &client.ns])
             .arg(&self.xtask)
             .args(args)
             .stdin(Stdio::null())
@@ -75,35 +88,59 @@ impl Bench {
         serde_json::from_slice(&out.stdout).context("benchmark client output")
     }
 
+    /// Every route through the contender now in place.
+    fn measure_all(&self, services: u32, contender: &'static str) -> Result<Vec<E2eRow>> {
+        self.routes
+            .iter()
+            .map(|route| {
+                // The direct contender pairs the backend with itself: the
+                // probe's own spread.
+                let target = if contender == "direct" {
+                    route.direct
+                } else {
+                    route.service
+                };
+                self.measure(services, contender, route, target)
+            })
+            .collect()
+    }
+
     /// Paired latency (`target` vs direct) and both rates.
     fn measure(
         &self,
         services: u32,
         contender: &'static str,
+        route: &Route,
         target: SocketAddr,
     ) -> Result<E2eRow> {
-        let latency = self.client_json(&[
-            "net-latency".into(),
-            "--targets".into(),
-            format!("{target},{}", self.direct),
-            "--rounds".into(),
-            self.params.rounds.to_string(),
-            "--per-round".into(),
-            self.params.per_round.to_string(),
-        ])?;
+        let latency = self.client_json(
+            &route.client,
+            &[
+                "net-latency".into(),
+                "--targets".into(),
+                format!("{target},{}", route.direct),
+                "--rounds".into(),
+                self.params.rounds.to_string(),
+                "--per-round".into(),
+                self.params.per_round.to_string(),
+            ],
+        )?;
         // Median of three short runs: one SYN lost to a full queue anywhere
         // costs a second-long retransmit, which would dominate a single run.
         let rate = |target: SocketAddr| -> Result<(f64, u64)> {
             let mut runs = Vec::new();
             let mut failures = 0;
             for _ in 0..3 {
-                let v = self.client_json(&[
-                    "net-rate".into(),
-                    "--target".into(),
-                    target.to_string(),
-                    "--seconds".into(),
-                    (self.params.rate_seconds / 3.0).to_string(),
-                ])?;
+                let v = self.client_json(
+                    &route.client,
+                    &[
+                        "net-rate".into(),
+                        "--target".into(),
+                        target.to_string(),
+                        "--seconds".into(),
+                        (self.params.rate_seconds / 3.0).to_string(),
+                    ],
+                )?;
                 runs.push(v["conns_per_s"].as_f64().unwrap_or(f64::NAN));
                 failures += v["failures"].as_u64().unwrap_or(0);
             }
@@ -114,11 +151,12 @@ impl Bench {
         if failures > 0 {
             bail!("{contender}: {failures} connects to {target} failed");
         }
-        let (direct_conns_per_s, direct_failures) = rate(self.direct)?;
+        let (direct_conns_per_s, direct_failures) = rate(route.direct)?;
         let (conns_per_s, rate_failures) = rate(target)?;
         let f = |i: usize, k: &str| latency[i][k].as_f64().unwrap_or(f64::NAN);
         Ok(E2eRow {
             services,
+            path: route.name,
             contender,
             p50_us: f(0, "p50_us"),
             p99_us: f(0, "p99_us"),
@@ -232,30 +270,56 @@ pub fn run(
     let client = topo
         .add_pod("client", Ipv4Addr::new(10, 244, 1, 2))
         .map_err(|e| anyhow!(e))?;
+    // The node's NIC on a LAN with a host outside the cluster, which routes
+    // the pod range via the node (for its direct path).
+    let mut lan = Lan::new(&topo).map_err(|e| anyhow!(e))?;
+    let node_device = lan
+        .connect(&topo, &format!("{NODE_ADDR}/24"))
+        .map_err(|e| anyhow!(e))?;
+    let outside = lan
+        .add_host(
+            "outside",
+            "192.168.70.100/24",
+            &[("10.244.1.0/24", &NODE_ADDR.to_string())],
+        )
+        .map_err(|e| anyhow!(e))?;
 
-    // The Service under test is the last one programmed.
+    // The Service under test is the last one programmed, also a NodePort.
     let mut set: Vec<ServicePort> = contenders::service_set(services, 10);
     let last = set.len() - 1;
     set[last].endpoints = backends.clone();
+    set[last].node_port = Some(NODE_PORT);
     let vip = SocketAddr::from((set[last].cluster_ip, set[last].port));
     let direct = SocketAddr::from(backends[0]);
     let dir = topo.dir.clone();
     let bench = Bench {
         topo,
-        client,
+        routes: vec![
+            Route {
+                name: "pod -> ClusterIP",
+                client,
+                service: vip,
+                direct,
+            },
+            Route {
+                name: "outside -> NodePort",
+                client: outside,
+                service: SocketAddr::from((NODE_ADDR, NODE_PORT)),
+                direct,
+            },
+        ],
         xtask,
-        direct,
         params,
     };
     let mut rows = Vec::new();
 
     progress("direct");
-    // The direct row pairs the backend with itself: the probe's own spread.
-    rows.push(bench.measure(services, "direct", direct)?);
+    rows.extend(bench.measure_all(services, "direct")?);
 
     let manifests = dir.join("manifests");
     fs::create_dir_all(&manifests)?;
-    let (svc_yaml, slices_yaml) = contenders::manifests(&set);
+    // The backends are this node's pods (the agent runs as node "perf").
+    let (svc_yaml, slices_yaml) = contenders::manifests(&set, "perf");
     fs::write(manifests.join("services.yaml"), svc_yaml)?;
     fs::write(manifests.join("slices.yaml"), slices_yaml)?;
     let mut bench = bench;
@@ -279,6 +343,8 @@ pub fn run(
             "",
             "--fast-path",
             fast_path,
+            "--devices",
+            &node_device,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -289,7 +355,7 @@ pub fn run(
             .spawn_in_node_logged("agent", agent, &args, &log)
             .map_err(|e| anyhow!(e))?;
         wait_lb(agent, &bench.topo.bpffs, vip, backends.len())?;
-        rows.push(bench.measure(services, contender, vip)?);
+        rows.extend(bench.measure_all(services, contender)?);
         // Detach: stop the agent, then drop the pins that keep programs
         // and maps alive.
         bench.topo.stop("agent", lb_testnet::SIGTERM);
@@ -300,19 +366,20 @@ pub fn run(
     let full = dir.join("iptables.rules");
     fs::write(&full, contenders::iptables_full(&set))?;
     let load = bench.node_cmd(&["iptables-restore"], &full)?;
-    let mut row = bench.measure(services, "iptables", vip)?;
+    let mut measured = bench.measure_all(services, "iptables")?;
     let mut changed = set[0].clone();
     changed.endpoints.pop();
     let change = dir.join("iptables.change");
     fs::write(&change, contenders::iptables_one_change(0, &changed))?;
-    row.change_ms = Some(
-        bench
-            .node_cmd(&["iptables-restore", "--noflush"], &change)?
-            .as_secs_f64()
-            * 1e3,
-    );
-    row.load_ms = Some(load.as_secs_f64() * 1e3);
-    rows.push(row);
+    let change_ms = bench
+        .node_cmd(&["iptables-restore", "--noflush"], &change)?
+        .as_secs_f64()
+        * 1e3;
+    for row in &mut measured {
+        row.load_ms = Some(load.as_secs_f64() * 1e3);
+        row.change_ms = Some(change_ms);
+    }
+    rows.extend(measured);
     let empty = dir.join("iptables.empty");
     fs::write(&empty, "*nat\nCOMMIT\n")?;
     bench.node_cmd(&["iptables-restore"], &empty)?;
@@ -321,11 +388,15 @@ pub fn run(
     let full = dir.join("nft.rules");
     fs::write(&full, contenders::nft_full(&set))?;
     let load = bench.node_cmd(&["nft", "-f", "-"], &full)?;
-    let mut row = bench.measure(services, "nftables", vip)?;
+    let mut measured = bench.measure_all(services, "nftables")?;
     let change = dir.join("nft.change");
     fs::write(&change, contenders::nft_one_change(0, &changed))?;
-    row.change_ms = Some(bench.node_cmd(&["nft", "-f", "-"], &change)?.as_secs_f64() * 1e3);
-    row.load_ms = Some(load.as_secs_f64() * 1e3);
-    rows.push(row);
+    let change_ms = bench.node_cmd(&["nft", "-f", "-"], &change)?.as_secs_f64() * 1e3;
+    for row in &mut measured {
+        row.load_ms = Some(load.as_secs_f64() * 1e3);
+        row.change_ms = Some(change_ms);
+    }
+    rows.extend(measured);
+    drop(lan);
     Ok(rows)
 }
