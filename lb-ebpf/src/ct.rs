@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_get_prandom_u32,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use lb_common::{
     BACKEND_STANDBY, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, IPPROTO_TCP,
@@ -62,11 +62,13 @@ pub fn lifetime(proto: u8, flags: u16) -> u32 {
 #[inline(always)]
 pub fn lookup(key: &CtKey, now: u64) -> Option<*mut CtValue> {
     let entry = LB_CT.get_ptr_mut(key)?;
+    alive(entry, now).then_some(entry)
+}
+
+#[inline(always)]
+fn alive(entry: *mut CtValue, now: u64) -> bool {
     let (last_seen, lifetime_s) = unsafe { ((*entry).last_seen_ns, (*entry).lifetime_s) };
-    if now > last_seen + lifetime_s as u64 * NS_PER_SEC {
-        return None;
-    }
-    Some(entry)
+    now <= last_seen + lifetime_s as u64 * NS_PER_SEC
 }
 
 /// Whether a packet must start its flow over instead of following `entry`:
@@ -154,6 +156,15 @@ pub enum CreateError {
     Full,
     /// Every SNAT port tried is taken: the flow cannot be translated.
     NoPort,
+}
+
+/// `lookup` reading the clock only when there is an entry: the miss (a
+/// packet none of ours) costs no time read. Returns the entry and now.
+#[inline(always)]
+pub fn lookup_timed(key: &CtKey) -> Option<(*mut CtValue, u64)> {
+    let entry = LB_CT.get_ptr_mut(key)?;
+    let now = unsafe { bpf_ktime_get_ns() };
+    alive(entry, now).then_some((entry, now))
 }
 
 /// Whether the entry holding a SNAT tuple may be replaced: it is dead, or

@@ -61,7 +61,6 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
             return pkt.pass();
         }
     };
-    let now = unsafe { bpf_ktime_get_ns() };
     let key = ServiceKey {
         addr_be: flow.dst_be,
         port_be: flow.dport_be,
@@ -70,9 +69,11 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
         scope: origin.scope(),
         _pad: [0; 2],
     };
+    // The clock is read only where it is needed: not for packets that
+    // are none of ours (the common case on a node).
     match unsafe { LB_SERVICES.get(key) } {
-        Some(frontend) => forward(pkt, &flow, key, *frontend, now, origin),
-        None => reply(pkt, &flow, now, origin),
+        Some(frontend) => forward(pkt, &flow, key, *frontend, origin),
+        None => reply(pkt, &flow, origin),
     }
 }
 
@@ -135,13 +136,13 @@ fn forward<P: Packet>(
     flow: &Flow,
     key: ServiceKey,
     frontend: ServiceValue,
-    now: u64,
     origin: Origin,
 ) -> i32 {
     if frontend.flags & service_flags::SOURCE_RANGES != 0 && !source_allowed(flow) {
         count(stat::DROP_SOURCE_RANGE);
         return pkt.drop_verdict();
     }
+    let now = unsafe { bpf_ktime_get_ns() };
     let len = pkt.len();
     let fwd_key = ct::forward_key(flow);
     if let Some(entry) = ct::lookup(&fwd_key, now) {
@@ -335,9 +336,9 @@ fn flow_hash(flow: &Flow) -> u32 {
 /// A packet not addressed to a frontend: a reply of a translated flow, a
 /// packet to a Service IP on an undeclared port, or none of ours.
 #[inline(always)]
-fn reply<P: Packet>(pkt: &mut P, flow: &Flow, now: u64, origin: Origin) -> i32 {
+fn reply<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
     let key = ct::reply_key(flow);
-    let Some(entry) = ct::lookup(&key, now) else {
+    let Some((entry, now)) = ct::lookup_timed(&key) else {
         return not_a_frontend(pkt, flow, origin);
     };
     if ct::stale_for(flow, unsafe { &*entry }) {

@@ -83,17 +83,56 @@ pub enum Parsed {
     Pass(u32),
 }
 
+/// Ethernet header and the fixed IPv4 header, read in one go (packed: the
+/// IPv4 header starts at byte 14, not at a 4-byte boundary).
+#[repr(C, packed)]
+#[derive(Clone, Copy)]
+struct EthIpv4 {
+    _macs: [u8; 12],
+    proto_be: u16,
+    ip: Ipv4Hdr,
+}
+
+/// The first 14 bytes of a TCP header: ports through the flag byte.
+#[repr(C, packed)]
+#[derive(Clone, Copy)]
+struct TcpHead {
+    ports: Ports,
+    _seq_ack: [u8; 8],
+    doff: u8,
+    flags: u8,
+}
+
+/// A UDP header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UdpHdr {
+    ports: Ports,
+    len_be: u16,
+    _csum: u16,
+}
+
+const _: () = {
+    assert!(size_of::<EthIpv4>() == 34);
+    assert!(size_of::<TcpHead>() == 14);
+    assert!(size_of::<UdpHdr>() == 8);
+};
+
 #[inline(always)]
 pub fn parse<P: Packet>(pkt: &P) -> Parsed {
-    let Ok(eth_proto_be) = pkt.load::<u16>(12) else {
-        return Parsed::Pass(stat::MALFORMED);
+    // One load for Ethernet + IPv4 (each helper call costs), a second for L4.
+    let Ok(head) = pkt.load::<EthIpv4>(0) else {
+        // Too short for IPv4 over Ethernet: say what it is, then pass.
+        return match pkt.load::<u16>(12) {
+            Ok(p) if u16::from_be(p) == ETH_P_IP => Parsed::Pass(stat::MALFORMED),
+            Ok(_) => Parsed::Pass(stat::PASS_NOT_IPV4),
+            Err(_) => Parsed::Pass(stat::MALFORMED),
+        };
     };
-    if u16::from_be(eth_proto_be) != ETH_P_IP {
+    if u16::from_be(head.proto_be) != ETH_P_IP {
         return Parsed::Pass(stat::PASS_NOT_IPV4);
     }
-    let Ok(ip) = pkt.load::<Ipv4Hdr>(ETH_HLEN) else {
-        return Parsed::Pass(stat::MALFORMED);
-    };
+    let ip = { head.ip };
     let ihl_bytes = ((ip.version_ihl & 0x0f) as u32) * 4;
     let tot_len = u16::from_be(ip.tot_len_be) as u32;
     if ip.version_ihl >> 4 != 4 || ihl_bytes < 20 || tot_len < ihl_bytes {
@@ -110,29 +149,32 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
     let l4_off = ETH_HLEN + ihl_bytes;
     let mut tcp_flags = 0u8;
     let mut l4_hdr_bytes = 8;
-    match ip.proto {
+    let ports = match ip.proto {
         IPPROTO_TCP => {
             if l4_off + 20 > ip_end {
                 return Parsed::Pass(stat::MALFORMED);
             }
-            let Ok(doff_flags) = pkt.load::<[u8; 2]>(l4_off + 12) else {
+            let Ok(tcp) = pkt.load::<TcpHead>(l4_off) else {
                 return Parsed::Pass(stat::MALFORMED);
             };
-            let doff = ((doff_flags[0] >> 4) as u32) * 4;
+            let ports = { tcp.ports };
+            let doff = ((tcp.doff >> 4) as u32) * 4;
             if doff < 20 || l4_off + doff > ip_end {
                 return Parsed::Pass(stat::MALFORMED);
             }
-            tcp_flags = doff_flags[1];
+            tcp_flags = tcp.flags;
             l4_hdr_bytes = doff;
+            ports
         }
         IPPROTO_UDP => {
-            let Ok(udp_len_be) = pkt.load::<u16>(l4_off + 4) else {
+            let Ok(udp) = pkt.load::<UdpHdr>(l4_off) else {
                 return Parsed::Pass(stat::MALFORMED);
             };
-            let udp_len = u16::from_be(udp_len_be) as u32;
+            let udp_len = u16::from_be(udp.len_be) as u32;
             if udp_len < 8 || l4_off + udp_len > ip_end {
                 return Parsed::Pass(stat::MALFORMED);
             }
+            udp.ports
         }
         IPPROTO_ICMP => {
             // Only echo requests are ours (to answer for Service addresses).
@@ -149,9 +191,6 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
             };
         }
         _ => return Parsed::Pass(stat::PASS_OTHER_PROTO),
-    }
-    let Ok(ports) = pkt.load::<Ports>(l4_off) else {
-        return Parsed::Pass(stat::MALFORMED);
     };
     Parsed::Flow(Flow {
         src_be: ip.src_be,
