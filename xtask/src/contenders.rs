@@ -187,17 +187,22 @@ fn nft_endpoint_chain(i: usize, j: usize) -> String {
     format!("endpoint-{i:08x}-{j:04x}")
 }
 
-fn nft_service(out: &mut String, i: usize, svc: &ServicePort) {
+/// One Service's chains; `flush` when they may exist already (a change).
+fn nft_service(out: &mut String, i: usize, svc: &ServicePort, flush: bool) {
     let chain = nft_service_chain(i);
     let _ = writeln!(out, "add chain ip kube-proxy {chain}");
-    let _ = writeln!(out, "flush chain ip kube-proxy {chain}");
+    if flush {
+        let _ = writeln!(out, "flush chain ip kube-proxy {chain}");
+    }
     let targets: Vec<String> = (0..svc.endpoints.len())
         .map(|j| format!("{j} : goto {}", nft_endpoint_chain(i, j)))
         .collect();
     for (j, (addr, port)) in svc.endpoints.iter().enumerate() {
         let ep = nft_endpoint_chain(i, j);
         let _ = writeln!(out, "add chain ip kube-proxy {ep}");
-        let _ = writeln!(out, "flush chain ip kube-proxy {ep}");
+        if flush {
+            let _ = writeln!(out, "flush chain ip kube-proxy {ep}");
+        }
         let _ = writeln!(
             out,
             "add rule ip kube-proxy {ep} ip saddr {addr} jump mark-for-masquerade"
@@ -242,15 +247,18 @@ pub fn nft_full(services: &[ServicePort]) -> String {
     out.push_str("add rule ip kube-proxy nat-prerouting jump services\n");
     out.push_str("add chain ip kube-proxy nat-output { type nat hook output priority -100 ; }\n");
     out.push_str("add rule ip kube-proxy nat-output jump services\n");
+    // Chains first, then the map's elements in one statement: nft checks
+    // each statement against the ruleset, so 10,000 single-element
+    // statements cost minutes where one list costs seconds.
+    let mut elements = Vec::with_capacity(services.len());
     for (i, svc) in services.iter().enumerate() {
-        nft_service(&mut out, i, svc);
-        let _ = writeln!(
-            out,
-            "add element ip kube-proxy service-ips {{ {} . tcp . {} : goto {} }}",
+        nft_service(&mut out, i, svc, false);
+        elements.push(format!(
+            "{} . tcp . {} : goto {}",
             svc.cluster_ip,
             svc.port,
             nft_service_chain(i)
-        );
+        ));
         if let Some(node_port) = svc.node_port {
             let ext = format!("external-{i:08x}");
             let _ = writeln!(out, "add chain ip kube-proxy {ext}");
@@ -266,13 +274,20 @@ pub fn nft_full(services: &[ServicePort]) -> String {
             );
         }
     }
+    if !elements.is_empty() {
+        let _ = writeln!(
+            out,
+            "add element ip kube-proxy service-ips {{ {} }}",
+            elements.join(", ")
+        );
+    }
     out
 }
 
 /// One Service's endpoints changed: its chains rewritten in one transaction.
 pub fn nft_one_change(i: usize, svc: &ServicePort) -> String {
     let mut out = String::new();
-    nft_service(&mut out, i, svc);
+    nft_service(&mut out, i, svc, true);
     out
 }
 
@@ -331,7 +346,7 @@ mod tests {
     fn nftables_shape_is_kube_proxys() {
         let rules = nft_full(&two());
         assert!(rules.contains(
-            "add element ip kube-proxy service-ips { 10.96.0.2 . tcp . 443 : goto service-00000001 }"
+            "add element ip kube-proxy service-ips { 10.96.0.1 . tcp . 80 : goto service-00000000, 10.96.0.2 . tcp . 443 : goto service-00000001 }"
         ));
         assert!(rules.contains(
             "add rule ip kube-proxy service-00000000 numgen random mod 3 vmap { 0 : goto endpoint-00000000-0000, 1 : goto endpoint-00000000-0001, 2 : goto endpoint-00000000-0002 }"

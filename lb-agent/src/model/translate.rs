@@ -96,7 +96,9 @@ pub fn translate_with(
         .iter()
         .map(|(k, s)| (k, s.as_ref()))
         .collect();
-    let held = |k: &ObjectKey| prior_owners.values().any(|owner| owner == k);
+    // A set, not a scan per comparison: the sort compares O(n log n) times.
+    let held_keys: std::collections::BTreeSet<&ObjectKey> = prior_owners.values().collect();
+    let held = |k: &ObjectKey| held_keys.contains(k);
     services.sort_by(|(ka, a), (kb, b)| {
         let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
         let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
