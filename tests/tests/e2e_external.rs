@@ -24,7 +24,8 @@ struct TwoNodes {
     pod_b: Pod,
     client: Pod,
     other_client: Pod,
-    /// Dropped before the nodes: its namespaces hold their node devices' peers.
+    /// The underlay and its hosts; removed last (deleting a node namespace
+    /// takes its end of each link with it).
     _lan: Lan,
 }
 
