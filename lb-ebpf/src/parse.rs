@@ -121,7 +121,7 @@ const _: () = {
 #[inline(always)]
 pub fn parse<P: Packet>(pkt: &P) -> Parsed {
     // One load for Ethernet + IPv4 (each helper call costs), a second for L4.
-    let Ok(head) = pkt.load::<EthIpv4>(0) else {
+    let Ok(head) = pkt.load_header::<EthIpv4>(0) else {
         // Too short for IPv4 over Ethernet: say what it is, then pass.
         return match pkt.load::<u16>(12) {
             Ok(p) if u16::from_be(p) == ETH_P_IP => Parsed::Pass(stat::MALFORMED),
@@ -154,7 +154,7 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
             if l4_off + 20 > ip_end {
                 return Parsed::Pass(stat::MALFORMED);
             }
-            let Ok(tcp) = pkt.load::<TcpHead>(l4_off) else {
+            let Ok(tcp) = pkt.load_header::<TcpHead>(l4_off) else {
                 return Parsed::Pass(stat::MALFORMED);
             };
             let ports = { tcp.ports };
@@ -167,7 +167,7 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
             ports
         }
         IPPROTO_UDP => {
-            let Ok(udp) = pkt.load::<UdpHdr>(l4_off) else {
+            let Ok(udp) = pkt.load_header::<UdpHdr>(l4_off) else {
                 return Parsed::Pass(stat::MALFORMED);
             };
             let udp_len = u16::from_be(udp.len_be) as u32;
