@@ -187,6 +187,50 @@ pub fn device_addresses(devices: &[String]) -> Vec<(String, std::net::Ipv4Addr)>
     out
 }
 
+/// The link an earlier agent pinned at `pin`, as a `L`; None when there is
+/// none or it is unusable (then the pin is removed, with a log line).
+fn pinned_link<L>(pin: &Path) -> Option<L>
+where
+    L: TryFrom<FdLink>,
+    <L as TryFrom<FdLink>>::Error: std::fmt::Display,
+{
+    if !pin.exists() {
+        return None;
+    }
+    let link = PinnedLink::from_pin(pin)
+        .map_err(|e| e.to_string())
+        .and_then(|p| L::try_from(FdLink::from(p)).map_err(|e| e.to_string()));
+    match link {
+        Ok(link) => Some(link),
+        Err(e) => {
+            drop_pin(pin, &e);
+            None
+        }
+    }
+}
+
+fn drop_pin(pin: &Path, error: &dyn std::fmt::Display) {
+    warn!(pin = %pin.display(), error = %error, "pinned link unusable; attaching anew");
+    let _ = fs::remove_file(pin);
+}
+
+/// Pin a freshly attached link so it outlives the agent.
+fn pin_link<L>(link: L, pin: &Path) -> Result<(), LoadError>
+where
+    FdLink: TryFrom<L>,
+    <FdLink as TryFrom<L>>::Error: std::fmt::Display,
+{
+    let io = |e: String| LoadError::Io {
+        path: pin.to_path_buf(),
+        source: std::io::Error::other(e),
+    };
+    FdLink::try_from(link)
+        .map_err(|e| io(e.to_string()))?
+        .pin(pin)
+        .map_err(|e| io(e.to_string()))?;
+    Ok(())
+}
+
 /// Let `device` accept packets whose source is one of the node's own
 /// addresses. Translated packets re-enter the stack that way: external flows
 /// source-NATed to the node address, and replies from a NodePort (a node
@@ -460,23 +504,12 @@ impl Datapath {
             .ok_or(prog_err(ProgramError::NotLoaded))?
             .try_into()
             .map_err(prog_err)?;
-        if pin.exists() {
-            // A link from an earlier agent: swap its program atomically, so
-            // the device is never without one.
-            let adopted = PinnedLink::from_pin(&pin)
-                .map_err(|e| prog_err(ProgramError::IOError(std::io::Error::other(e))))
-                .map(FdLink::from)
-                .and_then(|fd| {
-                    SchedClassifierLink::try_from(fd)
-                        .map_err(|e| prog_err(ProgramError::IOError(std::io::Error::other(e))))
-                })
-                .and_then(|link| tc.attach_to_link(link).map_err(prog_err));
-            match adopted {
+        // A link from an earlier agent: swap its program atomically, so the
+        // device is never without one.
+        if let Some(link) = pinned_link::<SchedClassifierLink>(&pin) {
+            match tc.attach_to_link(link) {
                 Ok(_) => return Ok("replaced program of pinned link"),
-                Err(e) => {
-                    warn!(pin = %pin.display(), error = %e, "pinned link unusable; attaching anew");
-                    let _ = fs::remove_file(&pin);
-                }
+                Err(e) => drop_pin(&pin, &e),
             }
         }
         let id = tc
@@ -486,13 +519,7 @@ impl Datapath {
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
             .map_err(prog_err)?;
-        let link = tc.take_link(id).map_err(prog_err)?;
-        let fd = FdLink::try_from(link)
-            .map_err(|e| prog_err(ProgramError::IOError(std::io::Error::other(e))))?;
-        fd.pin(&pin).map_err(|e| LoadError::Io {
-            path: pin.clone(),
-            source: std::io::Error::other(e),
-        })?;
+        pin_link(tc.take_link(id).map_err(prog_err)?, &pin)?;
         Ok("attached (TCX) and pinned")
     }
 
@@ -515,21 +542,10 @@ impl Datapath {
             .ok_or(prog_err(ProgramError::NotLoaded))?
             .try_into()
             .map_err(prog_err)?;
-        if pin.exists() {
-            let adopted = PinnedLink::from_pin(&pin)
-                .map_err(|e| prog_err(ProgramError::IOError(std::io::Error::other(e))))
-                .map(FdLink::from)
-                .and_then(|fd| {
-                    XdpLink::try_from(fd)
-                        .map_err(|e| prog_err(ProgramError::IOError(std::io::Error::other(e))))
-                })
-                .and_then(|link| xdp.attach_to_link(link).map_err(prog_err));
-            match adopted {
+        if let Some(link) = pinned_link::<XdpLink>(&pin) {
+            match xdp.attach_to_link(link) {
                 Ok(_) => return Ok("replaced program of pinned XDP link"),
-                Err(e) => {
-                    warn!(pin = %pin.display(), error = %e, "pinned XDP link unusable; attaching anew");
-                    let _ = fs::remove_file(&pin);
-                }
+                Err(e) => drop_pin(&pin, &e),
             }
         }
         let native_attempt = if native {
@@ -549,13 +565,7 @@ impl Datapath {
                 (id, "attached (XDP generic) and pinned")
             }
         };
-        let link = xdp.take_link(id).map_err(prog_err)?;
-        let fd = FdLink::try_from(link)
-            .map_err(|e| prog_err(ProgramError::IOError(std::io::Error::other(e))))?;
-        fd.pin(&pin).map_err(|e| LoadError::Io {
-            path: pin.clone(),
-            source: std::io::Error::other(e),
-        })?;
+        pin_link(xdp.take_link(id).map_err(prog_err)?, &pin)?;
         Ok(how)
     }
 
