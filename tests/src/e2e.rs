@@ -183,10 +183,18 @@ impl Cluster {
 
     /// GET http://127.0.0.1:PORT/PATH inside the node namespace: (status, body).
     pub fn node_http(&self, port: u16, path: &str) -> (u16, String) {
+        self.http_from(
+            &self.topo.node_ns,
+            &format!("http://127.0.0.1:{port}{path}"),
+        )
+    }
+
+    /// GET `url` from namespace `ns`: (status, body); status 0 when nothing answered.
+    pub fn http_from(&self, ns: &str, url: &str) -> (u16, String) {
         let out = self
             .topo
             .exec(
-                &self.topo.node_ns,
+                ns,
                 &[
                     "curl",
                     "-sS",
@@ -194,10 +202,10 @@ impl Cluster {
                     "3",
                     "-w",
                     "\n%{http_code}",
-                    &format!("http://127.0.0.1:{port}{path}"),
+                    url,
                 ],
             )
-            .expect("curl in node namespace");
+            .expect("curl");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
         (code.trim().parse().unwrap_or(0), body.to_string())

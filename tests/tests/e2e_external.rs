@@ -250,24 +250,7 @@ fn external_policy_local_keeps_the_client_ip_drops_elsewhere_and_reports_health(
     );
 
     let health = |node: &Cluster, addr: &str| -> (u16, String) {
-        let out = node
-            .topo
-            .exec(
-                &net.client.ns,
-                &[
-                    "curl",
-                    "-sS",
-                    "--max-time",
-                    "3",
-                    "-w",
-                    "\n%{http_code}",
-                    &format!("http://{addr}:32000/healthz"),
-                ],
-            )
-            .expect("curl health");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), body.to_string())
+        node.http_from(&net.client.ns, &format!("http://{addr}:32000/healthz"))
     };
     let (code, body) = health(&net.a, NODE_A);
     assert_eq!(code, 200, "{body}");
