@@ -118,6 +118,20 @@ pub struct RunArgs {
     /// netfilter for them. Default: true
     #[arg(long, value_name = "BOOL")]
     pub fast_path: Option<bool>,
+    /// Socket-level LB: the node's own processes (hostNetwork pods, kubelet,
+    /// tools) reach Services, translated at connect()/sendmsg() by cgroup
+    /// programs on the root cgroup. Default: true
+    #[arg(long, value_name = "BOOL")]
+    pub socket_lb: Option<bool>,
+    /// Socket-level LB for sockets of every network namespace (pods too),
+    /// not only the node's. Default: false (pods keep per-packet translation)
+    #[arg(long, value_name = "BOOL")]
+    pub socket_lb_all_namespaces: Option<bool>,
+    /// The cgroup v2 directory the socket-level programs attach to (the
+    /// host's root cgroup). Default: the cgroup2 mount (/sys/fs/cgroup or
+    /// /sys/fs/cgroup/unified)
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_root: Option<PathBuf>,
     /// Where maps and links are pinned. Default: /sys/fs/bpf/lb
     #[arg(long, value_name = "DIR")]
     pub bpffs: Option<PathBuf>,
@@ -185,6 +199,9 @@ pub struct FileConfig {
     pub cluster_cidr: Option<Vec<ipnet::Ipv4Net>>,
     pub ping_services: Option<bool>,
     pub fast_path: Option<bool>,
+    pub socket_lb: Option<bool>,
+    pub socket_lb_all_namespaces: Option<bool>,
+    pub cgroup_root: Option<PathBuf>,
     pub bpffs: Option<PathBuf>,
     pub hairpin_snat_address: Option<Ipv4Addr>,
     pub default_algorithm: Option<Algorithm>,
@@ -238,6 +255,15 @@ pub enum SourceConfig {
     },
 }
 
+/// Socket-level LB settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketLb {
+    /// --cgroup-root (None: the cgroup2 mount found at start).
+    pub cgroup_root: Option<PathBuf>,
+    /// Every network namespace, not only the node's.
+    pub all_namespaces: bool,
+}
+
 /// Everything `run` needs, resolved from flags, file and environment.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
@@ -256,6 +282,8 @@ pub struct RunConfig {
     pub nodeport_cidrs: Option<Vec<ipnet::Ipv4Net>>,
     pub ping_services: bool,
     pub fast_path: bool,
+    /// Socket-level LB, when on.
+    pub socket_lb: Option<SocketLb>,
     pub bpffs: PathBuf,
     pub log_format: LogFormat,
 }
@@ -370,6 +398,17 @@ impl RunArgs {
             nodeport_cidrs: self.nodeport_addresses.or(file.nodeport_addresses),
             ping_services: self.ping_services.or(file.ping_services).unwrap_or(true),
             fast_path: self.fast_path.or(file.fast_path).unwrap_or(true),
+            socket_lb: self
+                .socket_lb
+                .or(file.socket_lb)
+                .unwrap_or(true)
+                .then(|| SocketLb {
+                    cgroup_root: self.cgroup_root.or(file.cgroup_root),
+                    all_namespaces: self
+                        .socket_lb_all_namespaces
+                        .or(file.socket_lb_all_namespaces)
+                        .unwrap_or(false),
+                }),
             bpffs: self
                 .bpffs
                 .or(file.bpffs)

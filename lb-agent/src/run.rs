@@ -19,8 +19,9 @@ use tracing::{error, info, warn};
 use crate::{
     config::{RunConfig, SourceConfig},
     datapath::{
-        loader::{Datapath, device_addresses},
+        loader::{Datapath, default_cgroup_root, device_addresses},
         maps::Capacities,
+        sockets,
         sync::Syncer,
     },
     health::{DEFAULT_HEALTH_TIMEOUT, Health},
@@ -81,7 +82,12 @@ async fn serve(what: &'static str, addr: SocketAddr, router: Router) -> Result<(
 }
 
 /// The datapath's node-wide settings for the current node view.
-fn datapath_config(config: &RunConfig, node: &NodeConfig, snat: Option<Ipv4Addr>) -> ConfigValue {
+fn datapath_config(
+    config: &RunConfig,
+    node: &NodeConfig,
+    snat: Option<Ipv4Addr>,
+    netns_cookie: u64,
+) -> ConfigValue {
     let be = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
     ConfigValue {
         layout_version: LAYOUT_VERSION,
@@ -93,12 +99,19 @@ fn datapath_config(config: &RunConfig, node: &NodeConfig, snat: Option<Ipv4Addr>
             config_flags::FAST_PATH
         } else {
             0
+        } | match &config.socket_lb {
+            Some(socket_lb) if socket_lb.all_namespaces => {
+                config_flags::SOCKET_LB | config_flags::SOCKET_LB_ALL_NETNS
+            }
+            Some(_) => config_flags::SOCKET_LB,
+            None => 0,
         },
         hairpin_snat_addr_be: be(node.hairpin_snat_addr),
         nodeport_snat_addr_be: snat.map_or(0, be),
         snat_port_min: DEFAULT_SNAT_PORT_MIN,
         snat_port_max: DEFAULT_SNAT_PORT_MAX,
         _pad: 0,
+        netns_cookie,
     }
 }
 
@@ -127,7 +140,15 @@ pub async fn run(config: RunConfig) -> Result<()> {
     let mut node = config.node.clone();
     let (nodeport_addresses, mut snat_addr) = node_addresses(&config);
     node.nodeport_addresses = nodeport_addresses;
-    let node_config = datapath_config(&config, &node, snat_addr);
+    // Socket-level LB acts on this namespace's sockets: the node's.
+    let netns_cookie = match &config.socket_lb {
+        Some(_) => sockets::netns_cookie().context(
+            "reading this network namespace's cookie for socket-level LB \
+             (SO_NETNS_COOKIE, Linux 5.14); --socket-lb=false turns it off",
+        )?,
+        None => 0,
+    };
+    let node_config = datapath_config(&config, &node, snat_addr, netns_cookie);
     let capacities = config
         .lb_map_max
         .map_or_else(Capacities::default, |n| Capacities {
@@ -136,6 +157,22 @@ pub async fn run(config: RunConfig) -> Result<()> {
         });
     let (mut datapath, maps) = Datapath::load_sized(&config.bpffs, node_config, capacities)
         .with_context(|| format!("loading the datapath under {}", config.bpffs.display()))?;
+    match &config.socket_lb {
+        Some(socket_lb) => {
+            let cgroup = socket_lb
+                .cgroup_root
+                .clone()
+                .or_else(default_cgroup_root)
+                .context("no cgroup v2 mount found for socket-level LB: pass --cgroup-root, or --socket-lb=false")?;
+            datapath.attach_sockets(&cgroup).with_context(|| {
+                format!(
+                    "attaching socket-level LB to {} (--socket-lb=false turns it off)",
+                    cgroup.display()
+                )
+            })?;
+        }
+        None => datapath.detach_sockets(),
+    }
     let mut syncer = Syncer::new(maps).context("reading the pinned maps")?;
     let mut counters = AgentCounters::default();
     if let Ok(stats) = syncer.maps().read_stats() {
@@ -221,7 +258,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
                 info!(?nodeport_addresses, snat_address = ?snat, "node device addresses changed");
                 node.nodeport_addresses = nodeport_addresses;
                 snat_addr = snat;
-                let value = datapath_config(&config, &node, snat_addr);
+                let value = datapath_config(&config, &node, snat_addr, netns_cookie);
                 if let Err(e) = syncer.maps_mut().config.set(0, value, 0) {
                     warn!(error = %e, "writing the datapath config failed");
                 }
@@ -336,6 +373,21 @@ pub async fn run(config: RunConfig) -> Result<()> {
                 translate_ms = (translated - assembled).as_secs_f64() * 1e3,
                 "synced"
             );
+            if let (Some(socket_lb), Some(before)) = (&config.socket_lb, &last_desired) {
+                let departed = sockets::departed_udp_backends(before, &translation.desired);
+                match sockets::close_departed(
+                    &departed,
+                    &mut syncer.maps_mut().sock_nat,
+                    socket_lb.all_namespaces,
+                ) {
+                    Ok(0) => {}
+                    Ok(closed) => info!(
+                        closed,
+                        "closed connected UDP sockets whose Service backend went away; their owners reconnect"
+                    ),
+                    Err(e) => warn!(error = %e, "closing UDP sockets of departed backends failed"),
+                }
+            }
             if report.errors.is_empty() {
                 retry_at = None;
                 last_desired = Some(translation.desired);

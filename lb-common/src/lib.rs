@@ -9,7 +9,7 @@
 
 /// Version of the map layout below. Bump it whenever a key or value changes
 /// shape, so an agent never adopts pinned maps written with another layout.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Map names, as the kernel object declares them and as they are pinned.
 pub mod map_names {
@@ -22,8 +22,10 @@ pub mod map_names {
     pub const CONFIG: &str = "LB_CONFIG";
     pub const MAGLEV: &str = "LB_MAGLEV";
     pub const SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
+    pub const SOCK_NAT: &str = "LB_SOCK_NAT";
+    pub const SOCK_AFFINITY: &str = "LB_SOCK_AFFINITY";
     /// Every map of the object, in the order the agent pins them.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 11] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -33,6 +35,8 @@ pub mod map_names {
         CONFIG,
         MAGLEV,
         SOURCE_RANGES,
+        SOCK_NAT,
+        SOCK_AFFINITY,
     ];
 }
 
@@ -47,6 +51,14 @@ pub mod program_names {
     pub const XDP_NODE: &str = "lb_xdp_node";
     /// tc (TCX) ingress on node devices where XDP is not used.
     pub const TC_NODE: &str = "lb_tc_node";
+    /// cgroup connect4 on the root cgroup: socket-level LB of connect().
+    pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
+    /// cgroup sendmsg4: socket-level LB of unconnected UDP sendmsg().
+    pub const SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
+    /// cgroup recvmsg4: restores the Service address as a datagram's source.
+    pub const SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
+    /// cgroup getpeername4: restores the Service address as the peer.
+    pub const SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
 }
 
 /// Map capacities.
@@ -62,6 +74,10 @@ pub mod map_sizes {
     pub const MAGLEV: u32 = 1 << 20;
     /// loadBalancerSourceRanges prefixes over all LoadBalancer IPs.
     pub const SOURCE_RANGES: u32 = 16_384;
+    /// Socket-level translations: two entries per translated socket and frontend.
+    pub const SOCK_NAT: u32 = 262_144;
+    /// Socket-level affinity: one entry per network namespace and frontend.
+    pub const SOCK_AFFINITY: u32 = 65_536;
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -296,6 +312,48 @@ pub struct AffinityValue {
     pub last_used_ns: u64,
 }
 
+/// `SockNatKey::dir`: `addr`/`port` are the frontend the socket asked for.
+pub const SOCK_DIR_FORWARD: u8 = 0;
+/// `addr`/`port` are the backend the socket was sent to.
+pub const SOCK_DIR_REVERSE: u8 = 1;
+
+/// Key of `LB_SOCK_NAT`: what the socket-level programs did for one socket.
+/// Forward entries let a UDP socket keep its backend across sendmsg() calls;
+/// reverse entries let recvmsg()/getpeername() show the Service address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockNatKey {
+    /// `bpf_get_socket_cookie` of the socket.
+    pub socket_cookie: u64,
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub dir: u8,
+}
+
+/// Value of `LB_SOCK_NAT`. Forward: the backend chosen (`addr`/`port` its
+/// address). Reverse: the frontend to show (`addr`/`port`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockNatValue {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub rev_nat_id: u16,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
+/// Key of `LB_SOCK_AFFINITY`: sessionAffinity for socket-level LB, where the
+/// client is a network namespace (its sockets have no source address yet at
+/// connect() time), as kube-proxy treats the node as one client IP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockAffinityKey {
+    pub netns_cookie: u64,
+    pub rev_nat_id: u16,
+    pub _pad: [u8; 6],
+}
+
 /// Value of `LB_CONFIG` index 0: node-wide datapath settings.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -315,6 +373,9 @@ pub struct ConfigValue {
     pub snat_port_min: u16,
     pub snat_port_max: u16,
     pub _pad: u32,
+    /// Network namespace whose sockets the socket-level programs translate
+    /// (the agent's: the node's), unless `SOCKET_LB_ALL_NETNS` is set.
+    pub netns_cookie: u64,
 }
 
 pub mod config_flags {
@@ -325,6 +386,10 @@ pub mod config_flags {
     /// tc programs hand translated packets straight to the device the FIB
     /// routes them to (bpf_redirect_neigh), skipping the host stack.
     pub const FAST_PATH: u32 = 1 << 2;
+    /// The cgroup programs translate connect()/sendmsg() to Services.
+    pub const SOCKET_LB: u32 = 1 << 3;
+    /// ... in every network namespace, not only `netns_cookie`'s.
+    pub const SOCKET_LB_ALL_NETNS: u32 = 1 << 4;
 }
 
 /// Default SNAT port range: above Linux's default ip_local_port_range
@@ -398,10 +463,17 @@ pub mod stat {
     pub const ERR_SNAT_PORTS: u32 = 29;
     /// Translated packet redirected to its FIB egress device (fast path).
     pub const REDIRECTED: u32 = 30;
+    /// Socket-level LB: connect()/sendmsg() to a frontend sent to a backend.
+    pub const SOCK_TRANSLATED: u32 = 31;
+    /// Socket-level LB: connect()/sendmsg() to a frontend without a usable
+    /// backend (or an undeclared port of a Service IP) failed with an error.
+    pub const SOCK_REFUSED: u32 = 32;
+    /// Socket-level LB: recvmsg()/getpeername() shown the Service address.
+    pub const SOCK_REV_TRANSLATED: u32 = 33;
     /// Number of counters in use.
-    pub const COUNT: u32 = 31;
+    pub const COUNT: u32 = 34;
     /// Size of the stats array (room to grow without a layout change).
-    pub const CAPACITY: u32 = 32;
+    pub const CAPACITY: u32 = 48;
 
     /// Stable names, indexed by counter, as `lb-agent dump stats` shows them.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -436,6 +508,9 @@ pub mod stat {
         "nodeport_snat",
         "err_snat_ports",
         "redirected",
+        "sock_translated",
+        "sock_refused",
+        "sock_rev_translated",
     ];
 }
 
@@ -448,7 +523,10 @@ const _: () = {
     assert!(core::mem::size_of::<CtValue>() == 64);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
-    assert!(core::mem::size_of::<ConfigValue>() == 24);
+    assert!(core::mem::size_of::<ConfigValue>() == 32);
+    assert!(core::mem::size_of::<SockNatKey>() == 16);
+    assert!(core::mem::size_of::<SockNatValue>() == 16);
+    assert!(core::mem::size_of::<SockAffinityKey>() == 16);
     assert!(core::mem::size_of::<SourceRange>() == 8);
     assert!(core::mem::size_of::<MaglevKey>() == 8);
     assert!(stat::COUNT <= stat::CAPACITY);
@@ -470,6 +548,9 @@ mod pod {
     unsafe impl aya::Pod for ConfigValue {}
     unsafe impl aya::Pod for MaglevKey {}
     unsafe impl aya::Pod for SourceRange {}
+    unsafe impl aya::Pod for SockNatKey {}
+    unsafe impl aya::Pod for SockNatValue {}
+    unsafe impl aya::Pod for SockAffinityKey {}
 }
 
 #[cfg(test)]
@@ -592,6 +673,23 @@ mod tests {
                 "ConfigValue.snat_port_max",
                 offset_of!(ConfigValue, snat_port_max),
                 18,
+            ),
+            (
+                "ConfigValue.netns_cookie",
+                offset_of!(ConfigValue, netns_cookie),
+                24,
+            ),
+            ("SockNatKey.addr_be", offset_of!(SockNatKey, addr_be), 8),
+            ("SockNatKey.dir", offset_of!(SockNatKey, dir), 15),
+            (
+                "SockNatValue.backend_id",
+                offset_of!(SockNatValue, backend_id),
+                8,
+            ),
+            (
+                "SockAffinityKey.rev_nat_id",
+                offset_of!(SockAffinityKey, rev_nat_id),
+                8,
             ),
             (
                 "SourceRange.client_addr_be",

@@ -242,7 +242,7 @@ fn forward<P: Packet>(
 #[inline(always)]
 fn select_backend(
     flow: &Flow,
-    mut key: ServiceKey,
+    key: ServiceKey,
     frontend: &ServiceValue,
     now: u64,
 ) -> Option<(u32, BackendValue)> {
@@ -252,22 +252,52 @@ fn select_backend(
         rev_nat_id: frontend.rev_nat_id,
         _pad: 0,
     };
-    if affinity && let Some(entry) = unsafe { LB_AFFINITY.get(affinity_key) } {
-        let fresh = now.saturating_sub(entry.last_used_ns)
-            <= frontend.affinity_timeout_s as u64 * 1_000_000_000;
-        let backend_id = entry.backend_id;
-        if fresh
-            && let Some(backend) = unsafe { LB_BACKENDS.get(backend_id) }
-            && backend.state == BACKEND_ACTIVE
-            && backend.flags & backend_flags::FALLBACK == 0
-        {
-            count(stat::AFFINITY_HIT);
-            remember(&affinity_key, backend_id, now);
-            return Some((backend_id, *backend));
-        }
+    if affinity
+        && let Some(entry) = unsafe { LB_AFFINITY.get(affinity_key) }
+        && let Some(backend) = affinity_backend(entry, frontend, now)
+    {
+        remember(&affinity_key, backend.0, now);
+        return Some(backend);
     }
+    let chosen = pick_backend(key, frontend, || flow_hash(flow))?;
+    if affinity {
+        remember(&affinity_key, chosen.0, now);
+    }
+    Some(chosen)
+}
+
+/// The backend an affinity entry names, if the entry is fresh and the
+/// backend still takes new flows (counted as an affinity hit).
+#[inline(always)]
+pub fn affinity_backend(
+    entry: &AffinityValue,
+    frontend: &ServiceValue,
+    now: u64,
+) -> Option<(u32, BackendValue)> {
+    let fresh = now.saturating_sub(entry.last_used_ns)
+        <= frontend.affinity_timeout_s as u64 * 1_000_000_000;
+    if !fresh {
+        return None;
+    }
+    let backend_id = entry.backend_id;
+    let backend = unsafe { LB_BACKENDS.get(backend_id) }?;
+    if backend.state != BACKEND_ACTIVE || backend.flags & backend_flags::FALLBACK != 0 {
+        return None;
+    }
+    count(stat::AFFINITY_HIT);
+    Some((backend_id, *backend))
+}
+
+/// A backend from the frontend's Maglev table (indexed by `hash`) or a
+/// random slot. Counts and returns None on an impossible state.
+#[inline(always)]
+pub fn pick_backend(
+    mut key: ServiceKey,
+    frontend: &ServiceValue,
+    hash: impl FnOnce() -> u32,
+) -> Option<(u32, BackendValue)> {
     let backend_id = if frontend.flags & service_flags::MAGLEV != 0 && frontend.backend_id != 0 {
-        let index = flow_hash(flow) % frontend.backend_id;
+        let index = hash() % frontend.backend_id;
         let Some(id) = (unsafe {
             LB_MAGLEV.get(MaglevKey {
                 rev_nat_id: frontend.rev_nat_id,
@@ -292,9 +322,6 @@ fn select_backend(
         count(stat::ERR_BACKEND_MISSING);
         return None;
     };
-    if affinity {
-        remember(&affinity_key, backend_id, now);
-    }
     Some((backend_id, *backend))
 }
 

@@ -19,17 +19,20 @@ mod packet;
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod reject;
+#[cfg(target_arch = "bpf")]
+mod sock;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        macros::{classifier, xdp},
-        programs::{TcContext, XdpContext},
+        macros::{cgroup_sock_addr, classifier, xdp},
+        programs::{SockAddrContext, TcContext, XdpContext},
     };
 
     use crate::{
         lb::{self, Origin},
         packet::{TcPacket, XdpPacket},
+        sock,
     };
 
     /// tc ingress (TCX) on pod devices: in-cluster traffic.
@@ -64,6 +67,30 @@ mod programs {
     #[inline(always)]
     fn try_xdp(ctx: &XdpContext, origin: Origin) -> u32 {
         lb::process(&mut XdpPacket { ctx }, origin) as u32
+    }
+
+    /// connect() of the node's TCP and UDP sockets: a frontend becomes a backend.
+    #[cgroup_sock_addr(connect4)]
+    pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
+        sock::translate_forward(&ctx)
+    }
+
+    /// sendmsg() with an address on the node's unconnected UDP sockets.
+    #[cgroup_sock_addr(sendmsg4)]
+    pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+        sock::translate_forward(&ctx)
+    }
+
+    /// recvmsg() on UDP sockets: a backend's datagram shows the Service as source.
+    #[cgroup_sock_addr(recvmsg4)]
+    pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+        sock::translate_reverse(&ctx)
+    }
+
+    /// getpeername(): a socket connected through a Service shows the Service.
+    #[cgroup_sock_addr(getpeername4)]
+    pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+        sock::translate_reverse(&ctx)
     }
 
     /// The floor for `cargo xtask perf`: a tc program that only passes.

@@ -8,7 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, BackendValue, ConfigValue, CtKey, CtValue, MaglevKey, RevNatValue,
-    ServiceKey, ServiceValue, SourceRange, map_sizes, stat,
+    ServiceKey, ServiceValue, SockAffinityKey, SockNatKey, SockNatValue, SourceRange, map_sizes,
+    stat,
 };
 
 /// Frontend slots: {addr, port, proto, scope, slot} -> slot 0 header or backend id.
@@ -49,6 +50,17 @@ pub static LB_MAGLEV: HashMap<MaglevKey, u32> =
 #[map(name = "LB_SOURCE_RANGES")]
 pub static LB_SOURCE_RANGES: LpmTrie<SourceRange, u32> =
     LpmTrie::with_max_entries(map_sizes::SOURCE_RANGES, BPF_F_NO_PREALLOC);
+
+/// Socket-level LB: per socket, the backend chosen for a frontend and the
+/// frontend to show for that backend.
+#[map(name = "LB_SOCK_NAT")]
+pub static LB_SOCK_NAT: LruHashMap<SockNatKey, SockNatValue> =
+    LruHashMap::with_max_entries(map_sizes::SOCK_NAT, 0);
+
+/// Socket-level sessionAffinity: {network namespace, rev-NAT id} -> last backend.
+#[map(name = "LB_SOCK_AFFINITY")]
+pub static LB_SOCK_AFFINITY: LruHashMap<SockAffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(map_sizes::SOCK_AFFINITY, 0);
 
 /// Node-wide settings written by the agent (index 0).
 #[map(name = "LB_CONFIG")]

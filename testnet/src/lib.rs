@@ -20,6 +20,7 @@ pub mod soak;
 
 pub const SERVER_PY: &str = include_str!("../assets/server.py");
 pub const UDP_CLIENT_PY: &str = include_str!("../assets/udp_client.py");
+pub const SOCK_PROBE_PY: &str = include_str!("../assets/sock_probe.py");
 
 /// Every name this crate creates starts with this.
 pub const PREFIX: &str = "lbt";
@@ -132,6 +133,7 @@ impl Topology {
         fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         fs::write(dir.join("server.py"), SERVER_PY).map_err(|e| e.to_string())?;
         fs::write(dir.join("udp_client.py"), UDP_CLIENT_PY).map_err(|e| e.to_string())?;
+        fs::write(dir.join("sock_probe.py"), SOCK_PROBE_PY).map_err(|e| e.to_string())?;
         let bpffs = dir.join("bpffs");
         fs::create_dir_all(&bpffs).map_err(|e| format!("{}: {e}", bpffs.display()))?;
         run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpffs))?;

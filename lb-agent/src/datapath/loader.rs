@@ -14,7 +14,8 @@ use aya::maps::{Map, MapData};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        Xdp,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::{XdpLink, XdpMode},
@@ -57,6 +58,8 @@ pub enum LoadError {
         found: u32,
         expected: u32,
     },
+    #[error("cgroup {path}: {reason}")]
+    Cgroup { path: PathBuf, reason: String },
     #[error("writing {what}: {source}")]
     Map {
         what: &'static str,
@@ -94,6 +97,15 @@ impl Attachment {
         }
     }
 }
+
+/// The socket-level programs, each with the name of its link pin under
+/// `links/cgroup/`.
+const SOCKET_PROGRAMS: [(&str, &str); 4] = [
+    (program_names::SOCK_CONNECT4, "connect4"),
+    (program_names::SOCK_SENDMSG4, "sendmsg4"),
+    (program_names::SOCK_RECVMSG4, "recvmsg4"),
+    (program_names::SOCK_GETPEERNAME4, "getpeername4"),
+];
 
 /// Attached devices, by ifindex.
 struct Attached {
@@ -253,6 +265,39 @@ fn accept_local(device: &str) {
         errors = %errors.join("; "),
         "cannot set accept_local: NodePort replies and SNATed flows through this device will be dropped by the stack"
     );
+}
+
+/// statfs f_type of a cgroup v2 filesystem.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+fn check_cgroup2(path: &Path) -> Result<(), String> {
+    let c =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    if st.f_type as i64 != CGROUP2_SUPER_MAGIC {
+        return Err("not a cgroup v2 directory (pass --cgroup-root with the cgroup2 mount)".into());
+    }
+    Ok(())
+}
+
+/// The cgroup v2 mount of this mount namespace: /sys/fs/cgroup on unified
+/// hierarchies, /sys/fs/cgroup/unified on hybrid ones, else the first
+/// cgroup2 mount listed.
+pub fn default_cgroup_root() -> Option<PathBuf> {
+    for candidate in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+        if check_cgroup2(Path::new(candidate)).is_ok() {
+            return Some(candidate.into());
+        }
+    }
+    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, dir, fs_type) = (fields.next()?, fields.next()?, fields.next()?);
+        (fs_type == "cgroup2").then(|| PathBuf::from(dir))
+    })
 }
 
 /// Shell-style glob with `*` and `?`, as --pod-devices uses.
@@ -587,6 +632,66 @@ impl Datapath {
             if !alive {
                 info!(pin = %file, "removing link pin of a device that is gone");
                 let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    fn socket_links_dir(&self) -> PathBuf {
+        self.bpffs.join("links").join("cgroup")
+    }
+
+    /// Attach the socket-level programs to the cgroup v2 directory `cgroup`
+    /// (the root cgroup: every process of the node) and pin their links.
+    /// Make before break: links an earlier agent pinned are replaced only
+    /// once the new ones are attached; while both run, the older program
+    /// finds no frontend at the backend address the newer one wrote.
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<(), LoadError> {
+        let cgroup_err = |reason: String| LoadError::Cgroup {
+            path: cgroup.to_path_buf(),
+            reason,
+        };
+        check_cgroup2(cgroup).map_err(cgroup_err)?;
+        let dir = self.socket_links_dir();
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let cgroup_dir = fs::File::open(cgroup).map_err(|e| cgroup_err(e.to_string()))?;
+        for (name, pin_name) in SOCKET_PROGRAMS {
+            let prog_err = |source| LoadError::Program { name, source };
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(prog_err(ProgramError::NotLoaded))?
+                .try_into()
+                .map_err(prog_err)?;
+            if program.fd().is_err() {
+                program.load().map_err(prog_err)?;
+            }
+            // A cgroup *link* always coexists with others (the kernel wants
+            // no flags for it); Single only means "no flags" here.
+            let id = program
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .map_err(prog_err)?;
+            let link = program.take_link(id).map_err(prog_err)?;
+            let pin = dir.join(pin_name);
+            // bpffs refuses names with a dot.
+            let fresh = dir.join(format!("{pin_name}-new"));
+            let _ = fs::remove_file(&fresh);
+            pin_link(link, &fresh)?;
+            // The old link (if any) loses its last reference here and detaches.
+            fs::rename(&fresh, &pin).map_err(io_err(&pin))?;
+        }
+        info!(cgroup = %cgroup.display(), "socket-level programs attached and pinned");
+        Ok(())
+    }
+
+    /// Detach the socket-level programs an earlier agent left attached
+    /// (socket-level LB turned off).
+    pub fn detach_sockets(&self) {
+        let dir = self.socket_links_dir();
+        for (_, pin_name) in SOCKET_PROGRAMS {
+            let pin = dir.join(pin_name);
+            if pin.exists() {
+                info!(pin = %pin.display(), "detaching the socket-level program");
+                let _ = fs::remove_file(&pin);
             }
         }
     }

@@ -8,7 +8,8 @@ use aya::maps::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, BackendValue, ConfigValue, CtKey, CtValue, MaglevKey, RevNatValue,
-    ServiceKey, ServiceValue, SourceRange, map_names, map_sizes, stat,
+    ServiceKey, ServiceValue, SockAffinityKey, SockNatKey, SockNatValue, SourceRange, map_names,
+    map_sizes, stat,
 };
 use thiserror::Error;
 
@@ -71,12 +72,12 @@ impl Default for Capacities {
 }
 
 /// The shapes lb-common declares for every pinned map.
-pub fn expected_shapes() -> [MapShape; 9] {
+pub fn expected_shapes() -> [MapShape; 11] {
     shapes_with(Capacities::default())
 }
 
 /// The shapes with the given capacities.
-pub fn shapes_with(cap: Capacities) -> [MapShape; 9] {
+pub fn shapes_with(cap: Capacities) -> [MapShape; 11] {
     use std::mem::size_of;
     let shape = |name, k: usize, v: usize, max| MapShape {
         name,
@@ -130,6 +131,18 @@ pub fn shapes_with(cap: Capacities) -> [MapShape; 9] {
             4,
             map_sizes::SOURCE_RANGES,
         ),
+        shape(
+            map_names::SOCK_NAT,
+            size_of::<SockNatKey>(),
+            size_of::<SockNatValue>(),
+            map_sizes::SOCK_NAT,
+        ),
+        shape(
+            map_names::SOCK_AFFINITY,
+            size_of::<SockAffinityKey>(),
+            size_of::<AffinityValue>(),
+            map_sizes::SOCK_AFFINITY,
+        ),
     ]
 }
 
@@ -179,6 +192,8 @@ pub type StatsMap = PerCpuArray<MapData, u64>;
 pub type ConfigMap = Array<MapData, ConfigValue>;
 pub type MaglevMap = HashMap<MapData, MaglevKey, u32>;
 pub type SourceRangesMap = LpmTrie<MapData, SourceRange, u32>;
+pub type SockNatMap = HashMap<MapData, SockNatKey, SockNatValue>;
+pub type SockAffinityMap = HashMap<MapData, SockAffinityKey, AffinityValue>;
 
 /// Every map of the datapath.
 pub struct Maps {
@@ -191,6 +206,8 @@ pub struct Maps {
     pub config: ConfigMap,
     pub maglev: MaglevMap,
     pub source_ranges: SourceRangesMap,
+    pub sock_nat: SockNatMap,
+    pub sock_affinity: SockAffinityMap,
 }
 
 fn typed<T>(name: &'static str, map: Map) -> Result<T, MapsError>
@@ -214,6 +231,8 @@ impl Maps {
             config: typed(map_names::CONFIG, take(map_names::CONFIG)?)?,
             maglev: typed(map_names::MAGLEV, take(map_names::MAGLEV)?)?,
             source_ranges: typed(map_names::SOURCE_RANGES, take(map_names::SOURCE_RANGES)?)?,
+            sock_nat: typed(map_names::SOCK_NAT, take(map_names::SOCK_NAT)?)?,
+            sock_affinity: typed(map_names::SOCK_AFFINITY, take(map_names::SOCK_AFFINITY)?)?,
         })
     }
 
@@ -237,6 +256,8 @@ impl Maps {
             config: typed(map_names::CONFIG, open(6, Map::Array)?)?,
             maglev: typed(map_names::MAGLEV, open(7, Map::HashMap)?)?,
             source_ranges: typed(map_names::SOURCE_RANGES, open(8, Map::LpmTrie)?)?,
+            sock_nat: typed(map_names::SOCK_NAT, open(9, Map::LruHashMap)?)?,
+            sock_affinity: typed(map_names::SOCK_AFFINITY, open(10, Map::LruHashMap)?)?,
         })
     }
 

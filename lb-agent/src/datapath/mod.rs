@@ -1,7 +1,9 @@
 //! The only module that touches BPF: loading and attaching (`loader`),
-//! typed maps (`maps`), and keeping them equal to the desired state (`sync`).
+//! typed maps (`maps`), keeping them equal to the desired state (`sync`), and
+//! closing UDP sockets whose socket-level backend went away (`sockets`).
 
 pub mod explain;
 pub mod loader;
 pub mod maps;
+pub mod sockets;
 pub mod sync;

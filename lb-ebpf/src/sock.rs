@@ -1,0 +1,248 @@
+//! Socket-level load balancing (cgroup sock_addr programs on the root
+//! cgroup): connect() and sendmsg() to a frontend are sent to a backend
+//! before a packet exists, so the node's own processes reach Services without
+//! per-packet NAT; recvmsg() and getpeername() show the Service address again.
+//!
+//! These programs see every socket of the machine. They return at once for
+//! sockets outside the node's network namespace (the agent's, by netns
+//! cookie) unless the agent widened them to all namespaces.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::bpf_sock_addr,
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_set_retval,
+    },
+    programs::SockAddrContext,
+};
+use lb_common::{
+    AffinityValue, BACKEND_ACTIVE, IPPROTO_TCP, IPPROTO_UDP, SCOPE_INTERNAL, SOCK_DIR_FORWARD,
+    SOCK_DIR_REVERSE, ServiceKey, ServiceValue, SockAffinityKey, SockNatKey, SockNatValue,
+    config_flags, service_flags, stat,
+};
+
+use crate::{
+    lb::{affinity_backend, pick_backend},
+    maps::{LB_BACKENDS, LB_CONFIG, LB_REV_NAT, LB_SERVICES, LB_SOCK_AFFINITY, LB_SOCK_NAT, count},
+};
+
+/// sock_addr verdicts: let the call proceed, or fail it (with the errno set
+/// by bpf_set_retval, EPERM otherwise).
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+const ECONNREFUSED: i32 = 111;
+const EHOSTUNREACH: i32 = 113;
+
+/// The socket's protocol, if the programs should look at it at all: TCP or
+/// UDP in the namespace(s) the agent asked for.
+#[inline(always)]
+fn socket_protocol(ctx: &SockAddrContext) -> Option<u8> {
+    let config = LB_CONFIG.get(0)?;
+    if config.flags & config_flags::SOCKET_LB == 0 {
+        return None;
+    }
+    if config.flags & config_flags::SOCKET_LB_ALL_NETNS == 0
+        && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != config.netns_cookie
+    {
+        return None;
+    }
+    let proto = unsafe { (*ctx.sock_addr).protocol } as u8;
+    (proto == IPPROTO_TCP || proto == IPPROTO_UDP).then_some(proto)
+}
+
+#[inline(always)]
+fn user_addr(sa: *mut bpf_sock_addr) -> (u32, u16) {
+    // user_port holds the port in network order in its low 16 bits.
+    unsafe { ((*sa).user_ip4, (*sa).user_port as u16) }
+}
+
+#[inline(always)]
+fn set_user_addr(sa: *mut bpf_sock_addr, addr_be: u32, port_be: u16) {
+    unsafe {
+        (*sa).user_ip4 = addr_be;
+        (*sa).user_port = port_be as u32;
+    }
+}
+
+/// connect() (TCP and UDP) and sendmsg() (unconnected UDP) to a frontend.
+#[inline(always)]
+pub fn translate_forward(ctx: &SockAddrContext) -> i32 {
+    let Some(proto) = socket_protocol(ctx) else {
+        return ALLOW;
+    };
+    let sa = ctx.sock_addr;
+    let (addr_be, port_be) = user_addr(sa);
+    let key = ServiceKey {
+        addr_be,
+        port_be,
+        slot: 0,
+        proto,
+        // The node's own traffic is in-cluster traffic (internalTrafficPolicy).
+        scope: SCOPE_INTERNAL,
+        _pad: [0; 2],
+    };
+    let Some(frontend) = (unsafe { LB_SERVICES.get(key) }).copied() else {
+        return undeclared_port(addr_be);
+    };
+    if frontend.count == 0 {
+        let errno = if frontend.flags & service_flags::DROP_IF_EMPTY != 0 {
+            EHOSTUNREACH
+        } else {
+            ECONNREFUSED
+        };
+        return refuse(errno);
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let forward_key = SockNatKey {
+        socket_cookie: cookie,
+        addr_be,
+        port_be,
+        proto,
+        dir: SOCK_DIR_FORWARD,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // A socket that already talks to this frontend keeps its backend while
+    // that backend takes flows (UDP sendmsg() per datagram, or a reconnect).
+    let kept = unsafe { LB_SOCK_NAT.get(forward_key) }.and_then(|entry| {
+        let backend = unsafe { LB_BACKENDS.get(entry.backend_id) }?;
+        (backend.state == BACKEND_ACTIVE && entry.rev_nat_id == frontend.rev_nat_id)
+            .then_some((entry.backend_id, *backend))
+    });
+    let chosen = match kept {
+        Some(chosen) => Some(chosen),
+        None => select(ctx, key, &frontend, now),
+    };
+    let Some((backend_id, backend)) = chosen else {
+        // An impossible state, counted by the selection: leave the call alone.
+        return ALLOW;
+    };
+    if kept.is_none() {
+        let forward = SockNatValue {
+            addr_be: backend.addr_be,
+            port_be: backend.port_be,
+            rev_nat_id: frontend.rev_nat_id,
+            backend_id,
+            _pad: 0,
+        };
+        let reverse_key = SockNatKey {
+            socket_cookie: cookie,
+            addr_be: backend.addr_be,
+            port_be: backend.port_be,
+            proto,
+            dir: SOCK_DIR_REVERSE,
+        };
+        let reverse = SockNatValue {
+            addr_be,
+            port_be,
+            rev_nat_id: frontend.rev_nat_id,
+            backend_id,
+            _pad: 0,
+        };
+        // Reverse first: a datagram may come back before sendmsg() returns.
+        // LRU maps evict the oldest socket when full; nothing to count.
+        let _ = LB_SOCK_NAT.insert(&reverse_key, &reverse, 0);
+        let _ = LB_SOCK_NAT.insert(&forward_key, &forward, 0);
+    }
+    set_user_addr(sa, backend.addr_be, backend.port_be);
+    count(stat::SOCK_TRANSLATED);
+    ALLOW
+}
+
+/// A Service IP on a port it does not declare is refused, as the packet
+/// path does; any other address is none of ours.
+#[inline(always)]
+fn undeclared_port(addr_be: u32) -> i32 {
+    let address_key = ServiceKey {
+        addr_be,
+        port_be: 0,
+        slot: 0,
+        proto: 0,
+        scope: SCOPE_INTERNAL,
+        _pad: [0; 2],
+    };
+    match unsafe { LB_SERVICES.get(address_key) } {
+        Some(address) if address.flags & service_flags::ADDRESS_ONLY != 0 => refuse(ECONNREFUSED),
+        _ => ALLOW,
+    }
+}
+
+/// Fail the call with `errno`: the socket's owner learns at once, as a TCP
+/// client learns from the RST the packet path would send.
+#[inline(always)]
+fn refuse(errno: i32) -> i32 {
+    unsafe { bpf_set_retval(-errno) };
+    count(stat::SOCK_REFUSED);
+    DENY
+}
+
+/// A backend for a socket: the namespace's affinity backend while fresh and
+/// active, else the slots (or Maglev table).
+#[inline(always)]
+fn select(
+    ctx: &SockAddrContext,
+    key: ServiceKey,
+    frontend: &ServiceValue,
+    now: u64,
+) -> Option<(u32, lb_common::BackendValue)> {
+    let affinity = frontend.flags & service_flags::AFFINITY != 0;
+    let affinity_key = SockAffinityKey {
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        rev_nat_id: frontend.rev_nat_id,
+        _pad: [0; 6],
+    };
+    if affinity
+        && let Some(entry) = unsafe { LB_SOCK_AFFINITY.get(affinity_key) }
+        && let Some(chosen) = affinity_backend(entry, frontend, now)
+    {
+        remember(&affinity_key, chosen.0, now);
+        return Some(chosen);
+    }
+    // No packet tuple to hash yet: Maglev's index is random here, which is
+    // all a new connection from this node needs.
+    let chosen = pick_backend(key, frontend, || unsafe { bpf_get_prandom_u32() })?;
+    if affinity {
+        remember(&affinity_key, chosen.0, now);
+    }
+    Some(chosen)
+}
+
+#[inline(always)]
+fn remember(key: &SockAffinityKey, backend_id: u32, now: u64) {
+    let value = AffinityValue {
+        backend_id,
+        _pad: 0,
+        last_used_ns: now,
+    };
+    let _ = LB_SOCK_AFFINITY.insert(key, &value, 0);
+}
+
+/// recvmsg() (a datagram's source) and getpeername() (the connected peer):
+/// a backend this socket was sent to shows as the frontend it asked for,
+/// while that frontend still exists.
+#[inline(always)]
+pub fn translate_reverse(ctx: &SockAddrContext) -> i32 {
+    let Some(proto) = socket_protocol(ctx) else {
+        return ALLOW;
+    };
+    let sa = ctx.sock_addr;
+    let (addr_be, port_be) = user_addr(sa);
+    let key = SockNatKey {
+        socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr_be,
+        port_be,
+        proto,
+        dir: SOCK_DIR_REVERSE,
+    };
+    let Some(entry) = (unsafe { LB_SOCK_NAT.get(key) }) else {
+        return ALLOW;
+    };
+    let frontend_alive = unsafe { LB_REV_NAT.get(entry.rev_nat_id) }
+        .is_some_and(|f| f.addr_be == entry.addr_be && f.port_be == entry.port_be);
+    if frontend_alive {
+        set_user_addr(sa, entry.addr_be, entry.port_be);
+        count(stat::SOCK_REV_TRANSLATED);
+    }
+    ALLOW
+}
