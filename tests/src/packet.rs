@@ -10,7 +10,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, lpm_trie::LpmTrie},
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use etherparse::PacketBuilder;
 use lb_common::{
@@ -362,6 +362,39 @@ impl Datapath {
         self.hash::<AffinityKey, AffinityValue>(map_names::AFFINITY)
             .insert(key, value, 0)
             .expect("affinity");
+    }
+
+    /// Load the socket-level programs and attach them to the cgroup v2
+    /// directory `cgroup`. The links belong to this object: dropping it
+    /// (also on a panic) detaches them. Set `SOCKET_LB` and the netns
+    /// cookie in the config so they act only on the test's namespace.
+    pub fn attach_sockets(&mut self, cgroup: &std::path::Path) {
+        let dir = std::fs::File::open(cgroup).expect("open cgroup");
+        for name in [
+            program_names::SOCK_CONNECT4,
+            program_names::SOCK_SENDMSG4,
+            program_names::SOCK_RECVMSG4,
+            program_names::SOCK_GETPEERNAME4,
+        ] {
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("{name} in object"))
+                .try_into()
+                .unwrap_or_else(|e| panic!("{name} is a sock_addr program: {e}"));
+            program
+                .load()
+                .unwrap_or_else(|e| panic!("verifier accepts {name}: {e}"));
+            program
+                .attach(&dir, CgroupAttachMode::Single)
+                .unwrap_or_else(|e| panic!("attach {name}: {e}"));
+        }
+    }
+
+    pub fn remove_rev_nat(&mut self, id: u16) {
+        self.hash::<u16, RevNatValue>(map_names::REV_NAT)
+            .remove(&id)
+            .expect("remove rev nat");
     }
 
     pub fn remove_backend(&mut self, id: u32) {
