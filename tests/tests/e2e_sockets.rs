@@ -136,6 +136,16 @@ fn host_namespace_reaches_clusterip_by_tcp_and_udp_without_per_packet_nat() {
         "{connected:?}"
     );
 
+    // dump shows what the programs did for the node's sockets.
+    let dumped = c.dump("conntrack");
+    let sockets = dumped["sockets"].as_array().expect("sockets");
+    assert!(
+        sockets.iter().any(|s| s["service"] == "10.96.0.10:53"
+            && s["protocol"] == "UDP"
+            && s["backend"].as_str().is_some_and(|b| b.ends_with(":5353"))),
+        "{dumped}"
+    );
+
     // All of it at connect()/sendmsg() time: the packet path translated nothing.
     assert!(counter(&c, "sock_translated") >= 27);
     assert!(counter(&c, "sock_rev_translated") >= 2);

@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use anyhow::{Context as _, Result};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use lb_common::{
-    BACKEND_STANDBY, BackendValue, CT_DIR_FORWARD, ServiceKey, ServiceValue, backend_flags,
-    ct_flags, service_flags, stat,
+    BACKEND_STANDBY, BackendValue, CT_DIR_FORWARD, SOCK_DIR_FORWARD, ServiceKey, ServiceValue,
+    backend_flags, ct_flags, service_flags, stat,
 };
 use serde::Serialize;
 
@@ -111,9 +111,25 @@ pub struct DumpFlow {
     pub bytes: u64,
 }
 
+/// A socket the socket-level programs sent to a backend (node processes).
+#[derive(Serialize)]
+pub struct DumpSocket {
+    /// The socket's cookie (as `ss -e` shows it, in decimal).
+    pub socket_cookie: u64,
+    pub protocol: String,
+    /// The Service address the socket asked for.
+    pub service: String,
+    /// The backend it was sent to.
+    pub backend: String,
+    pub backend_id: u32,
+    pub rev_nat_id: u16,
+}
+
 #[derive(Serialize)]
 pub struct ConntrackDump {
     pub flows: Vec<DumpFlow>,
+    /// Socket-level translations (no per-packet state exists for them).
+    pub sockets: Vec<DumpSocket>,
 }
 
 #[derive(Serialize)]
@@ -124,9 +140,19 @@ pub struct DumpAffinity {
     pub idle_s: f64,
 }
 
+/// Socket-level affinity: the client is a network namespace.
+#[derive(Serialize)]
+pub struct DumpSocketAffinity {
+    pub netns_cookie: u64,
+    pub rev_nat_id: u16,
+    pub backend_id: u32,
+    pub idle_s: f64,
+}
+
 #[derive(Serialize)]
 pub struct AffinityDump {
     pub affinity: Vec<DumpAffinity>,
+    pub sockets: Vec<DumpSocketAffinity>,
 }
 
 #[derive(Serialize)]
@@ -308,7 +334,24 @@ pub fn conntrack(maps: &Maps) -> Result<ConntrackDump> {
         });
     }
     flows.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));
-    Ok(ConntrackDump { flows })
+    let mut sockets = Vec::new();
+    for entry in maps.sock_nat.iter() {
+        let (k, v) = entry.context("reading LB_SOCK_NAT")?;
+        // The forward entry names both ends; its reverse twin adds nothing.
+        if k.dir != SOCK_DIR_FORWARD {
+            continue;
+        }
+        sockets.push(DumpSocket {
+            socket_cookie: k.socket_cookie,
+            protocol: proto_name(k.proto),
+            service: format!("{}:{}", addr(k.addr_be), u16::from_be(k.port_be)),
+            backend: format!("{}:{}", addr(v.addr_be), u16::from_be(v.port_be)),
+            backend_id: v.backend_id,
+            rev_nat_id: v.rev_nat_id,
+        });
+    }
+    sockets.sort_by_key(|s| s.socket_cookie);
+    Ok(ConntrackDump { flows, sockets })
 }
 
 pub fn affinity(maps: &Maps) -> Result<AffinityDump> {
@@ -323,7 +366,20 @@ pub fn affinity(maps: &Maps) -> Result<AffinityDump> {
             idle_s: now.saturating_sub(v.last_used_ns) as f64 / 1e9,
         });
     }
-    Ok(AffinityDump { affinity: out })
+    let mut sockets = Vec::new();
+    for entry in maps.sock_affinity.iter() {
+        let (k, v) = entry.context("reading LB_SOCK_AFFINITY")?;
+        sockets.push(DumpSocketAffinity {
+            netns_cookie: k.netns_cookie,
+            rev_nat_id: k.rev_nat_id,
+            backend_id: v.backend_id,
+            idle_s: now.saturating_sub(v.last_used_ns) as f64 / 1e9,
+        });
+    }
+    Ok(AffinityDump {
+        affinity: out,
+        sockets,
+    })
 }
 
 pub fn stats(maps: &Maps) -> Result<StatsDump> {
@@ -426,6 +482,19 @@ pub fn run(args: &DumpArgs) -> Result<()> {
                         f.packets.to_string(),
                     ]);
                 }
+                for sock in &d.sockets {
+                    t.add_row(vec![
+                        "socket".to_string(),
+                        sock.protocol.clone(),
+                        format!("cookie {}", sock.socket_cookie),
+                        sock.service.clone(),
+                        sock.backend.clone(),
+                        String::new(),
+                        String::new(),
+                        String::new(),
+                        String::new(),
+                    ]);
+                }
                 t.to_string()
             }
         }
@@ -438,6 +507,14 @@ pub fn run(args: &DumpArgs) -> Result<()> {
                 for a in &d.affinity {
                     t.add_row(vec![
                         a.client.to_string(),
+                        a.rev_nat_id.to_string(),
+                        a.backend_id.to_string(),
+                        format!("{:.0}s", a.idle_s),
+                    ]);
+                }
+                for a in &d.sockets {
+                    t.add_row(vec![
+                        format!("netns {}", a.netns_cookie),
                         a.rev_nat_id.to_string(),
                         a.backend_id.to_string(),
                         format!("{:.0}s", a.idle_s),
