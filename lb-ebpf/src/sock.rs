@@ -142,8 +142,8 @@ pub fn translate_forward(ctx: &SockAddrContext) -> i32 {
         };
         // Reverse first: a datagram may come back before sendmsg() returns.
         // LRU maps evict the oldest socket when full; nothing to count.
-        let _ = LB_SOCK_NAT.insert(&reverse_key, &reverse, 0);
-        let _ = LB_SOCK_NAT.insert(&forward_key, &forward, 0);
+        let _ = LB_SOCK_NAT.insert(reverse_key, reverse, 0);
+        let _ = LB_SOCK_NAT.insert(forward_key, forward, 0);
     }
     set_user_addr(sa, backend.addr_be, backend.port_be);
     count(stat::SOCK_TRANSLATED);
@@ -215,7 +215,7 @@ fn remember(key: &SockAffinityKey, backend_id: u32, now: u64) {
         _pad: 0,
         last_used_ns: now,
     };
-    let _ = LB_SOCK_AFFINITY.insert(key, &value, 0);
+    let _ = LB_SOCK_AFFINITY.insert(key, value, 0);
 }
 
 /// recvmsg() (a datagram's source) and getpeername() (the connected peer):
