@@ -11,7 +11,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::model::{NodeConfig, cluster::DEFAULT_HAIRPIN_SNAT_ADDR};
+use crate::model::{
+    NodeConfig,
+    cluster::{DEFAULT_HAIRPIN_SNAT_ADDR, DEFAULT_HAIRPIN_SNAT_ADDR6},
+};
 
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/lb";
 pub const DEFAULT_POD_DEVICES: &str = "veth*,lxc*,cali*";
@@ -105,10 +108,10 @@ pub struct RunArgs {
     /// through a node device is served and masqueraded, as kube-proxy does.
     /// Default: unset (ClusterIPs are not served from outside)
     #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
-    pub cluster_cidr: Option<Vec<ipnet::Ipv4Net>>,
+    pub cluster_cidr: Option<Vec<ipnet::IpNet>>,
     /// NodePorts answer only on node device addresses inside these CIDRs. Default: all of them
     #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
-    pub nodeport_addresses: Option<Vec<ipnet::Ipv4Net>>,
+    pub nodeport_addresses: Option<Vec<ipnet::IpNet>>,
     /// Answer pings to Service addresses that have a usable endpoint (and
     /// drop them when none has). Default: true
     #[arg(long, value_name = "BOOL")]
@@ -138,9 +141,12 @@ pub struct RunArgs {
     /// Source address for hairpin flows. Default: 169.254.42.1
     #[arg(long, value_name = "ADDR")]
     pub hairpin_snat_address: Option<Ipv4Addr>,
+    /// Source address for IPv6 hairpin flows. Default: fd6c:6268:6169:7270::1
+    #[arg(long, value_name = "ADDR")]
+    pub hairpin_snat_address6: Option<std::net::Ipv6Addr>,
     /// Only program spec.externalIPs inside these CIDRs (CVE-2020-8554). Default: all
     #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
-    pub external_ip_cidrs: Option<Vec<ipnet::Ipv4Net>>,
+    pub external_ip_cidrs: Option<Vec<ipnet::IpNet>>,
     /// Capacity of the service and backend maps (entries). Default: 262144 / 131072
     #[arg(long, value_name = "N")]
     pub lb_map_max: Option<u32>,
@@ -195,8 +201,8 @@ pub struct FileConfig {
     pub pod_devices: Option<Vec<String>>,
     pub devices: Option<Vec<String>>,
     pub device_mode: Option<DeviceMode>,
-    pub nodeport_addresses: Option<Vec<ipnet::Ipv4Net>>,
-    pub cluster_cidr: Option<Vec<ipnet::Ipv4Net>>,
+    pub nodeport_addresses: Option<Vec<ipnet::IpNet>>,
+    pub cluster_cidr: Option<Vec<ipnet::IpNet>>,
     pub ping_services: Option<bool>,
     pub fast_path: Option<bool>,
     pub socket_lb: Option<bool>,
@@ -204,9 +210,10 @@ pub struct FileConfig {
     pub cgroup_root: Option<PathBuf>,
     pub bpffs: Option<PathBuf>,
     pub hairpin_snat_address: Option<Ipv4Addr>,
+    pub hairpin_snat_address6: Option<std::net::Ipv6Addr>,
     pub default_algorithm: Option<Algorithm>,
     pub lb_map_max: Option<u32>,
-    pub external_ip_cidrs: Option<Vec<ipnet::Ipv4Net>>,
+    pub external_ip_cidrs: Option<Vec<ipnet::IpNet>>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -279,7 +286,7 @@ pub struct RunConfig {
     pub devices: Vec<String>,
     pub device_mode: DeviceMode,
     /// --nodeport-addresses (None: every node device address).
-    pub nodeport_cidrs: Option<Vec<ipnet::Ipv4Net>>,
+    pub nodeport_cidrs: Option<Vec<ipnet::IpNet>>,
     pub ping_services: bool,
     pub fast_path: bool,
     /// Socket-level LB, when on.
@@ -383,6 +390,10 @@ impl RunArgs {
                     .hairpin_snat_address
                     .or(file.hairpin_snat_address)
                     .unwrap_or(DEFAULT_HAIRPIN_SNAT_ADDR),
+                hairpin_snat_addr6: self
+                    .hairpin_snat_address6
+                    .or(file.hairpin_snat_address6)
+                    .unwrap_or(DEFAULT_HAIRPIN_SNAT_ADDR6),
                 external_ip_cidrs: self.external_ip_cidrs.or(file.external_ip_cidrs),
                 default_maglev: self.default_algorithm.or(file.default_algorithm)
                     == Some(Algorithm::Maglev),

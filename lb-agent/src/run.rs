@@ -4,14 +4,15 @@
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 use axum::Router;
 use lb_common::{
-    ConfigValue, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, LAYOUT_VERSION, config_flags, stat,
+    Addr, ConfigValue, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, LAYOUT_VERSION, config_flags,
+    stat,
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -85,10 +86,9 @@ async fn serve(what: &'static str, addr: SocketAddr, router: Router) -> Result<(
 fn datapath_config(
     config: &RunConfig,
     node: &NodeConfig,
-    snat: Option<Ipv4Addr>,
+    snat: SnatAddresses,
     netns_cookie: u64,
 ) -> ConfigValue {
-    let be = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
     ConfigValue {
         layout_version: LAYOUT_VERSION,
         flags: if config.ping_services {
@@ -106,22 +106,41 @@ fn datapath_config(
             Some(_) => config_flags::SOCKET_LB,
             None => 0,
         },
-        hairpin_snat_addr_be: be(node.hairpin_snat_addr),
-        nodeport_snat_addr_be: snat.map_or(0, be),
         snat_port_min: DEFAULT_SNAT_PORT_MIN,
         snat_port_max: DEFAULT_SNAT_PORT_MAX,
         _pad: 0,
         netns_cookie,
+        hairpin_snat_addr4: Addr::from(node.hairpin_snat_addr),
+        hairpin_snat_addr6: Addr::from(IpAddr::V6(node.hairpin_snat_addr6)),
+        nodeport_snat_addr4: snat.v4.map_or(Addr::NONE, Addr::from),
+        nodeport_snat_addr6: snat.v6.map_or(Addr::NONE, |a| Addr::from(IpAddr::V6(a))),
     }
 }
 
+/// The node address, per family, external flows to other nodes' backends
+/// are source-NATed to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct SnatAddresses {
+    v4: Option<Ipv4Addr>,
+    v6: Option<Ipv6Addr>,
+}
+
 /// The node devices' addresses: NodePort addresses (filtered by
-/// --nodeport-addresses) and the SNAT address for external flows to other
-/// nodes (the first address of the first node device that has one).
-fn node_addresses(config: &RunConfig) -> (Vec<Ipv4Addr>, Option<Ipv4Addr>) {
+/// --nodeport-addresses) and the SNAT addresses for external flows to other
+/// nodes (per family, the first address of the first node device that has one).
+fn node_addresses(config: &RunConfig) -> (Vec<IpAddr>, SnatAddresses) {
     let found = device_addresses(&config.devices);
-    let snat = found.first().map(|(_, a)| *a);
-    let mut nodeport: Vec<Ipv4Addr> = found
+    let snat = SnatAddresses {
+        v4: found.iter().find_map(|(_, a)| match a {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        }),
+        v6: found.iter().find_map(|(_, a)| match a {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        }),
+    };
+    let mut nodeport: Vec<IpAddr> = found
         .into_iter()
         .map(|(_, a)| a)
         .filter(|a| {
@@ -222,7 +241,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         pod_devices = ?config.pod_devices,
         devices = ?config.devices,
         nodeport_addresses = ?node.nodeport_addresses,
-        snat_address = ?snat_addr,
+        snat_addresses = ?snat_addr,
         min_sync_period = ?config.min_sync_period,
         "lb-agent running"
     );
@@ -255,7 +274,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         if !config.devices.is_empty() {
             let (nodeport_addresses, snat) = node_addresses(&config);
             if nodeport_addresses != node.nodeport_addresses || snat != snat_addr {
-                info!(?nodeport_addresses, snat_address = ?snat, "node device addresses changed");
+                info!(?nodeport_addresses, snat_addresses = ?snat, "node device addresses changed");
                 node.nodeport_addresses = nodeport_addresses;
                 snat_addr = snat;
                 let value = datapath_config(&config, &node, snat_addr, netns_cookie);

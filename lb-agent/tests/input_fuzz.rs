@@ -94,7 +94,7 @@ fn any_shaped_service() -> impl Strategy<Value = Value> {
         })
 }
 
-fn good_only() -> (Vec<String>, BTreeMap<std::net::Ipv4Addr, ObjectKey>) {
+fn good_only() -> (Vec<String>, BTreeMap<std::net::IpAddr, ObjectKey>) {
     let (svc, slice) = good();
     let state = state(vec![svc], vec![slice]);
     let owners = translate(&state, &NodeConfig::default()).ip_owners;
@@ -121,10 +121,7 @@ fn state(services: Vec<Service>, slices: Vec<EndpointSlice>) -> ClusterState {
 }
 
 /// The good Service's frontends as programmed (key + backends).
-fn frontends(
-    state: &ClusterState,
-    owners: &BTreeMap<std::net::Ipv4Addr, ObjectKey>,
-) -> Vec<String> {
+fn frontends(state: &ClusterState, owners: &BTreeMap<std::net::IpAddr, ObjectKey>) -> Vec<String> {
     translate_with(state, &NodeConfig::default(), owners)
         .desired
         .frontends

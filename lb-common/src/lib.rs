@@ -9,7 +9,7 @@
 
 /// Version of the map layout below. Bump it whenever a key or value changes
 /// shape, so an agent never adopts pinned maps written with another layout.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Map names, as the kernel object declares them and as they are pinned.
 pub mod map_names {
@@ -59,6 +59,22 @@ pub mod program_names {
     pub const SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
     /// cgroup getpeername4: restores the Service address as the peer.
     pub const SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
+    pub const SOCK_CONNECT6: &str = "lb_sock_connect6";
+    pub const SOCK_SENDMSG6: &str = "lb_sock_sendmsg6";
+    pub const SOCK_RECVMSG6: &str = "lb_sock_recvmsg6";
+    pub const SOCK_GETPEERNAME6: &str = "lb_sock_getpeername6";
+    /// Every socket-level program, each with its attach point's name (the
+    /// link pin under `links/cgroup/`).
+    pub const SOCKET: [(&str, &str); 8] = [
+        (SOCK_CONNECT4, "connect4"),
+        (SOCK_SENDMSG4, "sendmsg4"),
+        (SOCK_RECVMSG4, "recvmsg4"),
+        (SOCK_GETPEERNAME4, "getpeername4"),
+        (SOCK_CONNECT6, "connect6"),
+        (SOCK_SENDMSG6, "sendmsg6"),
+        (SOCK_RECVMSG6, "recvmsg6"),
+        (SOCK_GETPEERNAME6, "getpeername6"),
+    ];
 }
 
 /// Map capacities.
@@ -83,6 +99,80 @@ pub mod map_sizes {
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// An IP address in a map: IPv6, or IPv4 as an IPv4-mapped IPv6 address
+/// (`::ffff:a.b.c.d`), as four words in network byte order. One key shape
+/// for both families: every map, lookup and rule is written once, and a
+/// dual-stack Service is two frontends in the same maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Addr {
+    pub be: [u32; 4],
+}
+
+impl Addr {
+    /// All zeroes: "none" where a field is optional.
+    pub const NONE: Addr = Addr { be: [0; 4] };
+
+    /// The IPv4-mapped form of an IPv4 address given in network order.
+    #[inline(always)]
+    pub const fn v4(addr_be: u32) -> Addr {
+        Addr {
+            be: [0, 0, 0xffff_u32.to_be(), addr_be],
+        }
+    }
+
+    #[inline(always)]
+    pub fn is_v4(&self) -> bool {
+        self.be[0] == 0 && self.be[1] == 0 && self.be[2] == 0xffff_u32.to_be()
+    }
+
+    /// The IPv4 address in network order (meaningful when `is_v4`).
+    #[inline(always)]
+    pub fn v4_be(&self) -> u32 {
+        self.be[3]
+    }
+
+    #[inline(always)]
+    pub fn is_none(&self) -> bool {
+        self.be[0] | self.be[1] | self.be[2] | self.be[3] == 0
+    }
+
+    /// From the 16 bytes of an IPv6 address, as they are on the wire.
+    #[inline(always)]
+    pub fn from_octets(o: [u8; 16]) -> Addr {
+        let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+        Addr {
+            be: [w(0), w(4), w(8), w(12)],
+        }
+    }
+
+    /// The address as the standard library spells it (IPv4-mapped: IPv4).
+    pub fn ip(&self) -> core::net::IpAddr {
+        let v6 = core::net::Ipv6Addr::from(self.octets());
+        match v6.to_ipv4_mapped() {
+            Some(v4) => core::net::IpAddr::V4(v4),
+            None => core::net::IpAddr::V6(v6),
+        }
+    }
+
+    /// The 16 bytes as they are on the wire.
+    #[inline(always)]
+    pub fn octets(&self) -> [u8; 16] {
+        let mut o = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let b = self.be[i].to_ne_bytes();
+            o[i * 4] = b[0];
+            o[i * 4 + 1] = b[1];
+            o[i * 4 + 2] = b[2];
+            o[i * 4 + 3] = b[3];
+            i += 1;
+        }
+        o
+    }
+}
 
 /// `ServiceKey::scope`: which traffic an entry serves. In-cluster traffic:
 /// packets from pods (pod devices) and the node itself.
@@ -91,13 +181,28 @@ pub const SCOPE_INTERNAL: u8 = 0;
 /// and externalIPs, with externalTrafficPolicy's backend set.
 pub const SCOPE_EXTERNAL: u8 = 1;
 
+impl From<core::net::IpAddr> for Addr {
+    fn from(ip: core::net::IpAddr) -> Addr {
+        match ip {
+            core::net::IpAddr::V4(v4) => Addr::v4(u32::from_ne_bytes(v4.octets())),
+            core::net::IpAddr::V6(v6) => Addr::from_octets(v6.octets()),
+        }
+    }
+}
+
+impl From<core::net::Ipv4Addr> for Addr {
+    fn from(ip: core::net::Ipv4Addr) -> Addr {
+        Addr::v4(u32::from_ne_bytes(ip.octets()))
+    }
+}
+
 /// Key of `LB_SERVICES`. Slot 0 describes the frontend, slots `1..=count`
 /// each name one backend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct ServiceKey {
-    /// Frontend IPv4 address, network byte order.
-    pub addr_be: u32,
+    /// Frontend address.
+    pub addr_be: Addr,
     /// Frontend port, network byte order.
     pub port_be: u16,
     pub slot: u16,
@@ -186,8 +291,8 @@ pub mod backend_flags {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BackendValue {
-    /// Backend IPv4 address, network byte order.
-    pub addr_be: u32,
+    /// Backend address.
+    pub addr_be: Addr,
     /// Backend port, network byte order.
     pub port_be: u16,
     pub proto: u8,
@@ -201,7 +306,7 @@ pub struct BackendValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RevNatValue {
-    pub addr_be: u32,
+    pub addr_be: Addr,
     pub port_be: u16,
     pub proto: u8,
     pub scope: u8,
@@ -209,13 +314,14 @@ pub struct RevNatValue {
 
 /// Data of an `LB_SOURCE_RANGES` LPM trie key (the trie's key is
 /// `{prefix_len: u32, data}`): the prefix length counts from the start of
-/// `frontend_addr_be` (32 + the client prefix length), so a lookup with 64
-/// bits matches one LoadBalancer IP's allowed client prefixes.
+/// `frontend_addr_be` (128 + the client prefix length, an IPv4 prefix being
+/// 96 + its length in the mapped form), so a lookup with 256 bits matches
+/// one LoadBalancer IP's allowed client prefixes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct SourceRange {
-    pub frontend_addr_be: u32,
-    pub client_addr_be: u32,
+    pub frontend_addr_be: Addr,
+    pub client_addr_be: Addr,
 }
 
 /// `CtKey::dir`: the packet goes client -> frontend.
@@ -229,8 +335,8 @@ pub const CT_DIR_REPLY: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct CtKey {
-    pub src_addr_be: u32,
-    pub dst_addr_be: u32,
+    pub src_addr_be: Addr,
+    pub dst_addr_be: Addr,
     pub src_port_be: u16,
     pub dst_port_be: u16,
     pub proto: u8,
@@ -269,23 +375,23 @@ pub struct CtValue {
     /// `ct_flags` bits, shared meaning in both directions.
     pub flags: u16,
     /// Forward: the backend address written as destination. Reply: the
-    /// frontend address written as source. Network byte order.
-    pub nat_addr_be: u32,
+    /// frontend address written as source.
+    pub nat_addr_be: Addr,
     /// Port counterpart of `nat_addr_be`, network byte order.
     pub nat_port_be: u16,
     /// Union of the TCP flag bytes seen in this direction.
     pub tcp_flags_seen: u8,
     pub _pad0: u8,
+    /// Seconds after `last_seen_ns` at which the entry is dead.
+    pub lifetime_s: u32,
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at creation.
     pub created_ns: u64,
     /// `bpf_ktime_get_ns` of the last packet in this direction.
     pub last_seen_ns: u64,
-    /// Seconds after `last_seen_ns` at which the entry is dead.
-    pub lifetime_s: u32,
     /// Source NAT (hairpin, or external traffic to a remote backend).
-    /// Forward: the source address written (0: none). Reply: the client
-    /// address to restore as destination (0: none).
-    pub snat_addr_be: u32,
+    /// Forward: the source address written (NONE: none). Reply: the client
+    /// address to restore as destination (NONE: none).
+    pub snat_addr_be: Addr,
     pub packets: u64,
     pub bytes: u64,
     /// Port counterpart of `snat_addr_be` (forward: the allocated source
@@ -298,7 +404,7 @@ pub struct CtValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct AffinityKey {
-    pub client_addr_be: u32,
+    pub client_addr_be: Addr,
     pub rev_nat_id: u16,
     pub _pad: u16,
 }
@@ -325,10 +431,11 @@ pub const SOCK_DIR_REVERSE: u8 = 1;
 pub struct SockNatKey {
     /// `bpf_get_socket_cookie` of the socket.
     pub socket_cookie: u64,
-    pub addr_be: u32,
+    pub addr_be: Addr,
     pub port_be: u16,
     pub proto: u8,
     pub dir: u8,
+    pub _pad: u32,
 }
 
 /// Value of `LB_SOCK_NAT`. Forward: the backend chosen (`addr`/`port` its
@@ -336,11 +443,10 @@ pub struct SockNatKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SockNatValue {
-    pub addr_be: u32,
+    pub addr_be: Addr,
     pub port_be: u16,
     pub rev_nat_id: u16,
     pub backend_id: u32,
-    pub _pad: u32,
 }
 
 /// Key of `LB_SOCK_AFFINITY`: sessionAffinity for socket-level LB, where the
@@ -362,20 +468,22 @@ pub struct ConfigValue {
     pub layout_version: u32,
     /// `config_flags` bits.
     pub flags: u32,
-    /// Source address for hairpin flows (a pod reaching itself through a
-    /// Service), network byte order; 0 disables hairpin SNAT.
-    pub hairpin_snat_addr_be: u32,
-    /// Node address external flows to remote backends are source-NATed
-    /// to, network byte order; 0 disables that SNAT.
-    pub nodeport_snat_addr_be: u32,
-    /// Source ports for that SNAT, host order, inclusive. Outside the
-    /// node's ephemeral range, so they never meet the node's own sockets.
+    /// Source ports for the NodePort SNAT, host order, inclusive. Outside
+    /// the node's ephemeral range, so they never meet the node's own sockets.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
     pub _pad: u32,
     /// Network namespace whose sockets the socket-level programs translate
     /// (the agent's: the node's), unless `SOCKET_LB_ALL_NETNS` is set.
     pub netns_cookie: u64,
+    /// Source address for hairpin flows (a pod reaching itself through a
+    /// Service), per family; NONE disables hairpin SNAT for that family.
+    pub hairpin_snat_addr4: Addr,
+    pub hairpin_snat_addr6: Addr,
+    /// Node address external flows to remote backends are source-NATed
+    /// to, per family; NONE disables that SNAT for the family.
+    pub nodeport_snat_addr4: Addr,
+    pub nodeport_snat_addr6: Addr,
 }
 
 pub mod config_flags {
@@ -399,13 +507,14 @@ pub const DEFAULT_SNAT_PORT_MAX: u16 = 65_535;
 
 /// Indices of the per-CPU `LB_STATS` array: one packet counter per verdict and reason.
 pub mod stat {
-    /// Not IPv4 (ARP, IPv6, VLAN-tagged ...): passed untouched.
-    pub const PASS_NOT_IPV4: u32 = 0;
-    /// IPv4 but neither TCP nor UDP, and not tied to a flow: passed untouched.
+    /// Neither IPv4 nor IPv6 (ARP, VLAN-tagged ...): passed untouched.
+    pub const PASS_NOT_IP: u32 = 0;
+    /// IP but neither TCP nor UDP (nor a ping to answer), or IPv6 with
+    /// extension headers: passed untouched.
     pub const PASS_OTHER_PROTO: u32 = 1;
     /// TCP/UDP not addressed to a frontend nor part of a tracked flow.
     pub const PASS_NOT_FRONTEND: u32 = 2;
-    /// IPv4 fragment: ports unknown, passed untouched.
+    /// IP fragment: ports unknown, passed untouched.
     pub const PASS_FRAGMENT: u32 = 3;
     /// Truncated or inconsistent headers: passed untouched.
     pub const MALFORMED: u32 = 4;
@@ -477,7 +586,7 @@ pub mod stat {
 
     /// Stable names, indexed by counter, as `lb-agent dump stats` shows them.
     pub const NAMES: [&str; COUNT as usize] = [
-        "pass_not_ipv4",
+        "pass_not_ip",
         "pass_other_proto",
         "pass_not_frontend",
         "pass_fragment",
@@ -515,19 +624,20 @@ pub mod stat {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<ServiceKey>() == 12);
+    assert!(core::mem::size_of::<Addr>() == 16);
+    assert!(core::mem::size_of::<ServiceKey>() == 24);
     assert!(core::mem::size_of::<ServiceValue>() == 16);
-    assert!(core::mem::size_of::<BackendValue>() == 12);
-    assert!(core::mem::size_of::<RevNatValue>() == 8);
-    assert!(core::mem::size_of::<CtKey>() == 16);
-    assert!(core::mem::size_of::<CtValue>() == 64);
-    assert!(core::mem::size_of::<AffinityKey>() == 8);
+    assert!(core::mem::size_of::<BackendValue>() == 24);
+    assert!(core::mem::size_of::<RevNatValue>() == 20);
+    assert!(core::mem::size_of::<CtKey>() == 40);
+    assert!(core::mem::size_of::<CtValue>() == 88);
+    assert!(core::mem::size_of::<AffinityKey>() == 20);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
-    assert!(core::mem::size_of::<ConfigValue>() == 32);
-    assert!(core::mem::size_of::<SockNatKey>() == 16);
-    assert!(core::mem::size_of::<SockNatValue>() == 16);
+    assert!(core::mem::size_of::<ConfigValue>() == 88);
+    assert!(core::mem::size_of::<SockNatKey>() == 32);
+    assert!(core::mem::size_of::<SockNatValue>() == 24);
     assert!(core::mem::size_of::<SockAffinityKey>() == 16);
-    assert!(core::mem::size_of::<SourceRange>() == 8);
+    assert!(core::mem::size_of::<SourceRange>() == 32);
     assert!(core::mem::size_of::<MaglevKey>() == 8);
     assert!(stat::COUNT <= stat::CAPACITY);
 };
@@ -551,6 +661,7 @@ mod pod {
     unsafe impl aya::Pod for SockNatKey {}
     unsafe impl aya::Pod for SockNatValue {}
     unsafe impl aya::Pod for SockAffinityKey {}
+    unsafe impl aya::Pod for Addr {}
 }
 
 #[cfg(test)]
@@ -565,10 +676,39 @@ mod tests {
         unsafe { core::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
     }
 
+    fn six_one() -> [u8; 16] {
+        [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+    }
+
+    fn v4(a: [u8; 4]) -> Addr {
+        Addr::v4(u32::from_ne_bytes(a))
+    }
+
+    #[test]
+    fn addresses_are_ipv6_or_ipv4_mapped_in_wire_order() {
+        let mapped = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 96, 0, 1];
+        assert_eq!(v4([10, 96, 0, 1]).octets(), mapped);
+        assert!(v4([10, 96, 0, 1]).is_v4());
+        assert_eq!(
+            v4([10, 96, 0, 1]).v4_be(),
+            u32::from_ne_bytes([10, 96, 0, 1])
+        );
+        let six = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        assert_eq!(Addr::from_octets(six).octets(), six);
+        assert!(!Addr::from_octets(six).is_v4());
+        assert!(Addr::NONE.is_none() && !Addr::from_octets(six).is_none());
+        let ip: core::net::IpAddr = "10.96.0.1".parse().unwrap();
+        assert_eq!(Addr::from(ip), v4([10, 96, 0, 1]));
+        assert_eq!(Addr::from(ip).ip(), ip);
+        let ip6: core::net::IpAddr = "fd00::1".parse().unwrap();
+        assert_eq!(Addr::from(ip6).octets(), six_one());
+        assert_eq!(Addr::from(ip6).ip(), ip6);
+    }
+
     #[test]
     fn service_key_bytes_match_kernel_layout() {
         let key = ServiceKey {
-            addr_be: u32::from_be_bytes([10, 96, 0, 1]).to_be(),
+            addr_be: v4([10, 96, 0, 1]),
             port_be: 80u16.to_be(),
             slot: 3,
             proto: IPPROTO_TCP,
@@ -578,7 +718,10 @@ mod tests {
         let slot = 3u16.to_ne_bytes();
         assert_eq!(
             bytes(&key),
-            &[10, 96, 0, 1, 0, 80, slot[0], slot[1], 6, 1, 0, 0],
+            &[
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 96, 0, 1, 0, 80, slot[0], slot[1], 6,
+                1, 0, 0
+            ],
             "addresses and ports are in network order, slot in host order"
         );
     }
@@ -586,10 +729,10 @@ mod tests {
     #[test]
     fn field_offsets_are_what_the_kernel_reads() {
         let cases: &[(&str, usize, usize)] = &[
-            ("ServiceKey.port_be", offset_of!(ServiceKey, port_be), 4),
-            ("ServiceKey.slot", offset_of!(ServiceKey, slot), 6),
-            ("ServiceKey.proto", offset_of!(ServiceKey, proto), 8),
-            ("ServiceKey.scope", offset_of!(ServiceKey, scope), 9),
+            ("ServiceKey.port_be", offset_of!(ServiceKey, port_be), 16),
+            ("ServiceKey.slot", offset_of!(ServiceKey, slot), 18),
+            ("ServiceKey.proto", offset_of!(ServiceKey, proto), 20),
+            ("ServiceKey.scope", offset_of!(ServiceKey, scope), 21),
             ("ServiceValue.count", offset_of!(ServiceValue, count), 4),
             (
                 "ServiceValue.rev_nat_id",
@@ -602,89 +745,104 @@ mod tests {
                 offset_of!(ServiceValue, affinity_timeout_s),
                 12,
             ),
-            ("BackendValue.port_be", offset_of!(BackendValue, port_be), 4),
-            ("BackendValue.proto", offset_of!(BackendValue, proto), 6),
-            ("BackendValue.state", offset_of!(BackendValue, state), 7),
-            ("BackendValue.flags", offset_of!(BackendValue, flags), 8),
-            ("RevNatValue.port_be", offset_of!(RevNatValue, port_be), 4),
-            ("CtKey.dst_addr_be", offset_of!(CtKey, dst_addr_be), 4),
-            ("CtKey.src_port_be", offset_of!(CtKey, src_port_be), 8),
-            ("CtKey.dst_port_be", offset_of!(CtKey, dst_port_be), 10),
-            ("CtKey.proto", offset_of!(CtKey, proto), 12),
-            ("CtKey.dir", offset_of!(CtKey, dir), 13),
+            (
+                "BackendValue.port_be",
+                offset_of!(BackendValue, port_be),
+                16,
+            ),
+            ("BackendValue.proto", offset_of!(BackendValue, proto), 18),
+            ("BackendValue.state", offset_of!(BackendValue, state), 19),
+            ("BackendValue.flags", offset_of!(BackendValue, flags), 20),
+            ("RevNatValue.port_be", offset_of!(RevNatValue, port_be), 16),
+            ("RevNatValue.proto", offset_of!(RevNatValue, proto), 18),
+            ("RevNatValue.scope", offset_of!(RevNatValue, scope), 19),
+            ("CtKey.dst_addr_be", offset_of!(CtKey, dst_addr_be), 16),
+            ("CtKey.src_port_be", offset_of!(CtKey, src_port_be), 32),
+            ("CtKey.dst_port_be", offset_of!(CtKey, dst_port_be), 34),
+            ("CtKey.proto", offset_of!(CtKey, proto), 36),
+            ("CtKey.dir", offset_of!(CtKey, dir), 37),
             ("CtValue.rev_nat_id", offset_of!(CtValue, rev_nat_id), 4),
             ("CtValue.flags", offset_of!(CtValue, flags), 6),
             ("CtValue.nat_addr_be", offset_of!(CtValue, nat_addr_be), 8),
-            ("CtValue.nat_port_be", offset_of!(CtValue, nat_port_be), 12),
+            ("CtValue.nat_port_be", offset_of!(CtValue, nat_port_be), 24),
             (
                 "CtValue.tcp_flags_seen",
                 offset_of!(CtValue, tcp_flags_seen),
-                14,
+                26,
             ),
-            ("CtValue.created_ns", offset_of!(CtValue, created_ns), 16),
+            ("CtValue.lifetime_s", offset_of!(CtValue, lifetime_s), 28),
+            ("CtValue.created_ns", offset_of!(CtValue, created_ns), 32),
             (
                 "CtValue.last_seen_ns",
                 offset_of!(CtValue, last_seen_ns),
-                24,
+                40,
             ),
-            ("CtValue.lifetime_s", offset_of!(CtValue, lifetime_s), 32),
             (
                 "CtValue.snat_addr_be",
                 offset_of!(CtValue, snat_addr_be),
-                36,
+                48,
             ),
-            ("CtValue.packets", offset_of!(CtValue, packets), 40),
-            ("CtValue.bytes", offset_of!(CtValue, bytes), 48),
+            ("CtValue.packets", offset_of!(CtValue, packets), 64),
+            ("CtValue.bytes", offset_of!(CtValue, bytes), 72),
+            (
+                "CtValue.snat_port_be",
+                offset_of!(CtValue, snat_port_be),
+                80,
+            ),
             (
                 "AffinityKey.rev_nat_id",
                 offset_of!(AffinityKey, rev_nat_id),
-                4,
+                16,
             ),
             (
                 "AffinityValue.last_used_ns",
                 offset_of!(AffinityValue, last_used_ns),
                 8,
             ),
-            ("ConfigValue.flags", offset_of!(ConfigValue, flags), 4),
             ("MaglevKey.index", offset_of!(MaglevKey, index), 4),
-            (
-                "ConfigValue.hairpin_snat_addr_be",
-                offset_of!(ConfigValue, hairpin_snat_addr_be),
-                8,
-            ),
-            ("RevNatValue.proto", offset_of!(RevNatValue, proto), 6),
-            ("RevNatValue.scope", offset_of!(RevNatValue, scope), 7),
-            (
-                "CtValue.snat_port_be",
-                offset_of!(CtValue, snat_port_be),
-                56,
-            ),
-            (
-                "ConfigValue.nodeport_snat_addr_be",
-                offset_of!(ConfigValue, nodeport_snat_addr_be),
-                12,
-            ),
+            ("ConfigValue.flags", offset_of!(ConfigValue, flags), 4),
             (
                 "ConfigValue.snat_port_min",
                 offset_of!(ConfigValue, snat_port_min),
-                16,
+                8,
             ),
             (
                 "ConfigValue.snat_port_max",
                 offset_of!(ConfigValue, snat_port_max),
-                18,
+                10,
             ),
             (
                 "ConfigValue.netns_cookie",
                 offset_of!(ConfigValue, netns_cookie),
+                16,
+            ),
+            (
+                "ConfigValue.hairpin_snat_addr4",
+                offset_of!(ConfigValue, hairpin_snat_addr4),
                 24,
             ),
+            (
+                "ConfigValue.hairpin_snat_addr6",
+                offset_of!(ConfigValue, hairpin_snat_addr6),
+                40,
+            ),
+            (
+                "ConfigValue.nodeport_snat_addr4",
+                offset_of!(ConfigValue, nodeport_snat_addr4),
+                56,
+            ),
+            (
+                "ConfigValue.nodeport_snat_addr6",
+                offset_of!(ConfigValue, nodeport_snat_addr6),
+                72,
+            ),
             ("SockNatKey.addr_be", offset_of!(SockNatKey, addr_be), 8),
-            ("SockNatKey.dir", offset_of!(SockNatKey, dir), 15),
+            ("SockNatKey.port_be", offset_of!(SockNatKey, port_be), 24),
+            ("SockNatKey.dir", offset_of!(SockNatKey, dir), 27),
             (
                 "SockNatValue.backend_id",
                 offset_of!(SockNatValue, backend_id),
-                8,
+                20,
             ),
             (
                 "SockAffinityKey.rev_nat_id",
@@ -694,7 +852,7 @@ mod tests {
             (
                 "SourceRange.client_addr_be",
                 offset_of!(SourceRange, client_addr_be),
-                4,
+                16,
             ),
         ];
         for (name, got, want) in cases {
@@ -704,19 +862,21 @@ mod tests {
 
     #[test]
     fn ct_key_bytes_match_kernel_layout() {
+        let six = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
         let key = CtKey {
-            src_addr_be: u32::from_be_bytes([10, 0, 0, 2]).to_be(),
-            dst_addr_be: u32::from_be_bytes([10, 96, 0, 1]).to_be(),
+            src_addr_be: Addr::from_octets(six),
+            dst_addr_be: v4([10, 96, 0, 1]),
             src_port_be: 40000u16.to_be(),
             dst_port_be: 53u16.to_be(),
             proto: IPPROTO_UDP,
             dir: CT_DIR_REPLY,
             _pad: [0; 2],
         };
-        assert_eq!(
-            bytes(&key),
-            &[10, 0, 0, 2, 10, 96, 0, 1, 0x9c, 0x40, 0, 53, 17, 1, 0, 0]
-        );
+        let mut want = std::vec::Vec::new();
+        want.extend_from_slice(&six);
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 96, 0, 1]);
+        want.extend_from_slice(&[0x9c, 0x40, 0, 53, 17, 1, 0, 0]);
+        assert_eq!(bytes(&key), &want[..]);
     }
 
     #[test]

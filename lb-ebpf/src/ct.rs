@@ -7,12 +7,12 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use lb_common::{
-    BACKEND_STANDBY, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, IPPROTO_TCP,
+    Addr, BACKEND_STANDBY, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, IPPROTO_TCP,
     ct_flags, ct_lifetime,
 };
 
 use crate::{
-    maps::LB_CT,
+    maps::{LB_CT, LB_CT_SCRATCH},
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -144,10 +144,10 @@ pub fn merge(key: &CtKey, proto: u8, bits: u16, now: u64) {
 /// for source NAT, the source written (port 0 in `snat_port_be` with a port
 /// range: allocate one).
 pub struct Nat {
-    pub backend_addr_be: u32,
+    pub backend_addr_be: Addr,
     pub backend_port_be: u16,
-    /// 0: no source NAT.
-    pub snat_addr_be: u32,
+    /// NONE: no source NAT.
+    pub snat_addr_be: Addr,
     pub snat_port_be: u16,
 }
 
@@ -185,21 +185,31 @@ fn reusable(key: &CtKey, now: u64) -> bool {
 /// with probability 2^-16.
 const SNAT_TRIES: u32 = 16;
 
+/// What `create` records besides the NAT: the flow's backend and
+/// frontend, the SNAT port range (`snat_port_max` 0: no allocation), the
+/// clock and the first packet's length.
+pub struct NewFlow {
+    pub backend_id: u32,
+    pub rev_nat_id: u16,
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub now: u64,
+    pub len: u32,
+}
+
 /// Track a new translated flow: forward entry keyed by the client's tuple,
-/// reply entry keyed by the backend's answer. With `port_range`, the SNAT
+/// reply entry keyed by the backend's answer. With a port range, the SNAT
 /// port is allocated here: the reply entry is inserted only if its tuple is
-/// free (or dead, or reset), so two live flows never share a tuple; `nat.snat_port_be` is
-/// set to the port taken.
+/// free (or dead, or reset), so two live flows never share a tuple;
+/// `nat.snat_port_be` is set to the port taken.
+/// Both entries are built in a per-CPU scratch map: two IPv6-sized entries
+/// on the stack would not fit the 512-byte frame.
 #[inline(always)]
-pub fn create(
-    flow: &Flow,
-    backend_id: u32,
-    rev_nat_id: u16,
-    nat: &mut Nat,
-    port_range: Option<(u16, u16)>,
-    now: u64,
-    len: u32,
-) -> Result<(), CreateError> {
+pub fn create(flow: &Flow, new: &NewFlow, nat: &mut Nat) -> Result<(), CreateError> {
+    let (Some(reply), Some(forward)) = (LB_CT_SCRATCH.get_ptr_mut(0), LB_CT_SCRATCH.get_ptr_mut(1))
+    else {
+        return Err(CreateError::Full);
+    };
     let mut flags = state_bits(flow);
     if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         flags |= ct_flags::SYN_SEEN;
@@ -207,10 +217,10 @@ pub fn create(
     let lifetime_s = lifetime(flow.proto, flags);
     // With SNAT the backend answers the SNAT address, and the reply entry
     // remembers the real client to restore.
-    let (reply_dst, restore_addr, restore_port) = if nat.snat_addr_be != 0 {
+    let (reply_dst, restore_addr, restore_port) = if !nat.snat_addr_be.is_none() {
         (nat.snat_addr_be, flow.src_be, flow.sport_be)
     } else {
-        (flow.src_be, 0, 0)
+        (flow.src_be, Addr::NONE, 0)
     };
     let mut reply_key = CtKey {
         src_addr_be: nat.backend_addr_be,
@@ -221,35 +231,39 @@ pub fn create(
         dir: CT_DIR_REPLY,
         _pad: [0; 2],
     };
-    let reply = CtValue {
-        backend_id,
-        rev_nat_id,
-        flags,
-        nat_addr_be: flow.dst_be,
-        nat_port_be: flow.dport_be,
-        created_ns: now,
-        last_seen_ns: now,
-        lifetime_s,
-        snat_addr_be: restore_addr,
-        snat_port_be: restore_port,
-        ..Default::default()
-    };
+    // SAFETY: per-CPU scratch slots, ours for the length of this program run.
+    let (reply, forward) = unsafe { (&mut *reply, &mut *forward) };
+    reply.backend_id = new.backend_id;
+    reply.rev_nat_id = new.rev_nat_id;
+    reply.flags = flags;
+    reply.nat_addr_be = flow.dst_be;
+    reply.nat_port_be = flow.dport_be;
+    reply.tcp_flags_seen = 0;
+    reply.created_ns = new.now;
+    reply.last_seen_ns = new.now;
+    reply.lifetime_s = lifetime_s;
+    reply.snat_addr_be = restore_addr;
+    reply.snat_port_be = restore_port;
+    reply.packets = 0;
+    reply.bytes = 0;
     // Reply first: a forward entry must never exist without its way back.
-    match port_range {
-        None => {
-            if LB_CT.insert(reply_key, reply, BPF_ANY as u64).is_err() {
+    match (new.snat_port_min, new.snat_port_max) {
+        (_, 0) => {
+            if LB_CT.insert(&reply_key, &*reply, BPF_ANY as u64).is_err() {
                 return Err(CreateError::Full);
             }
         }
-        Some((min, max)) => {
+        (min, max) => {
             let span = (max as u32).saturating_sub(min as u32) + 1;
             let mut taken = false;
             for _ in 0..SNAT_TRIES {
                 let port = min as u32 + unsafe { bpf_get_prandom_u32() } % span;
                 reply_key.dst_port_be = (port as u16).to_be();
-                if LB_CT.insert(reply_key, reply, BPF_NOEXIST as u64).is_ok()
-                    || (reusable(&reply_key, now)
-                        && LB_CT.insert(reply_key, reply, BPF_ANY as u64).is_ok())
+                if LB_CT
+                    .insert(&reply_key, &*reply, BPF_NOEXIST as u64)
+                    .is_ok()
+                    || (reusable(&reply_key, new.now)
+                        && LB_CT.insert(&reply_key, &*reply, BPF_ANY as u64).is_ok())
                 {
                     taken = true;
                     break;
@@ -261,24 +275,21 @@ pub fn create(
             nat.snat_port_be = reply_key.dst_port_be;
         }
     }
-    let forward = CtValue {
-        backend_id,
-        rev_nat_id,
-        flags,
-        nat_addr_be: nat.backend_addr_be,
-        nat_port_be: nat.backend_port_be,
-        tcp_flags_seen: flow.tcp_flags,
-        created_ns: now,
-        last_seen_ns: now,
-        lifetime_s,
-        snat_addr_be: nat.snat_addr_be,
-        snat_port_be: nat.snat_port_be,
-        packets: 1,
-        bytes: len as u64,
-        ..Default::default()
-    };
+    forward.backend_id = new.backend_id;
+    forward.rev_nat_id = new.rev_nat_id;
+    forward.flags = flags;
+    forward.nat_addr_be = nat.backend_addr_be;
+    forward.nat_port_be = nat.backend_port_be;
+    forward.tcp_flags_seen = flow.tcp_flags;
+    forward.created_ns = new.now;
+    forward.last_seen_ns = new.now;
+    forward.lifetime_s = lifetime_s;
+    forward.snat_addr_be = nat.snat_addr_be;
+    forward.snat_port_be = nat.snat_port_be;
+    forward.packets = 1;
+    forward.bytes = new.len as u64;
     LB_CT
-        .insert(forward_key(flow), forward, BPF_ANY as u64)
+        .insert(&forward_key(flow), &*forward, BPF_ANY as u64)
         .map_err(|_| CreateError::Full)
 }
 
@@ -286,7 +297,7 @@ pub fn create(
 #[inline(always)]
 pub fn peer_key(flow: &Flow, entry: &CtValue, dir: u8) -> CtKey {
     if dir == CT_DIR_FORWARD {
-        let (client, client_port) = if entry.snat_addr_be != 0 {
+        let (client, client_port) = if !entry.snat_addr_be.is_none() {
             (entry.snat_addr_be, entry.snat_port_be)
         } else {
             (flow.src_be, flow.sport_be)
@@ -301,7 +312,7 @@ pub fn peer_key(flow: &Flow, entry: &CtValue, dir: u8) -> CtKey {
             _pad: [0; 2],
         }
     } else {
-        let (client, client_port) = if entry.snat_addr_be != 0 {
+        let (client, client_port) = if !entry.snat_addr_be.is_none() {
             (entry.snat_addr_be, entry.snat_port_be)
         } else {
             (flow.dst_be, flow.dport_be)

@@ -6,13 +6,13 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY,
+    Addr, AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY,
     IPPROTO_TCP, MaglevKey, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue, SourceRange,
     backend_flags, config_flags, ct_flags, service_flags, stat,
 };
 
 use crate::{
-    ct::{self, CreateError, Nat},
+    ct::{self, CreateError, Nat, NewFlow},
     maps::{LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_SERVICES, LB_SOURCE_RANGES, count},
     nat::{self, End},
     packet::{Packet, Routed},
@@ -42,10 +42,10 @@ impl Origin {
 /// Where a translated packet goes: the destination (forward) or source (reply)
 /// to write, and for source-NATed flows the other end too.
 struct Rewrite {
-    addr_be: u32,
+    addr_be: Addr,
     port_be: u16,
-    /// Forward: new source address; reply: new destination address (0: keep).
-    other_addr_be: u32,
+    /// Forward: new source address; reply: new destination address (NONE: keep).
+    other_addr_be: Addr,
     /// Port counterpart of `other_addr_be`.
     other_port_be: u16,
 }
@@ -72,14 +72,18 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
     // The clock is read only where it is needed: not for packets that
     // are none of ours (the common case on a node).
     match unsafe { LB_SERVICES.get(key) } {
-        Some(frontend) => forward(pkt, &flow, key, *frontend, origin),
+        Some(frontend) => {
+            let frontend = *frontend;
+            forward(pkt, &flow, &key, &frontend, origin)
+        }
         None => reply(pkt, &flow, origin),
     }
 }
 
 /// A ping. Answered for a Service address with a usable backend, dropped for
 /// one without (so it tells the truth), passed for anything else.
-#[inline(always)]
+// Its own BPF function: its stack frame is not added to the flow path's.
+#[inline(never)]
 fn echo_request<P: Packet>(pkt: &mut P, echo: &Echo, origin: Origin) -> i32 {
     let key = ServiceKey {
         addr_be: echo.dst_be,
@@ -104,7 +108,12 @@ fn echo_request<P: Packet>(pkt: &mut P, echo: &Echo, origin: Origin) -> i32 {
         count(stat::DROP_ECHO);
         return pkt.drop_verdict();
     }
-    match reject::echo_reply(pkt, echo) {
+    let answered = if echo.v6 {
+        reject::echo6_reply(pkt, echo)
+    } else {
+        reject::echo_reply(pkt, echo)
+    };
+    match answered {
         Ok(()) => {
             count(stat::ECHO_REPLY);
             pkt.bounce()
@@ -120,7 +129,7 @@ fn echo_request<P: Packet>(pkt: &mut P, echo: &Echo, origin: Origin) -> i32 {
 #[inline(always)]
 fn source_allowed(flow: &Flow) -> bool {
     let key = Key::new(
-        64,
+        256,
         SourceRange {
             frontend_addr_be: flow.dst_be,
             client_addr_be: flow.src_be,
@@ -129,15 +138,17 @@ fn source_allowed(flow: &Flow) -> bool {
     LB_SOURCE_RANGES.get(key).is_some()
 }
 
-/// A packet addressed to a frontend.
-#[inline(always)]
+/// A packet addressed to a frontend. Its own BPF function (as are `reply`
+/// and the answers): inlined together they outgrow the 512-byte stack.
+#[inline(never)]
 fn forward<P: Packet>(
     pkt: &mut P,
     flow: &Flow,
-    key: ServiceKey,
-    frontend: ServiceValue,
+    key: &ServiceKey,
+    frontend: &ServiceValue,
     origin: Origin,
 ) -> i32 {
+    let (key, frontend) = (*key, *frontend);
     if frontend.flags & service_flags::SOURCE_RANGES != 0 && !source_allowed(flow) {
         count(stat::DROP_SOURCE_RANGE);
         return pkt.drop_verdict();
@@ -182,7 +193,7 @@ fn forward<P: Packet>(
     let mut nat = Nat {
         backend_addr_be: backend.addr_be,
         backend_port_be: backend.port_be,
-        snat_addr_be: 0,
+        snat_addr_be: Addr::NONE,
         snat_port_be: flow.sport_be,
     };
     let mut port_range = None;
@@ -190,32 +201,43 @@ fn forward<P: Packet>(
         // Hairpin: the pod would answer itself directly, bypassing the
         // reverse translation. Make the reply come back through us.
         if let Some(config) = LB_CONFIG.get(0) {
-            nat.snat_addr_be = config.hairpin_snat_addr_be;
+            nat.snat_addr_be = if flow.v6 {
+                config.hairpin_snat_addr6
+            } else {
+                config.hairpin_snat_addr4
+            };
         }
-        if nat.snat_addr_be != 0 {
+        if !nat.snat_addr_be.is_none() {
             count(stat::HAIRPIN);
         }
     } else if origin == Origin::Node
         && (backend.flags & backend_flags::REMOTE != 0
             || frontend.flags & service_flags::MASQUERADE != 0)
         && let Some(config) = LB_CONFIG.get(0)
-        && config.nodeport_snat_addr_be != 0
     {
         // External traffic to another node's backend (or masqueraded): the
         // reply must come back here to be translated, so the source becomes
         // this node.
-        nat.snat_addr_be = config.nodeport_snat_addr_be;
-        port_range = Some((config.snat_port_min, config.snat_port_max));
+        let node = if flow.v6 {
+            config.nodeport_snat_addr6
+        } else {
+            config.nodeport_snat_addr4
+        };
+        if !node.is_none() {
+            nat.snat_addr_be = node;
+            port_range = Some((config.snat_port_min, config.snat_port_max));
+        }
     }
-    match ct::create(
-        flow,
+    let (snat_port_min, snat_port_max) = port_range.unwrap_or((0, 0));
+    let new_flow = NewFlow {
         backend_id,
-        frontend.rev_nat_id,
-        &mut nat,
-        port_range,
+        rev_nat_id: frontend.rev_nat_id,
+        snat_port_min,
+        snat_port_max,
         now,
         len,
-    ) {
+    };
+    match ct::create(flow, &new_flow, &mut nat) {
         Ok(()) => {
             if port_range.is_some() {
                 count(stat::NODEPORT_SNAT);
@@ -349,8 +371,11 @@ fn flow_hash(flow: &Flow) -> u32 {
         h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
         h
     };
-    let mut h = mix(0x5bd1_e995, flow.src_be);
-    h = mix(h, flow.dst_be);
+    let mut h = 0x5bd1_e995;
+    for i in 0..4 {
+        h = mix(h, flow.src_be.be[i]);
+        h = mix(h, flow.dst_be.be[i]);
+    }
     h = mix(h, (flow.sport_be as u32) << 16 | flow.dport_be as u32);
     h = mix(h, flow.proto as u32);
     h ^= h >> 16;
@@ -362,7 +387,7 @@ fn flow_hash(flow: &Flow) -> u32 {
 
 /// A packet not addressed to a frontend: a reply of a translated flow, a
 /// packet to a Service IP on an undeclared port, or none of ours.
-#[inline(always)]
+#[inline(never)]
 fn reply<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
     let key = ct::reply_key(flow);
     let Some((entry, now)) = ct::lookup_timed(&key) else {
@@ -419,7 +444,7 @@ fn not_a_frontend<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
 #[inline(always)]
 fn translate<P: Packet>(pkt: &mut P, flow: &Flow, end: End, to: &Rewrite, verdict: u32) -> i32 {
     let mut result = nat::rewrite(pkt, flow, end, to.addr_be, to.port_be);
-    if result.is_ok() && to.other_addr_be != 0 {
+    if result.is_ok() && !to.other_addr_be.is_none() {
         let other_end = match end {
             End::Destination => End::Source,
             End::Source => End::Destination,
@@ -449,6 +474,7 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, end: End, to: &Rewrite, verdic
                     sport_be: src.1,
                     dport_be: dst.1,
                     proto: flow.proto,
+                    v6: flow.v6,
                 };
                 if let Some(redirected) = pkt.redirect_routed(&routed) {
                     count(stat::REDIRECTED);
@@ -466,8 +492,8 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, end: End, to: &Rewrite, verdic
 
 /// The other end after translation: the SNAT one, or the packet's own.
 #[inline(always)]
-fn other_or(to: &Rewrite, unchanged: (u32, u16)) -> (u32, u16) {
-    if to.other_addr_be != 0 {
+fn other_or(to: &Rewrite, unchanged: (Addr, u16)) -> (Addr, u16) {
+    if !to.other_addr_be.is_none() {
         (to.other_addr_be, to.other_port_be)
     } else {
         unchanged
@@ -475,17 +501,19 @@ fn other_or(to: &Rewrite, unchanged: (u32, u16)) -> (u32, u16) {
 }
 
 /// No backend at all: refuse fast instead of letting the client time out.
-#[inline(always)]
+// Its own BPF function: its stack frame is not added to the flow path's.
+#[inline(never)]
 fn refuse<P: Packet>(pkt: &mut P, flow: &Flow) -> i32 {
     if flow.tcp_flags & TCP_RST != 0 {
         // Never answer an RST.
         count(stat::DROP_NO_BACKEND);
         return pkt.drop_verdict();
     }
-    let (built, reason) = if flow.proto == IPPROTO_TCP {
-        (reject::tcp_rst(pkt, flow), stat::REJECT_TCP_RST)
-    } else {
-        (reject::icmp_port_unreachable(pkt, flow), stat::REJECT_ICMP)
+    let (built, reason) = match (flow.proto == IPPROTO_TCP, flow.v6) {
+        (true, false) => (reject::tcp_rst(pkt, flow), stat::REJECT_TCP_RST),
+        (true, true) => (reject::tcp6_rst(pkt, flow), stat::REJECT_TCP_RST),
+        (false, false) => (reject::icmp_port_unreachable(pkt, flow), stat::REJECT_ICMP),
+        (false, true) => (reject::icmp6_port_unreachable(pkt, flow), stat::REJECT_ICMP),
     };
     match built {
         Ok(()) => {

@@ -32,7 +32,7 @@ mod programs {
     use crate::{
         lb::{self, Origin},
         packet::{TcPacket, XdpPacket},
-        sock,
+        sock::{self, Family},
     };
 
     /// tc ingress (TCX) on pod devices: in-cluster traffic.
@@ -72,25 +72,46 @@ mod programs {
     /// connect() of the node's TCP and UDP sockets: a frontend becomes a backend.
     #[cgroup_sock_addr(connect4)]
     pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
-        sock::translate_forward(&ctx)
+        sock::translate_forward(&ctx, Family::V4)
     }
 
     /// sendmsg() with an address on the node's unconnected UDP sockets.
     #[cgroup_sock_addr(sendmsg4)]
     pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-        sock::translate_forward(&ctx)
+        sock::translate_forward(&ctx, Family::V4)
     }
 
     /// recvmsg() on UDP sockets: a backend's datagram shows the Service as source.
     #[cgroup_sock_addr(recvmsg4)]
     pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-        sock::translate_reverse(&ctx)
+        sock::translate_reverse(&ctx, Family::V4)
     }
 
     /// getpeername(): a socket connected through a Service shows the Service.
     #[cgroup_sock_addr(getpeername4)]
     pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-        sock::translate_reverse(&ctx)
+        sock::translate_reverse(&ctx, Family::V4)
+    }
+
+    /// connect() of IPv6 sockets (IPv6 Services, and IPv4 ones by mapped address).
+    #[cgroup_sock_addr(connect6)]
+    pub fn lb_sock_connect6(ctx: SockAddrContext) -> i32 {
+        sock::translate_forward(&ctx, Family::V6)
+    }
+
+    #[cgroup_sock_addr(sendmsg6)]
+    pub fn lb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+        sock::translate_forward(&ctx, Family::V6)
+    }
+
+    #[cgroup_sock_addr(recvmsg6)]
+    pub fn lb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+        sock::translate_reverse(&ctx, Family::V6)
+    }
+
+    #[cgroup_sock_addr(getpeername6)]
+    pub fn lb_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+        sock::translate_reverse(&ctx, Family::V6)
     }
 
     /// The floor for `cargo xtask perf`: a tc program that only passes.

@@ -30,6 +30,10 @@ pub static LB_REV_NAT: HashMap<u16, RevNatValue> = HashMap::with_max_entries(map
 #[map(name = "LB_CT")]
 pub static LB_CT: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(map_sizes::CT, 0);
 
+/// Per-CPU room to build conntrack entries in (not pinned: scratch only).
+#[map(name = "LB_CT_SCRATCH")]
+pub static LB_CT_SCRATCH: PerCpuArray<CtValue> = PerCpuArray::with_max_entries(2, 0);
+
 /// Session affinity: {client, rev-NAT id} -> last backend.
 #[map(name = "LB_AFFINITY")]
 pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =

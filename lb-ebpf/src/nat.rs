@@ -1,10 +1,13 @@
 //! Address and port rewrites with incremental checksum fixes.
 
-use lb_common::IPPROTO_TCP;
+use lb_common::{Addr, IPPROTO_TCP};
 
 use crate::{
     packet::{L4Csum, Packet, Result},
-    parse::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT, L4_SPORT, TCP_CSUM, UDP_CSUM},
+    parse::{
+        Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, L4_DPORT, L4_SPORT,
+        TCP_CSUM, UDP_CSUM,
+    },
 };
 
 /// Which end of the tuple a rewrite touches.
@@ -16,13 +19,14 @@ pub enum End {
     Source,
 }
 
-/// Rewrite one end of `flow` to `addr_be:port_be`, fixing the IPv4 and L4 checksums.
+/// Rewrite one end of `flow` to `addr_be:port_be`, fixing the IPv4 header
+/// checksum (IPv6 has none) and the L4 checksum's pseudo header.
 #[inline(always)]
 pub fn rewrite<P: Packet>(
     pkt: &mut P,
     flow: &Flow,
     end: End,
-    addr_be: u32,
+    addr_be: Addr,
     port_be: u16,
 ) -> Result<()> {
     let (kind, csum_off) = if flow.proto == IPPROTO_TCP {
@@ -30,24 +34,48 @@ pub fn rewrite<P: Packet>(
     } else {
         (L4Csum::Udp, flow.l4_off + UDP_CSUM)
     };
-    let (addr_off, old_addr, port_off, old_port) = match end {
-        End::Destination => (
+    let (addr_off, old_addr, port_off, old_port) = match (end, flow.v6) {
+        (End::Destination, false) => (
             IP_DST_OFF,
             flow.dst_be,
             flow.l4_off + L4_DPORT,
             flow.dport_be,
         ),
-        End::Source => (
+        (End::Source, false) => (
             IP_SRC_OFF,
+            flow.src_be,
+            flow.l4_off + L4_SPORT,
+            flow.sport_be,
+        ),
+        (End::Destination, true) => (
+            IP6_DST_OFF,
+            flow.dst_be,
+            flow.l4_off + L4_DPORT,
+            flow.dport_be,
+        ),
+        (End::Source, true) => (
+            IP6_SRC_OFF,
             flow.src_be,
             flow.l4_off + L4_SPORT,
             flow.sport_be,
         ),
     };
     if old_addr != addr_be {
-        pkt.l4_csum_replace(kind, csum_off, old_addr, addr_be, 4, true)?;
-        pkt.l3_csum_replace4(IP_CSUM_OFF, old_addr, addr_be)?;
-        pkt.store(addr_off, &addr_be)?;
+        if flow.v6 {
+            // Each changed word of the address is a pseudo-header change.
+            for i in 0..4 {
+                let (from, to) = (old_addr.be[i], addr_be.be[i]);
+                if from != to {
+                    pkt.l4_csum_replace(kind, csum_off, from, to, 4, true)?;
+                }
+            }
+            pkt.store(addr_off, &addr_be)?;
+        } else {
+            let (from, to) = (old_addr.v4_be(), addr_be.v4_be());
+            pkt.l4_csum_replace(kind, csum_off, from, to, 4, true)?;
+            pkt.l3_csum_replace4(IP_CSUM_OFF, from, to)?;
+            pkt.store(addr_off, &to)?;
+        }
     }
     if old_port != port_be {
         pkt.l4_csum_replace(kind, csum_off, old_port as u32, port_be as u32, 2, false)?;

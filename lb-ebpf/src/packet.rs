@@ -75,11 +75,12 @@ pub trait Packet {
 
 /// A translated packet's tuple, for the FIB lookup of the fast path.
 pub struct Routed {
-    pub src_be: u32,
-    pub dst_be: u32,
+    pub src_be: lb_common::Addr,
+    pub dst_be: lb_common::Addr,
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
+    pub v6: bool,
 }
 
 pub struct TcPacket<'a> {
@@ -170,15 +171,22 @@ impl Packet for TcPacket<'_> {
     #[inline(always)]
     fn redirect_routed(&self, to: &Routed) -> Option<i32> {
         const AF_INET: u8 = 2;
+        const AF_INET6: u8 = 10;
         // SAFETY: plain data; every field the helper reads is set below.
         let mut fib: FibLookup = unsafe { core::mem::zeroed() };
-        fib.family = AF_INET;
         fib.l4_protocol = to.proto;
         fib.sport = to.sport_be;
         fib.dport = to.dport_be;
         fib.ifindex = unsafe { (*self.ctx.skb.skb).ifindex };
-        fib.__bindgen_anon_3.ipv4_src = to.src_be;
-        fib.__bindgen_anon_4.ipv4_dst = to.dst_be;
+        if to.v6 {
+            fib.family = AF_INET6;
+            fib.__bindgen_anon_3.ipv6_src = to.src_be.be;
+            fib.__bindgen_anon_4.ipv6_dst = to.dst_be.be;
+        } else {
+            fib.family = AF_INET;
+            fib.__bindgen_anon_3.ipv4_src = to.src_be.v4_be();
+            fib.__bindgen_anon_4.ipv4_dst = to.dst_be.v4_be();
+        }
         let ret = unsafe {
             bpf_fib_lookup(
                 self.ctx.skb.skb.cast(),

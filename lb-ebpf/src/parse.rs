@@ -1,16 +1,23 @@
 //! Header parsing. Anything we cannot fully account for is reported with the
 //! stat that explains why it is passed untouched.
 
-use lb_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, stat};
+use lb_common::{Addr, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, stat};
 
 use crate::packet::Packet;
 
 pub const ETH_HLEN: u32 = 14;
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 /// Offsets inside the IPv4 header (from the start of the packet).
 pub const IP_CSUM_OFF: u32 = ETH_HLEN + 10;
 pub const IP_SRC_OFF: u32 = ETH_HLEN + 12;
 pub const IP_DST_OFF: u32 = ETH_HLEN + 16;
+/// Offsets inside the IPv6 header (from the start of the packet).
+pub const IP6_SRC_OFF: u32 = ETH_HLEN + 8;
+pub const IP6_DST_OFF: u32 = ETH_HLEN + 24;
+pub const IP6_HLEN: u32 = 40;
+/// IPv6 next header: a fragment header.
+const IPPROTO_FRAGMENT: u8 = 44;
 /// Offsets inside the L4 header.
 pub const L4_SPORT: u32 = 0;
 pub const L4_DPORT: u32 = 2;
@@ -44,11 +51,23 @@ pub struct Ports {
     pub dst_be: u16,
 }
 
-/// A TCP or UDP packet over IPv4, with what translation needs to know.
+/// IPv6 fixed header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6Hdr {
+    pub vtc_flow_be: u32,
+    pub payload_len_be: u16,
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub src: Addr,
+    pub dst: Addr,
+}
+
+/// A TCP or UDP packet over IPv4 or IPv6, with what translation needs to know.
 #[derive(Clone, Copy)]
 pub struct Flow {
-    pub src_be: u32,
-    pub dst_be: u32,
+    pub src_be: Addr,
+    pub dst_be: Addr,
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
@@ -56,25 +75,29 @@ pub struct Flow {
     pub tcp_flags: u8,
     /// Start of the L4 header.
     pub l4_off: u32,
-    /// IPv4 header length in bytes (with options).
+    /// IP header length in bytes (IPv4 with options; 40 for IPv6).
     pub ihl_bytes: u32,
     /// L4 header length in bytes (TCP data offset, 8 for UDP).
     pub l4_hdr_bytes: u32,
     /// End of the IP datagram (ETH_HLEN + total length), before any padding.
     pub ip_end: u32,
+    pub v6: bool,
 }
 
-/// An ICMP echo request (ping) over IPv4.
+/// An ICMP echo request (ping) over IPv4, or ICMPv6 echo request.
 #[derive(Clone, Copy)]
 pub struct Echo {
-    pub src_be: u32,
-    pub dst_be: u32,
+    pub src_be: Addr,
+    pub dst_be: Addr,
     /// Start of the ICMP header.
     pub l4_off: u32,
+    pub v6: bool,
 }
 
 pub const ICMP_ECHO_REQUEST: u8 = 8;
 pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
 
 pub enum Parsed {
     Flow(Flow),
@@ -112,8 +135,18 @@ struct UdpHdr {
     _csum: u16,
 }
 
+/// Ethernet header and the IPv6 header, read in one go.
+#[repr(C, packed)]
+#[derive(Clone, Copy)]
+struct EthIpv6 {
+    _macs: [u8; 12],
+    _proto_be: u16,
+    ip: Ipv6Hdr,
+}
+
 const _: () = {
     assert!(size_of::<EthIpv4>() == 34);
+    assert!(size_of::<EthIpv6>() == 54);
     assert!(size_of::<TcpHead>() == 14);
     assert!(size_of::<UdpHdr>() == 8);
 };
@@ -125,12 +158,17 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
         // Too short for IPv4 over Ethernet: say what it is, then pass.
         return match pkt.load::<u16>(12) {
             Ok(p) if u16::from_be(p) == ETH_P_IP => Parsed::Pass(stat::MALFORMED),
-            Ok(_) => Parsed::Pass(stat::PASS_NOT_IPV4),
+            Ok(p) if u16::from_be(p) == ETH_P_IPV6 => Parsed::Pass(stat::MALFORMED),
+            Ok(_) => Parsed::Pass(stat::PASS_NOT_IP),
             Err(_) => Parsed::Pass(stat::MALFORMED),
         };
     };
-    if u16::from_be(head.proto_be) != ETH_P_IP {
-        return Parsed::Pass(stat::PASS_NOT_IPV4);
+    let ethertype = u16::from_be(head.proto_be);
+    if ethertype == ETH_P_IPV6 {
+        return parse6(pkt);
+    }
+    if ethertype != ETH_P_IP {
+        return Parsed::Pass(stat::PASS_NOT_IP);
     }
     let ip = { head.ip };
     let ihl_bytes = ((ip.version_ihl & 0x0f) as u32) * 4;
@@ -147,6 +185,83 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
         return Parsed::Pass(stat::PASS_FRAGMENT);
     }
     let l4_off = ETH_HLEN + ihl_bytes;
+    let ip = Ends {
+        src: Addr::v4(ip.src_be),
+        dst: Addr::v4(ip.dst_be),
+        proto: ip.proto,
+        ihl_bytes,
+        ip_end,
+        v6: false,
+    };
+    if ip.proto == IPPROTO_ICMP {
+        return echo(pkt, &ip, l4_off, ICMP_ECHO_REQUEST);
+    }
+    transport(pkt, &ip, l4_off)
+}
+
+/// What the IP layer says, for the transport parse shared by both families.
+struct Ends {
+    src: Addr,
+    dst: Addr,
+    proto: u8,
+    ihl_bytes: u32,
+    ip_end: u32,
+    v6: bool,
+}
+
+/// IPv6: the fixed header, then TCP, UDP or an ICMPv6 echo request right
+/// after it. Extension headers (and fragments) are passed untouched.
+#[inline(always)]
+fn parse6<P: Packet>(pkt: &P) -> Parsed {
+    let Ok(head) = pkt.load_header::<EthIpv6>(0) else {
+        return Parsed::Pass(stat::MALFORMED);
+    };
+    let ip = { head.ip };
+    if u32::from_be(ip.vtc_flow_be) >> 28 != 6 {
+        return Parsed::Pass(stat::MALFORMED);
+    }
+    let ip_end = ETH_HLEN + IP6_HLEN + u16::from_be(ip.payload_len_be) as u32;
+    if ip_end > pkt.len() {
+        return Parsed::Pass(stat::MALFORMED);
+    }
+    let ends = Ends {
+        src: ip.src,
+        dst: ip.dst,
+        proto: ip.next_header,
+        ihl_bytes: IP6_HLEN,
+        ip_end,
+        v6: true,
+    };
+    let l4_off = ETH_HLEN + IP6_HLEN;
+    match ip.next_header {
+        IPPROTO_FRAGMENT => Parsed::Pass(stat::PASS_FRAGMENT),
+        IPPROTO_ICMPV6 => echo(pkt, &ends, l4_off, ICMPV6_ECHO_REQUEST),
+        _ => transport(pkt, &ends, l4_off),
+    }
+}
+
+/// An echo request (`request` is the family's type) is ours to answer for
+/// Service addresses; any other ICMP passes.
+#[inline(always)]
+fn echo<P: Packet>(pkt: &P, ip: &Ends, l4_off: u32, request: u8) -> Parsed {
+    if l4_off + 8 > ip.ip_end {
+        return Parsed::Pass(stat::PASS_OTHER_PROTO);
+    }
+    match pkt.load::<[u8; 2]>(l4_off) {
+        Ok([kind, 0]) if kind == request => Parsed::Echo(Echo {
+            src_be: ip.src,
+            dst_be: ip.dst,
+            l4_off,
+            v6: ip.v6,
+        }),
+        _ => Parsed::Pass(stat::PASS_OTHER_PROTO),
+    }
+}
+
+/// TCP or UDP at `l4_off`, checked against the datagram's end.
+#[inline(always)]
+fn transport<P: Packet>(pkt: &P, ip: &Ends, l4_off: u32) -> Parsed {
+    let ip_end = ip.ip_end;
     let mut tcp_flags = 0u8;
     let mut l4_hdr_bytes = 8;
     let ports = match ip.proto {
@@ -176,32 +291,19 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
             }
             udp.ports
         }
-        IPPROTO_ICMP => {
-            // Only echo requests are ours (to answer for Service addresses).
-            if l4_off + 8 > ip_end {
-                return Parsed::Pass(stat::PASS_OTHER_PROTO);
-            }
-            return match pkt.load::<[u8; 2]>(l4_off) {
-                Ok([ICMP_ECHO_REQUEST, 0]) => Parsed::Echo(Echo {
-                    src_be: ip.src_be,
-                    dst_be: ip.dst_be,
-                    l4_off,
-                }),
-                _ => Parsed::Pass(stat::PASS_OTHER_PROTO),
-            };
-        }
         _ => return Parsed::Pass(stat::PASS_OTHER_PROTO),
     };
     Parsed::Flow(Flow {
-        src_be: ip.src_be,
-        dst_be: ip.dst_be,
+        src_be: ip.src,
+        dst_be: ip.dst,
         sport_be: ports.src_be,
         dport_be: ports.dst_be,
         proto: ip.proto,
         tcp_flags,
         l4_off,
-        ihl_bytes,
+        ihl_bytes: ip.ihl_bytes,
         l4_hdr_bytes,
         ip_end,
+        v6: ip.v6,
     })
 }

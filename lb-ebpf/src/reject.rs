@@ -4,14 +4,15 @@
 //! echo reply. The packet is rewritten in place into the answer and bounced
 //! back out of the device it came from.
 
-use lb_common::{IPPROTO_ICMP, IPPROTO_TCP};
+use lb_common::{Addr, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
 
 use crate::{
     csum,
     packet::{L4Csum, Packet, Result},
     parse::{
-        ETH_HLEN, ETH_P_IP, Echo, Flow, ICMP_ECHO_REPLY, IP_DST_OFF, IP_SRC_OFF, Ipv4Hdr, TCP_ACK,
-        TCP_FIN, TCP_RST, TCP_SYN,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Echo, Flow, ICMP_ECHO_REPLY, ICMPV6_ECHO_REPLY, IP_DST_OFF,
+        IP_SRC_OFF, IP6_DST_OFF, IP6_HLEN, IP6_SRC_OFF, Ipv4Hdr, Ipv6Hdr, TCP_ACK, TCP_FIN,
+        TCP_RST, TCP_SYN,
     },
 };
 
@@ -51,46 +52,49 @@ const TCP_HLEN: u32 = 20;
 const ICMP_HLEN: u32 = 8;
 /// Longest quote: a 60-byte IPv4 header plus 8 bytes of L4.
 const MAX_QUOTE_WORDS: u32 = 17;
+/// ICMPv6 quotes the IPv6 header and 8 bytes of L4.
+const QUOTE6_WORDS: u32 = (IP6_HLEN + 8) / 4;
 
 /// Swapped Ethernet header for the answer.
 #[inline(always)]
-fn answer_eth<P: Packet>(pkt: &P) -> Result<EthHdr> {
+fn answer_eth<P: Packet>(pkt: &P, v6: bool) -> Result<EthHdr> {
     let eth: EthHdr = pkt.load(0)?;
     Ok(EthHdr {
         dst: eth.src,
         src: eth.dst,
-        proto_be: ETH_P_IP.to_be(),
+        proto_be: if v6 { ETH_P_IPV6 } else { ETH_P_IP }.to_be(),
     })
 }
 
-/// IPv4 header of the answer, from the frontend to the client, checksummed.
+/// IPv6 header of the answer, from the frontend to the client.
 #[inline(always)]
-fn answer_ip(flow: &Flow, proto: u8, tot_len: u32) -> Ipv4Hdr {
-    let mut ip = Ipv4Hdr {
-        version_ihl: 0x45,
-        tos: 0,
-        tot_len_be: (tot_len as u16).to_be(),
-        id_be: 0,
-        frag_be: 0x4000u16.to_be(),
-        ttl: 64,
-        proto,
-        csum: 0,
-        src_be: flow.dst_be,
-        dst_be: flow.src_be,
-    };
-    let words: [u16; 10] = unsafe { core::mem::transmute(ip) };
-    let mut sum = 0u32;
-    for w in words {
-        sum += w as u32;
+fn answer_ip6(flow: &Flow, next_header: u8, payload_len: u32) -> Ipv6Hdr {
+    Ipv6Hdr {
+        vtc_flow_be: (6u32 << 28).to_be(),
+        payload_len_be: (payload_len as u16).to_be(),
+        next_header,
+        hop_limit: 64,
+        src: flow.dst_be,
+        dst: flow.src_be,
     }
-    ip.csum = !csum::fold(sum);
-    ip
 }
 
-/// Rewrite a TCP packet into the RST that refuses it (RFC 9293 3.10.7.1).
+/// One's-complement sum of an IPv6 pseudo header (RFC 8200 8.1) for an
+/// upper-layer packet of `len` bytes.
 #[inline(always)]
-pub fn tcp_rst<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<()> {
-    let eth = answer_eth(pkt)?;
+fn pseudo6_sum(src: &Addr, dst: &Addr, next_header: u8, len: u32) -> u32 {
+    let mut sum = 0u32;
+    for i in 0..4 {
+        sum = csum::add4(sum, src.be[i]);
+        sum = csum::add4(sum, dst.be[i]);
+    }
+    sum + (len as u16).to_be() as u32 + (next_header as u16).to_be() as u32
+}
+
+/// The RST answering `flow`'s TCP segment (RFC 9293 3.10.7.1), checksum
+/// over the header only, starting from the pseudo-header sum `pseudo`.
+#[inline(always)]
+fn rst_header<P: Packet>(pkt: &P, flow: &Flow, pseudo: u32) -> Result<TcpHdr> {
     let seq_ack: [u32; 2] = pkt.load(flow.l4_off + 4)?;
     let (seq_be, ack_be, flags) = if flow.tcp_flags & TCP_ACK != 0 {
         (seq_ack[1], 0, TCP_RST)
@@ -116,15 +120,48 @@ pub fn tcp_rst<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<()> {
         csum: 0,
         urg_be: 0,
     };
-    // Pseudo header + header; the RST carries no payload.
-    let mut sum = csum::add4(0, flow.dst_be);
-    sum = csum::add4(sum, flow.src_be);
-    sum += (IPPROTO_TCP as u16).to_be() as u32 + (TCP_HLEN as u16).to_be() as u32;
     let words: [u16; 10] = unsafe { core::mem::transmute(tcp) };
+    let mut sum = pseudo;
     for w in words {
         sum += w as u32;
     }
     tcp.csum = !csum::fold(sum);
+    Ok(tcp)
+}
+
+/// IPv4 header of the answer, from the frontend to the client, checksummed.
+#[inline(always)]
+fn answer_ip(flow: &Flow, proto: u8, tot_len: u32) -> Ipv4Hdr {
+    let mut ip = Ipv4Hdr {
+        version_ihl: 0x45,
+        tos: 0,
+        tot_len_be: (tot_len as u16).to_be(),
+        id_be: 0,
+        frag_be: 0x4000u16.to_be(),
+        ttl: 64,
+        proto,
+        csum: 0,
+        src_be: flow.dst_be.v4_be(),
+        dst_be: flow.src_be.v4_be(),
+    };
+    let words: [u16; 10] = unsafe { core::mem::transmute(ip) };
+    let mut sum = 0u32;
+    for w in words {
+        sum += w as u32;
+    }
+    ip.csum = !csum::fold(sum);
+    ip
+}
+
+/// Rewrite a TCP packet into the RST that refuses it (RFC 9293 3.10.7.1).
+#[inline(always)]
+pub fn tcp_rst<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<()> {
+    let eth = answer_eth(pkt, false)?;
+    // Pseudo header; the RST carries no payload.
+    let mut pseudo = csum::add4(0, flow.dst_be.v4_be());
+    pseudo = csum::add4(pseudo, flow.src_be.v4_be());
+    pseudo += (IPPROTO_TCP as u16).to_be() as u32 + (TCP_HLEN as u16).to_be() as u32;
+    let tcp = rst_header(pkt, flow, pseudo)?;
     let ip = answer_ip(flow, IPPROTO_TCP, IP_HLEN + TCP_HLEN);
 
     pkt.truncate(ETH_HLEN + IP_HLEN + TCP_HLEN)?;
@@ -133,11 +170,25 @@ pub fn tcp_rst<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<()> {
     pkt.store(ETH_HLEN + IP_HLEN, &tcp)
 }
 
+/// The IPv6 twin of `tcp_rst`.
+#[inline(always)]
+pub fn tcp6_rst<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<()> {
+    let eth = answer_eth(pkt, true)?;
+    let pseudo = pseudo6_sum(&flow.dst_be, &flow.src_be, IPPROTO_TCP, TCP_HLEN);
+    let tcp = rst_header(pkt, flow, pseudo)?;
+    let ip = answer_ip6(flow, IPPROTO_TCP, TCP_HLEN);
+
+    pkt.truncate(ETH_HLEN + IP6_HLEN + TCP_HLEN)?;
+    pkt.store(0, &eth)?;
+    pkt.store(ETH_HLEN, &ip)?;
+    pkt.store(ETH_HLEN + IP6_HLEN, &tcp)
+}
+
 /// Rewrite a UDP packet into ICMP port unreachable quoting its IP header and
 /// first 8 bytes of UDP (RFC 792), so the client's socket gets ECONNREFUSED.
 #[inline(always)]
 pub fn icmp_port_unreachable<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<()> {
-    let eth = answer_eth(pkt)?;
+    let eth = answer_eth(pkt, false)?;
     let quote_len = flow.ihl_bytes + 8;
     let extra = IP_HLEN + ICMP_HLEN;
     // The original IP header and L4 start stay where they are, shifted by the
@@ -170,11 +221,64 @@ pub fn icmp_port_unreachable<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<()> 
     pkt.store(ETH_HLEN + IP_HLEN, &icmp)
 }
 
+/// Rewrite a UDP packet over IPv6 into ICMPv6 destination unreachable, port
+/// unreachable (RFC 4443 3.1), quoting the IPv6 header and 8 bytes of UDP.
+#[inline(always)]
+pub fn icmp6_port_unreachable<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<()> {
+    let eth = answer_eth(pkt, true)?;
+    let quote_len = IP6_HLEN + 8;
+    let extra = IP6_HLEN + ICMP_HLEN;
+    pkt.push_head(extra)?;
+    let quote_off = ETH_HLEN + extra;
+    pkt.truncate(quote_off + quote_len)?;
+
+    let mut icmp = IcmpHdr {
+        kind: 1,
+        code: 4,
+        csum: 0,
+        unused: 0,
+    };
+    let icmp_len = ICMP_HLEN + quote_len;
+    let mut sum = pseudo6_sum(&flow.dst_be, &flow.src_be, IPPROTO_ICMPV6, icmp_len);
+    sum += (icmp.kind as u16 | ((icmp.code as u16) << 8)) as u32;
+    for i in 0..QUOTE6_WORDS {
+        let word: u32 = pkt.load(quote_off + i * 4)?;
+        sum = csum::add4(sum, word);
+    }
+    icmp.csum = !csum::fold(sum);
+    let ip = answer_ip6(flow, IPPROTO_ICMPV6, icmp_len);
+
+    pkt.store(0, &eth)?;
+    pkt.store(ETH_HLEN, &ip)?;
+    pkt.store(ETH_HLEN + IP6_HLEN, &icmp)
+}
+
+/// Rewrite an ICMPv6 echo request into its reply (RFC 4443 4.2): addresses
+/// swapped (the pseudo-header sum stays), type 129.
+#[inline(always)]
+pub fn echo6_reply<P: Packet>(pkt: &mut P, echo: &Echo) -> Result<()> {
+    let eth = answer_eth(pkt, true)?;
+    let old_type_code: u16 = pkt.load(echo.l4_off)?;
+    let new_type_code = u16::from_ne_bytes([ICMPV6_ECHO_REPLY, 0]);
+    pkt.l4_csum_replace(
+        L4Csum::Icmp,
+        echo.l4_off + 2,
+        old_type_code as u32,
+        new_type_code as u32,
+        2,
+        false,
+    )?;
+    pkt.store(echo.l4_off, &new_type_code)?;
+    pkt.store(IP6_SRC_OFF, &echo.dst_be)?;
+    pkt.store(IP6_DST_OFF, &echo.src_be)?;
+    pkt.store(0, &eth)
+}
+
 /// Rewrite an ICMP echo request into its reply (RFC 792): addresses
 /// swapped, type 0; identifier, sequence and data stay as they came.
 #[inline(always)]
 pub fn echo_reply<P: Packet>(pkt: &mut P, echo: &Echo) -> Result<()> {
-    let eth = answer_eth(pkt)?;
+    let eth = answer_eth(pkt, false)?;
     let old_type_code: u16 = pkt.load(echo.l4_off)?;
     let new_type_code = u16::from_ne_bytes([ICMP_ECHO_REPLY, 0]);
     pkt.l4_csum_replace(
@@ -187,7 +291,7 @@ pub fn echo_reply<P: Packet>(pkt: &mut P, echo: &Echo) -> Result<()> {
     )?;
     pkt.store(echo.l4_off, &new_type_code)?;
     // Swapping the addresses leaves the IPv4 header's sum as it is.
-    pkt.store(IP_SRC_OFF, &echo.dst_be)?;
-    pkt.store(IP_DST_OFF, &echo.src_be)?;
+    pkt.store(IP_SRC_OFF, &echo.dst_be.v4_be())?;
+    pkt.store(IP_DST_OFF, &echo.src_be.v4_be())?;
     pkt.store(0, &eth)
 }

@@ -17,9 +17,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    AffinityValue, BACKEND_ACTIVE, IPPROTO_TCP, IPPROTO_UDP, SCOPE_INTERNAL, SOCK_DIR_FORWARD,
-    SOCK_DIR_REVERSE, ServiceKey, ServiceValue, SockAffinityKey, SockNatKey, SockNatValue,
-    config_flags, service_flags, stat,
+    Addr, AffinityValue, BACKEND_ACTIVE, IPPROTO_TCP, IPPROTO_UDP, SCOPE_INTERNAL,
+    SOCK_DIR_FORWARD, SOCK_DIR_REVERSE, ServiceKey, ServiceValue, SockAffinityKey, SockNatKey,
+    SockNatValue, config_flags, service_flags, stat,
 };
 
 use crate::{
@@ -52,28 +52,65 @@ fn socket_protocol(ctx: &SockAddrContext) -> Option<u8> {
     (proto == IPPROTO_TCP || proto == IPPROTO_UDP).then_some(proto)
 }
 
-#[inline(always)]
-fn user_addr(sa: *mut bpf_sock_addr) -> (u32, u16) {
-    // user_port holds the port in network order in its low 16 bits.
-    unsafe { ((*sa).user_ip4, (*sa).user_port as u16) }
+/// Which hook family a program serves: `*4` hooks carry `user_ip4`, `*6`
+/// hooks `user_ip6` (where an IPv4-mapped address reaches IPv4 Services).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
 }
 
 #[inline(always)]
-fn set_user_addr(sa: *mut bpf_sock_addr, addr_be: u32, port_be: u16) {
+fn user_addr(sa: *mut bpf_sock_addr, family: Family) -> (Addr, u16) {
+    // user_port holds the port in network order in its low 16 bits.
     unsafe {
-        (*sa).user_ip4 = addr_be;
+        let addr = match family {
+            Family::V4 => Addr::v4((*sa).user_ip4),
+            Family::V6 => Addr {
+                be: [
+                    (*sa).user_ip6[0],
+                    (*sa).user_ip6[1],
+                    (*sa).user_ip6[2],
+                    (*sa).user_ip6[3],
+                ],
+            },
+        };
+        (addr, (*sa).user_port as u16)
+    }
+}
+
+/// Write the address back; false when it cannot be expressed in this
+/// family (an IPv6 backend for an IPv4 hook never comes from the agent).
+#[inline(always)]
+fn set_user_addr(sa: *mut bpf_sock_addr, family: Family, addr: Addr, port_be: u16) -> bool {
+    unsafe {
+        match family {
+            Family::V4 => {
+                if !addr.is_v4() {
+                    return false;
+                }
+                (*sa).user_ip4 = addr.v4_be();
+            }
+            Family::V6 => {
+                (*sa).user_ip6[0] = addr.be[0];
+                (*sa).user_ip6[1] = addr.be[1];
+                (*sa).user_ip6[2] = addr.be[2];
+                (*sa).user_ip6[3] = addr.be[3];
+            }
+        }
         (*sa).user_port = port_be as u32;
     }
+    true
 }
 
 /// connect() (TCP and UDP) and sendmsg() (unconnected UDP) to a frontend.
 #[inline(always)]
-pub fn translate_forward(ctx: &SockAddrContext) -> i32 {
+pub fn translate_forward(ctx: &SockAddrContext, family: Family) -> i32 {
     let Some(proto) = socket_protocol(ctx) else {
         return ALLOW;
     };
     let sa = ctx.sock_addr;
-    let (addr_be, port_be) = user_addr(sa);
+    let (addr_be, port_be) = user_addr(sa, family);
     let key = ServiceKey {
         addr_be,
         port_be,
@@ -101,6 +138,7 @@ pub fn translate_forward(ctx: &SockAddrContext) -> i32 {
         port_be,
         proto,
         dir: SOCK_DIR_FORWARD,
+        _pad: 0,
     };
     let now = unsafe { bpf_ktime_get_ns() };
     // A socket that already talks to this frontend keeps its backend while
@@ -124,7 +162,6 @@ pub fn translate_forward(ctx: &SockAddrContext) -> i32 {
             port_be: backend.port_be,
             rev_nat_id: frontend.rev_nat_id,
             backend_id,
-            _pad: 0,
         };
         let reverse_key = SockNatKey {
             socket_cookie: cookie,
@@ -132,28 +169,29 @@ pub fn translate_forward(ctx: &SockAddrContext) -> i32 {
             port_be: backend.port_be,
             proto,
             dir: SOCK_DIR_REVERSE,
+            _pad: 0,
         };
         let reverse = SockNatValue {
             addr_be,
             port_be,
             rev_nat_id: frontend.rev_nat_id,
             backend_id,
-            _pad: 0,
         };
         // Reverse first: a datagram may come back before sendmsg() returns.
         // LRU maps evict the oldest socket when full; nothing to count.
         let _ = LB_SOCK_NAT.insert(reverse_key, reverse, 0);
         let _ = LB_SOCK_NAT.insert(forward_key, forward, 0);
     }
-    set_user_addr(sa, backend.addr_be, backend.port_be);
-    count(stat::SOCK_TRANSLATED);
+    if set_user_addr(sa, family, backend.addr_be, backend.port_be) {
+        count(stat::SOCK_TRANSLATED);
+    }
     ALLOW
 }
 
 /// A Service IP on a port it does not declare is refused, as the packet
 /// path does; any other address is none of ours.
 #[inline(always)]
-fn undeclared_port(addr_be: u32) -> i32 {
+fn undeclared_port(addr_be: Addr) -> i32 {
     let address_key = ServiceKey {
         addr_be,
         port_be: 0,
@@ -222,26 +260,26 @@ fn remember(key: &SockAffinityKey, backend_id: u32, now: u64) {
 /// a backend this socket was sent to shows as the frontend it asked for,
 /// while that frontend still exists.
 #[inline(always)]
-pub fn translate_reverse(ctx: &SockAddrContext) -> i32 {
+pub fn translate_reverse(ctx: &SockAddrContext, family: Family) -> i32 {
     let Some(proto) = socket_protocol(ctx) else {
         return ALLOW;
     };
     let sa = ctx.sock_addr;
-    let (addr_be, port_be) = user_addr(sa);
+    let (addr_be, port_be) = user_addr(sa, family);
     let key = SockNatKey {
         socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
         addr_be,
         port_be,
         proto,
         dir: SOCK_DIR_REVERSE,
+        _pad: 0,
     };
     let Some(entry) = (unsafe { LB_SOCK_NAT.get(key) }) else {
         return ALLOW;
     };
     let frontend_alive = unsafe { LB_REV_NAT.get(entry.rev_nat_id) }
         .is_some_and(|f| f.addr_be == entry.addr_be && f.port_be == entry.port_be);
-    if frontend_alive {
-        set_user_addr(sa, entry.addr_be, entry.port_be);
+    if frontend_alive && set_user_addr(sa, family, entry.addr_be, entry.port_be) {
         count(stat::SOCK_REV_TRANSLATED);
     }
     ALLOW

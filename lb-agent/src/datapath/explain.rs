@@ -16,7 +16,8 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, CT_DIR_FORWARD, CtKey, CtValue, map_names, program_names, stat,
+    Addr, AffinityKey, AffinityValue, CT_DIR_FORWARD, CtKey, CtValue, map_names, program_names,
+    stat,
 };
 use thiserror::Error;
 
@@ -50,8 +51,8 @@ pub struct Outcome {
     pub affinity: Option<AffinityValue>,
 }
 
-fn be32(a: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(a.octets())
+fn be32(a: Ipv4Addr) -> Addr {
+    Addr::from(a)
 }
 
 fn sum16(bytes: &[u8]) -> u32 {

@@ -7,6 +7,7 @@ use std::{
     collections::BTreeMap,
     ffi::CStr,
     fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -98,15 +99,6 @@ impl Attachment {
     }
 }
 
-/// The socket-level programs, each with the name of its link pin under
-/// `links/cgroup/`.
-const SOCKET_PROGRAMS: [(&str, &str); 4] = [
-    (program_names::SOCK_CONNECT4, "connect4"),
-    (program_names::SOCK_SENDMSG4, "sendmsg4"),
-    (program_names::SOCK_RECVMSG4, "recvmsg4"),
-    (program_names::SOCK_GETPEERNAME4, "getpeername4"),
-];
-
 /// Attached devices, by ifindex.
 struct Attached {
     name: String,
@@ -164,10 +156,11 @@ pub fn interfaces() -> Vec<(u32, String)> {
     out
 }
 
-/// IPv4 addresses of the named devices in the current network namespace,
-/// in the order the devices are named (then the kernel's order).
-pub fn device_addresses(devices: &[String]) -> Vec<(String, std::net::Ipv4Addr)> {
-    let mut found: Vec<(String, std::net::Ipv4Addr)> = Vec::new();
+/// Addresses of the named devices in the current network namespace, in the
+/// order the devices are named (then the kernel's order): IPv4, and IPv6
+/// other than link-local (NodePorts are not served on fe80::/10).
+pub fn device_addresses(devices: &[String]) -> Vec<(String, IpAddr)> {
+    let mut found: Vec<(String, IpAddr)> = Vec::new();
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a list we walk read-only and free once.
     unsafe {
@@ -177,16 +170,25 @@ pub fn device_addresses(devices: &[String]) -> Vec<(String, std::net::Ipv4Addr)>
         let mut p = list;
         while !p.is_null() {
             let entry = &*p;
-            if !entry.ifa_addr.is_null()
-                && (*entry.ifa_addr).sa_family as i32 == libc::AF_INET
-                && !entry.ifa_name.is_null()
-            {
+            if !entry.ifa_addr.is_null() && !entry.ifa_name.is_null() {
                 let name = CStr::from_ptr(entry.ifa_name)
                     .to_string_lossy()
                     .into_owned();
-                let sin = &*(entry.ifa_addr as *const libc::sockaddr_in);
-                let addr = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                found.push((name, addr));
+                match (*entry.ifa_addr).sa_family as i32 {
+                    libc::AF_INET => {
+                        let sin = &*(entry.ifa_addr as *const libc::sockaddr_in);
+                        let addr = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                        found.push((name, IpAddr::V4(addr)));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(entry.ifa_addr as *const libc::sockaddr_in6);
+                        let addr = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                        if !addr.is_unicast_link_local() {
+                            found.push((name, IpAddr::V6(addr)));
+                        }
+                    }
+                    _ => {}
+                }
             }
             p = entry.ifa_next;
         }
@@ -654,7 +656,7 @@ impl Datapath {
         let dir = self.socket_links_dir();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let cgroup_dir = fs::File::open(cgroup).map_err(|e| cgroup_err(e.to_string()))?;
-        for (name, pin_name) in SOCKET_PROGRAMS {
+        for (name, pin_name) in program_names::SOCKET {
             let prog_err = |source| LoadError::Program { name, source };
             let program: &mut CgroupSockAddr = self
                 .ebpf
@@ -687,7 +689,7 @@ impl Datapath {
     /// (socket-level LB turned off).
     pub fn detach_sockets(&self) {
         let dir = self.socket_links_dir();
-        for (_, pin_name) in SOCKET_PROGRAMS {
+        for (_, pin_name) in program_names::SOCKET {
             let pin = dir.join(pin_name);
             if pin.exists() {
                 info!(pin = %pin.display(), "detaching the socket-level program");

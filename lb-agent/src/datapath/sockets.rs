@@ -13,11 +13,11 @@ use std::{
     collections::BTreeSet,
     io,
     mem::size_of,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
-use lb_common::{IPPROTO_UDP, SOCK_DIR_FORWARD, SOCK_DIR_REVERSE, SockNatKey};
+use lb_common::{Addr, IPPROTO_UDP, SOCK_DIR_FORWARD, SOCK_DIR_REVERSE, SockNatKey};
 use tracing::{debug, warn};
 
 use super::maps::SockNatMap;
@@ -26,8 +26,8 @@ use crate::model::desired::{DesiredState, Protocol, Scope};
 /// A backend one frontend no longer sends new flows to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Departed {
-    pub frontend: (Ipv4Addr, u16),
-    pub backend: (Ipv4Addr, u16),
+    pub frontend: (IpAddr, u16),
+    pub backend: (IpAddr, u16),
 }
 
 /// UDP backends of in-cluster frontends (the ones socket-level LB serves)
@@ -94,38 +94,38 @@ pub fn close_departed(
     if departed.is_empty() {
         return Ok(0);
     }
-    let backends: BTreeSet<(Ipv4Addr, u16)> = departed.iter().map(|d| d.backend).collect();
+    let backends: BTreeSet<(IpAddr, u16)> = departed.iter().map(|d| d.backend).collect();
+    let both = |backends: &BTreeSet<(IpAddr, u16)>| -> io::Result<Vec<UdpSocket>> {
+        let mut found = connected_udp(libc::AF_INET as u8, backends)?;
+        found.extend(connected_udp(libc::AF_INET6 as u8, backends)?);
+        Ok(found)
+    };
     let mut sockets = if all_namespaces {
         let mut all = Vec::new();
         for netns in namespaces() {
-            match in_namespace(&netns, || connected_udp(&backends)) {
+            match in_namespace(&netns, || both(&backends)) {
                 Ok(found) => all.extend(found.into_iter().map(|s| (Some(netns.clone()), s))),
                 Err(e) => debug!(netns = %netns, error = %e, "cannot list sockets"),
             }
         }
         all
     } else {
-        connected_udp(&backends)?
-            .into_iter()
-            .map(|s| (None, s))
-            .collect()
+        both(&backends)?.into_iter().map(|s| (None, s)).collect()
     };
     sockets.retain(|(_, socket)| {
         let (addr, port) = socket.peer();
         let reverse = SockNatKey {
             socket_cookie: socket.cookie(),
-            addr_be: u32::from_ne_bytes(addr.octets()),
+            addr_be: Addr::from(addr),
             port_be: port.to_be(),
             proto: IPPROTO_UDP,
             dir: SOCK_DIR_REVERSE,
+            _pad: 0,
         };
         let Ok(entry) = sock_nat.get(&reverse, 0) else {
             return false;
         };
-        let frontend = (
-            Ipv4Addr::from(u32::from_be(entry.addr_be)),
-            u16::from_be(entry.port_be),
-        );
+        let frontend = (entry.addr_be.ip(), u16::from_be(entry.port_be));
         if !departed.contains(&Departed {
             frontend,
             backend: (addr, port),
@@ -238,15 +238,25 @@ struct Request {
 /// A connected UDP socket as SOCK_DIAG reports it.
 #[derive(Clone, Copy, Debug)]
 struct UdpSocket {
+    family: u8,
     id: InetDiagSockId,
 }
 
 impl UdpSocket {
-    fn peer(&self) -> (Ipv4Addr, u16) {
-        (
-            Ipv4Addr::from(u32::from_be(self.id.dst[0])),
-            u16::from_be(self.id.dport_be),
-        )
+    /// The peer; an IPv6 socket's IPv4-mapped peer reads as IPv4, as the
+    /// programs' map entries name it.
+    fn peer(&self) -> (IpAddr, u16) {
+        let ip = if self.family == libc::AF_INET as u8 {
+            IpAddr::V4(Ipv4Addr::from(self.id.dst[0].to_ne_bytes()))
+        } else {
+            let mut octets = [0u8; 16];
+            for (i, word) in self.id.dst.iter().enumerate() {
+                octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+            let v6 = Ipv6Addr::from(octets);
+            v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+        };
+        (ip, u16::from_be(self.id.dport_be))
     }
 
     fn cookie(&self) -> u64 {
@@ -316,15 +326,16 @@ fn netlink_error(payload: &[u8]) -> Option<io::Error> {
     (code != 0).then(|| io::Error::from_raw_os_error(-code))
 }
 
-/// Connected IPv4 UDP sockets of this namespace whose peer is in `peers`.
-fn connected_udp(peers: &BTreeSet<(Ipv4Addr, u16)>) -> io::Result<Vec<UdpSocket>> {
+/// Connected UDP sockets of `family` (AF_INET, AF_INET6) in this
+/// namespace whose peer is in `peers`.
+fn connected_udp(family: u8, peers: &BTreeSet<(IpAddr, u16)>) -> io::Result<Vec<UdpSocket>> {
     let fd = netlink()?;
     send(
         &fd,
         SOCK_DIAG_BY_FAMILY,
         (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
         InetDiagReqV2 {
-            family: libc::AF_INET as u8,
+            family,
             protocol: IPPROTO_UDP,
             states: 1 << TCP_ESTABLISHED,
             ..Default::default()
@@ -350,7 +361,7 @@ fn connected_udp(peers: &BTreeSet<(Ipv4Addr, u16)>) -> io::Result<Vec<UdpSocket>
                     // SAFETY: length checked; plain integers.
                     let id: InetDiagSockId =
                         unsafe { std::ptr::read_unaligned(payload[4..].as_ptr().cast()) };
-                    let socket = UdpSocket { id };
+                    let socket = UdpSocket { family, id };
                     if peers.contains(&socket.peer()) {
                         found.push(socket);
                     }
@@ -372,7 +383,7 @@ fn destroy(socket: &UdpSocket) -> io::Result<()> {
         SOCK_DESTROY,
         (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
         InetDiagReqV2 {
-            family: libc::AF_INET as u8,
+            family: socket.family,
             protocol: IPPROTO_UDP,
             states: u32::MAX,
             id: socket.id,

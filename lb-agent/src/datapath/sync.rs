@@ -5,13 +5,13 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use aya::maps::{MapError, lpm_trie::Key};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_STANDBY, BackendValue, MaglevKey, RevNatValue, ServiceKey,
+    Addr, BACKEND_ACTIVE, BACKEND_STANDBY, BackendValue, MaglevKey, RevNatValue, ServiceKey,
     ServiceValue, SourceRange, backend_flags, frontend_kind, map_sizes, service_flags,
 };
 use tracing::{debug, warn};
@@ -24,7 +24,7 @@ use crate::model::{
 /// A backend is identified by where it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct BackendKey {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: Protocol,
 }
@@ -63,20 +63,26 @@ pub struct Syncer {
     backends: BTreeMap<u32, BackendValue>,
     frontends: BTreeMap<FrontendKey, AppliedFrontend>,
     /// Address entries: (address, scope) -> slot 0 flags.
-    addresses: BTreeMap<(Ipv4Addr, Scope), u32>,
-    source_ranges: BTreeSet<(Ipv4Addr, Ipv4Net)>,
+    addresses: BTreeMap<(IpAddr, Scope), u32>,
+    source_ranges: BTreeSet<(IpAddr, IpNet)>,
     rev_nat: BTreeMap<u16, RevNatValue>,
     /// Map keys found at start that this agent does not manage: pruned on the first sync.
     stray_service_keys: Vec<ServiceKey>,
     stray_maglev_keys: Vec<MaglevKey>,
 }
 
-fn be32(addr: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(addr.octets())
+fn be32(addr: IpAddr) -> Addr {
+    Addr::from(addr)
 }
 
-fn from_be32(v: u32) -> Ipv4Addr {
-    Ipv4Addr::from(v.to_ne_bytes())
+fn from_be32(v: Addr) -> IpAddr {
+    v.ip()
+}
+
+/// Bits of an LPM key's client prefix before the client address: the
+/// frontend (128), and the mapped prefix (96) for IPv4.
+fn source_range_prefix_base(client: IpAddr) -> u32 {
+    if client.is_ipv4() { 128 + 96 } else { 128 }
 }
 
 fn service_key(fk: &FrontendKey, slot: u16) -> ServiceKey {
@@ -98,7 +104,7 @@ fn maglev_key(rev_nat_id: u16, index: u32) -> MaglevKey {
     }
 }
 
-fn address_key(addr: Ipv4Addr, scope: Scope) -> ServiceKey {
+fn address_key(addr: IpAddr, scope: Scope) -> ServiceKey {
     ServiceKey {
         addr_be: be32(addr),
         scope: scope.code(),
@@ -117,9 +123,9 @@ fn address_flags(entry: &AddressEntry) -> u32 {
     flags
 }
 
-fn source_range_key(frontend: Ipv4Addr, net: Ipv4Net) -> Key<SourceRange> {
+fn source_range_key(frontend: IpAddr, net: IpNet) -> Key<SourceRange> {
     Key::new(
-        32 + net.prefix_len() as u32,
+        source_range_prefix_base(net.network()) + net.prefix_len() as u32,
         SourceRange {
             frontend_addr_be: be32(frontend),
             client_addr_be: be32(net.network()),
@@ -234,10 +240,11 @@ impl Syncer {
         for entry in syncer.maps.source_ranges.iter() {
             let (key, _) = entry?;
             let data = key.data();
-            if let Ok(net) = Ipv4Net::new(
-                from_be32(data.client_addr_be),
-                key.prefix_len().saturating_sub(32) as u8,
-            ) {
+            let client = from_be32(data.client_addr_be);
+            let prefix = key
+                .prefix_len()
+                .saturating_sub(source_range_prefix_base(client));
+            if let Ok(net) = IpNet::new(client, prefix as u8) {
                 syncer
                     .source_ranges
                     .insert((from_be32(data.frontend_addr_be), net));
@@ -384,7 +391,7 @@ impl Syncer {
         }
 
         // Source ranges before the frontends that check them.
-        let wanted_ranges: BTreeSet<(Ipv4Addr, Ipv4Net)> = desired
+        let wanted_ranges: BTreeSet<(IpAddr, IpNet)> = desired
             .source_ranges
             .iter()
             .flat_map(|(addr, nets)| nets.iter().map(|n| (*addr, *n)))
@@ -486,7 +493,7 @@ impl Syncer {
                 }
             }
         }
-        let stale_addresses: Vec<(Ipv4Addr, Scope)> = self
+        let stale_addresses: Vec<(IpAddr, Scope)> = self
             .addresses
             .keys()
             .filter(|k| !desired.addresses.contains_key(k))
@@ -497,7 +504,7 @@ impl Syncer {
                 self.addresses.remove(&(addr, scope));
             }
         }
-        let stale_ranges: Vec<(Ipv4Addr, Ipv4Net)> = self
+        let stale_ranges: Vec<(IpAddr, IpNet)> = self
             .source_ranges
             .difference(&wanted_ranges)
             .copied()

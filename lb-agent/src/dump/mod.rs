@@ -1,13 +1,16 @@
 //! `lb-agent dump`: what the datapath holds, read from the pinned maps by
 //! any process. JSON output is a stable schema (docs/dump-schema.md).
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use anyhow::{Context as _, Result};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use lb_common::{
-    BACKEND_STANDBY, BackendValue, CT_DIR_FORWARD, SOCK_DIR_FORWARD, ServiceKey, ServiceValue,
-    backend_flags, ct_flags, service_flags, stat,
+    Addr, BACKEND_STANDBY, BackendValue, CT_DIR_FORWARD, SOCK_DIR_FORWARD, ServiceKey,
+    ServiceValue, backend_flags, ct_flags, service_flags, stat,
 };
 use serde::Serialize;
 
@@ -17,8 +20,13 @@ use crate::{
     model::{FrontendKind, Protocol, Scope},
 };
 
-fn addr(be: u32) -> Ipv4Addr {
-    Ipv4Addr::from(be.to_ne_bytes())
+fn addr(a: Addr) -> IpAddr {
+    a.ip()
+}
+
+/// "ip:port", with brackets around IPv6 addresses.
+fn endpoint(a: Addr, port_be: u16) -> String {
+    std::net::SocketAddr::new(a.ip(), u16::from_be(port_be)).to_string()
 }
 
 fn proto_name(p: u8) -> String {
@@ -37,7 +45,7 @@ fn monotonic_ns() -> u64 {
 
 #[derive(Serialize)]
 pub struct DumpEndpoint {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: String,
 }
@@ -45,7 +53,7 @@ pub struct DumpEndpoint {
 #[derive(Serialize)]
 pub struct DumpBackend {
     pub id: u32,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: String,
     /// "active" or "terminating"; "missing" when a slot names an absent id.
@@ -71,14 +79,14 @@ pub struct DumpService {
 pub struct ServicesDump {
     pub services: Vec<DumpService>,
     /// Service IPs on which undeclared ports and protocols are rejected.
-    pub service_ips: Vec<Ipv4Addr>,
+    pub service_ips: Vec<IpAddr>,
     /// Service addresses pings are answered for, per scope.
     pub pingable: Vec<DumpAddress>,
 }
 
 #[derive(Serialize)]
 pub struct DumpAddress {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub scope: Scope,
 }
 
@@ -98,7 +106,7 @@ pub struct DumpFlow {
     pub translated_to: String,
     /// Source-NATed flows (hairpin, external to a remote backend): the
     /// source address written (forward) or the client restored (reply).
-    pub snat: Option<Ipv4Addr>,
+    pub snat: Option<IpAddr>,
     /// Port counterpart of `snat`.
     pub snat_port: Option<u16>,
     pub backend_id: u32,
@@ -134,7 +142,7 @@ pub struct ConntrackDump {
 
 #[derive(Serialize)]
 pub struct DumpAffinity {
-    pub client: Ipv4Addr,
+    pub client: IpAddr,
     pub rev_nat_id: u16,
     pub backend_id: u32,
     pub idle_s: f64,
@@ -194,7 +202,7 @@ fn backend_state(v: &BackendValue) -> &'static str {
 pub fn services(maps: &Maps) -> Result<ServicesDump> {
     let backends = backends(maps)?.backends;
     let by_id: BTreeMap<u32, &DumpBackend> = backends.iter().map(|b| (b.id, b)).collect();
-    type Id = (u32, u16, u8, u8);
+    type Id = (IpAddr, u16, u8, u8);
     let mut heads: BTreeMap<Id, ServiceValue> = BTreeMap::new();
     let mut slots: BTreeMap<Id, BTreeMap<u16, u32>> = BTreeMap::new();
     let mut service_ips = Vec::new();
@@ -214,12 +222,7 @@ pub fn services(maps: &Maps) -> Result<ServicesDump> {
             }
             continue;
         }
-        let id = (
-            u32::from_be(k.addr_be),
-            u16::from_be(k.port_be),
-            k.proto,
-            k.scope,
-        );
+        let id = (addr(k.addr_be), u16::from_be(k.port_be), k.proto, k.scope);
         if k.slot == 0 {
             heads.insert(id, v);
         } else {
@@ -245,7 +248,7 @@ pub fn services(maps: &Maps) -> Result<ServicesDump> {
                     },
                     None => DumpBackend {
                         id,
-                        address: Ipv4Addr::UNSPECIFIED,
+                        address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                         port: 0,
                         protocol: proto_name(proto),
                         state: "missing".into(),
@@ -256,7 +259,7 @@ pub fn services(maps: &Maps) -> Result<ServicesDump> {
             .collect();
         services.push(DumpService {
             frontend: DumpEndpoint {
-                address: Ipv4Addr::from(a),
+                address: a,
                 port,
                 protocol: proto_name(proto),
             },
@@ -318,11 +321,11 @@ pub fn conntrack(maps: &Maps) -> Result<ConntrackDump> {
                 "reply"
             },
             protocol: proto_name(k.proto),
-            source: format!("{}:{}", addr(k.src_addr_be), u16::from_be(k.src_port_be)),
-            destination: format!("{}:{}", addr(k.dst_addr_be), u16::from_be(k.dst_port_be)),
-            translated_to: format!("{}:{}", addr(v.nat_addr_be), u16::from_be(v.nat_port_be)),
-            snat: (v.snat_addr_be != 0).then(|| addr(v.snat_addr_be)),
-            snat_port: (v.snat_addr_be != 0).then(|| u16::from_be(v.snat_port_be)),
+            source: endpoint(k.src_addr_be, k.src_port_be),
+            destination: endpoint(k.dst_addr_be, k.dst_port_be),
+            translated_to: endpoint(v.nat_addr_be, v.nat_port_be),
+            snat: (!v.snat_addr_be.is_none()).then(|| addr(v.snat_addr_be)),
+            snat_port: (!v.snat_addr_be.is_none()).then(|| u16::from_be(v.snat_port_be)),
             backend_id: v.backend_id,
             rev_nat_id: v.rev_nat_id,
             flags,
@@ -344,8 +347,8 @@ pub fn conntrack(maps: &Maps) -> Result<ConntrackDump> {
         sockets.push(DumpSocket {
             socket_cookie: k.socket_cookie,
             protocol: proto_name(k.proto),
-            service: format!("{}:{}", addr(k.addr_be), u16::from_be(k.port_be)),
-            backend: format!("{}:{}", addr(v.addr_be), u16::from_be(v.port_be)),
+            service: endpoint(k.addr_be, k.port_be),
+            backend: endpoint(v.addr_be, v.port_be),
             backend_id: v.backend_id,
             rev_nat_id: v.rev_nat_id,
         });
@@ -570,7 +573,7 @@ pub fn explain(args: &ExplainArgs) -> Result<()> {
     });
     println!("flow       {from} -> {}/{proto}", args.to);
     match frontend {
-        None if all.service_ips.contains(args.to.ip()) => {
+        None if all.service_ips.contains(&IpAddr::V4(*args.to.ip())) => {
             println!(
                 "frontend   none: {} is a Service IP without port {}/{proto} (rejected like kube-proxy)",
                 args.to.ip(),

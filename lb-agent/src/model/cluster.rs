@@ -1,9 +1,14 @@
 //! The cluster as the sources report it: Kubernetes objects keyed by
 //! namespace/name, plus this node's settings.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -48,18 +53,20 @@ pub struct ClusterState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeConfig {
     pub node_name: String,
-    /// Source address for hairpin flows (a pod reaching itself through its Service).
+    /// Source address for hairpin flows (a pod reaching itself through its
+    /// Service), per family.
     pub hairpin_snat_addr: Ipv4Addr,
+    pub hairpin_snat_addr6: Ipv6Addr,
     /// Maglev for Services without the `lb/algorithm` annotation.
     pub default_maglev: bool,
     /// spec.externalIPs allowed (None: all, as kube-proxy does).
-    pub external_ip_cidrs: Option<Vec<Ipv4Net>>,
+    pub external_ip_cidrs: Option<Vec<IpNet>>,
     /// Addresses NodePorts answer on: the node devices' addresses, filtered
     /// by --nodeport-addresses.
-    pub nodeport_addresses: Vec<Ipv4Addr>,
+    pub nodeport_addresses: Vec<IpAddr>,
     /// --cluster-cidr: when set, ClusterIPs are also served to traffic from
     /// outside (sources outside these CIDRs), masqueraded to the node.
-    pub cluster_cidrs: Vec<Ipv4Net>,
+    pub cluster_cidrs: Vec<IpNet>,
 }
 
 impl Default for NodeConfig {
@@ -67,6 +74,7 @@ impl Default for NodeConfig {
         NodeConfig {
             node_name: "node".into(),
             hairpin_snat_addr: DEFAULT_HAIRPIN_SNAT_ADDR,
+            hairpin_snat_addr6: DEFAULT_HAIRPIN_SNAT_ADDR6,
             default_maglev: false,
             external_ip_cidrs: None,
             nodeport_addresses: Vec::new(),
@@ -77,6 +85,11 @@ impl Default for NodeConfig {
 
 /// Link-local, never a pod or node address; like Cilium's 169.254.42.1.
 pub const DEFAULT_HAIRPIN_SNAT_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
+/// The IPv6 twin: a unique local address (fd00::/8, random global ID), so a
+/// pod routes its answer to the node like any off-link address (a
+/// link-local source would be answered on-link, past the node).
+pub const DEFAULT_HAIRPIN_SNAT_ADDR6: Ipv6Addr =
+    Ipv6Addr::new(0xfd6c, 0x6268, 0x6169, 0x7270, 0, 0, 0, 1);
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";

@@ -4,10 +4,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, frontend_kind};
 use serde::Serialize;
 
@@ -86,7 +86,7 @@ impl Scope {
 /// {address, port, protocol, scope} of a frontend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FrontendKey {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: Protocol,
     pub scope: Scope,
@@ -94,7 +94,9 @@ pub struct FrontendKey {
 
 impl fmt::Display for FrontendKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)?;
+        // ip:port, [ip6]:port
+        let at = std::net::SocketAddr::new(self.addr, self.port);
+        write!(f, "{at}/{}", self.proto)?;
         if self.scope == Scope::External {
             f.write_str(" (external)")?;
         }
@@ -135,7 +137,7 @@ impl FrontendKind {
 /// One endpoint a frontend balances to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Backend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     /// Used only because nothing is ready (serving-terminating fallback).
     pub terminating: bool,
@@ -189,9 +191,9 @@ pub struct HealthCheck {
 pub struct DesiredState {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     /// Service addresses (ClusterIPs, externalIPs, LoadBalancer IPs) per scope.
-    pub addresses: BTreeMap<(Ipv4Addr, Scope), AddressEntry>,
+    pub addresses: BTreeMap<(IpAddr, Scope), AddressEntry>,
     /// loadBalancerSourceRanges per LoadBalancer IP.
-    pub source_ranges: BTreeMap<Ipv4Addr, BTreeSet<Ipv4Net>>,
+    pub source_ranges: BTreeMap<IpAddr, BTreeSet<IpNet>>,
     /// healthCheckNodePort -> what it reports.
     pub health_checks: BTreeMap<u16, HealthCheck>,
 }

@@ -6,10 +6,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort},
@@ -52,13 +52,13 @@ pub struct Translation {
     /// Which Service holds each Service IP: the next translation keeps it
     /// there (`translate_with`), so a newcomer claiming a taken IP never
     /// takes it over.
-    pub ip_owners: BTreeMap<Ipv4Addr, ObjectKey>,
+    pub ip_owners: BTreeMap<IpAddr, ObjectKey>,
 }
 
 /// One endpoint of one service port, after kube-proxy's condition rules.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct EndpointInfo {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     port: u16,
     ready: bool,
     serving: bool,
@@ -77,7 +77,7 @@ pub fn translate(state: &ClusterState, node: &NodeConfig) -> Translation {
 pub fn translate_with(
     state: &ClusterState,
     node: &NodeConfig,
-    prior_owners: &BTreeMap<Ipv4Addr, ObjectKey>,
+    prior_owners: &BTreeMap<IpAddr, ObjectKey>,
 ) -> Translation {
     let mut out = Translation::default();
     let slices = slices_by_service(state);
@@ -107,7 +107,7 @@ pub fn translate_with(
             .then(ta.cmp(&tb))
             .then_with(|| ka.cmp(kb))
     });
-    let mut ip_owner: BTreeMap<Ipv4Addr, &ObjectKey> = BTreeMap::new();
+    let mut ip_owner: BTreeMap<IpAddr, &ObjectKey> = BTreeMap::new();
 
     for (key, svc) in services {
         let object = format!("Service {key}");
@@ -120,9 +120,13 @@ pub fn translate_with(
                     continue;
                 }
             };
-        // The ClusterIP (first) decides for the whole Service; a taken
-        // externalIP or LoadBalancer IP is skipped alone.
-        if let Some((ip, _, _)) = service.by_ip.first()
+        // The ClusterIPs (first, one per family) decide for the whole
+        // Service; a taken externalIP or LoadBalancer IP is skipped alone.
+        if let Some((ip, _, _)) = service
+            .by_ip
+            .iter()
+            .take_while(|(_, kind, _)| *kind == FrontendKind::ClusterIP)
+            .find(|(ip, _, _)| ip_owner.contains_key(ip))
             && let Some(owner) = ip_owner.get(ip)
         {
             out.problems.push(Problem {
@@ -161,9 +165,15 @@ pub fn translate_with(
             }
             ip_owner.insert(ip, key);
             if kind == FrontendKind::LoadBalancer && !service.source_ranges.is_empty() {
-                out.desired
+                // Each family's LoadBalancer IP gets that family's ranges
+                // (none of its family: closed, not open to all).
+                let ranges = service
                     .source_ranges
-                    .insert(ip, service.source_ranges.clone());
+                    .iter()
+                    .filter(|net| net.addr().is_ipv4() == ip.is_ipv4())
+                    .copied()
+                    .collect();
+                out.desired.source_ranges.insert(ip, ranges);
             }
             for (fk, frontend) in ports {
                 out.desired.frontends.insert(fk, frontend);
@@ -221,7 +231,7 @@ fn slices_by_service(
 }
 
 /// The frontends on one Service address, of one kind.
-type AddressFrontends = (Ipv4Addr, FrontendKind, Vec<(FrontendKey, Frontend)>);
+type AddressFrontends = (IpAddr, FrontendKind, Vec<(FrontendKey, Frontend)>);
 
 /// Everything one Service programs.
 struct ServiceFrontends {
@@ -231,7 +241,7 @@ struct ServiceFrontends {
     /// NodePort frontends on the node's addresses (shared, not claimed).
     node_ports: Vec<(FrontendKey, Frontend)>,
     health_check: Option<(u16, HealthCheck)>,
-    source_ranges: BTreeSet<Ipv4Net>,
+    source_ranges: BTreeSet<IpNet>,
 }
 
 /// The frontends of one Service; Ok(None) when kube-proxy ignores it.
@@ -255,10 +265,10 @@ fn service_frontends(
     if spec.type_.as_deref() == Some("ExternalName") {
         return Ok(None);
     }
-    let cluster_ip = match cluster_ipv4(spec.cluster_ip.as_deref(), spec.cluster_ips.as_deref())? {
-        Some(ip) => ip,
-        None => return Ok(None),
-    };
+    let cluster_ips = cluster_ips(spec.cluster_ip.as_deref(), spec.cluster_ips.as_deref())?;
+    if cluster_ips.is_empty() {
+        return Ok(None);
+    }
 
     let affinity_timeout_s = match spec.session_affinity.as_deref() {
         None | Some("None") => None,
@@ -341,109 +351,123 @@ fn service_frontends(
     if service_type == "LoadBalancer" {
         for range in spec.load_balancer_source_ranges.iter().flatten() {
             let range = range.trim();
-            if range.contains(':') {
-                // IPv6 prefix: nothing of this IPv4 datapath can match it.
-                continue;
-            }
             // Fail closed: a range we cannot read must not open the IP to all.
-            let net: Ipv4Net = range.parse().map_err(|_| {
-                format!("loadBalancerSourceRanges entry {range:?} is not an IPv4 CIDR")
-            })?;
+            let net: IpNet = range
+                .parse()
+                .map_err(|_| format!("loadBalancerSourceRanges entry {range:?} is not a CIDR"))?;
             source_ranges.insert(net.trunc());
         }
     }
 
     let service_slices = slices.get(key).map(Vec::as_slice).unwrap_or_default();
-    let mut cluster_ip_ports = Vec::new();
+    let mut by_ip = Vec::new();
     let mut external_ports = Vec::new();
     let mut node_ports = Vec::new();
     let mut local_endpoints = BTreeSet::new();
-    for (port, number, proto) in checked {
-        let port_name = port.name.as_deref().unwrap_or("");
-        let endpoints = endpoints_for_port(port_name, proto, service_slices, node, problems);
-        let sets = backend_sets(&endpoints, zone);
-        local_endpoints.extend(sets.local.iter().map(|b| b.addr));
-        let in_cluster = |backends: Vec<Backend>, drop_if_empty: bool| Frontend {
-            service_port: service_port_name(key, port),
-            kind: FrontendKind::ClusterIP,
-            standby: standby(&endpoints, &backends),
-            backends,
-            maglev,
-            drop_if_empty,
-            internal_local,
-            affinity_timeout_s,
-            source_ranges: false,
-            masquerade: false,
-        };
-        let (internal, internal_drop) = sets.for_policy(internal_local);
-        let cluster_ip_frontend = in_cluster(internal, internal_drop);
-        if !node.cluster_cidrs.is_empty() {
-            // kube-proxy with --cluster-cidr: off-cluster traffic routed to a
-            // ClusterIP is served and masqueraded (its source is outside the
-            // cluster CIDR by construction: pods use their own node's entries).
+    for &cluster_ip in &cluster_ips {
+        let family_v6 = cluster_ip.is_ipv6();
+        let mut cluster_ip_ports = Vec::new();
+        for &(port, number, proto) in &checked {
+            let port_name = port.name.as_deref().unwrap_or("");
+            let endpoints =
+                endpoints_for_port(port_name, proto, family_v6, service_slices, node, problems);
+            let sets = backend_sets(&endpoints, zone);
+            local_endpoints.extend(sets.local.iter().map(|b| b.addr));
+            let in_cluster = |backends: Vec<Backend>, drop_if_empty: bool| Frontend {
+                service_port: service_port_name(key, port),
+                kind: FrontendKind::ClusterIP,
+                standby: standby(&endpoints, &backends),
+                backends,
+                maglev,
+                drop_if_empty,
+                internal_local,
+                affinity_timeout_s,
+                source_ranges: false,
+                masquerade: false,
+            };
+            let (internal, internal_drop) = sets.for_policy(internal_local);
+            let cluster_ip_frontend = in_cluster(internal, internal_drop);
+            if !node.cluster_cidrs.is_empty() {
+                // kube-proxy with --cluster-cidr: off-cluster traffic routed to a
+                // ClusterIP is served and masqueraded (its source is outside the
+                // cluster CIDR by construction: pods use their own node's entries).
+                cluster_ip_ports.push((
+                    FrontendKey {
+                        addr: cluster_ip,
+                        port: number,
+                        proto,
+                        scope: Scope::External,
+                    },
+                    Frontend {
+                        masquerade: true,
+                        ..cluster_ip_frontend.clone()
+                    },
+                ));
+            }
             cluster_ip_ports.push((
                 FrontendKey {
                     addr: cluster_ip,
                     port: number,
                     proto,
-                    scope: Scope::External,
+                    scope: Scope::Internal,
                 },
-                Frontend {
-                    masquerade: true,
-                    ..cluster_ip_frontend.clone()
-                },
+                cluster_ip_frontend,
             ));
-        }
-        cluster_ip_ports.push((
-            FrontendKey {
-                addr: cluster_ip,
-                port: number,
+            // Externally reachable frontends: from pods and the node they use
+            // every endpoint (kube-proxy short-circuits them to the cluster set,
+            // whatever the traffic policies); from outside, externalTrafficPolicy.
+            let from_pods = Frontend {
+                internal_local: false,
+                ..in_cluster(sets.cluster.clone(), false)
+            };
+            let (external, external_drop) = sets.for_policy(external_local);
+            let from_outside = in_cluster(external, external_drop);
+            external_ports.push((
+                family_v6,
+                number,
                 proto,
-                scope: Scope::Internal,
-            },
-            cluster_ip_frontend,
-        ));
-        // Externally reachable frontends: from pods and the node they use
-        // every endpoint (kube-proxy short-circuits them to the cluster set,
-        // whatever the traffic policies); from outside, externalTrafficPolicy.
-        let from_pods = Frontend {
-            internal_local: false,
-            ..in_cluster(sets.cluster.clone(), false)
-        };
-        let (external, external_drop) = sets.for_policy(external_local);
-        let from_outside = in_cluster(external, external_drop);
-        external_ports.push((number, proto, from_pods.clone(), from_outside.clone()));
-        if has_node_ports && let Some(node_port) = port.node_port {
-            let node_port = port_number(node_port).ok_or_else(|| {
-                format!("spec.ports[{port_name:?}].nodePort {node_port} is outside 1..=65535")
-            })?;
-            for addr in &node.nodeport_addresses {
-                for (scope, frontend) in [
-                    (Scope::Internal, &from_pods),
-                    (Scope::External, &from_outside),
-                ] {
-                    node_ports.push((
-                        FrontendKey {
-                            addr: *addr,
-                            port: node_port,
-                            proto,
-                            scope,
-                        },
-                        Frontend {
-                            kind: FrontendKind::NodePort,
-                            ..frontend.clone()
-                        },
-                    ));
+                from_pods.clone(),
+                from_outside.clone(),
+            ));
+            if has_node_ports && let Some(node_port) = port.node_port {
+                let node_port = port_number(node_port).ok_or_else(|| {
+                    format!("spec.ports[{port_name:?}].nodePort {node_port} is outside 1..=65535")
+                })?;
+                for addr in node
+                    .nodeport_addresses
+                    .iter()
+                    .filter(|a| a.is_ipv6() == family_v6)
+                {
+                    for (scope, frontend) in [
+                        (Scope::Internal, &from_pods),
+                        (Scope::External, &from_outside),
+                    ] {
+                        node_ports.push((
+                            FrontendKey {
+                                addr: *addr,
+                                port: node_port,
+                                proto,
+                                scope,
+                            },
+                            Frontend {
+                                kind: FrontendKind::NodePort,
+                                ..frontend.clone()
+                            },
+                        ));
+                    }
                 }
             }
         }
+        by_ip.push((cluster_ip, FrontendKind::ClusterIP, cluster_ip_ports));
     }
 
-    let mut by_ip = vec![(cluster_ip, FrontendKind::ClusterIP, cluster_ip_ports)];
-    // The same ports on an external address, both scopes.
-    let on_address = |addr: Ipv4Addr, kind: FrontendKind, ranges: bool| {
+    // The same ports on an external address (its family's), both scopes.
+    let on_address = |addr: IpAddr, kind: FrontendKind, ranges: bool| {
         let mut out = Vec::new();
-        for (number, proto, from_pods, from_outside) in &external_ports {
+        for (family_v6, number, proto, from_pods, from_outside) in &external_ports {
+            if *family_v6 != addr.is_ipv6() {
+                continue;
+            }
             for (scope, frontend) in [
                 (Scope::Internal, from_pods),
                 (Scope::External, from_outside),
@@ -473,14 +497,19 @@ fn service_frontends(
     // (CVE-2020-8554: anyone who can create a Service could otherwise
     // intercept any address).
     for ext in spec.external_ips.iter().flatten() {
-        let Ok(addr) = ext.parse::<Ipv4Addr>() else {
-            if !ext.contains(':') {
-                problems.push(reject(format!(
-                    "externalIP {ext:?} is not an IPv4 address; skipped"
-                )));
-            }
+        let Ok(addr) = ext.parse::<IpAddr>() else {
+            problems.push(reject(format!(
+                "externalIP {ext:?} is not an IP address; skipped"
+            )));
             continue;
         };
+        if !cluster_ips.iter().any(|c| c.is_ipv6() == addr.is_ipv6()) {
+            // No ClusterIP (and so no endpoints) of its family.
+            problems.push(reject(format!(
+                "externalIP {addr} is of an IP family the Service does not have; skipped"
+            )));
+            continue;
+        }
         if let Some(allowed) = &node.external_ip_cidrs
             && !allowed.iter().any(|net| net.contains(&addr))
         {
@@ -506,15 +535,18 @@ fn service_frontends(
             let Some(ip) = entry.ip.as_deref() else {
                 continue;
             };
-            match ip.parse::<Ipv4Addr>() {
-                Ok(addr) => by_ip.push(on_address(
-                    addr,
-                    FrontendKind::LoadBalancer,
-                    !source_ranges.is_empty(),
-                )),
-                Err(_) if ip.contains(':') => {}
+            match ip.parse::<IpAddr>() {
+                Ok(addr) if cluster_ips.iter().any(|c| c.is_ipv6() == addr.is_ipv6()) => by_ip
+                    .push(on_address(
+                        addr,
+                        FrontendKind::LoadBalancer,
+                        !source_ranges.is_empty(),
+                    )),
+                Ok(addr) => problems.push(reject(format!(
+                    "status.loadBalancer.ingress IP {addr} is of an IP family the Service does not have; skipped"
+                ))),
                 Err(_) => problems.push(reject(format!(
-                    "status.loadBalancer.ingress IP {ip:?} is not an IPv4 address; skipped"
+                    "status.loadBalancer.ingress IP {ip:?} is not an IP address; skipped"
                 ))),
             }
         }
@@ -570,29 +602,33 @@ fn port_number(n: i32) -> Option<u16> {
     u16::try_from(n).ok().filter(|p| *p != 0)
 }
 
-/// The IPv4 ClusterIP, None for headless / unallocated, Err when malformed.
-fn cluster_ipv4(
+/// The ClusterIPs, one per family (spec.clusterIPs, else spec.clusterIP);
+/// empty for headless / unallocated, Err when malformed.
+fn cluster_ips(
     cluster_ip: Option<&str>,
     cluster_ips: Option<&[String]>,
-) -> Result<Option<Ipv4Addr>, String> {
+) -> Result<Vec<IpAddr>, String> {
     let candidates: Vec<&str> = match cluster_ips {
         Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
         _ => cluster_ip.into_iter().collect(),
     };
+    let mut out: Vec<IpAddr> = Vec::new();
     for ip in &candidates {
         if ip.is_empty() || *ip == "None" {
-            return Ok(None);
+            return Ok(Vec::new());
         }
-        if ip.contains(':') {
-            // IPv6 family: not programmed by this IPv4 datapath.
-            continue;
+        let addr = ip
+            .parse::<IpAddr>()
+            .map_err(|_| format!("spec.clusterIPs entry {ip:?} is not an IP address"))?;
+        if out.iter().any(|o| o.is_ipv6() == addr.is_ipv6()) {
+            return Err(format!(
+                "spec.clusterIPs has two addresses of one family ({})",
+                candidates.join(", ")
+            ));
         }
-        return ip
-            .parse::<Ipv4Addr>()
-            .map(Some)
-            .map_err(|_| format!("spec.clusterIP {ip:?} is not an IPv4 address"));
+        out.push(addr);
     }
-    Ok(None)
+    Ok(out)
 }
 
 /// kube-proxy's endpointslicecache: the endpoints of one service port, from
@@ -600,13 +636,15 @@ fn cluster_ipv4(
 fn endpoints_for_port(
     port_name: &str,
     proto: Protocol,
+    family_v6: bool,
     slices: &[(&ObjectKey, &EndpointSlice)],
     node: &NodeConfig,
     problems: &mut Vec<Problem>,
 ) -> Vec<EndpointInfo> {
-    let mut by_addr: BTreeMap<(Ipv4Addr, u16), EndpointInfo> = BTreeMap::new();
+    let mut by_addr: BTreeMap<(IpAddr, u16), EndpointInfo> = BTreeMap::new();
+    let address_type = if family_v6 { "IPv6" } else { "IPv4" };
     for (slice_key, slice) in slices {
-        if slice.address_type != "IPv4" {
+        if slice.address_type != address_type {
             continue;
         }
         let Some(slice_port) = slice.ports.as_deref().unwrap_or_default().iter().find(|p| {
@@ -623,14 +661,17 @@ fn endpoints_for_port(
             let Some(first) = endpoint.addresses.first() else {
                 continue;
             };
-            let Ok(addr) = first.parse::<Ipv4Addr>() else {
-                problems.push(Problem {
-                    object: format!("EndpointSlice {slice_key}"),
-                    reason: format!(
-                        "endpoint address {first:?} is not an IPv4 address; endpoint skipped"
-                    ),
-                });
-                continue;
+            let addr = match first.parse::<IpAddr>() {
+                Ok(addr) if addr.is_ipv6() == family_v6 => addr,
+                _ => {
+                    problems.push(Problem {
+                        object: format!("EndpointSlice {slice_key}"),
+                        reason: format!(
+                            "endpoint address {first:?} is not an {address_type} address; endpoint skipped"
+                        ),
+                    });
+                    continue;
+                }
             };
             let conditions = endpoint.conditions.as_ref();
             let info = EndpointInfo {
@@ -832,9 +873,8 @@ mod tests {
                     .iter()
                     .map(|b| {
                         format!(
-                            "{}:{}{}",
-                            b.addr,
-                            b.port,
+                            "{}{}",
+                            std::net::SocketAddr::new(b.addr, b.port),
                             if b.terminating { "~" } else { "" }
                         )
                     })
@@ -1058,13 +1098,6 @@ mod tests {
                     json!({"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}),
                 ),
             ),
-            (
-                "IPv6 only",
-                svc(
-                    "v6",
-                    json!({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10"], "ports": [{"port": 80}]}),
-                ),
-            ),
         ];
         for (name, s) in cases {
             let t = translate(&state(vec![s], vec![]), &node());
@@ -1076,13 +1109,115 @@ mod tests {
         }
     }
 
+    /// ipFamilies / ipFamilyPolicy as the API server resolves them into
+    /// spec.clusterIPs: one frontend set per family, each with the
+    /// endpoints of its family's slices; addresses of a family the Service
+    /// does not have are reported; source ranges apply per family.
+    #[test]
+    fn dual_stack_services_program_each_family() {
+        let dual = svc(
+            "web",
+            json!({
+                "type": "LoadBalancer",
+                "clusterIP": "10.96.0.10",
+                "clusterIPs": ["10.96.0.10", "fd00:96::10"],
+                "ipFamilies": ["IPv4", "IPv6"],
+                "ipFamilyPolicy": "PreferDualStack",
+                "externalIPs": ["192.0.2.10", "2001:db8::10"],
+                "loadBalancerSourceRanges": ["203.0.113.0/24"],
+                "ports": [{"name": "http", "port": 80, "nodePort": 30080}],
+            }),
+        );
+        let mut dual = dual;
+        dual.1.status = Some(
+            serde_json::from_value(json!({"loadBalancer": {"ingress": [
+                {"ip": "198.51.100.10"}, {"ip": "2001:db8:1::10"}
+            ]}}))
+            .unwrap(),
+        );
+        let v6_only = svc(
+            "six",
+            json!({"clusterIPs": ["fd00:96::20"], "ipFamilies": ["IPv6"],
+                   "externalIPs": ["192.0.2.20"],
+                   "ports": [{"name": "http", "port": 80}]}),
+        );
+        let slices = vec![
+            slice("w4", "web", http_port(), json!([ready("10.0.0.1")])),
+            slice_typed(
+                "w6",
+                "web",
+                "IPv6",
+                http_port(),
+                json!([ready("fd00:1::1")]),
+            ),
+            slice_typed(
+                "s6",
+                "six",
+                "IPv6",
+                http_port(),
+                json!([ready("fd00:1::2")]),
+            ),
+            slice("s4", "six", http_port(), json!([ready("10.0.0.2")])),
+        ];
+        let mut n = node();
+        n.nodeport_addresses = vec![
+            "192.168.1.1".parse().unwrap(),
+            "2001:db8:2::1".parse().unwrap(),
+        ];
+        let t = translate(&state(vec![dual, v6_only], slices), &n);
+        let internal: BTreeMap<String, Vec<String>> = frontends(&t)
+            .into_iter()
+            .filter(|(k, _)| !k.ends_with("(external)"))
+            .collect();
+        let want: BTreeMap<String, Vec<String>> = [
+            ("10.96.0.10:80/TCP", "10.0.0.1:8080"),
+            ("[fd00:96::10]:80/TCP", "[fd00:1::1]:8080"),
+            ("192.0.2.10:80/TCP", "10.0.0.1:8080"),
+            ("[2001:db8::10]:80/TCP", "[fd00:1::1]:8080"),
+            ("198.51.100.10:80/TCP", "10.0.0.1:8080"),
+            ("[2001:db8:1::10]:80/TCP", "[fd00:1::1]:8080"),
+            ("192.168.1.1:30080/TCP", "10.0.0.1:8080"),
+            ("[2001:db8:2::1]:30080/TCP", "[fd00:1::1]:8080"),
+            ("[fd00:96::20]:80/TCP", "[fd00:1::2]:8080"),
+        ]
+        .into_iter()
+        .map(|(k, b)| (k.to_string(), vec![b.to_string()]))
+        .collect();
+        assert_eq!(internal, want);
+        // An IPv4 externalIP on an IPv6-only Service has nothing to balance to.
+        assert_eq!(t.problems.len(), 1, "{:?}", t.problems);
+        assert!(
+            t.problems[0].reason.contains("externalIP 192.0.2.20"),
+            "{:?}",
+            t.problems
+        );
+        // The IPv4 ranges guard the IPv4 LoadBalancer IP; the IPv6 one has
+        // none of its family: closed (an empty set), not open to all.
+        let ranges = |ip: &str| {
+            t.desired
+                .source_ranges
+                .get(&ip.parse::<IpAddr>().unwrap())
+                .cloned()
+        };
+        assert_eq!(ranges("198.51.100.10").map(|r| r.len()), Some(1));
+        assert_eq!(ranges("2001:db8:1::10").map(|r| r.len()), Some(0));
+        assert!(t.desired.frontends.iter().any(|(k, f)| k.addr
+            == "2001:db8:1::10".parse::<IpAddr>().unwrap()
+            && f.source_ranges));
+    }
+
     #[test]
     fn invalid_services_are_skipped_whole_with_a_reason() {
         let cases = vec![
             (
                 "bad IP",
                 json!({"clusterIP": "10.96.0.300", "ports": [{"port": 80}]}),
-                "not an IPv4 address",
+                "not an IP address",
+            ),
+            (
+                "two ClusterIPs of one family",
+                json!({"clusterIP": "10.96.0.2", "clusterIPs": ["10.96.0.2", "10.96.0.3"], "ports": [{"port": 80}]}),
+                "two addresses of one family",
             ),
             (
                 "port 0",
@@ -1633,7 +1768,7 @@ mod tests {
             &state(vec![(k.clone(), s.clone())], vec![sl.clone()]),
             &external_node(),
         );
-        let lb_ip: Ipv4Addr = "198.51.100.10".parse().unwrap();
+        let lb_ip: IpAddr = "198.51.100.10".parse().unwrap();
         let ranges: Vec<String> = t.desired.source_ranges[&lb_ip]
             .iter()
             .map(|n| n.to_string())

@@ -25,19 +25,33 @@ fn selects(selector: &BTreeMap<String, String>, pod: &Pod) -> bool {
         .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
 }
 
-fn pod_ipv4(pod: &Pod) -> Option<String> {
-    let status = pod.status.as_ref()?;
-    let from_list = status.pod_ips.as_ref().and_then(|ips| {
-        ips.iter()
-            .map(|ip| ip.ip.clone())
-            .find(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok())
-    });
-    from_list.or_else(|| {
-        status
-            .pod_ip
-            .clone()
-            .filter(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok())
-    })
+/// EndpointSlice addressType of an address, None when it is not one.
+fn address_type(ip: &str) -> Option<&'static str> {
+    match ip.parse::<std::net::IpAddr>().ok()? {
+        std::net::IpAddr::V4(_) => Some("IPv4"),
+        std::net::IpAddr::V6(_) => Some("IPv6"),
+    }
+}
+
+/// The pod's address of each family (status.podIPs, else status.podIP),
+/// as the endpointslice controller makes one slice per family.
+fn pod_ips(pod: &Pod) -> Vec<(&'static str, String)> {
+    let Some(status) = pod.status.as_ref() else {
+        return Vec::new();
+    };
+    let listed: Vec<String> = match status.pod_ips.as_ref() {
+        Some(ips) if !ips.is_empty() => ips.iter().map(|ip| ip.ip.clone()).collect(),
+        _ => status.pod_ip.clone().into_iter().collect(),
+    };
+    let mut out: Vec<(&'static str, String)> = Vec::new();
+    for ip in listed {
+        if let Some(family) = address_type(&ip)
+            && !out.iter().any(|(f, _)| *f == family)
+        {
+            out.push((family, ip));
+        }
+    }
+    out
 }
 
 fn pod_ready(pod: &Pod) -> bool {
@@ -114,15 +128,17 @@ pub fn derive_slices(
     );
     let ports = spec.ports.as_deref().unwrap_or_default();
 
-    // Resolved port list -> endpoints, so each group becomes one slice.
-    let mut groups: BTreeMap<Vec<(String, String, i32)>, Vec<Endpoint>> = BTreeMap::new();
+    // (family, resolved port list) -> endpoints, so each group becomes one slice.
+    type Group = (&'static str, Vec<(String, String, i32)>);
+    let mut groups: BTreeMap<Group, Vec<Endpoint>> = BTreeMap::new();
     for (pod_key, pod) in pods {
         if pod_key.namespace != key.namespace || !selects(selector, pod) || pod_finished(pod) {
             continue;
         }
-        let Some(ip) = pod_ipv4(pod) else {
+        let ips = pod_ips(pod);
+        if ips.is_empty() {
             continue;
-        };
+        }
         let resolved: Vec<(String, String, i32)> = ports
             .iter()
             .filter_map(|p| {
@@ -145,32 +161,37 @@ pub fn derive_slices(
                 for_zones: Some(vec![ForZone { name: z }]),
                 ..Default::default()
             });
-        let endpoint = Endpoint {
-            addresses: vec![ip],
-            conditions: Some(EndpointConditions {
-                ready: Some(publish_not_ready || (ready && !terminating)),
-                serving: Some(publish_not_ready || ready),
-                terminating: Some(terminating),
-            }),
-            zone,
-            node_name,
-            hints,
-            target_ref: None,
-            ..Default::default()
-        };
-        groups.entry(resolved).or_default().push(endpoint);
+        for (family, ip) in ips {
+            let endpoint = Endpoint {
+                addresses: vec![ip],
+                conditions: Some(EndpointConditions {
+                    ready: Some(publish_not_ready || (ready && !terminating)),
+                    serving: Some(publish_not_ready || ready),
+                    terminating: Some(terminating),
+                }),
+                zone: zone.clone(),
+                node_name: node_name.clone(),
+                hints: hints.clone(),
+                target_ref: None,
+                ..Default::default()
+            };
+            groups
+                .entry((family, resolved.clone()))
+                .or_default()
+                .push(endpoint);
+        }
     }
 
     groups
         .into_iter()
         .enumerate()
-        .map(|(i, (ports, endpoints))| EndpointSlice {
+        .map(|(i, ((family, ports), endpoints))| EndpointSlice {
             metadata: slice_meta(
                 &key.namespace,
                 format!("{}-derived-{i}", key.name),
                 &key.name,
             ),
-            address_type: "IPv4".into(),
+            address_type: family.into(),
             endpoints,
             ports: Some(
                 ports
@@ -192,17 +213,18 @@ pub fn derive_slices(
 pub fn mirror_endpoints(key: &ObjectKey, endpoints: &Endpoints) -> Vec<EndpointSlice> {
     let mut slices = Vec::new();
     for (i, subset) in endpoints.subsets.iter().flatten().enumerate() {
-        let mut items = Vec::new();
+        // One slice per family, as the mirroring controller makes them.
+        let mut by_family: BTreeMap<&'static str, Vec<Endpoint>> = BTreeMap::new();
         let groups = [
             (subset.addresses.as_ref(), true),
             (subset.not_ready_addresses.as_ref(), false),
         ];
         for (addresses, ready) in groups {
             for address in addresses.into_iter().flatten() {
-                if address.ip.parse::<std::net::Ipv4Addr>().is_err() {
+                let Some(family) = address_type(&address.ip) else {
                     continue;
-                }
-                items.push(Endpoint {
+                };
+                by_family.entry(family).or_default().push(Endpoint {
                     addresses: vec![address.ip.clone()],
                     conditions: Some(EndpointConditions {
                         ready: Some(ready),
@@ -214,7 +236,7 @@ pub fn mirror_endpoints(key: &ObjectKey, endpoints: &Endpoints) -> Vec<EndpointS
                 });
             }
         }
-        let ports = subset
+        let ports: Vec<EndpointPort> = subset
             .ports
             .iter()
             .flatten()
@@ -225,16 +247,22 @@ pub fn mirror_endpoints(key: &ObjectKey, endpoints: &Endpoints) -> Vec<EndpointS
                 app_protocol: None,
             })
             .collect();
-        slices.push(EndpointSlice {
-            metadata: slice_meta(
-                &key.namespace,
-                format!("{}-mirrored-{i}", key.name),
-                &key.name,
-            ),
-            address_type: "IPv4".into(),
-            endpoints: items,
-            ports: Some(ports),
-        });
+        if by_family.is_empty() {
+            by_family.insert("IPv4", Vec::new());
+        }
+        for (family, items) in by_family {
+            let suffix = if family == "IPv6" { "-v6" } else { "" };
+            slices.push(EndpointSlice {
+                metadata: slice_meta(
+                    &key.namespace,
+                    format!("{}-mirrored-{i}{suffix}", key.name),
+                    &key.name,
+                ),
+                address_type: family.into(),
+                endpoints: items,
+                ports: Some(ports.clone()),
+            });
+        }
     }
     slices
 }
@@ -357,6 +385,45 @@ mod tests {
                 "web"
             );
         }
+    }
+
+    #[test]
+    fn dual_stack_pods_give_one_slice_per_family() {
+        let pods: BTreeMap<ObjectKey, Arc<Pod>> = [
+            pod(
+                "a",
+                "ns",
+                "10.0.0.1",
+                true,
+                json!({"status": {"podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}]}}),
+            ),
+            pod("six", "ns", "fd00::2", true, json!({})),
+        ]
+        .into_iter()
+        .collect();
+        let (key, svc) = service(
+            json!({"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}),
+        );
+        let slices = derive_slices(&key, &svc, &pods, &BTreeMap::new());
+        let got: Vec<(String, Vec<String>)> = slices
+            .iter()
+            .map(|s| {
+                (
+                    s.address_type.clone(),
+                    s.endpoints.iter().map(|e| e.addresses[0].clone()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("IPv4".to_string(), vec!["10.0.0.1".to_string()]),
+                (
+                    "IPv6".to_string(),
+                    vec!["fd00::1".to_string(), "fd00::2".to_string()]
+                ),
+            ]
+        );
     }
 
     #[test]
