@@ -16,7 +16,7 @@ use crate::{
     maps::{LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_SERVICES, LB_SOURCE_RANGES, count},
     nat::{self, End},
     packet::{Packet, Routed},
-    parse::{self, Echo, Flow, Parsed, TCP_RST},
+    parse::{self, Echo, Flow, TCP_RST},
     reject,
 };
 
@@ -41,26 +41,43 @@ impl Origin {
 
 /// Where a translated packet goes: the destination (forward) or source (reply)
 /// to write, and for source-NATed flows the other end too.
-struct Rewrite {
+#[derive(Default)]
+pub struct Rewrite {
     addr_be: Addr,
     port_be: u16,
     /// Forward: new source address; reply: new destination address (NONE: keep).
     other_addr_be: Addr,
     /// Port counterpart of `other_addr_be`.
     other_port_be: u16,
+    /// The end `addr_be` replaces: destination (forward) or source (reply).
+    end: End,
+    /// The counter of a successful translation.
+    verdict: u32,
 }
 
+/// What `forward` and `reply` return when the packet is to be rewritten as
+/// their `Rewrite` says, or refused (RST / ICMP unreachable); anything else
+/// is the program's verdict.
+const REWRITE: i32 = i32::MIN;
+const REFUSE: i32 = i32::MIN + 1;
+
 /// Translate one packet; returns the program verdict.
+///
+/// Parsing, the forward and reply paths, and the rewrite are each their own
+/// BPF function called from here, never from each other: the verifier adds
+/// the stack frames along a call chain (512 bytes in all), and IPv6-sized
+/// keys inlined into one body do not fit.
 #[inline(always)]
 pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
-    let flow = match parse::parse(pkt) {
-        Parsed::Flow(flow) => flow,
-        Parsed::Echo(echo) => return echo_request(pkt, &echo, origin),
-        Parsed::Pass(reason) => {
+    let mut flow = Flow::default();
+    match parse::parse_into(pkt, &mut flow) {
+        parse::FLOW => {}
+        parse::ECHO => return echo_request(pkt, &flow, origin),
+        reason => {
             count(reason);
             return pkt.pass();
         }
-    };
+    }
     let key = ServiceKey {
         addr_be: flow.dst_be,
         port_be: flow.dport_be,
@@ -69,14 +86,18 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
         scope: origin.scope(),
         _pad: [0; 2],
     };
+    let mut to = Rewrite::default();
     // The clock is read only where it is needed: not for packets that
     // are none of ours (the common case on a node).
-    match unsafe { LB_SERVICES.get(key) } {
-        Some(frontend) => {
-            let frontend = *frontend;
-            forward(pkt, &flow, &key, &frontend, origin)
-        }
-        None => reply(pkt, &flow, origin),
+    let verdict = match unsafe { LB_SERVICES.get(key) } {
+        // The frontend is read in place (a map value): no copy here.
+        Some(frontend) => forward(pkt, &flow, &key, frontend, &mut to),
+        None => reply(pkt, &flow, origin, &mut to),
+    };
+    match verdict {
+        REWRITE => translate(pkt, &flow, &to),
+        REFUSE => refuse(pkt, &flow),
+        verdict => verdict,
     }
 }
 
@@ -84,7 +105,13 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
 /// one without (so it tells the truth), passed for anything else.
 // Its own BPF function: its stack frame is not added to the flow path's.
 #[inline(never)]
-fn echo_request<P: Packet>(pkt: &mut P, echo: &Echo, origin: Origin) -> i32 {
+fn echo_request<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
+    let echo = &Echo {
+        src_be: flow.src_be,
+        dst_be: flow.dst_be,
+        l4_off: flow.l4_off,
+        v6: flow.v6,
+    };
     let key = ServiceKey {
         addr_be: echo.dst_be,
         port_be: 0,
@@ -146,9 +173,13 @@ fn forward<P: Packet>(
     flow: &Flow,
     key: &ServiceKey,
     frontend: &ServiceValue,
-    origin: Origin,
+    to: &mut Rewrite,
 ) -> i32 {
-    let (key, frontend) = (*key, *frontend);
+    let origin = if key.scope == SCOPE_EXTERNAL {
+        Origin::Node
+    } else {
+        Origin::Pod
+    };
     if frontend.flags & service_flags::SOURCE_RANGES != 0 && !source_allowed(flow) {
         count(stat::DROP_SOURCE_RANGE);
         return pkt.drop_verdict();
@@ -160,18 +191,20 @@ fn forward<P: Packet>(
         let backend_id = unsafe { (*entry).backend_id };
         match unsafe { LB_BACKENDS.get(backend_id) } {
             Some(backend) if !ct::restarts(flow, unsafe { &*entry }, backend) => {
-                let to = Rewrite {
+                *to = Rewrite {
                     addr_be: backend.addr_be,
                     port_be: backend.port_be,
                     other_addr_be: unsafe { (*entry).snat_addr_be },
                     other_port_be: unsafe { (*entry).snat_port_be },
+                    end: End::Destination,
+                    verdict: stat::ESTABLISHED,
                 };
                 let new_bits = ct::observe(entry, flow, now, len, 0);
                 if new_bits != 0 {
                     let peer = ct::peer_key(flow, unsafe { &*entry }, CT_DIR_FORWARD);
                     ct::merge(&peer, flow.proto, new_bits, now);
                 }
-                return translate(pkt, flow, End::Destination, &to, stat::ESTABLISHED);
+                return REWRITE;
             }
             // The flow no longer fits its entry: balance it again below.
             Some(_) => count(stat::FLOW_RESTARTED),
@@ -185,9 +218,9 @@ fn forward<P: Packet>(
             count(stat::DROP_NO_BACKEND);
             return pkt.drop_verdict();
         }
-        return refuse(pkt, flow);
+        return REFUSE;
     }
-    let Some((backend_id, backend)) = select_backend(flow, key, &frontend, now) else {
+    let Some((backend_id, backend)) = select_backend(flow, key, frontend, now) else {
         return pkt.drop_verdict();
     };
     let mut nat = Nat {
@@ -249,13 +282,15 @@ fn forward<P: Packet>(
             return pkt.drop_verdict();
         }
     }
-    let to = Rewrite {
+    *to = Rewrite {
         addr_be: nat.backend_addr_be,
         port_be: nat.backend_port_be,
         other_addr_be: nat.snat_addr_be,
         other_port_be: nat.snat_port_be,
+        end: End::Destination,
+        verdict: stat::NEW_FLOW,
     };
-    translate(pkt, flow, End::Destination, &to, stat::NEW_FLOW)
+    REWRITE
 }
 
 /// Choose the backend of a new flow: the client's affinity backend while it
@@ -264,7 +299,7 @@ fn forward<P: Packet>(
 #[inline(always)]
 fn select_backend(
     flow: &Flow,
-    key: ServiceKey,
+    key: &ServiceKey,
     frontend: &ServiceValue,
     now: u64,
 ) -> Option<(u32, BackendValue)> {
@@ -281,7 +316,7 @@ fn select_backend(
         remember(&affinity_key, backend.0, now);
         return Some(backend);
     }
-    let chosen = pick_backend(key, frontend, || flow_hash(flow))?;
+    let chosen = pick_backend(*key, frontend, || flow_hash(flow))?;
     if affinity {
         remember(&affinity_key, chosen.0, now);
     }
@@ -388,7 +423,7 @@ fn flow_hash(flow: &Flow) -> u32 {
 /// A packet not addressed to a frontend: a reply of a translated flow, a
 /// packet to a Service IP on an undeclared port, or none of ours.
 #[inline(never)]
-fn reply<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
+fn reply<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin, to: &mut Rewrite) -> i32 {
     let key = ct::reply_key(flow);
     let Some((entry, now)) = ct::lookup_timed(&key) else {
         return not_a_frontend(pkt, flow, origin);
@@ -401,18 +436,21 @@ fn reply<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
     let first_reply = unsafe { (*entry).flags } & ct_flags::REPLY_SEEN == 0;
     let extra = if first_reply { ct_flags::REPLY_SEEN } else { 0 };
     let new_bits = ct::observe(entry, flow, now, pkt.len(), extra);
-    let entry = unsafe { *entry };
+    // Read through the pointer: an entry copied to the stack costs 88 bytes.
+    let entry = unsafe { &*entry };
     if new_bits != 0 {
-        let peer = ct::peer_key(flow, &entry, CT_DIR_REPLY);
+        let peer = ct::peer_key(flow, entry, CT_DIR_REPLY);
         ct::merge(&peer, flow.proto, new_bits, now);
     }
-    let to = Rewrite {
+    *to = Rewrite {
         addr_be: entry.nat_addr_be,
         port_be: entry.nat_port_be,
         other_addr_be: entry.snat_addr_be,
         other_port_be: entry.snat_port_be,
+        end: End::Source,
+        verdict: stat::REPLY,
     };
-    translate(pkt, flow, End::Source, &to, stat::REPLY)
+    REWRITE
 }
 
 #[inline(always)]
@@ -435,14 +473,15 @@ fn not_a_frontend<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
         && address.flags & service_flags::ADDRESS_ONLY != 0
     {
         count(stat::REJECT_UNDECLARED);
-        return refuse(pkt, flow);
+        return REFUSE;
     }
     count(stat::PASS_NOT_FRONTEND);
     pkt.pass()
 }
 
-#[inline(always)]
-fn translate<P: Packet>(pkt: &mut P, flow: &Flow, end: End, to: &Rewrite, verdict: u32) -> i32 {
+#[inline(never)]
+fn translate<P: Packet>(pkt: &mut P, flow: &Flow, to: &Rewrite) -> i32 {
+    let (end, verdict) = (to.end, to.verdict);
     let mut result = nat::rewrite(pkt, flow, end, to.addr_be, to.port_be);
     if result.is_ok() && !to.other_addr_be.is_none() {
         let other_end = match end {

@@ -11,9 +11,10 @@ use crate::{
 };
 
 /// Which end of the tuple a rewrite touches.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
 pub enum End {
     /// DNAT: client -> frontend becomes client -> backend.
+    #[default]
     Destination,
     /// Reverse NAT: backend -> client becomes frontend -> client.
     Source,

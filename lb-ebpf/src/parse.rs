@@ -64,7 +64,7 @@ pub struct Ipv6Hdr {
 }
 
 /// A TCP or UDP packet over IPv4 or IPv6, with what translation needs to know.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct Flow {
     pub src_be: Addr,
     pub dst_be: Addr,
@@ -85,7 +85,7 @@ pub struct Flow {
 }
 
 /// An ICMP echo request (ping) over IPv4, or ICMPv6 echo request.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct Echo {
     pub src_be: Addr,
     pub dst_be: Addr,
@@ -150,6 +150,32 @@ const _: () = {
     assert!(size_of::<TcpHead>() == 14);
     assert!(size_of::<UdpHdr>() == 8);
 };
+
+/// `parse_into`'s answers besides a stat index (which are small).
+pub const FLOW: u32 = u32::MAX;
+pub const ECHO: u32 = u32::MAX - 1;
+
+/// Parse into `flow` (returns FLOW), or an echo request into `flow`'s
+/// addresses, `l4_off` and `v6` (returns ECHO), or return the stat that says
+/// why the packet is passed. Its own BPF function, so the headers it reads
+/// do not sit in its caller's stack frame.
+#[inline(never)]
+pub fn parse_into<P: Packet>(pkt: &P, flow: &mut Flow) -> u32 {
+    match parse(pkt) {
+        Parsed::Flow(f) => {
+            *flow = f;
+            FLOW
+        }
+        Parsed::Echo(e) => {
+            flow.src_be = e.src_be;
+            flow.dst_be = e.dst_be;
+            flow.l4_off = e.l4_off;
+            flow.v6 = e.v6;
+            ECHO
+        }
+        Parsed::Pass(reason) => reason,
+    }
+}
 
 #[inline(always)]
 pub fn parse<P: Packet>(pkt: &P) -> Parsed {

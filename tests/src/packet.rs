@@ -4,7 +4,7 @@
 
 use std::{
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 use aya::{
@@ -68,32 +68,52 @@ impl Prog {
     }
 }
 
-/// IPv4 address and port.
+/// IP address and port.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Ep {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
 }
 
 impl fmt::Debug for Ep {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.addr, self.port)
+        write!(f, "{}", SocketAddr::new(self.addr, self.port))
     }
 }
 
-/// `ep("10.96.0.10:80")`.
+impl Ep {
+    /// The IPv4 address (panics for IPv6: a test mixing families is wrong).
+    pub fn v4(&self) -> Ipv4Addr {
+        match self.addr {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(a) => panic!("{a} is not IPv4"),
+        }
+    }
+}
+
+/// `ep("10.96.0.10:80")`, `ep("[fd00::10]:80")`.
 pub fn ep(s: &str) -> Ep {
-    let sa: SocketAddrV4 = s
+    let sa: SocketAddr = s
         .parse()
         .unwrap_or_else(|e| panic!("bad endpoint {s}: {e}"));
     Ep {
-        addr: *sa.ip(),
+        addr: sa.ip(),
         port: sa.port(),
     }
 }
 
-fn be32(addr: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(addr.octets())
+/// An address as the maps hold it.
+pub fn be32(addr: impl Into<IpAddr>) -> lb_common::Addr {
+    lb_common::Addr::from(addr.into())
+}
+
+fn ip_layer(src: IpAddr, dst: IpAddr) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("{src} -> {dst}: mixed families"),
+    }
 }
 
 /// TCP flags for building frames.
@@ -122,9 +142,7 @@ pub const ACK: Tcp = Tcp {
 };
 
 pub fn tcp(src: Ep, dst: Ep, flags: Tcp, payload: &[u8]) -> Vec<u8> {
-    let mut b = PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC)
-        .ipv4(src.addr.octets(), dst.addr.octets(), 64)
-        .tcp(src.port, dst.port, flags.seq, 64240);
+    let mut b = ip_layer(src.addr, dst.addr).tcp(src.port, dst.port, flags.seq, 64240);
     if flags.syn {
         b = b.syn();
     }
@@ -143,9 +161,7 @@ pub fn tcp(src: Ep, dst: Ep, flags: Tcp, payload: &[u8]) -> Vec<u8> {
 }
 
 pub fn udp(src: Ep, dst: Ep, payload: &[u8]) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC)
-        .ipv4(src.addr.octets(), dst.addr.octets(), 64)
-        .udp(src.port, dst.port);
+    let b = ip_layer(src.addr, dst.addr).udp(src.port, dst.port);
     let mut out = Vec::new();
     b.write(&mut out, payload).expect("build udp frame");
     out
@@ -158,6 +174,22 @@ pub fn echo_request(src: Ipv4Addr, dst: Ipv4Addr, id: u16, seq: u16, payload: &[
         .icmpv4_echo_request(id, seq);
     let mut out = Vec::new();
     b.write(&mut out, payload).expect("build echo frame");
+    out
+}
+
+/// An ICMPv6 echo request.
+pub fn echo6_request(
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    id: u16,
+    seq: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC)
+        .ipv6(src.octets(), dst.octets(), 64)
+        .icmpv6_echo_request(id, seq);
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("build echo6 frame");
     out
 }
 
@@ -344,7 +376,7 @@ impl Datapath {
 
     pub fn insert_affinity(
         &mut self,
-        client: Ipv4Addr,
+        client: impl Into<IpAddr>,
         rev_nat_id: u16,
         backend_id: u32,
         last_used_ns: u64,
@@ -439,7 +471,8 @@ impl Datapath {
     }
 
     /// An address entry (`{addr, port 0, proto 0}`) in a scope with these flags.
-    pub fn address_entry(&mut self, addr: Ipv4Addr, scope: u8, flags: u32) {
+    pub fn address_entry(&mut self, addr: impl Into<IpAddr>, scope: u8, flags: u32) {
+        let addr = addr.into();
         let head = ServiceValue {
             flags: frontend_kind::CLUSTER_IP | flags,
             ..Default::default()
@@ -450,7 +483,15 @@ impl Datapath {
     }
 
     /// Allow clients in `client/prefix` to use LoadBalancer IP `frontend`.
-    pub fn source_range(&mut self, frontend: Ipv4Addr, client: Ipv4Addr, prefix: u32) {
+    pub fn source_range(
+        &mut self,
+        frontend: impl Into<IpAddr>,
+        client: impl Into<IpAddr>,
+        prefix: u32,
+    ) {
+        let (frontend, client) = (frontend.into(), client.into());
+        // Bits before the client prefix: the frontend, and for IPv4 the mapped prefix.
+        let base = if client.is_ipv4() { 128 + 96 } else { 128 };
         let mut trie = LpmTrie::<_, SourceRange, u32>::try_from(
             self.ebpf
                 .map_mut(map_names::SOURCE_RANGES)
@@ -458,7 +499,7 @@ impl Datapath {
         )
         .expect("source ranges is an LPM trie");
         let key = aya::maps::lpm_trie::Key::new(
-            32 + prefix,
+            base + prefix,
             SourceRange {
                 frontend_addr_be: be32(frontend),
                 client_addr_be: be32(client),
@@ -485,7 +526,8 @@ impl Datapath {
     }
 
     /// Mark `addr` as a Service IP: undeclared ports and protocols are rejected.
-    pub fn address_only(&mut self, addr: Ipv4Addr) {
+    pub fn address_only(&mut self, addr: impl Into<IpAddr>) {
+        let addr = addr.into();
         let head = ServiceValue {
             flags: frontend_kind::CLUSTER_IP | service_flags::ADDRESS_ONLY,
             ..Default::default()
@@ -496,13 +538,14 @@ impl Datapath {
     }
 
     pub fn set_hairpin_addr(&mut self, addr: Ipv4Addr) {
+        let addr = IpAddr::V4(addr);
         let mut config = Array::<_, ConfigValue>::try_from(
             self.ebpf.map_mut(map_names::CONFIG).expect("config map"),
         )
         .expect("config is an array");
         let value = ConfigValue {
             layout_version: lb_common::LAYOUT_VERSION,
-            hairpin_snat_addr_be: be32(addr),
+            hairpin_snat_addr4: be32(addr),
             ..Default::default()
         };
         config.set(0, value, 0).expect("write config");
@@ -694,7 +737,7 @@ pub enum Expect {
     /// Passed with the destination rewritten to `dst` and the source to
     /// `src_addr` with a port in `ports` (SNAT port allocation).
     Snat {
-        src_addr: Ipv4Addr,
+        src_addr: IpAddr,
         ports: (u16, u16),
         dst: Ep,
     },
@@ -794,10 +837,12 @@ pub fn run_case(case: Case) {
     }
 }
 
-/// Parsed view of an IPv4 TCP/UDP/ICMP frame for comparisons.
+/// Parsed view of an IPv4 or IPv6 TCP/UDP/ICMP frame for comparisons.
 struct View<'a> {
     frame: &'a [u8],
+    /// IP header length (IPv4 with options; 40 for IPv6).
     ihl: usize,
+    v6: bool,
 }
 
 impl<'a> View<'a> {
@@ -807,53 +852,87 @@ impl<'a> View<'a> {
             "{ctx}: frame too short ({} bytes)",
             frame.len()
         );
-        assert_eq!(&frame[12..14], &[0x08, 0x00], "{ctx}: not IPv4");
-        let ihl = (frame[14] & 0x0f) as usize * 4;
-        View { frame, ihl }
+        match frame[12..14] {
+            [0x08, 0x00] => {
+                let ihl = (frame[14] & 0x0f) as usize * 4;
+                View {
+                    frame,
+                    ihl,
+                    v6: false,
+                }
+            }
+            [0x86, 0xdd] => {
+                assert!(frame.len() >= 54, "{ctx}: IPv6 frame too short");
+                View {
+                    frame,
+                    ihl: 40,
+                    v6: true,
+                }
+            }
+            _ => panic!("{ctx}: neither IPv4 nor IPv6"),
+        }
     }
     fn ip(&self) -> &'a [u8] {
         &self.frame[14..14 + self.ihl]
     }
     fn l4(&self) -> &'a [u8] {
-        let tot = u16::from_be_bytes([self.frame[16], self.frame[17]]) as usize;
-        &self.frame[14 + self.ihl..14 + tot]
+        let end = if self.v6 {
+            54 + u16::from_be_bytes([self.frame[18], self.frame[19]]) as usize
+        } else {
+            14 + u16::from_be_bytes([self.frame[16], self.frame[17]]) as usize
+        };
+        &self.frame[14 + self.ihl..end]
     }
     fn proto(&self) -> u8 {
-        self.frame[23]
+        if self.v6 {
+            self.frame[20]
+        } else {
+            self.frame[23]
+        }
+    }
+    fn addr(&self, at: usize) -> IpAddr {
+        if self.v6 {
+            let o: [u8; 16] = self.frame[at..at + 16].try_into().unwrap();
+            IpAddr::from(o)
+        } else {
+            let o: [u8; 4] = self.frame[at..at + 4].try_into().unwrap();
+            IpAddr::from(o)
+        }
+    }
+    fn src_addr(&self) -> IpAddr {
+        self.addr(if self.v6 { 22 } else { 26 })
+    }
+    fn dst_addr(&self) -> IpAddr {
+        self.addr(if self.v6 { 38 } else { 30 })
     }
     fn src(&self) -> Ep {
         let l4 = self.l4();
         Ep {
-            addr: Ipv4Addr::new(
-                self.frame[26],
-                self.frame[27],
-                self.frame[28],
-                self.frame[29],
-            ),
+            addr: self.src_addr(),
             port: u16::from_be_bytes([l4[0], l4[1]]),
         }
     }
     fn dst(&self) -> Ep {
         let l4 = self.l4();
         Ep {
-            addr: Ipv4Addr::new(
-                self.frame[30],
-                self.frame[31],
-                self.frame[32],
-                self.frame[33],
-            ),
+            addr: self.dst_addr(),
             port: u16::from_be_bytes([l4[2], l4[3]]),
         }
     }
-    /// Verify the IPv4 header and L4 checksums from scratch.
+    /// Verify the IPv4 header and L4 checksums (IPv6: L4 with its pseudo
+    /// header, ICMPv6 included) from scratch.
     fn assert_checksums(&self, ctx: &str) {
-        assert_eq!(
-            fold(sum16(self.ip())),
-            0xffff,
-            "{ctx}: bad IPv4 header checksum"
-        );
         let l4 = self.l4();
-        let pseudo = sum16(&self.frame[26..34]) + self.proto() as u32 + l4.len() as u32;
+        let pseudo = if self.v6 {
+            sum16(&self.frame[22..54]) + self.proto() as u32 + l4.len() as u32
+        } else {
+            assert_eq!(
+                fold(sum16(self.ip())),
+                0xffff,
+                "{ctx}: bad IPv4 header checksum"
+            );
+            sum16(&self.frame[26..34]) + self.proto() as u32 + l4.len() as u32
+        };
         match self.proto() {
             IPPROTO_TCP => {
                 assert_eq!(fold(pseudo + sum16(l4)), 0xffff, "{ctx}: bad TCP checksum");
@@ -864,6 +943,11 @@ impl<'a> View<'a> {
                 }
             }
             1 => assert_eq!(fold(sum16(l4)), 0xffff, "{ctx}: bad ICMP checksum"),
+            58 => assert_eq!(
+                fold(pseudo + sum16(l4)),
+                0xffff,
+                "{ctx}: bad ICMPv6 checksum"
+            ),
             p => panic!("{ctx}: unexpected protocol {p}"),
         }
     }
@@ -881,13 +965,22 @@ fn assert_translated(ctx: &str, input: &[u8], out: &[u8], src: Ep, dst: Ep) {
     assert_eq!(&out[..14], &input[..14], "{ctx}: Ethernet header changed");
     assert_eq!(o.src(), src, "{ctx}: source");
     assert_eq!(o.dst(), dst, "{ctx}: destination");
-    // IP header: all but checksum (10..12) and addresses (12..20) unchanged.
-    assert_eq!(
-        &o.ip()[..10],
-        &i.ip()[..10],
-        "{ctx}: IPv4 header fields changed"
-    );
-    assert_eq!(&o.ip()[20..], &i.ip()[20..], "{ctx}: IPv4 options changed");
+    if i.v6 {
+        // IPv6 header: all but the addresses (8..40) unchanged.
+        assert_eq!(
+            &o.ip()[..8],
+            &i.ip()[..8],
+            "{ctx}: IPv6 header fields changed"
+        );
+    } else {
+        // IP header: all but checksum (10..12) and addresses (12..20) unchanged.
+        assert_eq!(
+            &o.ip()[..10],
+            &i.ip()[..10],
+            "{ctx}: IPv4 header fields changed"
+        );
+        assert_eq!(&o.ip()[20..], &i.ip()[20..], "{ctx}: IPv4 options changed");
+    }
     let (il4, ol4) = (i.l4(), o.l4());
     match i.proto() {
         IPPROTO_TCP => {
@@ -980,7 +1073,8 @@ fn check(
         Expect::TcpRst { seq, ack } => {
             expect_verdict(ctx, verdict, Verdict::Bounce);
             let (i, o) = (View::new(ctx, input), View::new(ctx, out));
-            assert_eq!(out.len(), 54, "{ctx}: RST frame length");
+            let want_len = if i.v6 { 74 } else { 54 };
+            assert_eq!(out.len(), want_len, "{ctx}: RST frame length");
             assert_eq!(
                 &out[..6],
                 &input[6..12],
@@ -1022,14 +1116,15 @@ fn check(
                 "{ctx}: reply from the receiving MAC"
             );
             let (i, o) = (View::new(ctx, input), View::new(ctx, out));
-            assert_eq!(o.proto(), 1, "{ctx}: protocol ICMP");
+            let (proto, reply_type) = if i.v6 { (58, 129) } else { (1, 0) };
+            assert_eq!(o.proto(), proto, "{ctx}: protocol ICMP");
+            assert_eq!(o.src_addr(), i.dst_addr(), "{ctx}: from the pinged address");
+            assert_eq!(o.dst_addr(), i.src_addr(), "{ctx}: to the pinger");
             assert_eq!(
-                &out[26..30],
-                &input[30..34],
-                "{ctx}: from the pinged address"
+                (o.l4()[0], o.l4()[1]),
+                (reply_type, 0),
+                "{ctx}: echo reply type, code 0"
             );
-            assert_eq!(&out[30..34], &input[26..30], "{ctx}: to the pinger");
-            assert_eq!((o.l4()[0], o.l4()[1]), (0, 0), "{ctx}: type 0 code 0");
             assert_eq!(
                 &o.l4()[4..],
                 &i.l4()[4..],
@@ -1046,15 +1141,20 @@ fn check(
                 &input[6..12],
                 "{ctx}: ICMP goes back to the sender's MAC"
             );
-            assert_eq!(o.proto(), 1, "{ctx}: protocol ICMP");
+            let (proto, kind, code) = if i.v6 { (58, 1, 4) } else { (1, 3, 3) };
+            assert_eq!(o.proto(), proto, "{ctx}: protocol ICMP");
             assert_eq!(
-                &out[26..30],
-                &input[30..34],
+                o.src_addr(),
+                i.dst_addr(),
                 "{ctx}: ICMP from the frontend address"
             );
-            assert_eq!(&out[30..34], &input[26..30], "{ctx}: ICMP to the client");
+            assert_eq!(o.dst_addr(), i.src_addr(), "{ctx}: ICMP to the client");
             let l4 = o.l4();
-            assert_eq!((l4[0], l4[1]), (3, 3), "{ctx}: type 3 code 3");
+            assert_eq!(
+                (l4[0], l4[1]),
+                (kind, code),
+                "{ctx}: port unreachable type and code"
+            );
             let quote = &input[14..14 + i.ihl + 8];
             assert_eq!(&l4[8..], quote, "{ctx}: ICMP quotes IP header + 8 bytes");
             o.assert_checksums(ctx);

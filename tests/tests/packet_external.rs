@@ -24,7 +24,7 @@ const REMOTE_POD: &str = "10.1.2.2:8080";
 const REMOTE_DNS: &str = "10.1.2.3:5353";
 const SNAT_PORT: u16 = 61_000;
 
-fn node_addr() -> std::net::Ipv4Addr {
+fn node_addr() -> std::net::IpAddr {
     NODE_ADDR.parse().unwrap()
 }
 
@@ -52,7 +52,7 @@ fn counters(want: &[(u32, u64)]) -> Step {
 /// SNAT to the node with one port (61000), so its allocation is predictable.
 fn node_config(dp: &mut Datapath, max_port: u16) {
     dp.set_config(|c| {
-        c.nodeport_snat_addr_be = u32::from_ne_bytes(node_addr().octets());
+        c.nodeport_snat_addr4 = lb_tests::packet::be32(node_addr());
         c.snat_port_min = SNAT_PORT;
         c.snat_port_max = max_port;
         c.flags |= config_flags::ECHO_REPLY;
@@ -363,7 +363,11 @@ fn source_ranges(dp: &mut Datapath) {
     dp.external_frontend(ep(LB_IP), TCP, 1, &[1], flags);
     dp.frontend_with_flags(ep(LB_IP), TCP, 2, &[1], service_flags::SOURCE_RANGES);
     dp.external_frontend(ep(NODE_PORT), TCP, 3, &[1], frontend_kind::NODE_PORT);
-    dp.source_range(ep(LB_IP).addr, "203.0.113.0".parse().unwrap(), 24);
+    dp.source_range(
+        ep(LB_IP).addr,
+        "203.0.113.0".parse::<std::net::Ipv4Addr>().unwrap(),
+        24,
+    );
 }
 
 #[test]
@@ -402,20 +406,24 @@ fn pingable(dp: &mut Datapath) {
     node_config(dp, SNAT_PORT);
     for scope in [SCOPE_INTERNAL, SCOPE_EXTERNAL] {
         dp.address_entry(ep(LB_IP).addr, scope, service_flags::ECHO);
-        dp.address_entry("198.51.100.11".parse().unwrap(), scope, 0);
+        dp.address_entry(
+            "198.51.100.11".parse::<std::net::Ipv4Addr>().unwrap(),
+            scope,
+            0,
+        );
     }
 }
 
 #[test]
 fn pings_to_service_addresses_tell_the_truth() {
-    let client = ep(CLIENT).addr;
+    let client = ep(CLIENT).v4();
     run_case(Case {
         name: "pings_to_service_addresses_tell_the_truth",
         programs: &[Prog::TcNode, Prog::XdpNode, Prog::Tc, Prog::Xdp],
         setup: Box::new(pingable),
         steps: vec![
             send(
-                echo_request(client, ep(LB_IP).addr, 7, 1, b"abcdefgh"),
+                echo_request(client, ep(LB_IP).v4(), 7, 1, b"abcdefgh"),
                 Expect::EchoReply,
             ),
             send(
@@ -424,14 +432,14 @@ fn pings_to_service_addresses_tell_the_truth() {
             ),
             // Not a Service address: none of our business.
             send(
-                echo_request(client, node_addr(), 7, 3, b"x"),
+                echo_request(client, NODE_ADDR.parse().unwrap(), 7, 3, b"x"),
                 Expect::Unchanged,
             ),
             counters(&[(stat::ECHO_REPLY, 1), (stat::DROP_ECHO, 1)]),
             // Turned off: pings pass untouched, as with kube-proxy.
             change(|dp| dp.set_config(|c| c.flags &= !config_flags::ECHO_REPLY)),
             send(
-                echo_request(client, ep(LB_IP).addr, 7, 4, b"x"),
+                echo_request(client, ep(LB_IP).v4(), 7, 4, b"x"),
                 Expect::Unchanged,
             ),
         ],

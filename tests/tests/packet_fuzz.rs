@@ -75,7 +75,7 @@ fn setup(dp: &mut Datapath) {
         service_flags::DROP_IF_EMPTY,
     );
     for ip in SERVICE_IPS {
-        dp.address_only(ip.parse().unwrap());
+        dp.address_only(ip.parse::<std::net::Ipv4Addr>().unwrap());
     }
     dp.set_hairpin_addr("169.254.42.1".parse().unwrap());
     // The same frontends for traffic from outside (node programs), with one
@@ -106,17 +106,17 @@ fn setup(dp: &mut Datapath) {
     dp.set_backend_state(2, 0, backend_flags::REMOTE);
     dp.set_backend_state(5, 0, backend_flags::REMOTE);
     dp.address_entry(
-        "10.96.0.10".parse().unwrap(),
+        "10.96.0.10".parse::<Ipv4Addr>().unwrap(),
         SCOPE_INTERNAL,
         service_flags::ADDRESS_ONLY | service_flags::ECHO,
     );
     dp.address_entry(
-        "10.96.0.10".parse().unwrap(),
+        "10.96.0.10".parse::<Ipv4Addr>().unwrap(),
         SCOPE_EXTERNAL,
         service_flags::ECHO,
     );
     dp.set_config(|c| {
-        c.nodeport_snat_addr_be = u32::from_ne_bytes([192, 168, 50, 1]);
+        c.nodeport_snat_addr4 = lb_common::Addr::v4(u32::from_ne_bytes([192, 168, 50, 1]));
         c.snat_port_min = 61_000;
         c.snat_port_max = 61_100;
         c.flags |= config_flags::ECHO_REPLY;
@@ -169,7 +169,7 @@ const BACKENDS: [(&str, u8); 5] = [
 fn base(rng: &mut Rng) -> Vec<u8> {
     let payload: Vec<u8> = (0..rng.below(64)).map(|_| rng.next() as u8).collect();
     let client = |rng: &mut Rng| Ep {
-        addr: ip(rng, &["10.0.0.5", "10.0.1.1"]),
+        addr: ip(rng, &["10.0.0.5", "10.0.1.1"]).into(),
         port: *rng.pick(&[40000u16, 40001, 40002]),
     };
     let (src, dst, proto) = match rng.below(10) {
@@ -183,22 +183,22 @@ fn base(rng: &mut Rng) -> Vec<u8> {
         }
         7 => (
             Ep {
-                addr: ip(rng, &BACKEND_IPS),
+                addr: ip(rng, &BACKEND_IPS).into(),
                 port: port(rng),
             },
             Ep {
-                addr: ip(rng, &["10.0.0.5"]),
+                addr: ip(rng, &["10.0.0.5"]).into(),
                 port: port(rng),
             },
             None,
         ),
         _ => (
             Ep {
-                addr: ip(rng, &["10.0.0.5", "10.0.1.1"]),
+                addr: ip(rng, &["10.0.0.5", "10.0.1.1"]).into(),
                 port: port(rng),
             },
             Ep {
-                addr: ip(rng, &SERVICE_IPS),
+                addr: ip(rng, &SERVICE_IPS).into(),
                 port: port(rng),
             },
             None,
@@ -212,7 +212,7 @@ fn base(rng: &mut Rng) -> Vec<u8> {
     match kind {
         0 => {
             let b = etherparse::PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC)
-                .ipv4(src.addr.octets(), dst.addr.octets(), 64)
+                .ipv4(src.v4().octets(), dst.v4().octets(), 64)
                 .icmpv4_echo_request(rng.next() as u16, 1);
             let mut f = Vec::new();
             b.write(&mut f, &payload).unwrap();

@@ -2,7 +2,7 @@
 //! BPF_PROG_TEST_RUN. Each test is one case; `run_case` runs it on every
 //! program it lists with fresh maps and names case, program and step on failure.
 
-use lb_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, ct_lifetime, stat};
+use lb_common::{Addr, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, ct_lifetime, stat};
 use lb_common::{IPPROTO_TCP as TCP, IPPROTO_UDP as UDP};
 use lb_tests::packet::*;
 
@@ -267,8 +267,8 @@ fn expired_conntrack_entry_is_not_used() {
             // A stale forward entry pointing at backend 2, dead since boot.
             change(|dp| {
                 let key = CtKey {
-                    src_addr_be: u32::from_ne_bytes([10, 0, 0, 5]),
-                    dst_addr_be: u32::from_ne_bytes([10, 96, 0, 10]),
+                    src_addr_be: Addr::v4(u32::from_ne_bytes([10, 0, 0, 5])),
+                    dst_addr_be: Addr::v4(u32::from_ne_bytes([10, 96, 0, 10])),
                     src_port_be: 40000u16.to_be(),
                     dst_port_be: 80u16.to_be(),
                     proto: TCP,
@@ -315,12 +315,15 @@ fn conntrack_records_both_directions() {
                     .expect("reply");
                 assert_eq!(fk.dst_port_be, 80u16.to_be());
                 assert_eq!((fv.backend_id, fv.rev_nat_id), (1, 1));
-                assert_eq!(fv.nat_addr_be, u32::from_ne_bytes([10, 0, 1, 1]));
+                assert_eq!(fv.nat_addr_be, Addr::v4(u32::from_ne_bytes([10, 0, 1, 1])));
                 assert_eq!(fv.nat_port_be, 8080u16.to_be());
                 assert_eq!(fv.lifetime_s, ct_lifetime::TCP_SYN);
-                assert_eq!(rk.src_addr_be, u32::from_ne_bytes([10, 0, 1, 1]));
+                assert_eq!(rk.src_addr_be, Addr::v4(u32::from_ne_bytes([10, 0, 1, 1])));
                 assert_eq!(rk.dst_port_be, 40000u16.to_be());
-                assert_eq!(rv.nat_addr_be, u32::from_ne_bytes([10, 96, 0, 10]));
+                assert_eq!(
+                    rv.nat_addr_be,
+                    Addr::v4(u32::from_ne_bytes([10, 96, 0, 10]))
+                );
                 assert_eq!(rv.nat_port_be, 80u16.to_be());
             }),
         ],
@@ -610,18 +613,18 @@ fn arp_passes() {
     frame.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
     frame.extend_from_slice(&CLIENT_MAC);
     frame.extend_from_slice(&[10, 0, 0, 5, 0, 0, 0, 0, 0, 0, 10, 96, 0, 10]);
-    passes("arp_passes", frame, stat::PASS_NOT_IPV4);
+    passes("arp_passes", frame, stat::PASS_NOT_IP);
 }
 
 #[test]
-fn ipv6_passes() {
+fn ipv6_not_a_frontend_passes() {
     let b = etherparse::PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC)
         .ipv6([0xfd; 16], [0xfe; 16], 64)
         .tcp(40000, 80, 1, 1000)
         .syn();
     let mut frame = Vec::new();
     b.write(&mut frame, b"").unwrap();
-    passes("ipv6_passes", frame, stat::PASS_NOT_IPV4);
+    passes("ipv6_not_a_frontend_passes", frame, stat::PASS_NOT_FRONTEND);
 }
 
 #[test]
@@ -630,7 +633,7 @@ fn vlan_tagged_frame_passes() {
     let mut frame = plain[..12].to_vec();
     frame.extend_from_slice(&[0x81, 0x00, 0x00, 0x64]);
     frame.extend_from_slice(&plain[12..]);
-    passes("vlan_tagged_frame_passes", frame, stat::PASS_NOT_IPV4);
+    passes("vlan_tagged_frame_passes", frame, stat::PASS_NOT_IP);
 }
 
 #[test]
@@ -858,7 +861,7 @@ fn hairpin_flow_is_source_translated_both_ways() {
         "hairpin_flow_is_source_translated_both_ways",
         |dp| {
             single_backend(dp);
-            dp.set_hairpin_addr(ep(HAIRPIN).addr);
+            dp.set_hairpin_addr(ep(HAIRPIN).v4());
         },
         vec![
             send(

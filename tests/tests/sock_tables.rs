@@ -170,7 +170,7 @@ fn connect_table() {
             "undeclared port of a Service IP: refused",
             |dp| {
                 program_web(dp, 0);
-                dp.address_only("10.96.0.10".parse().unwrap());
+                dp.address_only("10.96.0.10".parse::<Ipv4Addr>().unwrap());
             },
             "10.96.0.10:81",
             Connect::Errno(libc::ECONNREFUSED),

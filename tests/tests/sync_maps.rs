@@ -53,7 +53,7 @@ fn load(bpffs: &Bpffs, services_capacity: u32) -> Maps {
 fn frontend(name: &str, ip: [u8; 4], backends: &[[u8; 4]]) -> (FrontendKey, Frontend) {
     (
         FrontendKey {
-            addr: Ipv4Addr::from(ip),
+            addr: Ipv4Addr::from(ip).into(),
             port: 80,
             proto: Protocol::Tcp,
             scope: Scope::Internal,
@@ -64,7 +64,7 @@ fn frontend(name: &str, ip: [u8; 4], backends: &[[u8; 4]]) -> (FrontendKey, Fron
             backends: backends
                 .iter()
                 .map(|b| Backend {
-                    addr: Ipv4Addr::from(*b),
+                    addr: Ipv4Addr::from(*b).into(),
                     port: 8080,
                     terminating: false,
                     remote: false,

@@ -37,7 +37,7 @@ fn main() {
     let runs: usize = arg("--runs", "5").parse().expect("--runs");
     let new_flows: u16 = arg("--new-flows", "2000").parse().expect("--new-flows");
     let client = Ep {
-        addr: Ipv4Addr::new(10, 0, 0, 5),
+        addr: Ipv4Addr::new(10, 0, 0, 5).into(),
         port: 40000,
     };
 
@@ -58,11 +58,11 @@ fn main() {
         let mut dp = Datapath::load_sized(2 * n + 64, n + 64);
         for i in 0..n {
             let fe = Ep {
-                addr: nth(Ipv4Addr::new(10, 96, 0, 1), i),
+                addr: nth(Ipv4Addr::new(10, 96, 0, 1), i).into(),
                 port: 80,
             };
             let be = Ep {
-                addr: nth(Ipv4Addr::new(10, 128, 0, 1), i),
+                addr: nth(Ipv4Addr::new(10, 128, 0, 1), i).into(),
                 port: 8080,
             };
             dp.backend(i + 1, be, TCP);
@@ -70,11 +70,11 @@ fn main() {
         }
         // The Service under test is the last one programmed.
         let fe = Ep {
-            addr: nth(Ipv4Addr::new(10, 96, 0, 1), n - 1),
+            addr: nth(Ipv4Addr::new(10, 96, 0, 1), n - 1).into(),
             port: 80,
         };
         let be = Ep {
-            addr: nth(Ipv4Addr::new(10, 128, 0, 1), n - 1),
+            addr: nth(Ipv4Addr::new(10, 128, 0, 1), n - 1).into(),
             port: 8080,
         };
         for (prog, name) in [(Prog::Tc, "lb_tc_ingress"), (Prog::Xdp, "lb_xdp")] {
