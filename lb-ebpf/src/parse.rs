@@ -250,6 +250,11 @@ fn parse6<P: Packet>(pkt: &P) -> Parsed {
     if ip_end > pkt.len() {
         return Parsed::Pass(stat::MALFORMED);
     }
+    // IPv4-mapped addresses never appear on the IPv6 wire (RFC 4291
+    // 2.5.5.2); in our maps they are IPv4 entries, not this packet's.
+    if ip.src.is_v4() || ip.dst.is_v4() {
+        return Parsed::Pass(stat::MALFORMED);
+    }
     let ends = Ends {
         src: ip.src,
         dst: ip.dst,

@@ -402,12 +402,7 @@ impl Datapath {
     /// cookie in the config so they act only on the test's namespace.
     pub fn attach_sockets(&mut self, cgroup: &std::path::Path) {
         let dir = std::fs::File::open(cgroup).expect("open cgroup");
-        for name in [
-            program_names::SOCK_CONNECT4,
-            program_names::SOCK_SENDMSG4,
-            program_names::SOCK_RECVMSG4,
-            program_names::SOCK_GETPEERNAME4,
-        ] {
+        for (name, _) in program_names::SOCKET {
             let program: &mut CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)
