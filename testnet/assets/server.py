@@ -1,16 +1,27 @@
 #!/usr/bin/env python3
 """Test/demo server for a pod: answers on TCP ports with an HTTP response and
 on UDP ports with a datagram, both naming the pod and the client address it
-saw ("pod=NAME client=IP:PORT port=N"). Runs until killed."""
+saw ("pod=NAME client=IP:PORT port=N"), over IPv4 and IPv6. Runs until killed."""
 import argparse
 import socket
 import threading
 
 
-def tcp_server(name, port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def bound(family, kind, port):
+    """A socket on the wildcard address of one family (IPv6 only for IPv6,
+    so IPv4 clients keep showing as IPv4 addresses)."""
+    s = socket.socket(family, kind)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port))
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind(("::", port))
+    else:
+        s.bind(("0.0.0.0", port))
+    return s
+
+
+def tcp_server(name, port, family):
+    s = bound(family, socket.SOCK_STREAM, port)
     s.listen(128)
     while True:
         conn, addr = s.accept()
@@ -43,9 +54,8 @@ def serve_tcp(conn, addr, name, port):
         conn.close()
 
 
-def udp_server(name, port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", port))
+def udp_server(name, port, family):
+    s = bound(family, socket.SOCK_DGRAM, port)
     while True:
         _, addr = s.recvfrom(65535)
         s.sendto(f"pod={name} client={addr[0]}:{addr[1]} port={port}\n".encode(), addr)
@@ -58,10 +68,12 @@ def main():
     p.add_argument("--udp", default="")
     a = p.parse_args()
     threads = []
-    for port in filter(None, a.tcp.split(",")):
-        threads.append(threading.Thread(target=tcp_server, args=(a.name, int(port)), daemon=True))
-    for port in filter(None, a.udp.split(",")):
-        threads.append(threading.Thread(target=udp_server, args=(a.name, int(port)), daemon=True))
+    servers = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        servers += [(tcp_server, int(p), family) for p in filter(None, a.tcp.split(","))]
+        servers += [(udp_server, int(p), family) for p in filter(None, a.udp.split(","))]
+    for serve, port, family in servers:
+        threads.append(threading.Thread(target=serve, args=(a.name, port, family), daemon=True))
     for t in threads:
         t.start()
     print("ready", flush=True)

@@ -20,9 +20,18 @@ def out(line):
     print(line, flush=True)
 
 
+def family(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def name(addr):
+    """ip:port, [ip6]:port."""
+    return ("[%s]:%d" if ":" in addr[0] else "%s:%d") % (addr[0], addr[1])
+
+
 def tcp(host, port):
     s = socket.create_connection((host, port), timeout=3)
-    out("peer=%s:%d" % s.getpeername())
+    out("peer=" + name(s.getpeername()))
     s.sendall(b"GET / HTTP/1.0\r\n\r\n")
     data = b""
     while True:
@@ -34,18 +43,18 @@ def tcp(host, port):
 
 
 def sendto(host, port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(family(host), socket.SOCK_DGRAM)
     s.settimeout(3)
     s.sendto(b"hello", (host, port))
     data, addr = s.recvfrom(65535)
-    out("from=%s:%d %s" % (addr[0], addr[1], data.decode().strip()))
+    out("from=%s %s" % (name(addr), data.decode().strip()))
 
 
 def connected(host, port, seconds):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(family(host), socket.SOCK_DGRAM)
     s.settimeout(1)
     s.connect((host, port))
-    out("peer=%s:%d" % s.getpeername())
+    out("peer=" + name(s.getpeername()))
     deadline = time.time() + seconds
     while time.time() < deadline:
         try:
@@ -56,7 +65,7 @@ def connected(host, port, seconds):
         except OSError as e:
             out("error=%s" % errno.errorcode.get(e.errno, e.errno))
             s.connect((host, port))
-            out("reconnected peer=%s:%d" % s.getpeername())
+            out("reconnected peer=" + name(s.getpeername()))
         time.sleep(0.1)
 
 

@@ -7,8 +7,9 @@ import sys
 host, port = sys.argv[1], int(sys.argv[2])
 timeout = float(sys.argv[3]) if len(sys.argv) > 3 else 2.0
 src_port = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", src_port))
+v6 = ":" in host
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("::" if v6 else "0.0.0.0", src_port))
 s.settimeout(timeout)
 s.connect((host, port))
 try:

@@ -28,6 +28,9 @@ pub const PREFIX: &str = "lbt";
 /// node answers the pods' ARP for it on every veth.
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 
+/// The node namespace's IPv6 address (on its lo).
+pub const NODE_ADDR6: &str = "fd00:ffff::1";
+
 static RUN_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 fn run(cmd: &mut Command) -> Result<Output, String> {
@@ -159,6 +162,20 @@ impl Topology {
             "lo",
         ])?;
         sysctl(&node_ns, "net.ipv4.ip_forward", "1")?;
+        sysctl(&node_ns, "net.ipv6.conf.all.forwarding", "1")?;
+        // The node's own IPv6 address (a node has a global one): the source
+        // its sockets pick for pods, instead of a veth's link-local address.
+        ip(&[
+            "-n",
+            &node_ns,
+            "-6",
+            "addr",
+            "add",
+            &format!("{NODE_ADDR6}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ])?;
         for key in ["all", "default"] {
             sysctl(&node_ns, &format!("net.ipv4.conf.{key}.rp_filter"), "0")?;
             sysctl(
@@ -244,6 +261,52 @@ impl Topology {
                 .args(["netns", "exec", where_ns, "ethtool", "-K", dev, "tx", "off"]))?;
         }
         Ok(pod)
+    }
+
+    /// Give a pod an IPv6 address too (dual stack): a /128 on its eth0,
+    /// routed from the node like the IPv4 /32, with the pod's default route
+    /// via fe80::1, which the host side of its veth holds (as Cilium's
+    /// router address does). No duplicate address detection: the address
+    /// is usable at once.
+    pub fn add_ipv6(&self, pod: &Pod, addr: std::net::Ipv6Addr) -> Result<(), String> {
+        let node = self.node_ns.as_str();
+        let ns = pod.ns.as_str();
+        let host = pod.host_dev.as_str();
+        ip(&[
+            "-n",
+            node,
+            "-6",
+            "addr",
+            "add",
+            "fe80::1/64",
+            "dev",
+            host,
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            node,
+            "-6",
+            "route",
+            "add",
+            &format!("{addr}/128"),
+            "dev",
+            host,
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ip(&[
+            "-n", ns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ])
     }
 
     /// Delete a pod's host device (and with it the pod's end).
@@ -407,7 +470,7 @@ impl Topology {
     pub fn udp(
         &self,
         from: &Pod,
-        addr: Ipv4Addr,
+        addr: impl Into<std::net::IpAddr>,
         port: u16,
         timeout_s: f64,
         src_port: u16,
@@ -416,7 +479,7 @@ impl Topology {
             .args(["netns", "exec", &from.ns, "python3"])
             .arg(self.dir.join("udp_client.py"))
             .args([
-                addr.to_string(),
+                addr.into().to_string(),
                 port.to_string(),
                 timeout_s.to_string(),
                 src_port.to_string(),

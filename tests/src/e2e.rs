@@ -74,6 +74,15 @@ impl Cluster {
         pod
     }
 
+    /// A dual-stack pod: `ip` and `ip6`, a server on the given ports (both families).
+    pub fn dual_pod(&mut self, name: &str, ip: &str, ip6: &str, tcp: &[u16], udp: &[u16]) -> Pod {
+        let pod = self.pod(name, ip, tcp, udp);
+        self.topo
+            .add_ipv6(&pod, ip6.parse().expect("pod ipv6"))
+            .unwrap_or_else(|e| panic!("pod {name} ipv6: {e}"));
+        pod
+    }
+
     /// Write (or replace) a manifest file atomically.
     pub fn write(&self, file: &str, yaml: &str) {
         let tmp = self.manifests.join(format!(".{file}.tmp"));
@@ -241,9 +250,14 @@ impl Cluster {
                 } else {
                     ""
                 };
+                let address = f["address"].as_str()?;
+                let address = if address.contains(':') {
+                    format!("[{address}]")
+                } else {
+                    address.to_string()
+                };
                 let key = format!(
-                    "{}:{}/{}{external}",
-                    f["address"].as_str()?,
+                    "{address}:{}/{}{external}",
                     f["port"],
                     f["protocol"].as_str()?
                 );
@@ -252,7 +266,14 @@ impl Cluster {
                         .as_array()
                         .into_iter()
                         .flatten()
-                        .map(|b| format!("{}:{}", b["address"].as_str().unwrap_or("?"), b["port"]))
+                        .map(|b| {
+                            let address = b["address"].as_str().unwrap_or("?");
+                            if address.contains(':') {
+                                format!("[{address}]:{}", b["port"])
+                            } else {
+                                format!("{address}:{}", b["port"])
+                            }
+                        })
                         .collect()
                 })
             })
@@ -322,6 +343,7 @@ pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
 /// A Pod manifest as the API server would report it.
 pub struct PodSpec<'a> {
     pub name: &'a str,
+    /// "10.244.1.11", or both families: "10.244.1.11,fd00:244::11".
     pub ip: &'a str,
     pub labels: &'a [(&'a str, &'a str)],
     pub ready: bool,
@@ -348,11 +370,16 @@ impl PodSpec<'_> {
             ""
         };
         format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  labels: {{{}}}{deletion}\nspec:\n  nodeName: {NODE_NAME}\n  containers:\n  - name: app\n    image: test\n    ports: [{}]\nstatus:\n  podIP: {}\n  conditions:\n  - {{type: Ready, status: \"{}\"}}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  labels: {{{}}}{deletion}\nspec:\n  nodeName: {NODE_NAME}\n  containers:\n  - name: app\n    image: test\n    ports: [{}]\nstatus:\n  podIP: \"{}\"\n  podIPs: [{}]\n  conditions:\n  - {{type: Ready, status: \"{}\"}}\n",
             self.name,
             labels.join(", "),
             ports.join(", "),
-            self.ip,
+            self.ip.split(',').next().unwrap_or_default(),
+            self.ip
+                .split(',')
+                .map(|ip| format!("{{ip: \"{ip}\"}}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             if self.ready { "True" } else { "False" },
         )
     }
