@@ -89,7 +89,13 @@ fn clusterip_udp_reaches_every_ready_endpoint() {
     for _ in 0..40 {
         let reply = c
             .topo
-            .udp(&client, "10.96.0.53".parse().unwrap(), 53, 2.0, 0)
+            .udp(
+                &client,
+                "10.96.0.53".parse::<std::net::Ipv4Addr>().unwrap(),
+                53,
+                2.0,
+                0,
+            )
             .expect("udp reply");
         assert!(
             field(&reply, "client").starts_with("10.244.1.2:"),
@@ -270,7 +276,13 @@ spec:
     assert_eq!(field(&body, "port"), "5353");
     let reply = c
         .topo
-        .udp(&client, "10.96.0.53".parse().unwrap(), 53, 2.0, 0)
+        .udp(
+            &client,
+            "10.96.0.53".parse::<std::net::Ipv4Addr>().unwrap(),
+            53,
+            2.0,
+            0,
+        )
         .expect("udp");
     assert_eq!(field(&reply, "port"), "5354");
 }
@@ -330,7 +342,7 @@ spec:
         Err(7),
         "undeclared port: refused"
     );
-    let ip = "10.96.0.53".parse().unwrap();
+    let ip: std::net::Ipv4Addr = "10.96.0.53".parse().unwrap();
     assert_eq!(
         c.topo.udp(&client, ip, 53, 2.0, 0),
         Err("refused".into()),
@@ -617,7 +629,13 @@ fn fast_path_redirects_translated_packets_and_can_be_turned_off() {
             .expect("through the fast path");
         let reply = c
             .topo
-            .udp(&client, "10.96.0.10".parse().unwrap(), 53, 2.0, 0)
+            .udp(
+                &client,
+                "10.96.0.10".parse::<std::net::Ipv4Addr>().unwrap(),
+                53,
+                2.0,
+                0,
+            )
             .expect("UDP through the fast path");
         assert!(reply.contains("pod=web-"), "{reply}");
     }

@@ -193,7 +193,7 @@ fn terminating_endpoint_keeps_its_connections_and_gets_no_new_ones() {
 #[test]
 fn udp_client_with_a_fixed_port_moves_within_a_second_of_removal() {
     let (c, client) = cluster("");
-    let ip = "10.96.0.10".parse().unwrap();
+    let ip: std::net::Ipv4Addr = "10.96.0.10".parse().unwrap();
     let first = c.topo.udp(&client, ip, 53, 2.0, 45000).expect("udp reply");
     let pod = field(&first, "pod").to_string();
     let idx: usize = pod.trim_start_matches("web-").parse().unwrap();

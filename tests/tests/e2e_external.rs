@@ -185,7 +185,13 @@ fn nodeport_from_outside_reaches_local_and_remote_endpoints_and_is_released_on_d
         let reply = net
             .a
             .topo
-            .udp(&net.client, NODE_A.parse().unwrap(), 30053, 2.0, 0)
+            .udp(
+                &net.client,
+                NODE_A.parse::<std::net::Ipv4Addr>().unwrap(),
+                30053,
+                2.0,
+                0,
+            )
             .expect("UDP through the NodePort");
         assert!(reply.contains("port=5353"), "{reply}");
     }
