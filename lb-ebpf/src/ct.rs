@@ -203,8 +203,10 @@ pub struct NewFlow {
 /// free (or dead, or reset), so two live flows never share a tuple;
 /// `nat.snat_port_be` is set to the port taken.
 /// Both entries are built in a per-CPU scratch map: two IPv6-sized entries
-/// on the stack would not fit the 512-byte frame.
+/// on the stack would not fit the 512-byte frame. (References on purpose:
+/// passing the values themselves would copy them back onto the stack.)
 #[inline(always)]
+#[allow(clippy::needless_borrows_for_generic_args)]
 pub fn create(flow: &Flow, new: &NewFlow, nat: &mut Nat) -> Result<(), CreateError> {
     let (Some(reply), Some(forward)) = (LB_CT_SCRATCH.get_ptr_mut(0), LB_CT_SCRATCH.get_ptr_mut(1))
     else {
