@@ -357,3 +357,120 @@ fn source_ranges_external_ips_and_pings() {
     assert!(stats["drop_echo"].as_u64().unwrap() >= 2, "{stats}");
     assert!(stats["drop_source_range"].as_u64().unwrap() >= 1, "{stats}");
 }
+
+/// The same two nodes over IPv6: a dual-stack NodePort Service answers on
+/// the nodes' IPv6 addresses; the local endpoint sees the client, the
+/// remote one the node that source-NATed it (its IPv6 address).
+#[test]
+fn nodeport_on_ipv6_node_addresses_reaches_local_and_remote_endpoints() {
+    const NODE_A6: &str = "2001:db8:50::1";
+    const NODE_B6: &str = "2001:db8:50::2";
+    const CLIENT6: &str = "2001:db8:50::100";
+    const POD_A6: &str = "fd00:1:1::2";
+    const POD_B6: &str = "fd00:1:2::2";
+    let mut a = Cluster::named("node-a");
+    let mut b = Cluster::named("node-b");
+    let mut lan = Lan::new(&a.topo).expect("lan");
+    let dev_a = lan
+        .connect(&a.topo, &format!("{NODE_A}/24"))
+        .expect("node A on the lan");
+    let dev_b = lan
+        .connect(&b.topo, &format!("{NODE_B}/24"))
+        .expect("node B on the lan");
+    let client = lan
+        .add_host("client", &format!("{CLIENT}/24"), &[])
+        .expect("client");
+    let six = |ns: &str, dev: &str, addr: &str| {
+        let out = std::process::Command::new("ip")
+            .args([
+                "-n",
+                ns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ])
+            .output()
+            .expect("ip");
+        assert!(out.status.success(), "{addr} on {ns}/{dev}: {out:?}");
+    };
+    six(&a.topo.node_ns, &dev_a, NODE_A6);
+    six(&b.topo.node_ns, &dev_b, NODE_B6);
+    six(&client.ns, "eth0", CLIENT6);
+    a.topo
+        .route("fd00:1:2::/64", NODE_B6)
+        .expect("route to B's pods");
+    b.topo
+        .route("fd00:1:1::/64", NODE_A6)
+        .expect("route to A's pods");
+    let pod_a = a.dual_pod("web-a", POD_A, POD_A6, &[8080], &[]);
+    let pod_b = b.dual_pod("web-b", POD_B, POD_B6, &[8080], &[]);
+    let _ = (&pod_a, &pod_b);
+    a.write(
+        "web.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  \
+         clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00:96::10\"]\n  ipFamilies: [IPv4, IPv6]\n  \
+         ipFamilyPolicy: RequireDualStack\n  ports:\n  - {name: http, port: 80, nodePort: 30080, protocol: TCP}\n",
+    );
+    a.write(
+        "web-slice.yaml",
+        &format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-6\n  \
+             labels: {{kubernetes.io/service-name: web}}\naddressType: IPv6\nports:\n- {{name: http, port: 8080, protocol: TCP}}\n\
+             endpoints:\n- {{addresses: [\"{POD_A6}\"], conditions: {{ready: true}}, nodeName: node-a}}\n\
+             - {{addresses: [\"{POD_B6}\"], conditions: {{ready: true}}, nodeName: node-b}}\n"
+        ),
+    );
+    let manifests = a.manifests.display().to_string();
+    for (node, dev, mode) in [(&mut a, dev_a, "xdp"), (&mut b, dev_b, "tc")] {
+        node.start_agent_with(&[
+            "--manifests".into(),
+            manifests.clone(),
+            "--devices".into(),
+            dev,
+            "--device-mode".into(),
+            mode.into(),
+        ]);
+    }
+    for (node, addr) in [(&a, NODE_A6), (&b, NODE_B6)] {
+        let frontend = format!("[{addr}]:30080/TCP (external)");
+        wait_until(
+            &format!("{} programs {frontend}", node.node_name),
+            Duration::from_secs(10),
+            || node.backends_of(&frontend).is_some_and(|b| b.len() == 2),
+        );
+    }
+    for (node, addr, local, remote) in [
+        (&a, NODE_A6, "web-a", "web-b"),
+        (&b, NODE_B6, "web-b", "web-a"),
+    ] {
+        let url = format!("http://[{addr}]:30080/");
+        let seen: BTreeSet<(String, String)> = (0..24)
+            .map(|i| {
+                let body = get(node, &client, &url, 3.0).unwrap_or_else(|c| {
+                    panic!(
+                        "request {i} to {url}: curl exit {c}\nstats: {}\nconntrack: {}",
+                        node.stats(),
+                        node.dump("conntrack")
+                    )
+                });
+                let seen_client = field(&body, "client");
+                let ip = seen_client
+                    .rsplit_once(':')
+                    .map_or(seen_client, |(ip, _)| ip)
+                    .to_string();
+                (field(&body, "pod").to_string(), ip)
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            BTreeSet::from([pair(local, CLIENT6), pair(remote, addr)]),
+            "through {} ({addr})",
+            node.node_name
+        );
+    }
+    assert!(a.stats()["nodeport_snat"].as_u64().unwrap() > 0);
+}
