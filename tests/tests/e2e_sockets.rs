@@ -41,6 +41,24 @@ spec:
 "#;
 
 const WEB: [(&str, &str); 2] = [("web-0", "10.244.1.11"), ("web-1", "10.244.1.12")];
+/// The web pods' IPv6 addresses (dual-stack variant).
+const WEB6: [&str; 2] = ["fd00:244::11", "fd00:244::12"];
+
+/// The web Service, dual stack.
+const SVC_DUAL: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
+"#;
 
 /// For the all-namespaces test: an address no other test uses, since its
 /// programs see the sockets of every namespace on the machine.
@@ -57,13 +75,24 @@ spec:
 
 /// Two web pods (8080/TCP, 5353/UDP), a client pod, the Services `svc`.
 fn cluster(svc: &str) -> (Cluster, Pod) {
+    cluster_of(svc, false)
+}
+
+/// `cluster`, with IPv6 addresses on the web pods too when `dual`.
+fn cluster_of(svc: &str, dual: bool) -> (Cluster, Pod) {
     let mut c = Cluster::new();
     let client = c.pod("client", "10.244.1.2", &[], &[]);
-    for (name, ip) in WEB {
-        c.pod(name, ip, &[8080], &[5353]);
+    for ((name, ip), ip6) in WEB.into_iter().zip(WEB6) {
+        let ips = if dual {
+            c.dual_pod(name, ip, ip6, &[8080], &[5353]);
+            format!("{ip},{ip6}")
+        } else {
+            c.pod(name, ip, &[8080], &[5353]);
+            ip.to_string()
+        };
         c.write(
             &format!("pod-{name}.yaml"),
-            &pod_yaml(name, ip, "web", true),
+            &pod_yaml(name, &ips, "web", true),
         );
     }
     c.write("svc.yaml", svc);
@@ -205,9 +234,25 @@ fn host_namespace_reaches_clusterip_by_tcp_and_udp_without_per_packet_nat() {
 
 #[test]
 fn connected_udp_socket_leaves_a_removed_backend() {
-    let (mut c, _client) = cluster(SVC);
+    connected_udp_leaves_a_removed_backend(SVC, "10.96.0.10", false);
+}
+
+#[test]
+fn connected_udp6_socket_leaves_a_removed_backend() {
+    connected_udp_leaves_a_removed_backend(SVC_DUAL, "fd00:96::10", true);
+}
+
+/// A connected UDP socket of the node talking to `service`:53 through one
+/// backend; that backend's pod goes; the socket is closed and reconnects.
+fn connected_udp_leaves_a_removed_backend(svc: &str, service: &str, dual: bool) {
+    let (mut c, _client) = cluster_of(svc, dual);
     c.start_agent();
     wait_programmed(&c);
+    let peer = if dual {
+        format!("[{service}]:53")
+    } else {
+        format!("{service}:53")
+    };
 
     let log = c.topo.dir.join("connected.log");
     let script = c.topo.dir.join("sock_probe.py");
@@ -218,7 +263,7 @@ fn connected_udp_socket_leaves_a_removed_backend() {
             &[
                 script.display().to_string(),
                 "connected".into(),
-                "10.96.0.10".into(),
+                service.into(),
                 "53".into(),
                 "20".into(),
             ],
@@ -269,7 +314,7 @@ fn connected_udp_socket_leaves_a_removed_backend() {
         .expect("error");
     assert_eq!(
         all[error + 1],
-        "reconnected peer=10.96.0.10:53",
+        format!("reconnected peer={peer}"),
         "the reconnected socket still shows the Service: {all:?}"
     );
     assert!(
