@@ -211,9 +211,18 @@ fn wait_lb(agent: &Path, bpffs: &Path, vip: SocketAddr, want: usize) -> Result<(
 
 /// Remove lb's link and map pins: its programs detach, its maps go.
 fn clear_pins(bpffs: &Path) -> Result<()> {
-    for entry in fs::read_dir(bpffs.join("links"))? {
-        let path = entry?.path();
-        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    // Device links, and the socket-level links under links/cgroup/.
+    for dir in [bpffs.join("links/cgroup"), bpffs.join("links")] {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry?.path();
+            if path.is_dir() {
+                continue;
+            }
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
     }
     for entry in fs::read_dir(bpffs)? {
         let path = entry?.path();
