@@ -46,9 +46,9 @@ pub struct ExplainArgs {
     /// Client address, with a port to match an existing flow (default port 40000).
     #[arg(long, value_name = "IP[:PORT]")]
     pub from: String,
-    /// Destination (a Service frontend, or anything).
+    /// Destination (a Service frontend, or anything): IP:PORT or [IPv6]:PORT.
     #[arg(long, value_name = "IP:PORT")]
-    pub to: std::net::SocketAddrV4,
+    pub to: std::net::SocketAddr,
     #[arg(long, value_enum, default_value = "tcp")]
     pub proto: ProtoArg,
     #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]

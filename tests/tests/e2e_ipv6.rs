@@ -169,6 +169,35 @@ fn dual_stack_service_answers_over_both_families() {
         "the node's sockets are translated at connect(), not per packet"
     );
 
+    // explain speaks IPv6: the frontend, its candidates, the verdict.
+    let out = std::process::Command::new(agent_bin())
+        .args([
+            "explain",
+            "--from",
+            "[fd00:244::2]:41000",
+            "--to",
+            "[fd00:96::10]:80",
+            "--bpffs",
+        ])
+        .arg(&c.topo.bpffs)
+        .output()
+        .expect("run explain");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("frontend   [fd00:96::10]:80/TCP ClusterIP"),
+        "{text}"
+    );
+    assert!(text.contains("[fd00:244::11]:8080 active"), "{text}");
+    assert!(
+        text.contains("verdict    translated to [fd00:244::1"),
+        "{text}"
+    );
+
     // dump speaks IPv6.
     let services = c.dump("services");
     assert!(

@@ -6,7 +6,7 @@
 //! nothing live is written.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::Path,
 };
 
@@ -42,17 +42,13 @@ pub struct Outcome {
     /// tc return code: 0 pass, 2 drop, 7 redirect (a reject sent back).
     pub verdict: i32,
     /// Destination after the program ran.
-    pub destination: SocketAddrV4,
+    pub destination: SocketAddr,
     /// Counters that moved, by name (the reason for the verdict).
     pub reasons: Vec<&'static str>,
     /// The live flow entry for this tuple, if any (it decides instead of balancing).
     pub existing_flow: Option<CtValue>,
     /// The live affinity entry for this client and frontend, if any.
     pub affinity: Option<AffinityValue>,
-}
-
-fn be32(a: Ipv4Addr) -> Addr {
-    Addr::from(a)
 }
 
 fn sum16(bytes: &[u8]) -> u32 {
@@ -69,23 +65,44 @@ fn fold(mut s: u32) -> u16 {
     s as u16
 }
 
-/// A TCP SYN or a UDP datagram from `from` to `to`, with valid checksums.
-pub fn synthetic_packet(from: SocketAddrV4, to: SocketAddrV4, proto: Protocol) -> Vec<u8> {
+/// Octets of an address, 4 or 16 of them.
+fn octets(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+/// A TCP SYN or a UDP datagram from `from` to `to` (same family), with
+/// valid checksums.
+pub fn synthetic_packet(from: SocketAddr, to: SocketAddr, proto: Protocol) -> Vec<u8> {
     let l4_len = if proto == Protocol::Tcp { 20 } else { 8 + 4 };
-    let mut p = vec![0u8; 14 + 20 + l4_len];
+    let v6 = to.is_ipv6();
+    let ip_len = if v6 { 40 } else { 20 };
+    let mut p = vec![0u8; 14 + ip_len + l4_len];
     p[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
     p[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
-    p[12..14].copy_from_slice(&[0x08, 0x00]);
-    let ip = &mut p[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
-    ip[8] = 64;
-    ip[9] = proto.number();
-    ip[12..16].copy_from_slice(&from.ip().octets());
-    ip[16..20].copy_from_slice(&to.ip().octets());
-    let c = !fold(sum16(ip));
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let l4 = &mut p[34..];
+    let (src, dst) = (octets(from.ip()), octets(to.ip()));
+    let ip = &mut p[14..14 + ip_len];
+    if v6 {
+        ip[0] = 0x60;
+        ip[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        ip[6] = proto.number();
+        ip[7] = 64;
+        ip[8..24].copy_from_slice(&src);
+        ip[24..40].copy_from_slice(&dst);
+    } else {
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+        ip[8] = 64;
+        ip[9] = proto.number();
+        ip[12..16].copy_from_slice(&src);
+        ip[16..20].copy_from_slice(&dst);
+        let c = !fold(sum16(ip));
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+    p[12..14].copy_from_slice(if v6 { &[0x86, 0xdd] } else { &[0x08, 0x00] });
+    let l4 = &mut p[14 + ip_len..];
     l4[0..2].copy_from_slice(&from.port().to_be_bytes());
     l4[2..4].copy_from_slice(&to.port().to_be_bytes());
     if proto == Protocol::Tcp {
@@ -97,10 +114,7 @@ pub fn synthetic_packet(from: SocketAddrV4, to: SocketAddrV4, proto: Protocol) -
         l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
         l4[8..12].copy_from_slice(b"lb?\n");
     }
-    let pseudo = sum16(&from.ip().octets())
-        + sum16(&to.ip().octets())
-        + proto.number() as u32
-        + l4_len as u32;
+    let pseudo = sum16(&src) + sum16(&dst) + proto.number() as u32 + l4_len as u32;
     let csum_at = if proto == Protocol::Tcp { 16 } else { 6 };
     let c = !fold(pseudo + sum16(l4));
     l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
@@ -111,8 +125,8 @@ pub fn synthetic_packet(from: SocketAddrV4, to: SocketAddrV4, proto: Protocol) -
 /// (for the affinity lookup), when it has one.
 pub fn run(
     bpffs: &Path,
-    from: SocketAddrV4,
-    to: SocketAddrV4,
+    from: SocketAddr,
+    to: SocketAddr,
     proto: Protocol,
     rev_nat_id: Option<u16>,
 ) -> Result<Outcome, ExplainError> {
@@ -138,8 +152,8 @@ pub fn run(
     let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
 
     let key = CtKey {
-        src_addr_be: be32(*from.ip()),
-        dst_addr_be: be32(*to.ip()),
+        src_addr_be: Addr::from(from.ip()),
+        dst_addr_be: Addr::from(to.ip()),
         src_port_be: from.port().to_be(),
         dst_port_be: to.port().to_be(),
         proto: proto.number(),
@@ -148,7 +162,7 @@ pub fn run(
     };
     let existing_flow = live.ct.get(&key, 0).ok();
     let affinity_key = rev_nat_id.map(|id| AffinityKey {
-        client_addr_be: be32(*from.ip()),
+        client_addr_be: Addr::from(from.ip()),
         rev_nat_id: id,
         _pad: 0,
     });
@@ -193,8 +207,13 @@ pub fn run(
         data_out: Some(&mut out),
         ..TestRunOptions::default()
     })?;
-    let dst_ip = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
-    let dst_port = u16::from_be_bytes([out[36], out[37]]);
+    let (dst_ip, dst_port) = if to.is_ipv6() {
+        let o: [u8; 16] = out[38..54].try_into().unwrap_or([0; 16]);
+        (IpAddr::from(o), u16::from_be_bytes([out[56], out[57]]))
+    } else {
+        let o: [u8; 4] = out[30..34].try_into().unwrap_or([0; 4]);
+        (IpAddr::from(o), u16::from_be_bytes([out[36], out[37]]))
+    };
     let mut reasons = Vec::new();
     for i in 0..stat::COUNT {
         let n: u64 = stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
@@ -204,7 +223,7 @@ pub fn run(
     }
     Ok(Outcome {
         verdict: result.return_value as i32,
-        destination: SocketAddrV4::new(dst_ip, dst_port),
+        destination: SocketAddr::new(dst_ip, dst_port),
         reasons,
         existing_flow,
         affinity,

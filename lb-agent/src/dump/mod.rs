@@ -546,34 +546,42 @@ pub fn run(args: &DumpArgs) -> Result<()> {
 /// `lb-agent explain`: the frontend, its candidates, what decides, and the
 /// program's verdict on a synthetic packet.
 pub fn explain(args: &ExplainArgs) -> Result<()> {
-    let (from_ip, from_port, port_given) = match args.from.parse::<std::net::SocketAddrV4>() {
-        Ok(sa) => (*sa.ip(), sa.port(), true),
+    let (from_ip, from_port, port_given) = match args.from.parse::<std::net::SocketAddr>() {
+        Ok(sa) => (sa.ip(), sa.port(), true),
         Err(_) => {
-            let ip: Ipv4Addr = args
-                .from
-                .parse()
-                .with_context(|| format!("--from {:?}: expected IP or IP:PORT", args.from))?;
+            let ip: IpAddr = args.from.parse().with_context(|| {
+                format!(
+                    "--from {:?}: expected IP or IP:PORT ([IPv6]:PORT)",
+                    args.from
+                )
+            })?;
             (ip, 40000, false)
         }
     };
+    if from_ip.is_ipv4() != args.to.is_ipv4() {
+        anyhow::bail!(
+            "--from {from_ip} and --to {} are of different IP families",
+            args.to
+        );
+    }
     let proto = match args.proto {
         ProtoArg::Tcp => Protocol::Tcp,
         ProtoArg::Udp => Protocol::Udp,
     };
-    let from = std::net::SocketAddrV4::new(from_ip, from_port);
+    let from = std::net::SocketAddr::new(from_ip, from_port);
     let maps = Maps::open_pinned(&args.bpffs)
         .with_context(|| format!("opening the maps pinned under {}", args.bpffs.display()))?;
     let all = services(&maps)?;
     // explain follows a packet from a pod: the in-cluster entries decide.
     let frontend = all.services.iter().find(|s| {
         s.scope == Scope::Internal
-            && s.frontend.address == *args.to.ip()
+            && s.frontend.address == args.to.ip()
             && s.frontend.port == args.to.port()
             && s.frontend.protocol == proto.to_string()
     });
     println!("flow       {from} -> {}/{proto}", args.to);
     match frontend {
-        None if all.service_ips.contains(&IpAddr::V4(*args.to.ip())) => {
+        None if all.service_ips.contains(&args.to.ip()) => {
             println!(
                 "frontend   none: {} is a Service IP without port {}/{proto} (rejected like kube-proxy)",
                 args.to.ip(),
@@ -590,15 +598,19 @@ pub fn explain(args: &ExplainArgs) -> Result<()> {
                 format!(", {}", f.flags.join(", "))
             };
             println!(
-                "frontend   {}:{}/{} {} (rev-NAT {}{flags})",
-                f.frontend.address, f.frontend.port, f.frontend.protocol, f.kind, f.rev_nat_id
+                "frontend   {}/{} {} (rev-NAT {}{flags})",
+                std::net::SocketAddr::new(f.frontend.address, f.frontend.port),
+                f.frontend.protocol,
+                f.kind,
+                f.rev_nat_id
             );
             if f.backends.is_empty() {
                 println!("candidates none");
             }
             for (i, b) in f.backends.iter().enumerate() {
                 let head = if i == 0 { "candidates" } else { "" };
-                println!("{head:<10} {}:{} {} #{}", b.address, b.port, b.state, b.id);
+                let at = std::net::SocketAddr::new(b.address, b.port);
+                println!("{head:<10} {at} {} #{}", b.state, b.id);
             }
         }
     }
@@ -612,10 +624,9 @@ pub fn explain(args: &ExplainArgs) -> Result<()> {
     .context("running the program on a synthetic packet")?;
     match (&outcome.existing_flow, port_given) {
         (Some(ct), _) => println!(
-            "existing   a tracked flow from this port decides: backend #{} ({}:{})",
+            "existing   a tracked flow from this port decides: backend #{} ({})",
             ct.backend_id,
-            addr(ct.nat_addr_be),
-            u16::from_be(ct.nat_port_be)
+            endpoint(ct.nat_addr_be, ct.nat_port_be)
         ),
         (None, true) => println!("existing   no tracked flow from this port"),
         (None, false) => {
