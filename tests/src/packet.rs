@@ -246,8 +246,24 @@ pub fn fold(mut s: u32) -> u16 {
 }
 
 /// Verify an IPv4 frame's header and L4 (TCP, UDP unless zero, ICMP)
-/// checksums from scratch.
+/// checksums from scratch; for IPv6, the L4 checksum (TCP, UDP, ICMPv6)
+/// with its pseudo header.
 pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
+    if frame.len() >= 54 && frame[12..14] == [0x86, 0xdd] {
+        let end = 54 + u16::from_be_bytes([frame[18], frame[19]]) as usize;
+        if end > frame.len() {
+            return Err("inconsistent IPv6 payload length".into());
+        }
+        let l4 = &frame[54..end];
+        let proto = frame[20];
+        let pseudo = sum16(&frame[22..54]) + proto as u32 + l4.len() as u32;
+        return match proto {
+            IPPROTO_TCP | IPPROTO_UDP | 58 if fold(pseudo + sum16(l4)) != 0xffff => {
+                Err(format!("bad checksum (IPv6, next header {proto})"))
+            }
+            _ => Ok(()),
+        };
+    }
     if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
         return Err("not an IPv4 frame".into());
     }

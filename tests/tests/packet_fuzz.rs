@@ -1,7 +1,9 @@
 //! Packet fuzzing through BPF_PROG_TEST_RUN: at least 100,000 random and
 //! mutated frames per program (truncated headers, IP options, bad IHL and
-//! total length, fragments, VLAN tags, IPv6, ICMP, random protocols) with
-//! services, conntrack and affinity populated. Properties:
+//! total length, fragments, VLAN tags, ICMP, random protocols), a quarter of
+//! them IPv6 (the same flows, addresses mapped into fd00::/96, against the
+//! same Services mirrored in IPv6), with services, conntrack and affinity
+//! populated. Properties:
 //! - a frame not addressed to a Service IP and not from a backend passes
 //!   byte-identical;
 //! - a translated frame differs from its input only in addresses, ports and
@@ -11,7 +13,7 @@
 //!
 //! Seeded and reproducible: LB_FUZZ_SEED and LB_FUZZ_FRAMES override.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
     IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, backend_flags,
@@ -40,44 +42,83 @@ impl Rng {
 const SERVICE_IPS: [&str; 4] = ["10.96.0.10", "10.96.0.53", "10.96.0.99", "10.96.0.77"];
 const BACKEND_IPS: [&str; 5] = ["10.0.1.1", "10.0.1.2", "10.0.1.3", "10.0.2.1", "10.0.2.2"];
 
+/// The IPv6 twin of an IPv4 address in these tests: fd00::a.b.c.d.
+fn six(v4: Ipv4Addr) -> Ipv6Addr {
+    let o = v4.octets();
+    Ipv6Addr::new(
+        0xfd00,
+        0,
+        0,
+        0,
+        0,
+        0,
+        u16::from_be_bytes([o[0], o[1]]),
+        u16::from_be_bytes([o[2], o[3]]),
+    )
+}
+
+fn six_ep(e: Ep) -> Ep {
+    Ep {
+        addr: IpAddr::V6(six(e.v4())),
+        port: e.port,
+    }
+}
+
 fn setup(dp: &mut Datapath) {
-    dp.backend(1, ep("10.0.1.1:8080"), TCP);
-    dp.backend(2, ep("10.0.1.2:8080"), TCP);
-    dp.backend(3, ep("10.0.1.3:8080"), TCP);
-    dp.backend(4, ep("10.0.2.1:5353"), UDP);
-    dp.backend(5, ep("10.0.2.2:5353"), UDP);
-    dp.frontend(ep("10.96.0.10:80"), TCP, 1, &[1, 2, 3]);
+    setup_family(dp, false);
+    setup_family(dp, true);
+}
+
+/// The Services of one family; IPv6 ids are offset by 100.
+fn setup_family(dp: &mut Datapath, v6: bool) {
+    let fam = |s: &str| if v6 { six_ep(ep(s)) } else { ep(s) };
+    let id = |n: u32| if v6 { n + 100 } else { n };
+    let rid = |n: u16| if v6 { n + 100 } else { n };
+    let addr = |s: &str| -> IpAddr {
+        let a: Ipv4Addr = s.parse().unwrap();
+        if v6 {
+            IpAddr::V6(six(a))
+        } else {
+            IpAddr::V4(a)
+        }
+    };
+    let ids = |list: &[u32]| -> Vec<u32> { list.iter().map(|n| id(*n)).collect() };
+    dp.backend(id(1), fam("10.0.1.1:8080"), TCP);
+    dp.backend(id(2), fam("10.0.1.2:8080"), TCP);
+    dp.backend(id(3), fam("10.0.1.3:8080"), TCP);
+    dp.backend(id(4), fam("10.0.2.1:5353"), UDP);
+    dp.backend(id(5), fam("10.0.2.2:5353"), UDP);
+    dp.frontend(fam("10.96.0.10:80"), TCP, rid(1), &ids(&[1, 2, 3]));
     dp.frontend_with_flags(
-        ep("10.96.0.10:443"),
+        fam("10.96.0.10:443"),
         TCP,
-        2,
-        &[1, 2],
+        rid(2),
+        &ids(&[1, 2]),
         service_flags::AFFINITY,
     );
-    dp.set_head(ep("10.96.0.10:443"), TCP, |h| h.affinity_timeout_s = 60);
-    dp.frontend(ep("10.96.0.53:53"), UDP, 3, &[4, 5]);
+    dp.set_head(fam("10.96.0.10:443"), TCP, |h| h.affinity_timeout_s = 60);
+    dp.frontend(fam("10.96.0.53:53"), UDP, rid(3), &ids(&[4, 5]));
     dp.frontend_with_flags(
-        ep("10.96.0.53:53"),
+        fam("10.96.0.53:53"),
         TCP,
-        4,
-        &[1, 2, 3],
+        rid(4),
+        &ids(&[1, 2, 3]),
         service_flags::MAGLEV,
     );
-    dp.maglev_table(4, &[1, 2, 3, 1, 2, 3, 1]);
-    dp.set_head(ep("10.96.0.53:53"), TCP, |h| h.backend_id = 7);
-    dp.frontend(ep("10.96.0.99:80"), TCP, 5, &[]);
-    dp.frontend(ep("10.96.0.99:53"), UDP, 6, &[]);
+    dp.maglev_table(rid(4), &ids(&[1, 2, 3, 1, 2, 3, 1]));
+    dp.set_head(fam("10.96.0.53:53"), TCP, |h| h.backend_id = 7);
+    dp.frontend(fam("10.96.0.99:80"), TCP, rid(5), &ids(&[]));
+    dp.frontend(fam("10.96.0.99:53"), UDP, rid(6), &ids(&[]));
     dp.frontend_with_flags(
-        ep("10.96.0.77:80"),
+        fam("10.96.0.77:80"),
         TCP,
-        7,
+        rid(7),
         &[],
         service_flags::DROP_IF_EMPTY,
     );
     for ip in SERVICE_IPS {
-        dp.address_only(ip.parse::<std::net::Ipv4Addr>().unwrap());
+        dp.address_only(addr(ip));
     }
-    dp.set_hairpin_addr("169.254.42.1".parse().unwrap());
     // The same frontends for traffic from outside (node programs), with one
     // backend on another node (SNAT), and pings answered for one address.
     for (fe, proto) in FRONTENDS {
@@ -89,34 +130,38 @@ fn setup(dp: &mut Datapath) {
             _ => &[],
         };
         dp.external_frontend(
-            ep(fe),
+            fam(fe),
             proto,
-            10 + backends.len() as u16,
-            backends,
+            rid(10 + backends.len() as u16),
+            &ids(backends),
             frontend_kind::NODE_PORT,
         );
     }
     dp.external_frontend(
-        ep("10.96.0.77:80"),
+        fam("10.96.0.77:80"),
         TCP,
-        20,
+        rid(20),
         &[],
         frontend_kind::NODE_PORT | service_flags::DROP_IF_EMPTY,
     );
-    dp.set_backend_state(2, 0, backend_flags::REMOTE);
-    dp.set_backend_state(5, 0, backend_flags::REMOTE);
+    dp.set_backend_state(id(2), 0, backend_flags::REMOTE);
+    dp.set_backend_state(id(5), 0, backend_flags::REMOTE);
     dp.address_entry(
-        "10.96.0.10".parse::<Ipv4Addr>().unwrap(),
+        addr("10.96.0.10"),
         SCOPE_INTERNAL,
         service_flags::ADDRESS_ONLY | service_flags::ECHO,
     );
-    dp.address_entry(
-        "10.96.0.10".parse::<Ipv4Addr>().unwrap(),
-        SCOPE_EXTERNAL,
-        service_flags::ECHO,
-    );
+    dp.address_entry(addr("10.96.0.10"), SCOPE_EXTERNAL, service_flags::ECHO);
     dp.set_config(|c| {
-        c.nodeport_snat_addr4 = lb_common::Addr::v4(u32::from_ne_bytes([192, 168, 50, 1]));
+        let node = addr("192.168.50.1");
+        let hairpin = addr("169.254.42.1");
+        if v6 {
+            c.nodeport_snat_addr6 = be32(node);
+            c.hairpin_snat_addr6 = be32(hairpin);
+        } else {
+            c.nodeport_snat_addr4 = be32(node);
+            c.hairpin_snat_addr4 = be32(hairpin);
+        }
         c.snat_port_min = 61_000;
         c.snat_port_max = 61_100;
         c.flags |= config_flags::ECHO_REPLY;
@@ -164,9 +209,66 @@ const BACKENDS: [(&str, u8); 5] = [
     ("10.0.2.2:5353", UDP),
 ];
 
-/// A well-formed frame: to exact frontends, replies from backends to the
-/// clients that use them, or anything near or far.
+/// A well-formed frame, IPv4 or (a quarter of them) its IPv6 twin.
 fn base(rng: &mut Rng) -> Vec<u8> {
+    let frame = base4(rng);
+    if rng.below(4) == 0 {
+        to_ipv6(&frame).unwrap_or(frame)
+    } else {
+        frame
+    }
+}
+
+/// The IPv6 twin of a well-formed IPv4 TCP / UDP / ICMP echo frame:
+/// addresses mapped with `six`, the same L4 bytes, checksums redone.
+fn to_ipv6(f: &[u8]) -> Option<Vec<u8>> {
+    if f.len() < 34 || f[12..14] != [0x08, 0x00] || f[14] != 0x45 {
+        return None;
+    }
+    let tot = u16::from_be_bytes([f[16], f[17]]) as usize;
+    let (src, dst) = (
+        Ipv4Addr::new(f[26], f[27], f[28], f[29]),
+        Ipv4Addr::new(f[30], f[31], f[32], f[33]),
+    );
+    let mut l4 = f.get(34..14 + tot)?.to_vec();
+    let proto = match f[23] {
+        1 => {
+            // ICMP echo request -> ICMPv6 echo request.
+            l4[0] = 128;
+            58
+        }
+        p => p,
+    };
+    let mut out = f[..12].to_vec();
+    out.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    out.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    out.extend_from_slice(&[proto, 64]);
+    out.extend_from_slice(&six(src).octets());
+    out.extend_from_slice(&six(dst).octets());
+    // UDP over IPv6 always has a checksum (a zero one gets computed here).
+    let csum_at = match proto {
+        TCP => 16,
+        UDP => 6,
+        _ => 2,
+    };
+    if l4.len() < csum_at + 2 {
+        return None;
+    }
+    l4[csum_at] = 0;
+    l4[csum_at + 1] = 0;
+    let pseudo = sum16(&out[22..54]) + proto as u32 + l4.len() as u32;
+    let mut c = !fold(pseudo + sum16(&l4));
+    if proto == UDP && c == 0 {
+        c = 0xffff;
+    }
+    l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+    out.extend_from_slice(&l4);
+    Some(out)
+}
+
+/// A well-formed IPv4 frame: to exact frontends, replies from backends to
+/// the clients that use them, or anything near or far.
+fn base4(rng: &mut Rng) -> Vec<u8> {
     let payload: Vec<u8> = (0..rng.below(64)).map(|_| rng.next() as u8).collect();
     let client = |rng: &mut Rng| Ep {
         addr: ip(rng, &["10.0.0.5", "10.0.1.1"]).into(),
@@ -232,8 +334,31 @@ fn base(rng: &mut Rng) -> Vec<u8> {
     }
 }
 
-/// Fix the IPv4 header checksum and the L4 checksum of a mutated frame.
+/// Fix the IPv4 header checksum and the L4 checksum of a mutated frame
+/// (IPv6: the L4 checksum).
 fn fix_checksums(f: &mut [u8]) {
+    if f.len() >= 54 && f[12..14] == [0x86, 0xdd] {
+        let end = 54 + u16::from_be_bytes([f[18], f[19]]) as usize;
+        let proto = f[20];
+        let at = match proto {
+            TCP if end >= 54 + 20 => 54 + 16,
+            UDP if end >= 54 + 8 => 54 + 6,
+            58 if end >= 54 + 4 => 54 + 2,
+            _ => return,
+        };
+        if end > f.len() {
+            return;
+        }
+        f[at] = 0;
+        f[at + 1] = 0;
+        let pseudo = sum16(&f[22..54]) + proto as u32 + (end - 54) as u32;
+        let mut c = !fold(pseudo + sum16(&f[54..end]));
+        if proto == UDP && c == 0 {
+            c = 0xffff;
+        }
+        f[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        return;
+    }
     if f.len() < 34 || f[12..14] != [0x08, 0x00] {
         return;
     }
@@ -318,13 +443,31 @@ fn mutate(rng: &mut Rng, f: &mut Vec<u8>) -> bool {
     valid
 }
 
+/// The IPv4 address an IPv6 address of `six` stands for, if it is one.
+fn unsix(o: &[u8]) -> Option<Ipv4Addr> {
+    let v6 = Ipv6Addr::from(<[u8; 16]>::try_from(o).ok()?);
+    let s = v6.segments();
+    (s[..6] == [0xfd00, 0, 0, 0, 0, 0])
+        .then(|| Ipv4Addr::from((u32::from(s[6]) << 16) | u32::from(s[7])))
+}
+
 /// A frame nothing of ours could claim: not to a Service IP, not from a backend.
 fn foreign(f: &[u8]) -> bool {
-    if f.len() < 34 || f[12..14] != [0x08, 0x00] {
+    let (src, dst) = if f.len() >= 54 && f[12..14] == [0x86, 0xdd] {
+        match (unsix(&f[22..38]), unsix(&f[38..54])) {
+            (Some(s), Some(d)) => (s.to_string(), d.to_string()),
+            (Some(s), None) => (s.to_string(), String::new()),
+            (None, Some(d)) => (String::new(), d.to_string()),
+            (None, None) => return true,
+        }
+    } else if f.len() >= 34 && f[12..14] == [0x08, 0x00] {
+        (
+            Ipv4Addr::new(f[26], f[27], f[28], f[29]).to_string(),
+            Ipv4Addr::new(f[30], f[31], f[32], f[33]).to_string(),
+        )
+    } else {
         return true;
-    }
-    let src = Ipv4Addr::new(f[26], f[27], f[28], f[29]).to_string();
-    let dst = Ipv4Addr::new(f[30], f[31], f[32], f[33]).to_string();
+    };
     !SERVICE_IPS.contains(&dst.as_str())
         && !BACKEND_IPS.contains(&src.as_str())
         && !BACKEND_IPS.contains(&dst.as_str())
@@ -336,12 +479,15 @@ fn only_nat_fields_changed(input: &[u8], out: &[u8]) -> Result<(), String> {
     if input.len() != out.len() {
         return Err(format!("length {} -> {}", input.len(), out.len()));
     }
-    let ihl = (input[14] & 0x0f) as usize * 4;
-    let l4 = 14 + ihl;
-    let csum = if input[23] == TCP { l4 + 16 } else { l4 + 6 };
-    let allowed = |i: usize| {
-        (24..34).contains(&i) || (l4..l4 + 4).contains(&i) || (csum..csum + 2).contains(&i)
+    let v6 = input[12..14] == [0x86, 0xdd];
+    let (l4, proto, addrs) = if v6 {
+        (54, input[20], 22..54)
+    } else {
+        (14 + (input[14] & 0x0f) as usize * 4, input[23], 24..34)
     };
+    let csum = if proto == TCP { l4 + 16 } else { l4 + 6 };
+    let allowed =
+        |i: usize| addrs.contains(&i) || (l4..l4 + 4).contains(&i) || (csum..csum + 2).contains(&i);
     match (0..input.len()).find(|&i| input[i] != out[i] && !allowed(i)) {
         Some(i) => Err(format!("byte {i} changed")),
         None => Ok(()),
@@ -369,6 +515,7 @@ fn fuzz(prog: Prog) {
     setup(&mut dp);
     let (mut untouched, mut translated, mut bounced, mut dropped, mut refused_by_kernel) =
         (0, 0, 0, 0, 0);
+    let mut ipv6_translated_or_answered = 0;
     for n in 0..frames {
         let mut frame = base(&mut rng);
         let csum_valid = if rng.below(5) == 0 {
@@ -389,6 +536,9 @@ fn fuzz(prog: Prog) {
             Verdict::Pass if out == frame => untouched += 1,
             Verdict::Pass => {
                 translated += 1;
+                if frame[12..14] == [0x86, 0xdd] {
+                    ipv6_translated_or_answered += 1;
+                }
                 assert!(!foreign(&frame), "{}: a foreign frame was changed", ctx());
                 if let Err(e) = only_nat_fields_changed(&frame, &out) {
                     panic!("{}: translation changed more than NAT fields: {e}", ctx());
@@ -402,14 +552,24 @@ fn fuzz(prog: Prog) {
             }
             Verdict::Bounce => {
                 bounced += 1;
+                if frame[12..14] == [0x86, 0xdd] {
+                    ipv6_translated_or_answered += 1;
+                }
                 assert!(!foreign(&frame), "{}: a foreign frame was answered", ctx());
-                let l4 = 14 + (out[14] & 0x0f) as usize * 4;
-                let proto = out[23];
-                let echo_reply = proto == 1 && out.get(l4) == Some(&0);
+                let v6 = out[12..14] == [0x86, 0xdd];
+                let (l4, proto) = if v6 {
+                    (54, out[20])
+                } else {
+                    (14 + (out[14] & 0x0f) as usize * 4, out[23])
+                };
+                let kind = out.get(l4).copied();
+                let echo_reply =
+                    (proto == 1 && kind == Some(0)) || (proto == 58 && kind == Some(129));
+                let rst = proto == TCP && out.get(l4 + 13).is_some_and(|f| f & 0x04 != 0);
+                let unreachable =
+                    (proto == 1 && kind == Some(3)) || (proto == 58 && kind == Some(1));
                 assert!(
-                    proto == TCP && out[14 + 20 + 13] & 0x04 != 0
-                        || proto == 1 && out[34] == 3
-                        || echo_reply,
+                    rst || unreachable || echo_reply,
                     "{}: answer is not RST / ICMP unreachable / echo reply",
                     ctx()
                 );
@@ -438,7 +598,11 @@ fn fuzz(prog: Prog) {
         );
     }
     println!(
-        "[{prog:?}] {frames} frames: {untouched} untouched, {translated} translated, {bounced} refused, {dropped} dropped, {refused_by_kernel} refused by BPF_PROG_TEST_RUN"
+        "[{prog:?}] {frames} frames: {untouched} untouched, {translated} translated, {bounced} refused, {dropped} dropped, {refused_by_kernel} refused by BPF_PROG_TEST_RUN; IPv6 translated or answered: {ipv6_translated_or_answered}"
+    );
+    assert!(
+        ipv6_translated_or_answered > frames / 50,
+        "the generator reaches the IPv6 paths"
     );
     assert!(
         translated > frames / 10
