@@ -21,8 +21,8 @@ use lb_tests::packet::{Datapath, ep};
 const BACKENDS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 244, 0, 1), Ipv4Addr::new(10, 244, 0, 2)];
 
 /// Run `f` on a thread in a fresh network namespace whose loopback holds
-/// 10.244.0.0/24 (the backends), with the socket programs attached and
-/// acting on that namespace.
+/// 10.244.0.0/24 and fd00:244::1, ::2 (the backends), with the socket
+/// programs attached and acting on that namespace.
 fn lab<T: Send>(f: impl FnOnce(&mut Datapath) -> T + Send) -> T {
     lb_tests::require_root();
     let cgroup = default_cgroup_root().expect("a cgroup v2 mount");
@@ -39,6 +39,8 @@ fn lab<T: Send>(f: impl FnOnce(&mut Datapath) -> T + Send) -> T {
                 for args in [
                     &["link", "set", "lo", "up"][..],
                     &["addr", "add", "10.244.0.0/24", "dev", "lo"],
+                    &["-6", "addr", "add", "fd00:244::1/128", "dev", "lo", "nodad"],
+                    &["-6", "addr", "add", "fd00:244::2/128", "dev", "lo", "nodad"],
                 ] {
                     let ok = Command::new("ip").args(args).status().expect("ip");
                     assert!(ok.success(), "ip {args:?}");
@@ -364,5 +366,46 @@ fn getpeername_of_a_deleted_service_shows_the_backend() {
             SocketAddr::V4(SocketAddrV4::new(BACKENDS[0], 8080)),
             "no stale Service address once the Service is gone"
         );
+    });
+}
+
+#[test]
+fn ipv6_sockets_reach_ipv6_services_and_ipv4_ones_by_mapped_address() {
+    lab(|dp| {
+        program_web(dp, 0);
+        dp.backend(21, ep("[fd00:244::2]:8080"), IPPROTO_TCP);
+        dp.frontend(ep("[fd00:96::10]:80"), IPPROTO_TCP, 21, &[21]);
+        let listener6 = TcpListener::bind("[fd00:244::2]:8080").expect("listen v6");
+        listener6.set_nonblocking(true).unwrap();
+        let listeners = listeners();
+
+        // connect6 to an IPv6 Service: its IPv6 backend; the peer shown is the Service.
+        let stream = connect("[fd00:96::10]:80").expect("IPv6 Service");
+        assert_eq!(stream.peer_addr().unwrap().to_string(), "[fd00:96::10]:80");
+        let mut accepted = None;
+        for _ in 0..100 {
+            if let Ok((_, from)) = listener6.accept() {
+                accepted = Some(from);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(accepted.is_some(), "the IPv6 backend accepted");
+
+        // An IPv6 socket to the IPv4-mapped ClusterIP reaches the IPv4 frontend.
+        let stream = connect("[::ffff:10.96.0.10]:80").expect("mapped IPv4 Service");
+        assert!(
+            accepted_by(&listeners).is_some(),
+            "an IPv4 backend accepted"
+        );
+        assert_eq!(
+            stream.peer_addr().unwrap().to_string(),
+            "[::ffff:10.96.0.10]:80"
+        );
+
+        // An IPv6 frontend without endpoints is refused like an IPv4 one.
+        dp.frontend(ep("[fd00:96::20]:80"), IPPROTO_TCP, 22, &[]);
+        assert_eq!(connect("[fd00:96::20]:80").err(), Some(libc::ECONNREFUSED));
+        assert!(count(dp, stat::SOCK_TRANSLATED) >= 2);
     });
 }
