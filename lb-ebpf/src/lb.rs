@@ -135,12 +135,7 @@ fn echo_request<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
         count(stat::DROP_ECHO);
         return pkt.drop_verdict();
     }
-    let answered = if echo.v6 {
-        reject::echo6_reply(pkt, echo)
-    } else {
-        reject::echo_reply(pkt, echo)
-    };
-    match answered {
+    match reject::echo_reply(pkt, echo) {
         Ok(()) => {
             count(stat::ECHO_REPLY);
             pkt.bounce()

@@ -253,34 +253,20 @@ pub fn icmp6_port_unreachable<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<()>
     pkt.store(ETH_HLEN + IP6_HLEN, &icmp)
 }
 
-/// Rewrite an ICMPv6 echo request into its reply (RFC 4443 4.2): addresses
-/// swapped (the pseudo-header sum stays), type 129.
-#[inline(always)]
-pub fn echo6_reply<P: Packet>(pkt: &mut P, echo: &Echo) -> Result<()> {
-    let eth = answer_eth(pkt, true)?;
-    let old_type_code: u16 = pkt.load(echo.l4_off)?;
-    let new_type_code = u16::from_ne_bytes([ICMPV6_ECHO_REPLY, 0]);
-    pkt.l4_csum_replace(
-        L4Csum::Icmp,
-        echo.l4_off + 2,
-        old_type_code as u32,
-        new_type_code as u32,
-        2,
-        false,
-    )?;
-    pkt.store(echo.l4_off, &new_type_code)?;
-    pkt.store(IP6_SRC_OFF, &echo.dst_be)?;
-    pkt.store(IP6_DST_OFF, &echo.src_be)?;
-    pkt.store(0, &eth)
-}
-
-/// Rewrite an ICMP echo request into its reply (RFC 792): addresses
-/// swapped, type 0; identifier, sequence and data stay as they came.
+/// Rewrite an echo request into its reply: ICMP type 0 (RFC 792) or ICMPv6
+/// type 129 (RFC 4443 4.2), addresses swapped; identifier, sequence and data
+/// stay as they came. Swapping the addresses leaves the IPv4 header's sum
+/// and ICMPv6's pseudo-header sum as they are: only the type changes a sum.
 #[inline(always)]
 pub fn echo_reply<P: Packet>(pkt: &mut P, echo: &Echo) -> Result<()> {
-    let eth = answer_eth(pkt, false)?;
+    let eth = answer_eth(pkt, echo.v6)?;
     let old_type_code: u16 = pkt.load(echo.l4_off)?;
-    let new_type_code = u16::from_ne_bytes([ICMP_ECHO_REPLY, 0]);
+    let reply = if echo.v6 {
+        ICMPV6_ECHO_REPLY
+    } else {
+        ICMP_ECHO_REPLY
+    };
+    let new_type_code = u16::from_ne_bytes([reply, 0]);
     pkt.l4_csum_replace(
         L4Csum::Icmp,
         echo.l4_off + 2,
@@ -290,8 +276,12 @@ pub fn echo_reply<P: Packet>(pkt: &mut P, echo: &Echo) -> Result<()> {
         false,
     )?;
     pkt.store(echo.l4_off, &new_type_code)?;
-    // Swapping the addresses leaves the IPv4 header's sum as it is.
-    pkt.store(IP_SRC_OFF, &echo.dst_be.v4_be())?;
-    pkt.store(IP_DST_OFF, &echo.src_be.v4_be())?;
+    if echo.v6 {
+        pkt.store(IP6_SRC_OFF, &echo.dst_be)?;
+        pkt.store(IP6_DST_OFF, &echo.src_be)?;
+    } else {
+        pkt.store(IP_SRC_OFF, &echo.dst_be.v4_be())?;
+        pkt.store(IP_DST_OFF, &echo.src_be.v4_be())?;
+    }
     pkt.store(0, &eth)
 }
