@@ -90,7 +90,6 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
     // The clock is read only where it is needed: not for packets that
     // are none of ours (the common case on a node).
     let verdict = match unsafe { LB_SERVICES.get(key) } {
-        // The frontend is read in place (a map value): no copy here.
         Some(frontend) => forward(pkt, &flow, &key, frontend, &mut to),
         None => reply(pkt, &flow, origin, &mut to),
     };
@@ -170,6 +169,8 @@ fn forward<P: Packet>(
     frontend: &ServiceValue,
     to: &mut Rewrite,
 ) -> i32 {
+    // One consistent copy of slot 0: the agent may rewrite it meanwhile.
+    let frontend = &{ *frontend };
     let origin = if key.scope == SCOPE_EXTERNAL {
         Origin::Node
     } else {
