@@ -198,7 +198,15 @@ fn dual_stack_service_answers_over_both_families() {
         "{text}"
     );
 
-    // dump speaks IPv6.
+    // dump speaks IPv6, in tables too.
+    let table = std::process::Command::new(agent_bin())
+        .args(["dump", "services", "--bpffs"])
+        .arg(&c.topo.bpffs)
+        .output()
+        .expect("dump table");
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("[fd00:96::10]:80/TCP"), "{table}");
+    assert!(table.contains("[fd00:244::11]:8080 (active)"), "{table}");
     let services = c.dump("services");
     assert!(
         services["services"]

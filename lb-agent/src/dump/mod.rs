@@ -415,15 +415,17 @@ pub fn run(args: &DumpArgs) -> Result<()> {
                     } else {
                         s.backends
                             .iter()
-                            .map(|b| format!("{}:{} ({}) #{}", b.address, b.port, b.state, b.id))
+                            .map(|b| {
+                                let at = std::net::SocketAddr::new(b.address, b.port);
+                                format!("{at} ({}) #{}", b.state, b.id)
+                            })
                             .collect::<Vec<_>>()
                             .join("\n")
                     };
                     t.add_row(vec![
                         format!(
-                            "{}:{}/{}{}",
-                            s.frontend.address,
-                            s.frontend.port,
+                            "{}/{}{}",
+                            std::net::SocketAddr::new(s.frontend.address, s.frontend.port),
                             s.frontend.protocol,
                             if s.scope == Scope::External {
                                 " (external)"
@@ -449,7 +451,11 @@ pub fn run(args: &DumpArgs) -> Result<()> {
                 for b in &d.backends {
                     t.add_row(vec![
                         b.id.to_string(),
-                        format!("{}:{}/{}", b.address, b.port, b.protocol),
+                        format!(
+                            "{}/{}",
+                            std::net::SocketAddr::new(b.address, b.port),
+                            b.protocol
+                        ),
                         b.state.clone(),
                     ]);
                 }
