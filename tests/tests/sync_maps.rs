@@ -303,3 +303,73 @@ fn another_layout_version_replaces_every_pin() {
         lb_common::LAYOUT_VERSION
     );
 }
+
+/// Both families in the same maps: an IPv6 frontend beside an IPv4 one, each
+/// with loadBalancerSourceRanges of its family. After a restart the adopted
+/// state is read back exactly (IPv4-mapped keys and LPM prefixes included):
+/// nothing is rewritten, and removing the ranges removes exactly their keys.
+#[test]
+fn dual_stack_state_survives_a_restart_exactly() {
+    let fs = Bpffs::new("dual");
+    let (mut v4, mut v4_frontend) = frontend("lb4", [198, 51, 100, 10], &[[10, 0, 0, 1]]);
+    let (mut v6, mut v6_frontend) = frontend("lb6", [0, 0, 0, 0], &[]);
+    v6.addr = "2001:db8:1::10".parse().unwrap();
+    v6_frontend.backends = vec![Backend {
+        addr: "fd00:1::1".parse().unwrap(),
+        port: 8080,
+        terminating: false,
+        remote: false,
+    }];
+    for (key, f) in [(&mut v4, &mut v4_frontend), (&mut v6, &mut v6_frontend)] {
+        key.scope = Scope::External;
+        f.kind = FrontendKind::LoadBalancer;
+        f.source_ranges = true;
+    }
+    let mut with_ranges = desired(vec![(v4, v4_frontend.clone()), (v6, v6_frontend.clone())]);
+    with_ranges.derive_addresses();
+    with_ranges.source_ranges.insert(
+        v4.addr,
+        ["203.0.113.0/24".parse().unwrap()].into_iter().collect(),
+    );
+    with_ranges.source_ranges.insert(
+        v6.addr,
+        ["2001:db8:f::/48".parse().unwrap()].into_iter().collect(),
+    );
+    let trie_prefixes = |maps: &Maps| -> Vec<u32> {
+        let mut p: Vec<u32> = maps
+            .source_ranges
+            .keys()
+            .map(|k| k.expect("read trie").prefix_len())
+            .collect();
+        p.sort();
+        p
+    };
+    {
+        let mut syncer = Syncer::new(load(&fs, map_sizes::SERVICES)).expect("syncer");
+        let report = syncer.sync(&with_ranges);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        // 128 (the LB IP) + the client prefix; IPv4's counts its 96 mapped bits.
+        assert_eq!(trie_prefixes(syncer.maps()), vec![128 + 48, 128 + 96 + 24]);
+        let mut addresses: Vec<String> = programmed(syncer.maps())
+            .into_iter()
+            .map(|(frontend, backends)| format!("{frontend} -> {}", backends.join(",")))
+            .collect();
+        addresses.sort();
+        assert_eq!(
+            addresses,
+            vec!["198.51.100.10 -> 10.0.0.1", "2001:db8:1::10 -> fd00:1::1"]
+        );
+    }
+    let mut syncer = Syncer::new(Maps::open_pinned(&fs.0).expect("pinned maps")).expect("adopt");
+    let report = syncer.sync(&with_ranges);
+    assert_eq!(
+        (report.frontends_written, report.backends_written),
+        (0, 0),
+        "nothing to rewrite after a restart"
+    );
+    let mut without_ranges = with_ranges.clone();
+    without_ranges.source_ranges.clear();
+    let report = syncer.sync(&without_ranges);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(trie_prefixes(syncer.maps()), Vec::<u32>::new());
+}
