@@ -143,9 +143,14 @@ pub fn translate_forward(ctx: &SockAddrContext, family: Family) -> i32 {
     let now = unsafe { bpf_ktime_get_ns() };
     // A socket that already talks to this frontend keeps its backend while
     // that backend takes flows (UDP sendmsg() per datagram, or a reconnect).
+    // The id must still name the same address: ids of removed backends are
+    // reused, and the reverse entry is keyed by the address.
     let kept = unsafe { LB_SOCK_NAT.get(forward_key) }.and_then(|entry| {
         let backend = unsafe { LB_BACKENDS.get(entry.backend_id) }?;
-        (backend.state == BACKEND_ACTIVE && entry.rev_nat_id == frontend.rev_nat_id)
+        (backend.state == BACKEND_ACTIVE
+            && entry.rev_nat_id == frontend.rev_nat_id
+            && backend.addr_be == entry.addr_be
+            && backend.port_be == entry.port_be)
             .then_some((entry.backend_id, *backend))
     });
     let chosen = match kept {

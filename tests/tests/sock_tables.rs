@@ -409,3 +409,40 @@ fn ipv6_sockets_reach_ipv6_services_and_ipv4_ones_by_mapped_address() {
         assert!(count(dp, stat::SOCK_TRANSLATED) >= 2);
     });
 }
+
+#[test]
+fn a_reused_backend_id_is_not_mistaken_for_the_old_backend() {
+    lab(|dp| {
+        dp.backend(11, ep("10.244.0.1:5353"), IPPROTO_UDP);
+        dp.frontend(ep("10.96.0.10:53"), IPPROTO_UDP, 2, &[11]);
+        let servers: Vec<UdpSocket> = BACKENDS
+            .iter()
+            .map(|a| {
+                let s = UdpSocket::bind((*a, 5353)).expect("bind");
+                s.set_read_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
+                s
+            })
+            .collect();
+        let client = UdpSocket::bind("0.0.0.0:0").expect("client");
+        client
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        let exchange = |server: usize| -> SocketAddr {
+            client.send_to(b"q", "10.96.0.10:53").expect("send");
+            let mut buf = [0u8; 16];
+            let (_, peer) = servers[server].recv_from(&mut buf).expect("datagram");
+            servers[server].send_to(b"a", peer).expect("answer");
+            client.recv_from(&mut buf).expect("answer arrives").1
+        };
+        assert_eq!(exchange(0).to_string(), "10.96.0.10:53");
+        // The backend goes and its id comes back for another address.
+        dp.remove_backend(11);
+        dp.backend(11, ep("10.244.0.2:5353"), IPPROTO_UDP);
+        assert_eq!(
+            exchange(1).to_string(),
+            "10.96.0.10:53",
+            "the new backend's answers show the Service too"
+        );
+    });
+}
