@@ -34,6 +34,23 @@ pub fn agent_bin() -> PathBuf {
 
 pub const NODE_NAME: &str = "node-a";
 
+/// Service `web` (app=web) in both families: 10.96.0.10 and fd00:96::10,
+/// http 80 -> 8080/TCP and dns 53 -> 5353/UDP.
+pub const WEB_DUAL_STACK: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
+"#;
+
 pub struct Cluster {
     pub topo: Topology,
     pub manifests: PathBuf,

@@ -778,6 +778,11 @@ pub fn change(f: impl Fn(&mut Datapath) + 'static) -> Step {
     Step::Change(Box::new(f))
 }
 
+/// Counters (by `stat` index) that must have these totals now.
+pub fn counters(want: &[(u32, u64)]) -> Step {
+    Step::Stats(want.to_vec())
+}
+
 pub struct Case {
     pub name: &'static str,
     pub programs: &'static [Prog],
@@ -785,6 +790,24 @@ pub struct Case {
     pub steps: Vec<Step>,
     /// `stat` counters of impossible states this case provokes on purpose.
     pub allowed_errors: &'static [u32],
+}
+
+impl Case {
+    /// A case on `programs` that provokes no impossible state.
+    pub fn on(
+        programs: &'static [Prog],
+        name: &'static str,
+        setup: impl Fn(&mut Datapath) + 'static,
+        steps: Vec<Step>,
+    ) -> Case {
+        Case {
+            name,
+            programs,
+            setup: Box::new(setup),
+            steps,
+            allowed_errors: &[],
+        }
+    }
 }
 
 const IMPOSSIBLE: &[u32] = &[

@@ -8,20 +8,8 @@ use std::{collections::BTreeSet, time::Duration};
 
 use lb_tests::e2e::*;
 
-const SVC: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: web}
-spec:
-  clusterIP: 10.96.0.10
-  clusterIPs: [10.96.0.10, "fd00:96::10"]
-  ipFamilies: [IPv4, IPv6]
-  ipFamilyPolicy: RequireDualStack
-  selector: {app: web}
-  ports:
-  - {name: http, port: 80, targetPort: 8080}
-  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
----
+/// Besides `WEB_DUAL_STACK`: an IPv6-only Service without endpoints.
+const EMPTY6: &str = r#"
 apiVersion: v1
 kind: Service
 metadata: {name: empty}
@@ -59,7 +47,8 @@ fn cluster() -> (Cluster, Pod) {
             .yaml(),
         );
     }
-    c.write("svc.yaml", SVC);
+    c.write("svc.yaml", WEB_DUAL_STACK);
+    c.write("empty.yaml", EMPTY6);
     (c, client)
 }
 

@@ -44,22 +44,6 @@ const WEB: [(&str, &str); 2] = [("web-0", "10.244.1.11"), ("web-1", "10.244.1.12
 /// The web pods' IPv6 addresses (dual-stack variant).
 const WEB6: [&str; 2] = ["fd00:244::11", "fd00:244::12"];
 
-/// The web Service, dual stack.
-const SVC_DUAL: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: web}
-spec:
-  clusterIP: 10.96.0.10
-  clusterIPs: [10.96.0.10, "fd00:96::10"]
-  ipFamilies: [IPv4, IPv6]
-  ipFamilyPolicy: RequireDualStack
-  selector: {app: web}
-  ports:
-  - {name: http, port: 80, targetPort: 8080}
-  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
-"#;
-
 /// For the all-namespaces test: an address no other test uses, since its
 /// programs see the sockets of every namespace on the machine.
 const SVC_ALL_NAMESPACES: &str = r#"
@@ -239,7 +223,7 @@ fn connected_udp_socket_leaves_a_removed_backend() {
 
 #[test]
 fn connected_udp6_socket_leaves_a_removed_backend() {
-    connected_udp_leaves_a_removed_backend(SVC_DUAL, "fd00:96::10", true);
+    connected_udp_leaves_a_removed_backend(WEB_DUAL_STACK, "fd00:96::10", true);
 }
 
 /// A connected UDP socket of the node talking to `service`:53 through one

@@ -24,13 +24,7 @@ fn from_client(port: u16) -> Ep {
 }
 
 fn case(name: &'static str, setup: impl Fn(&mut Datapath) + 'static, steps: Vec<Step>) -> Case {
-    Case {
-        name,
-        programs: BOTH,
-        setup: Box::new(setup),
-        steps,
-        allowed_errors: &[],
-    }
+    Case::on(BOTH, name, setup, steps)
 }
 
 fn three_webs(dp: &mut Datapath, flags: u32) {

@@ -36,17 +36,7 @@ fn snat(port: u16) -> Ep {
 }
 
 fn case(name: &'static str, setup: fn(&mut Datapath), steps: Vec<Step>) -> Case {
-    Case {
-        name,
-        programs: NODE,
-        setup: Box::new(setup),
-        steps,
-        allowed_errors: &[],
-    }
-}
-
-fn counters(want: &[(u32, u64)]) -> Step {
-    Step::Stats(want.to_vec())
+    Case::on(NODE, name, setup, steps)
 }
 
 /// SNAT to the node with one port (61000), so its allocation is predictable.

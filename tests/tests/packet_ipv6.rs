@@ -35,17 +35,7 @@ fn services(dp: &mut Datapath) {
 }
 
 fn case(name: &'static str, setup: fn(&mut Datapath), steps: Vec<Step>) -> Case {
-    Case {
-        name,
-        programs: BOTH,
-        setup: Box::new(setup),
-        steps,
-        allowed_errors: &[],
-    }
-}
-
-fn counters(want: &[(u32, u64)]) -> Step {
-    Step::Stats(want.to_vec())
+    Case::on(BOTH, name, setup, steps)
 }
 
 fn webs() -> Vec<Ep> {
@@ -268,11 +258,11 @@ fn nodeport_on_an_ipv6_node_address_snats_to_the_node() {
         addr: NODE_ADDR.parse().unwrap(),
         port: SNAT_PORT,
     };
-    run_case(Case {
-        name: "ipv6_nodeport_on_an_ipv6_node_address_snats_to_the_node",
-        programs: NODE,
-        setup: Box::new(node_port),
-        steps: vec![
+    run_case(Case::on(
+        NODE,
+        "ipv6_nodeport_on_an_ipv6_node_address_snats_to_the_node",
+        node_port,
+        vec![
             send(
                 tcp(ep(OUTSIDE), ep(NODE_PORT), SYN, b""),
                 Expect::Snat {
@@ -290,8 +280,7 @@ fn nodeport_on_an_ipv6_node_address_snats_to_the_node() {
             ),
             counters(&[(stat::NODEPORT_SNAT, 1), (stat::REPLY, 1)]),
         ],
-        allowed_errors: &[],
-    });
+    ));
 }
 
 #[test]
@@ -311,11 +300,11 @@ fn source_ranges_admit_only_listed_ipv6_prefixes() {
             48,
         );
     }
-    run_case(Case {
-        name: "ipv6_source_ranges_admit_only_listed_ipv6_prefixes",
-        programs: NODE,
-        setup: Box::new(guarded),
-        steps: vec![
+    run_case(Case::on(
+        NODE,
+        "ipv6_source_ranges_admit_only_listed_ipv6_prefixes",
+        guarded,
+        vec![
             send(
                 tcp(ep(OUTSIDE), ep("[2001:db8:1::10]:80"), SYN, b""),
                 Expect::Dnat(Target::Exact(ep(WEB_1))),
@@ -331,8 +320,7 @@ fn source_ranges_admit_only_listed_ipv6_prefixes() {
             ),
             counters(&[(stat::DROP_SOURCE_RANGE, 1)]),
         ],
-        allowed_errors: &[],
-    });
+    ));
 }
 
 #[test]

@@ -43,17 +43,7 @@ fn webs() -> Vec<Ep> {
 }
 
 fn case(name: &'static str, setup: fn(&mut Datapath), steps: Vec<Step>) -> Case {
-    Case {
-        name,
-        programs: BOTH,
-        setup: Box::new(setup),
-        steps,
-        allowed_errors: &[],
-    }
-}
-
-fn counters(want: &[(u32, u64)]) -> Step {
-    Step::Stats(want.to_vec())
+    Case::on(BOTH, name, setup, steps)
 }
 
 fn from_client(port: u16) -> Ep {

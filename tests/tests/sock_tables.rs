@@ -70,6 +70,24 @@ fn program_web(dp: &mut Datapath, flags: u32) {
     dp.frontend_with_flags(ep("10.96.0.10:53"), IPPROTO_UDP, 2, &[11, 12], flags);
 }
 
+/// A UDP server on 5353 of each backend (reads time out after `wait`) and
+/// an unbound client.
+fn udp_sockets(wait: Duration) -> (Vec<UdpSocket>, UdpSocket) {
+    let servers = BACKENDS
+        .iter()
+        .map(|a| {
+            let s = UdpSocket::bind((*a, 5353)).expect("bind");
+            s.set_read_timeout(Some(wait)).unwrap();
+            s
+        })
+        .collect();
+    let client = UdpSocket::bind("0.0.0.0:0").expect("client");
+    client
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    (servers, client)
+}
+
 fn listeners() -> Vec<TcpListener> {
     BACKENDS
         .iter()
@@ -278,19 +296,7 @@ fn connect_table() {
 fn unconnected_udp_keeps_its_backend_and_sees_the_service_as_source() {
     lab(|dp| {
         program_web(dp, 0);
-        let servers: Vec<UdpSocket> = BACKENDS
-            .iter()
-            .map(|a| {
-                let s = UdpSocket::bind((*a, 5353)).expect("bind");
-                s.set_read_timeout(Some(Duration::from_millis(200)))
-                    .unwrap();
-                s
-            })
-            .collect();
-        let client = UdpSocket::bind("0.0.0.0:0").expect("client");
-        client
-            .set_read_timeout(Some(Duration::from_secs(1)))
-            .unwrap();
+        let (servers, client) = udp_sockets(Duration::from_millis(200));
         // One request: which server got it, and where the answer seems to come from.
         let exchange = |client: &UdpSocket| -> (usize, SocketAddr) {
             client.send_to(b"q", "10.96.0.10:53").expect("send");
@@ -415,19 +421,7 @@ fn a_reused_backend_id_is_not_mistaken_for_the_old_backend() {
     lab(|dp| {
         dp.backend(11, ep("10.244.0.1:5353"), IPPROTO_UDP);
         dp.frontend(ep("10.96.0.10:53"), IPPROTO_UDP, 2, &[11]);
-        let servers: Vec<UdpSocket> = BACKENDS
-            .iter()
-            .map(|a| {
-                let s = UdpSocket::bind((*a, 5353)).expect("bind");
-                s.set_read_timeout(Some(Duration::from_millis(500)))
-                    .unwrap();
-                s
-            })
-            .collect();
-        let client = UdpSocket::bind("0.0.0.0:0").expect("client");
-        client
-            .set_read_timeout(Some(Duration::from_secs(1)))
-            .unwrap();
+        let (servers, client) = udp_sockets(Duration::from_millis(500));
         let exchange = |server: usize| -> SocketAddr {
             client.send_to(b"q", "10.96.0.10:53").expect("send");
             let mut buf = [0u8; 16];
