@@ -51,6 +51,16 @@ pub mod program_names {
     pub const XDP_NODE: &str = "lb_xdp_node";
     /// tc (TCX) ingress on node devices where XDP is not used.
     pub const TC_NODE: &str = "lb_tc_node";
+    /// `TC_NODE` for node devices without an Ethernet header (TUN, WireGuard, IPIP).
+    pub const TC_NODE_L3: &str = "lb_tc_node_l3";
+    /// tc (TCX) egress on pod devices: replies restored before they reach
+    /// the client pod, whatever device brought them in.
+    pub const TC_TO_POD: &str = "lb_tc_to_pod";
+    /// tc (TCX) ingress on every other device (not a pod device, not in
+    /// --devices): replies only, so none depends on the path it took.
+    pub const TC_REPLY: &str = "lb_tc_reply";
+    /// `TC_REPLY` for devices without an Ethernet header.
+    pub const TC_REPLY_L3: &str = "lb_tc_reply_l3";
     /// cgroup connect4 on the root cgroup: socket-level LB of connect().
     pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
     /// cgroup sendmsg4: socket-level LB of unconnected UDP sendmsg().
@@ -579,8 +589,12 @@ pub mod stat {
     pub const SOCK_REFUSED: u32 = 32;
     /// Socket-level LB: recvmsg()/getpeername() shown the Service address.
     pub const SOCK_REV_TRANSLATED: u32 = 33;
+    /// New flow whose reply tuple another live flow holds (one client port
+    /// to two Services sharing a backend ip:port): given another source
+    /// port, as netfilter does.
+    pub const PORT_REMAPPED: u32 = 34;
     /// Number of counters in use.
-    pub const COUNT: u32 = 34;
+    pub const COUNT: u32 = 35;
     /// Size of the stats array (room to grow without a layout change).
     pub const CAPACITY: u32 = 48;
 
@@ -620,6 +634,7 @@ pub mod stat {
         "sock_translated",
         "sock_refused",
         "sock_rev_translated",
+        "port_remapped",
     ];
 }
 

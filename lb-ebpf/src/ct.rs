@@ -12,7 +12,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{LB_CT, LB_CT_SCRATCH},
+    maps::{LB_CONFIG, LB_CT, LB_CT_KEY_SCRATCH, LB_CT_SCRATCH},
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -140,15 +140,16 @@ pub fn merge(key: &CtKey, proto: u8, bits: u16, now: u64) {
     }
 }
 
-/// How a new flow is translated: the backend written as destination and,
-/// for source NAT, the source written (port 0 in `snat_port_be` with a port
-/// range: allocate one).
+/// The ends a translation writes. A new flow: `addr`/`port` the backend
+/// (destination), `other_*` the source written (NONE: no source NAT; a port
+/// range allocation sets the port). A reply: `addr`/`port` the frontend
+/// (source), `other_*` the client restored as destination (NONE: keep).
+#[derive(Default)]
 pub struct Nat {
-    pub backend_addr_be: Addr,
-    pub backend_port_be: u16,
-    /// NONE: no source NAT.
-    pub snat_addr_be: Addr,
-    pub snat_port_be: u16,
+    pub addr_be: Addr,
+    pub port_be: u16,
+    pub other_addr_be: Addr,
+    pub other_port_be: u16,
 }
 
 pub enum CreateError {
@@ -167,15 +168,23 @@ pub fn lookup_timed(key: &CtKey) -> Option<(*mut CtValue, u64)> {
     alive(entry, now).then_some((entry, now))
 }
 
-/// Whether the entry holding a SNAT tuple may be replaced: it is dead, or
+/// Whether the entry holding a reply tuple may be replaced: it is dead, or
 /// its connection was reset (no TIME_WAIT follows an RST, so the tuple is
-/// free at once; closing by FIN keeps it for the closing lifetime).
+/// free at once; closing by FIN keeps it for the closing lifetime), or it is
+/// this very flow's own (the same client tuple to the same frontend, being
+/// balanced again).
 #[inline(always)]
-fn reusable(key: &CtKey, now: u64) -> bool {
+fn reusable(key: &CtKey, flow: &Flow, now: u64) -> bool {
     match LB_CT.get_ptr_mut(key) {
         None => true,
         Some(entry) => {
-            lookup(key, now).is_none() || unsafe { (*entry).flags } & ct_flags::RST_SEEN != 0
+            let entry_ref = unsafe { &*entry };
+            let own = entry_ref.nat_addr_be == flow.dst_be
+                && entry_ref.nat_port_be == flow.dport_be
+                && (entry_ref.snat_addr_be.is_none()
+                    || (entry_ref.snat_addr_be == flow.src_be
+                        && entry_ref.snat_port_be == flow.sport_be));
+            own || lookup(key, now).is_none() || entry_ref.flags & ct_flags::RST_SEEN != 0
         }
     }
 }
@@ -186,30 +195,37 @@ fn reusable(key: &CtKey, now: u64) -> bool {
 const SNAT_TRIES: u32 = 16;
 
 /// What `create` records besides the NAT: the flow's backend and
-/// frontend, the SNAT port range (`snat_port_max` 0: no allocation), the
-/// clock and the first packet's length.
+/// frontend, whether a source port must be allocated at once (external flows
+/// source-NATed to the node), the clock and the first packet's length.
 pub struct NewFlow {
     pub backend_id: u32,
     pub rev_nat_id: u16,
-    pub snat_port_min: u16,
-    pub snat_port_max: u16,
+    pub allocate: bool,
     pub now: u64,
     pub len: u32,
 }
 
 /// Track a new translated flow: forward entry keyed by the client's tuple,
-/// reply entry keyed by the backend's answer. With a port range, the SNAT
-/// port is allocated here: the reply entry is inserted only if its tuple is
-/// free (or dead, or reset), so two live flows never share a tuple;
-/// `nat.snat_port_be` is set to the port taken.
+/// reply entry keyed by the backend's answer. A reply entry is inserted only
+/// if its tuple is free (or dead, or reset, or this flow's own): two live
+/// flows never share one. With `allocate` the source port comes from the
+/// range at once; otherwise the client's port is kept unless its reply tuple
+/// is taken (one client port to two Services sharing a backend ip:port, as
+/// Linux hands out), and then, as netfilter does, the flow gets a source
+/// port from the range (`nat.other_addr_be` is set to the source address,
+/// unchanged, so the reply path restores the port).
+/// `nat.other_port_be` is set to the port taken.
 /// Both entries are built in a per-CPU scratch map: two IPv6-sized entries
 /// on the stack would not fit the 512-byte frame. (References on purpose:
 /// passing the values themselves would copy them back onto the stack.)
 #[inline(always)]
 #[allow(clippy::needless_borrows_for_generic_args)]
 pub fn create(flow: &Flow, new: &NewFlow, nat: &mut Nat) -> Result<(), CreateError> {
-    let (Some(reply), Some(forward)) = (LB_CT_SCRATCH.get_ptr_mut(0), LB_CT_SCRATCH.get_ptr_mut(1))
-    else {
+    let (Some(reply), Some(forward), Some(reply_key)) = (
+        LB_CT_SCRATCH.get_ptr_mut(0),
+        LB_CT_SCRATCH.get_ptr_mut(1),
+        LB_CT_KEY_SCRATCH.get_ptr_mut(0),
+    ) else {
         return Err(CreateError::Full);
     };
     let mut flags = state_bits(flow);
@@ -219,22 +235,20 @@ pub fn create(flow: &Flow, new: &NewFlow, nat: &mut Nat) -> Result<(), CreateErr
     let lifetime_s = lifetime(flow.proto, flags);
     // With SNAT the backend answers the SNAT address, and the reply entry
     // remembers the real client to restore.
-    let (reply_dst, restore_addr, restore_port) = if !nat.snat_addr_be.is_none() {
-        (nat.snat_addr_be, flow.src_be, flow.sport_be)
+    let (reply_dst, restore_addr, restore_port) = if !nat.other_addr_be.is_none() {
+        (nat.other_addr_be, flow.src_be, flow.sport_be)
     } else {
         (flow.src_be, Addr::NONE, 0)
     };
-    let mut reply_key = CtKey {
-        src_addr_be: nat.backend_addr_be,
-        dst_addr_be: reply_dst,
-        src_port_be: nat.backend_port_be,
-        dst_port_be: nat.snat_port_be,
-        proto: flow.proto,
-        dir: CT_DIR_REPLY,
-        _pad: [0; 2],
-    };
     // SAFETY: per-CPU scratch slots, ours for the length of this program run.
-    let (reply, forward) = unsafe { (&mut *reply, &mut *forward) };
+    let (reply, forward, reply_key) = unsafe { (&mut *reply, &mut *forward, &mut *reply_key) };
+    reply_key.src_addr_be = nat.addr_be;
+    reply_key.dst_addr_be = reply_dst;
+    reply_key.src_port_be = nat.port_be;
+    reply_key.dst_port_be = nat.other_port_be;
+    reply_key.proto = flow.proto;
+    reply_key.dir = CT_DIR_REPLY;
+    reply_key._pad = [0; 2];
     reply.backend_id = new.backend_id;
     reply.rev_nat_id = new.rev_nat_id;
     reply.flags = flags;
@@ -249,45 +263,57 @@ pub fn create(flow: &Flow, new: &NewFlow, nat: &mut Nat) -> Result<(), CreateErr
     reply.packets = 0;
     reply.bytes = 0;
     // Reply first: a forward entry must never exist without its way back.
-    match (new.snat_port_min, new.snat_port_max) {
-        (_, 0) => {
-            if LB_CT.insert(&reply_key, &*reply, BPF_ANY as u64).is_err() {
-                return Err(CreateError::Full);
+    let mut taken = !new.allocate
+        && (LB_CT
+            .insert(&*reply_key, &*reply, BPF_NOEXIST as u64)
+            .is_ok()
+            || (reusable(reply_key, flow, new.now)
+                && LB_CT.insert(&*reply_key, &*reply, BPF_ANY as u64).is_ok()));
+    if !taken {
+        // Source ports come from the configured SNAT range.
+        let Some((port_min, port_max)) = LB_CONFIG
+            .get(0)
+            .map(|c| (c.snat_port_min, c.snat_port_max))
+            .filter(|(_, max)| *max != 0)
+        else {
+            return Err(CreateError::NoPort);
+        };
+        if nat.other_addr_be.is_none() {
+            // A clash on the client's own tuple: only its port changes.
+            nat.other_addr_be = flow.src_be;
+            reply.snat_addr_be = flow.src_be;
+            reply.snat_port_be = flow.sport_be;
+        }
+        let span = (port_max as u32).saturating_sub(port_min as u32) + 1;
+        for _ in 0..SNAT_TRIES {
+            let port = port_min as u32 + unsafe { bpf_get_prandom_u32() } % span;
+            reply_key.dst_port_be = (port as u16).to_be();
+            if LB_CT
+                .insert(&*reply_key, &*reply, BPF_NOEXIST as u64)
+                .is_ok()
+                || (reusable(reply_key, flow, new.now)
+                    && LB_CT.insert(&*reply_key, &*reply, BPF_ANY as u64).is_ok())
+            {
+                taken = true;
+                break;
             }
         }
-        (min, max) => {
-            let span = (max as u32).saturating_sub(min as u32) + 1;
-            let mut taken = false;
-            for _ in 0..SNAT_TRIES {
-                let port = min as u32 + unsafe { bpf_get_prandom_u32() } % span;
-                reply_key.dst_port_be = (port as u16).to_be();
-                if LB_CT
-                    .insert(&reply_key, &*reply, BPF_NOEXIST as u64)
-                    .is_ok()
-                    || (reusable(&reply_key, new.now)
-                        && LB_CT.insert(&reply_key, &*reply, BPF_ANY as u64).is_ok())
-                {
-                    taken = true;
-                    break;
-                }
-            }
-            if !taken {
-                return Err(CreateError::NoPort);
-            }
-            nat.snat_port_be = reply_key.dst_port_be;
+        if !taken {
+            return Err(CreateError::NoPort);
         }
     }
+    nat.other_port_be = reply_key.dst_port_be;
     forward.backend_id = new.backend_id;
     forward.rev_nat_id = new.rev_nat_id;
     forward.flags = flags;
-    forward.nat_addr_be = nat.backend_addr_be;
-    forward.nat_port_be = nat.backend_port_be;
+    forward.nat_addr_be = nat.addr_be;
+    forward.nat_port_be = nat.port_be;
     forward.tcp_flags_seen = flow.tcp_flags;
     forward.created_ns = new.now;
     forward.last_seen_ns = new.now;
     forward.lifetime_s = lifetime_s;
-    forward.snat_addr_be = nat.snat_addr_be;
-    forward.snat_port_be = nat.snat_port_be;
+    forward.snat_addr_be = nat.other_addr_be;
+    forward.snat_port_be = nat.other_port_be;
     forward.packets = 1;
     forward.bytes = new.len as u64;
     LB_CT

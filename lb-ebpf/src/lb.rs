@@ -20,38 +20,38 @@ use crate::{
     reject,
 };
 
-/// Which side of the node a packet came in on.
+/// Which side of the node a packet came in on, and so what may be done to it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
-    /// A pod device: in-cluster traffic.
+    /// A pod device's ingress: in-cluster traffic (frontends of scope internal).
     Pod,
-    /// A node device: traffic from outside the node.
+    /// A node device's ingress: traffic from outside the node (scope external).
     Node,
+    /// Replies only: a pod device's egress (the last hop before the client
+    /// pod, whatever path the reply took) and the ingress of every other
+    /// device (a second NIC, an overlay, a tunnel, bringing replies to the
+    /// node's SNAT address). Nothing is balanced or refused here.
+    Reply,
 }
 
 impl Origin {
     #[inline(always)]
     fn scope(self) -> u8 {
         match self {
-            Origin::Pod => SCOPE_INTERNAL,
             Origin::Node => SCOPE_EXTERNAL,
+            Origin::Pod | Origin::Reply => SCOPE_INTERNAL,
         }
     }
 }
 
-/// Where a translated packet goes: the destination (forward) or source (reply)
-/// to write, and for source-NATed flows the other end too.
+/// Where a translated packet goes: the ends to write (see `Nat`), which
+/// end `nat.addr` replaces, and the counter of a successful translation.
+/// Lives in `process`'s frame; `forward` and `ct::create` fill it in place.
 #[derive(Default)]
 pub struct Rewrite {
-    addr_be: Addr,
-    port_be: u16,
-    /// Forward: new source address; reply: new destination address (NONE: keep).
-    other_addr_be: Addr,
-    /// Port counterpart of `other_addr_be`.
-    other_port_be: u16,
-    /// The end `addr_be` replaces: destination (forward) or source (reply).
+    nat: Nat,
+    /// The end `nat.addr_be` replaces: destination (forward) or source (reply).
     end: End,
-    /// The counter of a successful translation.
     verdict: u32,
 }
 
@@ -72,7 +72,11 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
     let mut flow = Flow::default();
     match parse::parse_into(pkt, &mut flow) {
         parse::FLOW => {}
-        parse::ECHO => return echo_request(pkt, &flow, origin),
+        parse::ECHO if origin != Origin::Reply => return echo_request(pkt, &flow, origin),
+        parse::ECHO => {
+            count(stat::PASS_OTHER_PROTO);
+            return pkt.pass();
+        }
         reason => {
             count(reason);
             return pkt.pass();
@@ -89,7 +93,12 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
     let mut to = Rewrite::default();
     // The clock is read only where it is needed: not for packets that
     // are none of ours (the common case on a node).
-    let verdict = match unsafe { LB_SERVICES.get(key) } {
+    let frontend = if origin == Origin::Reply {
+        None
+    } else {
+        unsafe { LB_SERVICES.get(key) }
+    };
+    let verdict = match frontend {
         Some(frontend) => forward(pkt, &flow, &key, frontend, &mut to),
         None => reply(pkt, &flow, origin, &mut to),
     };
@@ -108,6 +117,7 @@ fn echo_request<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
     let echo = &Echo {
         src_be: flow.src_be,
         dst_be: flow.dst_be,
+        l3_off: flow.l3_off,
         l4_off: flow.l4_off,
         v6: flow.v6,
     };
@@ -188,10 +198,12 @@ fn forward<P: Packet>(
         match unsafe { LB_BACKENDS.get(backend_id) } {
             Some(backend) if !ct::restarts(flow, unsafe { &*entry }, backend) => {
                 *to = Rewrite {
-                    addr_be: backend.addr_be,
-                    port_be: backend.port_be,
-                    other_addr_be: unsafe { (*entry).snat_addr_be },
-                    other_port_be: unsafe { (*entry).snat_port_be },
+                    nat: Nat {
+                        addr_be: backend.addr_be,
+                        port_be: backend.port_be,
+                        other_addr_be: unsafe { (*entry).snat_addr_be },
+                        other_port_be: unsafe { (*entry).snat_port_be },
+                    },
                     end: End::Destination,
                     verdict: stat::ESTABLISHED,
                 };
@@ -219,30 +231,33 @@ fn forward<P: Packet>(
     let Some((backend_id, backend)) = select_backend(flow, key, frontend, now) else {
         return pkt.drop_verdict();
     };
-    let mut nat = Nat {
-        backend_addr_be: backend.addr_be,
-        backend_port_be: backend.port_be,
-        snat_addr_be: Addr::NONE,
-        snat_port_be: flow.sport_be,
-    };
-    let mut port_range = None;
+    // Built in the caller's frame: this one is near the stack limit.
+    to.end = End::Destination;
+    to.verdict = stat::NEW_FLOW;
+    let nat = &mut to.nat;
+    nat.addr_be = backend.addr_be;
+    nat.port_be = backend.port_be;
+    nat.other_addr_be = Addr::NONE;
+    nat.other_port_be = flow.sport_be;
+    let config = LB_CONFIG.get(0);
+    let mut allocate = false;
     if backend.addr_be == flow.src_be {
         // Hairpin: the pod would answer itself directly, bypassing the
         // reverse translation. Make the reply come back through us.
-        if let Some(config) = LB_CONFIG.get(0) {
-            nat.snat_addr_be = if flow.v6 {
+        if let Some(config) = config {
+            nat.other_addr_be = if flow.v6 {
                 config.hairpin_snat_addr6
             } else {
                 config.hairpin_snat_addr4
             };
         }
-        if !nat.snat_addr_be.is_none() {
+        if !nat.other_addr_be.is_none() {
             count(stat::HAIRPIN);
         }
     } else if origin == Origin::Node
         && (backend.flags & backend_flags::REMOTE != 0
             || frontend.flags & service_flags::MASQUERADE != 0)
-        && let Some(config) = LB_CONFIG.get(0)
+        && let Some(config) = config
     {
         // External traffic to another node's backend (or masqueraded): the
         // reply must come back here to be translated, so the source becomes
@@ -253,23 +268,23 @@ fn forward<P: Packet>(
             config.nodeport_snat_addr4
         };
         if !node.is_none() {
-            nat.snat_addr_be = node;
-            port_range = Some((config.snat_port_min, config.snat_port_max));
+            nat.other_addr_be = node;
+            allocate = true;
         }
     }
-    let (snat_port_min, snat_port_max) = port_range.unwrap_or((0, 0));
     let new_flow = NewFlow {
         backend_id,
         rev_nat_id: frontend.rev_nat_id,
-        snat_port_min,
-        snat_port_max,
+        allocate,
         now,
         len,
     };
-    match ct::create(flow, &new_flow, &mut nat) {
+    match ct::create(flow, &new_flow, nat) {
         Ok(()) => {
-            if port_range.is_some() {
+            if allocate {
                 count(stat::NODEPORT_SNAT);
+            } else if nat.other_port_be != flow.sport_be {
+                count(stat::PORT_REMAPPED);
             }
         }
         Err(CreateError::Full) => count(stat::ERR_CT_FULL),
@@ -278,14 +293,6 @@ fn forward<P: Packet>(
             return pkt.drop_verdict();
         }
     }
-    *to = Rewrite {
-        addr_be: nat.backend_addr_be,
-        port_be: nat.backend_port_be,
-        other_addr_be: nat.snat_addr_be,
-        other_port_be: nat.snat_port_be,
-        end: End::Destination,
-        verdict: stat::NEW_FLOW,
-    };
     REWRITE
 }
 
@@ -439,10 +446,12 @@ fn reply<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin, to: &mut Rewrite) 
         ct::merge(&peer, flow.proto, new_bits, now);
     }
     *to = Rewrite {
-        addr_be: entry.nat_addr_be,
-        port_be: entry.nat_port_be,
-        other_addr_be: entry.snat_addr_be,
-        other_port_be: entry.snat_port_be,
+        nat: Nat {
+            addr_be: entry.nat_addr_be,
+            port_be: entry.nat_port_be,
+            other_addr_be: entry.snat_addr_be,
+            other_port_be: entry.snat_port_be,
+        },
         end: End::Source,
         verdict: stat::REPLY,
     };
@@ -451,9 +460,10 @@ fn reply<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin, to: &mut Rewrite) 
 
 #[inline(always)]
 fn not_a_frontend<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
-    if origin == Origin::Node {
+    if origin != Origin::Pod {
         // From outside, other ports of these addresses may be the node's own
         // services (an externalIP on a node address): never refused here.
+        // Reply-only programs refuse nothing.
         count(stat::PASS_NOT_FRONTEND);
         return pkt.pass();
     }
@@ -478,6 +488,7 @@ fn not_a_frontend<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
 #[inline(never)]
 fn translate<P: Packet>(pkt: &mut P, flow: &Flow, to: &Rewrite) -> i32 {
     let (end, verdict) = (to.end, to.verdict);
+    let to = &to.nat;
     let mut result = nat::rewrite(pkt, flow, end, to.addr_be, to.port_be);
     if result.is_ok() && !to.other_addr_be.is_none() {
         let other_end = match end {
@@ -527,7 +538,7 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, to: &Rewrite) -> i32 {
 
 /// The other end after translation: the SNAT one, or the packet's own.
 #[inline(always)]
-fn other_or(to: &Rewrite, unchanged: (Addr, u16)) -> (Addr, u16) {
+fn other_or(to: &Nat, unchanged: (Addr, u16)) -> (Addr, u16) {
     if !to.other_addr_be.is_none() {
         (to.other_addr_be, to.other_port_be)
     } else {

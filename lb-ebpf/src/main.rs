@@ -38,18 +38,44 @@ mod programs {
     /// tc ingress (TCX) on pod devices: in-cluster traffic.
     #[classifier]
     pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
-        try_tc(&ctx, Origin::Pod)
+        try_tc::<true>(&ctx, Origin::Pod, false)
+    }
+
+    /// tc egress (TCX) on pod devices: replies restored on their way into
+    /// the client pod, whichever device brought them to the node.
+    #[classifier]
+    pub fn lb_tc_to_pod(ctx: TcContext) -> i32 {
+        try_tc::<true>(&ctx, Origin::Reply, true)
     }
 
     /// tc ingress (TCX) on node devices where XDP is not used.
     #[classifier]
     pub fn lb_tc_node(ctx: TcContext) -> i32 {
-        try_tc(&ctx, Origin::Node)
+        try_tc::<true>(&ctx, Origin::Node, false)
+    }
+
+    /// `lb_tc_node` for node devices without an Ethernet header.
+    #[classifier]
+    pub fn lb_tc_node_l3(ctx: TcContext) -> i32 {
+        try_tc::<false>(&ctx, Origin::Node, false)
+    }
+
+    /// tc ingress (TCX) on every other device: replies to the node's SNAT
+    /// address (and to pods) restored wherever they come in.
+    #[classifier]
+    pub fn lb_tc_reply(ctx: TcContext) -> i32 {
+        try_tc::<true>(&ctx, Origin::Reply, false)
+    }
+
+    /// `lb_tc_reply` for devices without an Ethernet header.
+    #[classifier]
+    pub fn lb_tc_reply_l3(ctx: TcContext) -> i32 {
+        try_tc::<false>(&ctx, Origin::Reply, false)
     }
 
     #[inline(always)]
-    fn try_tc(ctx: &TcContext, origin: Origin) -> i32 {
-        lb::process(&mut TcPacket { ctx }, origin)
+    fn try_tc<const ETH: bool>(ctx: &TcContext, origin: Origin, egress: bool) -> i32 {
+        lb::process(&mut TcPacket::<ETH> { ctx, egress }, origin)
     }
 
     /// XDP with the pod-side logic, for packet tables and perf comparisons.

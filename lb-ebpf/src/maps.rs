@@ -34,6 +34,11 @@ pub static LB_CT: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(map_
 #[map(name = "LB_CT_SCRATCH")]
 pub static LB_CT_SCRATCH: PerCpuArray<CtValue> = PerCpuArray::with_max_entries(2, 0);
 
+/// Per-CPU room for the reply key `ct::create` probes (not pinned): the
+/// forward path's frame is at the stack limit.
+#[map(name = "LB_CT_KEY_SCRATCH")]
+pub static LB_CT_KEY_SCRATCH: PerCpuArray<CtKey> = PerCpuArray::with_max_entries(1, 0);
+
 /// Session affinity: {client, rev-NAT id} -> last backend.
 #[map(name = "LB_AFFINITY")]
 pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =

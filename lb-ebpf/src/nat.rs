@@ -37,25 +37,25 @@ pub fn rewrite<P: Packet>(
     };
     let (addr_off, old_addr, port_off, old_port) = match (end, flow.v6) {
         (End::Destination, false) => (
-            IP_DST_OFF,
+            flow.l3_off + IP_DST_OFF,
             flow.dst_be,
             flow.l4_off + L4_DPORT,
             flow.dport_be,
         ),
         (End::Source, false) => (
-            IP_SRC_OFF,
+            flow.l3_off + IP_SRC_OFF,
             flow.src_be,
             flow.l4_off + L4_SPORT,
             flow.sport_be,
         ),
         (End::Destination, true) => (
-            IP6_DST_OFF,
+            flow.l3_off + IP6_DST_OFF,
             flow.dst_be,
             flow.l4_off + L4_DPORT,
             flow.dport_be,
         ),
         (End::Source, true) => (
-            IP6_SRC_OFF,
+            flow.l3_off + IP6_SRC_OFF,
             flow.src_be,
             flow.l4_off + L4_SPORT,
             flow.sport_be,
@@ -74,7 +74,7 @@ pub fn rewrite<P: Packet>(
         } else {
             let (from, to) = (old_addr.v4_be(), addr_be.v4_be());
             pkt.l4_csum_replace(kind, csum_off, from, to, 4, true)?;
-            pkt.l3_csum_replace4(IP_CSUM_OFF, from, to)?;
+            pkt.l3_csum_replace4(flow.l3_off + IP_CSUM_OFF, from, to)?;
             pkt.store(addr_off, &to)?;
         }
     }

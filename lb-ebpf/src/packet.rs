@@ -36,6 +36,12 @@ pub enum L4Csum {
 
 pub trait Packet {
     fn len(&self) -> u32;
+    /// Where the IP header starts: after the Ethernet header, or at 0 on an
+    /// L3 device (a TUN, WireGuard or IPIP device has no link-layer header).
+    fn l3_off(&self) -> u32;
+    /// The EtherType of the packet (network order), read from the frame on
+    /// Ethernet, from the skb on any device under tc.
+    fn l3_proto_be(&self) -> Result<u16>;
     fn load<T: Copy>(&self, off: u32) -> Result<T>;
     /// `load` for the headers parsing reads (offset below 128): XDP reads
     /// them in place, saving a helper call each.
@@ -83,14 +89,29 @@ pub struct Routed {
     pub v6: bool,
 }
 
-pub struct TcPacket<'a> {
+/// A packet under tc. `ETH`: the device has an Ethernet header (the agent
+/// attaches the `_l3` programs, built with `ETH = false`, to L3 devices).
+pub struct TcPacket<'a, const ETH: bool> {
     pub ctx: &'a TcContext,
+    /// Egress programs must not redirect: the packet is already leaving.
+    pub egress: bool,
 }
 
-impl Packet for TcPacket<'_> {
+impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
     #[inline(always)]
     fn len(&self) -> u32 {
         self.ctx.len()
+    }
+
+    #[inline(always)]
+    fn l3_off(&self) -> u32 {
+        if ETH { crate::parse::ETH_HLEN } else { 0 }
+    }
+
+    #[inline(always)]
+    fn l3_proto_be(&self) -> Result<u16> {
+        // skb->protocol holds the EtherType on every device kind.
+        Ok(unsafe { (*self.ctx.skb.skb).protocol } as u16)
     }
 
     #[inline(always)]
@@ -170,6 +191,9 @@ impl Packet for TcPacket<'_> {
 
     #[inline(always)]
     fn redirect_routed(&self, to: &Routed) -> Option<i32> {
+        if self.egress {
+            return None;
+        }
         const AF_INET: u8 = 2;
         const AF_INET6: u8 = 10;
         // SAFETY: plain data; every field the helper reads is set below.
@@ -241,6 +265,17 @@ impl Packet for XdpPacket<'_> {
     #[inline(always)]
     fn len(&self) -> u32 {
         (self.ctx.data_end() - self.ctx.data()) as u32
+    }
+
+    /// XDP is attached to Ethernet devices only.
+    #[inline(always)]
+    fn l3_off(&self) -> u32 {
+        crate::parse::ETH_HLEN
+    }
+
+    #[inline(always)]
+    fn l3_proto_be(&self) -> Result<u16> {
+        self.load_header::<u16>(12)
     }
 
     #[inline(always)]

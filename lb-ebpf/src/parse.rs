@@ -8,13 +8,13 @@ use crate::packet::Packet;
 pub const ETH_HLEN: u32 = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
-/// Offsets inside the IPv4 header (from the start of the packet).
-pub const IP_CSUM_OFF: u32 = ETH_HLEN + 10;
-pub const IP_SRC_OFF: u32 = ETH_HLEN + 12;
-pub const IP_DST_OFF: u32 = ETH_HLEN + 16;
-/// Offsets inside the IPv6 header (from the start of the packet).
-pub const IP6_SRC_OFF: u32 = ETH_HLEN + 8;
-pub const IP6_DST_OFF: u32 = ETH_HLEN + 24;
+/// Offsets inside the IPv4 header (from the start of the IP header).
+pub const IP_CSUM_OFF: u32 = 10;
+pub const IP_SRC_OFF: u32 = 12;
+pub const IP_DST_OFF: u32 = 16;
+/// Offsets inside the IPv6 header (from the start of the IP header).
+pub const IP6_SRC_OFF: u32 = 8;
+pub const IP6_DST_OFF: u32 = 24;
 pub const IP6_HLEN: u32 = 40;
 /// IPv6 next header: a fragment header.
 const IPPROTO_FRAGMENT: u8 = 44;
@@ -73,13 +73,15 @@ pub struct Flow {
     pub proto: u8,
     /// TCP flag byte (0 for UDP).
     pub tcp_flags: u8,
+    /// Start of the IP header (0 on L3 devices, else after Ethernet).
+    pub l3_off: u32,
     /// Start of the L4 header.
     pub l4_off: u32,
     /// IP header length in bytes (IPv4 with options; 40 for IPv6).
     pub ihl_bytes: u32,
     /// L4 header length in bytes (TCP data offset, 8 for UDP).
     pub l4_hdr_bytes: u32,
-    /// End of the IP datagram (ETH_HLEN + total length), before any padding.
+    /// End of the IP datagram (l3_off + total length), before any padding.
     pub ip_end: u32,
     pub v6: bool,
 }
@@ -89,6 +91,7 @@ pub struct Flow {
 pub struct Echo {
     pub src_be: Addr,
     pub dst_be: Addr,
+    pub l3_off: u32,
     /// Start of the ICMP header.
     pub l4_off: u32,
     pub v6: bool,
@@ -104,16 +107,6 @@ pub enum Parsed {
     Echo(Echo),
     /// Not ours to touch; the stat says why.
     Pass(u32),
-}
-
-/// Ethernet header and the fixed IPv4 header, read in one go (packed: the
-/// IPv4 header starts at byte 14, not at a 4-byte boundary).
-#[repr(C, packed)]
-#[derive(Clone, Copy)]
-struct EthIpv4 {
-    _macs: [u8; 12],
-    proto_be: u16,
-    ip: Ipv4Hdr,
 }
 
 /// The first 14 bytes of a TCP header: ports through the flag byte.
@@ -135,18 +128,9 @@ struct UdpHdr {
     _csum: u16,
 }
 
-/// Ethernet header and the IPv6 header, read in one go.
-#[repr(C, packed)]
-#[derive(Clone, Copy)]
-struct EthIpv6 {
-    _macs: [u8; 12],
-    _proto_be: u16,
-    ip: Ipv6Hdr,
-}
-
 const _: () = {
-    assert!(size_of::<EthIpv4>() == 34);
-    assert!(size_of::<EthIpv6>() == 54);
+    assert!(size_of::<Ipv4Hdr>() == 20);
+    assert!(size_of::<Ipv6Hdr>() == 40);
     assert!(size_of::<TcpHead>() == 14);
     assert!(size_of::<UdpHdr>() == 8);
 };
@@ -169,6 +153,7 @@ pub fn parse_into<P: Packet>(pkt: &P, flow: &mut Flow) -> u32 {
         Parsed::Echo(e) => {
             flow.src_be = e.src_be;
             flow.dst_be = e.dst_be;
+            flow.l3_off = e.l3_off;
             flow.l4_off = e.l4_off;
             flow.v6 = e.v6;
             ECHO
@@ -179,30 +164,27 @@ pub fn parse_into<P: Packet>(pkt: &P, flow: &mut Flow) -> u32 {
 
 #[inline(always)]
 pub fn parse<P: Packet>(pkt: &P) -> Parsed {
-    // One load for Ethernet + IPv4 (each helper call costs), a second for L4.
-    let Ok(head) = pkt.load_header::<EthIpv4>(0) else {
-        // Too short for IPv4 over Ethernet: say what it is, then pass.
-        return match pkt.load::<u16>(12) {
-            Ok(p) if u16::from_be(p) == ETH_P_IP => Parsed::Pass(stat::MALFORMED),
-            Ok(p) if u16::from_be(p) == ETH_P_IPV6 => Parsed::Pass(stat::MALFORMED),
-            Ok(_) => Parsed::Pass(stat::PASS_NOT_IP),
-            Err(_) => Parsed::Pass(stat::MALFORMED),
-        };
+    let l3 = pkt.l3_off();
+    let Ok(proto_be) = pkt.l3_proto_be() else {
+        return Parsed::Pass(stat::MALFORMED);
     };
-    let ethertype = u16::from_be(head.proto_be);
+    let ethertype = u16::from_be(proto_be);
     if ethertype == ETH_P_IPV6 {
-        return parse6(pkt);
+        return parse6(pkt, l3);
     }
     if ethertype != ETH_P_IP {
         return Parsed::Pass(stat::PASS_NOT_IP);
     }
-    let ip = { head.ip };
+    let Ok(ip) = pkt.load_header::<Ipv4Hdr>(l3) else {
+        // Too short for an IPv4 header.
+        return Parsed::Pass(stat::MALFORMED);
+    };
     let ihl_bytes = ((ip.version_ihl & 0x0f) as u32) * 4;
     let tot_len = u16::from_be(ip.tot_len_be) as u32;
     if ip.version_ihl >> 4 != 4 || ihl_bytes < 20 || tot_len < ihl_bytes {
         return Parsed::Pass(stat::MALFORMED);
     }
-    let ip_end = ETH_HLEN + tot_len;
+    let ip_end = l3 + tot_len;
     if ip_end > pkt.len() {
         return Parsed::Pass(stat::MALFORMED);
     }
@@ -210,11 +192,12 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
     if u16::from_be(ip.frag_be) & 0x3fff != 0 {
         return Parsed::Pass(stat::PASS_FRAGMENT);
     }
-    let l4_off = ETH_HLEN + ihl_bytes;
+    let l4_off = l3 + ihl_bytes;
     let ip = Ends {
         src: Addr::v4(ip.src_be),
         dst: Addr::v4(ip.dst_be),
         proto: ip.proto,
+        l3_off: l3,
         ihl_bytes,
         ip_end,
         v6: false,
@@ -230,6 +213,7 @@ struct Ends {
     src: Addr,
     dst: Addr,
     proto: u8,
+    l3_off: u32,
     ihl_bytes: u32,
     ip_end: u32,
     v6: bool,
@@ -238,15 +222,14 @@ struct Ends {
 /// IPv6: the fixed header, then TCP, UDP or an ICMPv6 echo request right
 /// after it. Extension headers (and fragments) are passed untouched.
 #[inline(always)]
-fn parse6<P: Packet>(pkt: &P) -> Parsed {
-    let Ok(head) = pkt.load_header::<EthIpv6>(0) else {
+fn parse6<P: Packet>(pkt: &P, l3: u32) -> Parsed {
+    let Ok(ip) = pkt.load_header::<Ipv6Hdr>(l3) else {
         return Parsed::Pass(stat::MALFORMED);
     };
-    let ip = { head.ip };
     if u32::from_be(ip.vtc_flow_be) >> 28 != 6 {
         return Parsed::Pass(stat::MALFORMED);
     }
-    let ip_end = ETH_HLEN + IP6_HLEN + u16::from_be(ip.payload_len_be) as u32;
+    let ip_end = l3 + IP6_HLEN + u16::from_be(ip.payload_len_be) as u32;
     if ip_end > pkt.len() {
         return Parsed::Pass(stat::MALFORMED);
     }
@@ -259,11 +242,12 @@ fn parse6<P: Packet>(pkt: &P) -> Parsed {
         src: ip.src,
         dst: ip.dst,
         proto: ip.next_header,
+        l3_off: l3,
         ihl_bytes: IP6_HLEN,
         ip_end,
         v6: true,
     };
-    let l4_off = ETH_HLEN + IP6_HLEN;
+    let l4_off = l3 + IP6_HLEN;
     match ip.next_header {
         IPPROTO_FRAGMENT => Parsed::Pass(stat::PASS_FRAGMENT),
         IPPROTO_ICMPV6 => echo(pkt, &ends, l4_off, ICMPV6_ECHO_REQUEST),
@@ -282,6 +266,7 @@ fn echo<P: Packet>(pkt: &P, ip: &Ends, l4_off: u32, request: u8) -> Parsed {
         Ok([kind, 0]) if kind == request => Parsed::Echo(Echo {
             src_be: ip.src,
             dst_be: ip.dst,
+            l3_off: ip.l3_off,
             l4_off,
             v6: ip.v6,
         }),
@@ -331,6 +316,7 @@ fn transport<P: Packet>(pkt: &P, ip: &Ends, l4_off: u32) -> Parsed {
         dport_be: ports.dst_be,
         proto: ip.proto,
         tcp_flags,
+        l3_off: ip.l3_off,
         l4_off,
         ihl_bytes: ip.ihl_bytes,
         l4_hdr_bytes,

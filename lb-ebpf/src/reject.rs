@@ -10,7 +10,7 @@ use crate::{
     csum,
     packet::{L4Csum, Packet, Result},
     parse::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Echo, Flow, ICMP_ECHO_REPLY, ICMPV6_ECHO_REPLY, IP_DST_OFF,
+        ETH_P_IP, ETH_P_IPV6, Echo, Flow, ICMP_ECHO_REPLY, ICMPV6_ECHO_REPLY, IP_DST_OFF,
         IP_SRC_OFF, IP6_DST_OFF, IP6_HLEN, IP6_SRC_OFF, Ipv4Hdr, Ipv6Hdr, TCP_ACK, TCP_FIN,
         TCP_RST, TCP_SYN,
     },
@@ -55,15 +55,27 @@ const MAX_QUOTE_WORDS: u32 = 17;
 /// ICMPv6 quotes the IPv6 header and 8 bytes of L4.
 const QUOTE6_WORDS: u32 = (IP6_HLEN + 8) / 4;
 
-/// Swapped Ethernet header for the answer.
+/// Swapped Ethernet header for the answer (None on an L3 device).
 #[inline(always)]
-fn answer_eth<P: Packet>(pkt: &P, v6: bool) -> Result<EthHdr> {
+fn answer_eth<P: Packet>(pkt: &P, v6: bool) -> Result<Option<EthHdr>> {
+    if pkt.l3_off() == 0 {
+        return Ok(None);
+    }
     let eth: EthHdr = pkt.load(0)?;
-    Ok(EthHdr {
+    Ok(Some(EthHdr {
         dst: eth.src,
         src: eth.dst,
         proto_be: if v6 { ETH_P_IPV6 } else { ETH_P_IP }.to_be(),
-    })
+    }))
+}
+
+/// Write the answer's Ethernet header, if the device has one.
+#[inline(always)]
+fn store_eth<P: Packet>(pkt: &mut P, eth: &Option<EthHdr>) -> Result<()> {
+    match eth {
+        Some(eth) => pkt.store(0, eth),
+        None => Ok(()),
+    }
 }
 
 /// IPv6 header of the answer, from the frontend to the client.
@@ -164,10 +176,11 @@ pub fn tcp_rst<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<()> {
     let tcp = rst_header(pkt, flow, pseudo)?;
     let ip = answer_ip(flow, IPPROTO_TCP, IP_HLEN + TCP_HLEN);
 
-    pkt.truncate(ETH_HLEN + IP_HLEN + TCP_HLEN)?;
-    pkt.store(0, &eth)?;
-    pkt.store(ETH_HLEN, &ip)?;
-    pkt.store(ETH_HLEN + IP_HLEN, &tcp)
+    let l3 = pkt.l3_off();
+    pkt.truncate(l3 + IP_HLEN + TCP_HLEN)?;
+    store_eth(pkt, &eth)?;
+    pkt.store(l3, &ip)?;
+    pkt.store(l3 + IP_HLEN, &tcp)
 }
 
 /// The IPv6 twin of `tcp_rst`.
@@ -178,10 +191,11 @@ pub fn tcp6_rst<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<()> {
     let tcp = rst_header(pkt, flow, pseudo)?;
     let ip = answer_ip6(flow, IPPROTO_TCP, TCP_HLEN);
 
-    pkt.truncate(ETH_HLEN + IP6_HLEN + TCP_HLEN)?;
-    pkt.store(0, &eth)?;
-    pkt.store(ETH_HLEN, &ip)?;
-    pkt.store(ETH_HLEN + IP6_HLEN, &tcp)
+    let l3 = pkt.l3_off();
+    pkt.truncate(l3 + IP6_HLEN + TCP_HLEN)?;
+    store_eth(pkt, &eth)?;
+    pkt.store(l3, &ip)?;
+    pkt.store(l3 + IP6_HLEN, &tcp)
 }
 
 /// Rewrite a UDP packet into ICMP port unreachable quoting its IP header and
@@ -194,7 +208,8 @@ pub fn icmp_port_unreachable<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<()> 
     // The original IP header and L4 start stay where they are, shifted by the
     // new headers in front: [eth][ip][icmp][quoted ip][8 bytes of udp].
     pkt.push_head(extra)?;
-    let quote_off = ETH_HLEN + extra;
+    let l3 = pkt.l3_off();
+    let quote_off = l3 + extra;
     pkt.truncate(quote_off + quote_len)?;
 
     let mut icmp = IcmpHdr {
@@ -216,9 +231,9 @@ pub fn icmp_port_unreachable<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<()> 
     icmp.csum = !csum::fold(sum);
     let ip = answer_ip(flow, IPPROTO_ICMP, extra + quote_len);
 
-    pkt.store(0, &eth)?;
-    pkt.store(ETH_HLEN, &ip)?;
-    pkt.store(ETH_HLEN + IP_HLEN, &icmp)
+    store_eth(pkt, &eth)?;
+    pkt.store(l3, &ip)?;
+    pkt.store(l3 + IP_HLEN, &icmp)
 }
 
 /// Rewrite a UDP packet over IPv6 into ICMPv6 destination unreachable, port
@@ -229,7 +244,8 @@ pub fn icmp6_port_unreachable<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<()>
     let quote_len = IP6_HLEN + 8;
     let extra = IP6_HLEN + ICMP_HLEN;
     pkt.push_head(extra)?;
-    let quote_off = ETH_HLEN + extra;
+    let l3 = pkt.l3_off();
+    let quote_off = l3 + extra;
     pkt.truncate(quote_off + quote_len)?;
 
     let mut icmp = IcmpHdr {
@@ -248,9 +264,9 @@ pub fn icmp6_port_unreachable<P: Packet>(pkt: &mut P, flow: &Flow) -> Result<()>
     icmp.csum = !csum::fold(sum);
     let ip = answer_ip6(flow, IPPROTO_ICMPV6, icmp_len);
 
-    pkt.store(0, &eth)?;
-    pkt.store(ETH_HLEN, &ip)?;
-    pkt.store(ETH_HLEN + IP6_HLEN, &icmp)
+    store_eth(pkt, &eth)?;
+    pkt.store(l3, &ip)?;
+    pkt.store(l3 + IP6_HLEN, &icmp)
 }
 
 /// Rewrite an echo request into its reply: ICMP type 0 (RFC 792) or ICMPv6
@@ -276,12 +292,13 @@ pub fn echo_reply<P: Packet>(pkt: &mut P, echo: &Echo) -> Result<()> {
         false,
     )?;
     pkt.store(echo.l4_off, &new_type_code)?;
+    let l3 = echo.l3_off;
     if echo.v6 {
-        pkt.store(IP6_SRC_OFF, &echo.dst_be)?;
-        pkt.store(IP6_DST_OFF, &echo.src_be)?;
+        pkt.store(l3 + IP6_SRC_OFF, &echo.dst_be)?;
+        pkt.store(l3 + IP6_DST_OFF, &echo.src_be)?;
     } else {
-        pkt.store(IP_SRC_OFF, &echo.dst_be.v4_be())?;
-        pkt.store(IP_DST_OFF, &echo.src_be.v4_be())?;
+        pkt.store(l3 + IP_SRC_OFF, &echo.dst_be.v4_be())?;
+        pkt.store(l3 + IP_DST_OFF, &echo.src_be.v4_be())?;
     }
-    pkt.store(0, &eth)
+    store_eth(pkt, &eth)
 }

@@ -33,11 +33,26 @@ pub enum Prog {
     TcNode,
     /// Node devices under XDP.
     XdpNode,
+    /// Replies only, on the ingress of any other device (a second NIC, an overlay).
+    TcReply,
+    /// Replies only, on a pod device's egress (into the client pod).
+    TcToPod,
 }
 
 pub const BOTH: &[Prog] = &[Prog::Tc, Prog::Xdp];
 /// The node-device programs.
 pub const NODE: &[Prog] = &[Prog::TcNode, Prog::XdpNode];
+/// The reply-only programs (other devices' ingress, pod devices' egress).
+pub const REPLY_ONLY: &[Prog] = &[Prog::TcReply, Prog::TcToPod];
+/// Every program.
+pub const ALL: &[Prog] = &[
+    Prog::Tc,
+    Prog::Xdp,
+    Prog::TcNode,
+    Prog::XdpNode,
+    Prog::TcReply,
+    Prog::TcToPod,
+];
 
 /// What the program decided, normalised across tc and XDP return codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,15 +70,21 @@ impl Prog {
             Prog::Xdp => program_names::XDP,
             Prog::TcNode => program_names::TC_NODE,
             Prog::XdpNode => program_names::XDP_NODE,
+            Prog::TcReply => program_names::TC_REPLY,
+            Prog::TcToPod => program_names::TC_TO_POD,
         }
     }
 
+    fn is_tc(self) -> bool {
+        !matches!(self, Prog::Xdp | Prog::XdpNode)
+    }
+
     fn verdict(self, code: u32) -> Verdict {
-        match (self, code) {
-            (Prog::Tc | Prog::TcNode, 0) | (Prog::Xdp | Prog::XdpNode, 2) => Verdict::Pass,
-            (Prog::Tc | Prog::TcNode, 2) | (Prog::Xdp | Prog::XdpNode, 1) => Verdict::Drop,
-            (Prog::Tc | Prog::TcNode, 7) | (Prog::Xdp | Prog::XdpNode, 3) => Verdict::Bounce,
-            (prog, code) => panic!("{prog:?} returned unexpected code {code}"),
+        match (self.is_tc(), code) {
+            (true, 0) | (false, 2) => Verdict::Pass,
+            (true, 2) | (false, 1) => Verdict::Drop,
+            (true, 7) | (false, 3) => Verdict::Bounce,
+            (_, code) => panic!("{self:?} returned unexpected code {code}"),
         }
     }
 }
@@ -302,6 +323,15 @@ impl Datapath {
 
     /// With room for `services` slots and `backends` backends (benchmarks).
     pub fn load_sized(services: u32, backends: u32) -> Self {
+        Self::load_programs(services, backends, ALL)
+    }
+
+    /// Only `programs` loaded (each costs its verification time).
+    pub fn load_for(programs: &[Prog]) -> Self {
+        Self::load_programs(4096, 4096, programs)
+    }
+
+    fn load_programs(services: u32, backends: u32, programs: &[Prog]) -> Self {
         crate::require_root();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(map_names::CT, services.max(4096))
@@ -311,7 +341,8 @@ impl Datapath {
             .map_max_entries(map_names::MAGLEV, 65536)
             .load(lb_agent::EBPF_OBJECT)
             .expect("load lb eBPF object");
-        for name in [program_names::TC_INGRESS, program_names::TC_NODE] {
+        for prog in programs.iter().filter(|p| p.is_tc()) {
+            let name = prog.program_name();
             let tc: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .unwrap_or_else(|| panic!("{name} in object"))
@@ -320,7 +351,8 @@ impl Datapath {
             tc.load()
                 .unwrap_or_else(|e| panic!("verifier accepts {name}: {e}"));
         }
-        for name in [program_names::XDP, program_names::XDP_NODE] {
+        for prog in programs.iter().filter(|p| !p.is_tc()) {
+            let name = prog.program_name();
             let xdp: &mut Xdp = ebpf
                 .program_mut(name)
                 .unwrap_or_else(|| panic!("{name} in object"))
@@ -700,8 +732,8 @@ impl Datapath {
             ..TestRunOptions::default()
         };
         let name = prog.program_name();
-        let result = match prog {
-            Prog::Tc | Prog::TcNode => {
+        let result = match prog.is_tc() {
+            true => {
                 let p: &SchedClassifier = self
                     .ebpf
                     .program(name)
@@ -710,7 +742,7 @@ impl Datapath {
                     .expect("classifier");
                 p.test_run(opts)
             }
-            Prog::Xdp | Prog::XdpNode => {
+            false => {
                 let p: &Xdp = self
                     .ebpf
                     .program(name)
@@ -765,6 +797,14 @@ pub enum Step {
         frame: Vec<u8>,
         expect: Expect,
     },
+    /// A frame through another program than the case's (the same maps):
+    /// a flow's forward packet on the pod program, its reply on the one
+    /// under test.
+    SendOn {
+        prog: Prog,
+        frame: Vec<u8>,
+        expect: Expect,
+    },
     Change(Box<dyn Fn(&mut Datapath)>),
     /// Counters (by `stat` index) that must have these totals now.
     Stats(Vec<(u32, u64)>),
@@ -772,6 +812,14 @@ pub enum Step {
 
 pub fn send(frame: Vec<u8>, expect: Expect) -> Step {
     Step::Send { frame, expect }
+}
+
+pub fn send_on(prog: Prog, frame: Vec<u8>, expect: Expect) -> Step {
+    Step::SendOn {
+        prog,
+        frame,
+        expect,
+    }
 }
 
 pub fn change(f: impl Fn(&mut Datapath) + 'static) -> Step {
@@ -821,8 +869,17 @@ const IMPOSSIBLE: &[u32] = &[
 /// Run a case on each of its programs with fresh maps; panics naming the
 /// case, program and step on the first mismatch.
 pub fn run_case(case: Case) {
+    // Only the programs the case runs are loaded: verifying each takes time.
+    let mut used: Vec<Prog> = case.programs.to_vec();
+    for step in &case.steps {
+        if let Step::SendOn { prog, .. } = step
+            && !used.contains(prog)
+        {
+            used.push(*prog);
+        }
+    }
     for &prog in case.programs {
-        let mut dp = Datapath::load();
+        let mut dp = Datapath::load_for(&used);
         (case.setup)(&mut dp);
         let mut chosen: Vec<Option<Ep>> = Vec::new();
         for (i, step) in case.steps.iter().enumerate() {
@@ -830,6 +887,15 @@ pub fn run_case(case: Case) {
             match step {
                 Step::Send { frame, expect } => {
                     let (verdict, out) = dp.run(prog, frame);
+                    chosen.push(check(&ctx, frame, verdict, &out, expect, &chosen));
+                }
+                Step::SendOn {
+                    prog: other,
+                    frame,
+                    expect,
+                } => {
+                    let ctx = format!("{ctx} (on {other:?})");
+                    let (verdict, out) = dp.run(*other, frame);
                     chosen.push(check(&ctx, frame, verdict, &out, expect, &chosen));
                 }
                 Step::Change(f) => {

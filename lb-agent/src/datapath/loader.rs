@@ -68,41 +68,183 @@ pub enum LoadError {
     },
 }
 
-/// Which program a device runs, and the prefix of its link pin.
+/// One program attached to a device, and the prefix of its link pin.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attachment {
-    /// Pod device: lb_tc_ingress.
+    /// Pod device ingress: lb_tc_ingress.
     PodTc,
+    /// Pod device egress: lb_tc_to_pod (replies into the client pod).
+    PodEgress,
     /// Node device: lb_tc_node.
     NodeTc,
+    /// Node device without an Ethernet header: lb_tc_node_l3.
+    NodeTcL3,
     /// Node device: lb_xdp_node.
     NodeXdp,
+    /// Any other device's ingress: lb_tc_reply (replies only).
+    ReplyTc,
+    /// The same on a device without an Ethernet header: lb_tc_reply_l3.
+    ReplyTcL3,
 }
 
 impl Attachment {
-    const ALL: [Attachment; 3] = [Attachment::PodTc, Attachment::NodeTc, Attachment::NodeXdp];
+    const ALL: [Attachment; 7] = [
+        Attachment::PodTc,
+        Attachment::PodEgress,
+        Attachment::NodeTc,
+        Attachment::NodeTcL3,
+        Attachment::NodeXdp,
+        Attachment::ReplyTc,
+        Attachment::ReplyTcL3,
+    ];
+
+    /// The tc programs, loaded at start.
+    const TC: [Attachment; 6] = [
+        Attachment::PodTc,
+        Attachment::PodEgress,
+        Attachment::NodeTc,
+        Attachment::NodeTcL3,
+        Attachment::ReplyTc,
+        Attachment::ReplyTcL3,
+    ];
 
     fn pin_prefix(self) -> &'static str {
         match self {
             Attachment::PodTc => "tc",
+            Attachment::PodEgress => "tce",
             Attachment::NodeTc => "tcn",
+            Attachment::NodeTcL3 => "tcn3",
             Attachment::NodeXdp => "xdp",
+            Attachment::ReplyTc => "tcr",
+            Attachment::ReplyTcL3 => "tcr3",
         }
     }
 
     fn program(self) -> &'static str {
         match self {
             Attachment::PodTc => program_names::TC_INGRESS,
+            Attachment::PodEgress => program_names::TC_TO_POD,
             Attachment::NodeTc => program_names::TC_NODE,
+            Attachment::NodeTcL3 => program_names::TC_NODE_L3,
             Attachment::NodeXdp => program_names::XDP_NODE,
+            Attachment::ReplyTc => program_names::TC_REPLY,
+            Attachment::ReplyTcL3 => program_names::TC_REPLY_L3,
         }
     }
+
+    fn tc_direction(self) -> TcAttachType {
+        match self {
+            Attachment::PodEgress => TcAttachType::Egress,
+            _ => TcAttachType::Ingress,
+        }
+    }
+}
+
+/// What a device's link layer is, as far as our programs care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    /// An Ethernet header precedes IP (veth, NICs, bridges, VXLAN, Geneve).
+    Ethernet,
+    /// IP starts the packet (TUN, WireGuard, IPIP, GRE, SIT).
+    L3,
+    /// Loopback: nothing of ours passes there.
+    Loopback,
+    /// A link type whose header we cannot parse (InfiniBand, CAN ...).
+    Other(u16),
+}
+
+/// ARPHRD_* values (linux/if_arp.h) of the devices we attach to.
+const ARPHRD_ETHER: u16 = 1;
+const ARPHRD_LOOPBACK: u16 = 772;
+const ARPHRD_L3: [u16; 8] = [
+    0xfffe, // NONE: TUN, WireGuard
+    768,    // TUNNEL: IPIP
+    769,    // TUNNEL6: ip6tnl
+    776,    // SIT
+    778,    // IPGRE
+    823,    // IP6GRE
+    519,    // RAWIP
+    0xffff, // VOID
+];
+
+impl LinkKind {
+    fn from_arphrd(kind: u16) -> LinkKind {
+        match kind {
+            ARPHRD_ETHER => LinkKind::Ethernet,
+            ARPHRD_LOOPBACK => LinkKind::Loopback,
+            k if ARPHRD_L3.contains(&k) => LinkKind::L3,
+            k => LinkKind::Other(k),
+        }
+    }
+}
+
+/// The link type of `device` in the current network namespace (the
+/// SIOCGIFHWADDR family; /sys/class/net may belong to another namespace).
+pub fn link_kind(device: &str) -> std::io::Result<LinkKind> {
+    let name = std::ffi::CString::new(device).map_err(std::io::Error::other)?;
+    if name.as_bytes_with_nul().len() > libc::IFNAMSIZ {
+        return Err(std::io::Error::other("device name too long"));
+    }
+    // SAFETY: a plain socket and ioctl on a zeroed ifreq we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in name.as_bytes().iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        let ret = libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if ret != 0 {
+            return Err(err);
+        }
+        Ok(LinkKind::from_arphrd(
+            req.ifr_ifru.ifru_hwaddr.sa_family as u16,
+        ))
+    }
+}
+
+/// The programs a device gets: node devices the node program (tc on a
+/// device without Ethernet, where XDP would not find one), pod devices the
+/// pod program both ways, every other device the reply program, so a reply
+/// is restored whichever device brings it (a second NIC, an overlay, a
+/// tunnel). None: leave the device alone.
+pub fn attachments_for(
+    name: &str,
+    link: LinkKind,
+    pod_globs: &[String],
+    devices: &[String],
+    mode: DeviceMode,
+) -> Option<Vec<Attachment>> {
+    let l3 = match link {
+        LinkKind::Ethernet => false,
+        LinkKind::L3 => true,
+        LinkKind::Loopback | LinkKind::Other(_) => return None,
+    };
+    if devices.iter().any(|d| d == name) {
+        return Some(vec![match (l3, mode) {
+            (true, _) => Attachment::NodeTcL3,
+            (false, DeviceMode::Xdp | DeviceMode::XdpGeneric) => Attachment::NodeXdp,
+            (false, DeviceMode::Tc) => Attachment::NodeTc,
+        }]);
+    }
+    if !l3 && pod_globs.iter().any(|g| glob_match(g, name)) {
+        return Some(vec![Attachment::PodTc, Attachment::PodEgress]);
+    }
+    Some(vec![if l3 {
+        Attachment::ReplyTcL3
+    } else {
+        Attachment::ReplyTc
+    }])
 }
 
 /// Attached devices, by ifindex.
 struct Attached {
     name: String,
-    kind: Attachment,
+    kinds: Vec<Attachment>,
 }
 
 pub struct Datapath {
@@ -415,7 +557,7 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
-        for name in [program_names::TC_INGRESS, program_names::TC_NODE] {
+        for name in Attachment::TC.map(Attachment::program) {
             let prog_err = |source| LoadError::Program { name, source };
             let tc: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -460,9 +602,10 @@ impl Datapath {
             .join(format!("{}-{ifindex}-{name}", kind.pin_prefix()))
     }
 
-    /// Attach the node program to every device in `devices` and the pod
-    /// program to every other device matching `pod_globs`, where not attached
-    /// yet, and forget devices that went away. Returns the devices newly attached.
+    /// Attach to every device of the namespace what `attachments_for` says
+    /// (node program to `devices`, pod programs to devices matching
+    /// `pod_globs`, the reply program to the rest), where not attached yet,
+    /// and forget devices that went away. Returns the devices newly attached.
     pub fn attach_matching(
         &mut self,
         pod_globs: &[String],
@@ -477,58 +620,80 @@ impl Datapath {
 
         let mut newly = Vec::new();
         for (ifindex, name) in &current {
-            let kind = if devices.contains(name) {
-                match mode {
-                    DeviceMode::Xdp | DeviceMode::XdpGeneric => Attachment::NodeXdp,
-                    DeviceMode::Tc => Attachment::NodeTc,
-                }
-            } else if pod_globs.iter().any(|g| glob_match(g, name)) {
-                Attachment::PodTc
-            } else {
-                continue;
-            };
             if self.attached.contains_key(ifindex) {
                 continue;
             }
-            let result = match kind {
-                Attachment::NodeXdp => {
-                    match self.attach_xdp(*ifindex, name, mode == DeviceMode::Xdp) {
-                        Ok(how) => Ok((kind, how)),
-                        Err(e) => {
-                            warn!(device = %name, error = %e, "XDP unavailable on this device; using the tc program");
-                            self.attach_tc(Attachment::NodeTc, *ifindex, name)
-                                .map(|how| (Attachment::NodeTc, how))
-                        }
-                    }
-                }
-                _ => self.attach_tc(kind, *ifindex, name).map(|how| (kind, how)),
-            };
-            match result {
-                Ok((kind, how)) => {
-                    info!(device = %name, ifindex, program = kind.program(), how, "program attached");
-                    accept_local(name);
-                    // Make before break: a program of another kind from an
-                    // earlier run goes only now.
-                    for other in Attachment::ALL {
-                        let pin = self.link_pin(other, *ifindex, name);
-                        if other != kind && pin.exists() {
-                            info!(pin = %pin.display(), "detaching the previous program");
-                            let _ = fs::remove_file(&pin);
-                        }
-                    }
-                    self.attached.insert(
-                        *ifindex,
-                        Attached {
-                            name: name.clone(),
-                            kind,
-                        },
-                    );
-                    newly.push(name.clone());
-                }
+            let link = match link_kind(name) {
+                Ok(link) => link,
+                // Gone meanwhile, most likely: the next round sees.
                 Err(e) => {
-                    warn!(device = %name, error = %e, "attaching program failed; will retry")
+                    warn!(device = %name, error = %e, "cannot read the device's link type; will retry");
+                    continue;
+                }
+            };
+            let Some(wanted) = attachments_for(name, link, pod_globs, devices, mode) else {
+                if let LinkKind::Other(kind) = link {
+                    warn!(device = %name, link_type = kind, "device has a link layer lb cannot parse; not attached");
+                }
+                // Remembered, so it is looked at once.
+                self.attached.insert(
+                    *ifindex,
+                    Attached {
+                        name: name.clone(),
+                        kinds: Vec::new(),
+                    },
+                );
+                continue;
+            };
+            let mut kinds = Vec::new();
+            let mut failed = false;
+            for kind in wanted {
+                let result = match kind {
+                    Attachment::NodeXdp => {
+                        match self.attach_xdp(*ifindex, name, mode == DeviceMode::Xdp) {
+                            Ok(how) => Ok((kind, how)),
+                            Err(e) => {
+                                warn!(device = %name, error = %e, "XDP unavailable on this device; using the tc program");
+                                self.attach_tc(Attachment::NodeTc, *ifindex, name)
+                                    .map(|how| (Attachment::NodeTc, how))
+                            }
+                        }
+                    }
+                    _ => self.attach_tc(kind, *ifindex, name).map(|how| (kind, how)),
+                };
+                match result {
+                    Ok((kind, how)) => {
+                        info!(device = %name, ifindex, program = kind.program(), how, "program attached");
+                        kinds.push(kind);
+                    }
+                    Err(e) => {
+                        warn!(device = %name, error = %e, "attaching program failed; will retry");
+                        failed = true;
+                    }
                 }
             }
+            if failed {
+                // Whatever did attach is pinned; the next round adopts it.
+                continue;
+            }
+            accept_local(name);
+            // Make before break: programs of other kinds from an earlier run
+            // go only now.
+            for other in Attachment::ALL {
+                let pin = self.link_pin(other, *ifindex, name);
+                if !kinds.contains(&other) && pin.exists() {
+                    info!(pin = %pin.display(), "detaching the previous program");
+                    let _ = fs::remove_file(&pin);
+                }
+            }
+            self.attached.insert(
+                *ifindex,
+                Attached {
+                    name: name.clone(),
+                    kinds,
+                },
+            );
+            newly.push(name.clone());
         }
         newly
     }
@@ -562,7 +727,7 @@ impl Datapath {
         let id = tc
             .attach_with_options(
                 name,
-                TcAttachType::Ingress,
+                kind.tc_direction(),
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
             .map_err(prog_err)?;
@@ -698,18 +863,72 @@ impl Datapath {
         }
     }
 
-    /// Attached devices and the program each runs.
+    /// Attached devices and the programs each runs.
     pub fn attached_devices(&self) -> Vec<(String, &'static str)> {
         self.attached
             .values()
-            .map(|a| (a.name.clone(), a.kind.program()))
+            .flat_map(|a| a.kinds.iter().map(|k| (a.name.clone(), k.program())))
             .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use super::{Attachment, LinkKind, attachments_for, glob_match};
+    use crate::config::DeviceMode;
+
+    #[test]
+    fn programs_per_device() {
+        use Attachment::*;
+        let pods = ["veth*".to_string()];
+        let devices = ["eth0".to_string(), "tun0".to_string()];
+        let cases = [
+            (
+                "eth0",
+                LinkKind::Ethernet,
+                DeviceMode::Xdp,
+                Some(vec![NodeXdp]),
+            ),
+            (
+                "eth0",
+                LinkKind::Ethernet,
+                DeviceMode::Tc,
+                Some(vec![NodeTc]),
+            ),
+            // No Ethernet header: XDP would not find one, tc runs the L3 build.
+            ("tun0", LinkKind::L3, DeviceMode::Xdp, Some(vec![NodeTcL3])),
+            (
+                "veth1",
+                LinkKind::Ethernet,
+                DeviceMode::Xdp,
+                Some(vec![PodTc, PodEgress]),
+            ),
+            // Everything else restores replies, whatever brought them.
+            (
+                "eth1",
+                LinkKind::Ethernet,
+                DeviceMode::Xdp,
+                Some(vec![ReplyTc]),
+            ),
+            (
+                "vxlan.calico",
+                LinkKind::Ethernet,
+                DeviceMode::Tc,
+                Some(vec![ReplyTc]),
+            ),
+            ("wg0", LinkKind::L3, DeviceMode::Xdp, Some(vec![ReplyTcL3])),
+            ("lo", LinkKind::Loopback, DeviceMode::Xdp, None),
+            ("ib0", LinkKind::Other(32), DeviceMode::Xdp, None),
+            ("eth0", LinkKind::Loopback, DeviceMode::Tc, None),
+        ];
+        for (name, link, mode, want) in cases {
+            assert_eq!(
+                attachments_for(name, link, &pods, &devices, mode),
+                want,
+                "{name} ({link:?}, {mode:?})"
+            );
+        }
+    }
 
     #[test]
     fn globs() {
