@@ -24,6 +24,7 @@ fn a_recreated_pod_device_gets_the_program_again() {
 
     // The client pod's device goes away (pod deleted) and a new one with the
     // same address comes up, on a new device.
+    let old_dev = client.host_dev.clone();
     c.topo.delete_device(&client).expect("delete device");
     let _ = c.topo.exec(&c.topo.node_ns, &["true"]);
     std::process::Command::new("ip")
@@ -48,10 +49,22 @@ fn a_recreated_pod_device_gets_the_program_again() {
             .filter(|name| name != "cgroup")
             .collect::<Vec<String>>()
     };
+    // Two live pod devices, each with its ingress (tc-) and egress (tce-) link.
+    let pod_pins = || {
+        let mut pins: Vec<String> = device_pins()
+            .into_iter()
+            .filter(|name| name.starts_with("tc-") || name.starts_with("tce-"))
+            .collect();
+        pins.sort();
+        pins
+    };
     wait_until(
-        "the dead device's pin is removed",
+        "the dead device's pins are removed",
         Duration::from_secs(2),
-        || device_pins().len() == 2,
+        || {
+            let pins = pod_pins();
+            pins.len() == 4 && !pins.iter().any(|p| p.ends_with(&old_dev))
+        },
     );
 }
 
