@@ -593,8 +593,12 @@ pub mod stat {
     /// to two Services sharing a backend ip:port): given another source
     /// port, as netfilter does.
     pub const PORT_REMAPPED: u32 = 34;
+    /// ICMP / ICMPv6 error about a translated flow (port unreachable,
+    /// fragmentation needed, packet too big, time exceeded ...) translated
+    /// back to what its receiver sent.
+    pub const ICMP_ERROR_TRANSLATED: u32 = 35;
     /// Number of counters in use.
-    pub const COUNT: u32 = 35;
+    pub const COUNT: u32 = 36;
     /// Size of the stats array (room to grow without a layout change).
     pub const CAPACITY: u32 = 48;
 
@@ -635,6 +639,7 @@ pub mod stat {
         "sock_refused",
         "sock_rev_translated",
         "port_remapped",
+        "icmp_error_translated",
     ];
 }
 

@@ -13,6 +13,7 @@ use lb_common::{
 
 use crate::{
     ct::{self, CreateError, Nat, NewFlow},
+    icmp_error,
     maps::{LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_SERVICES, LB_SOURCE_RANGES, count},
     nat::{self, End},
     packet::{Packet, Routed},
@@ -77,6 +78,9 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
             count(stat::PASS_OTHER_PROTO);
             return pkt.pass();
         }
+        // Errors about replies travel towards backends: only where a flow's
+        // forward packets arrive.
+        parse::ICMP_ERROR => return icmp_error::translate(pkt, &flow, origin != Origin::Reply),
         reason => {
             count(reason);
             return pkt.pass();
@@ -521,6 +525,7 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, to: &Rewrite) -> i32 {
                     dport_be: dst.1,
                     proto: flow.proto,
                     v6: flow.v6,
+                    tot_len: (flow.ip_end - flow.l3_off) as u16,
                 };
                 if let Some(redirected) = pkt.redirect_routed(&routed) {
                     count(stat::REDIRECTED);

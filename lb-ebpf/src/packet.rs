@@ -87,6 +87,8 @@ pub struct Routed {
     pub dport_be: u16,
     pub proto: u8,
     pub v6: bool,
+    /// IP datagram length: the FIB checks it against the route's MTU.
+    pub tot_len: u16,
 }
 
 /// A packet under tc. `ETH`: the device has an Ethernet header (the agent
@@ -191,7 +193,10 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
 
     #[inline(always)]
     fn redirect_routed(&self, to: &Routed) -> Option<i32> {
-        if self.egress {
+        // Egress: the packet is already leaving. No Ethernet header: the
+        // kernel's redirect_neigh drops a packet without one (it pulls the
+        // MAC header it expects); the stack routes it instead.
+        if self.egress || !ETH {
             return None;
         }
         const AF_INET: u8 = 2;
@@ -202,6 +207,9 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
         fib.sport = to.sport_be;
         fib.dport = to.dport_be;
         fib.ifindex = unsafe { (*self.ctx.skb.skb).ifindex };
+        // Too big for the egress MTU: the stack forwards it instead and sends
+        // the sender "fragmentation needed" / "packet too big" (PMTU).
+        fib.__bindgen_anon_1.tot_len = to.tot_len;
         if to.v6 {
             fib.family = AF_INET6;
             fib.__bindgen_anon_3.ipv6_src = to.src_be.be;
@@ -219,7 +227,8 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
                 0,
             )
         };
-        // Forwarded routes only; anything local or unroutable goes up the stack.
+        // Forwarded routes only; anything local, unroutable or too big for
+        // the route's MTU (BPF_FIB_LKUP_RET_FRAG_NEEDED) goes up the stack.
         if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 && ret != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
             return None;
         }

@@ -105,6 +105,10 @@ pub const ICMPV6_ECHO_REPLY: u8 = 129;
 pub enum Parsed {
     Flow(Flow),
     Echo(Echo),
+    /// An ICMP / ICMPv6 error: the outer addresses, `l3_off`, `l4_off` (the
+    /// ICMP header), `ip_end`, `proto` and `v6` set; the quoted packet is
+    /// parsed by its translation (`icmp_error.rs`).
+    IcmpError(Flow),
     /// Not ours to touch; the stat says why.
     Pass(u32),
 }
@@ -138,6 +142,7 @@ const _: () = {
 /// `parse_into`'s answers besides a stat index (which are small).
 pub const FLOW: u32 = u32::MAX;
 pub const ECHO: u32 = u32::MAX - 1;
+pub const ICMP_ERROR: u32 = u32::MAX - 2;
 
 /// Parse into `flow` (returns FLOW), or an echo request into `flow`'s
 /// addresses, `l4_off` and `v6` (returns ECHO), or return the stat that says
@@ -157,6 +162,10 @@ pub fn parse_into<P: Packet>(pkt: &P, flow: &mut Flow) -> u32 {
             flow.l4_off = e.l4_off;
             flow.v6 = e.v6;
             ECHO
+        }
+        Parsed::IcmpError(f) => {
+            *flow = f;
+            ICMP_ERROR
         }
         Parsed::Pass(reason) => reason,
     }
@@ -255,8 +264,22 @@ fn parse6<P: Packet>(pkt: &P, l3: u32) -> Parsed {
     }
 }
 
+/// ICMPv4 errors netfilter relates to a connection (destination
+/// unreachable: port unreachable, fragmentation needed ...; time exceeded;
+/// parameter problem), and the ICMPv6 ones (RFC 4443: destination
+/// unreachable, packet too big, time exceeded, parameter problem).
+#[inline(always)]
+fn is_icmp_error(kind: u8, v6: bool) -> bool {
+    if v6 {
+        matches!(kind, 1..=4)
+    } else {
+        matches!(kind, 3 | 11 | 12)
+    }
+}
+
 /// An echo request (`request` is the family's type) is ours to answer for
-/// Service addresses; any other ICMP passes.
+/// Service addresses, an error may concern a translated flow; any other
+/// ICMP passes.
 #[inline(always)]
 fn echo<P: Packet>(pkt: &P, ip: &Ends, l4_off: u32, request: u8) -> Parsed {
     if l4_off + 8 > ip.ip_end {
@@ -269,6 +292,17 @@ fn echo<P: Packet>(pkt: &P, ip: &Ends, l4_off: u32, request: u8) -> Parsed {
             l3_off: ip.l3_off,
             l4_off,
             v6: ip.v6,
+        }),
+        Ok([kind, _]) if is_icmp_error(kind, ip.v6) => Parsed::IcmpError(Flow {
+            src_be: ip.src,
+            dst_be: ip.dst,
+            proto: ip.proto,
+            l3_off: ip.l3_off,
+            l4_off,
+            ihl_bytes: ip.ihl_bytes,
+            ip_end: ip.ip_end,
+            v6: ip.v6,
+            ..Flow::default()
         }),
         _ => Parsed::Pass(stat::PASS_OTHER_PROTO),
     }

@@ -21,6 +21,7 @@ pub mod soak;
 pub const SERVER_PY: &str = include_str!("../assets/server.py");
 pub const UDP_CLIENT_PY: &str = include_str!("../assets/udp_client.py");
 pub const SOCK_PROBE_PY: &str = include_str!("../assets/sock_probe.py");
+pub const TUN_RELAY_PY: &str = include_str!("../assets/tun_relay.py");
 
 /// Every name this crate creates starts with this.
 pub const PREFIX: &str = "lbt";
@@ -137,6 +138,7 @@ impl Topology {
         fs::write(dir.join("server.py"), SERVER_PY).map_err(|e| e.to_string())?;
         fs::write(dir.join("udp_client.py"), UDP_CLIENT_PY).map_err(|e| e.to_string())?;
         fs::write(dir.join("sock_probe.py"), SOCK_PROBE_PY).map_err(|e| e.to_string())?;
+        fs::write(dir.join("tun_relay.py"), TUN_RELAY_PY).map_err(|e| e.to_string())?;
         let bpffs = dir.join("bpffs");
         fs::create_dir_all(&bpffs).map_err(|e| format!("{}: {e}", bpffs.display()))?;
         run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpffs))?;
@@ -344,15 +346,35 @@ impl Topology {
         program: &Path,
         args: &[String],
     ) -> Result<(), String> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &pod.ns])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &pod.ns]).arg(program).args(args);
+        self.start_ready(label, &pod.name, cmd)
+    }
+
+    /// Run `program` in the node namespace (`nsenter --net`) and wait for
+    /// its first stdout line to be "ready".
+    pub fn start_in_node(
+        &mut self,
+        label: &str,
+        program: &Path,
+        args: &[String],
+    ) -> Result<(), String> {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.node_ns))
             .arg(program)
-            .args(args)
+            .args(args);
+        let node = self.node_ns.clone();
+        self.start_ready(label, &node, cmd)
+    }
+
+    /// Spawn `cmd`, wait for "ready" on its stdout, keep it until drop.
+    fn start_ready(&mut self, label: &str, place: &str, mut cmd: Command) -> Result<(), String> {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .map_err(|e| format!("start {label} in {}: {e}", pod.name))?;
+            .map_err(|e| format!("start {label} in {place}: {e}"))?;
         let stdout = child.stdout.take().ok_or("server stdout")?;
         let mut line = String::new();
         BufReader::new(stdout)
@@ -360,7 +382,8 @@ impl Topology {
             .map_err(|e| e.to_string())?;
         if line.trim() != "ready" {
             let _ = child.kill();
-            return Err(format!("{label} in {} did not start: {line:?}", pod.name));
+            let _ = child.wait();
+            return Err(format!("{label} in {place} did not start: {line:?}"));
         }
         self.children.push((label.into(), child));
         Ok(())
@@ -510,6 +533,54 @@ impl Topology {
     /// A route in the node namespace (`ip route add DEST via GATEWAY`).
     pub fn route(&self, dest: &str, via: &str) -> Result<(), String> {
         ip(&["-n", &self.node_ns, "route", "add", dest, "via", via])
+    }
+
+    /// `ip -n <node namespace> ARGS`.
+    pub fn node_ip(&self, args: &[&str]) -> Result<(), String> {
+        let mut all = vec!["-n", self.node_ns.as_str()];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// Turn transmit checksum offload off on a device of the node namespace
+    /// (so checksum bugs are not hidden).
+    pub fn tx_off(&self, dev: &str) -> Result<(), String> {
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.node_ns,
+            "ethtool",
+            "-K",
+            dev,
+            "tx",
+            "off",
+        ]))
+        .map(|_| ())
+    }
+
+    /// A veth straight from this node namespace (`dev`) to `other`'s (`peer`
+    /// there), both ends up with transmit checksum offload off: a second
+    /// NIC cabled between two nodes. It goes with either namespace.
+    pub fn wire(&self, dev: &str, other: &Topology, peer: &str) -> Result<(), String> {
+        ip(&[
+            "-n",
+            &self.node_ns,
+            "link",
+            "add",
+            dev,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "netns",
+            &other.node_ns,
+        ])?;
+        for (topo, d) in [(self, dev), (other, peer)] {
+            topo.tx_off(d)?;
+            topo.node_ip(&["link", "set", d, "up"])?;
+        }
+        Ok(())
     }
 
     /// One ping from a namespace: whether an echo reply came back within a second.

@@ -188,6 +188,39 @@ pub fn udp(src: Ep, dst: Ep, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// An ICMP (IPv4) or ICMPv6 error of `kind`/`code` from `src` to `dst`
+/// quoting the IP packet of `quoted` (a frame from these builders; cut to
+/// `quote_len` bytes of IP packet if given, as a router quoting 8 bytes of
+/// L4 would). `rest` is the header's second word (MTU for "fragmentation
+/// needed" and "packet too big").
+pub fn icmp_error(
+    src: IpAddr,
+    dst: IpAddr,
+    kind: u8,
+    code: u8,
+    rest: [u8; 4],
+    quoted: &[u8],
+    quote_len: Option<usize>,
+) -> Vec<u8> {
+    let mut quote = quoted[14..].to_vec();
+    if let Some(len) = quote_len {
+        quote.truncate(len);
+    }
+    let b = ip_layer(src, dst);
+    let mut out = Vec::new();
+    match src {
+        IpAddr::V4(_) => b
+            .icmpv4_raw(kind, code, rest)
+            .write(&mut out, &quote)
+            .expect("build icmp error"),
+        IpAddr::V6(_) => b
+            .icmpv6_raw(kind, code, rest)
+            .write(&mut out, &quote)
+            .expect("build icmpv6 error"),
+    }
+    out
+}
+
 /// An ICMP echo request (ping) with identifier, sequence and payload.
 pub fn echo_request(src: Ipv4Addr, dst: Ipv4Addr, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC)
@@ -790,6 +823,9 @@ pub enum Expect {
     IcmpPortUnreachable,
     /// Bounced as the ICMP echo reply to the input's request.
     EchoReply,
+    /// Passed as exactly this frame (checksums included: build it with
+    /// the harness's own builders).
+    Frame(Vec<u8>),
 }
 
 pub enum Step {
@@ -1126,6 +1162,19 @@ fn check(
         }
         Expect::Dropped => {
             expect_verdict(ctx, verdict, Verdict::Drop);
+            None
+        }
+        Expect::Frame(want) => {
+            expect_verdict(ctx, verdict, Verdict::Pass);
+            if out != want.as_slice() {
+                let diff: Vec<usize> = (0..out.len().max(want.len()))
+                    .filter(|i| out.get(*i) != want.get(*i))
+                    .collect();
+                panic!(
+                    "{ctx}: frame differs at bytes {diff:?}\n got  {out:02x?}\n want {want:02x?}"
+                );
+            }
+            verify_checksums(out).unwrap_or_else(|e| panic!("{ctx}: {e}"));
             None
         }
         Expect::Dnat(target) => {

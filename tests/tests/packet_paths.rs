@@ -359,3 +359,301 @@ fn hairpin_flows_of_one_port_to_two_services_do_not_clash() {
         ],
     ));
 }
+
+// ICMP and ICMPv6 errors about translated flows (netfilter's
+// nf_nat_icmp_reply_translation): the quote becomes what the receiver sent,
+// the outer header an answer about it. Expected frames are built from
+// scratch by the harness, so every checksum (outer, ICMP, quoted IPv4
+// header, quoted L4) is checked by its own arithmetic.
+
+const DNS6: &str = "[fd00:96::10]:53";
+const POD_B6_DNS: &str = "[fd00:1:2::2]:5353";
+const ROUTER: &str = "10.9.9.9";
+const ROUTER6: &str = "fd00:9::9";
+/// The second word of "fragmentation needed": next-hop MTU 1400.
+const MTU_1400: [u8; 4] = [0, 0, 0x05, 0x78];
+/// The second word of "packet too big": MTU 1280.
+const MTU_1280: [u8; 4] = [0, 0, 0x05, 0x00];
+/// IPv4 header + 8 bytes of L4: what a router quotes at least.
+const QUOTE_8: Option<usize> = Some(28);
+
+fn addr(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// `services` plus dns on fd00:96::10.
+fn services_dual(dp: &mut Datapath) {
+    services(dp);
+    dp.backend(4, ep(POD_B6_DNS), UDP);
+    dp.frontend(ep(DNS6), UDP, 6, &[4]);
+}
+
+/// The quote of a translated error carries checksums that verify.
+fn quote_checks_out(frame: &[u8]) {
+    let ip_hlen = if frame[12..14] == [0x86, 0xdd] {
+        40
+    } else {
+        (frame[14] & 0x0f) as usize * 4
+    };
+    let mut quoted = frame[..14].to_vec();
+    quoted.extend_from_slice(&frame[14 + ip_hlen + 8..]);
+    verify_checksums(&quoted).unwrap_or_else(|e| panic!("quoted packet: {e}"));
+}
+
+#[test]
+fn port_unreachable_from_the_backend_names_the_service() {
+    let query = udp(ep(CLIENT), ep(POD_B_DNS), b"query");
+    let sent = udp(ep(CLIENT), ep(DNS), b"query");
+    let query6 = udp(ep(CLIENT6), ep(POD_B6_DNS), b"query");
+    let sent6 = udp(ep(CLIENT6), ep(DNS6), b"query");
+    let want = icmp_error(ep(DNS).addr, ep(CLIENT).addr, 3, 3, [0; 4], &sent, None);
+    let want6 = icmp_error(ep(DNS6).addr, ep(CLIENT6).addr, 1, 4, [0; 4], &sent6, None);
+    quote_checks_out(&want);
+    quote_checks_out(&want6);
+    run_case(Case::on(
+        ALL,
+        "port_unreachable_from_the_backend_names_the_service",
+        services_dual,
+        vec![
+            send_on(
+                Prog::Tc,
+                sent.clone(),
+                Expect::Dnat(Target::Exact(ep(POD_B_DNS))),
+            ),
+            // The backend's host refuses: UDP to a closed port.
+            send(
+                icmp_error(ep(POD_B).addr, ep(CLIENT).addr, 3, 3, [0; 4], &query, None),
+                Expect::Frame(want),
+            ),
+            send_on(
+                Prog::Tc,
+                sent6.clone(),
+                Expect::Dnat(Target::Exact(ep(POD_B6_DNS))),
+            ),
+            send(
+                icmp_error(
+                    ep(POD_B6).addr,
+                    ep(CLIENT6).addr,
+                    1,
+                    4,
+                    [0; 4],
+                    &query6,
+                    None,
+                ),
+                Expect::Frame(want6),
+            ),
+            counters(&[(stat::ICMP_ERROR_TRANSLATED, 2)]),
+        ],
+    ));
+}
+
+#[test]
+fn fragmentation_needed_and_packet_too_big_from_a_router() {
+    let syn = tcp(ep(CLIENT), ep(POD_B), SYN, &[7u8; 64]);
+    let sent = tcp(ep(CLIENT), ep(WEB), SYN, &[7u8; 64]);
+    let syn6 = tcp(ep(CLIENT6), ep(POD_B6), SYN, &[7u8; 64]);
+    let sent6 = tcp(ep(CLIENT6), ep(WEB6), SYN, &[7u8; 64]);
+    let data_udp = udp(ep(CLIENT), ep(POD_B_DNS), &[1u8; 100]);
+    let sent_udp = udp(ep(CLIENT), ep(DNS), &[1u8; 100]);
+    run_case(Case::on(
+        ALL,
+        "fragmentation_needed_and_packet_too_big_from_a_router",
+        services_dual,
+        vec![
+            send_on(
+                Prog::Tc,
+                sent.clone(),
+                Expect::Dnat(Target::Exact(ep(POD_B))),
+            ),
+            // A router quoting 8 bytes of TCP: no TCP checksum in the quote.
+            send(
+                icmp_error(addr(ROUTER), ep(CLIENT).addr, 3, 4, MTU_1400, &syn, QUOTE_8),
+                Expect::Frame(icmp_error(
+                    ep(WEB).addr,
+                    ep(CLIENT).addr,
+                    3,
+                    4,
+                    MTU_1400,
+                    &sent,
+                    QUOTE_8,
+                )),
+            ),
+            // Quoting all of it (Linux quotes up to 576 bytes): the quoted
+            // TCP checksum is restored too.
+            send(
+                icmp_error(addr(ROUTER), ep(CLIENT).addr, 3, 4, MTU_1400, &syn, None),
+                Expect::Frame(icmp_error(
+                    ep(WEB).addr,
+                    ep(CLIENT).addr,
+                    3,
+                    4,
+                    MTU_1400,
+                    &sent,
+                    None,
+                )),
+            ),
+            // Time exceeded about a UDP flow, quoting its checksum.
+            send_on(
+                Prog::Tc,
+                sent_udp.clone(),
+                Expect::Dnat(Target::Exact(ep(POD_B_DNS))),
+            ),
+            send(
+                icmp_error(
+                    addr(ROUTER),
+                    ep(CLIENT).addr,
+                    11,
+                    0,
+                    [0; 4],
+                    &data_udp,
+                    QUOTE_8,
+                ),
+                Expect::Frame(icmp_error(
+                    ep(DNS).addr,
+                    ep(CLIENT).addr,
+                    11,
+                    0,
+                    [0; 4],
+                    &sent_udp,
+                    QUOTE_8,
+                )),
+            ),
+            send_on(
+                Prog::Tc,
+                sent6.clone(),
+                Expect::Dnat(Target::Exact(ep(POD_B6))),
+            ),
+            send(
+                icmp_error(addr(ROUTER6), ep(CLIENT6).addr, 2, 0, MTU_1280, &syn6, None),
+                Expect::Frame(icmp_error(
+                    ep(WEB6).addr,
+                    ep(CLIENT6).addr,
+                    2,
+                    0,
+                    MTU_1280,
+                    &sent6,
+                    None,
+                )),
+            ),
+            counters(&[(stat::ICMP_ERROR_TRANSLATED, 4)]),
+        ],
+    ));
+}
+
+#[test]
+fn errors_about_a_snated_nodeport_flow_reach_the_external_client() {
+    let node_port = ep("192.168.50.1:30080");
+    let snat = Ep {
+        addr: node_port.addr,
+        port: SNAT_PORT,
+    };
+    let outside = ep("192.168.50.100:50000");
+    let translated = tcp(snat, ep(POD_B), SYN, b"");
+    let sent = tcp(outside, node_port, SYN, b"");
+    run_case(Case::on(
+        &[Prog::TcNode, Prog::XdpNode, Prog::TcReply],
+        "errors_about_a_snated_nodeport_flow_reach_the_external_client",
+        move |dp| {
+            one_port_range(dp);
+            dp.set_config(|c| c.nodeport_snat_addr4 = be32(node_port.addr));
+            dp.backend(1, ep(POD_B), TCP);
+            dp.set_backend_state(1, 0, backend_flags::REMOTE);
+            dp.external_frontend(node_port, TCP, 1, &[1], frontend_kind::NODE_PORT);
+        },
+        vec![
+            send_on(
+                Prog::TcNode,
+                sent.clone(),
+                Expect::Nat {
+                    src: snat,
+                    dst: ep(POD_B),
+                },
+            ),
+            send(
+                icmp_error(
+                    addr(ROUTER),
+                    snat.addr,
+                    3,
+                    4,
+                    MTU_1400,
+                    &translated,
+                    QUOTE_8,
+                ),
+                Expect::Frame(icmp_error(
+                    node_port.addr,
+                    outside.addr,
+                    3,
+                    4,
+                    MTU_1400,
+                    &sent,
+                    QUOTE_8,
+                )),
+            ),
+        ],
+    ));
+}
+
+#[test]
+fn an_error_about_a_reply_goes_to_the_backend() {
+    // The client's socket is gone when the answer arrives: its host
+    // refuses the reply it saw (from the Service), about the backend's flow.
+    let seen = udp(ep(DNS), ep(CLIENT), b"answer");
+    let answered = udp(ep(POD_B_DNS), ep(CLIENT), b"answer");
+    run_case(Case::on(
+        BOTH,
+        "an_error_about_a_reply_goes_to_the_backend",
+        services,
+        vec![
+            send(
+                udp(ep(CLIENT), ep(DNS), b"query"),
+                Expect::Dnat(Target::Exact(ep(POD_B_DNS))),
+            ),
+            send(
+                icmp_error(ep(CLIENT).addr, ep(DNS).addr, 3, 3, [0; 4], &seen, None),
+                Expect::Frame(icmp_error(
+                    ep(CLIENT).addr,
+                    ep(POD_B_DNS).addr,
+                    3,
+                    3,
+                    [0; 4],
+                    &answered,
+                    None,
+                )),
+            ),
+        ],
+    ));
+}
+
+#[test]
+fn errors_about_no_tracked_flow_pass_and_reply_programs_only_translate_towards_clients() {
+    let seen = udp(ep(DNS), ep(CLIENT), b"answer");
+    let stray = udp(ep(CLIENT), ep("10.1.9.9:5353"), b"query");
+    run_case(Case::on(
+        ALL,
+        "errors_about_no_tracked_flow_pass",
+        services,
+        vec![
+            send(
+                icmp_error(addr(ROUTER), ep(CLIENT).addr, 3, 3, [0; 4], &stray, None),
+                Expect::Unchanged,
+            ),
+            counters(&[(stat::ICMP_ERROR_TRANSLATED, 0)]),
+        ],
+    ));
+    run_case(Case::on(
+        REPLY_ONLY,
+        "reply_programs_only_translate_towards_clients",
+        services,
+        vec![
+            send_on(
+                Prog::Tc,
+                udp(ep(CLIENT), ep(DNS), b"query"),
+                Expect::Dnat(Target::Exact(ep(POD_B_DNS))),
+            ),
+            send(
+                icmp_error(ep(CLIENT).addr, ep(DNS).addr, 3, 3, [0; 4], &seen, None),
+                Expect::Unchanged,
+            ),
+        ],
+    ));
+}
