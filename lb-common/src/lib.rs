@@ -524,7 +524,8 @@ pub mod stat {
     pub const PASS_OTHER_PROTO: u32 = 1;
     /// TCP/UDP not addressed to a frontend nor part of a tracked flow.
     pub const PASS_NOT_FRONTEND: u32 = 2;
-    /// IP fragment: ports unknown, passed untouched.
+    /// A later IP fragment whose first fragment was not seen, not addressed
+    /// to a Service address: passed untouched.
     pub const PASS_FRAGMENT: u32 = 3;
     /// Truncated or inconsistent headers: passed untouched.
     pub const MALFORMED: u32 = 4;
@@ -597,8 +598,16 @@ pub mod stat {
     /// fragmentation needed, packet too big, time exceeded ...) translated
     /// back to what its receiver sent.
     pub const ICMP_ERROR_TRANSLATED: u32 = 35;
+    /// IP fragment (IPv4, or IPv6 with a Fragment header) of a TCP/UDP
+    /// datagram whose ports are known: the first, or a later one whose first
+    /// was seen. It is translated like its datagram.
+    pub const FRAGMENT: u32 = 36;
+    /// A later fragment addressed to a Service address whose first fragment
+    /// was not seen (reordered or lost): no ports to translate it by,
+    /// dropped (its datagram cannot be reassembled anyway).
+    pub const DROP_FRAG_NO_FIRST: u32 = 37;
     /// Number of counters in use.
-    pub const COUNT: u32 = 36;
+    pub const COUNT: u32 = 38;
     /// Size of the stats array (room to grow without a layout change).
     pub const CAPACITY: u32 = 48;
 
@@ -640,6 +649,8 @@ pub mod stat {
         "sock_rev_translated",
         "port_remapped",
         "icmp_error_translated",
+        "fragment",
+        "drop_frag_no_first",
     ];
 }
 

@@ -17,7 +17,7 @@ use crate::{
     maps::{LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_SERVICES, LB_SOURCE_RANGES, count},
     nat::{self, End},
     packet::{Packet, Routed},
-    parse::{self, Echo, Flow, TCP_RST},
+    parse::{self, Echo, FRAG_FIRST, FRAG_NONE, Flow, TCP_RST},
     reject,
 };
 
@@ -81,6 +81,7 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
         // Errors about replies travel towards backends: only where a flow's
         // forward packets arrive.
         parse::ICMP_ERROR => return icmp_error::translate(pkt, &flow, origin != Origin::Reply),
+        parse::FRAG_UNKNOWN => return unknown_fragment(pkt, &flow, origin),
         reason => {
             count(reason);
             return pkt.pass();
@@ -158,6 +159,28 @@ fn echo_request<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
             pkt.drop_verdict()
         }
     }
+}
+
+/// A later fragment whose first fragment was not seen: dropped if it is
+/// addressed to a Service address (it could only leak untranslated, and its
+/// datagram cannot be completed), passed otherwise (not ours, or a reply we
+/// cannot restore).
+#[inline(never)]
+fn unknown_fragment<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
+    let key = ServiceKey {
+        addr_be: flow.dst_be,
+        port_be: 0,
+        slot: 0,
+        proto: 0,
+        scope: origin.scope(),
+        _pad: [0; 2],
+    };
+    if origin != Origin::Reply && unsafe { LB_SERVICES.get(key) }.is_some() {
+        count(stat::DROP_FRAG_NO_FIRST);
+        return pkt.drop_verdict();
+    }
+    count(stat::PASS_FRAGMENT);
+    pkt.pass()
 }
 
 /// loadBalancerSourceRanges: whether the client may use this frontend address.
@@ -555,7 +578,14 @@ fn other_or(to: &Nat, unchanged: (Addr, u16)) -> (Addr, u16) {
 // Its own BPF function: its stack frame is not added to the flow path's.
 #[inline(never)]
 fn refuse<P: Packet>(pkt: &mut P, flow: &Flow) -> i32 {
-    if flow.tcp_flags & TCP_RST != 0 {
+    // Only the first fragment of an IPv4 UDP datagram can be quoted
+    // correctly; other fragments are dropped (the first one answers).
+    let answerable = match flow.frag {
+        FRAG_NONE => true,
+        FRAG_FIRST => !flow.v6 && flow.proto != IPPROTO_TCP,
+        _ => false,
+    };
+    if flow.tcp_flags & TCP_RST != 0 || !answerable {
         // Never answer an RST.
         count(stat::DROP_NO_BACKEND);
         return pkt.drop_verdict();

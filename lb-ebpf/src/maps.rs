@@ -1,15 +1,16 @@
 //! Every map of the datapath. The agent pins them under --bpffs so they
 //! outlive it; names and sizes come from lb-common so both sides agree.
 
+use crate::parse::Ports;
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, ConfigValue, CtKey, CtValue, MaglevKey, RevNatValue,
-    ServiceKey, ServiceValue, SockAffinityKey, SockNatKey, SockNatValue, SourceRange, map_sizes,
-    stat,
+    Addr, AffinityKey, AffinityValue, BackendValue, ConfigValue, CtKey, CtValue, MaglevKey,
+    RevNatValue, ServiceKey, ServiceValue, SockAffinityKey, SockNatKey, SockNatValue, SourceRange,
+    map_sizes, stat,
 };
 
 /// Frontend slots: {addr, port, proto, scope, slot} -> slot 0 header or backend id.
@@ -38,6 +39,26 @@ pub static LB_CT_SCRATCH: PerCpuArray<CtValue> = PerCpuArray::with_max_entries(2
 /// forward path's frame is at the stack limit.
 #[map(name = "LB_CT_KEY_SCRATCH")]
 pub static LB_CT_KEY_SCRATCH: PerCpuArray<CtKey> = PerCpuArray::with_max_entries(1, 0);
+
+/// A datagram's fragments: {src, dst, identification, protocol}.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FragKey {
+    pub src_addr_be: Addr,
+    pub dst_addr_be: Addr,
+    pub id_be: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// IP fragments: the first fragment's ports, so the later ones (which carry
+/// no L4 header) get the same translation (Cilium's fragment map). LRU: a
+/// datagram's entry is needed only while its fragments pass.
+#[map(name = "LB_FRAGS")]
+pub static LB_FRAGS: LruHashMap<FragKey, Ports> = LruHashMap::with_max_entries(FRAGS, 0);
+
+/// Datagrams in flight whose fragments are tracked at once.
+const FRAGS: u32 = 16_384;
 
 /// Session affinity: {client, rev-NAT id} -> last backend.
 #[map(name = "LB_AFFINITY")]

@@ -5,8 +5,8 @@ use lb_common::{Addr, IPPROTO_TCP};
 use crate::{
     packet::{L4Csum, Packet, Result},
     parse::{
-        Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, L4_DPORT, L4_SPORT,
-        TCP_CSUM, UDP_CSUM,
+        FRAG_LATER, Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, L4_DPORT,
+        L4_SPORT, TCP_CSUM, UDP_CSUM,
     },
 };
 
@@ -61,6 +61,20 @@ pub fn rewrite<P: Packet>(
             flow.sport_be,
         ),
     };
+    if flow.frag == FRAG_LATER {
+        // No L4 header here: the first fragment carried the ports and the
+        // L4 checksum (over the whole datagram) and was translated already.
+        if old_addr != addr_be {
+            if flow.v6 {
+                pkt.store(addr_off, &addr_be)?;
+            } else {
+                let (from, to) = (old_addr.v4_be(), addr_be.v4_be());
+                pkt.l3_csum_replace4(flow.l3_off + IP_CSUM_OFF, from, to)?;
+                pkt.store(addr_off, &to)?;
+            }
+        }
+        return Ok(());
+    }
     if old_addr != addr_be {
         if flow.v6 {
             // Each changed word of the address is a pseudo-header change.

@@ -3,7 +3,10 @@
 
 use lb_common::{Addr, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, stat};
 
-use crate::packet::Packet;
+use crate::{
+    maps::{FragKey, LB_FRAGS, count},
+    packet::Packet,
+};
 
 pub const ETH_HLEN: u32 = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -84,7 +87,15 @@ pub struct Flow {
     /// End of the IP datagram (l3_off + total length), before any padding.
     pub ip_end: u32,
     pub v6: bool,
+    /// `FRAG_NONE`, `FRAG_FIRST` (ports here, the rest of the datagram
+    /// follows) or `FRAG_LATER` (no L4 header: the ports are the first
+    /// fragment's, from `LB_FRAGS`; only addresses may be rewritten).
+    pub frag: u8,
 }
+
+pub const FRAG_NONE: u8 = 0;
+pub const FRAG_FIRST: u8 = 1;
+pub const FRAG_LATER: u8 = 2;
 
 /// An ICMP echo request (ping) over IPv4, or ICMPv6 echo request.
 #[derive(Clone, Copy, Default)]
@@ -109,6 +120,9 @@ pub enum Parsed {
     /// ICMP header), `ip_end`, `proto` and `v6` set; the quoted packet is
     /// parsed by its translation (`icmp_error.rs`).
     IcmpError(Flow),
+    /// A later fragment whose first fragment was not seen: addresses,
+    /// `proto`, `v6` and `frag` set.
+    LaterUnknown(Flow),
     /// Not ours to touch; the stat says why.
     Pass(u32),
 }
@@ -132,7 +146,21 @@ struct UdpHdr {
     _csum: u16,
 }
 
+/// The IPv6 Fragment header (RFC 8200 4.5).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FragHdr6 {
+    next_header: u8,
+    _reserved: u8,
+    /// Offset in 8-byte units (13 bits), 2 reserved bits, M (more).
+    offset_flags_be: u16,
+    id_be: u32,
+}
+
+const FRAG_HLEN6: u32 = 8;
+
 const _: () = {
+    assert!(size_of::<FragHdr6>() == 8);
     assert!(size_of::<Ipv4Hdr>() == 20);
     assert!(size_of::<Ipv6Hdr>() == 40);
     assert!(size_of::<TcpHead>() == 14);
@@ -143,6 +171,7 @@ const _: () = {
 pub const FLOW: u32 = u32::MAX;
 pub const ECHO: u32 = u32::MAX - 1;
 pub const ICMP_ERROR: u32 = u32::MAX - 2;
+pub const FRAG_UNKNOWN: u32 = u32::MAX - 3;
 
 /// Parse into `flow` (returns FLOW), or an echo request into `flow`'s
 /// addresses, `l4_off` and `v6` (returns ECHO), or return the stat that says
@@ -166,6 +195,10 @@ pub fn parse_into<P: Packet>(pkt: &P, flow: &mut Flow) -> u32 {
         Parsed::IcmpError(f) => {
             *flow = f;
             ICMP_ERROR
+        }
+        Parsed::LaterUnknown(f) => {
+            *flow = f;
+            FRAG_UNKNOWN
         }
         Parsed::Pass(reason) => reason,
     }
@@ -197,10 +230,13 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
     if ip_end > pkt.len() {
         return Parsed::Pass(stat::MALFORMED);
     }
-    // MF set or a non-zero offset: the ports are not (all) here.
-    if u16::from_be(ip.frag_be) & 0x3fff != 0 {
-        return Parsed::Pass(stat::PASS_FRAGMENT);
-    }
+    // MF set or a non-zero offset: a fragment.
+    let frag_bits = u16::from_be(ip.frag_be);
+    let frag = match (frag_bits & 0x1fff, frag_bits & 0x2000) {
+        (0, 0) => FRAG_NONE,
+        (0, _) => FRAG_FIRST,
+        _ => FRAG_LATER,
+    };
     let l4_off = l3 + ihl_bytes;
     let ip = Ends {
         src: Addr::v4(ip.src_be),
@@ -210,8 +246,13 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
         ihl_bytes,
         ip_end,
         v6: false,
+        frag,
+        frag_id_be: ip.id_be as u32,
     };
     if ip.proto == IPPROTO_ICMP {
+        if frag != FRAG_NONE {
+            return Parsed::Pass(stat::PASS_OTHER_PROTO);
+        }
         return echo(pkt, &ip, l4_off, ICMP_ECHO_REQUEST);
     }
     transport(pkt, &ip, l4_off)
@@ -226,6 +267,10 @@ struct Ends {
     ihl_bytes: u32,
     ip_end: u32,
     v6: bool,
+    /// `FRAG_*`, and the datagram's identification (IPv4's 16 bits, or the
+    /// IPv6 Fragment header's 32) when a fragment.
+    frag: u8,
+    frag_id_be: u32,
 }
 
 /// IPv6: the fixed header, then TCP, UDP or an ICMPv6 echo request right
@@ -247,7 +292,7 @@ fn parse6<P: Packet>(pkt: &P, l3: u32) -> Parsed {
     if ip.src.is_v4() || ip.dst.is_v4() {
         return Parsed::Pass(stat::MALFORMED);
     }
-    let ends = Ends {
+    let mut ends = Ends {
         src: ip.src,
         dst: ip.dst,
         proto: ip.next_header,
@@ -255,11 +300,35 @@ fn parse6<P: Packet>(pkt: &P, l3: u32) -> Parsed {
         ihl_bytes: IP6_HLEN,
         ip_end,
         v6: true,
+        frag: FRAG_NONE,
+        frag_id_be: 0,
     };
-    let l4_off = l3 + IP6_HLEN;
-    match ip.next_header {
-        IPPROTO_FRAGMENT => Parsed::Pass(stat::PASS_FRAGMENT),
-        IPPROTO_ICMPV6 => echo(pkt, &ends, l4_off, ICMPV6_ECHO_REQUEST),
+    let mut l4_off = l3 + IP6_HLEN;
+    if ip.next_header == IPPROTO_FRAGMENT {
+        // A Fragment header right after the fixed header (RFC 8200 4.5);
+        // the upper-layer header, in the first fragment, after it.
+        let Ok(fh) = pkt.load_header::<FragHdr6>(l4_off) else {
+            return Parsed::Pass(stat::MALFORMED);
+        };
+        let offset_flags = u16::from_be(fh.offset_flags_be);
+        ends.frag = if offset_flags & 0xfff8 != 0 {
+            FRAG_LATER
+        } else if offset_flags & 1 != 0 {
+            FRAG_FIRST
+        } else {
+            // An atomic fragment (offset 0, no more): a whole datagram.
+            FRAG_NONE
+        };
+        ends.frag_id_be = fh.id_be;
+        ends.proto = fh.next_header;
+        ends.ihl_bytes = IP6_HLEN + FRAG_HLEN6;
+        l4_off += FRAG_HLEN6;
+    }
+    match ends.proto {
+        IPPROTO_ICMPV6 if ends.frag == FRAG_NONE && ends.ihl_bytes == IP6_HLEN => {
+            echo(pkt, &ends, l4_off, ICMPV6_ECHO_REQUEST)
+        }
+        IPPROTO_ICMPV6 => Parsed::Pass(stat::PASS_OTHER_PROTO),
         _ => transport(pkt, &ends, l4_off),
     }
 }
@@ -311,6 +380,12 @@ fn echo<P: Packet>(pkt: &P, ip: &Ends, l4_off: u32, request: u8) -> Parsed {
 /// TCP or UDP at `l4_off`, checked against the datagram's end.
 #[inline(always)]
 fn transport<P: Packet>(pkt: &P, ip: &Ends, l4_off: u32) -> Parsed {
+    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
+        return Parsed::Pass(stat::PASS_OTHER_PROTO);
+    }
+    if ip.frag == FRAG_LATER {
+        return later_fragment(ip, l4_off);
+    }
     let ip_end = ip.ip_end;
     let mut tcp_flags = 0u8;
     let mut l4_hdr_bytes = 8;
@@ -336,13 +411,20 @@ fn transport<P: Packet>(pkt: &P, ip: &Ends, l4_off: u32) -> Parsed {
                 return Parsed::Pass(stat::MALFORMED);
             };
             let udp_len = u16::from_be(udp.len_be) as u32;
-            if udp_len < 8 || l4_off + udp_len > ip_end {
+            // A first fragment carries only the start of the datagram.
+            if udp_len < 8 || (ip.frag == FRAG_NONE && l4_off + udp_len > ip_end) {
                 return Parsed::Pass(stat::MALFORMED);
             }
             udp.ports
         }
         _ => return Parsed::Pass(stat::PASS_OTHER_PROTO),
     };
+    if ip.frag == FRAG_FIRST {
+        // The rest of the datagram gets this one's ports (and so its
+        // translation). A full LRU evicts the oldest datagram.
+        let _ = LB_FRAGS.insert(&frag_key(ip), &ports, 0);
+        count(stat::FRAGMENT);
+    }
     Parsed::Flow(Flow {
         src_be: ip.src,
         dst_be: ip.dst,
@@ -356,5 +438,54 @@ fn transport<P: Packet>(pkt: &P, ip: &Ends, l4_off: u32) -> Parsed {
         l4_hdr_bytes,
         ip_end,
         v6: ip.v6,
+        frag: ip.frag,
+    })
+}
+
+#[inline(always)]
+fn frag_key(ip: &Ends) -> FragKey {
+    FragKey {
+        src_addr_be: ip.src,
+        dst_addr_be: ip.dst,
+        id_be: ip.frag_id_be,
+        proto: ip.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// A fragment after the first: the ports its first fragment recorded. One
+/// that arrives before its first fragment (reordered, or the first lost)
+/// has no ports to be translated by: it passes untouched, counted
+/// (`frag_unknown`); the caller drops it if it is addressed to a Service.
+#[inline(always)]
+fn later_fragment(ip: &Ends, l4_off: u32) -> Parsed {
+    let Some(ports) = (unsafe { LB_FRAGS.get(&frag_key(ip)) }) else {
+        return Parsed::LaterUnknown(Flow {
+            src_be: ip.src,
+            dst_be: ip.dst,
+            proto: ip.proto,
+            l3_off: ip.l3_off,
+            l4_off,
+            ip_end: ip.ip_end,
+            v6: ip.v6,
+            frag: FRAG_LATER,
+            ..Flow::default()
+        });
+    };
+    count(stat::FRAGMENT);
+    Parsed::Flow(Flow {
+        src_be: ip.src,
+        dst_be: ip.dst,
+        sport_be: ports.src_be,
+        dport_be: ports.dst_be,
+        proto: ip.proto,
+        tcp_flags: 0,
+        l3_off: ip.l3_off,
+        l4_off,
+        ihl_bytes: ip.ihl_bytes,
+        l4_hdr_bytes: 0,
+        ip_end: ip.ip_end,
+        v6: ip.v6,
+        frag: FRAG_LATER,
     })
 }

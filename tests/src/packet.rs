@@ -221,6 +221,51 @@ pub fn icmp_error(
     out
 }
 
+/// Split a frame from these builders into IP fragments of `chunk` bytes of
+/// payload each (a multiple of 8), datagram identification `id`: IPv4 with
+/// MF and offsets, IPv6 with a Fragment header (RFC 8200 4.5).
+pub fn fragment(frame: &[u8], chunk: usize, id: u32) -> Vec<Vec<u8>> {
+    assert!(chunk % 8 == 0, "fragment payload must be a multiple of 8");
+    let v6 = frame[12..14] == [0x86, 0xdd];
+    let (hlen, payload) = if v6 {
+        (40, &frame[54..])
+    } else {
+        let ihl = (frame[14] & 0x0f) as usize * 4;
+        let tot = u16::from_be_bytes([frame[16], frame[17]]) as usize;
+        (ihl, &frame[14 + ihl..14 + tot])
+    };
+    let header = &frame[14..14 + hlen];
+    let mut out = Vec::new();
+    for (i, piece) in payload.chunks(chunk).enumerate() {
+        let offset = i * chunk;
+        let more = offset + piece.len() < payload.len();
+        let mut f = frame[..14].to_vec();
+        let mut ip = header.to_vec();
+        if v6 {
+            let next_header = ip[6];
+            ip[6] = 44;
+            ip[4..6].copy_from_slice(&((8 + piece.len()) as u16).to_be_bytes());
+            f.extend_from_slice(&ip);
+            f.extend_from_slice(&[next_header, 0]);
+            let bits = (offset / 8) as u16 * 8 | more as u16;
+            f.extend_from_slice(&bits.to_be_bytes());
+            f.extend_from_slice(&id.to_be_bytes());
+        } else {
+            ip[2..4].copy_from_slice(&((hlen + piece.len()) as u16).to_be_bytes());
+            ip[4..6].copy_from_slice(&(id as u16).to_be_bytes());
+            let bits = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+            ip[6..8].copy_from_slice(&bits.to_be_bytes());
+            ip[10..12].copy_from_slice(&[0, 0]);
+            let sum = !fold(sum16(&ip));
+            ip[10..12].copy_from_slice(&sum.to_be_bytes());
+            f.extend_from_slice(&ip);
+        }
+        f.extend_from_slice(piece);
+        out.push(f);
+    }
+    out
+}
+
 /// An ICMP echo request (ping) with identifier, sequence and payload.
 pub fn echo_request(src: Ipv4Addr, dst: Ipv4Addr, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(CLIENT_MAC, HOST_MAC)
@@ -328,6 +373,10 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     }
     if fold(sum16(&frame[14..14 + ihl])) != 0xffff {
         return Err("bad IPv4 header checksum".into());
+    }
+    if u16::from_be_bytes([frame[20], frame[21]]) & 0x3fff != 0 {
+        // A fragment: its L4 checksum covers the whole datagram.
+        return Ok(());
     }
     let l4 = &frame[14 + ihl..14 + tot];
     let pseudo = sum16(&frame[26..34]) + frame[23] as u32 + l4.len() as u32;
@@ -1067,6 +1116,10 @@ impl<'a> View<'a> {
                 0xffff,
                 "{ctx}: bad IPv4 header checksum"
             );
+            if u16::from_be_bytes([self.frame[20], self.frame[21]]) & 0x3fff != 0 {
+                // A fragment: its L4 checksum covers the whole datagram.
+                return;
+            }
             sum16(&self.frame[26..34]) + self.proto() as u32 + l4.len() as u32
         };
         match self.proto() {

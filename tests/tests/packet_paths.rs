@@ -657,3 +657,88 @@ fn errors_about_no_tracked_flow_pass_and_reply_programs_only_translate_towards_c
         ],
     ));
 }
+
+// IP fragments: every fragment of a datagram gets the translation of its
+// first one (whose ports it records). Each output fragment must equal the
+// same fragment of the translated datagram built from scratch: the UDP
+// checksum in the first fragment is right for the whole datagram.
+
+const FRAG_ID: u32 = 0x1234;
+/// 1480 bytes of payload per fragment: what an MTU of 1500 carries (IPv4);
+/// 1448 for IPv6 (40 + 8 bytes of headers, a multiple of 8).
+const CHUNK4: usize = 1480;
+const CHUNK6: usize = 1448;
+
+/// The fragments of `frame`, each sent expecting the same fragment of `want`.
+fn fragment_steps(prog: Option<Prog>, frame: &[u8], want: &[u8], chunk: usize) -> Vec<Step> {
+    let sent = fragment(frame, chunk, FRAG_ID);
+    let want = fragment(want, chunk, FRAG_ID);
+    assert!(sent.len() >= 3, "a datagram of three fragments at least");
+    sent.into_iter()
+        .zip(want)
+        .map(|(f, w)| match prog {
+            Some(p) => send_on(p, f, Expect::Frame(w)),
+            None => send(f, Expect::Frame(w)),
+        })
+        .collect()
+}
+
+#[test]
+fn fragmented_datagrams_are_translated_both_ways() {
+    let big = vec![0x5au8; 3000];
+    let mut steps = Vec::new();
+    for (client, dns, backend, chunk) in [
+        (ep(CLIENT), ep(DNS), ep(POD_B_DNS), CHUNK4),
+        (ep(CLIENT6), ep(DNS6), ep(POD_B6_DNS), CHUNK6),
+    ] {
+        // The request on the pod program, the answer on the one under test.
+        steps.extend(fragment_steps(
+            Some(Prog::Tc),
+            &udp(client, dns, &big),
+            &udp(client, backend, &big),
+            chunk,
+        ));
+        steps.extend(fragment_steps(
+            None,
+            &udp(backend, client, &big),
+            &udp(dns, client, &big),
+            chunk,
+        ));
+    }
+    steps.push(counters(&[
+        (stat::NEW_FLOW, 2),
+        (stat::FRAGMENT, 12),
+        (stat::PASS_FRAGMENT, 0),
+    ]));
+    run_case(Case::on(
+        ALL,
+        "fragmented_datagrams_are_translated_both_ways",
+        services_dual,
+        steps,
+    ));
+}
+
+#[test]
+fn a_later_fragment_before_its_first_is_dropped_if_addressed_to_a_service() {
+    let big = vec![0x5au8; 3000];
+    let to_service = fragment(&udp(ep(CLIENT), ep(DNS), &big), CHUNK4, FRAG_ID);
+    let translated = fragment(&udp(ep(CLIENT), ep(POD_B_DNS), &big), CHUNK4, FRAG_ID);
+    let elsewhere = fragment(&udp(ep(CLIENT), ep("10.1.9.9:53"), &big), CHUNK4, FRAG_ID);
+    run_case(Case::on(
+        BOTH,
+        "a_later_fragment_before_its_first_is_dropped_if_addressed_to_a_service",
+        services_dual,
+        vec![
+            send(to_service[1].clone(), Expect::Dropped),
+            send(elsewhere[1].clone(), Expect::Unchanged),
+            counters(&[
+                (stat::DROP_FRAG_NO_FIRST, 1),
+                (stat::PASS_FRAGMENT, 1),
+                (stat::NEW_FLOW, 0),
+            ]),
+            // Its first fragment then arrives: balanced, and the rest follow.
+            send(to_service[0].clone(), Expect::Frame(translated[0].clone())),
+            send(to_service[2].clone(), Expect::Frame(translated[2].clone())),
+        ],
+    ));
+}

@@ -640,21 +640,7 @@ fn icmp_echo_to_frontend_passes() {
     );
 }
 
-#[test]
-fn first_fragment_passes() {
-    let frame = patch_ip(
-        &tcp(ep(CLIENT), ep(WEB), SYN, b"abcdefgh"),
-        6,
-        &[0x20, 0x00],
-    );
-    passes("first_fragment_passes", frame, stat::PASS_FRAGMENT);
-}
-
-#[test]
-fn later_fragment_passes() {
-    let frame = patch_ip(&udp(ep(CLIENT), ep(DNS), b"abcdefgh"), 6, &[0x00, 0x10]);
-    passes("later_fragment_passes", frame, stat::PASS_FRAGMENT);
-}
+// Fragments are translated like their datagram: see packet_paths.rs.
 
 // ---- malformed: passed byte-identical, never translated --------------------
 
