@@ -9,6 +9,12 @@
 //! - a translated frame differs from its input only in addresses, ports and
 //!   checksums, and its checksums are valid whenever the input's were;
 //! - a refusal is a well-formed RST / ICMP error with valid checksums;
+//! - ICMP / ICMPv6 errors quoting live flows (and others) are translated
+//!   only in outer addresses, the quote's addresses, ports and checksums,
+//!   with every checksum valid (the quoted IPv4 header's too);
+//! - fragment trains (IPv4, IPv6 Fragment header), in order, reordered or
+//!   with fragments lost, change only addresses and checksums (later
+//!   fragments: addresses and the IPv4 header checksum);
 //! - no counter of an impossible state moves.
 //!
 //! Seeded and reproducible: LB_FUZZ_SEED and LB_FUZZ_FRAMES override.
@@ -209,14 +215,108 @@ const BACKENDS: [(&str, u8); 5] = [
     ("10.0.2.2:5353", UDP),
 ];
 
-/// A well-formed frame, IPv4 or (a quarter of them) its IPv6 twin.
-fn base(rng: &mut Rng) -> Vec<u8> {
+/// A well-formed frame, IPv4 or (a quarter of them) its IPv6 twin; one in
+/// ten an ICMP error quoting a flow, one in twenty the first of a fragment
+/// train (the rest queued in `pending`, sometimes reordered or thinned).
+fn base(rng: &mut Rng, pending: &mut Vec<Vec<u8>>) -> Vec<u8> {
+    if let Some(next) = pending.pop() {
+        return next;
+    }
+    let v6 = rng.below(4) == 0;
+    match rng.below(20) {
+        0 | 1 => return icmp_error_frame(rng, v6),
+        2 => {
+            let mut train = fragment_train(rng, v6);
+            match rng.below(4) {
+                // Reordered.
+                0 => {
+                    let other = rng.below(train.len());
+                    train.swap(0, other);
+                }
+                // One lost.
+                1 if train.len() > 2 => {
+                    train.remove(rng.below(train.len()));
+                }
+                _ => {}
+            }
+            train.reverse();
+            let first = train.pop().expect("a train has fragments");
+            *pending = train;
+            return first;
+        }
+        _ => {}
+    }
     let frame = base4(rng);
-    if rng.below(4) == 0 {
+    if v6 {
         to_ipv6(&frame).unwrap_or(frame)
     } else {
         frame
     }
+}
+
+/// An ICMP or ICMPv6 error from a backend or a router quoting a packet of a
+/// flow as it left us (client -> backend), or a reply as the client saw it
+/// (frontend -> client), in 8 bytes or whole.
+fn icmp_error_frame(rng: &mut Rng, v6: bool) -> Vec<u8> {
+    let fam = |e: Ep| if v6 { six_ep(e) } else { e };
+    let client = fam(Ep {
+        addr: ip(rng, &["10.0.0.5", "10.0.1.1"]).into(),
+        port: *rng.pick(&[40000u16, 40001, 40002]),
+    });
+    let payload: Vec<u8> = (0..rng.below(32)).map(|_| rng.next() as u8).collect();
+    let (quote_src, quote_dst, proto, outer_src, outer_dst) = if rng.below(3) == 0 {
+        let (fe, proto) = *rng.pick(&FRONTENDS);
+        (fam(ep(fe)), client, proto, client.addr, fam(ep(fe)).addr)
+    } else {
+        let (be, proto) = *rng.pick(&BACKENDS);
+        let from = if rng.below(2) == 0 {
+            fam(ep(be)).addr
+        } else {
+            fam(ep("10.9.9.9:0")).addr
+        };
+        (client, fam(ep(be)), proto, from, client.addr)
+    };
+    let quoted = if proto == TCP {
+        tcp(quote_src, quote_dst, tcp_flags(rng), &payload)
+    } else {
+        udp(quote_src, quote_dst, &payload)
+    };
+    let (kind, code) = if v6 {
+        *rng.pick(&[(1u8, 4u8), (2, 0), (3, 0), (4, 0)])
+    } else {
+        *rng.pick(&[(3u8, 3u8), (3, 4), (3, 1), (11, 0), (12, 0)])
+    };
+    let quote_len = if rng.below(2) == 0 {
+        Some(if v6 { 48 } else { 28 })
+    } else {
+        None
+    };
+    icmp_error(
+        outer_src,
+        outer_dst,
+        kind,
+        code,
+        [0, 0, 5, 0x78],
+        &quoted,
+        quote_len,
+    )
+}
+
+/// The fragments of a UDP datagram to a frontend or from a backend.
+fn fragment_train(rng: &mut Rng, v6: bool) -> Vec<Vec<u8>> {
+    let fam = |e: Ep| if v6 { six_ep(e) } else { e };
+    let client = fam(Ep {
+        addr: ip(rng, &["10.0.0.5", "10.0.1.1"]).into(),
+        port: *rng.pick(&[40000u16, 40001, 40002]),
+    });
+    // Longer than the largest fragment: two fragments at least.
+    let payload: Vec<u8> = (0..80 + rng.below(200)).map(|_| rng.next() as u8).collect();
+    let frame = match rng.below(3) {
+        0 => udp(fam(ep("10.0.2.1:5353")), client, &payload),
+        1 => udp(client, fam(ep("10.96.0.99:53")), &payload),
+        _ => udp(client, fam(ep("10.96.0.53:53")), &payload),
+    };
+    fragment(&frame, 8 * (1 + rng.below(8)), rng.next() as u32)
 }
 
 /// The IPv6 twin of a well-formed IPv4 TCP / UDP / ICMP echo frame:
@@ -451,21 +551,41 @@ fn unsix(o: &[u8]) -> Option<Ipv4Addr> {
         .then(|| Ipv4Addr::from((u32::from(s[6]) << 16) | u32::from(s[7])))
 }
 
-/// A frame nothing of ours could claim: not to a Service IP, not from a backend.
+/// A frame nothing of ours could claim: not to a Service IP, not from a
+/// backend, and (an ICMP error, matched by its quote alone, as netfilter
+/// does) not quoting a packet from or to one.
 fn foreign(f: &[u8]) -> bool {
-    let (src, dst) = if f.len() >= 54 && f[12..14] == [0x86, 0xdd] {
-        match (unsix(&f[22..38]), unsix(&f[38..54])) {
-            (Some(s), Some(d)) => (s.to_string(), d.to_string()),
-            (Some(s), None) => (s.to_string(), String::new()),
-            (None, Some(d)) => (String::new(), d.to_string()),
-            (None, None) => return true,
+    if let Some(q) = quote_of(f) {
+        let mut inner = f[..14].to_vec();
+        inner[12..14].copy_from_slice(if q.v6 { &[0x86, 0xdd] } else { &[0x08, 0x00] });
+        inner.extend_from_slice(&f[q.l3..]);
+        if let Some((src, dst)) = addresses(&inner) {
+            let ours = |a: &str| SERVICE_IPS.contains(&a) || BACKEND_IPS.contains(&a);
+            if ours(&src) || ours(&dst) {
+                return false;
+            }
         }
+    }
+    foreign_addresses(f)
+}
+
+/// A frame's IP source and destination as IPv4 text (IPv6 ones through `unsix`).
+fn addresses(f: &[u8]) -> Option<(String, String)> {
+    let text = |a: Option<Ipv4Addr>| a.map(|a| a.to_string()).unwrap_or_default();
+    if f.len() >= 54 && f[12..14] == [0x86, 0xdd] {
+        Some((text(unsix(&f[22..38])), text(unsix(&f[38..54]))))
     } else if f.len() >= 34 && f[12..14] == [0x08, 0x00] {
-        (
+        Some((
             Ipv4Addr::new(f[26], f[27], f[28], f[29]).to_string(),
             Ipv4Addr::new(f[30], f[31], f[32], f[33]).to_string(),
-        )
+        ))
     } else {
+        None
+    }
+}
+
+fn foreign_addresses(f: &[u8]) -> bool {
+    let Some((src, dst)) = addresses(f) else {
         return true;
     };
     !SERVICE_IPS.contains(&dst.as_str())
@@ -474,20 +594,108 @@ fn foreign(f: &[u8]) -> bool {
         && dst != "169.254.42.1"
 }
 
-/// Bytes outside addresses, ports and checksums must be unchanged.
+/// Where an ICMP error's quote sits: its IP header at `l3`, L4 at `l4`.
+struct Quote {
+    l3: usize,
+    l4: usize,
+    proto: u8,
+    v6: bool,
+}
+
+/// The quote of an ICMP / ICMPv6 error frame.
+fn quote_of(f: &[u8]) -> Option<Quote> {
+    let v6 = f.get(12..14)? == [0x86, 0xdd];
+    let (icmp, kind) = if v6 {
+        (f.get(20) == Some(&58)).then_some(())?;
+        (54, *f.get(54)?)
+    } else {
+        (f.get(23) == Some(&1) && f.get(14)? >> 4 == 4).then_some(())?;
+        let icmp = 14 + (f[14] & 0x0f) as usize * 4;
+        (icmp, *f.get(icmp)?)
+    };
+    let error = if v6 {
+        (1..=4).contains(&kind)
+    } else {
+        [3, 11, 12].contains(&kind)
+    };
+    if !error {
+        return None;
+    }
+    let l3 = icmp + 8;
+    let (l4, proto) = if v6 {
+        (l3 + 40, *f.get(l3 + 6)?)
+    } else {
+        (l3 + (*f.get(l3)? & 0x0f) as usize * 4, *f.get(l3 + 9)?)
+    };
+    (f.len() >= l4 + 8).then_some(Quote { l3, l4, proto, v6 })
+}
+
+/// The quoted IPv4 headers of a frame before and after, if both are quotes.
+fn quotes<'a>(input: &'a [u8], out: &'a [u8]) -> Option<(&'a [u8], &'a [u8])> {
+    let q = quote_of(input)?;
+    if q.v6 {
+        return None;
+    }
+    Some((&input[q.l3..q.l4], &out[q.l3..q.l4]))
+}
+
+fn quoted_ip_csum_ok(header: &[u8]) -> bool {
+    fold(sum16(header)) == 0xffff
+}
+
+/// An IPv4 fragment (MF or an offset), or IPv6 with a Fragment header.
+fn is_fragment(f: &[u8]) -> bool {
+    if f.len() >= 54 && f[12..14] == [0x86, 0xdd] {
+        f[20] == 44
+    } else {
+        f.len() >= 34 && u16::from_be_bytes([f[20], f[21]]) & 0x3fff != 0
+    }
+}
+
+/// Bytes outside addresses, ports and checksums must be unchanged (for an
+/// ICMP error: also the quote's; for a later fragment: no L4 header).
 fn only_nat_fields_changed(input: &[u8], out: &[u8]) -> Result<(), String> {
     if input.len() != out.len() {
         return Err(format!("length {} -> {}", input.len(), out.len()));
     }
     let v6 = input[12..14] == [0x86, 0xdd];
-    let (l4, proto, addrs) = if v6 {
+    let (mut l4, proto, addrs) = if v6 {
         (54, input[20], 22..54)
     } else {
         (14 + (input[14] & 0x0f) as usize * 4, input[23], 24..34)
     };
+    let (proto, later_fragment) = if v6 && proto == 44 {
+        l4 += 8;
+        let offset = u16::from_be_bytes([input[56], input[57]]) & 0xfff8;
+        (input[54], offset != 0)
+    } else {
+        let offset = u16::from_be_bytes([input[20], input[21]]) & 0x1fff;
+        (proto, !v6 && offset != 0)
+    };
     let csum = if proto == TCP { l4 + 16 } else { l4 + 6 };
-    let allowed =
-        |i: usize| addrs.contains(&i) || (l4..l4 + 4).contains(&i) || (csum..csum + 2).contains(&i);
+    let quote = quote_of(input);
+    let in_quote = |i: usize| {
+        quote.as_ref().is_some_and(|q| {
+            let (addrs, ip_csum) = if q.v6 {
+                (q.l3 + 8..q.l3 + 40, 0..0)
+            } else {
+                (q.l3 + 12..q.l3 + 20, q.l3 + 10..q.l3 + 12)
+            };
+            let l4_csum = if q.proto == TCP { q.l4 + 16 } else { q.l4 + 6 };
+            addrs.contains(&i)
+                || ip_csum.contains(&i)
+                || (q.l4..q.l4 + 4).contains(&i)
+                || (l4_csum..l4_csum + 2).contains(&i)
+                || (l4 + 2..l4 + 4).contains(&i)
+        })
+    };
+    let allowed = |i: usize| {
+        addrs.contains(&i)
+            || in_quote(i)
+            || (!later_fragment
+                && quote.is_none()
+                && ((l4..l4 + 4).contains(&i) || (csum..csum + 2).contains(&i)))
+    };
     match (0..input.len()).find(|&i| input[i] != out[i] && !allowed(i)) {
         Some(i) => Err(format!("byte {i} changed")),
         None => Ok(()),
@@ -513,12 +721,14 @@ fn fuzz(prog: Prog) {
     let mut rng = Rng(seed ^ prog as u64);
     let mut dp = Datapath::load();
     setup(&mut dp);
+    let mut pending = Vec::new();
     let (mut untouched, mut translated, mut bounced, mut dropped, mut refused_by_kernel) =
         (0, 0, 0, 0, 0);
     let mut ipv6_translated_or_answered = 0;
+    let (mut icmp_errors, mut fragments) = (0, 0);
     for n in 0..frames {
-        let mut frame = base(&mut rng);
-        let csum_valid = if rng.below(5) == 0 {
+        let mut frame = base(&mut rng, &mut pending);
+        let csum_valid = if !pending.is_empty() || is_fragment(&frame) || rng.below(5) == 0 {
             true
         } else {
             mutate(&mut rng, &mut frame)
@@ -548,6 +758,18 @@ fn fuzz(prog: Prog) {
                     && let Err(e) = verify_checksums(&out)
                 {
                     panic!("{}: translated frame: {e}; out {out:02x?}", ctx());
+                }
+                if let Some((quote_in, quote_out)) = quotes(&frame, &out) {
+                    icmp_errors += 1;
+                    if csum_valid && quoted_ip_csum_ok(quote_in) && !quoted_ip_csum_ok(quote_out) {
+                        panic!(
+                            "{}: quoted IPv4 header checksum broken; out {out:02x?}",
+                            ctx()
+                        );
+                    }
+                }
+                if is_fragment(&frame) {
+                    fragments += 1;
                 }
             }
             Verdict::Bounce => {
@@ -598,7 +820,11 @@ fn fuzz(prog: Prog) {
         );
     }
     println!(
-        "[{prog:?}] {frames} frames: {untouched} untouched, {translated} translated, {bounced} refused, {dropped} dropped, {refused_by_kernel} refused by BPF_PROG_TEST_RUN; IPv6 translated or answered: {ipv6_translated_or_answered}"
+        "[{prog:?}] {frames} frames: {untouched} untouched, {translated} translated, {bounced} refused, {dropped} dropped, {refused_by_kernel} refused by BPF_PROG_TEST_RUN; IPv6 translated or answered: {ipv6_translated_or_answered}; ICMP errors translated: {icmp_errors}; fragments translated: {fragments}"
+    );
+    assert!(
+        icmp_errors > frames / 200 && fragments > frames / 200,
+        "the generator reaches the ICMP error and fragment paths"
     );
     assert!(
         ipv6_translated_or_answered > frames / 50,
