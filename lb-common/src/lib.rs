@@ -360,20 +360,33 @@ pub mod ct_flags {
     pub const SYN_SEEN: u16 = 1 << 0;
     /// Both directions have been seen (the backend answered).
     pub const REPLY_SEEN: u16 = 1 << 1;
+    /// The client sent a FIN.
     pub const FIN_SEEN: u16 = 1 << 2;
     pub const RST_SEEN: u16 = 1 << 3;
+    /// The backend sent a FIN.
+    pub const FIN_REPLY_SEEN: u16 = 1 << 4;
+    /// A FIN from either side.
+    pub const ANY_FIN: u16 = FIN_SEEN | FIN_REPLY_SEEN;
 }
 
-/// Conntrack lifetimes, in seconds, counted from the last packet.
+/// Conntrack lifetimes, in seconds, counted from the last packet: kube-proxy's
+/// settings for netfilter (`conntrack.tcpEstablishedTimeout` 24 h,
+/// `tcpCloseWaitTimeout` 1 h) and the kernel's defaults for the rest.
 pub mod ct_lifetime {
-    /// TCP before the handshake completes.
-    pub const TCP_SYN: u32 = 60;
+    /// TCP before the backend answers (nf_conntrack_tcp_timeout_syn_sent).
+    pub const TCP_SYN: u32 = 120;
     /// TCP once both sides have been seen.
-    pub const TCP_ESTABLISHED: u32 = 21_600;
-    /// TCP after FIN or RST.
-    pub const TCP_CLOSING: u32 = 10;
-    /// UDP and anything else without state, by inactivity.
-    pub const NON_TCP: u32 = 60;
+    pub const TCP_ESTABLISHED: u32 = 86_400;
+    /// TCP after a FIN from one side only: the other may go on sending.
+    pub const TCP_HALF_CLOSED: u32 = 3_600;
+    /// TCP after FINs from both sides (TIME_WAIT).
+    pub const TCP_TIME_WAIT: u32 = 120;
+    /// TCP after an RST: no TIME_WAIT follows.
+    pub const TCP_CLOSED: u32 = 10;
+    /// UDP and others until an answer (nf_conntrack_udp_timeout).
+    pub const OTHER_UNREPLIED: u32 = 30;
+    /// UDP and others once both sides were seen (udp_timeout_stream).
+    pub const OTHER_REPLIED: u32 = 120;
 }
 
 /// Value of `LB_CT`.

@@ -44,13 +44,22 @@ pub fn reply_key(flow: &Flow) -> CtKey {
     }
 }
 
-/// Lifetime of an entry in seconds from its state flags.
+/// Lifetime of an entry in seconds from its state flags (shared by both
+/// directions of a flow). One FIN half-closes: the other side may go on.
 #[inline(always)]
 pub fn lifetime(proto: u8, flags: u16) -> u32 {
     if proto != IPPROTO_TCP {
-        ct_lifetime::NON_TCP
-    } else if flags & (ct_flags::FIN_SEEN | ct_flags::RST_SEEN) != 0 {
-        ct_lifetime::TCP_CLOSING
+        if flags & ct_flags::REPLY_SEEN != 0 {
+            ct_lifetime::OTHER_REPLIED
+        } else {
+            ct_lifetime::OTHER_UNREPLIED
+        }
+    } else if flags & ct_flags::RST_SEEN != 0 {
+        ct_lifetime::TCP_CLOSED
+    } else if flags & ct_flags::ANY_FIN == ct_flags::ANY_FIN {
+        ct_lifetime::TCP_TIME_WAIT
+    } else if flags & ct_flags::ANY_FIN != 0 {
+        ct_lifetime::TCP_HALF_CLOSED
     } else if flags & ct_flags::REPLY_SEEN != 0 {
         ct_lifetime::TCP_ESTABLISHED
     } else {
@@ -81,7 +90,7 @@ pub fn restarts(flow: &Flow, entry: &CtValue, backend: &BackendValue) -> bool {
         return backend.state == BACKEND_STANDBY;
     }
     flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-        && entry.flags & (ct_flags::FIN_SEEN | ct_flags::RST_SEEN) != 0
+        && entry.flags & (ct_flags::ANY_FIN | ct_flags::RST_SEEN) != 0
 }
 
 /// Whether a reply entry is a leftover for this packet: a SYN (a SYN-ACK
@@ -92,18 +101,23 @@ pub fn restarts(flow: &Flow, entry: &CtValue, backend: &BackendValue) -> bool {
 pub fn stale_for(flow: &Flow, entry: &CtValue) -> bool {
     flow.proto == IPPROTO_TCP
         && flow.tcp_flags & TCP_SYN != 0
-        && entry.flags & (ct_flags::FIN_SEEN | ct_flags::RST_SEEN) != 0
+        && entry.flags & (ct_flags::ANY_FIN | ct_flags::RST_SEEN) != 0
 }
 
-/// State bits a TCP flag byte adds.
+/// State bits a TCP flag byte adds; a FIN counts for the side that sent
+/// it (`dir` is the packet's: forward from the client, reply from the backend).
 #[inline(always)]
-fn state_bits(flow: &Flow) -> u16 {
+fn state_bits(flow: &Flow, dir: u8) -> u16 {
     if flow.proto != IPPROTO_TCP {
         return 0;
     }
     let mut bits = 0;
     if flow.tcp_flags & TCP_FIN != 0 {
-        bits |= ct_flags::FIN_SEEN;
+        bits |= if dir == CT_DIR_FORWARD {
+            ct_flags::FIN_SEEN
+        } else {
+            ct_flags::FIN_REPLY_SEEN
+        };
     }
     if flow.tcp_flags & TCP_RST != 0 {
         bits |= ct_flags::RST_SEEN;
@@ -111,13 +125,13 @@ fn state_bits(flow: &Flow) -> u16 {
     bits
 }
 
-/// Account a packet on `entry`. Returns the state bits that are new, which the
-/// caller copies to the other direction's entry.
+/// Account a packet of direction `dir` on `entry`. Returns the state bits
+/// that are new, which the caller copies to the other direction's entry.
 #[inline(always)]
-pub fn observe(entry: *mut CtValue, flow: &Flow, now: u64, len: u32, extra: u16) -> u16 {
+pub fn observe(entry: *mut CtValue, flow: &Flow, dir: u8, now: u64, len: u32, extra: u16) -> u16 {
     unsafe {
         let old = (*entry).flags;
-        let flags = old | state_bits(flow) | extra;
+        let flags = old | state_bits(flow, dir) | extra;
         (*entry).flags = flags;
         (*entry).last_seen_ns = now;
         (*entry).lifetime_s = lifetime(flow.proto, flags);
@@ -228,7 +242,7 @@ pub fn create(flow: &Flow, new: &NewFlow, nat: &mut Nat) -> Result<(), CreateErr
     ) else {
         return Err(CreateError::Full);
     };
-    let mut flags = state_bits(flow);
+    let mut flags = state_bits(flow, CT_DIR_FORWARD);
     if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         flags |= ct_flags::SYN_SEEN;
     }

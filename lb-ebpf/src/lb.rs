@@ -222,7 +222,12 @@ fn forward<P: Packet>(
     let fwd_key = ct::forward_key(flow);
     if let Some(entry) = ct::lookup(&fwd_key, now) {
         let backend_id = unsafe { (*entry).backend_id };
-        match unsafe { LB_BACKENDS.get(backend_id) } {
+        // Ids are reused: the id must still name the address the flow went to.
+        let backend = unsafe { LB_BACKENDS.get(backend_id) }.filter(|b| {
+            b.addr_be == unsafe { (*entry).nat_addr_be }
+                && b.port_be == unsafe { (*entry).nat_port_be }
+        });
+        match backend {
             Some(backend) if !ct::restarts(flow, unsafe { &*entry }, backend) => {
                 *to = Rewrite {
                     nat: Nat {
@@ -234,7 +239,7 @@ fn forward<P: Packet>(
                     end: End::Destination,
                     verdict: stat::ESTABLISHED,
                 };
-                let new_bits = ct::observe(entry, flow, now, len, 0);
+                let new_bits = ct::observe(entry, flow, CT_DIR_FORWARD, now, len, 0);
                 if new_bits != 0 {
                     let peer = ct::peer_key(flow, unsafe { &*entry }, CT_DIR_FORWARD);
                     ct::merge(&peer, flow.proto, new_bits, now);
@@ -243,7 +248,7 @@ fn forward<P: Packet>(
             }
             // The flow no longer fits its entry: balance it again below.
             Some(_) => count(stat::FLOW_RESTARTED),
-            // The flow's backend is gone.
+            // The flow's backend is gone (or its id names another now).
             None => count(stat::BACKEND_REPLACED),
         }
     }
@@ -465,7 +470,7 @@ fn reply<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin, to: &mut Rewrite) 
     }
     let first_reply = unsafe { (*entry).flags } & ct_flags::REPLY_SEEN == 0;
     let extra = if first_reply { ct_flags::REPLY_SEEN } else { 0 };
-    let new_bits = ct::observe(entry, flow, now, pkt.len(), extra);
+    let new_bits = ct::observe(entry, flow, CT_DIR_REPLY, now, pkt.len(), extra);
     // Read through the pointer: an entry copied to the stack costs 88 bytes.
     let entry = unsafe { &*entry };
     if new_bits != 0 {

@@ -352,11 +352,78 @@ fn tcp_lifetime_follows_handshake_and_close() {
                 Expect::RevNat(ep(WEB)),
             ),
             change(move |dp| assert_eq!(lifetime_of(dp), ct_lifetime::TCP_ESTABLISHED)),
+            // The client half-closes; the backend goes on sending: the
+            // flow is not cut short (netfilter's CLOSE_WAIT, kube-proxy's 1 h).
             send(
                 tcp(ep(CLIENT), ep(WEB), Tcp { fin: true, ..ACK }, b""),
                 Expect::Dnat(Target::Exact(ep(WEB_1))),
             ),
-            change(move |dp| assert_eq!(lifetime_of(dp), ct_lifetime::TCP_CLOSING)),
+            change(move |dp| assert_eq!(lifetime_of(dp), ct_lifetime::TCP_HALF_CLOSED)),
+            send(
+                tcp(ep(WEB_1), ep(CLIENT), ACK, b"more data"),
+                Expect::RevNat(ep(WEB)),
+            ),
+            change(move |dp| assert_eq!(lifetime_of(dp), ct_lifetime::TCP_HALF_CLOSED)),
+            // Both sides closed: TIME_WAIT.
+            send(
+                tcp(ep(WEB_1), ep(CLIENT), Tcp { fin: true, ..ACK }, b""),
+                Expect::RevNat(ep(WEB)),
+            ),
+            change(move |dp| assert_eq!(lifetime_of(dp), ct_lifetime::TCP_TIME_WAIT)),
+            send(
+                tcp(ep(CLIENT), ep(WEB), Tcp { rst: true, ..ACK }, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
+            change(move |dp| assert_eq!(lifetime_of(dp), ct_lifetime::TCP_CLOSED)),
+        ],
+    ));
+}
+
+#[test]
+fn udp_lifetime_grows_once_answered() {
+    let lifetimes =
+        |dp: &mut Datapath| -> Vec<u32> { dp.ct().iter().map(|(_, v)| v.lifetime_s).collect() };
+    run_case(case(
+        "udp_lifetime_grows_once_answered",
+        |dp| {
+            dp.backend(4, ep(DNS_1), UDP);
+            dp.frontend(ep(DNS), UDP, 2, &[4]);
+        },
+        vec![
+            send(
+                udp(ep(CLIENT), ep(DNS), b"query"),
+                Expect::Dnat(Target::Exact(ep(DNS_1))),
+            ),
+            change(move |dp| assert_eq!(lifetimes(dp), vec![ct_lifetime::OTHER_UNREPLIED; 2])),
+            send(
+                udp(ep(DNS_1), ep(CLIENT), b"answer"),
+                Expect::RevNat(ep(DNS)),
+            ),
+            change(move |dp| assert_eq!(lifetimes(dp), vec![ct_lifetime::OTHER_REPLIED; 2])),
+        ],
+    ));
+}
+
+#[test]
+fn a_reused_backend_id_does_not_carry_old_flows() {
+    // The flow's backend id comes to name another address (the agent
+    // freed the id and handed it out again): the flow is balanced afresh.
+    run_case(case(
+        "a_reused_backend_id_does_not_carry_old_flows",
+        single_backend,
+        vec![
+            send(
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
+            change(|dp| {
+                dp.backend(1, ep(WEB_2), TCP);
+            }),
+            send(
+                tcp(ep(CLIENT), ep(WEB), ACK, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_2))),
+            ),
+            counters(&[(stat::BACKEND_REPLACED, 1)]),
         ],
     ));
 }
