@@ -150,6 +150,13 @@ pub struct RunArgs {
     /// Capacity of the service and backend maps (entries). Default: 262144 / 131072
     #[arg(long, value_name = "N")]
     pub lb_map_max: Option<u32>,
+    /// TCP flows conntrack holds (two map entries each; least recently used
+    /// go first when full). Default: 32768 per CPU, at least 131072 (kube-proxy's)
+    #[arg(long, value_name = "FLOWS")]
+    pub ct_max_tcp: Option<u32>,
+    /// UDP and other flows conntrack holds. Default: half of the TCP default
+    #[arg(long, value_name = "FLOWS")]
+    pub ct_max_other: Option<u32>,
     /// Backend selection for Services without the `lb/algorithm` annotation. Default: random
     #[arg(long, value_enum)]
     pub default_algorithm: Option<Algorithm>,
@@ -213,6 +220,8 @@ pub struct FileConfig {
     pub hairpin_snat_address6: Option<std::net::Ipv6Addr>,
     pub default_algorithm: Option<Algorithm>,
     pub lb_map_max: Option<u32>,
+    pub ct_max_tcp: Option<u32>,
+    pub ct_max_other: Option<u32>,
     pub external_ip_cidrs: Option<Vec<ipnet::IpNet>>,
     pub log_format: Option<LogFormat>,
 }
@@ -237,6 +246,10 @@ pub enum Algorithm {
     /// Maglev consistent hashing: removing one of N backends moves ~1/N of flows.
     Maglev,
 }
+
+/// Bounds of --ct-max-tcp / --ct-max-other, in flows.
+const MIN_CT_FLOWS: u32 = 1024;
+const MAX_CT_FLOWS: u32 = 1 << 30;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -277,6 +290,9 @@ pub struct RunConfig {
     pub source: SourceConfig,
     /// Service and backend map capacity (`--lb-map-max`), when not the default.
     pub lb_map_max: Option<u32>,
+    /// Flows conntrack holds: TCP, and everything else (resolved defaults).
+    pub ct_max_tcp: u32,
+    pub ct_max_other: u32,
     pub healthz_bind: Option<SocketAddr>,
     pub metrics_bind: Option<SocketAddr>,
     pub min_sync_period: Duration,
@@ -378,9 +394,32 @@ impl RunArgs {
                 reason: "at least 16 entries".into(),
             });
         }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let (default_tcp, default_other) = lb_common::map_sizes::ct_flows_default(cpus);
+        let ct_flows = |flag, given: Option<u32>, default| match given {
+            // Two entries per flow must fit a map's u32 capacity.
+            Some(n) if !(MIN_CT_FLOWS..=MAX_CT_FLOWS).contains(&n) => Err(ConfigError::Invalid {
+                flag,
+                value: n.to_string(),
+                reason: format!("between {MIN_CT_FLOWS} and {MAX_CT_FLOWS} flows"),
+            }),
+            given => Ok(given.unwrap_or(default)),
+        };
+        let ct_max_tcp = ct_flows(
+            "ct-max-tcp",
+            self.ct_max_tcp.or(file.ct_max_tcp),
+            default_tcp,
+        )?;
+        let ct_max_other = ct_flows(
+            "ct-max-other",
+            self.ct_max_other.or(file.ct_max_other),
+            default_other,
+        )?;
         Ok(RunConfig {
             source,
             lb_map_max,
+            ct_max_tcp,
+            ct_max_other,
             healthz_bind,
             metrics_bind,
             min_sync_period,
@@ -538,6 +577,40 @@ mod tests {
         );
         assert_eq!(cfg.min_sync_period, Duration::from_secs(1));
         assert_eq!(cfg.metrics_bind, None, "empty disables");
+    }
+
+    #[test]
+    fn conntrack_sizes_scale_with_the_machine_and_flags_win() {
+        use lb_common::map_sizes::ct_flows_default;
+        // kube-proxy's formula: 32768 per CPU, at least 131072; others half.
+        for (cpus, tcp, other) in [
+            (1, 131_072, 65_536),
+            (4, 131_072, 65_536),
+            (8, 262_144, 131_072),
+            (64, 2_097_152, 1_048_576),
+        ] {
+            assert_eq!(ct_flows_default(cpus), (tcp, other), "{cpus} CPUs");
+        }
+        let cfg = RunArgs {
+            manifests: Some("/m".into()),
+            ct_max_tcp: Some(500_000),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(cfg.ct_max_tcp, 500_000);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        assert_eq!(cfg.ct_max_other, ct_flows_default(cpus).1);
+        for bad in [0, 10, (1 << 30) + 1] {
+            let err = RunArgs {
+                manifests: Some("/m".into()),
+                ct_max_other: Some(bad),
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap_err();
+            assert!(err.to_string().contains("ct-max-other"), "{err}");
+        }
     }
 
     #[test]

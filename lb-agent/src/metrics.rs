@@ -146,7 +146,8 @@ impl Metrics {
             (map_names::SERVICES, maps.services.keys().count()),
             (map_names::BACKENDS, maps.backends.keys().count()),
             (map_names::REV_NAT, maps.rev_nat.keys().count()),
-            (map_names::CT, maps.ct.keys().count()),
+            (map_names::CT_TCP, maps.ct_tcp.keys().count()),
+            (map_names::CT_OTHER, maps.ct_other.keys().count()),
             (map_names::AFFINITY, maps.affinity.keys().count()),
         ];
         for (name, n) in counts {

@@ -168,12 +168,14 @@ pub async fn run(config: RunConfig) -> Result<()> {
         None => 0,
     };
     let node_config = datapath_config(&config, &node, snat_addr, netns_cookie);
-    let capacities = config
-        .lb_map_max
-        .map_or_else(Capacities::default, |n| Capacities {
-            services: n,
-            backends: n,
-        });
+    let defaults = Capacities::default();
+    let capacities = Capacities {
+        services: config.lb_map_max.unwrap_or(defaults.services),
+        backends: config.lb_map_max.unwrap_or(defaults.backends),
+        // Two entries (forward and reply) per flow.
+        ct_tcp: 2 * config.ct_max_tcp,
+        ct_other: 2 * config.ct_max_other,
+    };
     let (mut datapath, maps) = Datapath::load_sized(&config.bpffs, node_config, capacities)
         .with_context(|| format!("loading the datapath under {}", config.bpffs.display()))?;
     match &config.socket_lb {

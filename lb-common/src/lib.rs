@@ -16,7 +16,10 @@ pub mod map_names {
     pub const SERVICES: &str = "LB_SERVICES";
     pub const BACKENDS: &str = "LB_BACKENDS";
     pub const REV_NAT: &str = "LB_REV_NAT";
-    pub const CT: &str = "LB_CT";
+    /// Conntrack of TCP flows, and of every other protocol: separate so a
+    /// flood of one kind cannot evict the other's flows.
+    pub const CT_TCP: &str = "LB_CT_TCP";
+    pub const CT_OTHER: &str = "LB_CT_OTHER";
     pub const AFFINITY: &str = "LB_AFFINITY";
     pub const STATS: &str = "LB_STATS";
     pub const CONFIG: &str = "LB_CONFIG";
@@ -25,11 +28,12 @@ pub mod map_names {
     pub const SOCK_NAT: &str = "LB_SOCK_NAT";
     pub const SOCK_AFFINITY: &str = "LB_SOCK_AFFINITY";
     /// Every map of the object, in the order the agent pins them.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
-        CT,
+        CT_TCP,
+        CT_OTHER,
         AFFINITY,
         STATS,
         CONFIG,
@@ -38,6 +42,8 @@ pub mod map_names {
         SOCK_NAT,
         SOCK_AFFINITY,
     ];
+    /// Pins of maps earlier versions wrote and this one no longer has.
+    pub const RETIRED: [&str; 1] = ["LB_CT"];
 }
 
 /// Program names, as the kernel object declares them.
@@ -93,8 +99,28 @@ pub mod map_sizes {
     pub const SERVICES: u32 = 262_144;
     pub const BACKENDS: u32 = 131_072;
     pub const REV_NAT: u32 = 65_535;
-    /// Two entries (forward and reply) per tracked flow.
-    pub const CT: u32 = 524_288;
+    /// Conntrack entries as the object declares them: two (forward and
+    /// reply) per flow, for the smallest default (`ct_flows_default`). The
+    /// agent sizes them from --ct-max-tcp / --ct-max-other.
+    pub const CT_TCP: u32 = 2 * CT_MIN_FLOWS;
+    pub const CT_OTHER: u32 = CT_MIN_FLOWS;
+    /// kube-proxy's conntrack sizing (`conntrack.maxPerCore` 32768,
+    /// `conntrack.min` 131072), in flows.
+    pub const CT_FLOWS_PER_CORE: u32 = 32_768;
+    pub const CT_MIN_FLOWS: u32 = 131_072;
+
+    /// Default flows tracked (TCP, other) on a machine with `cpus` CPUs:
+    /// kube-proxy's formula for TCP; half of it for the rest (Cilium's
+    /// ratio of its TCP and "any" conntrack tables).
+    pub const fn ct_flows_default(cpus: u32) -> (u32, u32) {
+        let per_core = CT_FLOWS_PER_CORE.saturating_mul(cpus);
+        let tcp = if per_core > CT_MIN_FLOWS {
+            per_core
+        } else {
+            CT_MIN_FLOWS
+        };
+        (tcp, tcp / 2)
+    }
     pub const AFFINITY: u32 = 131_072;
     /// Maglev entries over all Maglev frontends (allocated as used).
     pub const MAGLEV: u32 = 1 << 20;
@@ -339,7 +365,7 @@ pub const CT_DIR_FORWARD: u8 = 0;
 /// The packet goes backend -> client (a reply to a translated flow).
 pub const CT_DIR_REPLY: u8 = 1;
 
-/// Key of `LB_CT`: the tuple as the packet carries it when it reaches the
+/// Key of `LB_CT_TCP` / `LB_CT_OTHER`: the tuple as the packet carries it when it reaches the
 /// program. Forward entries hold the client's tuple towards the frontend;
 /// reply entries the backend's tuple towards the client.
 #[repr(C)]
@@ -389,7 +415,7 @@ pub mod ct_lifetime {
     pub const OTHER_REPLIED: u32 = 120;
 }
 
-/// Value of `LB_CT`.
+/// Value of `LB_CT_TCP` / `LB_CT_OTHER`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtValue {

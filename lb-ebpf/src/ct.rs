@@ -12,11 +12,32 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{LB_CONFIG, LB_CT, LB_CT_KEY_SCRATCH, LB_CT_SCRATCH},
+    maps::{LB_CONFIG, LB_CT_KEY_SCRATCH, LB_CT_OTHER, LB_CT_SCRATCH, LB_CT_TCP},
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// The entry of `key` in its protocol's conntrack map.
+#[inline(always)]
+fn entry_ptr(key: &CtKey) -> Option<*mut CtValue> {
+    if key.proto == IPPROTO_TCP {
+        LB_CT_TCP.get_ptr_mut(key)
+    } else {
+        LB_CT_OTHER.get_ptr_mut(key)
+    }
+}
+
+/// Insert into `key`'s protocol's conntrack map.
+#[inline(always)]
+fn insert(key: &CtKey, value: &CtValue, flags: u32) -> bool {
+    let result = if key.proto == IPPROTO_TCP {
+        LB_CT_TCP.insert(key, value, flags as u64)
+    } else {
+        LB_CT_OTHER.insert(key, value, flags as u64)
+    };
+    result.is_ok()
+}
 
 #[inline(always)]
 pub fn forward_key(flow: &Flow) -> CtKey {
@@ -70,7 +91,7 @@ pub fn lifetime(proto: u8, flags: u16) -> u32 {
 /// A live entry for `key`, or None when absent or aged out.
 #[inline(always)]
 pub fn lookup(key: &CtKey, now: u64) -> Option<*mut CtValue> {
-    let entry = LB_CT.get_ptr_mut(key)?;
+    let entry = entry_ptr(key)?;
     alive(entry, now).then_some(entry)
 }
 
@@ -177,7 +198,7 @@ pub enum CreateError {
 /// packet none of ours) costs no time read. Returns the entry and now.
 #[inline(always)]
 pub fn lookup_timed(key: &CtKey) -> Option<(*mut CtValue, u64)> {
-    let entry = LB_CT.get_ptr_mut(key)?;
+    let entry = entry_ptr(key)?;
     let now = unsafe { bpf_ktime_get_ns() };
     alive(entry, now).then_some((entry, now))
 }
@@ -189,7 +210,7 @@ pub fn lookup_timed(key: &CtKey) -> Option<(*mut CtValue, u64)> {
 /// balanced again).
 #[inline(always)]
 fn reusable(key: &CtKey, flow: &Flow, now: u64) -> bool {
-    match LB_CT.get_ptr_mut(key) {
+    match entry_ptr(key) {
         None => true,
         Some(entry) => {
             let entry_ref = unsafe { &*entry };
@@ -278,11 +299,8 @@ pub fn create(flow: &Flow, new: &NewFlow, nat: &mut Nat) -> Result<(), CreateErr
     reply.bytes = 0;
     // Reply first: a forward entry must never exist without its way back.
     let mut taken = !new.allocate
-        && (LB_CT
-            .insert(&*reply_key, &*reply, BPF_NOEXIST as u64)
-            .is_ok()
-            || (reusable(reply_key, flow, new.now)
-                && LB_CT.insert(&*reply_key, &*reply, BPF_ANY as u64).is_ok()));
+        && (insert(reply_key, reply, BPF_NOEXIST)
+            || (reusable(reply_key, flow, new.now) && insert(reply_key, reply, BPF_ANY)));
     if !taken {
         // Source ports come from the configured SNAT range.
         let Some((port_min, port_max)) = LB_CONFIG
@@ -302,11 +320,8 @@ pub fn create(flow: &Flow, new: &NewFlow, nat: &mut Nat) -> Result<(), CreateErr
         for _ in 0..SNAT_TRIES {
             let port = port_min as u32 + unsafe { bpf_get_prandom_u32() } % span;
             reply_key.dst_port_be = (port as u16).to_be();
-            if LB_CT
-                .insert(&*reply_key, &*reply, BPF_NOEXIST as u64)
-                .is_ok()
-                || (reusable(reply_key, flow, new.now)
-                    && LB_CT.insert(&*reply_key, &*reply, BPF_ANY as u64).is_ok())
+            if insert(reply_key, reply, BPF_NOEXIST)
+                || (reusable(reply_key, flow, new.now) && insert(reply_key, reply, BPF_ANY))
             {
                 taken = true;
                 break;
@@ -330,9 +345,11 @@ pub fn create(flow: &Flow, new: &NewFlow, nat: &mut Nat) -> Result<(), CreateErr
     forward.snat_port_be = nat.other_port_be;
     forward.packets = 1;
     forward.bytes = new.len as u64;
-    LB_CT
-        .insert(&forward_key(flow), &*forward, BPF_ANY as u64)
-        .map_err(|_| CreateError::Full)
+    if insert(&forward_key(flow), forward, BPF_ANY) {
+        Ok(())
+    } else {
+        Err(CreateError::Full)
+    }
 }
 
 /// The reply key of a forward entry, and the forward key of a reply entry.

@@ -27,9 +27,15 @@ pub static LB_BACKENDS: HashMap<u32, BackendValue> =
 #[map(name = "LB_REV_NAT")]
 pub static LB_REV_NAT: HashMap<u16, RevNatValue> = HashMap::with_max_entries(map_sizes::REV_NAT, 0);
 
-/// Conntrack: forward and reply tuples of translated flows.
-#[map(name = "LB_CT")]
-pub static LB_CT: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(map_sizes::CT, 0);
+/// Conntrack: forward and reply tuples of translated TCP flows.
+#[map(name = "LB_CT_TCP")]
+pub static LB_CT_TCP: LruHashMap<CtKey, CtValue> =
+    LruHashMap::with_max_entries(map_sizes::CT_TCP, 0);
+
+/// Conntrack of every other protocol (UDP): a UDP flood evicts only UDP flows.
+#[map(name = "LB_CT_OTHER")]
+pub static LB_CT_OTHER: LruHashMap<CtKey, CtValue> =
+    LruHashMap::with_max_entries(map_sizes::CT_OTHER, 0);
 
 /// Per-CPU room to build conntrack entries in (not pinned: scratch only).
 #[map(name = "LB_CT_SCRATCH")]

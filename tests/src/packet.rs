@@ -416,7 +416,8 @@ impl Datapath {
     fn load_programs(services: u32, backends: u32, programs: &[Prog]) -> Self {
         crate::require_root();
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(map_names::CT, services.max(4096))
+            .map_max_entries(map_names::CT_TCP, services.max(4096))
+            .map_max_entries(map_names::CT_OTHER, services.max(4096))
             .map_max_entries(map_names::SERVICES, services)
             .map_max_entries(map_names::BACKENDS, backends)
             .map_max_entries(map_names::AFFINITY, 1024)
@@ -734,17 +735,29 @@ impl Datapath {
             .expect("rev nat");
     }
 
+    /// Into the conntrack map of the key's protocol.
     pub fn insert_ct(&mut self, key: CtKey, value: CtValue) {
-        self.hash::<CtKey, CtValue>(map_names::CT)
+        let name = if key.proto == IPPROTO_TCP {
+            map_names::CT_TCP
+        } else {
+            map_names::CT_OTHER
+        };
+        self.hash::<CtKey, CtValue>(name)
             .insert(key, value, 0)
             .expect("insert ct");
     }
 
+    /// Every conntrack entry, TCP's then the others'.
     pub fn ct(&mut self) -> Vec<(CtKey, CtValue)> {
-        self.hash::<CtKey, CtValue>(map_names::CT)
-            .iter()
-            .map(|r| r.expect("read ct"))
-            .collect()
+        let mut all = Vec::new();
+        for name in [map_names::CT_TCP, map_names::CT_OTHER] {
+            all.extend(
+                self.hash::<CtKey, CtValue>(name)
+                    .iter()
+                    .map(|r| r.expect("read ct")),
+            );
+        }
+        all
     }
 
     /// Counters summed over CPUs.

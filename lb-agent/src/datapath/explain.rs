@@ -147,7 +147,8 @@ pub fn run(
     }
     // Private, small: the live ones are only read, and copied from below.
     loader
-        .map_max_entries(map_names::CT, 16)
+        .map_max_entries(map_names::CT_TCP, 16)
+        .map_max_entries(map_names::CT_OTHER, 16)
         .map_max_entries(map_names::AFFINITY, 16);
     let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
 
@@ -160,7 +161,12 @@ pub fn run(
         dir: CT_DIR_FORWARD,
         _pad: [0; 2],
     };
-    let existing_flow = live.ct.get(&key, 0).ok();
+    let (ct_name, live_ct) = if proto.number() == lb_common::IPPROTO_TCP {
+        (map_names::CT_TCP, &live.ct_tcp)
+    } else {
+        (map_names::CT_OTHER, &live.ct_other)
+    };
+    let existing_flow = live_ct.get(&key, 0).ok();
     let affinity_key = rev_nat_id.map(|id| AffinityKey {
         client_addr_be: Addr::from(from.ip()),
         rev_nat_id: id,
@@ -173,12 +179,11 @@ pub fn run(
                 .ok_or(ExplainError::Maps(MapsError::Missing { name }))
         };
     // These handles hold the private maps open until the program has run.
-    let mut ct: HashMap<MapData, CtKey, CtValue> =
-        HashMap::try_from(private(map_names::CT, &mut ebpf)?)
-            .map_err(|e| ExplainError::Map(map_names::CT, e))?;
+    let mut ct: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(private(ct_name, &mut ebpf)?)
+        .map_err(|e| ExplainError::Map(ct_name, e))?;
     if let Some(v) = existing_flow {
         ct.insert(key, v, 0)
-            .map_err(|e| ExplainError::Map(map_names::CT, e))?;
+            .map_err(|e| ExplainError::Map(ct_name, e))?;
     }
     let mut aff: HashMap<MapData, AffinityKey, AffinityValue> =
         HashMap::try_from(private(map_names::AFFINITY, &mut ebpf)?)

@@ -98,14 +98,11 @@ impl Attachment {
         Attachment::ReplyTcL3,
     ];
 
-    /// The tc programs, loaded at start.
-    const TC: [Attachment; 6] = [
+    /// The tc programs loaded at start: what every node runs.
+    const EAGER: [Attachment; 3] = [
         Attachment::PodTc,
         Attachment::PodEgress,
-        Attachment::NodeTc,
-        Attachment::NodeTcL3,
         Attachment::ReplyTc,
-        Attachment::ReplyTcL3,
     ];
 
     fn pin_prefix(self) -> &'static str {
@@ -466,6 +463,16 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 /// lost and re-balanced.
 fn replace_stale_pins(bpffs: &Path, shapes: &[MapShape]) -> Result<(), LoadError> {
     let unpin = |path: &Path| fs::remove_file(path).map_err(io_err(path));
+    for name in map_names::RETIRED {
+        let path = bpffs.join(name);
+        if path.exists() {
+            warn!(
+                map = name,
+                "removing the pin of a map this version no longer uses"
+            );
+            unpin(&path)?;
+        }
+    }
     let config_path = bpffs.join(map_names::CONFIG);
     if config_path.exists()
         && let Some(config_shape) = shapes.iter().find(|s| s.name == map_names::CONFIG)
@@ -557,7 +564,11 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
-        for name in Attachment::TC.map(Attachment::program) {
+        // Programs every node runs are verified now (a program the kernel
+        // refuses stops the agent here); the others (node devices, L3
+        // devices) when a device first needs them: each costs seconds of
+        // verification.
+        for name in Attachment::EAGER.map(Attachment::program) {
             let prog_err = |source| LoadError::Program { name, source };
             let tc: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -566,14 +577,6 @@ impl Datapath {
                 .map_err(prog_err)?;
             tc.load().map_err(prog_err)?;
         }
-        let name = program_names::XDP_NODE;
-        let prog_err = |source| LoadError::Program { name, source };
-        let xdp: &mut Xdp = ebpf
-            .program_mut(name)
-            .ok_or(prog_err(ProgramError::NotLoaded))?
-            .try_into()
-            .map_err(prog_err)?;
-        xdp.load().map_err(prog_err)?;
 
         let mut maps = Maps::take(&mut ebpf)?;
         let config = ConfigValue {
@@ -716,6 +719,9 @@ impl Datapath {
             .ok_or(prog_err(ProgramError::NotLoaded))?
             .try_into()
             .map_err(prog_err)?;
+        if tc.fd().is_err() {
+            tc.load().map_err(prog_err)?;
+        }
         // A link from an earlier agent: swap its program atomically, so the
         // device is never without one.
         if let Some(link) = pinned_link::<SchedClassifierLink>(&pin) {
@@ -754,6 +760,9 @@ impl Datapath {
             .ok_or(prog_err(ProgramError::NotLoaded))?
             .try_into()
             .map_err(prog_err)?;
+        if xdp.fd().is_err() {
+            xdp.load().map_err(prog_err)?;
+        }
         if let Some(link) = pinned_link::<XdpLink>(&pin) {
             match xdp.attach_to_link(link) {
                 Ok(_) => return Ok("replaced program of pinned XDP link"),

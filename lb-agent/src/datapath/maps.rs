@@ -55,29 +55,35 @@ impl std::fmt::Display for MapShape {
     }
 }
 
-/// Capacities the agent may size differently (`--lb-map-max`).
+/// Capacities the agent may size differently (`--lb-map-max`,
+/// `--ct-max-tcp`, `--ct-max-other`), in entries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {
     pub services: u32,
     pub backends: u32,
+    pub ct_tcp: u32,
+    pub ct_other: u32,
 }
 
 impl Default for Capacities {
+    /// As the object declares them.
     fn default() -> Self {
         Capacities {
             services: map_sizes::SERVICES,
             backends: map_sizes::BACKENDS,
+            ct_tcp: map_sizes::CT_TCP,
+            ct_other: map_sizes::CT_OTHER,
         }
     }
 }
 
 /// The shapes lb-common declares for every pinned map.
-pub fn expected_shapes() -> [MapShape; 11] {
+pub fn expected_shapes() -> [MapShape; 12] {
     shapes_with(Capacities::default())
 }
 
 /// The shapes with the given capacities.
-pub fn shapes_with(cap: Capacities) -> [MapShape; 11] {
+pub fn shapes_with(cap: Capacities) -> [MapShape; 12] {
     use std::mem::size_of;
     let shape = |name, k: usize, v: usize, max| MapShape {
         name,
@@ -105,10 +111,16 @@ pub fn shapes_with(cap: Capacities) -> [MapShape; 11] {
             map_sizes::REV_NAT,
         ),
         shape(
-            map_names::CT,
+            map_names::CT_TCP,
             size_of::<CtKey>(),
             size_of::<CtValue>(),
-            map_sizes::CT,
+            cap.ct_tcp,
+        ),
+        shape(
+            map_names::CT_OTHER,
+            size_of::<CtKey>(),
+            size_of::<CtValue>(),
+            cap.ct_other,
         ),
         shape(
             map_names::AFFINITY,
@@ -200,7 +212,8 @@ pub struct Maps {
     pub services: ServicesMap,
     pub backends: BackendsMap,
     pub rev_nat: RevNatMap,
-    pub ct: CtMap,
+    pub ct_tcp: CtMap,
+    pub ct_other: CtMap,
     pub affinity: AffinityMap,
     pub stats: StatsMap,
     pub config: ConfigMap,
@@ -225,7 +238,8 @@ impl Maps {
             services: typed(map_names::SERVICES, take(map_names::SERVICES)?)?,
             backends: typed(map_names::BACKENDS, take(map_names::BACKENDS)?)?,
             rev_nat: typed(map_names::REV_NAT, take(map_names::REV_NAT)?)?,
-            ct: typed(map_names::CT, take(map_names::CT)?)?,
+            ct_tcp: typed(map_names::CT_TCP, take(map_names::CT_TCP)?)?,
+            ct_other: typed(map_names::CT_OTHER, take(map_names::CT_OTHER)?)?,
             affinity: typed(map_names::AFFINITY, take(map_names::AFFINITY)?)?,
             stats: typed(map_names::STATS, take(map_names::STATS)?)?,
             config: typed(map_names::CONFIG, take(map_names::CONFIG)?)?,
@@ -250,15 +264,33 @@ impl Maps {
             services: typed(map_names::SERVICES, open(0, Map::HashMap)?)?,
             backends: typed(map_names::BACKENDS, open(1, Map::HashMap)?)?,
             rev_nat: typed(map_names::REV_NAT, open(2, Map::HashMap)?)?,
-            ct: typed(map_names::CT, open(3, Map::LruHashMap)?)?,
-            affinity: typed(map_names::AFFINITY, open(4, Map::LruHashMap)?)?,
-            stats: typed(map_names::STATS, open(5, Map::PerCpuArray)?)?,
-            config: typed(map_names::CONFIG, open(6, Map::Array)?)?,
-            maglev: typed(map_names::MAGLEV, open(7, Map::HashMap)?)?,
-            source_ranges: typed(map_names::SOURCE_RANGES, open(8, Map::LpmTrie)?)?,
-            sock_nat: typed(map_names::SOCK_NAT, open(9, Map::LruHashMap)?)?,
-            sock_affinity: typed(map_names::SOCK_AFFINITY, open(10, Map::LruHashMap)?)?,
+            ct_tcp: typed(map_names::CT_TCP, open(3, Map::LruHashMap)?)?,
+            ct_other: typed(map_names::CT_OTHER, open(4, Map::LruHashMap)?)?,
+            affinity: typed(map_names::AFFINITY, open(5, Map::LruHashMap)?)?,
+            stats: typed(map_names::STATS, open(6, Map::PerCpuArray)?)?,
+            config: typed(map_names::CONFIG, open(7, Map::Array)?)?,
+            maglev: typed(map_names::MAGLEV, open(8, Map::HashMap)?)?,
+            source_ranges: typed(map_names::SOURCE_RANGES, open(9, Map::LpmTrie)?)?,
+            sock_nat: typed(map_names::SOCK_NAT, open(10, Map::LruHashMap)?)?,
+            sock_affinity: typed(map_names::SOCK_AFFINITY, open(11, Map::LruHashMap)?)?,
         })
+    }
+
+    /// Both conntrack maps (TCP, other), with their names.
+    pub fn conntrack(&self) -> [(&'static str, &CtMap); 2] {
+        [
+            (map_names::CT_TCP, &self.ct_tcp),
+            (map_names::CT_OTHER, &self.ct_other),
+        ]
+    }
+
+    /// The conntrack map of a protocol.
+    pub fn conntrack_of_mut(&mut self, proto: u8) -> &mut CtMap {
+        if proto == lb_common::IPPROTO_TCP {
+            &mut self.ct_tcp
+        } else {
+            &mut self.ct_other
+        }
     }
 
     /// Counters summed over CPUs, indexed by `lb_common::stat`.

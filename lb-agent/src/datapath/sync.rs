@@ -608,14 +608,14 @@ impl Syncer {
     fn prune_conntrack(&mut self) {
         let stale: Vec<_> = self
             .maps
-            .ct
-            .iter()
-            .filter_map(Result::ok)
+            .conntrack()
+            .into_iter()
+            .flat_map(|(_, ct)| ct.iter().filter_map(Result::ok))
             .filter(|(_, v)| !self.backends.contains_key(&v.backend_id))
             .map(|(k, _)| k)
             .collect();
         for key in stale {
-            removed(self.maps.ct.remove(&key));
+            removed(self.maps.conntrack_of_mut(key.proto).remove(&key));
         }
     }
 

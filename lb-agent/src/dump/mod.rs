@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use lb_common::{
     Addr, BACKEND_STANDBY, BackendValue, CT_DIR_FORWARD, SOCK_DIR_FORWARD, ServiceKey,
-    ServiceValue, backend_flags, ct_flags, service_flags, stat,
+    ServiceValue, backend_flags, ct_flags, map_names, service_flags, stat,
 };
 use serde::Serialize;
 
@@ -167,6 +167,16 @@ pub struct AffinityDump {
 pub struct StatsDump {
     /// Counter name -> packets (kernel) or events (agent_* counters).
     pub counters: BTreeMap<&'static str, u64>,
+    /// How full the hash maps are (conntrack first: when full, its least
+    /// recently used flows are evicted; failed inserts count `err_ct_full`).
+    pub maps: Vec<DumpMapFill>,
+}
+
+#[derive(Serialize)]
+pub struct DumpMapFill {
+    pub map: &'static str,
+    pub entries: usize,
+    pub capacity: u32,
 }
 
 fn frontend_flags(v: &ServiceValue) -> Vec<&'static str> {
@@ -300,41 +310,44 @@ pub fn conntrack(maps: &Maps) -> Result<ConntrackDump> {
     let now = monotonic_ns();
     let secs = |ns: u64| ns as f64 / 1e9;
     let mut flows = Vec::new();
-    for entry in maps.ct.iter() {
-        let (k, v) = entry.context("reading LB_CT")?;
-        let mut flags = Vec::new();
-        for (bit, name) in [
-            (ct_flags::SYN_SEEN, "syn"),
-            (ct_flags::REPLY_SEEN, "reply-seen"),
-            (ct_flags::FIN_SEEN, "fin"),
-            (ct_flags::RST_SEEN, "rst"),
-        ] {
-            if v.flags & bit != 0 {
-                flags.push(name);
+    for (name, ct) in maps.conntrack() {
+        for entry in ct.iter() {
+            let (k, v) = entry.with_context(|| format!("reading {name}"))?;
+            let mut flags = Vec::new();
+            for (bit, name) in [
+                (ct_flags::SYN_SEEN, "syn"),
+                (ct_flags::REPLY_SEEN, "reply-seen"),
+                (ct_flags::FIN_SEEN, "fin"),
+                (ct_flags::FIN_REPLY_SEEN, "fin-reply"),
+                (ct_flags::RST_SEEN, "rst"),
+            ] {
+                if v.flags & bit != 0 {
+                    flags.push(name);
+                }
             }
+            let expires = v.last_seen_ns + v.lifetime_s as u64 * 1_000_000_000;
+            flows.push(DumpFlow {
+                direction: if k.dir == CT_DIR_FORWARD {
+                    "forward"
+                } else {
+                    "reply"
+                },
+                protocol: proto_name(k.proto),
+                source: endpoint(k.src_addr_be, k.src_port_be),
+                destination: endpoint(k.dst_addr_be, k.dst_port_be),
+                translated_to: endpoint(v.nat_addr_be, v.nat_port_be),
+                snat: (!v.snat_addr_be.is_none()).then(|| addr(v.snat_addr_be)),
+                snat_port: (!v.snat_addr_be.is_none()).then(|| u16::from_be(v.snat_port_be)),
+                backend_id: v.backend_id,
+                rev_nat_id: v.rev_nat_id,
+                flags,
+                age_s: secs(now.saturating_sub(v.created_ns)),
+                idle_s: secs(now.saturating_sub(v.last_seen_ns)),
+                expires_in_s: (expires as f64 - now as f64) / 1e9,
+                packets: v.packets,
+                bytes: v.bytes,
+            });
         }
-        let expires = v.last_seen_ns + v.lifetime_s as u64 * 1_000_000_000;
-        flows.push(DumpFlow {
-            direction: if k.dir == CT_DIR_FORWARD {
-                "forward"
-            } else {
-                "reply"
-            },
-            protocol: proto_name(k.proto),
-            source: endpoint(k.src_addr_be, k.src_port_be),
-            destination: endpoint(k.dst_addr_be, k.dst_port_be),
-            translated_to: endpoint(v.nat_addr_be, v.nat_port_be),
-            snat: (!v.snat_addr_be.is_none()).then(|| addr(v.snat_addr_be)),
-            snat_port: (!v.snat_addr_be.is_none()).then(|| u16::from_be(v.snat_port_be)),
-            backend_id: v.backend_id,
-            rev_nat_id: v.rev_nat_id,
-            flags,
-            age_s: secs(now.saturating_sub(v.created_ns)),
-            idle_s: secs(now.saturating_sub(v.last_seen_ns)),
-            expires_in_s: (expires as f64 - now as f64) / 1e9,
-            packets: v.packets,
-            bytes: v.bytes,
-        });
     }
     flows.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));
     let mut sockets = Vec::new();
@@ -385,10 +398,35 @@ pub fn affinity(maps: &Maps) -> Result<AffinityDump> {
     })
 }
 
-pub fn stats(maps: &Maps) -> Result<StatsDump> {
+pub fn stats(maps: &Maps, bpffs: &std::path::Path) -> Result<StatsDump> {
     let values = maps.read_stats().context("reading LB_STATS")?;
+    let capacity = |name: &str| {
+        aya::maps::MapInfo::from_pin(bpffs.join(name))
+            .map(|i| i.max_entries())
+            .with_context(|| format!("reading {name}'s capacity"))
+    };
+    let fill = [
+        (map_names::CT_TCP, maps.ct_tcp.keys().count()),
+        (map_names::CT_OTHER, maps.ct_other.keys().count()),
+        (map_names::SERVICES, maps.services.keys().count()),
+        (map_names::BACKENDS, maps.backends.keys().count()),
+        (map_names::REV_NAT, maps.rev_nat.keys().count()),
+        (map_names::AFFINITY, maps.affinity.keys().count()),
+        (map_names::SOCK_NAT, maps.sock_nat.keys().count()),
+    ];
+    let maps = fill
+        .into_iter()
+        .map(|(map, entries)| {
+            Ok(DumpMapFill {
+                map,
+                entries,
+                capacity: capacity(map)?,
+            })
+        })
+        .collect::<Result<_>>()?;
     Ok(StatsDump {
         counters: stat::NAMES.iter().copied().zip(values).collect(),
+        maps,
     })
 }
 
@@ -533,7 +571,7 @@ pub fn run(args: &DumpArgs) -> Result<()> {
             }
         }
         DumpWhat::Stats => {
-            let d = stats(&maps)?;
+            let d = stats(&maps, &args.bpffs)?;
             if json {
                 serde_json::to_string_pretty(&d)?
             } else {
@@ -541,7 +579,19 @@ pub fn run(args: &DumpArgs) -> Result<()> {
                 for (name, value) in &d.counters {
                     t.add_row(vec![name.to_string(), value.to_string()]);
                 }
-                t.to_string()
+                let mut m = table(&["MAP", "ENTRIES", "CAPACITY", "FILL"]);
+                for fill in &d.maps {
+                    m.add_row(vec![
+                        fill.map.to_string(),
+                        fill.entries.to_string(),
+                        fill.capacity.to_string(),
+                        format!(
+                            "{:.1}%",
+                            100.0 * fill.entries as f64 / fill.capacity.max(1) as f64
+                        ),
+                    ]);
+                }
+                format!("{t}\n{m}")
             }
         }
     };
