@@ -163,14 +163,18 @@ pub fn observe(entry: *mut CtValue, flow: &Flow, dir: u8, now: u64, len: u32, ex
     }
 }
 
-/// Add state bits learnt from the other direction.
+/// Add state bits learnt from the other direction; with `touch`, the entry
+/// also counts as seen now (see `refresh_peer`).
 #[inline(always)]
-pub fn merge(key: &CtKey, proto: u8, bits: u16, now: u64) {
+pub fn merge(key: &CtKey, proto: u8, bits: u16, now: u64, touch: bool) {
     if let Some(entry) = lookup(key, now) {
         unsafe {
             let flags = (*entry).flags | bits;
             (*entry).flags = flags;
             (*entry).lifetime_s = lifetime(proto, flags);
+            if touch {
+                (*entry).last_seen_ns = now;
+            }
         }
     }
 }
@@ -207,7 +211,8 @@ pub fn lookup_timed(key: &CtKey) -> Option<(*mut CtValue, u64)> {
 /// its connection was reset (no TIME_WAIT follows an RST, so the tuple is
 /// free at once; closing by FIN keeps it for the closing lifetime), or it is
 /// this very flow's own (the same client tuple to the same frontend, being
-/// balanced again).
+/// balanced again). A reply entry lives as long as its flow: the forward
+/// path refreshes it for flows the backend does not answer (`refresh_peer`).
 #[inline(always)]
 fn reusable(key: &CtKey, flow: &Flow, now: u64) -> bool {
     match entry_ptr(key) {
@@ -222,6 +227,15 @@ fn reusable(key: &CtKey, flow: &Flow, now: u64) -> bool {
             own || lookup(key, now).is_none() || entry_ref.flags & ct_flags::RST_SEEN != 0
         }
     }
+}
+
+/// Whether a forward packet must also refresh its reply entry: a flow that
+/// is not TCP (TCP always answers, with ACKs) may go one way only, and its
+/// reply entry, aging by its own clock, would free the reply tuple (a SNAT
+/// port) while the flow still uses it. At most once a second per flow.
+#[inline(always)]
+pub fn refresh_peer(flow: &Flow, last_seen_ns: u64, now: u64) -> bool {
+    flow.proto != IPPROTO_TCP && now / NS_PER_SEC != last_seen_ns / NS_PER_SEC
 }
 
 /// Random probes for a free SNAT port before giving up. With the default

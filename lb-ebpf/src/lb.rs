@@ -239,10 +239,11 @@ fn forward<P: Packet>(
                     end: End::Destination,
                     verdict: stat::ESTABLISHED,
                 };
+                let touch = ct::refresh_peer(flow, unsafe { (*entry).last_seen_ns }, now);
                 let new_bits = ct::observe(entry, flow, CT_DIR_FORWARD, now, len, 0);
-                if new_bits != 0 {
+                if new_bits != 0 || touch {
                     let peer = ct::peer_key(flow, unsafe { &*entry }, CT_DIR_FORWARD);
-                    ct::merge(&peer, flow.proto, new_bits, now);
+                    ct::merge(&peer, flow.proto, new_bits, now, touch);
                 }
                 return REWRITE;
             }
@@ -475,7 +476,7 @@ fn reply<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin, to: &mut Rewrite) 
     let entry = unsafe { &*entry };
     if new_bits != 0 {
         let peer = ct::peer_key(flow, entry, CT_DIR_REPLY);
-        ct::merge(&peer, flow.proto, new_bits, now);
+        ct::merge(&peer, flow.proto, new_bits, now, false);
     }
     *to = Rewrite {
         nat: Nat {

@@ -516,3 +516,73 @@ fn a_reset_flows_snat_port_is_free_at_once() {
         ],
     ));
 }
+
+/// Age every conntrack entry of direction `dir` by `secs` (as if its last
+/// packet had passed that long ago).
+fn age(dp: &mut Datapath, dir: u8, secs: u64) {
+    for (k, mut v) in dp.ct() {
+        if k.dir == dir {
+            v.last_seen_ns = Datapath::now_ns() - secs * 1_000_000_000;
+            dp.insert_ct(k, v);
+        }
+    }
+}
+
+#[test]
+fn a_one_way_flow_keeps_its_snat_port_while_it_lives() {
+    // UDP the backend never answers: its reply entry sees no packet, yet
+    // the tuple is in use as long as the client sends; the forward path
+    // keeps it alive (once a second).
+    run_case(case(
+        "a_one_way_flow_keeps_its_snat_port_while_it_lives",
+        node_ports,
+        vec![
+            send(
+                udp(ep(CLIENT), ep(NODE_PORT_UDP), b"stream"),
+                Expect::Nat {
+                    src: snat(SNAT_PORT),
+                    dst: ep(REMOTE_DNS),
+                },
+            ),
+            change(|dp| {
+                age(dp, CT_DIR_REPLY, 29);
+                age(dp, lb_common::CT_DIR_FORWARD, 2);
+            }),
+            send(
+                udp(ep(CLIENT), ep(NODE_PORT_UDP), b"more"),
+                Expect::Nat {
+                    src: snat(SNAT_PORT),
+                    dst: ep(REMOTE_DNS),
+                },
+            ),
+            // 29 s old a moment ago, about to die: the client's packet renewed it.
+            change(|dp| {
+                let reply = dp.ct().into_iter().find(|(k, _)| k.dir == CT_DIR_REPLY);
+                let (_, v) = reply.expect("reply entry");
+                let idle = Datapath::now_ns() - v.last_seen_ns;
+                assert!(
+                    idle < 1_000_000_000,
+                    "reply entry idle {idle} ns: not refreshed"
+                );
+            }),
+            // Another client cannot take the port.
+            send(
+                udp(ep(OTHER_CLIENT), ep(NODE_PORT_UDP), b"query"),
+                Expect::Dropped,
+            ),
+            counters(&[(stat::ERR_SNAT_PORTS, 1)]),
+            // Once the first flow is gone too, the port is free.
+            change(|dp| {
+                age(dp, CT_DIR_REPLY, 31);
+                age(dp, lb_common::CT_DIR_FORWARD, 31);
+            }),
+            send(
+                udp(ep(OTHER_CLIENT), ep(NODE_PORT_UDP), b"query"),
+                Expect::Nat {
+                    src: snat(SNAT_PORT),
+                    dst: ep(REMOTE_DNS),
+                },
+            ),
+        ],
+    ));
+}
