@@ -422,7 +422,7 @@ fn transport<P: Packet>(pkt: &P, ip: &Ends, l4_off: u32) -> Parsed {
     if ip.frag == FRAG_FIRST {
         // The rest of the datagram gets this one's ports (and so its
         // translation). A full LRU evicts the oldest datagram.
-        let _ = LB_FRAGS.insert(&frag_key(ip), &ports, 0);
+        let _ = LB_FRAGS.insert(frag_key(ip), ports, 0);
         count(stat::FRAGMENT);
     }
     Parsed::Flow(Flow {
@@ -459,7 +459,7 @@ fn frag_key(ip: &Ends) -> FragKey {
 /// (`frag_unknown`); the caller drops it if it is addressed to a Service.
 #[inline(always)]
 fn later_fragment(ip: &Ends, l4_off: u32) -> Parsed {
-    let Some(ports) = (unsafe { LB_FRAGS.get(&frag_key(ip)) }) else {
+    let Some(ports) = (unsafe { LB_FRAGS.get(frag_key(ip)) }) else {
         return Parsed::LaterUnknown(Flow {
             src_be: ip.src,
             dst_be: ip.dst,

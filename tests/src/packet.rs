@@ -225,7 +225,10 @@ pub fn icmp_error(
 /// payload each (a multiple of 8), datagram identification `id`: IPv4 with
 /// MF and offsets, IPv6 with a Fragment header (RFC 8200 4.5).
 pub fn fragment(frame: &[u8], chunk: usize, id: u32) -> Vec<Vec<u8>> {
-    assert!(chunk % 8 == 0, "fragment payload must be a multiple of 8");
+    assert!(
+        chunk.is_multiple_of(8),
+        "fragment payload must be a multiple of 8"
+    );
     let v6 = frame[12..14] == [0x86, 0xdd];
     let (hlen, payload) = if v6 {
         (40, &frame[54..])
@@ -247,7 +250,7 @@ pub fn fragment(frame: &[u8], chunk: usize, id: u32) -> Vec<Vec<u8>> {
             ip[4..6].copy_from_slice(&((8 + piece.len()) as u16).to_be_bytes());
             f.extend_from_slice(&ip);
             f.extend_from_slice(&[next_header, 0]);
-            let bits = (offset / 8) as u16 * 8 | more as u16;
+            let bits = (offset as u16) | more as u16;
             f.extend_from_slice(&bits.to_be_bytes());
             f.extend_from_slice(&id.to_be_bytes());
         } else {
