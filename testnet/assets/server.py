@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Test/demo server for a pod: answers on TCP ports with an HTTP response and
 on UDP ports with a datagram, both naming the pod and the client address it
-saw ("pod=NAME client=IP:PORT port=N"), over IPv4 and IPv6. Runs until killed."""
+saw ("pod=NAME client=IP:PORT port=N", and "bytes=N" after a request body
+with a Content-Length), over IPv4 and IPv6. Runs until killed."""
 import argparse
 import socket
 import threading
@@ -45,13 +46,36 @@ def serve_tcp(conn, addr, name, port):
                     if not chunk:
                         return
                     conn.sendall(f"pod={name} echo={chunk.decode().strip()}\n".encode())
-        body = f"pod={name} client={addr[0]}:{addr[1]} port={port}\n".encode()
+        answer = f"pod={name} client={addr[0]}:{addr[1]} port={port}"
+        body = request_body(conn, data)
+        if body is not None:
+            answer += f" bytes={len(body)}"
+        body = (answer + "\n").encode()
         head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
         conn.sendall(head + body)
     except OSError:
         pass
     finally:
         conn.close()
+
+
+def request_body(conn, data):
+    """The body of a request whose head (and maybe some of the body) is in
+    `data`, read up to its Content-Length; None if it has none."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = None
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"content-length":
+            length = int(value)
+    if length is None:
+        return None
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return body
 
 
 def udp_server(name, port, family):

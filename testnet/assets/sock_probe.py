@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Socket-level LB probe, run in the node namespace. Prints one line per
-result, flushed, so a test can follow it:
+"""Socket-level probe, run in the node namespace or a pod. Prints one line
+per result, flushed, so a test can follow it:
 
   tcp HOST PORT           connect, print "peer=IP:PORT" (getpeername) and the
                           server's answer line
@@ -9,6 +9,16 @@ result, flushed, so a test can follow it:
   connected HOST PORT S   connected UDP for S seconds: "peer=IP:PORT", then a
                           request every 0.1 s printing the answer, or
                           "error=NAME" and a reconnect of the same socket
+  udp_one_port SRC PORT HOST...
+                          one UDP socket bound to port SRC sends to each HOST,
+                          then to the first again; per datagram
+                          "to=IP:PORT from=IP:PORT <answer>" or "to=IP:PORT error=NAME"
+  tcp_one_port SRC PORT HOST...
+                          a TCP connection from port SRC (SO_REUSEADDR) to each
+                          HOST in turn ("HOLD" mode of server.py): its greeting
+                          "to=IP:PORT from=IP:PORT <greeting>", then one echoed
+                          line on every connection open so far, "to=IP:PORT <echo>";
+                          "to=IP:PORT error=NAME" for what fails
 """
 import errno
 import socket
@@ -69,8 +79,62 @@ def connected(host, port, seconds):
         time.sleep(0.1)
 
 
+def error(e):
+    if isinstance(e, socket.timeout):
+        return "timeout"
+    return errno.errorcode.get(e.errno, str(e))
+
+
+def wildcard(host):
+    return "::" if ":" in host else "0.0.0.0"
+
+
+def udp_one_port(src, port, hosts):
+    s = socket.socket(family(hosts[0]), socket.SOCK_DGRAM)
+    s.bind((wildcard(hosts[0]), src))
+    s.settimeout(2)
+    for host in hosts + hosts[:1]:
+        to = name((host, port))
+        try:
+            s.sendto(b"hello", (host, port))
+            data, addr = s.recvfrom(65535)
+            out("to=%s from=%s %s" % (to, name(addr), data.decode().strip()))
+        except OSError as e:
+            out("to=%s error=%s" % (to, error(e)))
+
+
+def tcp_one_port(src, port, hosts):
+    open_ = []
+    for host in hosts:
+        to = name((host, port))
+        try:
+            s = socket.socket(family(host), socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((wildcard(host), src))
+            s.settimeout(3)
+            s.connect((host, port))
+            f = s.makefile("r")
+            s.sendall(b"HOLD\n")
+            greeting = f.readline().strip() or "error=closed"
+            out("to=%s from=%s %s" % (to, name(s.getpeername()), greeting))
+            open_.append((to, s, f))
+        except OSError as e:
+            out("to=%s error=%s" % (to, error(e)))
+        for i, (to, s, f) in enumerate(open_):
+            try:
+                s.sendall(b"line%d\n" % i)
+                out("to=%s %s" % (to, f.readline().strip() or "error=closed"))
+            except OSError as e:
+                out("to=%s error=%s" % (to, error(e)))
+
+
 def main():
-    mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    mode = sys.argv[1]
+    if mode in ("udp_one_port", "tcp_one_port"):
+        one_port = udp_one_port if mode == "udp_one_port" else tcp_one_port
+        one_port(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
+        return
+    host, port = sys.argv[2], int(sys.argv[3])
     try:
         if mode == "tcp":
             tcp(host, port)

@@ -68,6 +68,19 @@ fn sysctl(ns: &str, key: &str, value: &str) -> Result<(), String> {
     .map(|_| ())
 }
 
+/// A namespace whose devices' IPv6 addresses (link-local ones included)
+/// are usable at once: no duplicate address detection. With it, a new link
+/// carries no IPv6 for about a second after it comes up (neighbour
+/// discovery waits for the link-local address to be confirmed), longer
+/// than some tests wait for an answer.
+fn add_netns(ns: &str) -> Result<(), String> {
+    ip(&["netns", "add", ns])?;
+    for key in ["all", "default"] {
+        sysctl(ns, &format!("net.ipv6.conf.{key}.accept_dad"), "0")?;
+    }
+    Ok(())
+}
+
 /// The pid that created a prefixed name: "lbt<pid><letter>...".
 fn owner_pid(name: &str) -> Option<u32> {
     let rest = name.strip_prefix(PREFIX)?;
@@ -151,7 +164,7 @@ impl Topology {
             children: Vec::new(),
             next_dev: 0,
         };
-        ip(&["netns", "add", &node_ns])?;
+        add_netns(&node_ns)?;
         ip(&["-n", &node_ns, "link", "set", "lo", "up"])?;
         // The pods' gateway is a node address: the node answers their ARP for it.
         ip(&[
@@ -206,7 +219,7 @@ impl Topology {
             ip: ip_addr,
             host_dev: host_dev.clone(),
         };
-        ip(&["netns", "add", &ns])?;
+        add_netns(&ns)?;
         self.pods.push(pod.clone());
         let node = self.node_ns.clone();
         ip(&[
@@ -465,17 +478,22 @@ impl Topology {
     /// HTTP GET with curl from a pod: Ok(body) or Err(curl exit code, stderr).
     /// 7 = refused (RST), 28 = timed out.
     pub fn curl(&self, from: &Pod, url: &str, timeout_s: f64) -> Result<String, (i32, String)> {
+        self.curl_with(from, &[], url, timeout_s)
+    }
+
+    /// `curl` with more arguments before the URL.
+    pub fn curl_with(
+        &self,
+        from: &Pod,
+        extra: &[&str],
+        url: &str,
+        timeout_s: f64,
+    ) -> Result<String, (i32, String)> {
         let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &from.ns,
-                "curl",
-                "-sS",
-                "--max-time",
-                &timeout_s.to_string(),
-                url,
-            ])
+            .args(["netns", "exec", &from.ns, "curl", "-sS", "--max-time"])
+            .arg(timeout_s.to_string())
+            .args(extra)
+            .arg(url)
             .stdin(Stdio::null())
             .output()
             .map_err(|e| (-1, e.to_string()))?;
@@ -603,7 +621,7 @@ impl Lan {
     /// A bridge namespace named after `topo`'s prefix.
     pub fn new(topo: &Topology) -> Result<Self, String> {
         let ns = format!("{}-lan", topo.prefix);
-        ip(&["netns", "add", &ns])?;
+        add_netns(&ns)?;
         let lan = Lan {
             ns: ns.clone(),
             prefix: topo.prefix.clone(),
@@ -658,7 +676,7 @@ impl Lan {
         routes: &[(&str, &str)],
     ) -> Result<Pod, String> {
         let ns = format!("{}-{name}", self.prefix);
-        ip(&["netns", "add", &ns])?;
+        add_netns(&ns)?;
         self.hosts.push(ns.clone());
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         self.plug(&ns, "eth0", addr_cidr)?;

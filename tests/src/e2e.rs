@@ -51,6 +51,85 @@ spec:
   - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
 "#;
 
+/// A dual-stack ClusterIP Service with one endpoint per family, rendered
+/// as the manifests the agent reads (the Service and one EndpointSlice per
+/// family), and as the frontends it must hold.
+pub struct DualStackService<'a> {
+    pub name: &'a str,
+    /// The `app` label it selects.
+    pub app: &'a str,
+    /// IPv4, IPv6.
+    pub cluster_ips: [&'a str; 2],
+    /// (name, port, targetPort, protocol "TCP" | "UDP").
+    pub ports: &'a [(&'a str, u16, u16, &'a str)],
+}
+
+/// One port of a Service in one family, and its endpoint.
+pub struct Frontend {
+    pub addr: std::net::SocketAddr,
+    /// "TCP" | "UDP".
+    pub protocol: String,
+    pub backend: std::net::SocketAddr,
+}
+
+impl Frontend {
+    /// "ip:port/PROTO", as `Cluster::wait_backends` takes it.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.addr, self.protocol)
+    }
+}
+
+impl DualStackService<'_> {
+    /// The Service and its slices, `endpoints` (IPv4, IPv6) on node `node`.
+    pub fn yaml(&self, endpoints: [&str; 2], node: &str) -> String {
+        let [ip4, ip6] = self.cluster_ips;
+        let mut yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {}}}\nspec:\n  clusterIP: {ip4}\n  \
+             clusterIPs: [{ip4}, \"{ip6}\"]\n  ipFamilies: [IPv4, IPv6]\n  \
+             ipFamilyPolicy: RequireDualStack\n  selector: {{app: {}}}\n  ports:\n",
+            self.name, self.app
+        );
+        for (name, port, target, protocol) in self.ports {
+            yaml += &format!(
+                "  - {{name: {name}, port: {port}, targetPort: {target}, protocol: {protocol}}}\n"
+            );
+        }
+        for (family, endpoint) in ["IPv4", "IPv6"].into_iter().zip(endpoints) {
+            yaml += &format!(
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  \
+                 name: {}-{}\n  labels: {{kubernetes.io/service-name: {}}}\naddressType: {family}\nports:\n",
+                self.name,
+                family.to_lowercase(),
+                self.name
+            );
+            for (name, _, target, protocol) in self.ports {
+                yaml += &format!("- {{name: {name}, port: {target}, protocol: {protocol}}}\n");
+            }
+            yaml += &format!(
+                "endpoints:\n- {{addresses: [\"{endpoint}\"], conditions: {{ready: true}}, nodeName: {node}}}\n"
+            );
+        }
+        yaml
+    }
+
+    /// Every port in both families, with its endpoint.
+    pub fn frontends(&self, endpoints: [&str; 2]) -> Vec<Frontend> {
+        let mut all = Vec::new();
+        for (ip, endpoint) in self.cluster_ips.into_iter().zip(endpoints) {
+            let ip: std::net::IpAddr = ip.parse().expect("ClusterIP");
+            let endpoint: std::net::IpAddr = endpoint.parse().expect("endpoint address");
+            for &(_, port, target, protocol) in self.ports {
+                all.push(Frontend {
+                    addr: (ip, port).into(),
+                    protocol: protocol.to_string(),
+                    backend: (endpoint, target).into(),
+                });
+            }
+        }
+        all
+    }
+}
+
 pub struct Cluster {
     pub topo: Topology,
     pub manifests: PathBuf,
@@ -341,9 +420,13 @@ impl Default for Cluster {
 
 /// `key=value` from a server's answer line.
 pub fn field<'a>(body: &'a str, key: &str) -> &'a str {
-    body.split_whitespace()
+    try_field(body, key).unwrap_or_else(|| panic!("no {key}= in {body:?}"))
+}
+
+/// `key=value` from a line, if it is there.
+pub fn try_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
         .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
-        .unwrap_or_else(|| panic!("no {key}= in {body:?}"))
 }
 
 pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
