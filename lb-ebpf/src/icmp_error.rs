@@ -26,6 +26,9 @@ use crate::{
     },
 };
 
+/// IPv6 next header: a Fragment header.
+const IPPROTO_FRAGMENT: u8 = 44;
+
 /// ICMP header length: type, code, checksum and 4 bytes before the quote.
 const ICMP_HLEN: u32 = 8;
 const ICMP_CSUM: u32 = 2;
@@ -131,20 +134,31 @@ fn restored(addr: Addr, port_be: u16, quoted: &Quoted, src: bool) -> (Addr, u16)
 
 /// The quoted IP header and the ports after it (RFC 792 and 4443 quote at
 /// least 8 bytes of L4). Only TCP and UDP quotes, without IPv6 extension
-/// headers, not a non-first fragment.
+/// headers other than a Fragment header, not a non-first fragment (no ports).
 #[inline(always)]
 fn parse_quote<P: Packet>(pkt: &P, outer: &Flow) -> Option<Quoted> {
     let l3_off = outer.l4_off + ICMP_HLEN;
     let (src, dst, proto, l4_off) = if outer.v6 {
         // Version and next header, then the addresses: the whole header
         // would cost this frame 40 bytes.
-        let [version, _, _, _, _, _, next_header, _]: [u8; 8] = pkt.load(l3_off).ok()?;
+        let [version, _, _, _, _, _, mut next_header, _]: [u8; 8] = pkt.load(l3_off).ok()?;
         if version >> 4 != 6 {
             return None;
         }
         let src: Addr = pkt.load(l3_off + IP6_SRC_OFF).ok()?;
         let dst: Addr = pkt.load(l3_off + IP6_DST_OFF).ok()?;
-        (src, dst, next_header, l3_off + IP6_HLEN)
+        let mut l4_off = l3_off + IP6_HLEN;
+        if next_header == IPPROTO_FRAGMENT {
+            // A quoted first fragment (a router refusing a fragment too big
+            // for its link): its ports follow the Fragment header.
+            let [inner_next, _, offset_hi, offset_lo]: [u8; 4] = pkt.load(l4_off).ok()?;
+            if u16::from_be_bytes([offset_hi, offset_lo]) & 0xfff8 != 0 {
+                return None;
+            }
+            next_header = inner_next;
+            l4_off += 8;
+        }
+        (src, dst, next_header, l4_off)
     } else {
         let ip: Ipv4Hdr = pkt.load(l3_off).ok()?;
         let ihl = ((ip.version_ihl & 0x0f) as u32) * 4;

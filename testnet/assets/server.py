@@ -81,8 +81,12 @@ def request_body(conn, data):
 def udp_server(name, port, family):
     s = bound(family, socket.SOCK_DGRAM, port)
     while True:
-        _, addr = s.recvfrom(65535)
-        s.sendto(f"pod={name} client={addr[0]}:{addr[1]} port={port}\n".encode(), addr)
+        data, addr = s.recvfrom(65535)
+        answer = f"pod={name} client={addr[0]}:{addr[1]} port={port} bytes={len(data)}\n".encode()
+        # A large request gets an answer as large (fragmented both ways).
+        if len(data) > 1000:
+            answer += b"." * (len(data) - len(answer))
+        s.sendto(answer, addr)
 
 
 def main():

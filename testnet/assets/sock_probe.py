@@ -13,6 +13,11 @@ per result, flushed, so a test can follow it:
                           one UDP socket bound to port SRC sends to each HOST,
                           then to the first again; per datagram
                           "to=IP:PORT from=IP:PORT <answer>" or "to=IP:PORT error=NAME"
+  big HOST PORT SIZE      unconnected UDP: a SIZE-byte datagram (fragmented on
+                          the way), its answer as large: "from=IP:PORT size=N
+                          <first line>"; resent after a second without an
+                          answer, three tries (each refusal on the way, a
+                          "packet too big", teaches an end its path MTU)
   tcp_one_port SRC PORT HOST...
                           a TCP connection from port SRC (SO_REUSEADDR) to each
                           HOST in turn ("HOLD" mode of server.py): its greeting
@@ -128,6 +133,21 @@ def tcp_one_port(src, port, hosts):
                 out("to=%s error=%s" % (to, error(e)))
 
 
+def big(host, port, size):
+    s = socket.socket(family(host), socket.SOCK_DGRAM)
+    s.settimeout(1.0)
+    for attempt in range(3):
+        s.sendto(b"b" * size, (host, port))
+        try:
+            data, addr = s.recvfrom(65535)
+        except socket.timeout:
+            continue
+        first = data.split(b"\n", 1)[0].decode(errors="replace")
+        out("from=%s size=%d %s" % (name(addr), len(data), first))
+        return
+    out("error=timeout")
+
+
 def main():
     mode = sys.argv[1]
     if mode in ("udp_one_port", "tcp_one_port"):
@@ -140,6 +160,8 @@ def main():
             tcp(host, port)
         elif mode == "sendto":
             sendto(host, port)
+        elif mode == "big":
+            big(host, port, int(sys.argv[4]))
         else:
             connected(host, port, float(sys.argv[4]))
     except OSError as e:

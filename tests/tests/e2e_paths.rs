@@ -52,6 +52,8 @@ const CLOSED: u16 = 54;
 const CLIENT_PORT: u16 = 40000;
 /// Bytes the client uploads in the PMTU cases.
 const UPLOAD: usize = 300_000;
+/// A UDP datagram (and its answer) three fragments long at MTU 1500.
+const DATAGRAM: usize = 3000;
 
 /// The rig's Services, both served by web-b alone (the same backend ports).
 const SERVICES: [DualStackService; 2] = [
@@ -434,6 +436,47 @@ impl Rig {
             }
         }
         failures.extend(self.errors_translated(2));
+        self.verdict(failures, 2);
+    }
+
+    /// A DATAGRAM-byte UDP datagram from the client pod to web's ClusterIP
+    /// (fragmented at the client's MTU of 1500) and its answer as large
+    /// (fragmented by the backend): every fragment must be translated both
+    /// ways, so the whole answer arrives from the ClusterIP.
+    fn big_datagrams(&self) {
+        let probe = self.a.topo.dir.join("sock_probe.py").display().to_string();
+        let mut failures = Vec::new();
+        for family in &FAMILIES {
+            let ip: IpAddr = family.web.parse().expect("ClusterIP");
+            let to = std::net::SocketAddr::new(ip, 53).to_string();
+            let size = DATAGRAM.to_string();
+            let args = ["python3", &probe, "big", family.web, "53", &size];
+            let line = match self.a.topo.exec(&self.client.ns, &args) {
+                Ok(out) => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+                Err(e) => e,
+            };
+            let want_size = DATAGRAM.to_string();
+            let ok = try_field(&line, "from") == Some(to.as_str())
+                && try_field(&line, "size") == Some(want_size.as_str())
+                && try_field(&line, "bytes") == Some(want_size.as_str())
+                && try_field(&line, "pod") == Some("web-b");
+            if !ok {
+                failures.push(format!(
+                    "a {DATAGRAM}-byte datagram from the client pod ({}) to {to}, answer as \
+                     large expected from {to}: got {line:?}",
+                    family.client
+                ));
+            }
+        }
+        if let Proxy::Lb { .. } = self.proxy {
+            let n = self.a.stats()["fragment"].as_u64().unwrap_or(0);
+            // Both families, three fragments each way at least.
+            if n < 12 {
+                failures.push(format!(
+                    "lb counted {n} fragments translated, want 12 or more"
+                ));
+            }
+        }
         self.verdict(failures, 2);
     }
 
@@ -885,5 +928,39 @@ mod one_source_port_to_two_services_sharing_a_backend {
     #[test]
     fn netfilter_control() {
         Rig::new(Via::SecondNic, Proxy::Netfilter).one_source_port();
+    }
+}
+
+/// A 3000-byte UDP datagram to a ClusterIP and a 3000-byte answer: every
+/// fragment gets its datagram's translation, both ways.
+mod fragmented_datagrams_both_ways {
+    use super::*;
+
+    #[test]
+    fn second_nic() {
+        Rig::new(Via::SecondNic, lb(Devices::None)).big_datagrams();
+    }
+
+    #[test]
+    fn vxlan() {
+        Rig::new(Via::Vxlan, lb(Devices::None)).big_datagrams();
+    }
+
+    #[test]
+    fn l3_tunnel() {
+        Rig::new(Via::L3Tunnel, lb(Devices::None)).big_datagrams();
+    }
+
+    #[test]
+    fn netfilter_control() {
+        Rig::new(Via::SecondNic, Proxy::Netfilter).big_datagrams();
+    }
+
+    /// Node A's VXLAN device is smaller than the client's MTU: IPv4
+    /// fragments are fragmented again, IPv6 ones refused with "packet too
+    /// big" quoting the first fragment (which must reach the client).
+    #[test]
+    fn netfilter_control_vxlan() {
+        Rig::new(Via::Vxlan, Proxy::Netfilter).big_datagrams();
     }
 }
