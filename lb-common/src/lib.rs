@@ -132,6 +132,13 @@ pub mod map_sizes {
     pub const SOCK_AFFINITY: u32 = 65_536;
 }
 
+/// `skb->mark` bit lb sets on packets it translated on the way in, so the
+/// reply-only program on a pod device's egress leaves them alone (a
+/// forward-translated packet may carry another flow's reply tuple). The
+/// mark is scrubbed when the packet enters the pod's namespace. Outside
+/// kube-proxy's (0x4000, 0x8000) and Calico's (0xffff0000) bits.
+pub const MARK_TRANSLATED: u32 = 0x0000_0800;
+
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMP: u8 = 1;

@@ -209,17 +209,21 @@ pub fn lookup_timed(key: &CtKey) -> Option<(*mut CtValue, u64)> {
 
 /// Whether the entry holding a reply tuple may be replaced: it is dead, or
 /// its connection was reset (no TIME_WAIT follows an RST, so the tuple is
-/// free at once; closing by FIN keeps it for the closing lifetime), or it is
-/// this very flow's own (the same client tuple to the same frontend, being
-/// balanced again). A reply entry lives as long as its flow: the forward
-/// path refreshes it for flows the backend does not answer (`refresh_peer`).
+/// free at once; closing by FIN keeps it for the closing lifetime), or, with
+/// `own_first_try` (the flow's own source port, not a candidate from the
+/// range), it is this very flow's own: the same client tuple to the same
+/// frontend, being balanced again. A reply entry lives as long as its flow:
+/// a one-way flow renews it (`refresh_peer`).
 #[inline(always)]
-fn reusable(key: &CtKey, flow: &Flow, now: u64) -> bool {
+fn reusable(key: &CtKey, flow: &Flow, now: u64, own_first_try: bool) -> bool {
     match entry_ptr(key) {
         None => true,
         Some(entry) => {
             let entry_ref = unsafe { &*entry };
-            let own = entry_ref.nat_addr_be == flow.dst_be
+            // On the first try the key's destination is the flow's source
+            // (or its SNAT address, restoring the flow's source).
+            let own = own_first_try
+                && entry_ref.nat_addr_be == flow.dst_be
                 && entry_ref.nat_port_be == flow.dport_be
                 && (entry_ref.snat_addr_be.is_none()
                     || (entry_ref.snat_addr_be == flow.src_be
@@ -229,10 +233,11 @@ fn reusable(key: &CtKey, flow: &Flow, now: u64) -> bool {
     }
 }
 
-/// Whether a forward packet must also refresh its reply entry: a flow that
-/// is not TCP (TCP always answers, with ACKs) may go one way only, and its
-/// reply entry, aging by its own clock, would free the reply tuple (a SNAT
-/// port) while the flow still uses it. At most once a second per flow.
+/// Whether a packet must also refresh its flow's other entry: a flow that
+/// is not TCP (TCP always answers, with ACKs) may go one way only (a client
+/// streaming, or a server pushing), and the silent direction's entry, aging
+/// by its own clock, would end the flow (or free its reply tuple, a SNAT
+/// port) while it is in use. At most once a second per direction.
 #[inline(always)]
 pub fn refresh_peer(flow: &Flow, last_seen_ns: u64, now: u64) -> bool {
     flow.proto != IPPROTO_TCP && now / NS_PER_SEC != last_seen_ns / NS_PER_SEC
@@ -314,7 +319,7 @@ pub fn create(flow: &Flow, new: &NewFlow, nat: &mut Nat) -> Result<(), CreateErr
     // Reply first: a forward entry must never exist without its way back.
     let mut taken = !new.allocate
         && (insert(reply_key, reply, BPF_NOEXIST)
-            || (reusable(reply_key, flow, new.now) && insert(reply_key, reply, BPF_ANY)));
+            || (reusable(reply_key, flow, new.now, true) && insert(reply_key, reply, BPF_ANY)));
     if !taken {
         // Source ports come from the configured SNAT range.
         let Some((port_min, port_max)) = LB_CONFIG
@@ -335,7 +340,7 @@ pub fn create(flow: &Flow, new: &NewFlow, nat: &mut Nat) -> Result<(), CreateErr
             let port = port_min as u32 + unsafe { bpf_get_prandom_u32() } % span;
             reply_key.dst_port_be = (port as u16).to_be();
             if insert(reply_key, reply, BPF_NOEXIST)
-                || (reusable(reply_key, flow, new.now) && insert(reply_key, reply, BPF_ANY))
+                || (reusable(reply_key, flow, new.now, false) && insert(reply_key, reply, BPF_ANY))
             {
                 taken = true;
                 break;

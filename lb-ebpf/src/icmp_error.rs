@@ -265,7 +265,7 @@ fn outer_addr<P: Packet>(pkt: &mut P, outer: &Flow, src: bool, new: Addr) -> Res
             }
         }
         let off = if src { IP6_SRC_OFF } else { IP6_DST_OFF };
-        pkt.store(outer.l3_off + off, &new)
+        pkt.store_addr6(outer.l3_off + off, &new)
     } else {
         let (from, to) = (old.v4_be(), new.v4_be());
         pkt.l3_csum_replace4(outer.l3_off + IP_CSUM_OFF, from, to)?;

@@ -70,6 +70,12 @@ const REFUSE: i32 = i32::MIN + 1;
 /// keys inlined into one body do not fit.
 #[inline(always)]
 pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
+    if origin == Origin::Reply && pkt.translated_here() {
+        // Translated on its way in (towards a backend in this pod): not a
+        // reply, whatever tuple it carries now.
+        count(stat::PASS_NOT_FRONTEND);
+        return pkt.pass();
+    }
     let mut flow = Flow::default();
     match parse::parse_into(pkt, &mut flow) {
         parse::FLOW => {}
@@ -471,12 +477,13 @@ fn reply<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin, to: &mut Rewrite) 
     }
     let first_reply = unsafe { (*entry).flags } & ct_flags::REPLY_SEEN == 0;
     let extra = if first_reply { ct_flags::REPLY_SEEN } else { 0 };
+    let touch = ct::refresh_peer(flow, unsafe { (*entry).last_seen_ns }, now);
     let new_bits = ct::observe(entry, flow, CT_DIR_REPLY, now, pkt.len(), extra);
     // Read through the pointer: an entry copied to the stack costs 88 bytes.
     let entry = unsafe { &*entry };
-    if new_bits != 0 {
+    if new_bits != 0 || touch {
         let peer = ct::peer_key(flow, entry, CT_DIR_REPLY);
-        ct::merge(&peer, flow.proto, new_bits, now, false);
+        ct::merge(&peer, flow.proto, new_bits, now, touch);
     }
     *to = Rewrite {
         nat: Nat {
@@ -533,6 +540,9 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, to: &Rewrite) -> i32 {
     match result {
         Ok(()) => {
             count(verdict);
+            if end == End::Destination {
+                pkt.mark_translated();
+            }
             if LB_CONFIG
                 .get(0)
                 .is_some_and(|c| c.flags & config_flags::FAST_PATH != 0)
@@ -591,6 +601,9 @@ fn refuse<P: Packet>(pkt: &mut P, flow: &Flow) -> i32 {
         FRAG_FIRST => !flow.v6 && flow.proto != IPPROTO_TCP,
         _ => false,
     };
+    // The ICMP answer grows the packet at its head; on a device without a
+    // MAC header the kernel would then send the old header's bytes.
+    let answerable = answerable && (flow.proto == IPPROTO_TCP || pkt.l3_off() != 0);
     if flow.tcp_flags & TCP_RST != 0 || !answerable {
         // Never answer an RST.
         count(stat::DROP_NO_BACKEND);

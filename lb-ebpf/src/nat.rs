@@ -66,7 +66,7 @@ pub fn rewrite<P: Packet>(
         // L4 checksum (over the whole datagram) and was translated already.
         if old_addr != addr_be {
             if flow.v6 {
-                pkt.store(addr_off, &addr_be)?;
+                pkt.store_addr6(addr_off, &addr_be)?;
             } else {
                 let (from, to) = (old_addr.v4_be(), addr_be.v4_be());
                 pkt.l3_csum_replace4(flow.l3_off + IP_CSUM_OFF, from, to)?;
@@ -84,7 +84,7 @@ pub fn rewrite<P: Packet>(
                     pkt.l4_csum_replace(kind, csum_off, from, to, 4, true)?;
                 }
             }
-            pkt.store(addr_off, &addr_be)?;
+            pkt.store_addr6(addr_off, &addr_be)?;
         } else {
             let (from, to) = (old_addr.v4_be(), addr_be.v4_be());
             pkt.l4_csum_replace(kind, csum_off, from, to, 4, true)?;

@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT, bpf_fib_lookup as FibLookup, xdp_action,
     },
     helpers::generated::{
@@ -50,6 +50,22 @@ pub trait Packet {
         self.load(off)
     }
     fn store<T: Copy>(&mut self, off: u32, v: &T) -> Result<()>;
+    /// Store an IPv6 address: on tc the skb's CHECKSUM_COMPLETE sum follows
+    /// the change (no IPv6 header checksum absorbs it, and the L4 helper's
+    /// pseudo-header update takes it out of `skb->csum`).
+    #[inline(always)]
+    fn store_addr6(&mut self, off: u32, v: &lb_common::Addr) -> Result<()> {
+        self.store(off, v)
+    }
+    /// Mark the packet as translated on this node, so the reply-only
+    /// program on a pod device's egress does not take it for a reply.
+    #[inline(always)]
+    fn mark_translated(&mut self) {}
+    /// Whether an earlier program on this node translated the packet.
+    #[inline(always)]
+    fn translated_here(&self) -> bool {
+        false
+    }
     /// Patch the IPv4 header checksum at `csum_off` for a 4-byte field change.
     fn l3_csum_replace4(&mut self, csum_off: u32, from: u32, to: u32) -> Result<()>;
     /// Patch the L4 checksum at `csum_off` for a field change of `size` (2 or
@@ -127,6 +143,25 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
     }
 
     #[inline(always)]
+    fn store_addr6(&mut self, off: u32, v: &lb_common::Addr) -> Result<()> {
+        self.ctx
+            .store(off as usize, v, BPF_F_RECOMPUTE_CSUM as u64)
+            .map_err(|_| PacketError)
+    }
+
+    #[inline(always)]
+    fn mark_translated(&mut self) {
+        // SAFETY: skb->mark is writable from tc programs.
+        unsafe { (*self.ctx.skb.skb).mark |= lb_common::MARK_TRANSLATED };
+    }
+
+    #[inline(always)]
+    fn translated_here(&self) -> bool {
+        let mark = unsafe { (*self.ctx.skb.skb).mark };
+        mark & lb_common::MARK_TRANSLATED != 0
+    }
+
+    #[inline(always)]
     fn l3_csum_replace4(&mut self, csum_off: u32, from: u32, to: u32) -> Result<()> {
         self.ctx
             .l3_csum_replace(csum_off as usize, from as u64, to as u64, 4)
@@ -181,9 +216,11 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
         }
     }
 
+    /// TCX_NEXT (TC_ACT_UNSPEC): the packet goes on, and so does the chain
+    /// (programs attached after ours, classic tc filters).
     #[inline(always)]
     fn pass(&self) -> i32 {
-        aya_ebpf::bindings::TC_ACT_OK
+        aya_ebpf::bindings::TC_ACT_UNSPEC
     }
 
     #[inline(always)]
@@ -196,7 +233,9 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
         // Egress: the packet is already leaving. No Ethernet header: the
         // kernel's redirect_neigh drops a packet without one (it pulls the
         // MAC header it expects); the stack routes it instead.
-        if self.egress || !ETH {
+        // A VLAN tag the hardware stripped (a VLAN device's parent) would
+        // go out with the packet: leave it to the stack.
+        if self.egress || !ETH || unsafe { (*self.ctx.skb.skb).vlan_present } != 0 {
             return None;
         }
         const AF_INET: u8 = 2;
@@ -208,8 +247,11 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
         fib.dport = to.dport_be;
         fib.ifindex = unsafe { (*self.ctx.skb.skb).ifindex };
         // Too big for the egress MTU: the stack forwards it instead and sends
-        // the sender "fragmentation needed" / "packet too big" (PMTU).
-        fib.__bindgen_anon_1.tot_len = to.tot_len;
+        // the sender "fragmentation needed" / "packet too big" (PMTU). Not
+        // for GSO packets: the FIB would compare their whole length.
+        if unsafe { (*self.ctx.skb.skb).gso_size } == 0 {
+            fib.__bindgen_anon_1.tot_len = to.tot_len;
+        }
         if to.v6 {
             fib.family = AF_INET6;
             fib.__bindgen_anon_3.ipv6_src = to.src_be.be;

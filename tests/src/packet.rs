@@ -81,7 +81,8 @@ impl Prog {
 
     fn verdict(self, code: u32) -> Verdict {
         match (self.is_tc(), code) {
-            (true, 0) | (false, 2) => Verdict::Pass,
+            // tc: TCX_NEXT (-1: the chain goes on) or TC_ACT_OK.
+            (true, 0 | 0xffff_ffff) | (false, 2) => Verdict::Pass,
             (true, 2) | (false, 1) => Verdict::Drop,
             (true, 7) | (false, 3) => Verdict::Bounce,
             (_, code) => panic!("{self:?} returned unexpected code {code}"),
@@ -398,7 +399,15 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
 /// A loaded copy of lb's programs with private (unpinned) maps.
 pub struct Datapath {
     ebpf: Ebpf,
+    /// `skb->mark` the last tc run left (BPF_PROG_TEST_RUN's context out).
+    last_mark: std::cell::Cell<u32>,
 }
+
+/// Room for `struct __sk_buff` as BPF_PROG_TEST_RUN's context (the kernel
+/// checks any bytes past its size are zero).
+const SKB_CTX: usize = 256;
+/// Offset of `mark` in `struct __sk_buff` (after len and pkt_type).
+const SKB_MARK: usize = 8;
 
 impl Datapath {
     pub fn load() -> Self {
@@ -447,7 +456,10 @@ impl Datapath {
             xdp.load()
                 .unwrap_or_else(|e| panic!("verifier accepts {name}: {e}"));
         }
-        Datapath { ebpf }
+        Datapath {
+            ebpf,
+            last_mark: std::cell::Cell::new(0),
+        }
     }
 
     fn hash<K: aya::Pod, V: aya::Pod>(&mut self, name: &str) -> HashMap<&mut MapData, K, V> {
@@ -823,10 +835,37 @@ impl Datapath {
     /// Like `run`, but a frame the kernel refuses to test (EINVAL for an skb
     /// too short for its headers) is an Err, not a panic.
     pub fn try_run(&self, prog: Prog, frame: &[u8]) -> Result<(Verdict, Vec<u8>), String> {
+        self.try_run_marked(prog, frame, 0)
+    }
+
+    /// Run a tc program on `frame` with `skb->mark` = `mark`, as a packet an
+    /// earlier program on the node marked.
+    pub fn run_marked(&self, prog: Prog, frame: &[u8], mark: u32) -> (Verdict, Vec<u8>) {
+        self.try_run_marked(prog, frame, mark)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {prog:?}: {e}"))
+    }
+
+    /// The mark the last tc run left on its packet.
+    pub fn last_mark(&self) -> u32 {
+        self.last_mark.get()
+    }
+
+    fn try_run_marked(
+        &self,
+        prog: Prog,
+        frame: &[u8],
+        mark: u32,
+    ) -> Result<(Verdict, Vec<u8>), String> {
         let mut out = vec![0u8; frame.len() + 256];
+        let mut ctx_in = [0u8; SKB_CTX];
+        ctx_in[SKB_MARK..SKB_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = [0u8; SKB_CTX];
+        let tc = prog.is_tc();
         let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in: tc.then_some(&ctx_in[..]),
+            ctx_out: tc.then_some(&mut ctx_out[..]),
             ..TestRunOptions::default()
         };
         let name = prog.program_name();
@@ -852,6 +891,10 @@ impl Datapath {
         }
         .map_err(|e| e.to_string())?;
         out.truncate(result.data_size_out as usize);
+        if tc {
+            let mark = u32::from_ne_bytes(ctx_out[SKB_MARK..SKB_MARK + 4].try_into().unwrap());
+            self.last_mark.set(mark);
+        }
         Ok((prog.verdict(result.return_value), out))
     }
 }
@@ -903,6 +946,12 @@ pub enum Step {
     /// under test.
     SendOn {
         prog: Prog,
+        frame: Vec<u8>,
+        expect: Expect,
+    },
+    /// A frame through the case's program carrying the mark the previous
+    /// step's tc program left (a packet going on through the node).
+    SendMarked {
         frame: Vec<u8>,
         expect: Expect,
     },
@@ -988,6 +1037,12 @@ pub fn run_case(case: Case) {
             match step {
                 Step::Send { frame, expect } => {
                     let (verdict, out) = dp.run(prog, frame);
+                    chosen.push(check(&ctx, frame, verdict, &out, expect, &chosen));
+                }
+                Step::SendMarked { frame, expect } => {
+                    let mark = dp.last_mark();
+                    let ctx = format!("{ctx} (mark {mark:#x})");
+                    let (verdict, out) = dp.run_marked(prog, frame, mark);
                     chosen.push(check(&ctx, frame, verdict, &out, expect, &chosen));
                 }
                 Step::SendOn {

@@ -742,3 +742,42 @@ fn a_later_fragment_before_its_first_is_dropped_if_addressed_to_a_service() {
         ],
     ));
 }
+
+#[test]
+fn a_packet_translated_on_its_way_in_is_not_taken_for_a_reply() {
+    // Two gossiping pods, each a Service's endpoint on port 7946: B reaches
+    // A through svc-a, then A reaches B through svc-b, both from 7946. A's
+    // translated packet (A:7946 -> B:7946) carries the tuple of svc-a's
+    // reply to B; on B's device it must go in as it is, not as svc-a's reply.
+    let (pod_a, pod_b) = (ep("10.1.1.10:7946"), ep("10.1.1.11:7946"));
+    let (svc_a, svc_b) = (ep("10.96.0.20:7946"), ep("10.96.0.21:7946"));
+    let translated = udp(pod_a, pod_b, b"gossip");
+    run_case(Case::on(
+        &[Prog::TcToPod],
+        "a_packet_translated_on_its_way_in_is_not_taken_for_a_reply",
+        move |dp| {
+            dp.backend(1, pod_a, UDP);
+            dp.backend(2, pod_b, UDP);
+            dp.frontend(svc_a, UDP, 1, &[1]);
+            dp.frontend(svc_b, UDP, 2, &[2]);
+        },
+        vec![
+            send_on(
+                Prog::Tc,
+                udp(pod_b, svc_a, b"gossip"),
+                Expect::Dnat(Target::Exact(pod_a)),
+            ),
+            send_on(
+                Prog::Tc,
+                udp(pod_a, svc_b, b"gossip"),
+                Expect::Dnat(Target::Exact(pod_b)),
+            ),
+            Step::SendMarked {
+                frame: translated.clone(),
+                expect: Expect::Unchanged,
+            },
+            // Unmarked (a real reply from A to B's svc-a flow): restored.
+            send(translated, Expect::RevNat(svc_a)),
+        ],
+    ));
+}

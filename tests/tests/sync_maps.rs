@@ -373,3 +373,53 @@ fn dual_stack_state_survives_a_restart_exactly() {
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(trie_prefixes(syncer.maps()), Vec::<u32>::new());
 }
+
+/// Conntrack maps are created at the size asked for (--ct-max-tcp /
+/// --ct-max-other, in entries here), and a restart with the same sizes
+/// adopts them with their flows; an earlier version's LB_CT pin is removed.
+#[test]
+fn conntrack_is_sized_as_asked_and_kept_across_a_restart() {
+    use lb_agent::datapath::{loader::Datapath, maps::Capacities};
+    use lb_common::{Addr, CT_DIR_FORWARD, CtKey, CtValue, IPPROTO_TCP};
+    let fs = Bpffs::new("ctsize");
+    // A pin an earlier version left behind.
+    {
+        let mut loader = EbpfLoader::new();
+        loader.map_pin_path(map_names::CT_TCP, fs.0.join("LB_CT"));
+        let _ebpf = loader.load(lb_agent::EBPF_OBJECT).expect("load object");
+    }
+    assert!(fs.0.join("LB_CT").exists());
+    let capacities = Capacities {
+        ct_tcp: 2 * 5000,
+        ct_other: 2 * 3000,
+        ..Capacities::default()
+    };
+    let key = CtKey {
+        src_addr_be: Addr::v4(u32::from_ne_bytes([10, 0, 0, 5])),
+        dst_addr_be: Addr::v4(u32::from_ne_bytes([10, 96, 0, 10])),
+        src_port_be: 40000u16.to_be(),
+        dst_port_be: 80u16.to_be(),
+        proto: IPPROTO_TCP,
+        dir: CT_DIR_FORWARD,
+        _pad: [0; 2],
+    };
+    {
+        let (_dp, mut maps) =
+            Datapath::load_sized(&fs.0, lb_common::ConfigValue::default(), capacities)
+                .expect("load");
+        maps.ct_tcp
+            .insert(key, CtValue::default(), 0)
+            .expect("a flow");
+    }
+    assert!(!fs.0.join("LB_CT").exists(), "the retired pin is removed");
+    for (name, want) in [(map_names::CT_TCP, 10_000), (map_names::CT_OTHER, 6_000)] {
+        let info = aya::maps::MapInfo::from_pin(fs.0.join(name)).expect("pinned");
+        assert_eq!(info.max_entries(), want, "{name} capacity");
+    }
+    let (_dp, maps) = Datapath::load_sized(&fs.0, lb_common::ConfigValue::default(), capacities)
+        .expect("restart");
+    assert!(
+        maps.ct_tcp.get(&key, 0).is_ok(),
+        "the tracked flow survives a restart with the same sizes"
+    );
+}

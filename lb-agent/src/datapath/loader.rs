@@ -551,7 +551,9 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(map_names::SERVICES, capacities.services)
-            .map_max_entries(map_names::BACKENDS, capacities.backends);
+            .map_max_entries(map_names::BACKENDS, capacities.backends)
+            .map_max_entries(map_names::CT_TCP, capacities.ct_tcp)
+            .map_max_entries(map_names::CT_OTHER, capacities.ct_other);
         let paths: Vec<(&'static str, PathBuf)> = shapes
             .iter()
             .map(|s| (s.name, bpffs.join(s.name)))

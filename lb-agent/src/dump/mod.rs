@@ -697,11 +697,12 @@ pub fn explain(args: &ExplainArgs) -> Result<()> {
         );
     }
     let why = outcome.reasons.join(", ");
+    // The program passes with TCX_NEXT (-1); TC_ACT_OK (0) means the same here.
     let verdict = match outcome.verdict {
-        0 if outcome.destination != args.to => {
+        -1 | 0 if outcome.destination != args.to => {
             format!("translated to {} ({why})", outcome.destination)
         }
-        0 => format!("passed untouched ({why})"),
+        -1 | 0 => format!("passed untouched ({why})"),
         2 => format!("dropped ({why})"),
         7 => format!("refused: answer sent back to the client ({why})"),
         other => format!("tc verdict {other} ({why})"),
