@@ -425,7 +425,13 @@ fn transport<P: Packet>(pkt: &P, ip: &Ends, l4_off: u32) -> Parsed {
         let _ = LB_FRAGS.insert(frag_key(ip), ports, 0);
         count(stat::FRAGMENT);
     }
-    Parsed::Flow(Flow {
+    Parsed::Flow(flow_of(ip, l4_off, ports, tcp_flags, l4_hdr_bytes))
+}
+
+/// The flow of a TCP/UDP packet (or fragment) with these ports.
+#[inline(always)]
+fn flow_of(ip: &Ends, l4_off: u32, ports: Ports, tcp_flags: u8, l4_hdr_bytes: u32) -> Flow {
+    Flow {
         src_be: ip.src,
         dst_be: ip.dst,
         sport_be: ports.src_be,
@@ -436,10 +442,10 @@ fn transport<P: Packet>(pkt: &P, ip: &Ends, l4_off: u32) -> Parsed {
         l4_off,
         ihl_bytes: ip.ihl_bytes,
         l4_hdr_bytes,
-        ip_end,
+        ip_end: ip.ip_end,
         v6: ip.v6,
         frag: ip.frag,
-    })
+    }
 }
 
 #[inline(always)]
@@ -473,19 +479,6 @@ fn later_fragment(ip: &Ends, l4_off: u32) -> Parsed {
         });
     };
     count(stat::FRAGMENT);
-    Parsed::Flow(Flow {
-        src_be: ip.src,
-        dst_be: ip.dst,
-        sport_be: ports.src_be,
-        dport_be: ports.dst_be,
-        proto: ip.proto,
-        tcp_flags: 0,
-        l3_off: ip.l3_off,
-        l4_off,
-        ihl_bytes: ip.ihl_bytes,
-        l4_hdr_bytes: 0,
-        ip_end: ip.ip_end,
-        v6: ip.v6,
-        frag: FRAG_LATER,
-    })
+    // No L4 header here: the ports are the first fragment's.
+    Parsed::Flow(flow_of(ip, l4_off, *ports, 0, 0))
 }

@@ -372,12 +372,19 @@ impl Topology {
         program: &Path,
         args: &[String],
     ) -> Result<(), String> {
+        let cmd = self.node_command(program, args);
+        let node = self.node_ns.clone();
+        self.start_ready(label, &node, cmd)
+    }
+
+    /// `program args` in the node namespace: `nsenter --net`, which keeps
+    /// /sys/fs/bpf visible (`ip netns exec` remounts /sys).
+    fn node_command(&self, program: &Path, args: &[String]) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", self.node_ns))
             .arg(program)
             .args(args);
-        let node = self.node_ns.clone();
-        self.start_ready(label, &node, cmd)
+        cmd
     }
 
     /// Spawn `cmd`, wait for "ready" on its stdout, keep it until drop.
@@ -415,10 +422,7 @@ impl Topology {
         program: &Path,
         args: &[String],
     ) -> Result<(), String> {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", self.node_ns))
-            .arg(program)
-            .args(args);
+        let mut cmd = self.node_command(program, args);
         if std::env::var_os("RUST_LOG").is_none() {
             // Quiet unless asked: RUST_LOG=info shows the agent's whole log.
             cmd.env("RUST_LOG", "warn,kube_client=off");
@@ -443,10 +447,8 @@ impl Topology {
     ) -> Result<u32, String> {
         let file = fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
         let err = file.try_clone().map_err(|e| e.to_string())?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.node_ns))
-            .arg(program)
-            .args(args)
+        let child = self
+            .node_command(program, args)
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err)

@@ -23,6 +23,10 @@ fn svc(extra: &str) -> String {
 
 const AFFINITY: &str =
     "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n";
+/// Affinity that outlives `lb-agent explain`'s own run (it loads and
+/// verifies the program, seconds on a loaded machine, before it runs it).
+const AFFINITY_LONG: &str =
+    "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n";
 
 fn cluster(extra: &str) -> (Cluster, Pod) {
     let mut c = Cluster::new();
@@ -300,7 +304,7 @@ fn explain(c: &Cluster, args: &[&str]) -> String {
 
 #[test]
 fn explain_shows_frontend_candidates_deciding_state_and_verdict() {
-    let (c, client) = cluster(AFFINITY);
+    let (c, client) = cluster(AFFINITY_LONG);
     let conn = HeldConnection::open(&client, "10.96.0.10", 80);
     let pod = field(&conn.greeting, "pod").to_string();
     let client_addr = field(&conn.greeting, "client").to_string();

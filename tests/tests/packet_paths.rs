@@ -162,24 +162,30 @@ fn a_restored_reply_is_not_translated_again() {
     ));
 }
 
+/// A NodePort on this node's address whose only endpoint is POD_B on
+/// another node: external flows to it are source-NATed to SNAT_PORT.
+const NODE_PORT: &str = "192.168.50.1:30080";
+const OUTSIDE: &str = "192.168.50.100:50000";
+
+fn snat() -> Ep {
+    with_port(NODE_PORT, SNAT_PORT)
+}
+
+fn remote_node_port(dp: &mut Datapath) {
+    one_port_range(dp);
+    dp.set_config(|c| c.nodeport_snat_addr4 = be32(ep(NODE_PORT).addr));
+    dp.backend(1, ep(POD_B), TCP);
+    dp.set_backend_state(1, 0, backend_flags::REMOTE);
+    dp.external_frontend(ep(NODE_PORT), TCP, 1, &[1], frontend_kind::NODE_PORT);
+}
+
 #[test]
 fn nodeport_snat_reply_is_restored_on_another_device() {
-    let node_port = ep("192.168.50.1:30080");
-    let snat = Ep {
-        addr: node_port.addr,
-        port: SNAT_PORT,
-    };
-    let outside = ep("192.168.50.100:50000");
+    let (node_port, snat, outside) = (ep(NODE_PORT), snat(), ep(OUTSIDE));
     run_case(Case::on(
         &[Prog::TcReply],
         "nodeport_snat_reply_is_restored_on_another_device",
-        move |dp| {
-            one_port_range(dp);
-            dp.set_config(|c| c.nodeport_snat_addr4 = be32(node_port.addr));
-            dp.backend(1, ep(POD_B), TCP);
-            dp.set_backend_state(1, 0, backend_flags::REMOTE);
-            dp.external_frontend(node_port, TCP, 1, &[1], frontend_kind::NODE_PORT);
-        },
+        remote_node_port,
         vec![
             send_on(
                 Prog::TcNode,
@@ -542,24 +548,13 @@ fn fragmentation_needed_and_packet_too_big_from_a_router() {
 
 #[test]
 fn errors_about_a_snated_nodeport_flow_reach_the_external_client() {
-    let node_port = ep("192.168.50.1:30080");
-    let snat = Ep {
-        addr: node_port.addr,
-        port: SNAT_PORT,
-    };
-    let outside = ep("192.168.50.100:50000");
+    let (node_port, snat, outside) = (ep(NODE_PORT), snat(), ep(OUTSIDE));
     let translated = tcp(snat, ep(POD_B), SYN, b"");
     let sent = tcp(outside, node_port, SYN, b"");
     run_case(Case::on(
         &[Prog::TcNode, Prog::XdpNode, Prog::TcReply],
         "errors_about_a_snated_nodeport_flow_reach_the_external_client",
-        move |dp| {
-            one_port_range(dp);
-            dp.set_config(|c| c.nodeport_snat_addr4 = be32(node_port.addr));
-            dp.backend(1, ep(POD_B), TCP);
-            dp.set_backend_state(1, 0, backend_flags::REMOTE);
-            dp.external_frontend(node_port, TCP, 1, &[1], frontend_kind::NODE_PORT);
-        },
+        remote_node_port,
         vec![
             send_on(
                 Prog::TcNode,
