@@ -403,6 +403,12 @@ pub struct Datapath {
     last_mark: std::cell::Cell<u32>,
 }
 
+thread_local! {
+    /// Loaded datapaths by program set, for `Datapath::fresh_for`.
+    static POOL: std::cell::RefCell<Vec<(Vec<Prog>, Datapath)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Room for `struct __sk_buff` as BPF_PROG_TEST_RUN's context (the kernel
 /// checks any bytes past its size are zero).
 const SKB_CTX: usize = 256;
@@ -423,6 +429,80 @@ impl Datapath {
     /// Only `programs` loaded (each costs its verification time).
     pub fn load_for(programs: &[Prog]) -> Self {
         Self::load_programs(4096, 4096, programs)
+    }
+
+    /// `load_for`, reusing (with every map emptied) one this thread loaded
+    /// for the same programs earlier: verifying the programs once per
+    /// thread instead of once per case keeps the suite fast. Give it back
+    /// with `recycle`.
+    pub fn fresh_for(programs: &[Prog]) -> Self {
+        let cached = POOL.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            let at = pool.iter().position(|(p, _)| p.as_slice() == programs)?;
+            Some(pool.swap_remove(at).1)
+        });
+        match cached {
+            Some(mut dp) => {
+                dp.reset();
+                dp
+            }
+            None => Self::load_for(programs),
+        }
+    }
+
+    /// Keep a Datapath loaded for `programs` for this thread's next case.
+    pub fn recycle(self, programs: &[Prog]) {
+        POOL.with(|pool| pool.borrow_mut().push((programs.to_vec(), self)));
+    }
+
+    /// Empty every map (a case's state must not reach the next case).
+    fn reset(&mut self) {
+        fn clear<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &str) {
+            let mut map = HashMap::<_, K, V>::try_from(
+                ebpf.map_mut(name).unwrap_or_else(|| panic!("map {name}")),
+            )
+            .unwrap_or_else(|e| panic!("map {name}: {e}"));
+            let keys: Vec<K> = map.keys().map(|k| k.expect("key")).collect();
+            for k in keys {
+                map.remove(&k)
+                    .unwrap_or_else(|e| panic!("clear {name}: {e}"));
+            }
+        }
+        let e = &mut self.ebpf;
+        clear::<ServiceKey, ServiceValue>(e, map_names::SERVICES);
+        clear::<u32, BackendValue>(e, map_names::BACKENDS);
+        clear::<u16, RevNatValue>(e, map_names::REV_NAT);
+        clear::<CtKey, CtValue>(e, map_names::CT_TCP);
+        clear::<CtKey, CtValue>(e, map_names::CT_OTHER);
+        clear::<AffinityKey, AffinityValue>(e, map_names::AFFINITY);
+        clear::<MaglevKey, u32>(e, map_names::MAGLEV);
+        clear::<lb_common::SockNatKey, lb_common::SockNatValue>(e, map_names::SOCK_NAT);
+        clear::<lb_common::SockAffinityKey, AffinityValue>(e, map_names::SOCK_AFFINITY);
+        // The kernel side's fragment map ({src, dst, id, proto} -> ports).
+        clear::<[u8; 40], [u8; 4]>(e, "LB_FRAGS");
+        let mut trie = LpmTrie::<_, SourceRange, u32>::try_from(
+            e.map_mut(map_names::SOURCE_RANGES).expect("source ranges"),
+        )
+        .expect("lpm trie");
+        let keys: Vec<_> = trie.keys().map(|k| k.expect("key")).collect();
+        for k in keys {
+            trie.remove(&k).expect("clear source ranges");
+        }
+        let mut config =
+            Array::<_, ConfigValue>::try_from(e.map_mut(map_names::CONFIG).expect("config map"))
+                .expect("config is an array");
+        config
+            .set(0, ConfigValue::default(), 0)
+            .expect("reset config");
+        let mut stats =
+            PerCpuArray::<_, u64>::try_from(e.map_mut(map_names::STATS).expect("stats map"))
+                .expect("stats is a per-cpu array");
+        let cpus = aya::util::nr_cpus().expect("cpus");
+        for i in 0..stat::CAPACITY {
+            let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; cpus]).expect("zeros");
+            stats.set(i, zeros, 0).expect("reset stat");
+        }
+        self.last_mark.set(0);
     }
 
     fn load_programs(services: u32, backends: u32, programs: &[Prog]) -> Self {
@@ -1029,7 +1109,7 @@ pub fn run_case(case: Case) {
         }
     }
     for &prog in case.programs {
-        let mut dp = Datapath::load_for(&used);
+        let mut dp = Datapath::fresh_for(&used);
         (case.setup)(&mut dp);
         let mut chosen: Vec<Option<Ep>> = Vec::new();
         for (i, step) in case.steps.iter().enumerate() {
@@ -1090,6 +1170,7 @@ pub fn run_case(case: Case) {
             case.name,
             case.steps.len()
         );
+        dp.recycle(&used);
     }
 }
 

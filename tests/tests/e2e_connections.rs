@@ -408,24 +408,23 @@ fn maglev_service_moves_about_one_nth_of_flows_when_a_backend_goes() {
         "flows spread over all six"
     );
 
-    // Where 100 client ports land, through the real program (explain).
+    // Where 100 client ports land, through the real program (explain's,
+    // loaded once: each load costs the program's verification).
     let placement = |c: &Cluster| -> Vec<String> {
+        let mut explainer = lb_agent::datapath::explain::Explainer::load(&c.topo.bpffs)
+            .unwrap_or_else(|e| panic!("loading explain's program: {e}"));
         (0..100)
             .map(|i| {
-                let text = explain(
-                    c,
-                    &[
-                        "--from",
-                        &format!("10.244.1.2:{}", 30000 + i),
-                        "--to",
-                        "10.96.0.10:80",
-                    ],
+                let from = format!("10.244.1.2:{}", 30000 + i).parse().unwrap();
+                let to = "10.96.0.10:80".parse().unwrap();
+                let outcome = explainer
+                    .run(from, to, lb_agent::model::Protocol::Tcp, None)
+                    .unwrap_or_else(|e| panic!("explain {from} -> {to}: {e}"));
+                assert!(
+                    outcome.reasons.contains(&"new_flow"),
+                    "{from} -> {to} not balanced: {outcome:?}"
                 );
-                text.lines()
-                    .find_map(|l| l.strip_prefix("verdict    translated to "))
-                    .and_then(|r| r.split_whitespace().next())
-                    .unwrap_or_else(|| panic!("no translation: {text}"))
-                    .to_string()
+                outcome.destination.to_string()
             })
             .collect()
     };

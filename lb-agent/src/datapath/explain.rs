@@ -121,8 +121,178 @@ pub fn synthetic_packet(from: SocketAddr, to: SocketAddr, proto: Protocol) -> Ve
     p
 }
 
-/// Run the program on one synthetic packet. `rev_nat_id` is the frontend's
-/// (for the affinity lookup), when it has one.
+/// The tc program loaded against the live shared maps, with private
+/// conntrack, affinity and counters: load once, explain many flows (each
+/// program load costs its verification, seconds on a busy node).
+pub struct Explainer {
+    live: Maps,
+    ebpf: aya::Ebpf,
+    ct_tcp: HashMap<MapData, CtKey, CtValue>,
+    ct_other: HashMap<MapData, CtKey, CtValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// Empty a private map (the previous flow's state must not decide the next).
+fn clear<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<(), ExplainError> {
+    let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    for key in keys {
+        map.remove(&key).map_err(|e| ExplainError::Map(name, e))?;
+    }
+    Ok(())
+}
+
+impl Explainer {
+    /// Load the program against the maps pinned under `bpffs`.
+    pub fn load(bpffs: &Path) -> Result<Self, ExplainError> {
+        let live = Maps::open_pinned(bpffs)?;
+        let mut loader = EbpfLoader::new();
+        let shared = [
+            map_names::SERVICES,
+            map_names::BACKENDS,
+            map_names::REV_NAT,
+            map_names::MAGLEV,
+            map_names::CONFIG,
+            map_names::SOURCE_RANGES,
+        ];
+        let paths: Vec<(&str, std::path::PathBuf)> =
+            shared.iter().map(|n| (*n, bpffs.join(n))).collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        // Private, small: the live ones are only read, and copied from below.
+        loader
+            .map_max_entries(map_names::CT_TCP, 16)
+            .map_max_entries(map_names::CT_OTHER, 16)
+            .map_max_entries(map_names::AFFINITY, 16);
+        let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
+        let mut private = |name: &'static str| -> Result<aya::maps::Map, ExplainError> {
+            ebpf.take_map(name)
+                .ok_or(ExplainError::Maps(MapsError::Missing { name }))
+        };
+        let hash = |name: &'static str, map| {
+            HashMap::try_from(map).map_err(|e| ExplainError::Map(name, e))
+        };
+        let ct_tcp = hash(map_names::CT_TCP, private(map_names::CT_TCP)?)?;
+        let ct_other = hash(map_names::CT_OTHER, private(map_names::CT_OTHER)?)?;
+        let affinity = HashMap::try_from(private(map_names::AFFINITY)?)
+            .map_err(|e| ExplainError::Map(map_names::AFFINITY, e))?;
+        let stats = PerCpuArray::try_from(private(map_names::STATS)?)
+            .map_err(|e| ExplainError::Map(map_names::STATS, e))?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(program_names::TC_INGRESS)
+            .ok_or(ExplainError::Maps(MapsError::Missing {
+                name: program_names::TC_INGRESS,
+            }))?
+            .try_into()?;
+        prog.load()?;
+        Ok(Explainer {
+            live,
+            ebpf,
+            ct_tcp,
+            ct_other,
+            affinity,
+            stats,
+        })
+    }
+
+    /// Run the program on one synthetic packet, from a clean private state
+    /// holding only this flow's live conntrack entry and its client's live
+    /// affinity entry. `rev_nat_id` is the frontend's (for the affinity
+    /// lookup), when it has one.
+    pub fn run(
+        &mut self,
+        from: SocketAddr,
+        to: SocketAddr,
+        proto: Protocol,
+        rev_nat_id: Option<u16>,
+    ) -> Result<Outcome, ExplainError> {
+        clear(&mut self.ct_tcp, map_names::CT_TCP)?;
+        clear(&mut self.ct_other, map_names::CT_OTHER)?;
+        clear(&mut self.affinity, map_names::AFFINITY)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| {
+            ExplainError::Map(map_names::STATS, aya::maps::MapError::IoError(e))
+        })?;
+        for i in 0..stat::COUNT {
+            let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| {
+                ExplainError::Map(map_names::STATS, aya::maps::MapError::IoError(e))
+            })?;
+            self.stats
+                .set(i, zeros, 0)
+                .map_err(|e| ExplainError::Map(map_names::STATS, e))?;
+        }
+        let key = CtKey {
+            src_addr_be: Addr::from(from.ip()),
+            dst_addr_be: Addr::from(to.ip()),
+            src_port_be: from.port().to_be(),
+            dst_port_be: to.port().to_be(),
+            proto: proto.number(),
+            dir: CT_DIR_FORWARD,
+            _pad: [0; 2],
+        };
+        let (ct_name, live_ct, ct) = if proto.number() == lb_common::IPPROTO_TCP {
+            (map_names::CT_TCP, &self.live.ct_tcp, &mut self.ct_tcp)
+        } else {
+            (map_names::CT_OTHER, &self.live.ct_other, &mut self.ct_other)
+        };
+        let existing_flow = live_ct.get(&key, 0).ok();
+        if let Some(v) = existing_flow {
+            ct.insert(key, v, 0)
+                .map_err(|e| ExplainError::Map(ct_name, e))?;
+        }
+        let affinity_key = rev_nat_id.map(|id| AffinityKey {
+            client_addr_be: Addr::from(from.ip()),
+            rev_nat_id: id,
+            _pad: 0,
+        });
+        let affinity = affinity_key.and_then(|k| self.live.affinity.get(&k, 0).ok());
+        if let (Some(k), Some(v)) = (affinity_key, affinity) {
+            self.affinity
+                .insert(k, v, 0)
+                .map_err(|e| ExplainError::Map(map_names::AFFINITY, e))?;
+        }
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program_names::TC_INGRESS)
+            .ok_or(ExplainError::Maps(MapsError::Missing {
+                name: program_names::TC_INGRESS,
+            }))?
+            .try_into()?;
+        let packet = synthetic_packet(from, to, proto);
+        let mut out = vec![0u8; packet.len() + 128];
+        let result = prog.test_run(TestRunOptions {
+            data_in: Some(&packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })?;
+        let (dst_ip, dst_port) = if to.is_ipv6() {
+            let o: [u8; 16] = out[38..54].try_into().unwrap_or([0; 16]);
+            (IpAddr::from(o), u16::from_be_bytes([out[56], out[57]]))
+        } else {
+            let o: [u8; 4] = out[30..34].try_into().unwrap_or([0; 4]);
+            (IpAddr::from(o), u16::from_be_bytes([out[36], out[37]]))
+        };
+        let mut reasons = Vec::new();
+        for i in 0..stat::COUNT {
+            let n: u64 = self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
+            if n > 0 {
+                reasons.push(stat::NAMES[i as usize]);
+            }
+        }
+        Ok(Outcome {
+            verdict: result.return_value as i32,
+            destination: SocketAddr::new(dst_ip, dst_port),
+            reasons,
+            existing_flow,
+            affinity,
+        })
+    }
+}
+
+/// Run the program on one synthetic packet (see `Explainer::run`).
 pub fn run(
     bpffs: &Path,
     from: SocketAddr,
@@ -130,107 +300,5 @@ pub fn run(
     proto: Protocol,
     rev_nat_id: Option<u16>,
 ) -> Result<Outcome, ExplainError> {
-    let live = Maps::open_pinned(bpffs)?;
-    let mut loader = EbpfLoader::new();
-    let shared = [
-        map_names::SERVICES,
-        map_names::BACKENDS,
-        map_names::REV_NAT,
-        map_names::MAGLEV,
-        map_names::CONFIG,
-        map_names::SOURCE_RANGES,
-    ];
-    let paths: Vec<(&str, std::path::PathBuf)> =
-        shared.iter().map(|n| (*n, bpffs.join(n))).collect();
-    for (name, path) in &paths {
-        loader.map_pin_path(name, path.as_path());
-    }
-    // Private, small: the live ones are only read, and copied from below.
-    loader
-        .map_max_entries(map_names::CT_TCP, 16)
-        .map_max_entries(map_names::CT_OTHER, 16)
-        .map_max_entries(map_names::AFFINITY, 16);
-    let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
-
-    let key = CtKey {
-        src_addr_be: Addr::from(from.ip()),
-        dst_addr_be: Addr::from(to.ip()),
-        src_port_be: from.port().to_be(),
-        dst_port_be: to.port().to_be(),
-        proto: proto.number(),
-        dir: CT_DIR_FORWARD,
-        _pad: [0; 2],
-    };
-    let (ct_name, live_ct) = if proto.number() == lb_common::IPPROTO_TCP {
-        (map_names::CT_TCP, &live.ct_tcp)
-    } else {
-        (map_names::CT_OTHER, &live.ct_other)
-    };
-    let existing_flow = live_ct.get(&key, 0).ok();
-    let affinity_key = rev_nat_id.map(|id| AffinityKey {
-        client_addr_be: Addr::from(from.ip()),
-        rev_nat_id: id,
-        _pad: 0,
-    });
-    let affinity = affinity_key.and_then(|k| live.affinity.get(&k, 0).ok());
-    let private =
-        |name: &'static str, ebpf: &mut aya::Ebpf| -> Result<aya::maps::Map, ExplainError> {
-            ebpf.take_map(name)
-                .ok_or(ExplainError::Maps(MapsError::Missing { name }))
-        };
-    // These handles hold the private maps open until the program has run.
-    let mut ct: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(private(ct_name, &mut ebpf)?)
-        .map_err(|e| ExplainError::Map(ct_name, e))?;
-    if let Some(v) = existing_flow {
-        ct.insert(key, v, 0)
-            .map_err(|e| ExplainError::Map(ct_name, e))?;
-    }
-    let mut aff: HashMap<MapData, AffinityKey, AffinityValue> =
-        HashMap::try_from(private(map_names::AFFINITY, &mut ebpf)?)
-            .map_err(|e| ExplainError::Map(map_names::AFFINITY, e))?;
-    if let (Some(k), Some(v)) = (affinity_key, affinity) {
-        aff.insert(k, v, 0)
-            .map_err(|e| ExplainError::Map(map_names::AFFINITY, e))?;
-    }
-    let stats = PerCpuArray::<MapData, u64>::try_from(ebpf.take_map(map_names::STATS).ok_or(
-        ExplainError::Maps(MapsError::Missing {
-            name: map_names::STATS,
-        }),
-    )?)
-    .map_err(|e| ExplainError::Map(map_names::STATS, e))?;
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(program_names::TC_INGRESS)
-        .ok_or(ExplainError::Maps(MapsError::Missing {
-            name: program_names::TC_INGRESS,
-        }))?
-        .try_into()?;
-    prog.load()?;
-    let packet = synthetic_packet(from, to, proto);
-    let mut out = vec![0u8; packet.len() + 128];
-    let result = prog.test_run(TestRunOptions {
-        data_in: Some(&packet),
-        data_out: Some(&mut out),
-        ..TestRunOptions::default()
-    })?;
-    let (dst_ip, dst_port) = if to.is_ipv6() {
-        let o: [u8; 16] = out[38..54].try_into().unwrap_or([0; 16]);
-        (IpAddr::from(o), u16::from_be_bytes([out[56], out[57]]))
-    } else {
-        let o: [u8; 4] = out[30..34].try_into().unwrap_or([0; 4]);
-        (IpAddr::from(o), u16::from_be_bytes([out[36], out[37]]))
-    };
-    let mut reasons = Vec::new();
-    for i in 0..stat::COUNT {
-        let n: u64 = stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
-        if n > 0 {
-            reasons.push(stat::NAMES[i as usize]);
-        }
-    }
-    Ok(Outcome {
-        verdict: result.return_value as i32,
-        destination: SocketAddr::new(dst_ip, dst_port),
-        reasons,
-        existing_flow,
-        affinity,
-    })
+    Explainer::load(bpffs)?.run(from, to, proto, rev_nat_id)
 }
