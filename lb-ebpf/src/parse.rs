@@ -48,7 +48,7 @@ pub struct Ipv4Hdr {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct Ports {
     pub src_be: u16,
     pub dst_be: u16,
@@ -392,6 +392,12 @@ fn transport<P: Packet>(pkt: &P, ip: &Ends, l4_off: u32) -> Parsed {
     let ports = match ip.proto {
         IPPROTO_TCP => {
             if l4_off + 20 > ip_end {
+                if ip.frag == FRAG_FIRST {
+                    // A first fragment too short for the TCP header: no
+                    // translation for its datagram, like a later fragment
+                    // whose first was not seen (dropped if to a Service).
+                    return Parsed::LaterUnknown(flow_of(ip, l4_off, Ports::default(), 0, 0));
+                }
                 return Parsed::Pass(stat::MALFORMED);
             }
             let Ok(tcp) = pkt.load_header::<TcpHead>(l4_off) else {

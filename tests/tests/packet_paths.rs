@@ -776,3 +776,21 @@ fn a_packet_translated_on_its_way_in_is_not_taken_for_a_reply() {
         ],
     ));
 }
+
+#[test]
+fn a_first_fragment_too_short_for_its_tcp_header_is_not_translated() {
+    // 8 bytes of TCP in the first fragment: ports, but not the header
+    // translation needs (flags, checksum): treated like a fragment whose
+    // first was not seen, so it cannot leak to the Service address.
+    let frames = fragment(&tcp(ep(CLIENT), ep(WEB), SYN, &[1u8; 64]), 8, FRAG_ID);
+    run_case(Case::on(
+        BOTH,
+        "a_first_fragment_too_short_for_its_tcp_header_is_not_translated",
+        services,
+        vec![
+            send(frames[0].clone(), Expect::Dropped),
+            send(frames[1].clone(), Expect::Dropped),
+            counters(&[(stat::DROP_FRAG_NO_FIRST, 2), (stat::NEW_FLOW, 0)]),
+        ],
+    ));
+}

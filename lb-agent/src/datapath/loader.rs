@@ -59,6 +59,8 @@ pub enum LoadError {
         found: u32,
         expected: u32,
     },
+    #[error("program {name} was refused by the kernel earlier")]
+    Unloadable { name: &'static str },
     #[error("cgroup {path}: {reason}")]
     Cgroup { path: PathBuf, reason: String },
     #[error("writing {what}: {source}")]
@@ -248,6 +250,9 @@ pub struct Datapath {
     ebpf: Ebpf,
     bpffs: PathBuf,
     attached: BTreeMap<u32, Attached>,
+    /// Programs the kernel refused to load: not verified again (seconds of
+    /// CPU each time), their devices left without them.
+    unloadable: std::collections::BTreeSet<&'static str>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
@@ -596,6 +601,7 @@ impl Datapath {
                 ebpf,
                 bpffs: bpffs.into(),
                 attached: BTreeMap::new(),
+                unloadable: Default::default(),
             },
             maps,
         ))
@@ -671,6 +677,10 @@ impl Datapath {
                         info!(device = %name, ifindex, program = kind.program(), how, "program attached");
                         kinds.push(kind);
                     }
+                    // Refused by the kernel: retrying cannot help.
+                    Err(e) if self.unloadable.contains(kind.program()) => {
+                        warn!(device = %name, error = %e, "device left without this program");
+                    }
                     Err(e) => {
                         warn!(device = %name, error = %e, "attaching program failed; will retry");
                         failed = true;
@@ -722,7 +732,14 @@ impl Datapath {
             .try_into()
             .map_err(prog_err)?;
         if tc.fd().is_err() {
-            tc.load().map_err(prog_err)?;
+            if self.unloadable.contains(program) {
+                return Err(LoadError::Unloadable { name: program });
+            }
+            if let Err(e) = tc.load() {
+                tracing::error!(program, error = %e, "the kernel refuses this program; devices that need it go without");
+                self.unloadable.insert(program);
+                return Err(prog_err(e));
+            }
         }
         // A link from an earlier agent: swap its program atomically, so the
         // device is never without one.
@@ -763,7 +780,14 @@ impl Datapath {
             .try_into()
             .map_err(prog_err)?;
         if xdp.fd().is_err() {
-            xdp.load().map_err(prog_err)?;
+            if self.unloadable.contains(program) {
+                return Err(LoadError::Unloadable { name: program });
+            }
+            if let Err(e) = xdp.load() {
+                tracing::error!(program, error = %e, "the kernel refuses this program; devices that need it go without");
+                self.unloadable.insert(program);
+                return Err(prog_err(e));
+            }
         }
         if let Some(link) = pinned_link::<XdpLink>(&pin) {
             match xdp.attach_to_link(link) {
