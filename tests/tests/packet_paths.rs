@@ -794,3 +794,48 @@ fn a_first_fragment_too_short_for_its_tcp_header_is_not_translated() {
         ],
     ));
 }
+
+#[test]
+fn every_icmp_error_kind_is_translated() {
+    // Each kind netfilter relates to a connection, about a UDP flow to the
+    // Service, from a router on the way: destination unreachable (net,
+    // host, port, fragmentation needed), time exceeded, parameter problem;
+    // ICMPv6 destination unreachable (no route, address, port unreachable),
+    // packet too big, time exceeded, parameter problem.
+    let kinds4: [(u8, u8); 6] = [(3, 0), (3, 1), (3, 3), (3, 4), (11, 0), (12, 0)];
+    let kinds6: [(u8, u8); 6] = [(1, 0), (1, 3), (1, 4), (2, 0), (3, 0), (4, 0)];
+    let mut steps = Vec::new();
+    for (client, dns, backend, router, kinds) in [
+        (ep(CLIENT), ep(DNS), ep(POD_B_DNS), addr(ROUTER), kinds4),
+        (ep(CLIENT6), ep(DNS6), ep(POD_B6_DNS), addr(ROUTER6), kinds6),
+    ] {
+        let sent = udp(client, dns, b"query");
+        let left = udp(client, backend, b"query");
+        steps.push(send_on(
+            Prog::Tc,
+            sent.clone(),
+            Expect::Dnat(Target::Exact(backend)),
+        ));
+        for (kind, code) in kinds {
+            steps.push(send(
+                icmp_error(router, client.addr, kind, code, [0; 4], &left, None),
+                Expect::Frame(icmp_error(
+                    dns.addr,
+                    client.addr,
+                    kind,
+                    code,
+                    [0; 4],
+                    &sent,
+                    None,
+                )),
+            ));
+        }
+    }
+    steps.push(counters(&[(stat::ICMP_ERROR_TRANSLATED, 12)]));
+    run_case(Case::on(
+        &[Prog::Tc, Prog::XdpNode, Prog::TcToPod],
+        "every_icmp_error_kind_is_translated",
+        services_dual,
+        steps,
+    ));
+}
