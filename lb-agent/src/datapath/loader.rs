@@ -34,10 +34,20 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 #[derive(Debug, Error)]
 pub enum LoadError {
-    #[error("{path}: {source}")]
+    // Not a `source`: the message names it already, and a chain printing
+    // it again would say it twice.
+    #[error("{path}: {reason}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        reason: std::io::Error,
+    },
+    #[error(
+        "{path}: {reason}; is a bpf filesystem mounted? (mount -t bpf bpf /sys/fs/bpf; \
+         the DaemonSet mounts the host's)"
+    )]
+    NoBpffsDir {
+        path: PathBuf,
+        reason: std::io::Error,
     },
     #[error("{path} is not on a bpf filesystem (mount one with `mount -t bpf bpf /sys/fs/bpf`)")]
     NotBpffs { path: PathBuf },
@@ -256,9 +266,9 @@ pub struct Datapath {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
-    move |source| LoadError::Io {
+    move |reason| LoadError::Io {
         path: path.to_path_buf(),
-        source,
+        reason,
     }
 }
 
@@ -266,13 +276,13 @@ fn check_bpffs(path: &Path) -> Result<(), LoadError> {
     let c =
         std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| LoadError::Io {
             path: path.into(),
-            source: std::io::Error::other(e),
+            reason: std::io::Error::other(e),
         })?;
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         return Err(LoadError::Io {
             path: path.into(),
-            source: std::io::Error::last_os_error(),
+            reason: std::io::Error::last_os_error(),
         });
     }
     if st.f_type as i64 != BPF_FS_MAGIC {
@@ -380,7 +390,7 @@ where
 {
     let io = |e: String| LoadError::Io {
         path: pin.to_path_buf(),
-        source: std::io::Error::other(e),
+        reason: std::io::Error::other(e),
     };
     FdLink::try_from(link)
         .map_err(|e| io(e.to_string()))?
@@ -542,7 +552,10 @@ impl Datapath {
         config: ConfigValue,
         capacities: Capacities,
     ) -> Result<(Self, Maps), LoadError> {
-        fs::create_dir_all(bpffs).map_err(io_err(bpffs))?;
+        fs::create_dir_all(bpffs).map_err(|reason| LoadError::NoBpffsDir {
+            path: bpffs.to_path_buf(),
+            reason,
+        })?;
         check_bpffs(bpffs)?;
         let links_dir = bpffs.join("links");
         fs::create_dir_all(&links_dir).map_err(io_err(&links_dir))?;

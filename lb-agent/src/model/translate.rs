@@ -372,7 +372,10 @@ fn service_frontends(
             let endpoints =
                 endpoints_for_port(port_name, proto, family_v6, service_slices, node, problems);
             let sets = backend_sets(&endpoints, zone);
-            local_endpoints.extend(sets.local.iter().map(|b| b.addr));
+            // The health check counts ready local endpoints only, as
+            // kube-proxy's (a node whose local endpoints all terminate
+            // answers 503, so load balancers drain it during a rollout).
+            local_endpoints.extend(sets.local.iter().filter(|b| !b.terminating).map(|b| b.addr));
             let in_cluster = |backends: Vec<Backend>, drop_if_empty: bool| Frontend {
                 service_port: service_port_name(key, port),
                 kind: FrontendKind::ClusterIP,
@@ -1685,7 +1688,9 @@ mod tests {
             got["NodePort internal"],
             (vec!["10.0.0.2".to_string()], false)
         );
-        assert_eq!(t.desired.health_checks[&32000].local_endpoints, 1);
+        // kube-proxy's TestHealthCheckNodePortWhenTerminating: only ready
+        // local endpoints count, so the node reports none (503).
+        assert_eq!(t.desired.health_checks[&32000].local_endpoints, 0);
     }
 
     #[test]
