@@ -120,6 +120,20 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
     }
 }
 
+/// The entry marking `addr` as a Service address in `scope` (port and
+/// protocol 0): pings, undeclared ports and stray fragments consult it.
+#[inline(always)]
+fn address_key(addr_be: Addr, scope: u8) -> ServiceKey {
+    ServiceKey {
+        addr_be,
+        port_be: 0,
+        slot: 0,
+        proto: 0,
+        scope,
+        _pad: [0; 2],
+    }
+}
+
 /// A ping. Answered for a Service address with a usable backend, dropped for
 /// one without (so it tells the truth), passed for anything else.
 // Its own BPF function: its stack frame is not added to the flow path's.
@@ -132,14 +146,7 @@ fn echo_request<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
         l4_off: flow.l4_off,
         v6: flow.v6,
     };
-    let key = ServiceKey {
-        addr_be: echo.dst_be,
-        port_be: 0,
-        slot: 0,
-        proto: 0,
-        scope: origin.scope(),
-        _pad: [0; 2],
-    };
+    let key = address_key(echo.dst_be, origin.scope());
     let Some(address) = (unsafe { LB_SERVICES.get(key) }) else {
         count(stat::PASS_OTHER_PROTO);
         return pkt.pass();
@@ -173,14 +180,7 @@ fn echo_request<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
 /// cannot restore).
 #[inline(never)]
 fn unknown_fragment<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
-    let key = ServiceKey {
-        addr_be: flow.dst_be,
-        port_be: 0,
-        slot: 0,
-        proto: 0,
-        scope: origin.scope(),
-        _pad: [0; 2],
-    };
+    let key = address_key(flow.dst_be, origin.scope());
     if origin != Origin::Reply && unsafe { LB_SERVICES.get(key) }.is_some() {
         count(stat::DROP_FRAG_NO_FIRST);
         return pkt.drop_verdict();
@@ -507,15 +507,8 @@ fn not_a_frontend<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
         count(stat::PASS_NOT_FRONTEND);
         return pkt.pass();
     }
-    let address_key = ServiceKey {
-        addr_be: flow.dst_be,
-        port_be: 0,
-        slot: 0,
-        proto: 0,
-        scope: SCOPE_INTERNAL,
-        _pad: [0; 2],
-    };
-    if let Some(address) = unsafe { LB_SERVICES.get(address_key) }
+    let key = address_key(flow.dst_be, SCOPE_INTERNAL);
+    if let Some(address) = unsafe { LB_SERVICES.get(key) }
         && address.flags & service_flags::ADDRESS_ONLY != 0
     {
         count(stat::REJECT_UNDECLARED);
