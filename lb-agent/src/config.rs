@@ -101,7 +101,9 @@ pub struct RunArgs {
     /// LoadBalancer IPs, externalIPs). Default: none (in-cluster traffic only)
     #[arg(long, value_name = "IF[,IF]", value_delimiter = ',')]
     pub devices: Option<Vec<String>>,
-    /// Program on node devices: xdp (native, else generic), xdp-generic, or tc (TCX ingress). Default: xdp
+    /// Program on node devices: auto (native XDP where the driver has it,
+    /// except veth, else tc), xdp (native, else generic), xdp-generic, or tc
+    /// (TCX ingress). Default: auto
     #[arg(long, value_enum)]
     pub device_mode: Option<DeviceMode>,
     /// Pod CIDRs of the cluster: traffic from outside them reaching a ClusterIP
@@ -109,6 +111,12 @@ pub struct RunArgs {
     /// Default: unset (ClusterIPs are not served from outside)
     #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
     pub cluster_cidr: Option<Vec<ipnet::IpNet>>,
+    /// externalTrafficPolicy Cluster: masquerade connections to NodePorts,
+    /// LoadBalancer IPs and externalIPs to the node, from outside and from
+    /// pods, as kube-proxy does. false: endpoints on this node see the
+    /// client's address (a difference from kube-proxy). Default: true
+    #[arg(long, value_name = "BOOL")]
+    pub masquerade_cluster_policy: Option<bool>,
     /// NodePorts answer only on node device addresses inside these CIDRs. Default: all of them
     #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
     pub nodeport_addresses: Option<Vec<ipnet::IpNet>>,
@@ -210,6 +218,7 @@ pub struct FileConfig {
     pub device_mode: Option<DeviceMode>,
     pub nodeport_addresses: Option<Vec<ipnet::IpNet>>,
     pub cluster_cidr: Option<Vec<ipnet::IpNet>>,
+    pub masquerade_cluster_policy: Option<bool>,
     pub ping_services: Option<bool>,
     pub fast_path: Option<bool>,
     pub socket_lb: Option<bool>,
@@ -229,6 +238,9 @@ pub struct FileConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceMode {
+    /// Native XDP where the driver has it, except on veth (whose native XDP
+    /// holds XDP_TX answers until the peer's next poll), else tc.
+    Auto,
     /// XDP in the driver where it supports it, generic XDP otherwise.
     Xdp,
     /// Generic (skb) XDP only: for drivers whose native XDP misbehaves
@@ -438,13 +450,17 @@ impl RunArgs {
                     == Some(Algorithm::Maglev),
                 nodeport_addresses: Vec::new(),
                 cluster_cidrs: self.cluster_cidr.or(file.cluster_cidr).unwrap_or_default(),
+                masquerade_cluster_policy: self
+                    .masquerade_cluster_policy
+                    .or(file.masquerade_cluster_policy)
+                    .unwrap_or(true),
             },
             pod_devices,
             devices,
             device_mode: self
                 .device_mode
                 .or(file.device_mode)
-                .unwrap_or(DeviceMode::Xdp),
+                .unwrap_or(DeviceMode::Auto),
             nodeport_cidrs: self.nodeport_addresses.or(file.nodeport_addresses),
             ping_services: self.ping_services.or(file.ping_services).unwrap_or(true),
             fast_path: self.fast_path.or(file.fast_path).unwrap_or(true),

@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 use crate::{
     config::{RunConfig, SourceConfig},
     datapath::{
-        loader::{Datapath, default_cgroup_root, device_addresses},
+        loader::{Datapath, default_cgroup_root, default_route_devices, device_addresses},
         maps::Capacities,
         sockets,
         sync::Syncer,
@@ -126,20 +126,38 @@ struct SnatAddresses {
 }
 
 /// The node devices' addresses: NodePort addresses (filtered by
-/// --nodeport-addresses) and the SNAT addresses for external flows to other
-/// nodes (per family, the first address of the first node device that has one).
+/// --nodeport-addresses) and the SNAT addresses masqueraded flows get (per
+/// family, the first address of the first node device that has one; without
+/// one, the address of the default route's device, as kube-proxy's
+/// MASQUERADE would pick the outgoing device's).
 fn node_addresses(config: &RunConfig) -> (Vec<IpAddr>, SnatAddresses) {
     let found = device_addresses(&config.devices);
-    let snat = SnatAddresses {
-        v4: found.iter().find_map(|(_, a)| match a {
+    let first_v4 = |found: &[(String, IpAddr)]| {
+        found.iter().find_map(|(_, a)| match a {
             IpAddr::V4(v4) => Some(*v4),
             IpAddr::V6(_) => None,
-        }),
-        v6: found.iter().find_map(|(_, a)| match a {
-            IpAddr::V6(v6) => Some(*v6),
-            IpAddr::V4(_) => None,
-        }),
+        })
     };
+    let first_v6 = |found: &[(String, IpAddr)]| {
+        found.iter().find_map(|(_, a)| match a {
+            // Link-local addresses are no masquerade source.
+            IpAddr::V6(v6) if !v6.is_unicast_link_local() => Some(*v6),
+            _ => None,
+        })
+    };
+    let mut snat = SnatAddresses {
+        v4: first_v4(&found),
+        v6: first_v6(&found),
+    };
+    if snat.v4.is_none() || snat.v6.is_none() {
+        let (dev4, dev6) = default_route_devices();
+        if snat.v4.is_none() {
+            snat.v4 = dev4.and_then(|d| first_v4(&device_addresses(&[d])));
+        }
+        if snat.v6.is_none() {
+            snat.v6 = dev6.and_then(|d| first_v6(&device_addresses(&[d])));
+        }
+    }
     let mut nodeport: Vec<IpAddr> = found
         .into_iter()
         .map(|(_, a)| a)
@@ -273,7 +291,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
             _ = sigint.recv() => break,
         }
         datapath.attach_matching(&config.pod_devices, &config.devices, config.device_mode);
-        if !config.devices.is_empty() {
+        {
             let (nodeport_addresses, snat) = node_addresses(&config);
             if nodeport_addresses != node.nodeport_addresses || snat != snat_addr {
                 info!(?nodeport_addresses, snat_addresses = ?snat, "node device addresses changed");

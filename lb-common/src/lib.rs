@@ -286,9 +286,10 @@ pub mod service_flags {
     /// Only clients inside the frontend address's `LB_SOURCE_RANGES`
     /// prefixes may use it (loadBalancerSourceRanges); others are dropped.
     pub const SOURCE_RANGES: u32 = 1 << 15;
-    /// Source-NAT every new flow from outside to the node address, also to
-    /// local backends (a ClusterIP reached from outside --cluster-cidr, as
-    /// kube-proxy masquerades it).
+    /// Source-NAT every new flow to the node address, also to local
+    /// backends, as kube-proxy masquerades: a ClusterIP reached from outside
+    /// --cluster-cidr, and NodePorts / LoadBalancer IPs / externalIPs under
+    /// externalTrafficPolicy Cluster (from outside and from pods).
     pub const MASQUERADE: u32 = 1 << 16;
 }
 

@@ -293,13 +293,13 @@ fn forward<P: Packet>(
         if !nat.other_addr_be.is_none() {
             count(stat::HAIRPIN);
         }
-    } else if origin == Origin::Node
-        && (backend.flags & backend_flags::REMOTE != 0
-            || frontend.flags & service_flags::MASQUERADE != 0)
+    } else if (frontend.flags & service_flags::MASQUERADE != 0
+        || (origin == Origin::Node && backend.flags & backend_flags::REMOTE != 0))
         && let Some(config) = config
     {
-        // External traffic to another node's backend (or masqueraded): the
-        // reply must come back here to be translated, so the source becomes
+        // Masqueraded as kube-proxy does (policy Cluster, from outside or
+        // from pods), or external traffic to another node's backend, whose
+        // reply must come back here to be translated: the source becomes
         // this node.
         let node = if flow.v6 {
             config.nodeport_snat_addr6

@@ -29,6 +29,17 @@ use tracing::{info, warn};
 use super::maps::{Capacities, ConfigMap, MapShape, Maps, MapsError, check_pin, shapes_with};
 use crate::config::DeviceMode;
 
+/// Pin prefix of XDP links from agents that did not name the mode.
+const LEGACY_XDP_PIN_PREFIX: &str = "xdp";
+
+/// "native" / "generic", for messages.
+fn xdp_mode_name(mode: XdpMode) -> &'static str {
+    match mode {
+        XdpMode::Skb => "generic",
+        _ => "native",
+    }
+}
+
 /// statfs f_type of a bpf filesystem.
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -91,8 +102,10 @@ pub enum Attachment {
     NodeTc,
     /// Node device without an Ethernet header: lb_tc_node_l3.
     NodeTcL3,
-    /// Node device: lb_xdp_node.
+    /// Node device: lb_xdp_node in the driver (native XDP).
     NodeXdp,
+    /// Node device: lb_xdp_node as generic (skb) XDP.
+    NodeXdpGeneric,
     /// Any other device's ingress: lb_tc_reply (replies only).
     ReplyTc,
     /// The same on a device without an Ethernet header: lb_tc_reply_l3.
@@ -100,12 +113,13 @@ pub enum Attachment {
 }
 
 impl Attachment {
-    const ALL: [Attachment; 7] = [
+    const ALL: [Attachment; 8] = [
         Attachment::PodTc,
         Attachment::PodEgress,
         Attachment::NodeTc,
         Attachment::NodeTcL3,
         Attachment::NodeXdp,
+        Attachment::NodeXdpGeneric,
         Attachment::ReplyTc,
         Attachment::ReplyTcL3,
     ];
@@ -123,7 +137,8 @@ impl Attachment {
             Attachment::PodEgress => "tce",
             Attachment::NodeTc => "tcn",
             Attachment::NodeTcL3 => "tcn3",
-            Attachment::NodeXdp => "xdp",
+            Attachment::NodeXdp => "xdpn",
+            Attachment::NodeXdpGeneric => "xdpg",
             Attachment::ReplyTc => "tcr",
             Attachment::ReplyTcL3 => "tcr3",
         }
@@ -135,9 +150,17 @@ impl Attachment {
             Attachment::PodEgress => program_names::TC_TO_POD,
             Attachment::NodeTc => program_names::TC_NODE,
             Attachment::NodeTcL3 => program_names::TC_NODE_L3,
-            Attachment::NodeXdp => program_names::XDP_NODE,
+            Attachment::NodeXdp | Attachment::NodeXdpGeneric => program_names::XDP_NODE,
             Attachment::ReplyTc => program_names::TC_REPLY,
             Attachment::ReplyTcL3 => program_names::TC_REPLY_L3,
+        }
+    }
+
+    /// The XDP attachment in `mode`.
+    fn xdp(mode: XdpMode) -> Attachment {
+        match mode {
+            XdpMode::Skb => Attachment::NodeXdpGeneric,
+            _ => Attachment::NodeXdp,
         }
     }
 
@@ -216,14 +239,68 @@ pub fn link_kind(device: &str) -> std::io::Result<LinkKind> {
     }
 }
 
+/// The kernel driver of `device` in the current network namespace
+/// (ethtool's GDRVINFO: "veth", "virtio_net", "mlx5_core" ...).
+pub fn device_driver(device: &str) -> std::io::Result<String> {
+    /// struct ethtool_drvinfo (linux/ethtool.h).
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    let name = std::ffi::CString::new(device).map_err(std::io::Error::other)?;
+    if name.as_bytes_with_nul().len() > libc::IFNAMSIZ {
+        return Err(std::io::Error::other("device name too long"));
+    }
+    // SAFETY: zeroed plain-data structs we own; the ioctl writes only into
+    // `info`, which outlives the call.
+    unsafe {
+        let mut info: DrvInfo = std::mem::zeroed();
+        info.cmd = ETHTOOL_GDRVINFO;
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in name.as_bytes().iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
+        let ret = libc::ioctl(fd, SIOCETHTOOL as _, &mut req);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if ret != 0 {
+            return Err(err);
+        }
+        let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
+        Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+    }
+}
+
 /// The programs a device gets: node devices the node program (tc on a
 /// device without Ethernet, where XDP would not find one), pod devices the
 /// pod program both ways, every other device the reply program, so a reply
 /// is restored whichever device brings it (a second NIC, an overlay, a
-/// tunnel). None: leave the device alone.
+/// tunnel). None: leave the device alone. `veth`: the device's driver is
+/// veth, where `auto` mode picks tc (native XDP on veth holds XDP_TX answers
+/// until the peer's next poll, or loses them). An XDP attachment here is
+/// the wish; the mode it gets is settled when it is attached.
 pub fn attachments_for(
     name: &str,
     link: LinkKind,
+    veth: bool,
     pod_globs: &[String],
     devices: &[String],
     mode: DeviceMode,
@@ -236,8 +313,10 @@ pub fn attachments_for(
     if devices.iter().any(|d| d == name) {
         return Some(vec![match (l3, mode) {
             (true, _) => Attachment::NodeTcL3,
-            (false, DeviceMode::Xdp | DeviceMode::XdpGeneric) => Attachment::NodeXdp,
             (false, DeviceMode::Tc) => Attachment::NodeTc,
+            (false, DeviceMode::Auto) if veth => Attachment::NodeTc,
+            (false, DeviceMode::Auto | DeviceMode::Xdp) => Attachment::NodeXdp,
+            (false, DeviceMode::XdpGeneric) => Attachment::NodeXdpGeneric,
         }]);
     }
     if !l3 && pod_globs.iter().any(|g| glob_match(g, name)) {
@@ -289,6 +368,38 @@ fn check_bpffs(path: &Path) -> Result<(), LoadError> {
         return Err(LoadError::NotBpffs { path: path.into() });
     }
     Ok(())
+}
+
+/// The device of this namespace's default route per family (IPv4, IPv6),
+/// lowest metric first, read from /proc/net (the current namespace's).
+pub fn default_route_devices() -> (Option<String>, Option<String>) {
+    let v4 = fs::read_to_string("/proc/net/route").ok().and_then(|t| {
+        default_route_device(&t, |f| {
+            // Iface Destination Gateway Flags RefCnt Use Metric Mask ...
+            (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000")
+                .then(|| (f[0], u32::from_str_radix(f[6], 16).unwrap_or(u32::MAX)))
+        })
+    });
+    let v6 = fs::read_to_string("/proc/net/ipv6_route").ok().and_then(|t| {
+        default_route_device(&t, |f| {
+            // dst dst_len src src_len gateway metric refcnt use flags iface
+            (f.len() > 9 && f[1] == "00" && f[0].bytes().all(|b| b == b'0'))
+                .then(|| (f[9], u32::from_str_radix(f[5], 16).unwrap_or(u32::MAX)))
+        })
+    });
+    (v4, v6)
+}
+
+fn default_route_device<'a>(
+    table: &'a str,
+    default: impl Fn(&[&'a str]) -> Option<(&'a str, u32)>,
+) -> Option<String> {
+    table
+        .lines()
+        .filter_map(|line| default(&line.split_whitespace().collect::<Vec<_>>()))
+        .filter(|(dev, _)| *dev != "lo")
+        .min_by_key(|(_, metric)| *metric)
+        .map(|(dev, _)| dev.to_string())
 }
 
 /// Interfaces of the current network namespace: (ifindex, name).
@@ -655,7 +766,15 @@ impl Datapath {
                     continue;
                 }
             };
-            let Some(wanted) = attachments_for(name, link, pod_globs, devices, mode) else {
+            // Only node devices' drivers matter (auto mode on veth).
+            let veth = mode == DeviceMode::Auto
+                && link == LinkKind::Ethernet
+                && devices.contains(name)
+                && device_driver(name).is_ok_and(|d| d == "veth");
+            if veth {
+                info!(device = %name, "--device-mode auto: tc on this veth device (native XDP on veth delays or loses XDP_TX answers; --device-mode xdp forces it)");
+            }
+            let Some(wanted) = attachments_for(name, link, veth, pod_globs, devices, mode) else {
                 if let LinkKind::Other(kind) = link {
                     warn!(device = %name, link_type = kind, "device has a link layer lb cannot parse; not attached");
                 }
@@ -673,9 +792,15 @@ impl Datapath {
             let mut failed = false;
             for kind in wanted {
                 let result = match kind {
-                    Attachment::NodeXdp => {
-                        match self.attach_xdp(*ifindex, name, mode == DeviceMode::Xdp) {
-                            Ok(how) => Ok((kind, how)),
+                    Attachment::NodeXdp | Attachment::NodeXdpGeneric => {
+                        // auto: native or tc; xdp: native, else generic, else tc.
+                        let order: &[XdpMode] = match (kind, mode) {
+                            (Attachment::NodeXdpGeneric, _) => &[XdpMode::Skb],
+                            (_, DeviceMode::Xdp) => &[XdpMode::Driver, XdpMode::Skb],
+                            _ => &[XdpMode::Driver],
+                        };
+                        match self.attach_xdp(*ifindex, name, order) {
+                            Ok(attached) => Ok(attached),
                             Err(e) => {
                                 warn!(device = %name, error = %e, "XDP unavailable on this device; using the tc program");
                                 self.attach_tc(Attachment::NodeTc, *ifindex, name)
@@ -707,9 +832,17 @@ impl Datapath {
             accept_local(name);
             // Make before break: programs of other kinds from an earlier run
             // go only now.
-            for other in Attachment::ALL {
-                let pin = self.link_pin(other, *ifindex, name);
-                if !kinds.contains(&other) && pin.exists() {
+            let legacy = self
+                .bpffs
+                .join("links")
+                .join(format!("{LEGACY_XDP_PIN_PREFIX}-{ifindex}-{name}"));
+            for pin in Attachment::ALL
+                .into_iter()
+                .filter(|other| !kinds.contains(other))
+                .map(|other| self.link_pin(other, *ifindex, name))
+                .chain([legacy])
+            {
+                if pin.exists() {
                     info!(pin = %pin.display(), "detaching the previous program");
                     let _ = fs::remove_file(&pin);
                 }
@@ -773,60 +906,105 @@ impl Datapath {
         Ok("attached (TCX) and pinned")
     }
 
-    /// XDP in the driver (if `native`), else generic; the link pinned like the tc ones.
+    /// lb_xdp_node in the first of `order`'s modes that attaches, the link
+    /// pinned like the tc ones (by mode). A device runs one XDP mode at a
+    /// time, so a link an earlier agent left in another mode (or under the
+    /// pin name agents before the split used) is replaced through the tc
+    /// program: tc first, then the old link goes, then the new one comes.
     fn attach_xdp(
         &mut self,
         ifindex: u32,
         name: &str,
-        native: bool,
-    ) -> Result<&'static str, LoadError> {
-        let pin = self.link_pin(Attachment::NodeXdp, ifindex, name);
+        order: &[XdpMode],
+    ) -> Result<(Attachment, &'static str), LoadError> {
         let program = program_names::XDP_NODE;
         let prog_err = |source| LoadError::Program {
             name: program,
             source,
         };
-        let xdp: &mut Xdp = self
-            .ebpf
-            .program_mut(program)
-            .ok_or(prog_err(ProgramError::NotLoaded))?
-            .try_into()
-            .map_err(prog_err)?;
-        if xdp.fd().is_err() {
-            if self.unloadable.contains(program) {
-                return Err(LoadError::Unloadable { name: program });
-            }
-            if let Err(e) = xdp.load() {
-                tracing::error!(program, error = %e, "the kernel refuses this program; devices that need it go without");
-                self.unloadable.insert(program);
-                return Err(prog_err(e));
-            }
-        }
+        self.load_xdp()?;
+        let preferred = Attachment::xdp(order[0]);
+        let pin = self.link_pin(preferred, ifindex, name);
         if let Some(link) = pinned_link::<XdpLink>(&pin) {
-            match xdp.attach_to_link(link) {
-                Ok(_) => return Ok("replaced program of pinned XDP link"),
+            match self.xdp_program()?.attach_to_link(link) {
+                Ok(_) => return Ok((preferred, "replaced program of pinned XDP link")),
                 Err(e) => drop_pin(&pin, &e),
             }
         }
-        let native_attempt = if native {
-            xdp.attach(name, XdpMode::Driver)
-                .map_err(|e| format!("native: {e}; "))
-        } else {
-            Err(String::new())
-        };
-        let (id, how) = match native_attempt {
-            Ok(id) => (id, "attached (XDP native) and pinned"),
-            Err(native) => {
-                let id = xdp.attach(name, XdpMode::Skb).map_err(|generic| {
-                    prog_err(ProgramError::IOError(std::io::Error::other(format!(
-                        "{native}generic: {generic}"
-                    ))))
-                })?;
-                (id, "attached (XDP generic) and pinned")
+        let mut errors = Vec::new();
+        for &mode in order {
+            let kind = Attachment::xdp(mode);
+            let others: Vec<PathBuf> = [
+                self.link_pin(Attachment::xdp(XdpMode::Driver), ifindex, name),
+                self.link_pin(Attachment::xdp(XdpMode::Skb), ifindex, name),
+                self.bpffs
+                    .join("links")
+                    .join(format!("{LEGACY_XDP_PIN_PREFIX}-{ifindex}-{name}")),
+            ]
+            .into_iter()
+            .filter(|p| *p != self.link_pin(kind, ifindex, name) && p.exists())
+            .collect();
+            if !others.is_empty() {
+                // Make before break: the tc program holds the device meanwhile.
+                let bridge = self.attach_tc(Attachment::NodeTc, ifindex, name)?;
+                for old in &others {
+                    info!(device = %name, pin = %old.display(), bridge, "switching XDP mode: detaching the previous XDP link while the tc program runs");
+                    let _ = fs::remove_file(old);
+                }
             }
+            let attached = self
+                .xdp_program()?
+                .attach(name, mode)
+                .map_err(|e| format!("{}: {e}", xdp_mode_name(mode)));
+            match attached {
+                Ok(id) => {
+                    let link = self.xdp_program()?.take_link(id).map_err(prog_err)?;
+                    pin_link(link, &self.link_pin(kind, ifindex, name))?;
+                    return Ok((
+                        kind,
+                        match mode {
+                            XdpMode::Skb => "attached (XDP generic) and pinned",
+                            _ => "attached (XDP native) and pinned",
+                        },
+                    ));
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        Err(prog_err(ProgramError::IOError(std::io::Error::other(
+            errors.join("; "),
+        ))))
+    }
+
+    fn load_xdp(&mut self) -> Result<(), LoadError> {
+        let program = program_names::XDP_NODE;
+        if self.xdp_program()?.fd().is_err() {
+            if self.unloadable.contains(program) {
+                return Err(LoadError::Unloadable { name: program });
+            }
+            if let Err(e) = self.xdp_program()?.load() {
+                tracing::error!(program, error = %e, "the kernel refuses this program; devices that need it go without");
+                self.unloadable.insert(program);
+                return Err(LoadError::Program {
+                    name: program,
+                    source: e,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn xdp_program(&mut self) -> Result<&mut Xdp, LoadError> {
+        let program = program_names::XDP_NODE;
+        let prog_err = |source| LoadError::Program {
+            name: program,
+            source,
         };
-        pin_link(xdp.take_link(id).map_err(prog_err)?, &pin)?;
-        Ok(how)
+        self.ebpf
+            .program_mut(program)
+            .ok_or(prog_err(ProgramError::NotLoaded))?
+            .try_into()
+            .map_err(prog_err)
     }
 
     /// Remove link pins of devices that no longer exist (their links are defunct).
@@ -968,12 +1146,42 @@ mod tests {
             ("lo", LinkKind::Loopback, DeviceMode::Xdp, None),
             ("ib0", LinkKind::Other(32), DeviceMode::Xdp, None),
             ("eth0", LinkKind::Loopback, DeviceMode::Tc, None),
+            (
+                "eth0",
+                LinkKind::Ethernet,
+                DeviceMode::XdpGeneric,
+                Some(vec![NodeXdpGeneric]),
+            ),
+            (
+                "eth0",
+                LinkKind::Ethernet,
+                DeviceMode::Auto,
+                Some(vec![NodeXdp]),
+            ),
         ];
         for (name, link, mode, want) in cases {
             assert_eq!(
-                attachments_for(name, link, &pods, &devices, mode),
+                attachments_for(name, link, false, &pods, &devices, mode),
                 want,
                 "{name} ({link:?}, {mode:?})"
+            );
+        }
+    }
+
+    #[test]
+    fn auto_mode_runs_tc_on_veth_unless_xdp_is_asked_for() {
+        use Attachment::*;
+        let devices = ["eth0".to_string()];
+        for (mode, want) in [
+            (DeviceMode::Auto, NodeTc),
+            (DeviceMode::Xdp, NodeXdp),
+            (DeviceMode::XdpGeneric, NodeXdpGeneric),
+            (DeviceMode::Tc, NodeTc),
+        ] {
+            assert_eq!(
+                attachments_for("eth0", LinkKind::Ethernet, true, &[], &devices, mode),
+                Some(vec![want]),
+                "{mode:?} on veth"
             );
         }
     }

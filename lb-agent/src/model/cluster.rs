@@ -67,6 +67,11 @@ pub struct NodeConfig {
     /// --cluster-cidr: when set, ClusterIPs are also served to traffic from
     /// outside (sources outside these CIDRs), masqueraded to the node.
     pub cluster_cidrs: Vec<IpNet>,
+    /// externalTrafficPolicy Cluster: masquerade every connection to a
+    /// NodePort / LoadBalancer IP / externalIP, from outside and from pods,
+    /// as kube-proxy does. Off, only what must be (outside to an endpoint on
+    /// another node) is, and local endpoints see the client's address.
+    pub masquerade_cluster_policy: bool,
 }
 
 impl Default for NodeConfig {
@@ -79,6 +84,7 @@ impl Default for NodeConfig {
             external_ip_cidrs: None,
             nodeport_addresses: Vec::new(),
             cluster_cidrs: Vec::new(),
+            masquerade_cluster_policy: true,
         }
     }
 }

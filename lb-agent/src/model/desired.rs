@@ -164,7 +164,8 @@ pub struct Frontend {
     pub affinity_timeout_s: Option<u32>,
     /// Clients are checked against `DesiredState::source_ranges` of the address.
     pub source_ranges: bool,
-    /// Every new flow is source-NATed to the node (ClusterIP from outside).
+    /// Every new flow is source-NATed to the node: a ClusterIP from outside,
+    /// and NodePorts / LoadBalancer IPs / externalIPs under policy Cluster.
     pub masquerade: bool,
 }
 

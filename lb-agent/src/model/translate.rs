@@ -419,12 +419,19 @@ fn service_frontends(
             // Externally reachable frontends: from pods and the node they use
             // every endpoint (kube-proxy short-circuits them to the cluster set,
             // whatever the traffic policies); from outside, externalTrafficPolicy.
+            // Under policy Cluster kube-proxy masquerades both (only Local keeps
+            // the client's address, and pods short-circuit unmasqueraded).
+            let masquerade = !external_local && node.masquerade_cluster_policy;
             let from_pods = Frontend {
                 internal_local: false,
+                masquerade,
                 ..in_cluster(sets.cluster.clone(), false)
             };
             let (external, external_drop) = sets.for_policy(external_local);
-            let from_outside = in_cluster(external, external_drop);
+            let from_outside = Frontend {
+                masquerade,
+                ..in_cluster(external, external_drop)
+            };
             external_ports.push((
                 family_v6,
                 number,
@@ -1659,6 +1666,46 @@ mod tests {
             &external_node(),
         );
         assert_eq!(by_kind(&t).get("NodePort external"), Some(&(vec![], false)));
+    }
+
+    #[test]
+    fn masquerade_follows_kube_proxys_internal_external_table() {
+        // kube-proxy's TestInternalExternalMasquerade: under eTP Cluster every
+        // connection to an external destination is masqueraded, from pods
+        // and from outside; under Local neither (pods short-circuit, outside
+        // keeps its address); ClusterIPs never (no --cluster-cidr here).
+        let both = json!([
+            ep("10.0.0.1", Some(true), Some(true), None, "local"),
+            ep("10.0.0.2", Some(true), Some(true), None, "other"),
+        ]);
+        let masqueraded = |t: &Translation| -> BTreeMap<String, bool> {
+            t.desired
+                .frontends
+                .iter()
+                .map(|(k, f)| (format!("{:?} {:?}", f.kind, k.scope), f.masquerade))
+                .collect()
+        };
+        for (etp, kube_proxy, want_external) in [
+            ("Cluster", true, true),
+            ("Local", true, false),
+            ("Cluster", false, false),
+        ] {
+            let mut node = external_node();
+            node.masquerade_cluster_policy = kube_proxy;
+            let sl = slice("s", "web", http_port(), both.clone());
+            let t = translate(&state(vec![lb_service("Cluster", etp)], vec![sl]), &node);
+            let got = masqueraded(&t);
+            for kind in ["NodePort", "LoadBalancer", "ExternalIP"] {
+                for scope in ["Internal", "External"] {
+                    assert_eq!(
+                        got.get(&format!("{kind} {scope}")),
+                        Some(&want_external),
+                        "eTP {etp}, masquerade_cluster_policy {kube_proxy}: {kind} {scope} ({got:?})"
+                    );
+                }
+            }
+            assert_eq!(got.get("ClusterIP Internal"), Some(&false), "eTP {etp}");
+        }
     }
 
     #[test]
