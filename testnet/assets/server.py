@@ -46,7 +46,9 @@ def serve_tcp(conn, addr, name, port):
                     if not chunk:
                         return
                     conn.sendall(f"pod={name} echo={chunk.decode().strip()}\n".encode())
-        answer = f"pod={name} client={addr[0]}:{addr[1]} port={port}"
+        # addr=: the local address the client reached (which endpoint IP, for
+        # pods answering on several).
+        answer = f"pod={name} client={addr[0]}:{addr[1]} port={port} addr={conn.getsockname()[0]}"
         body = request_body(conn, data)
         if body is not None:
             answer += f" bytes={len(body)}"

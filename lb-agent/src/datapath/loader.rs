@@ -380,13 +380,15 @@ pub fn default_route_devices() -> (Option<String>, Option<String>) {
                 .then(|| (f[0], u32::from_str_radix(f[6], 16).unwrap_or(u32::MAX)))
         })
     });
-    let v6 = fs::read_to_string("/proc/net/ipv6_route").ok().and_then(|t| {
-        default_route_device(&t, |f| {
-            // dst dst_len src src_len gateway metric refcnt use flags iface
-            (f.len() > 9 && f[1] == "00" && f[0].bytes().all(|b| b == b'0'))
-                .then(|| (f[9], u32::from_str_radix(f[5], 16).unwrap_or(u32::MAX)))
-        })
-    });
+    let v6 = fs::read_to_string("/proc/net/ipv6_route")
+        .ok()
+        .and_then(|t| {
+            default_route_device(&t, |f| {
+                // dst dst_len src src_len gateway metric refcnt use flags iface
+                (f.len() > 9 && f[1] == "00" && f[0].bytes().all(|b| b == b'0'))
+                    .then(|| (f[9], u32::from_str_radix(f[5], 16).unwrap_or(u32::MAX)))
+            })
+        });
     (v4, v6)
 }
 

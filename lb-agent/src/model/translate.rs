@@ -149,6 +149,12 @@ pub fn translate_with(
                 });
             }
         }
+        let lb_ips: Vec<IpAddr> = service
+            .by_ip
+            .iter()
+            .filter(|(_, kind, _)| *kind == FrontendKind::LoadBalancer)
+            .map(|(ip, _, _)| *ip)
+            .collect();
         for (ip, kind, ports) in service.by_ip {
             if let Some(owner) = ip_owner.get(&ip)
                 && *owner != key
@@ -167,12 +173,26 @@ pub fn translate_with(
             if kind == FrontendKind::LoadBalancer && !service.source_ranges.is_empty() {
                 // Each family's LoadBalancer IP gets that family's ranges
                 // (none of its family: closed, not open to all).
-                let ranges = service
+                let mut ranges: BTreeSet<IpNet> = service
                     .source_ranges
                     .iter()
                     .filter(|net| net.addr().is_ipv4() == ip.is_ipv4())
                     .copied()
                     .collect();
+                // As kube-proxy: ranges that admit the node admit the
+                // Service's LoadBalancer IPs too (the node's own traffic,
+                // source-NATed to the LB IP by the load balancer's hairpin).
+                if ranges
+                    .iter()
+                    .any(|net| node.nodeport_addresses.iter().any(|a| net.contains(a)))
+                {
+                    ranges.extend(
+                        lb_ips
+                            .iter()
+                            .filter(|lb| lb.is_ipv4() == ip.is_ipv4())
+                            .map(|lb| IpNet::from(*lb)),
+                    );
+                }
                 out.desired.source_ranges.insert(ip, ranges);
             }
             for (fk, frontend) in ports {
@@ -1826,6 +1846,27 @@ mod tests {
             .map(|n| n.to_string())
             .collect();
         assert_eq!(ranges, vec!["10.0.0.0/8", "203.0.113.0/24"]);
+        // kube-proxy's TestLoadBalancer "same node to LB1, SNATted to LB1
+        // (implicitly allowed)": ranges admitting the node admit the LB IP.
+        let mut with_node = s.clone();
+        with_node.spec.as_mut().unwrap().load_balancer_source_ranges =
+            Some(vec![format!("{NODE_ADDR}/32"), "203.0.113.0/24".into()]);
+        let t2 = translate(
+            &state(vec![(k.clone(), with_node)], vec![sl.clone()]),
+            &external_node(),
+        );
+        let ranges: Vec<String> = t2.desired.source_ranges[&lb_ip]
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(
+            ranges,
+            vec![
+                format!("{NODE_ADDR}/32"),
+                "198.51.100.10/32".into(),
+                "203.0.113.0/24".into()
+            ]
+        );
         for (fk, f) in &t.desired.frontends {
             assert_eq!(
                 f.source_ranges,
