@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use lb_tests::e2e::{Cluster, Lan, Pod, field, wait_until};
+use lb_tests::e2e::{Cluster, HeldConnection, Lan, Pod, field, wait_until};
 
 const NODE_A: &str = "192.168.50.1";
 const NODE_B: &str = "192.168.50.2";
@@ -30,7 +30,8 @@ struct TwoNodes {
 }
 
 impl TwoNodes {
-    /// Node A runs `a_mode` on its node device, node B the tc program.
+    /// Node A runs `a_mode` on its node device ("default": no
+    /// --device-mode), node B the tc program.
     fn new(a_mode: &str) -> Self {
         let mut a = Cluster::named("node-a");
         let mut b = Cluster::named("node-b");
@@ -60,14 +61,7 @@ impl TwoNodes {
         let pod_b = b.pod("web-b", POD_B, &[8080], &[5353]);
         let manifests = a.manifests.display().to_string();
         for (node, dev, mode) in [(&mut a, dev_a, a_mode), (&mut b, dev_b, "tc")] {
-            node.start_agent_with(&[
-                "--manifests".into(),
-                manifests.clone(),
-                "--devices".into(),
-                dev,
-                "--device-mode".into(),
-                mode.into(),
-            ]);
+            node.start_agent_with(&agent_args(&manifests, &dev, mode));
         }
         TwoNodes {
             a,
@@ -119,6 +113,21 @@ impl TwoNodes {
             );
         }
     }
+}
+
+/// The agent's flags on a node: the manifests, its node device and
+/// `mode` ("default": lb's own choice).
+fn agent_args(manifests: &str, dev: &str, mode: &str) -> Vec<String> {
+    let mut args = vec![
+        "--manifests".into(),
+        manifests.into(),
+        "--devices".into(),
+        dev.into(),
+    ];
+    if mode != "default" {
+        args.extend(["--device-mode".into(), mode.into()]);
+    }
+    args
 }
 
 /// curl from an external host: the body, or curl's exit code (7 refused, 28 timeout).
@@ -285,9 +294,10 @@ fn external_policy_local_keeps_the_client_ip_drops_elsewhere_and_reports_health(
 
 #[test]
 fn source_ranges_external_ips_and_pings() {
-    // Generic XDP: native XDP on veth holds XDP_TX answers (the echo
-    // replies) until its next poll, which a one-second ping misses.
-    let net = TwoNodes::new("xdp-generic");
+    // lb's default on a veth node device is tc: native XDP on veth holds
+    // XDP_TX answers (the echo replies) until its next poll, which a
+    // one-second ping misses.
+    let net = TwoNodes::new("default");
     net.a.write(
         "web.yaml",
         &format!(
@@ -473,4 +483,82 @@ fn nodeport_on_ipv6_node_addresses_reaches_local_and_remote_endpoints() {
         );
     }
     assert!(a.stats()["nodeport_snat"].as_u64().unwrap() > 0);
+}
+
+/// What node A's device runs, from the kernel's view and the agent's pins:
+/// "native", "generic" or "tc".
+fn node_device_mode(node: &Cluster) -> String {
+    let dev = format!("{}u", node.topo.prefix);
+    let out = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &node.topo.node_ns,
+            "-j",
+            "-d",
+            "link",
+            "show",
+            "dev",
+            &dev,
+        ])
+        .output()
+        .expect("ip link");
+    let link: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j link");
+    // IFLA_XDP_ATTACHED: 1 driver, 2 generic (skb), 4 several.
+    let xdp = link[0]["xdp"]["mode"].as_u64();
+    let pins: Vec<String> = std::fs::read_dir(node.topo.bpffs.join("links"))
+        .expect("links dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(&format!("-{dev}")))
+        .collect();
+    match (xdp, pins.as_slice()) {
+        (Some(1), [pin]) if pin.starts_with("xdpn-") => "native".into(),
+        (Some(2), [pin]) if pin.starts_with("xdpg-") => "generic".into(),
+        (None, [pin]) if pin.starts_with("tcn-") => "tc".into(),
+        other => format!("inconsistent: XDP mode {:?}, pins {:?}", other.0, other.1),
+    }
+}
+
+/// A changed --device-mode is applied over the links an earlier agent
+/// pinned (native XDP -> generic -> lb's default, tc on veth -> native),
+/// with the device never left without a program: a connection held open
+/// through the NodePort keeps working across every switch.
+#[test]
+fn device_mode_changes_are_applied_over_pinned_links() {
+    let mut net = TwoNodes::new("xdp");
+    net.a.write(
+        "web.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  \
+         clusterIP: 10.96.0.10\n  externalTrafficPolicy: Local\n  ports:\n  - {name: http, port: 80, nodePort: 30080, protocol: TCP}\n",
+    );
+    net.endpoints("web", &[(POD_A, "node-a")]);
+    net.wait_programmed_on(&[&net.a], &format!("{NODE_A}:30080/TCP (external)"), 1);
+    assert_eq!(node_device_mode(&net.a), "native");
+    let mut held = HeldConnection::open(&net.client, NODE_A, 30080);
+    let manifests = net.a.manifests.display().to_string();
+    let dev = format!("{}u", net.a.topo.prefix);
+    for (mode, want) in [
+        ("xdp-generic", "generic"),
+        ("default", "tc"),
+        ("xdp", "native"),
+        ("tc", "tc"),
+    ] {
+        net.a.stop_agent(lb_tests::e2e::SIGTERM);
+        net.a.start_agent_with(&agent_args(&manifests, &dev, mode));
+        wait_until(
+            &format!("--device-mode {mode} runs {want}"),
+            Duration::from_secs(10),
+            || node_device_mode(&net.a) == want,
+        );
+        let reply = held.send(mode);
+        assert!(
+            reply.contains(&format!("echo={mode}")),
+            "the held connection after switching to {mode}: {reply:?}"
+        );
+        let seen = answers(&net.a, &net.client, &format!("http://{NODE_A}:30080/"), 2);
+        assert_eq!(
+            seen,
+            BTreeSet::from([pair("web-a", CLIENT)]),
+            "new connections in {mode}"
+        );
+    }
 }
