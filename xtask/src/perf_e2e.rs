@@ -354,6 +354,10 @@ pub fn run(
             fast_path,
             "--devices",
             &node_device,
+            // The XDP program is what is measured (lb's default on a veth
+            // device would be tc).
+            "--device-mode",
+            "xdp",
         ]
         .iter()
         .map(|s| s.to_string())
