@@ -476,6 +476,79 @@ fn cluster_ip_from_outside_is_masqueraded_even_to_a_local_backend() {
     ));
 }
 
+/// A LoadBalancer IP under policy Cluster as pods reach it: masqueraded
+/// (kube-proxy's rule), to a backend on this node and to one elsewhere; the
+/// answers come back to the node address and are restored for the pod.
+fn masqueraded_lb_ip_for_pods(dp: &mut Datapath) {
+    // One port: the two flows' reply tuples differ by backend.
+    node_config(dp, SNAT_PORT);
+    dp.backend(1, ep(LOCAL_POD), TCP);
+    dp.backend(2, ep(REMOTE_POD), TCP);
+    dp.set_backend_state(2, 0, backend_flags::REMOTE);
+    dp.frontend_with_flags(
+        ep(LB_IP),
+        TCP,
+        1,
+        &[1],
+        frontend_kind::LOAD_BALANCER | service_flags::MASQUERADE,
+    );
+    dp.frontend_with_flags(
+        Ep {
+            port: 81,
+            ..ep(LB_IP)
+        },
+        TCP,
+        2,
+        &[2],
+        frontend_kind::LOAD_BALANCER | service_flags::MASQUERADE,
+    );
+}
+
+#[test]
+fn pods_reaching_a_cluster_policy_lb_ip_are_masqueraded() {
+    const POD_CLIENT: &str = "10.1.1.9:40000";
+    let lb_ip_81 = Ep {
+        port: 81,
+        ..ep(LB_IP)
+    };
+    run_case(Case::on(
+        BOTH,
+        "pods_reaching_a_cluster_policy_lb_ip_are_masqueraded",
+        masqueraded_lb_ip_for_pods,
+        vec![
+            send(
+                tcp(ep(POD_CLIENT), ep(LB_IP), SYN, b""),
+                Expect::Nat {
+                    src: snat(SNAT_PORT),
+                    dst: ep(LOCAL_POD),
+                },
+            ),
+            send(
+                tcp(ep(LOCAL_POD), snat(SNAT_PORT), ACK, b""),
+                Expect::Nat {
+                    src: ep(LB_IP),
+                    dst: ep(POD_CLIENT),
+                },
+            ),
+            send(
+                tcp(ep(POD_CLIENT), lb_ip_81, SYN, b""),
+                Expect::Nat {
+                    src: snat(SNAT_PORT),
+                    dst: ep(REMOTE_POD),
+                },
+            ),
+            send(
+                tcp(ep(REMOTE_POD), snat(SNAT_PORT), ACK, b""),
+                Expect::Nat {
+                    src: lb_ip_81,
+                    dst: ep(POD_CLIENT),
+                },
+            ),
+            counters(&[(stat::NODEPORT_SNAT, 2), (stat::HAIRPIN, 0)]),
+        ],
+    ));
+}
+
 #[test]
 fn a_reset_flows_snat_port_is_free_at_once() {
     let rst = Tcp { rst: true, ..ACK };
