@@ -449,6 +449,8 @@ impl RunArgs {
                 default_maglev: self.default_algorithm.or(file.default_algorithm)
                     == Some(Algorithm::Maglev),
                 nodeport_addresses: Vec::new(),
+                node_ips: Vec::new(),
+                host_addresses: Default::default(),
                 cluster_cidrs: self.cluster_cidr.or(file.cluster_cidr).unwrap_or_default(),
                 masquerade_cluster_policy: self
                     .masquerade_cluster_policy

@@ -20,7 +20,10 @@ use tracing::{error, info, warn};
 use crate::{
     config::{RunConfig, SourceConfig},
     datapath::{
-        loader::{Datapath, default_cgroup_root, default_route_devices, device_addresses},
+        loader::{
+            Datapath, default_cgroup_root, default_route_devices, device_addresses,
+            global_rp_filter, interfaces,
+        },
         maps::Capacities,
         sockets,
         sync::Syncer,
@@ -125,6 +128,16 @@ struct SnatAddresses {
     v6: Option<Ipv6Addr>,
 }
 
+impl SnatAddresses {
+    fn addresses(self) -> Vec<IpAddr> {
+        self.v4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.v6.map(IpAddr::V6))
+            .collect()
+    }
+}
+
 /// The node devices' addresses: NodePort addresses (filtered by
 /// --nodeport-addresses) and the SNAT addresses masqueraded flows get (per
 /// family, the first address of the first node device that has one; without
@@ -173,10 +186,37 @@ fn node_addresses(config: &RunConfig) -> (Vec<IpAddr>, SnatAddresses) {
     (nodeport, snat)
 }
 
+/// Every address of the namespace's devices (endpoints there are hostNetwork pods).
+fn host_addresses() -> BTreeSet<IpAddr> {
+    let names: Vec<String> = interfaces().into_iter().map(|(_, name)| name).collect();
+    device_addresses(&names)
+        .into_iter()
+        .map(|(_, addr)| addr)
+        .collect()
+}
+
+/// Say which addresses masqueraded flows get, and loudly when there is none:
+/// the datapath then leaves those flows' source alone.
+fn report_snat_addresses(snat: SnatAddresses) {
+    if snat.v4.is_none() && snat.v6.is_none() {
+        warn!(
+            "no address to masquerade to (no address on --devices, no default route): flows kube-proxy would masquerade keep their client address, and NodePort traffic to other nodes' endpoints is not source-NATed"
+        );
+    } else {
+        info!(v4 = ?snat.v4, v6 = ?snat.v6, "masquerade (SNAT) addresses");
+    }
+}
+
 pub async fn run(config: RunConfig) -> Result<()> {
     let mut node = config.node.clone();
     let (nodeport_addresses, mut snat_addr) = node_addresses(&config);
     node.nodeport_addresses = nodeport_addresses;
+    node.node_ips = snat_addr.addresses();
+    node.host_addresses = host_addresses();
+    report_snat_addresses(snat_addr);
+    if let Some(mode) = global_rp_filter() {
+        warn!(rp_filter = %mode, "net.ipv4.conf.all.rp_filter is on: packets lb hands the stack on pod devices with a node address as source (masqueraded flows, NodePort answers) are dropped unless the fast path redirects them; set it to 0, as Cilium does");
+    }
     // Socket-level LB acts on this namespace's sockets: the node's.
     let netns_cookie = match &config.socket_lb {
         Some(_) => sockets::netns_cookie().context(
@@ -293,9 +333,18 @@ pub async fn run(config: RunConfig) -> Result<()> {
         datapath.attach_matching(&config.pod_devices, &config.devices, config.device_mode);
         {
             let (nodeport_addresses, snat) = node_addresses(&config);
-            if nodeport_addresses != node.nodeport_addresses || snat != snat_addr {
+            let host = host_addresses();
+            if nodeport_addresses != node.nodeport_addresses
+                || snat != snat_addr
+                || host != node.host_addresses
+            {
                 info!(?nodeport_addresses, snat_addresses = ?snat, "node device addresses changed");
+                if snat != snat_addr {
+                    report_snat_addresses(snat);
+                }
                 node.nodeport_addresses = nodeport_addresses;
+                node.node_ips = snat.addresses();
+                node.host_addresses = host;
                 snat_addr = snat;
                 let value = datapath_config(&config, &node, snat_addr, netns_cookie);
                 if let Err(e) = syncer.maps_mut().config.set(0, value, 0) {

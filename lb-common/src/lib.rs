@@ -60,8 +60,12 @@ pub mod program_names {
     /// `TC_NODE` for node devices without an Ethernet header (TUN, WireGuard, IPIP).
     pub const TC_NODE_L3: &str = "lb_tc_node_l3";
     /// tc (TCX) egress on pod devices: replies restored before they reach
-    /// the client pod, whatever device brought them in.
+    /// the client pod, whatever device brought them in; also on node
+    /// devices' egress, for answers of the node's own sockets (hostNetwork
+    /// endpoints) to outside clients.
     pub const TC_TO_POD: &str = "lb_tc_to_pod";
+    /// `TC_TO_POD` on the egress of node devices without an Ethernet header.
+    pub const TC_EGRESS_L3: &str = "lb_tc_egress_l3";
     /// tc (TCX) ingress on every other device (not a pod device, not in
     /// --devices): replies only, so none depends on the path it took.
     pub const TC_REPLY: &str = "lb_tc_reply";
@@ -329,6 +333,9 @@ pub mod backend_flags {
     /// The endpoint runs on another node: external traffic sent to it is
     /// source-NATed to the node address so the reply comes back through us.
     pub const REMOTE: u32 = 1 << 1;
+    /// The endpoint's address is this node's own (a hostNetwork pod): never
+    /// masqueraded to the node, whose answer would stay on loopback.
+    pub const ON_NODE: u32 = 1 << 2;
 }
 
 /// Value of `LB_BACKENDS`, keyed by a `u32` backend id (never 0).

@@ -208,8 +208,8 @@ pub fn lookup_timed(key: &CtKey) -> Option<(*mut CtValue, u64)> {
 }
 
 /// Whether the entry holding a reply tuple may be replaced: it is dead, or
-/// its connection was reset (no TIME_WAIT follows an RST, so the tuple is
-/// free at once; closing by FIN keeps it for the closing lifetime), or, with
+/// its connection was closed (reset, or FINs both ways: the tuple is free at
+/// once, as netfilter's NAT reuses TIME_WAIT tuples), or, with
 /// `own_first_try` (the flow's own source port, not a candidate from the
 /// range), it is this very flow's own: the same client tuple to the same
 /// frontend, being balanced again. A reply entry lives as long as its flow:
@@ -228,7 +228,13 @@ fn reusable(key: &CtKey, flow: &Flow, now: u64, own_first_try: bool) -> bool {
                 && (entry_ref.snat_addr_be.is_none()
                     || (entry_ref.snat_addr_be == flow.src_be
                         && entry_ref.snat_port_be == flow.sport_be));
-            own || lookup(key, now).is_none() || entry_ref.flags & ct_flags::RST_SEEN != 0
+            // Closed connections free their tuple (netfilter's NAT reuses
+            // TIME_WAIT / CLOSE tuples too): with a few thousand SNAT ports
+            // per backend, 120 s of TIME_WAIT would cap new connections.
+            let flags = entry_ref.flags;
+            let closed = (flags & ct_flags::RST_SEEN != 0)
+                | (flags & ct_flags::ANY_FIN == ct_flags::ANY_FIN);
+            own || closed || lookup(key, now).is_none()
         }
     }
 }

@@ -300,13 +300,16 @@ fn forward<P: Packet>(
         // Masqueraded as kube-proxy does (policy Cluster, from outside or
         // from pods), or external traffic to another node's backend, whose
         // reply must come back here to be translated: the source becomes
-        // this node.
+        // this node. Not for a backend on one of the node's addresses (a
+        // hostNetwork endpoint): its answer to the node would stay on
+        // loopback, where nothing restores it, and netfilter's masquerade
+        // does not apply to locally delivered packets either.
         let node = if flow.v6 {
             config.nodeport_snat_addr6
         } else {
             config.nodeport_snat_addr4
         };
-        if !node.is_none() {
+        if !node.is_none() && backend.flags & backend_flags::ON_NODE == 0 {
             nat.other_addr_be = node;
             allocate = true;
         }

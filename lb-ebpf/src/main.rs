@@ -50,6 +50,13 @@ mod programs {
         try_tc::<true>(&ctx, Origin::Reply, true)
     }
 
+    /// `lb_tc_to_pod` on the egress of node devices without an Ethernet
+    /// header.
+    #[classifier]
+    pub fn lb_tc_egress_l3(ctx: TcContext) -> i32 {
+        try_tc::<false>(&ctx, Origin::Reply, true)
+    }
+
     /// tc ingress (TCX) on node devices where XDP is not used.
     #[classifier]
     pub fn lb_tc_node(ctx: TcContext) -> i32 {

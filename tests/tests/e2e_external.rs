@@ -505,11 +505,16 @@ fn node_device_mode(node: &Cluster) -> String {
     let link: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j link");
     // IFLA_XDP_ATTACHED: 1 driver, 2 generic (skb), 4 several.
     let xdp = link[0]["xdp"]["mode"].as_u64();
-    let pins: Vec<String> = std::fs::read_dir(node.topo.bpffs.join("links"))
-        .expect("links dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .filter(|name| name.ends_with(&format!("-{dev}")))
-        .collect();
+    let (egress, pins): (Vec<String>, Vec<String>) =
+        std::fs::read_dir(node.topo.bpffs.join("links"))
+            .expect("links dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(&format!("-{dev}")))
+            .partition(|name| name.starts_with("tcne-"));
+    // The egress program (answers of the node's own sockets) in every mode.
+    if egress.len() != 1 {
+        return format!("egress pins {egress:?}");
+    }
     match (xdp, pins.as_slice()) {
         (Some(1), [pin]) if pin.starts_with("xdpn-") => "native".into(),
         (Some(2), [pin]) if pin.starts_with("xdpg-") => "generic".into(),

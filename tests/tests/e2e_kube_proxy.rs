@@ -77,8 +77,12 @@ impl Family {
         }
     }
 
-    /// Endpoint "a3" / "b0": the k-th address of the pod on node A / B.
+    /// Endpoint "a3" / "b0": the k-th address of the pod on node A / B;
+    /// "n0": node A's own address (a hostNetwork endpoint).
     fn endpoint(self, name: &str) -> String {
+        if name == "n0" {
+            return NODE_A[self.i()].to_string();
+        }
         let (node, k) = name.split_at(1);
         let k: u8 = k.parse().expect("endpoint index");
         let subnet = if node == "a" { 1 } else { 2 };
@@ -527,6 +531,25 @@ const NO_ENDPOINTS_REJECT: &[Case] = &[
     ),
 ];
 
+/// lb's own cases beside kube-proxy's: svc9 (policy Cluster, LB IP 9) whose
+/// endpoint is node A's own address, a hostNetwork pod. Locally delivered,
+/// it is not masqueraded (netfilter's masquerade does not apply there, and
+/// the answer to a node address would never leave the node).
+const HOST_NETWORK: &[Case] = &[
+    case(
+        "pod to LB of a hostNetwork endpoint",
+        Pod,
+        Lb(9),
+        Endpoints(&["n0"], KEPT),
+    ),
+    case(
+        "external to LB of a hostNetwork endpoint",
+        External,
+        Lb(9),
+        Endpoints(&["n0"], KEPT),
+    ),
+];
+
 /// An endpoint of a sub-test's slice: (name, node-local, ready, serving, terminating).
 type Ep = (&'static str, bool, bool, bool, bool);
 
@@ -917,6 +940,23 @@ impl Rig {
             add_addresses(node, pod, &v4, &v6);
         }
         let client_pod = a.dual_pod("client", CLIENT_POD[0], CLIENT_POD[1], &[], &[]);
+        // A hostNetwork endpoint: the test server in node A's namespace.
+        let server = a.topo.dir.join("server.py").display().to_string();
+        a.topo
+            .start_in_node(
+                "host-network server",
+                std::path::Path::new("python3"),
+                &[
+                    server,
+                    "--name".into(),
+                    "node-a".into(),
+                    "--tcp".into(),
+                    "8080".into(),
+                    "--udp".into(),
+                    String::new(),
+                ],
+            )
+            .expect("server on node A");
 
         for (file, yaml) in services() {
             a.write(&file, &yaml);
@@ -1229,6 +1269,7 @@ fn services() -> Vec<(String, String)> {
             ..lb(4, "Cluster", "Cluster", &[4, 5], None)
         },
         lb(5, "Cluster", "Cluster", &[8], Some(5)),
+        lb(9, "Cluster", "Cluster", &[9], None),
         Svc {
             node_port: false,
             ..lb(6, "Local", "Cluster", &[6], None)
@@ -1248,6 +1289,7 @@ fn services() -> Vec<(String, String)> {
         ("svc2", BOTH),
         ("svc3", BOTH),
         ("svc4", REMOTE),
+        ("svc9", &["n0"][..]),
     ] {
         for family in [Family::V4, Family::V6] {
             let list: Vec<String> = eps
@@ -1256,10 +1298,10 @@ fn services() -> Vec<(String, String)> {
                     format!(
                         "- {{addresses: [\"{}\"], conditions: {{ready: true}}, nodeName: {}}}",
                         family.endpoint(e),
-                        if e.starts_with('a') {
-                            "node-a"
-                        } else {
+                        if e.starts_with('b') {
                             "node-b"
+                        } else {
+                            "node-a"
                         }
                     )
                 })
@@ -1320,6 +1362,7 @@ fn kube_proxy_packet_flow_tables() {
         ("TestLoadBalancer", LOAD_BALANCER),
         ("TestNodePorts", NODE_PORTS),
         ("TestNoEndpointsReject", NO_ENDPOINTS_REJECT),
+        ("lb: hostNetwork endpoint", HOST_NETWORK),
     ] {
         for case in cases {
             check(table, case, &rig);

@@ -550,6 +550,101 @@ fn pods_reaching_a_cluster_policy_lb_ip_are_masqueraded() {
 }
 
 #[test]
+fn a_host_network_backend_is_not_masqueraded() {
+    // The backend is the node's own address (a hostNetwork pod): the answer
+    // to a masqueraded source would stay on loopback, so the client keeps
+    // its address, as netfilter (no masquerade for local delivery).
+    const POD_CLIENT: &str = "10.1.1.9:40000";
+    let host_backend = Ep {
+        port: 8080,
+        ..snat(0)
+    };
+    run_case(Case::on(
+        BOTH,
+        "a_host_network_backend_is_not_masqueraded",
+        |dp| {
+            node_config(dp, SNAT_PORT);
+            dp.backend(
+                1,
+                Ep {
+                    port: 8080,
+                    ..snat(0)
+                },
+                TCP,
+            );
+            dp.set_backend_state(1, 0, backend_flags::ON_NODE);
+            dp.frontend_with_flags(
+                ep(LB_IP),
+                TCP,
+                1,
+                &[1],
+                frontend_kind::LOAD_BALANCER | service_flags::MASQUERADE,
+            );
+        },
+        vec![
+            send(
+                tcp(ep(POD_CLIENT), ep(LB_IP), SYN, b""),
+                Expect::Nat {
+                    src: ep(POD_CLIENT),
+                    dst: host_backend,
+                },
+            ),
+            counters(&[(stat::NODEPORT_SNAT, 0), (stat::NEW_FLOW, 1)]),
+        ],
+    ));
+}
+
+#[test]
+fn a_closed_flows_snat_port_is_reused_at_once() {
+    // FINs both ways: the tuple is in TIME_WAIT, which netfilter's NAT
+    // reuses for a new connection; lb does the same, or 120 s of TIME_WAIT
+    // per port would cap new connections to one backend.
+    let fin = Tcp { fin: true, ..ACK };
+    run_case(case(
+        "a_closed_flows_snat_port_is_reused_at_once",
+        node_ports,
+        vec![
+            send(
+                tcp(ep(CLIENT), remote_node_port(), SYN, b""),
+                Expect::Nat {
+                    src: snat(SNAT_PORT),
+                    dst: ep(REMOTE_POD),
+                },
+            ),
+            send(
+                tcp(ep(REMOTE_POD), snat(SNAT_PORT), fin, b""),
+                Expect::Nat {
+                    src: remote_node_port(),
+                    dst: ep(CLIENT),
+                },
+            ),
+            send(
+                tcp(ep(CLIENT), remote_node_port(), fin, b""),
+                Expect::Nat {
+                    src: snat(SNAT_PORT),
+                    dst: ep(REMOTE_POD),
+                },
+            ),
+            send(
+                tcp(ep(OTHER_CLIENT), remote_node_port(), SYN, b""),
+                Expect::Nat {
+                    src: snat(SNAT_PORT),
+                    dst: ep(REMOTE_POD),
+                },
+            ),
+            send(
+                tcp(ep(REMOTE_POD), snat(SNAT_PORT), ACK, b""),
+                Expect::Nat {
+                    src: remote_node_port(),
+                    dst: ep(OTHER_CLIENT),
+                },
+            ),
+            counters(&[(stat::NODEPORT_SNAT, 2), (stat::ERR_SNAT_PORTS, 0)]),
+        ],
+    ));
+}
+
+#[test]
 fn a_reset_flows_snat_port_is_free_at_once() {
     let rst = Tcp { rst: true, ..ACK };
     run_case(case(

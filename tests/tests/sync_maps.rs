@@ -68,6 +68,7 @@ fn frontend(name: &str, ip: [u8; 4], backends: &[[u8; 4]]) -> (FrontendKey, Fron
                     port: 8080,
                     terminating: false,
                     remote: false,
+                    on_node: false,
                 })
                 .collect(),
             standby: Vec::new(),
@@ -319,6 +320,7 @@ fn dual_stack_state_survives_a_restart_exactly() {
         port: 8080,
         terminating: false,
         remote: false,
+        on_node: false,
     }];
     for (key, f) in [(&mut v4, &mut v4_frontend), (&mut v6, &mut v6_frontend)] {
         key.scope = Scope::External;

@@ -106,6 +106,11 @@ pub enum Attachment {
     NodeXdp,
     /// Node device: lb_xdp_node as generic (skb) XDP.
     NodeXdpGeneric,
+    /// Node device egress: lb_tc_to_pod (answers of the node's own
+    /// sockets, hostNetwork endpoints, to outside clients).
+    NodeEgress,
+    /// The same on a device without an Ethernet header: lb_tc_egress_l3.
+    NodeEgressL3,
     /// Any other device's ingress: lb_tc_reply (replies only).
     ReplyTc,
     /// The same on a device without an Ethernet header: lb_tc_reply_l3.
@@ -113,13 +118,15 @@ pub enum Attachment {
 }
 
 impl Attachment {
-    const ALL: [Attachment; 8] = [
+    const ALL: [Attachment; 10] = [
         Attachment::PodTc,
         Attachment::PodEgress,
         Attachment::NodeTc,
         Attachment::NodeTcL3,
         Attachment::NodeXdp,
         Attachment::NodeXdpGeneric,
+        Attachment::NodeEgress,
+        Attachment::NodeEgressL3,
         Attachment::ReplyTc,
         Attachment::ReplyTcL3,
     ];
@@ -139,6 +146,8 @@ impl Attachment {
             Attachment::NodeTcL3 => "tcn3",
             Attachment::NodeXdp => "xdpn",
             Attachment::NodeXdpGeneric => "xdpg",
+            Attachment::NodeEgress => "tcne",
+            Attachment::NodeEgressL3 => "tcne3",
             Attachment::ReplyTc => "tcr",
             Attachment::ReplyTcL3 => "tcr3",
         }
@@ -147,7 +156,8 @@ impl Attachment {
     fn program(self) -> &'static str {
         match self {
             Attachment::PodTc => program_names::TC_INGRESS,
-            Attachment::PodEgress => program_names::TC_TO_POD,
+            Attachment::PodEgress | Attachment::NodeEgress => program_names::TC_TO_POD,
+            Attachment::NodeEgressL3 => program_names::TC_EGRESS_L3,
             Attachment::NodeTc => program_names::TC_NODE,
             Attachment::NodeTcL3 => program_names::TC_NODE_L3,
             Attachment::NodeXdp | Attachment::NodeXdpGeneric => program_names::XDP_NODE,
@@ -166,7 +176,9 @@ impl Attachment {
 
     fn tc_direction(self) -> TcAttachType {
         match self {
-            Attachment::PodEgress => TcAttachType::Egress,
+            Attachment::PodEgress | Attachment::NodeEgress | Attachment::NodeEgressL3 => {
+                TcAttachType::Egress
+            }
             _ => TcAttachType::Ingress,
         }
     }
@@ -311,13 +323,19 @@ pub fn attachments_for(
         LinkKind::Loopback | LinkKind::Other(_) => return None,
     };
     if devices.iter().any(|d| d == name) {
-        return Some(vec![match (l3, mode) {
+        let ingress = match (l3, mode) {
             (true, _) => Attachment::NodeTcL3,
             (false, DeviceMode::Tc) => Attachment::NodeTc,
             (false, DeviceMode::Auto) if veth => Attachment::NodeTc,
             (false, DeviceMode::Auto | DeviceMode::Xdp) => Attachment::NodeXdp,
             (false, DeviceMode::XdpGeneric) => Attachment::NodeXdpGeneric,
-        }]);
+        };
+        let egress = if l3 {
+            Attachment::NodeEgressL3
+        } else {
+            Attachment::NodeEgress
+        };
+        return Some(vec![ingress, egress]);
     }
     if !l3 && pod_globs.iter().any(|g| glob_match(g, name)) {
         return Some(vec![Attachment::PodTc, Attachment::PodEgress]);
@@ -373,19 +391,24 @@ fn check_bpffs(path: &Path) -> Result<(), LoadError> {
 /// The device of this namespace's default route per family (IPv4, IPv6),
 /// lowest metric first, read from /proc/net (the current namespace's).
 pub fn default_route_devices() -> (Option<String>, Option<String>) {
+    // RTF_UP, RTF_REJECT (linux/route.h).
+    const UP: u32 = 0x1;
+    const REJECT: u32 = 0x200;
+    let usable =
+        |flags: &str| u32::from_str_radix(flags, 16).is_ok_and(|f| f & UP != 0 && f & REJECT == 0);
     let v4 = fs::read_to_string("/proc/net/route").ok().and_then(|t| {
         default_route_device(&t, |f| {
-            // Iface Destination Gateway Flags RefCnt Use Metric Mask ...
-            (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000")
-                .then(|| (f[0], u32::from_str_radix(f[6], 16).unwrap_or(u32::MAX)))
+            // Iface Destination Gateway Flags(hex) RefCnt Use Metric(decimal) Mask ...
+            (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000" && usable(f[3]))
+                .then(|| (f[0], f[6].parse().unwrap_or(u32::MAX)))
         })
     });
     let v6 = fs::read_to_string("/proc/net/ipv6_route")
         .ok()
         .and_then(|t| {
             default_route_device(&t, |f| {
-                // dst dst_len src src_len gateway metric refcnt use flags iface
-                (f.len() > 9 && f[1] == "00" && f[0].bytes().all(|b| b == b'0'))
+                // dst dst_len src src_len gateway metric(hex) refcnt use flags(hex) iface
+                (f.len() > 9 && f[1] == "00" && f[0].bytes().all(|b| b == b'0') && usable(f[8]))
                     .then(|| (f[9], u32::from_str_radix(f[5], 16).unwrap_or(u32::MAX)))
             })
         });
@@ -399,7 +422,7 @@ fn default_route_device<'a>(
     table
         .lines()
         .filter_map(|line| default(&line.split_whitespace().collect::<Vec<_>>()))
-        .filter(|(dev, _)| *dev != "lo")
+        .filter(|(dev, _)| *dev != "lo" && *dev != "*")
         .min_by_key(|(_, metric)| *metric)
         .map(|(dev, _)| dev.to_string())
 }
@@ -520,20 +543,48 @@ where
 /// In a container /proc/sys is read-only; the DaemonSet mounts the host's
 /// /proc/sys/net at /host/proc/sys/net for this.
 fn accept_local(device: &str) {
-    let tail = format!("ipv4/conf/{device}/accept_local");
+    if let Err(errors) = device_sysctl(device, "accept_local", "1") {
+        warn!(
+            device,
+            errors = %errors,
+            "cannot set accept_local: NodePort replies and SNATed flows through this device will be dropped by the stack"
+        );
+    }
+}
+
+/// Write `net.ipv4.conf.<device>.<key>` in this namespace (or the host's
+/// copy the DaemonSet mounts).
+fn device_sysctl(device: &str, key: &str, value: &str) -> Result<(), String> {
+    let tail = format!("ipv4/conf/{device}/{key}");
     let mut errors = Vec::new();
     for root in ["/proc/sys/net", "/host/proc/sys/net"] {
         let path = format!("{root}/{tail}");
-        match fs::write(&path, "1") {
-            Ok(()) => return,
+        match fs::write(&path, value) {
+            Ok(()) => return Ok(()),
             Err(e) => errors.push(format!("{path}: {e}")),
         }
     }
-    warn!(
-        device,
-        errors = %errors.join("; "),
-        "cannot set accept_local: NodePort replies and SNATed flows through this device will be dropped by the stack"
-    );
+    Err(errors.join("; "))
+}
+
+/// Reverse-path filtering on a pod device drops what lb hands the stack
+/// there with a node address as source (flows masqueraded to the node,
+/// answers from a NodePort) when the fast path does not redirect it: the
+/// device has no address, so any rp_filter mode rejects. Off on the pod
+/// devices, as Cilium does; `all` still wins when it is stricter.
+fn no_rp_filter(device: &str) {
+    if let Err(errors) = device_sysctl(device, "rp_filter", "0") {
+        warn!(device, errors = %errors, "cannot turn rp_filter off on this pod device");
+    }
+}
+
+/// `net.ipv4.conf.all.rp_filter` when it is on (it overrides the devices').
+pub fn global_rp_filter() -> Option<String> {
+    ["/proc/sys/net", "/host/proc/sys/net"]
+        .iter()
+        .find_map(|root| fs::read_to_string(format!("{root}/ipv4/conf/all/rp_filter")).ok())
+        .map(|v| v.trim().to_string())
+        .filter(|v| v != "0")
 }
 
 /// statfs f_type of a cgroup v2 filesystem.
@@ -772,7 +823,13 @@ impl Datapath {
             let veth = mode == DeviceMode::Auto
                 && link == LinkKind::Ethernet
                 && devices.contains(name)
-                && device_driver(name).is_ok_and(|d| d == "veth");
+                && match device_driver(name) {
+                    Ok(driver) => driver == "veth",
+                    Err(e) => {
+                        warn!(device = %name, error = %e, "cannot read the device's driver (ethtool); --device-mode auto assumes native XDP works");
+                        false
+                    }
+                };
             if veth {
                 info!(device = %name, "--device-mode auto: tc on this veth device (native XDP on veth delays or loses XDP_TX answers; --device-mode xdp forces it)");
             }
@@ -832,6 +889,9 @@ impl Datapath {
                 continue;
             }
             accept_local(name);
+            if kinds.contains(&Attachment::PodTc) {
+                no_rp_filter(name);
+            }
             // Make before break: programs of other kinds from an earlier run
             // go only now.
             let legacy = self
@@ -954,10 +1014,19 @@ impl Datapath {
                     let _ = fs::remove_file(old);
                 }
             }
-            let attached = self
-                .xdp_program()?
-                .attach(name, mode)
-                .map_err(|e| format!("{}: {e}", xdp_mode_name(mode)));
+            // The old link goes asynchronously once its pin is removed (the
+            // kernel releases it from a workqueue): until then the other
+            // mode is refused (EEXIST), so wait for it a little.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            let attached = loop {
+                match self.xdp_program()?.attach(name, mode) {
+                    Ok(id) => break Ok(id),
+                    Err(_) if !others.is_empty() && std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    Err(e) => break Err(format!("{}: {e}", xdp_mode_name(mode))),
+                }
+            };
             match attached {
                 Ok(id) => {
                     let link = self.xdp_program()?.take_link(id).map_err(prog_err)?;
@@ -1115,16 +1184,21 @@ mod tests {
                 "eth0",
                 LinkKind::Ethernet,
                 DeviceMode::Xdp,
-                Some(vec![NodeXdp]),
+                Some(vec![NodeXdp, NodeEgress]),
             ),
             (
                 "eth0",
                 LinkKind::Ethernet,
                 DeviceMode::Tc,
-                Some(vec![NodeTc]),
+                Some(vec![NodeTc, NodeEgress]),
             ),
             // No Ethernet header: XDP would not find one, tc runs the L3 build.
-            ("tun0", LinkKind::L3, DeviceMode::Xdp, Some(vec![NodeTcL3])),
+            (
+                "tun0",
+                LinkKind::L3,
+                DeviceMode::Xdp,
+                Some(vec![NodeTcL3, NodeEgressL3]),
+            ),
             (
                 "veth1",
                 LinkKind::Ethernet,
@@ -1152,13 +1226,13 @@ mod tests {
                 "eth0",
                 LinkKind::Ethernet,
                 DeviceMode::XdpGeneric,
-                Some(vec![NodeXdpGeneric]),
+                Some(vec![NodeXdpGeneric, NodeEgress]),
             ),
             (
                 "eth0",
                 LinkKind::Ethernet,
                 DeviceMode::Auto,
-                Some(vec![NodeXdp]),
+                Some(vec![NodeXdp, NodeEgress]),
             ),
         ];
         for (name, link, mode, want) in cases {
@@ -1182,7 +1256,7 @@ mod tests {
         ] {
             assert_eq!(
                 attachments_for("eth0", LinkKind::Ethernet, true, &[], &devices, mode),
-                Some(vec![want]),
+                Some(vec![want, NodeEgress]),
                 "{mode:?} on veth"
             );
         }

@@ -422,6 +422,7 @@ mod tests {
                     port: 53,
                     terminating: false,
                     remote: false,
+                    on_node: false,
                 })
                 .collect(),
             standby: Vec::new(),

@@ -361,7 +361,8 @@ impl Syncer {
                     port_be: b.port.to_be(),
                     proto: fk.proto.number(),
                     state: BACKEND_STANDBY,
-                    flags: if b.remote { backend_flags::REMOTE } else { 0 },
+                    flags: if b.remote { backend_flags::REMOTE } else { 0 }
+                        | if b.on_node { backend_flags::ON_NODE } else { 0 },
                 });
                 if selectable {
                     ids.push(id);

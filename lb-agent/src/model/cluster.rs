@@ -2,7 +2,7 @@
 //! namespace/name, plus this node's settings.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
@@ -64,6 +64,13 @@ pub struct NodeConfig {
     /// Addresses NodePorts answer on: the node devices' addresses, filtered
     /// by --nodeport-addresses.
     pub nodeport_addresses: Vec<IpAddr>,
+    /// The node's primary addresses (its masquerade addresses, per family):
+    /// with the NodePort addresses, what loadBalancerSourceRanges must admit
+    /// for the Service's LB IPs to be admitted as sources too.
+    pub node_ips: Vec<IpAddr>,
+    /// Every address of the node's own devices: endpoints there are
+    /// hostNetwork pods.
+    pub host_addresses: BTreeSet<IpAddr>,
     /// --cluster-cidr: when set, ClusterIPs are also served to traffic from
     /// outside (sources outside these CIDRs), masqueraded to the node.
     pub cluster_cidrs: Vec<IpNet>,
@@ -83,6 +90,8 @@ impl Default for NodeConfig {
             default_maglev: false,
             external_ip_cidrs: None,
             nodeport_addresses: Vec::new(),
+            node_ips: Vec::new(),
+            host_addresses: BTreeSet::new(),
             cluster_cidrs: Vec::new(),
             masquerade_cluster_policy: true,
         }

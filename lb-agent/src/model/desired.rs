@@ -143,6 +143,9 @@ pub struct Backend {
     pub terminating: bool,
     /// Not on this node: external traffic to it is source-NATed.
     pub remote: bool,
+    /// Its address is one of this node's own (a hostNetwork pod): never
+    /// masqueraded (the answer to the node would stay on loopback).
+    pub on_node: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -173,8 +176,11 @@ pub struct Frontend {
 /// frontend (an address entry).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AddressEntry {
-    /// Undeclared ports and protocols are refused (in-cluster scope only:
-    /// from outside, other ports of an address may be the node's own).
+    /// Undeclared ports and protocols are refused: ClusterIPs in the
+    /// in-cluster scope only, as kube-proxy's nftables mode. From outside,
+    /// other ports of an address may be the node's own; a LoadBalancer IP or
+    /// externalIP may be a node's address too (k3s' ServiceLB, externalIPs
+    /// set to node IPs), which answers to flows masqueraded to it arrive at.
     pub reject_undeclared: bool,
     /// Some frontend on the address has a usable backend: pings are answered.
     pub echo: bool,
@@ -209,7 +215,8 @@ impl DesiredState {
                 continue;
             }
             let entry = self.addresses.entry((fk.addr, fk.scope)).or_default();
-            entry.reject_undeclared = fk.scope == Scope::Internal;
+            entry.reject_undeclared =
+                fk.scope == Scope::Internal && frontend.kind == FrontendKind::ClusterIP;
             entry.echo |= !frontend.backends.is_empty();
         }
     }

@@ -182,10 +182,12 @@ pub fn translate_with(
                 // As kube-proxy: ranges that admit the node admit the
                 // Service's LoadBalancer IPs too (the node's own traffic,
                 // source-NATed to the LB IP by the load balancer's hairpin).
-                if ranges
-                    .iter()
-                    .any(|net| node.nodeport_addresses.iter().any(|a| net.contains(a)))
-                {
+                if ranges.iter().any(|net| {
+                    node.nodeport_addresses
+                        .iter()
+                        .chain(&node.node_ips)
+                        .any(|a| net.contains(a))
+                }) {
                     ranges.extend(
                         lb_ips
                             .iter()
@@ -217,6 +219,11 @@ pub fn translate_with(
                     out.desired.health_checks.insert(port, check);
                 }
             }
+        }
+    }
+    for frontend in out.desired.frontends.values_mut() {
+        for b in frontend.backends.iter_mut().chain(&mut frontend.standby) {
+            b.on_node = node.host_addresses.contains(&b.addr);
         }
     }
     out.desired.derive_addresses();
@@ -617,6 +624,7 @@ fn standby(endpoints: &[EndpointInfo], selected: &[Backend]) -> Vec<Backend> {
             port: e.port,
             terminating: true,
             remote: !e.local,
+            on_node: false,
         })
         .collect()
 }
@@ -747,6 +755,7 @@ fn usable(endpoints: &[EndpointInfo], available: impl Fn(&EndpointInfo) -> bool)
         port: e.port,
         terminating,
         remote: !e.local,
+        on_node: false,
     };
     let ready: Vec<Backend> = endpoints
         .iter()
@@ -1905,7 +1914,9 @@ mod tests {
         };
         assert_eq!(entry("10.96.0.10", Scope::Internal), internal(true));
         assert_eq!(entry("10.96.0.10", Scope::External), None);
-        assert_eq!(entry("198.51.100.10", Scope::Internal), internal(true));
+        // Undeclared ports of a LoadBalancer IP pass (kube-proxy rejects on
+        // ClusterIPs only; an LB IP may be a node address answers come to).
+        assert_eq!(entry("198.51.100.10", Scope::Internal), external(true));
         assert_eq!(entry("198.51.100.10", Scope::External), external(false));
         assert_eq!(entry(NODE_ADDR, Scope::Internal), None);
 
