@@ -181,6 +181,7 @@ enum Proxy {
 }
 
 struct Rig {
+    via: Via,
     a: Cluster,
     /// Node B: routes, and holds the backend pod.
     _b: Cluster,
@@ -350,6 +351,7 @@ impl Rig {
             dev[0], link.mtu
         );
         Rig {
+            via,
             a,
             _b: b,
             _router: router,
@@ -711,6 +713,136 @@ impl Rig {
     }
 }
 
+/// externalIPs of Service `ext` (policy Cluster, only endpoint web-b).
+const EXTERNAL_IPS: [&str; 2] = ["192.0.2.10", "2001:db8:fe::10"];
+
+/// Service `ext` and its slices (both families).
+fn ext_manifests() -> String {
+    let slice = |family: &str, addr: &str| {
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: ext-{family}\n  \
+             labels: {{kubernetes.io/service-name: ext}}\naddressType: {family}\nports:\n\
+             - {{name: http, port: 8080, protocol: TCP}}\n- {{name: dns, port: 5353, protocol: UDP}}\n\
+             endpoints:\n- {{addresses: [\"{addr}\"], conditions: {{ready: true}}, nodeName: node-b}}\n"
+        )
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: ext}}\nspec:\n  clusterIP: 10.96.0.12\n  \
+         clusterIPs: [10.96.0.12, \"fd00:96::12\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n  \
+         externalIPs: [{}, \"{}\"]\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  \
+         - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}\n{}{}",
+        EXTERNAL_IPS[0],
+        EXTERNAL_IPS[1],
+        slice("IPv4", BACKEND),
+        slice("IPv6", BACKEND6)
+    )
+}
+
+impl Rig {
+    /// The client pod reaches an externalIP of a policy-Cluster Service
+    /// whose endpoint is on node B: masqueraded to a node A address, as
+    /// kube-proxy does, over the path, TCP and UDP in both families; the
+    /// answer comes back to the node address (over the underlay for IPv4,
+    /// the path for IPv6: node A's default routes) and is restored.
+    fn masqueraded(&self) {
+        let node = &self.a.topo;
+        let link = self.via.link();
+        let path_dev = format!("{}{}", node.prefix, link.suffix);
+        let gw6 = format!("{}2", link.subnets.1);
+        node.node_ip(&["route", "add", "default", "via", LAN[1]])
+            .expect("IPv4 default route");
+        let v6 = match self.via {
+            Via::L3Tunnel => node.node_ip(&["-6", "route", "add", "default", "dev", &path_dev]),
+            _ => node.node_ip(&[
+                "-6", "route", "add", "default", "via", &gw6, "dev", &path_dev,
+            ]),
+        };
+        v6.expect("IPv6 default route");
+        match self.proxy {
+            Proxy::Lb { .. } => {
+                self.a.write("ext.yaml", &ext_manifests());
+                let backend = format!("{BACKEND}:8080");
+                self.a.wait_backends(
+                    &format!("{}:80/TCP", EXTERNAL_IPS[0]),
+                    &[&backend],
+                    Duration::from_secs(10),
+                );
+            }
+            Proxy::Netfilter => {
+                for (tool, ext, to) in [
+                    ("iptables", EXTERNAL_IPS[0], BACKEND.to_string()),
+                    ("ip6tables", EXTERNAL_IPS[1], format!("[{BACKEND6}]")),
+                ] {
+                    for (proto, port, target) in [("tcp", "80", "8080"), ("udp", "53", "5353")] {
+                        let dnat = format!("{to}:{target}");
+                        #[rustfmt::skip]
+                        let rules: [&[&str]; 3] = [
+                            &[tool, "-t", "nat", "-A", "PREROUTING", "-d", ext, "-p", proto, "--dport", port, "-j", "MARK", "--set-mark", "0x4000"],
+                            &[tool, "-t", "nat", "-A", "PREROUTING", "-d", ext, "-p", proto, "--dport", port, "-j", "DNAT", "--to-destination", &dnat],
+                            &[tool, "-t", "nat", "-A", "POSTROUTING", "-m", "mark", "--mark", "0x4000", "-j", "MASQUERADE"],
+                        ];
+                        for rule in rules {
+                            let out = node.exec(&node.node_ns, rule).expect("run iptables");
+                            assert!(out.status.success(), "{rule:?}: {out:?}");
+                        }
+                    }
+                }
+            }
+        }
+        let out = Command::new("ip")
+            .args(["-n", &node.node_ns, "-j", "addr", "show"])
+            .output()
+            .expect("ip addr");
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j addr");
+        let node_addresses: BTreeSet<IpAddr> = links
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+            .filter_map(|a| a["local"].as_str()?.parse().ok())
+            .collect();
+        let mut failures = Vec::new();
+        for ext in EXTERNAL_IPS {
+            let ip: IpAddr = ext.parse().expect("externalIP");
+            let tcp = node
+                .curl(&self.client, &url(ip), 3.0)
+                .map_err(|(code, err)| {
+                    format!("curl exit {code} ({}): {}", curl_meaning(code), err.trim())
+                });
+            let udp = node.udp(&self.client, ip, 53, 2.0, 0);
+            for (what, answer) in [
+                (format!("TCP to {ext}:80"), tcp),
+                (format!("UDP to {ext}:53"), udp),
+            ] {
+                let seen = answer.as_ref().ok().and_then(|body| {
+                    try_field(body, "client")?
+                        .rsplit_once(':')?
+                        .0
+                        .parse::<IpAddr>()
+                        .ok()
+                });
+                match (answer, seen) {
+                    (Err(e), _) => failures.push(format!("{what}: {e}")),
+                    (Ok(body), Some(client)) if !node_addresses.contains(&client) => failures.push(
+                        format!("{what}: the backend saw {client}, not a node A address: {body:?}"),
+                    ),
+                    (Ok(body), None) => {
+                        failures.push(format!("{what}: unexpected answer {body:?}"))
+                    }
+                    (Ok(_), Some(_)) => {}
+                }
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{}\n{}\n{}",
+            self.what,
+            failures.join("\n"),
+            self.state()
+        );
+    }
+}
+
 fn url(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(_) => format!("http://{ip}/"),
@@ -962,5 +1094,31 @@ mod fragmented_datagrams_both_ways {
     #[test]
     fn netfilter_control_vxlan() {
         Rig::new(Via::Vxlan, Proxy::Netfilter).big_datagrams();
+    }
+}
+
+/// A pod reaching an externalIP (policy Cluster) whose endpoint is on the
+/// other node is masqueraded, as kube-proxy does, whichever path carries it.
+mod masqueraded_external_ip_from_a_pod {
+    use super::*;
+
+    #[test]
+    fn second_nic() {
+        Rig::new(Via::SecondNic, lb(Devices::None)).masqueraded();
+    }
+
+    #[test]
+    fn vxlan() {
+        Rig::new(Via::Vxlan, lb(Devices::None)).masqueraded();
+    }
+
+    #[test]
+    fn l3_tunnel() {
+        Rig::new(Via::L3Tunnel, lb(Devices::None)).masqueraded();
+    }
+
+    #[test]
+    fn netfilter_control() {
+        Rig::new(Via::SecondNic, Proxy::Netfilter).masqueraded();
     }
 }
