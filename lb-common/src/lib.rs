@@ -60,12 +60,14 @@ pub mod program_names {
     /// `TC_NODE` for node devices without an Ethernet header (TUN, WireGuard, IPIP).
     pub const TC_NODE_L3: &str = "lb_tc_node_l3";
     /// tc (TCX) egress on pod devices: replies restored before they reach
-    /// the client pod, whatever device brought them in; also on node
-    /// devices' egress, for answers of the node's own sockets (hostNetwork
-    /// endpoints) to outside clients.
+    /// the client pod, whatever device brought them in.
     pub const TC_TO_POD: &str = "lb_tc_to_pod";
-    /// `TC_TO_POD` on the egress of node devices without an Ethernet header.
-    pub const TC_EGRESS_L3: &str = "lb_tc_egress_l3";
+    /// tc (TCX) egress on every other device: answers of the node's own
+    /// sockets (hostNetwork endpoints) restored, and the node's sockets
+    /// bound to a Service address masqueraded.
+    pub const TC_NODE_EGRESS: &str = "lb_tc_node_egress";
+    /// `TC_NODE_EGRESS` for devices without an Ethernet header.
+    pub const TC_NODE_EGRESS_L3: &str = "lb_tc_node_egress_l3";
     /// tc (TCX) ingress on every other device (not a pod device, not in
     /// --devices): replies only, so none depends on the path it took.
     pub const TC_REPLY: &str = "lb_tc_reply";

@@ -17,7 +17,7 @@ use crate::{
     maps::{LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_SERVICES, LB_SOURCE_RANGES, count},
     nat::{self, End},
     packet::{Packet, Routed},
-    parse::{self, Echo, FRAG_FIRST, FRAG_NONE, Flow, TCP_RST},
+    parse::{self, Echo, FRAG_FIRST, FRAG_NONE, Flow, TCP_ACK, TCP_RST, TCP_SYN},
     reject,
 };
 
@@ -33,6 +33,12 @@ pub enum Origin {
     /// device (a second NIC, an overlay, a tunnel, bringing replies to the
     /// node's SNAT address). Nothing is balanced or refused here.
     Reply,
+    /// Egress of every device that is not a pod device: replies (answers of
+    /// the node's own sockets, hostNetwork endpoints, to outside clients),
+    /// and connections of the node's sockets bound to a Service address
+    /// (socket-level LB has sent them to a backend with that address as
+    /// source, which only this node can answer for): masqueraded.
+    NodeOut,
 }
 
 impl Origin {
@@ -40,8 +46,14 @@ impl Origin {
     fn scope(self) -> u8 {
         match self {
             Origin::Node => SCOPE_EXTERNAL,
-            Origin::Pod | Origin::Reply => SCOPE_INTERNAL,
+            Origin::Pod | Origin::Reply | Origin::NodeOut => SCOPE_INTERNAL,
         }
+    }
+
+    /// Programs that balance nothing: replies (and masquerade) only.
+    #[inline(always)]
+    fn replies_only(self) -> bool {
+        matches!(self, Origin::Reply | Origin::NodeOut)
     }
 }
 
@@ -61,6 +73,9 @@ pub struct Rewrite {
 /// is the program's verdict.
 const REWRITE: i32 = i32::MIN;
 const REFUSE: i32 = i32::MIN + 1;
+/// No reply entry on a node egress: maybe a node socket's connection to
+/// masquerade (`masquerade_out`).
+const MASQUERADE_OUT: i32 = i32::MIN + 2;
 
 /// Translate one packet; returns the program verdict.
 ///
@@ -70,7 +85,7 @@ const REFUSE: i32 = i32::MIN + 1;
 /// keys inlined into one body do not fit.
 #[inline(always)]
 pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
-    if origin == Origin::Reply && pkt.translated_here() {
+    if origin.replies_only() && pkt.translated_here() {
         // Translated on its way in (towards a backend in this pod): not a
         // reply, whatever tuple it carries now.
         count(stat::PASS_NOT_FRONTEND);
@@ -79,14 +94,14 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
     let mut flow = Flow::default();
     match parse::parse_into(pkt, &mut flow) {
         parse::FLOW => {}
-        parse::ECHO if origin != Origin::Reply => return echo_request(pkt, &flow, origin),
+        parse::ECHO if !origin.replies_only() => return echo_request(pkt, &flow, origin),
         parse::ECHO => {
             count(stat::PASS_OTHER_PROTO);
             return pkt.pass();
         }
         // Errors about replies travel towards backends: only where a flow's
         // forward packets arrive.
-        parse::ICMP_ERROR => return icmp_error::translate(pkt, &flow, origin != Origin::Reply),
+        parse::ICMP_ERROR => return icmp_error::translate(pkt, &flow, !origin.replies_only()),
         parse::FRAG_UNKNOWN => return unknown_fragment(pkt, &flow, origin),
         reason => {
             count(reason);
@@ -104,7 +119,7 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
     let mut to = Rewrite::default();
     // The clock is read only where it is needed: not for packets that
     // are none of ours (the common case on a node).
-    let frontend = if origin == Origin::Reply {
+    let frontend = if origin.replies_only() {
         None
     } else {
         unsafe { LB_SERVICES.get(key) }
@@ -112,6 +127,12 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
     let verdict = match frontend {
         Some(frontend) => forward(pkt, &flow, &key, frontend, &mut to),
         None => reply(pkt, &flow, origin, &mut to),
+    };
+    // Siblings, not nested: each call adds its frame to the chain's.
+    let verdict = if verdict == MASQUERADE_OUT {
+        masquerade_out(pkt, &flow, &mut to)
+    } else {
+        verdict
     };
     match verdict {
         REWRITE => translate(pkt, &flow, &to),
@@ -181,7 +202,7 @@ fn echo_request<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
 #[inline(never)]
 fn unknown_fragment<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
     let key = address_key(flow.dst_be, origin.scope());
-    if origin != Origin::Reply && unsafe { LB_SERVICES.get(key) }.is_some() {
+    if !origin.replies_only() && unsafe { LB_SERVICES.get(key) }.is_some() {
         count(stat::DROP_FRAG_NO_FIRST);
         return pkt.drop_verdict();
     }
@@ -503,6 +524,9 @@ fn reply<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin, to: &mut Rewrite) 
 
 #[inline(always)]
 fn not_a_frontend<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
+    if origin == Origin::NodeOut && pkt.sent_by_local_socket() {
+        return MASQUERADE_OUT;
+    }
     if origin != Origin::Pod {
         // From outside, other ports of these addresses may be the node's own
         // services (an externalIP on a node address): never refused here.
@@ -571,6 +595,79 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, to: &Rewrite) -> i32 {
         }
         Err(_) => {
             count(stat::ERR_NAT_FAILED);
+            pkt.drop_verdict()
+        }
+    }
+}
+
+/// A node socket's packet leaving with a Service address as its source: a
+/// socket bound to a LoadBalancer IP or externalIP the node holds, which
+/// socket-level LB connected to a backend. Only this node can take the
+/// answer for that address, so the flow is masqueraded to the node
+/// (kube-proxy masquerades the node's traffic to Service addresses). The
+/// backend stays the destination; the answer, addressed to the node's SNAT
+/// address, is restored by the reply path where it comes in.
+#[inline(never)]
+fn masquerade_out<P: Packet>(pkt: &mut P, flow: &Flow, to: &mut Rewrite) -> i32 {
+    if unsafe { LB_SERVICES.get(address_key(flow.src_be, SCOPE_INTERNAL)) }.is_none() {
+        count(stat::PASS_NOT_FRONTEND);
+        return pkt.pass();
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let len = pkt.len();
+    to.end = End::Destination;
+    let nat = &mut to.nat;
+    nat.addr_be = flow.dst_be;
+    nat.port_be = flow.dport_be;
+    if let Some(entry) = ct::lookup(&ct::forward_key(flow), now) {
+        nat.other_addr_be = unsafe { (*entry).snat_addr_be };
+        nat.other_port_be = unsafe { (*entry).snat_port_be };
+        to.verdict = stat::ESTABLISHED;
+        let touch = ct::refresh_peer(flow, unsafe { (*entry).last_seen_ns }, now);
+        let new_bits = ct::observe(entry, flow, CT_DIR_FORWARD, now, len, 0);
+        if new_bits != 0 || touch {
+            let peer = ct::peer_key(flow, unsafe { &*entry }, CT_DIR_FORWARD);
+            ct::merge(&peer, flow.proto, new_bits, now, touch);
+        }
+        return REWRITE;
+    }
+    // Only a connection's first packet starts one (a TCP SYN; any datagram).
+    if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        count(stat::PASS_NOT_FRONTEND);
+        return pkt.pass();
+    }
+    let node = LB_CONFIG.get(0).map_or(Addr::NONE, |c| {
+        if flow.v6 {
+            c.nodeport_snat_addr6
+        } else {
+            c.nodeport_snat_addr4
+        }
+    });
+    if node.is_none() {
+        count(stat::PASS_NOT_FRONTEND);
+        return pkt.pass();
+    }
+    nat.other_addr_be = node;
+    nat.other_port_be = flow.sport_be;
+    to.verdict = stat::NEW_FLOW;
+    let new_flow = NewFlow {
+        backend_id: 0,
+        rev_nat_id: 0,
+        allocate: true,
+        now,
+        len,
+    };
+    match ct::create(flow, &new_flow, nat) {
+        Ok(()) => {
+            count(stat::NODEPORT_SNAT);
+            REWRITE
+        }
+        Err(CreateError::Full) => {
+            count(stat::ERR_CT_FULL);
+            pkt.drop_verdict()
+        }
+        Err(CreateError::NoPort) => {
+            count(stat::ERR_SNAT_PORTS);
             pkt.drop_verdict()
         }
     }

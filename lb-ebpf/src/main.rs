@@ -50,11 +50,18 @@ mod programs {
         try_tc::<true>(&ctx, Origin::Reply, true)
     }
 
-    /// `lb_tc_to_pod` on the egress of node devices without an Ethernet
-    /// header.
+    /// tc egress (TCX) on every device but pod devices: answers of the
+    /// node's own sockets restored, and its sockets bound to a Service
+    /// address masqueraded.
     #[classifier]
-    pub fn lb_tc_egress_l3(ctx: TcContext) -> i32 {
-        try_tc::<false>(&ctx, Origin::Reply, true)
+    pub fn lb_tc_node_egress(ctx: TcContext) -> i32 {
+        try_tc::<true>(&ctx, Origin::NodeOut, true)
+    }
+
+    /// `lb_tc_node_egress` for devices without an Ethernet header.
+    #[classifier]
+    pub fn lb_tc_node_egress_l3(ctx: TcContext) -> i32 {
+        try_tc::<false>(&ctx, Origin::NodeOut, true)
     }
 
     /// tc ingress (TCX) on node devices where XDP is not used.

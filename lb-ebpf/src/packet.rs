@@ -66,6 +66,11 @@ pub trait Packet {
     fn translated_here(&self) -> bool {
         false
     }
+    /// Whether one of the node's own sockets sent the packet (not forwarded).
+    #[inline(always)]
+    fn sent_by_local_socket(&self) -> bool {
+        false
+    }
     /// Patch the IPv4 header checksum at `csum_off` for a 4-byte field change.
     fn l3_csum_replace4(&mut self, csum_off: u32, from: u32, to: u32) -> Result<()>;
     /// Patch the L4 checksum at `csum_off` for a field change of `size` (2 or
@@ -159,6 +164,13 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
     fn translated_here(&self) -> bool {
         let mark = unsafe { (*self.ctx.skb.skb).mark };
         mark & lb_common::MARK_TRANSLATED != 0
+    }
+
+    #[inline(always)]
+    fn sent_by_local_socket(&self) -> bool {
+        // skb->sk: the sending socket of a locally generated packet, NULL
+        // for a forwarded one.
+        !unsafe { (*self.ctx.skb.skb).__bindgen_anon_2.sk }.is_null()
     }
 
     #[inline(always)]

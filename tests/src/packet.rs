@@ -37,13 +37,16 @@ pub enum Prog {
     TcReply,
     /// Replies only, on a pod device's egress (into the client pod).
     TcToPod,
+    /// Replies (and node sockets' masquerade, which needs a sending socket
+    /// the test runs cannot give), on any other device's egress.
+    TcNodeEgress,
 }
 
 pub const BOTH: &[Prog] = &[Prog::Tc, Prog::Xdp];
 /// The node-device programs.
 pub const NODE: &[Prog] = &[Prog::TcNode, Prog::XdpNode];
 /// The reply-only programs (other devices' ingress, pod devices' egress).
-pub const REPLY_ONLY: &[Prog] = &[Prog::TcReply, Prog::TcToPod];
+pub const REPLY_ONLY: &[Prog] = &[Prog::TcReply, Prog::TcToPod, Prog::TcNodeEgress];
 /// Every program.
 pub const ALL: &[Prog] = &[
     Prog::Tc,
@@ -52,6 +55,7 @@ pub const ALL: &[Prog] = &[
     Prog::XdpNode,
     Prog::TcReply,
     Prog::TcToPod,
+    Prog::TcNodeEgress,
 ];
 
 /// What the program decided, normalised across tc and XDP return codes.
@@ -72,6 +76,7 @@ impl Prog {
             Prog::XdpNode => program_names::XDP_NODE,
             Prog::TcReply => program_names::TC_REPLY,
             Prog::TcToPod => program_names::TC_TO_POD,
+            Prog::TcNodeEgress => program_names::TC_NODE_EGRESS,
         }
     }
 

@@ -101,6 +101,9 @@ enum Src {
     Blocked,
     /// Source-NATed to the LB IP it connects to.
     Hairpin,
+    /// Node A's socket bound to LB IP k, which node A holds (as a cloud's
+    /// guest agent adds it).
+    NodeBound(u8),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -536,6 +539,15 @@ const NO_ENDPOINTS_REJECT: &[Case] = &[
 /// it is not masqueraded (netfilter's masquerade does not apply there, and
 /// the answer to a node address would never leave the node).
 const HOST_NETWORK: &[Case] = &[
+    // svc10 (policy Cluster, only endpoint b0): kube-proxy masquerades the
+    // node's traffic to LB IPs; socket-level LB cannot change a bound
+    // source, so the node's egress program masquerades the connection.
+    case(
+        "node to LB from a socket bound to the LB IP",
+        NodeBound(10),
+        Lb(10),
+        Endpoints(REMOTE, MASQ),
+    ),
     case(
         "pod to LB of a hostNetwork endpoint",
         Pod,
@@ -940,6 +952,12 @@ impl Rig {
             add_addresses(node, pod, &v4, &v6);
         }
         let client_pod = a.dual_pod("client", CLIENT_POD[0], CLIENT_POD[1], &[], &[]);
+        // Node A holds LB IP 10 itself, as a cloud's guest agent adds the
+        // load balancer's address to the node.
+        for (family, len) in [(Family::V4, 32), (Family::V6, 128)] {
+            let cidr = format!("{}/{len}", family.lb_ip(10));
+            ip(&["-n", &a.topo.node_ns, "addr", "add", &cidr, "dev", "lo"]);
+        }
         // A hostNetwork endpoint: the test server in node A's namespace.
         let server = a.topo.dir.join("server.py").display().to_string();
         a.topo
@@ -1011,7 +1029,7 @@ impl Rig {
     fn source(&self, src: Src) -> &Pod {
         match src {
             Pod => &self.client_pod,
-            Node => &self.node,
+            Node | NodeBound(_) => &self.node,
             External => &self.external,
             Blocked => &self.blocked,
             Hairpin => &self.hairpin,
@@ -1025,7 +1043,7 @@ impl Rig {
             Blocked => BLOCKED,
             // The node shows as a node address anyway; the hairpin host as
             // its LB IP.
-            Node | Hairpin => return None,
+            Node | Hairpin | NodeBound(_) => return None,
         };
         addrs[family.i()].parse().ok()
     }
@@ -1048,7 +1066,12 @@ impl Rig {
     fn run(&self, case: &Case, family: Family) -> Result<(), String> {
         let from = self.source(case.src);
         let url = Self::url(case.dst, family);
-        let curl = |timeout: f64| self.a.topo.curl(from, &url, timeout);
+        let bound = match case.src {
+            NodeBound(k) => vec!["--interface".to_string(), family.lb_ip(k)],
+            _ => Vec::new(),
+        };
+        let bound: Vec<&str> = bound.iter().map(String::as_str).collect();
+        let curl = |timeout: f64| self.a.topo.curl_with(from, &bound, &url, timeout);
         match case.want {
             Endpoints(endpoints, seen_as) => {
                 let want: BTreeSet<IpAddr> = endpoints
@@ -1270,6 +1293,7 @@ fn services() -> Vec<(String, String)> {
         },
         lb(5, "Cluster", "Cluster", &[8], Some(5)),
         lb(9, "Cluster", "Cluster", &[9], None),
+        lb(10, "Cluster", "Cluster", &[10], None),
         Svc {
             node_port: false,
             ..lb(6, "Local", "Cluster", &[6], None)
@@ -1290,6 +1314,7 @@ fn services() -> Vec<(String, String)> {
         ("svc3", BOTH),
         ("svc4", REMOTE),
         ("svc9", &["n0"][..]),
+        ("svc10", REMOTE),
     ] {
         for family in [Family::V4, Family::V6] {
             let list: Vec<String> = eps

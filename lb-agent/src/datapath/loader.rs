@@ -106,10 +106,11 @@ pub enum Attachment {
     NodeXdp,
     /// Node device: lb_xdp_node as generic (skb) XDP.
     NodeXdpGeneric,
-    /// Node device egress: lb_tc_to_pod (answers of the node's own
-    /// sockets, hostNetwork endpoints, to outside clients).
+    /// Egress of every device but pod devices: lb_tc_node_egress (answers
+    /// of the node's own sockets, hostNetwork endpoints, to outside
+    /// clients; node sockets bound to a Service address masqueraded).
     NodeEgress,
-    /// The same on a device without an Ethernet header: lb_tc_egress_l3.
+    /// The same on a device without an Ethernet header: lb_tc_node_egress_l3.
     NodeEgressL3,
     /// Any other device's ingress: lb_tc_reply (replies only).
     ReplyTc,
@@ -132,10 +133,11 @@ impl Attachment {
     ];
 
     /// The tc programs loaded at start: what every node runs.
-    const EAGER: [Attachment; 3] = [
+    const EAGER: [Attachment; 4] = [
         Attachment::PodTc,
         Attachment::PodEgress,
         Attachment::ReplyTc,
+        Attachment::NodeEgress,
     ];
 
     fn pin_prefix(self) -> &'static str {
@@ -156,8 +158,9 @@ impl Attachment {
     fn program(self) -> &'static str {
         match self {
             Attachment::PodTc => program_names::TC_INGRESS,
-            Attachment::PodEgress | Attachment::NodeEgress => program_names::TC_TO_POD,
-            Attachment::NodeEgressL3 => program_names::TC_EGRESS_L3,
+            Attachment::PodEgress => program_names::TC_TO_POD,
+            Attachment::NodeEgress => program_names::TC_NODE_EGRESS,
+            Attachment::NodeEgressL3 => program_names::TC_NODE_EGRESS_L3,
             Attachment::NodeTc => program_names::TC_NODE,
             Attachment::NodeTcL3 => program_names::TC_NODE_L3,
             Attachment::NodeXdp | Attachment::NodeXdpGeneric => program_names::XDP_NODE,
@@ -340,11 +343,11 @@ pub fn attachments_for(
     if !l3 && pod_globs.iter().any(|g| glob_match(g, name)) {
         return Some(vec![Attachment::PodTc, Attachment::PodEgress]);
     }
-    Some(vec![if l3 {
-        Attachment::ReplyTcL3
+    Some(if l3 {
+        vec![Attachment::ReplyTcL3, Attachment::NodeEgressL3]
     } else {
-        Attachment::ReplyTc
-    }])
+        vec![Attachment::ReplyTc, Attachment::NodeEgress]
+    })
 }
 
 /// Attached devices, by ifindex.
@@ -1210,15 +1213,20 @@ mod tests {
                 "eth1",
                 LinkKind::Ethernet,
                 DeviceMode::Xdp,
-                Some(vec![ReplyTc]),
+                Some(vec![ReplyTc, NodeEgress]),
             ),
             (
                 "vxlan.calico",
                 LinkKind::Ethernet,
                 DeviceMode::Tc,
-                Some(vec![ReplyTc]),
+                Some(vec![ReplyTc, NodeEgress]),
             ),
-            ("wg0", LinkKind::L3, DeviceMode::Xdp, Some(vec![ReplyTcL3])),
+            (
+                "wg0",
+                LinkKind::L3,
+                DeviceMode::Xdp,
+                Some(vec![ReplyTcL3, NodeEgressL3]),
+            ),
             ("lo", LinkKind::Loopback, DeviceMode::Xdp, None),
             ("ib0", LinkKind::Other(32), DeviceMode::Xdp, None),
             ("eth0", LinkKind::Loopback, DeviceMode::Tc, None),
