@@ -432,6 +432,11 @@ pub mod ct_lifetime {
     pub const OTHER_REPLIED: u32 = 120;
 }
 
+/// `CtValue::backend_id` of entries that only masquerade (a node socket
+/// bound to a Service address, sent to a backend by socket-level LB): no
+/// backend of ours, so removing backends never prunes them.
+pub const CT_NO_BACKEND: u32 = 0;
+
 /// Value of `LB_CT_TCP` / `LB_CT_OTHER`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -662,8 +667,12 @@ pub mod stat {
     /// was not seen (reordered or lost): no ports to translate it by,
     /// dropped (its datagram cannot be reassembled anyway).
     pub const DROP_FRAG_NO_FIRST: u32 = 37;
+    /// A connection of the node's own socket, bound to a Service address and
+    /// sent to a backend by socket-level LB, masqueraded to the node on its
+    /// way out.
+    pub const NODE_SOCKET_MASQUERADE: u32 = 38;
     /// Number of counters in use.
-    pub const COUNT: u32 = 38;
+    pub const COUNT: u32 = 39;
     /// Size of the stats array (room to grow without a layout change).
     pub const CAPACITY: u32 = 48;
 
@@ -707,6 +716,7 @@ pub mod stat {
         "icmp_error_translated",
         "fragment",
         "drop_frag_no_first",
+        "node_socket_masquerade",
     ];
 }
 

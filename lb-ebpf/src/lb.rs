@@ -7,14 +7,18 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr, AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY,
-    IPPROTO_TCP, MaglevKey, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue, SourceRange,
-    backend_flags, config_flags, ct_flags, service_flags, stat,
+    IPPROTO_TCP, MaglevKey, SCOPE_EXTERNAL, SCOPE_INTERNAL, SOCK_DIR_REVERSE, ServiceKey,
+    ServiceValue, SockNatKey, SourceRange, backend_flags, config_flags, ct_flags, service_flags,
+    stat,
 };
 
 use crate::{
     ct::{self, CreateError, Nat, NewFlow},
     icmp_error,
-    maps::{LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_SERVICES, LB_SOURCE_RANGES, count},
+    maps::{
+        LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_SERVICES, LB_SOCK_NAT, LB_SOURCE_RANGES,
+        count,
+    },
     nat::{self, End},
     packet::{Packet, Routed},
     parse::{self, Echo, FRAG_FIRST, FRAG_NONE, Flow, TCP_ACK, TCP_RST, TCP_SYN},
@@ -101,7 +105,8 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
         }
         // Errors about replies travel towards backends: only where a flow's
         // forward packets arrive.
-        parse::ICMP_ERROR => return icmp_error::translate(pkt, &flow, !origin.replies_only()),
+        // (The node's egress carries errors about answers too: the node's own.)
+        parse::ICMP_ERROR => return icmp_error::translate(pkt, &flow, origin != Origin::Reply),
         parse::FRAG_UNKNOWN => return unknown_fragment(pkt, &flow, origin),
         reason => {
             count(reason);
@@ -600,6 +605,10 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, to: &Rewrite) -> i32 {
     }
 }
 
+/// The backend id of conntrack entries that only masquerade (a node
+/// socket's connection): backend ids start at 1.
+const NO_BACKEND: u32 = lb_common::CT_NO_BACKEND;
+
 /// A node socket's packet leaving with a Service address as its source: a
 /// socket bound to a LoadBalancer IP or externalIP the node holds, which
 /// socket-level LB connected to a backend. Only this node can take the
@@ -619,7 +628,12 @@ fn masquerade_out<P: Packet>(pkt: &mut P, flow: &Flow, to: &mut Rewrite) -> i32 
     let nat = &mut to.nat;
     nat.addr_be = flow.dst_be;
     nat.port_be = flow.dport_be;
-    if let Some(entry) = ct::lookup(&ct::forward_key(flow), now) {
+    let syn = flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let entry = ct::lookup(&ct::forward_key(flow), now).filter(|entry| {
+        // A new connection on a closed one's tuple starts afresh.
+        !(syn && unsafe { (**entry).flags } & (ct_flags::RST_SEEN | ct_flags::ANY_FIN) != 0)
+    });
+    if let Some(entry) = entry {
         nat.other_addr_be = unsafe { (*entry).snat_addr_be };
         nat.other_port_be = unsafe { (*entry).snat_port_be };
         to.verdict = stat::ESTABLISHED;
@@ -631,11 +645,20 @@ fn masquerade_out<P: Packet>(pkt: &mut P, flow: &Flow, to: &mut Rewrite) -> i32 
         }
         return REWRITE;
     }
-    // Only a connection's first packet starts one (a TCP SYN; any datagram).
-    if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        count(stat::PASS_NOT_FRONTEND);
-        return pkt.pass();
-    }
+    // Only a connection's first packet starts one (a TCP SYN; any
+    // datagram), and only of a socket that socket-level LB sent to this
+    // backend: not a server answering on a Service address, nor a socket
+    // bound to one talking to anything else (a Service address may be a
+    // node address, as with k3s' ServiceLB).
+    let sock_key = SockNatKey {
+        socket_cookie: pkt.socket_cookie(),
+        addr_be: flow.dst_be,
+        port_be: flow.dport_be,
+        proto: flow.proto,
+        dir: SOCK_DIR_REVERSE,
+        _pad: 0,
+    };
+    let sent_by_socket_lb = unsafe { LB_SOCK_NAT.get(sock_key) }.is_some();
     let node = LB_CONFIG.get(0).map_or(Addr::NONE, |c| {
         if flow.v6 {
             c.nodeport_snat_addr6
@@ -643,7 +666,11 @@ fn masquerade_out<P: Packet>(pkt: &mut P, flow: &Flow, to: &mut Rewrite) -> i32 
             c.nodeport_snat_addr4
         }
     });
-    if node.is_none() {
+    if (flow.proto == IPPROTO_TCP && !syn)
+        || !sent_by_socket_lb
+        || node.is_none()
+        || node == flow.src_be
+    {
         count(stat::PASS_NOT_FRONTEND);
         return pkt.pass();
     }
@@ -651,7 +678,8 @@ fn masquerade_out<P: Packet>(pkt: &mut P, flow: &Flow, to: &mut Rewrite) -> i32 
     nat.other_port_be = flow.sport_be;
     to.verdict = stat::NEW_FLOW;
     let new_flow = NewFlow {
-        backend_id: 0,
+        // No backend of ours: the agent's conntrack pruning leaves id 0 be.
+        backend_id: NO_BACKEND,
         rev_nat_id: 0,
         allocate: true,
         now,
@@ -659,7 +687,7 @@ fn masquerade_out<P: Packet>(pkt: &mut P, flow: &Flow, to: &mut Rewrite) -> i32 
     };
     match ct::create(flow, &new_flow, nat) {
         Ok(()) => {
-            count(stat::NODEPORT_SNAT);
+            count(stat::NODE_SOCKET_MASQUERADE);
             REWRITE
         }
         Err(CreateError::Full) => {

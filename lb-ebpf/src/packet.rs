@@ -71,6 +71,11 @@ pub trait Packet {
     fn sent_by_local_socket(&self) -> bool {
         false
     }
+    /// The sending socket's cookie (0 without one).
+    #[inline(always)]
+    fn socket_cookie(&self) -> u64 {
+        0
+    }
     /// Patch the IPv4 header checksum at `csum_off` for a 4-byte field change.
     fn l3_csum_replace4(&mut self, csum_off: u32, from: u32, to: u32) -> Result<()>;
     /// Patch the L4 checksum at `csum_off` for a field change of `size` (2 or
@@ -171,6 +176,12 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
         // skb->sk: the sending socket of a locally generated packet, NULL
         // for a forwarded one.
         !unsafe { (*self.ctx.skb.skb).__bindgen_anon_2.sk }.is_null()
+    }
+
+    #[inline(always)]
+    fn socket_cookie(&self) -> u64 {
+        // SAFETY: the helper reads the skb's socket, if any.
+        unsafe { aya_ebpf::helpers::bpf_get_socket_cookie(self.ctx.skb.skb.cast()) }
     }
 
     #[inline(always)]

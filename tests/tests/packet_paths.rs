@@ -636,7 +636,7 @@ fn errors_about_no_tracked_flow_pass_and_reply_programs_only_translate_towards_c
         ],
     ));
     run_case(Case::on(
-        REPLY_ONLY,
+        &[Prog::TcReply, Prog::TcToPod],
         "reply_programs_only_translate_towards_clients",
         services,
         vec![
@@ -648,6 +648,33 @@ fn errors_about_no_tracked_flow_pass_and_reply_programs_only_translate_towards_c
             send(
                 icmp_error(ep(CLIENT).addr, ep(DNS).addr, 3, 3, [0; 4], &seen, None),
                 Expect::Unchanged,
+            ),
+        ],
+    ));
+    // A node device's egress carries the node's own errors about answers
+    // (its socket gone when the answer arrived): towards the backend.
+    let answered = udp(ep(POD_B_DNS), ep(CLIENT), b"answer");
+    run_case(Case::on(
+        &[Prog::TcNodeEgress],
+        "node_egress_translates_errors_towards_backends",
+        services,
+        vec![
+            send_on(
+                Prog::Tc,
+                udp(ep(CLIENT), ep(DNS), b"query"),
+                Expect::Dnat(Target::Exact(ep(POD_B_DNS))),
+            ),
+            send(
+                icmp_error(ep(CLIENT).addr, ep(DNS).addr, 3, 3, [0; 4], &seen, None),
+                Expect::Frame(icmp_error(
+                    ep(CLIENT).addr,
+                    ep(POD_B_DNS).addr,
+                    3,
+                    3,
+                    [0; 4],
+                    &answered,
+                    None,
+                )),
             ),
         ],
     ));

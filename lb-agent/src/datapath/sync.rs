@@ -612,7 +612,10 @@ impl Syncer {
             .conntrack()
             .into_iter()
             .flat_map(|(_, ct)| ct.iter().filter_map(Result::ok))
-            .filter(|(_, v)| !self.backends.contains_key(&v.backend_id))
+            .filter(|(_, v)| {
+                v.backend_id != lb_common::CT_NO_BACKEND
+                    && !self.backends.contains_key(&v.backend_id)
+            })
             .map(|(k, _)| k)
             .collect();
         for key in stale {
