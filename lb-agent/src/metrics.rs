@@ -1,10 +1,15 @@
 //! `/metrics` in Prometheus text format (prometheus-client). Sync-loop
 //! metrics are recorded as they happen; map occupancy and the datapath's
-//! verdict counters are read from the pinned maps at scrape time.
+//! verdict counters are read from the pinned maps at scrape time. Beside
+//! lb's own (`lb_*`), kube-proxy's sync metrics (`kubeproxy_*`, its names,
+//! meanings and buckets), so dashboards and scalability tests made for
+//! kube-proxy work unchanged.
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::AtomicU64},
+    time::SystemTime,
 };
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
@@ -21,7 +26,14 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::datapath::maps::{Maps, expected_shapes};
+use crate::{
+    datapath::maps::{Maps, expected_shapes},
+    model::{ObjectKey, cluster::ClusterState, translate::NoLocalEndpoints},
+};
+
+/// The EndpointSlice annotation the endpointslice controller sets to when
+/// the change behind the slice's current content happened.
+const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabel {
@@ -38,6 +50,99 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficPolicyLabel {
+    pub traffic_policy: String,
+}
+
+/// kube-proxy's metrics (pkg/proxy/metrics), fed by the same sync loop.
+#[derive(Clone)]
+pub struct KubeProxyMetrics {
+    /// `kubeproxy_sync_proxy_rules_duration_seconds`.
+    pub sync_duration: Histogram,
+    /// `kubeproxy_network_programming_duration_seconds`: from an
+    /// EndpointSlice's last-change-trigger-time to its change programmed.
+    pub network_programming: Histogram,
+    /// `kubeproxy_sync_proxy_rules_last_timestamp_seconds`.
+    last_sync: Gauge<f64, AtomicU64>,
+    /// `kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy}`.
+    no_local_endpoints: Family<TrafficPolicyLabel, Gauge>,
+}
+
+impl KubeProxyMetrics {
+    /// A sync that programmed the maps ended now.
+    pub fn synced(&self, elapsed_s: f64, no_local: &NoLocalEndpoints) {
+        self.sync_duration.observe(elapsed_s);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.last_sync.set(now);
+        for (policy, n) in [
+            ("internal", no_local.internal.len()),
+            ("external", no_local.external.len()),
+        ] {
+            self.no_local_endpoints
+                .get_or_create(&TrafficPolicyLabel {
+                    traffic_policy: policy.into(),
+                })
+                .set(n as i64);
+        }
+    }
+}
+
+/// kube-proxy's network programming buckets: 0.25 s, 0.5 s, 1..59 s, 60..115 s
+/// by 5, 120..300 s by 30.
+fn network_programming_buckets() -> Vec<f64> {
+    let mut buckets = vec![0.25, 0.5];
+    buckets.extend((1..=59).map(f64::from));
+    buckets.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    buckets.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    buckets
+}
+
+/// Which EndpointSlice changes a sync programs, by their trigger times: a
+/// slice whose annotation differs from the one last seen is a change to
+/// measure. The first sync only learns them (kube-proxy measures changes
+/// it saw happen, not the state it starts in).
+#[derive(Debug, Default)]
+pub struct TriggerTimes {
+    seen: BTreeMap<ObjectKey, String>,
+    primed: bool,
+}
+
+impl TriggerTimes {
+    /// Seconds from each new trigger time to `now` (negative clock skew
+    /// dropped), remembering the slices' current trigger times.
+    pub fn programmed(&mut self, state: &ClusterState, now: SystemTime) -> Vec<f64> {
+        let mut latencies = Vec::new();
+        let mut seen = BTreeMap::new();
+        for (key, slice) in &state.endpoint_slices {
+            let Some(trigger) = slice
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(TRIGGER_TIME))
+            else {
+                continue;
+            };
+            if self.primed && self.seen.get(key) != Some(trigger) {
+                let at = trigger.parse::<k8s_openapi::jiff::Timestamp>().ok();
+                let now_ts = k8s_openapi::jiff::Timestamp::try_from(now).ok();
+                if let (Some(at), Some(now_ts)) = (at, now_ts) {
+                    let s = now_ts.duration_since(at).as_secs_f64();
+                    if s >= 0.0 {
+                        latencies.push(s);
+                    }
+                }
+            }
+            seen.insert(key.clone(), trigger.clone());
+        }
+        self.seen = seen;
+        self.primed = true;
+        latencies
+    }
+}
+
 /// Everything exported; cheap to clone (all handles are shared).
 #[derive(Clone)]
 pub struct Metrics {
@@ -51,12 +156,41 @@ pub struct Metrics {
     map_capacity: Family<MapLabel, Gauge>,
     datapath: Family<CounterLabel, Gauge>,
     watch_restarts: Family<KindLabel, Gauge>,
+    pub kube_proxy: KubeProxyMetrics,
     bpffs: PathBuf,
 }
 
 impl Metrics {
     pub fn new(bpffs: PathBuf) -> Self {
-        let mut registry = Registry::with_prefix("lb");
+        let mut root = Registry::default();
+        let kube_proxy = KubeProxyMetrics {
+            sync_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            network_programming: Histogram::new(network_programming_buckets()),
+            last_sync: Gauge::default(),
+            no_local_endpoints: Family::default(),
+        };
+        let kp = root.sub_registry_with_prefix("kubeproxy");
+        kp.register(
+            "sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            kube_proxy.sync_duration.clone(),
+        );
+        kp.register(
+            "network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            kube_proxy.network_programming.clone(),
+        );
+        kp.register(
+            "sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            kube_proxy.last_sync.clone(),
+        );
+        kp.register(
+            "sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            kube_proxy.no_local_endpoints.clone(),
+        );
+        let registry = root.sub_registry_with_prefix("lb");
         let sync_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let network_programming = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let m = Metrics {
@@ -70,6 +204,7 @@ impl Metrics {
             map_capacity: Family::default(),
             datapath: Family::default(),
             watch_restarts: Family::default(),
+            kube_proxy,
             bpffs,
         };
         registry.register(
@@ -117,7 +252,7 @@ impl Metrics {
             "Kubernetes watches restarted after an error, per kind",
             m.watch_restarts.clone(),
         );
-        *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
+        *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = root;
         m
     }
 
@@ -192,5 +327,65 @@ impl Metrics {
         Router::new()
             .route("/metrics", get(handler))
             .with_state(self.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::Arc,
+        time::{Duration, SystemTime},
+    };
+
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+    use super::*;
+
+    fn slice(name: &str, trigger: Option<&str>) -> (ObjectKey, Arc<EndpointSlice>) {
+        let mut meta = serde_json::json!({"name": name, "namespace": "default"});
+        if let Some(t) = trigger {
+            meta["annotations"] = serde_json::json!({ TRIGGER_TIME: t });
+        }
+        let s: EndpointSlice = serde_json::from_value(
+            serde_json::json!({"metadata": meta, "addressType": "IPv4", "endpoints": []}),
+        )
+        .unwrap();
+        (ObjectKey::new("default", name), Arc::new(s))
+    }
+
+    #[test]
+    fn network_programming_is_measured_from_new_trigger_times_only() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_010);
+        let mut state = ClusterState::default();
+        state
+            .endpoint_slices
+            .extend([slice("a", Some("2023-11-14T22:13:20Z")), slice("b", None)]);
+        let mut times = TriggerTimes::default();
+        // The first sync learns what it starts from.
+        assert_eq!(times.programmed(&state, now), Vec::<f64>::new());
+        assert_eq!(times.programmed(&state, now), Vec::<f64>::new());
+        // a changes (triggered 4 s before now), c appears (10 s before).
+        state.endpoint_slices.extend([
+            slice("a", Some("2023-11-14T22:13:26Z")),
+            slice("c", Some("2023-11-14T22:13:20.000Z")),
+        ]);
+        let mut got = times.programmed(&state, now);
+        got.sort_by(f64::total_cmp);
+        assert_eq!(got, vec![4.0, 10.0]);
+        // Measured once.
+        assert_eq!(times.programmed(&state, now), Vec::<f64>::new());
+    }
+
+    #[test]
+    fn kube_proxys_network_programming_buckets() {
+        let b = network_programming_buckets();
+        assert_eq!(b.len(), 2 + 59 + 12 + 7);
+        assert_eq!(&b[..4], &[0.25, 0.5, 1.0, 2.0]);
+        assert_eq!(b[60], 59.0);
+        assert_eq!(b[61], 60.0);
+        assert_eq!(b[72], 115.0);
+        assert_eq!(b[73], 120.0);
+        assert_eq!(*b.last().unwrap(), 300.0);
+        assert!(b.windows(2).all(|w| w[0] < w[1]));
     }
 }

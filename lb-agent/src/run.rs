@@ -318,6 +318,9 @@ pub async fn run(config: RunConfig) -> Result<()> {
     let mut dirty = false;
     // Oldest change not yet programmed (for health and programming latency).
     let mut pending_since: Option<Instant> = None;
+    // EndpointSlice trigger times already measured (kube-proxy's network
+    // programming latency).
+    let mut trigger_times = crate::metrics::TriggerTimes::default();
     let mut last_sync: Option<Instant> = None;
     let mut health_checks = HealthCheckServers::new(None);
 
@@ -439,6 +442,16 @@ pub async fn run(config: RunConfig) -> Result<()> {
             }
             let elapsed = started.elapsed();
             metrics.sync_duration.observe(elapsed.as_secs_f64());
+            if report.errors.is_empty() {
+                metrics
+                    .kube_proxy
+                    .synced(elapsed.as_secs_f64(), &translation.no_local_endpoints);
+            } else {
+                metrics
+                    .kube_proxy
+                    .sync_duration
+                    .observe(elapsed.as_secs_f64());
+            }
             metrics
                 .services_programmed
                 .set(translation.desired.frontends.len() as i64);
@@ -485,6 +498,9 @@ pub async fn run(config: RunConfig) -> Result<()> {
             }
         }
         last_sync = Some(Instant::now());
+        for latency in trigger_times.programmed(&state, std::time::SystemTime::now()) {
+            metrics.kube_proxy.network_programming.observe(latency);
+        }
         if let Some(t) = pending_since.take() {
             metrics
                 .network_programming

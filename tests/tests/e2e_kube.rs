@@ -307,4 +307,55 @@ fn daemonset_capabilities_suffice_and_health_and_metrics_answer() {
     };
     assert!(counter("new_flow") >= 1);
     assert!(counter("reply") >= 1);
+
+    // kube-proxy's own metrics, its names and buckets.
+    for want in [
+        "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.001\"}",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds ",
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"} 0",
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"} 0",
+        "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.25\"}",
+        "kubeproxy_network_programming_duration_seconds_bucket{le=\"300.0\"}",
+    ] {
+        assert!(metrics.contains(want), "metrics lack {want:?}:\n{metrics}");
+    }
+    // A slice change the endpointslice controller stamped 3 s ago: measured
+    // from that trigger time to its programming, once.
+    let trigger = std::process::Command::new("date")
+        .args(["-u", "-d", "-3 seconds", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .expect("date");
+    let trigger = String::from_utf8_lossy(&trigger.stdout).trim().to_string();
+    let mut changed = slice("web-abc", "web", 8080, &["10.244.1.11", "10.244.1.12"]);
+    changed["metadata"]["annotations"] =
+        json!({"endpoints.kubernetes.io/last-change-trigger-time": trigger});
+    api.apply(Kind::EndpointSlice, changed);
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &["10.244.1.11:8080", "10.244.1.12:8080"],
+        Duration::from_secs(10),
+    );
+    let sample = |metrics: &str, name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name}:\n{metrics}"))
+    };
+    wait_until(
+        "the slice's programming latency is recorded",
+        Duration::from_secs(5),
+        || {
+            sample(
+                &c.node_http(10249, "/metrics").1,
+                "kubeproxy_network_programming_duration_seconds_count",
+            ) == 1.0
+        },
+    );
+    let metrics = c.node_http(10249, "/metrics").1;
+    let latency = sample(
+        &metrics,
+        "kubeproxy_network_programming_duration_seconds_sum",
+    );
+    assert!((3.0..10.0).contains(&latency), "{latency} s:\n{metrics}");
 }

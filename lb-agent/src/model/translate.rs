@@ -53,6 +53,17 @@ pub struct Translation {
     /// there (`translate_with`), so a newcomer claiming a taken IP never
     /// takes it over.
     pub ip_owners: BTreeMap<IpAddr, ObjectKey>,
+    /// Service ports with a Local traffic policy and no local endpoint
+    /// (kube-proxy's `sync_proxy_rules_no_local_endpoints_total`).
+    pub no_local_endpoints: NoLocalEndpoints,
+}
+
+/// Service ports ("ns/name:port") whose Local policy finds no endpoint on
+/// this node, per policy (either family).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NoLocalEndpoints {
+    pub internal: BTreeSet<String>,
+    pub external: BTreeSet<String>,
 }
 
 /// One endpoint of one service port, after kube-proxy's condition rules.
@@ -206,6 +217,12 @@ pub fn translate_with(
                 out.desired.frontends.insert(fk, frontend);
             }
         }
+        out.no_local_endpoints
+            .internal
+            .extend(service.no_local_endpoints.internal);
+        out.no_local_endpoints
+            .external
+            .extend(service.no_local_endpoints.external);
         if let Some((port, check)) = service.health_check {
             match out.desired.health_checks.get(&port) {
                 Some(holder) => out.problems.push(Problem {
@@ -269,6 +286,7 @@ struct ServiceFrontends {
     node_ports: Vec<(FrontendKey, Frontend)>,
     health_check: Option<(u16, HealthCheck)>,
     source_ranges: BTreeSet<IpNet>,
+    no_local_endpoints: NoLocalEndpoints,
 }
 
 /// The frontends of one Service; Ok(None) when kube-proxy ignores it.
@@ -391,6 +409,13 @@ fn service_frontends(
     let mut external_ports = Vec::new();
     let mut node_ports = Vec::new();
     let mut local_endpoints = BTreeSet::new();
+    let mut no_local_endpoints = NoLocalEndpoints::default();
+    // kube-proxy's ExternallyAccessible: where externalTrafficPolicy applies.
+    let externally_reachable = has_node_ports
+        || spec
+            .external_ips
+            .as_ref()
+            .is_some_and(|ips| !ips.is_empty());
     for &cluster_ip in &cluster_ips {
         let family_v6 = cluster_ip.is_ipv6();
         let mut cluster_ip_ports = Vec::new();
@@ -403,6 +428,15 @@ fn service_frontends(
             // kube-proxy's (a node whose local endpoints all terminate
             // answers 503, so load balancers drain it during a rollout).
             local_endpoints.extend(sets.local.iter().filter(|b| !b.terminating).map(|b| b.addr));
+            if sets.local.is_empty() {
+                let name = service_port_name(key, port);
+                if internal_local {
+                    no_local_endpoints.internal.insert(name.clone());
+                }
+                if external_local && externally_reachable {
+                    no_local_endpoints.external.insert(name);
+                }
+            }
             let in_cluster = |backends: Vec<Backend>, drop_if_empty: bool| Frontend {
                 service_port: service_port_name(key, port),
                 kind: FrontendKind::ClusterIP,
@@ -607,6 +641,7 @@ fn service_frontends(
         node_ports,
         health_check,
         source_ranges,
+        no_local_endpoints,
     }))
 }
 
@@ -1734,6 +1769,37 @@ mod tests {
                 }
             }
             assert_eq!(got.get("ClusterIP Internal"), Some(&false), "eTP {etp}");
+        }
+    }
+
+    #[test]
+    fn service_ports_without_local_endpoints_are_counted_per_policy() {
+        // kube-proxy's sync_proxy_rules_no_local_endpoints_total{traffic_policy}.
+        let local = ep("10.0.0.1", Some(true), Some(true), None, "local");
+        let remote = ep("10.0.0.2", Some(true), Some(true), None, "other");
+        let cases = [
+            ("Local", "Local", json!([remote.clone()]), true, true),
+            ("Local", "Cluster", json!([remote.clone()]), true, false),
+            ("Cluster", "Local", json!([remote.clone()]), false, true),
+            ("Local", "Local", json!([local, remote]), false, false),
+            ("Cluster", "Cluster", json!([]), false, false),
+        ];
+        for (itp, etp, endpoints, internal, external) in cases {
+            let sl = slice("s", "web", http_port(), endpoints);
+            let t = translate(
+                &state(vec![lb_service(itp, etp)], vec![sl]),
+                &external_node(),
+            );
+            let name = "ns/web:http".to_string();
+            assert_eq!(
+                (
+                    t.no_local_endpoints.internal.contains(&name),
+                    t.no_local_endpoints.external.contains(&name)
+                ),
+                (internal, external),
+                "iTP {itp}, eTP {etp}: {:?}",
+                t.no_local_endpoints
+            );
         }
     }
 
