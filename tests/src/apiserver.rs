@@ -65,6 +65,8 @@ struct Store {
     log: Vec<WatchEvent>,
     /// Requests answered (by path), for assertions on re-lists.
     lists: HashMap<Kind, u64>,
+    /// The label selector of each kind's last list.
+    label_selectors: HashMap<Kind, Option<String>>,
 }
 
 struct Shared {
@@ -257,6 +259,18 @@ impl ApiServer {
     }
 
     /// How many lists of `kind` were served (initial list + re-lists).
+    /// The label selector the last list of `kind` asked for.
+    pub fn label_selector(&self, kind: Kind) -> Option<String> {
+        self.shared
+            .store
+            .lock()
+            .unwrap()
+            .label_selectors
+            .get(&kind)
+            .cloned()
+            .flatten()
+    }
+
     pub fn lists(&self, kind: Kind) -> u64 {
         *self
             .shared
@@ -295,6 +309,34 @@ fn matches(selector: Option<&String>, obj: &Value) -> bool {
     }
 }
 
+/// A label selector of `key`, `!key` and `key=value` terms, as the API
+/// server reads them (all must hold).
+fn labels_match(selector: Option<&String>, obj: &Value) -> bool {
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else {
+        return true;
+    };
+    let labels = &obj["metadata"]["labels"];
+    selector.split(',').all(|term| {
+        if let Some(key) = term.strip_prefix('!') {
+            labels.get(key).is_none()
+        } else if let Some((key, value)) = term.split_once('=') {
+            labels.get(key).and_then(Value::as_str) == Some(value)
+        } else {
+            labels.get(term).is_some()
+        }
+    })
+}
+
+/// A watch event as a client with a label selector sees it: an object that
+/// does not match is not added, and one that stopped matching is deleted
+/// (as the API server's watch cache does).
+fn labelled_event(selector: Option<&String>, kind_of_event: &str, obj: &Value) -> Option<Value> {
+    if labels_match(selector, obj) {
+        return Some(json!({"type": kind_of_event, "object": obj}));
+    }
+    (kind_of_event != "ADDED").then(|| json!({"type": "DELETED", "object": obj}))
+}
+
 async fn handle(
     kind: Kind,
     State(shared): State<Arc<Shared>>,
@@ -310,15 +352,19 @@ async fn handle(
             .into_response();
     }
     let selector = q.get("fieldSelector").cloned();
+    let labels = q.get("labelSelector").cloned();
     if q.get("watch").map(String::as_str) != Some("true")
         && q.get("watch").map(String::as_str) != Some("1")
     {
         let mut store = shared.store.lock().unwrap();
         *store.lists.entry(kind).or_default() += 1;
+        store.label_selectors.insert(kind, labels.clone());
         let items: Vec<Value> = store
             .objects
             .iter()
-            .filter(|((k, _, _), o)| *k == kind && matches(selector.as_ref(), o))
+            .filter(|((k, _, _), o)| {
+                *k == kind && matches(selector.as_ref(), o) && labels_match(labels.as_ref(), o)
+            })
             .map(|(_, o)| o.clone())
             .collect();
         let body = json!({
@@ -363,11 +409,13 @@ async fn handle(
     let mut generation = shared.generation.subscribe();
     generation.mark_unchanged();
     let selector2 = selector.clone();
+    let labels2 = labels.clone();
     let backlog = futures::stream::iter(
         backlog
             .into_iter()
             .filter(move |e| matches(selector.as_ref(), &e.object))
-            .map(move |e| line(json!({"type": e.kind_of_event, "object": e.object}))),
+            .filter_map(move |e| labelled_event(labels.as_ref(), e.kind_of_event, &e.object))
+            .map(line),
     );
     let timeout: u64 = q
         .get("timeoutSeconds")
@@ -382,6 +430,7 @@ async fn handle(
         ),
         move |(mut rx, mut generation, mut last_rv, deadline)| {
             let selector = selector2.clone();
+            let labels = labels2.clone();
             async move {
                 loop {
                     tokio::select! {
@@ -389,7 +438,7 @@ async fn handle(
                             Ok(e) if e.kind == kind && e.rv > last_rv => {
                                 last_rv = e.rv;
                                 if !matches(selector.as_ref(), &e.object) { continue; }
-                                let out = json!({"type": e.kind_of_event, "object": e.object});
+                                let Some(out) = labelled_event(labels.as_ref(), e.kind_of_event, &e.object) else { continue };
                                 return Some((line(out), (rx, generation, last_rv, deadline)));
                             }
                             Ok(_) => continue,

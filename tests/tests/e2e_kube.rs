@@ -97,6 +97,29 @@ fn objects_created_changed_and_deleted_in_the_api_reach_the_maps() {
         &["10.244.1.13:8080"],
         Duration::from_secs(3),
     );
+    // Handed to another proxy: kube-proxy's label selector, which the API
+    // server applies to lb's watch, turns the change into a deletion; and
+    // back again.
+    for kind in [Kind::Service, Kind::EndpointSlice] {
+        assert_eq!(
+            api.label_selector(kind).as_deref(),
+            Some("!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"),
+            "{kind:?} is filtered by the API server"
+        );
+    }
+    let mut handed = service("other", "10.96.0.20", 81);
+    handed["metadata"]["labels"] =
+        json!({"service.kubernetes.io/service-proxy-name": "another-proxy"});
+    api.apply(Kind::Service, handed);
+    wait_until("other leaves lb's maps", Duration::from_secs(3), || {
+        c.backends_of("10.96.0.20:81/TCP").is_none()
+    });
+    api.apply(Kind::Service, service("other", "10.96.0.20", 81));
+    c.wait_backends(
+        "10.96.0.20:81/TCP",
+        &["10.244.1.13:8080"],
+        Duration::from_secs(3),
+    );
     api.delete(Kind::Service, "default", "web");
     wait_until("web is removed", Duration::from_secs(3), || {
         c.backends_of("10.96.0.10:80/TCP").is_none()

@@ -156,6 +156,18 @@ pub struct WatchStats {
     pub restarts: BTreeMap<&'static str, u64>,
 }
 
+/// kube-proxy's label selector: Services (and their EndpointSlices, which
+/// the endpointslice controller labels alike) another proxy serves, and
+/// headless ones.
+const IGNORED_LABELS: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// What lb never reads, dropped before an object is kept: managedFields
+/// are often the largest part of an object.
+fn strip<K: Resource>(obj: &mut K) {
+    obj.meta_mut().managed_fields = None;
+}
+
 trait Watched:
     Resource<DynamicType = ()>
     + Clone
@@ -214,13 +226,16 @@ impl KubeSource {
             changed: Arc::new(Notify::new()),
         };
         let node_cfg = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+        // Filtered by the API server, as kube-proxy's informers are: objects
+        // lb would ignore never reach (or stay in) memory. An object that
+        // gains one of these labels arrives as deleted.
         source.spawn(
             Api::<Service>::all(client.clone()),
-            watcher::Config::default(),
+            watcher::Config::default().labels(IGNORED_LABELS),
         );
         source.spawn(
             Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default(),
+            watcher::Config::default().labels(IGNORED_LABELS),
         );
         source.spawn(Api::<Node>::all(client), node_cfg);
         source
@@ -244,6 +259,7 @@ impl KubeSource {
     }
 
     fn apply<K: Watched>(&self, event: watcher::Event<K>) {
+        let event = event.modify(strip);
         let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         let table = K::table(&mut tables);
         let changed = match event {
