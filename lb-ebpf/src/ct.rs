@@ -239,6 +239,20 @@ fn reusable(key: &CtKey, flow: &Flow, now: u64, own_first_try: bool) -> bool {
     }
 }
 
+/// Account a packet of a tracked flow in direction `dir`: its entry
+/// records it, and the flow's other entry learns what changed (new state
+/// bits) or is renewed (`refresh_peer`).
+#[inline(always)]
+pub fn account(entry: *mut CtValue, flow: &Flow, dir: u8, now: u64, len: u32, extra: u16) {
+    let touch = refresh_peer(flow, unsafe { (*entry).last_seen_ns }, now);
+    let new_bits = observe(entry, flow, dir, now, len, extra);
+    if new_bits != 0 || touch {
+        // Read through the pointer: an entry copied to the stack costs 88 bytes.
+        let peer = peer_key(flow, unsafe { &*entry }, dir);
+        merge(&peer, flow.proto, new_bits, now, touch);
+    }
+}
+
 /// Whether a packet must also refresh its flow's other entry: a flow that
 /// is not TCP (TCP always answers, with ACKs) may go one way only (a client
 /// streaming, or a server pushing), and the silent direction's entry, aging

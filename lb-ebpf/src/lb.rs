@@ -271,12 +271,7 @@ fn forward<P: Packet>(
                     end: End::Destination,
                     verdict: stat::ESTABLISHED,
                 };
-                let touch = ct::refresh_peer(flow, unsafe { (*entry).last_seen_ns }, now);
-                let new_bits = ct::observe(entry, flow, CT_DIR_FORWARD, now, len, 0);
-                if new_bits != 0 || touch {
-                    let peer = ct::peer_key(flow, unsafe { &*entry }, CT_DIR_FORWARD);
-                    ct::merge(&peer, flow.proto, new_bits, now, touch);
-                }
+                ct::account(entry, flow, CT_DIR_FORWARD, now, len, 0);
                 return REWRITE;
             }
             // The flow no longer fits its entry: balance it again below.
@@ -506,14 +501,9 @@ fn reply<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin, to: &mut Rewrite) 
     }
     let first_reply = unsafe { (*entry).flags } & ct_flags::REPLY_SEEN == 0;
     let extra = if first_reply { ct_flags::REPLY_SEEN } else { 0 };
-    let touch = ct::refresh_peer(flow, unsafe { (*entry).last_seen_ns }, now);
-    let new_bits = ct::observe(entry, flow, CT_DIR_REPLY, now, pkt.len(), extra);
+    ct::account(entry, flow, CT_DIR_REPLY, now, pkt.len(), extra);
     // Read through the pointer: an entry copied to the stack costs 88 bytes.
     let entry = unsafe { &*entry };
-    if new_bits != 0 || touch {
-        let peer = ct::peer_key(flow, entry, CT_DIR_REPLY);
-        ct::merge(&peer, flow.proto, new_bits, now, touch);
-    }
     *to = Rewrite {
         nat: Nat {
             addr_be: entry.nat_addr_be,
@@ -637,12 +627,7 @@ fn masquerade_out<P: Packet>(pkt: &mut P, flow: &Flow, to: &mut Rewrite) -> i32 
         nat.other_addr_be = unsafe { (*entry).snat_addr_be };
         nat.other_port_be = unsafe { (*entry).snat_port_be };
         to.verdict = stat::ESTABLISHED;
-        let touch = ct::refresh_peer(flow, unsafe { (*entry).last_seen_ns }, now);
-        let new_bits = ct::observe(entry, flow, CT_DIR_FORWARD, now, len, 0);
-        if new_bits != 0 || touch {
-            let peer = ct::peer_key(flow, unsafe { &*entry }, CT_DIR_FORWARD);
-            ct::merge(&peer, flow.proto, new_bits, now, touch);
-        }
+        ct::account(entry, flow, CT_DIR_FORWARD, now, len, 0);
         return REWRITE;
     }
     // Only a connection's first packet starts one (a TCP SYN; any

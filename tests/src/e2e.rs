@@ -429,6 +429,23 @@ pub fn try_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
 
+/// Every address of a topology's node namespace (what a flow masqueraded
+/// to the node may show as its source).
+pub fn node_addresses(topo: &Topology) -> BTreeSet<std::net::IpAddr> {
+    let out = Command::new("ip")
+        .args(["-n", &topo.node_ns, "-j", "addr", "show"])
+        .output()
+        .expect("ip addr");
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j addr");
+    links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a["local"].as_str()?.parse().ok())
+        .collect()
+}
+
 pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {

@@ -30,7 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::e2e::{Cluster, Lan, Pod, try_field};
+use lb_tests::e2e::{Cluster, Lan, Pod, node_addresses, try_field};
 
 const NODE_A: [&str; 2] = ["192.168.50.1", "2001:db8:50::1"];
 const NODE_B: [&str; 2] = ["192.168.50.2", "2001:db8:50::2"];
@@ -1001,18 +1001,7 @@ impl Rig {
             ip: NODE_A[0].parse().expect("node address"),
             host_dev: String::new(),
         };
-        let out = Command::new("ip")
-            .args(["-n", &a.topo.node_ns, "-j", "addr", "show"])
-            .output()
-            .expect("ip addr");
-        let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j addr");
-        let node_addresses = links
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
-            .filter_map(|a| a["local"].as_str()?.parse().ok())
-            .collect();
+        let node_addresses = node_addresses(&a.topo);
         Rig {
             a,
             _b: b,

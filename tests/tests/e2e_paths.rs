@@ -27,7 +27,7 @@ use std::{
 };
 
 use lb_common::{DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN};
-use lb_tests::e2e::{Cluster, DualStackService, Lan, Pod, field, try_field};
+use lb_tests::e2e::{Cluster, DualStackService, Lan, Pod, field, node_addresses, try_field};
 
 const CLUSTER_IP: &str = "10.96.0.10";
 const CLUSTER_IP6: &str = "fd00:96::10";
@@ -789,18 +789,7 @@ impl Rig {
                 }
             }
         }
-        let out = Command::new("ip")
-            .args(["-n", &node.node_ns, "-j", "addr", "show"])
-            .output()
-            .expect("ip addr");
-        let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j addr");
-        let node_addresses: BTreeSet<IpAddr> = links
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
-            .filter_map(|a| a["local"].as_str()?.parse().ok())
-            .collect();
+        let node_addresses = node_addresses(node);
         let mut failures = Vec::new();
         for ext in EXTERNAL_IPS {
             let ip: IpAddr = ext.parse().expect("externalIP");
