@@ -739,12 +739,11 @@ fn ext_manifests() -> String {
 }
 
 impl Rig {
-    /// The client pod reaches an externalIP of a policy-Cluster Service
-    /// whose endpoint is on node B: masqueraded to a node A address, as
-    /// kube-proxy does, over the path, TCP and UDP in both families; the
-    /// answer comes back to the node address (over the underlay for IPv4,
-    /// the path for IPv6: node A's default routes) and is restored.
-    fn masqueraded(&self) {
+    /// Service `ext` (externalIPs, policy Cluster, endpoint on node B) in
+    /// what translates on node A, and node A's default routes (the IPv4 one
+    /// over the underlay, the IPv6 one over the path): lb takes its SNAT
+    /// address from them.
+    fn external_ip_service(&self) {
         let node = &self.a.topo;
         let link = self.via.link();
         let path_dev = format!("{}{}", node.prefix, link.suffix);
@@ -775,10 +774,14 @@ impl Rig {
                 ] {
                     for (proto, port, target) in [("tcp", "80", "8080"), ("udp", "53", "5353")] {
                         let dnat = format!("{to}:{target}");
+                        // PREROUTING for pods, OUTPUT for the node's own
+                        // sockets, as kube-proxy hooks its Service chains.
                         #[rustfmt::skip]
-                        let rules: [&[&str]; 3] = [
+                        let rules: [&[&str]; 5] = [
                             &[tool, "-t", "nat", "-A", "PREROUTING", "-d", ext, "-p", proto, "--dport", port, "-j", "MARK", "--set-mark", "0x4000"],
                             &[tool, "-t", "nat", "-A", "PREROUTING", "-d", ext, "-p", proto, "--dport", port, "-j", "DNAT", "--to-destination", &dnat],
+                            &[tool, "-t", "nat", "-A", "OUTPUT", "-d", ext, "-p", proto, "--dport", port, "-j", "MARK", "--set-mark", "0x4000"],
+                            &[tool, "-t", "nat", "-A", "OUTPUT", "-d", ext, "-p", proto, "--dport", port, "-j", "DNAT", "--to-destination", &dnat],
                             &[tool, "-t", "nat", "-A", "POSTROUTING", "-m", "mark", "--mark", "0x4000", "-j", "MASQUERADE"],
                         ];
                         for rule in rules {
@@ -789,6 +792,70 @@ impl Rig {
                 }
             }
         }
+    }
+
+    /// Node A holds the externalIPs (as a cloud's guest agent adds a load
+    /// balancer's address) and a node socket bound to one reaches the
+    /// Service: socket-level LB sends it to the endpoint on node B with the
+    /// externalIP as source, so it must be masqueraded on its way out over
+    /// the path (kube-proxy masquerades the node's traffic to Service
+    /// addresses), or the answer goes elsewhere.
+    fn masqueraded_node_socket(&self) {
+        self.external_ip_service();
+        let node = &self.a.topo;
+        for (ext, len) in [(EXTERNAL_IPS[0], 32), (EXTERNAL_IPS[1], 128)] {
+            node.node_ip(&["addr", "add", &format!("{ext}/{len}"), "dev", "lo"])
+                .expect("externalIP on node A");
+        }
+        let node_addresses = node_addresses(node);
+        let from_node = Pod {
+            name: "node-a".into(),
+            ns: node.node_ns.clone(),
+            ip: LAN[0].parse().expect("node address"),
+            host_dev: String::new(),
+        };
+        let mut failures = Vec::new();
+        for ext in EXTERNAL_IPS {
+            let ip: IpAddr = ext.parse().expect("externalIP");
+            let what = format!("TCP from a node socket bound to {ext}, to {ext}:80");
+            match node.curl_with(&from_node, &["--interface", ext], &url(ip), 3.0) {
+                Err((code, err)) => failures.push(format!(
+                    "{what}: curl exit {code} ({}): {}",
+                    curl_meaning(code),
+                    err.trim()
+                )),
+                Ok(body) => {
+                    let seen = try_field(&body, "client")
+                        .and_then(|c| c.rsplit_once(':'))
+                        .and_then(|(ip, _)| ip.parse::<IpAddr>().ok());
+                    let addr: IpAddr = ext.parse().expect("externalIP");
+                    if field(&body, "pod") != "web-b"
+                        || seen.is_none_or(|c| c == addr || !node_addresses.contains(&c))
+                    {
+                        failures.push(format!(
+                            "{what}: want web-b seeing a node address other than {ext}: {body:?}"
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{}\n{}\n{}",
+            self.what,
+            failures.join("\n"),
+            self.state()
+        );
+    }
+
+    /// The client pod reaches an externalIP of a policy-Cluster Service
+    /// whose endpoint is on node B: masqueraded to a node A address, as
+    /// kube-proxy does, over the path, TCP and UDP in both families; the
+    /// answer comes back to the node address (over the underlay for IPv4,
+    /// the path for IPv6: node A's default routes) and is restored.
+    fn masqueraded(&self) {
+        self.external_ip_service();
+        let node = &self.a.topo;
         let node_addresses = node_addresses(node);
         let mut failures = Vec::new();
         for ext in EXTERNAL_IPS {
@@ -1109,5 +1176,31 @@ mod masqueraded_external_ip_from_a_pod {
     #[test]
     fn netfilter_control() {
         Rig::new(Via::SecondNic, Proxy::Netfilter).masqueraded();
+    }
+}
+
+/// A node socket bound to an externalIP the node holds reaches that
+/// Service's endpoint across the path, masqueraded on the way out.
+mod masqueraded_node_socket_bound_to_an_external_ip {
+    use super::*;
+
+    #[test]
+    fn second_nic() {
+        Rig::new(Via::SecondNic, lb(Devices::None)).masqueraded_node_socket();
+    }
+
+    #[test]
+    fn vxlan() {
+        Rig::new(Via::Vxlan, lb(Devices::None)).masqueraded_node_socket();
+    }
+
+    #[test]
+    fn l3_tunnel() {
+        Rig::new(Via::L3Tunnel, lb(Devices::None)).masqueraded_node_socket();
+    }
+
+    #[test]
+    fn netfilter_control() {
+        Rig::new(Via::SecondNic, Proxy::Netfilter).masqueraded_node_socket();
     }
 }
