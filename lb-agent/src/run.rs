@@ -417,7 +417,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         };
         let assembled = started.elapsed();
         let translation = translate_with(&state, &node, &ip_owners);
-        ip_owners = translation.ip_owners.clone();
+        ip_owners = translation.owners.clone();
         let translated = started.elapsed();
         problems.extend(translation.problems);
         let current: BTreeSet<Problem> = problems.into_iter().collect();

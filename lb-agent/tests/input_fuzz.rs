@@ -2,7 +2,7 @@
 //! invalid objects are rejected with a reason, and a bad object never
 //! removes or alters what a good one programs.
 
-use std::{collections::BTreeMap, path::Path, sync::Arc};
+use std::{path::Path, sync::Arc};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_agent::{
@@ -94,10 +94,10 @@ fn any_shaped_service() -> impl Strategy<Value = Value> {
         })
 }
 
-fn good_only() -> (Vec<String>, BTreeMap<std::net::IpAddr, ObjectKey>) {
+fn good_only() -> (Vec<String>, lb_agent::model::Owners) {
     let (svc, slice) = good();
     let state = state(vec![svc], vec![slice]);
-    let owners = translate(&state, &NodeConfig::default()).ip_owners;
+    let owners = translate(&state, &NodeConfig::default()).owners;
     (frontends(&state, &owners), owners)
 }
 
@@ -121,7 +121,7 @@ fn state(services: Vec<Service>, slices: Vec<EndpointSlice>) -> ClusterState {
 }
 
 /// The good Service's frontends as programmed (key + backends).
-fn frontends(state: &ClusterState, owners: &BTreeMap<std::net::IpAddr, ObjectKey>) -> Vec<String> {
+fn frontends(state: &ClusterState, owners: &lb_agent::model::Owners) -> Vec<String> {
     translate_with(state, &NodeConfig::default(), owners)
         .desired
         .frontends

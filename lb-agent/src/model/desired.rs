@@ -209,15 +209,42 @@ impl DesiredState {
     /// Address entries from the frontends: every Service address (not the
     /// node addresses NodePorts live on), in the scopes it has frontends in.
     pub fn derive_addresses(&mut self) {
-        self.addresses.clear();
-        for (fk, frontend) in &self.frontends {
-            if frontend.kind == FrontendKind::NodePort {
+        let keys: BTreeSet<(IpAddr, Scope)> = self
+            .frontends
+            .keys()
+            .map(|fk| (fk.addr, fk.scope))
+            .collect();
+        self.addresses = keys
+            .into_iter()
+            .filter_map(|(addr, scope)| Some(((addr, scope), self.address_entry(addr, scope)?)))
+            .collect();
+    }
+
+    /// The address entry of one Service address in one scope, from the
+    /// frontends there; None when only NodePorts (node addresses) are.
+    pub fn address_entry(&self, addr: IpAddr, scope: Scope) -> Option<AddressEntry> {
+        let first = FrontendKey {
+            addr,
+            port: 0,
+            proto: Protocol::Tcp,
+            scope: Scope::Internal,
+        };
+        let last = FrontendKey {
+            addr,
+            port: u16::MAX,
+            proto: Protocol::Udp,
+            scope: Scope::External,
+        };
+        let mut entry: Option<AddressEntry> = None;
+        for (fk, frontend) in self.frontends.range(first..=last) {
+            if fk.scope != scope || frontend.kind == FrontendKind::NodePort {
                 continue;
             }
-            let entry = self.addresses.entry((fk.addr, fk.scope)).or_default();
-            entry.reject_undeclared =
+            let e = entry.get_or_insert_default();
+            e.reject_undeclared =
                 fk.scope == Scope::Internal && frontend.kind == FrontendKind::ClusterIP;
-            entry.echo |= !frontend.backends.is_empty();
+            e.echo |= !frontend.backends.is_empty();
         }
+        entry
     }
 }

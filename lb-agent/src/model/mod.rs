@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod desired;
 pub mod ids;
 pub mod maglev;
+pub mod tracker;
 pub mod translate;
 
 pub use cluster::{ClusterState, NodeConfig, ObjectKey};
@@ -13,4 +14,7 @@ pub use desired::{
     AddressEntry, Backend, DesiredState, Frontend, FrontendKey, FrontendKind, HealthCheck,
     Protocol, Scope,
 };
-pub use translate::{Problem, Translation, translate, translate_with};
+pub use tracker::{Change, ChangeTracker, Dirty};
+pub use translate::{
+    Claim, Delta, Owners, Problem, Translation, Translator, translate, translate_with,
+};

@@ -16,15 +16,15 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
+use k8s_openapi::jiff::Timestamp;
+
 use super::{
     ClusterState, NodeConfig, ObjectKey,
-    cluster::{
-        ANNOTATION_ALGORITHM, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
-        LABEL_ZONE,
-    },
+    cluster::{ANNOTATION_ALGORITHM, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE},
     desired::{
         Backend, DesiredState, Frontend, FrontendKey, FrontendKind, HealthCheck, Protocol, Scope,
     },
+    tracker::{ChangeTracker, Dirty},
 };
 
 /// Default and ceiling of sessionAffinityConfig.clientIP.timeoutSeconds.
@@ -53,6 +53,9 @@ pub struct Translation {
     /// there (`translate_with`), so a newcomer claiming a taken IP never
     /// takes it over.
     pub ip_owners: BTreeMap<IpAddr, ObjectKey>,
+    /// Which Service holds each contested thing (IPs, frontends, health-check
+    /// ports): the next translation keeps each with its holder.
+    pub owners: Owners,
     /// Service ports with a Local traffic policy and no local endpoint
     /// (kube-proxy's `sync_proxy_rules_no_local_endpoints_total`).
     pub no_local_endpoints: NoLocalEndpoints,
@@ -83,79 +86,468 @@ pub fn translate(state: &ClusterState, node: &NodeConfig) -> Translation {
     translate_with(state, node, &BTreeMap::new())
 }
 
-/// `translate`, where the Services in `prior_owners` keep their IPs against
-/// any other claimant.
+/// `translate`, where each holder in `prior_owners` keeps what it holds
+/// against any other claimant. The from-scratch translation: every Service
+/// of `state` merged in one pass, by the same steps `Translator::update`
+/// takes for the few Services a change touches.
 pub fn translate_with(
     state: &ClusterState,
     node: &NodeConfig,
-    prior_owners: &BTreeMap<IpAddr, ObjectKey>,
+    prior_owners: &Owners,
 ) -> Translation {
-    let mut out = Translation::default();
-    let slices = slices_by_service(state);
-    // This node's zone, for topology hints.
-    let zone = state
+    let mut tracker = ChangeTracker::default();
+    tracker.replace(state.clone());
+    let mut translator = Translator::new(node.clone());
+    let all: BTreeSet<ObjectKey> = state.services.keys().cloned().collect();
+    translator.zone = node_zone(&tracker, node);
+    translator.remerge(&tracker, all, prior_owners.clone());
+    translator.translation()
+}
+
+/// Who holds each contested thing.
+pub type Owners = BTreeMap<Claim, ObjectKey>;
+
+/// This node's zone (its Node's `topology.kubernetes.io/zone` label), for topology hints.
+fn node_zone(tracker: &ChangeTracker, node: &NodeConfig) -> Option<String> {
+    tracker
+        .state()
         .nodes
         .get(&node.node_name)
         .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned())
-        .filter(|z| !z.is_empty());
+        .filter(|z| !z.is_empty())
+}
 
-    // When two Services claim one ClusterIP the first keeps it: the one that
-    // held it before, then the oldest (as the API server's allocator would
-    // have had it), then by name.
-    let mut services: Vec<(&ObjectKey, &Service)> = state
-        .services
-        .iter()
-        .map(|(k, s)| (k, s.as_ref()))
-        .collect();
-    // A set, not a scan per comparison: the sort compares O(n log n) times.
-    let held_keys: std::collections::BTreeSet<&ObjectKey> = prior_owners.values().collect();
-    let held = |k: &ObjectKey| held_keys.contains(k);
-    services.sort_by(|(ka, a), (kb, b)| {
-        let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        held(kb)
-            .cmp(&held(ka))
-            .then(ta.cmp(&tb))
-            .then_with(|| ka.cmp(kb))
-    });
-    let mut ip_owner: BTreeMap<IpAddr, &ObjectKey> = BTreeMap::new();
+/// Something one Service asks for that another may ask for too: the
+/// claimants of each are re-merged together when one of them changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Claim {
+    /// A ClusterIP, externalIP or LoadBalancer IP.
+    Ip(IpAddr),
+    /// A frontend entry (NodePorts on node addresses, and a Service IP
+    /// that is also a node address): links claimants, never reserved.
+    Frontend(FrontendKey),
+    /// A nodePort (all node addresses), for which the holder is kept.
+    NodePort(u16, Protocol),
+    HealthCheckPort(u16),
+}
 
-    for (key, svc) in services {
-        let object = format!("Service {key}");
-        let service =
-            match service_frontends(key, svc, &slices, node, zone.as_deref(), &mut out.problems) {
-                Ok(Some(f)) => f,
-                Ok(None) => continue,
-                Err(reason) => {
-                    out.problems.push(Problem { object, reason });
-                    continue;
+/// What a Service got once conflicts were settled, to take back when it is
+/// merged again.
+#[derive(Debug, Default)]
+struct Granted {
+    frontends: Vec<FrontendKey>,
+    ips: Vec<IpAddr>,
+    source_ranges: Vec<IpAddr>,
+    health_check: Option<u16>,
+    problems: Vec<Problem>,
+    no_local_endpoints: NoLocalEndpoints,
+}
+
+/// What an update changed in the desired state: the sync writes these and
+/// nothing else.
+#[derive(Debug, Default)]
+pub struct Delta {
+    /// Frontends whose entry changed, with what they were before (None: new).
+    pub frontends: BTreeMap<FrontendKey, Option<Frontend>>,
+    /// Address entries added, changed or removed.
+    pub addresses: BTreeSet<(IpAddr, Scope)>,
+    /// LoadBalancer IPs whose source ranges changed.
+    pub source_ranges: BTreeSet<IpAddr>,
+    /// healthCheckNodePorts changed.
+    pub health_checks: bool,
+    /// Problems that appeared, and that went away.
+    pub new_problems: Vec<Problem>,
+    pub resolved_problems: Vec<Problem>,
+}
+
+impl Delta {
+    /// Nothing for the maps to do.
+    pub fn is_empty(&self) -> bool {
+        self.frontends.is_empty() && self.addresses.is_empty() && self.source_ranges.is_empty()
+    }
+}
+
+/// Incremental translation: keeps the desired state and, per Service, what
+/// it claimed and was granted, so a change re-translates only the Services
+/// it touched and the other claimants of what they claim.
+pub struct Translator {
+    node: NodeConfig,
+    zone: Option<String>,
+    claims: BTreeMap<ObjectKey, Vec<Claim>>,
+    claimants: BTreeMap<Claim, BTreeSet<ObjectKey>>,
+    granted: BTreeMap<ObjectKey, Granted>,
+    desired: DesiredState,
+    ip_owners: BTreeMap<IpAddr, ObjectKey>,
+    owners: Owners,
+    /// During a merge: what the component's members held before it.
+    reserved: Owners,
+    /// The change being merged: frontends as they were before it.
+    touched: BTreeMap<FrontendKey, Option<Frontend>>,
+    touched_ranges: BTreeSet<IpAddr>,
+}
+
+impl Translator {
+    pub fn new(node: NodeConfig) -> Self {
+        Translator {
+            node,
+            zone: None,
+            claims: BTreeMap::new(),
+            claimants: BTreeMap::new(),
+            granted: BTreeMap::new(),
+            desired: DesiredState::default(),
+            ip_owners: BTreeMap::new(),
+            owners: Owners::new(),
+            reserved: Owners::new(),
+            touched: BTreeMap::new(),
+            touched_ranges: BTreeSet::new(),
+        }
+    }
+
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    pub fn ip_owners(&self) -> &BTreeMap<IpAddr, ObjectKey> {
+        &self.ip_owners
+    }
+
+    /// Every problem of every Service, sorted.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut all: Vec<Problem> = self
+            .granted
+            .values()
+            .flat_map(|g| g.problems.iter().cloned())
+            .collect();
+        all.sort();
+        all
+    }
+
+    /// Service ports whose Local policy finds no local endpoint.
+    pub fn no_local_endpoints(&self) -> NoLocalEndpoints {
+        let mut out = NoLocalEndpoints::default();
+        for g in self.granted.values() {
+            out.internal
+                .extend(g.no_local_endpoints.internal.iter().cloned());
+            out.external
+                .extend(g.no_local_endpoints.external.iter().cloned());
+        }
+        out
+    }
+
+    /// A snapshot in the from-scratch shape.
+    pub fn translation(&self) -> Translation {
+        Translation {
+            desired: self.desired.clone(),
+            problems: self.problems(),
+            ip_owners: self.ip_owners.clone(),
+            owners: self.owners.clone(),
+            no_local_endpoints: self.no_local_endpoints(),
+        }
+    }
+
+    /// Apply what changed: a new node view (addresses, settings) or zone
+    /// re-translates every Service, otherwise only `dirty.services` and the
+    /// other claimants of what they claim(ed).
+    pub fn update(&mut self, tracker: &ChangeTracker, node: &NodeConfig, dirty: &Dirty) -> Delta {
+        let zone = node_zone(tracker, node);
+        let services: BTreeSet<ObjectKey> = if *node != self.node || zone != self.zone {
+            self.node = node.clone();
+            self.zone = zone;
+            tracker
+                .state()
+                .services
+                .keys()
+                .chain(self.claims.keys())
+                .chain(self.granted.keys())
+                .cloned()
+                .collect()
+        } else {
+            dirty.services.clone()
+        };
+        let prior = self.owners.clone();
+        self.remerge(tracker, services, prior)
+    }
+
+    /// Translate `dirty` again, then merge them and every Service sharing a
+    /// claim with them (transitively) in the from-scratch order.
+    fn remerge(
+        &mut self,
+        tracker: &ChangeTracker,
+        dirty: BTreeSet<ObjectKey>,
+        prior: Owners,
+    ) -> Delta {
+        let state = tracker.state();
+        let mut translated: BTreeMap<ObjectKey, ServiceTranslation> = BTreeMap::new();
+        let mut frontier: BTreeSet<Claim> = BTreeSet::new();
+        for key in &dirty {
+            for claim in self.claims.remove(key).unwrap_or_default() {
+                if let Some(set) = self.claimants.get_mut(&claim) {
+                    set.remove(key);
+                    if set.is_empty() {
+                        self.claimants.remove(&claim);
+                    }
                 }
+                frontier.insert(claim);
+            }
+            let Some(svc) = state.services.get(key) else {
+                continue;
             };
+            let t = translate_service(key, svc, tracker, &self.node, self.zone.as_deref());
+            let claims = t.claims();
+            for claim in &claims {
+                self.claimants
+                    .entry(*claim)
+                    .or_default()
+                    .insert(key.clone());
+                frontier.insert(*claim);
+            }
+            if !claims.is_empty() {
+                self.claims.insert(key.clone(), claims);
+            }
+            translated.insert(key.clone(), t);
+        }
+        // Everyone sharing a claim with the component, transitively.
+        let mut component = dirty;
+        let mut frontier: Vec<Claim> = frontier.into_iter().collect();
+        while let Some(claim) = frontier.pop() {
+            for other in self.claimants.get(&claim).into_iter().flatten() {
+                if component.insert(other.clone()) {
+                    frontier.extend(self.claims.get(other).into_iter().flatten().copied());
+                }
+            }
+        }
+
+        let mut old_problems: BTreeSet<Problem> = BTreeSet::new();
+        for key in &component {
+            if let Some(granted) = self.granted.get(key) {
+                old_problems.extend(granted.problems.iter().cloned());
+            }
+        }
+        // A holder that is itself skipped (its ClusterIP went to another)
+        // keeps nothing: merge again without its reservations, until every
+        // reservation is honoured.
+        let mut prior = prior;
+        loop {
+            self.merge_component(tracker, &component, prior, &mut translated);
+            let dishonoured = self
+                .reserved
+                .iter()
+                .any(|(claim, owner)| self.owners.get(claim) != Some(owner));
+            if !dishonoured {
+                break;
+            }
+            prior = std::mem::take(&mut self.reserved)
+                .into_iter()
+                .filter(|(claim, owner)| self.owners.get(claim) == Some(owner))
+                .collect();
+        }
+        let new_problems: BTreeSet<Problem> = component
+            .iter()
+            .filter_map(|key| self.granted.get(key))
+            .flat_map(|g| g.problems.iter().cloned())
+            .collect();
+
+        let mut delta = Delta {
+            new_problems: new_problems.difference(&old_problems).cloned().collect(),
+            resolved_problems: old_problems.difference(&new_problems).cloned().collect(),
+            ..Delta::default()
+        };
+        self.reserved.clear();
+        let touched = std::mem::take(&mut self.touched);
+        let mut addresses: BTreeSet<(IpAddr, Scope)> = BTreeSet::new();
+        for (fk, before) in touched {
+            if self.desired.frontends.get(&fk) == before.as_ref() {
+                continue;
+            }
+            addresses.insert((fk.addr, fk.scope));
+            delta.frontends.insert(fk, before);
+        }
+        for (addr, scope) in addresses {
+            let entry = self.desired.address_entry(addr, scope);
+            let before = match entry {
+                Some(e) => self.desired.addresses.insert((addr, scope), e),
+                None => self.desired.addresses.remove(&(addr, scope)),
+            };
+            if before != entry {
+                delta.addresses.insert((addr, scope));
+            }
+        }
+        delta.source_ranges = std::mem::take(&mut self.touched_ranges);
+        delta.health_checks = true;
+        delta
+    }
+
+    /// Take back what the component's members were granted and merge them
+    /// again in the from-scratch order, each contested thing staying with
+    /// its holder in `prior` while the holder still claims it.
+    fn merge_component(
+        &mut self,
+        tracker: &ChangeTracker,
+        component: &BTreeSet<ObjectKey>,
+        prior: Owners,
+        translated: &mut BTreeMap<ObjectKey, ServiceTranslation>,
+    ) {
+        let state = tracker.state();
+        self.reserved = prior
+            .into_iter()
+            .filter(|(claim, owner)| self.claimants.get(claim).is_some_and(|c| c.contains(owner)))
+            .collect();
+        let held: BTreeSet<&ObjectKey> = self
+            .reserved
+            .iter()
+            .filter(|(claim, _)| matches!(claim, Claim::Ip(_)))
+            .map(|(_, owner)| owner)
+            .collect();
+        let mut order: Vec<(bool, Option<Timestamp>, ObjectKey)> = Vec::new();
+        for key in component {
+            if let Some(svc) = state.services.get(key) {
+                let created = svc.metadata.creation_timestamp.as_ref().map(|t| t.0);
+                order.push((held.contains(key), created, key.clone()));
+            }
+        }
+        for key in component {
+            if let Some(granted) = self.granted.remove(key) {
+                self.take_back(key, granted);
+            }
+        }
+        // When two Services claim one ClusterIP the first keeps it: the one
+        // that held it before, then the oldest (as the API server's
+        // allocator would have had it), then by name.
+        order.sort_by(|(ha, ta, ka), (hb, tb, kb)| {
+            hb.cmp(ha).then(ta.cmp(tb)).then_with(|| ka.cmp(kb))
+        });
+        for (_, _, key) in order {
+            let t = match translated.remove(&key) {
+                Some(t) => t,
+                None => match state.services.get(&key) {
+                    Some(svc) => {
+                        translate_service(&key, svc, tracker, &self.node, self.zone.as_deref())
+                    }
+                    None => continue,
+                },
+            };
+            let granted = self.merge(&key, t);
+            self.granted.insert(key, granted);
+        }
+    }
+
+    /// Remove what a Service was granted from the desired state.
+    fn take_back(&mut self, key: &ObjectKey, granted: Granted) {
+        for fk in granted.frontends {
+            if let Some(old) = self.desired.frontends.remove(&fk) {
+                self.touched.entry(fk).or_insert(Some(old));
+            }
+            self.disown(Claim::NodePort(fk.port, fk.proto), key);
+        }
+        for ip in granted.ips {
+            if self.ip_owners.get(&ip) == Some(key) {
+                self.ip_owners.remove(&ip);
+            }
+            self.disown(Claim::Ip(ip), key);
+        }
+        for ip in granted.source_ranges {
+            self.desired.source_ranges.remove(&ip);
+            self.touched_ranges.insert(ip);
+        }
+        if let Some(port) = granted.health_check
+            && self
+                .desired
+                .health_checks
+                .get(&port)
+                .is_some_and(|h| h.service == *key)
+        {
+            self.desired.health_checks.remove(&port);
+        }
+        if let Some(port) = granted.health_check {
+            self.disown(Claim::HealthCheckPort(port), key);
+        }
+    }
+
+    fn disown(&mut self, claim: Claim, key: &ObjectKey) {
+        if self.owners.get(&claim) == Some(key) {
+            self.owners.remove(&claim);
+        }
+    }
+
+    /// The other Service that has `ip`: merged before in this pass, or
+    /// holding it from before this change.
+    fn ip_holder(&self, ip: &IpAddr, key: &ObjectKey) -> Option<ObjectKey> {
+        match self.ip_owners.get(ip) {
+            Some(owner) if owner != key => Some(owner.clone()),
+            Some(_) => None,
+            None => self.reserved_for_other(&Claim::Ip(*ip), key).cloned(),
+        }
+    }
+
+    /// Another Service holds `claim` from before this change and still claims it.
+    fn reserved_for_other(&self, claim: &Claim, key: &ObjectKey) -> Option<&ObjectKey> {
+        self.reserved.get(claim).filter(|owner| *owner != key)
+    }
+
+    fn insert_frontend(
+        &mut self,
+        key: &ObjectKey,
+        fk: FrontendKey,
+        mut frontend: Frontend,
+        granted: &mut Granted,
+    ) {
+        for b in frontend.backends.iter_mut().chain(&mut frontend.standby) {
+            b.on_node = self.node.host_addresses.contains(&b.addr);
+        }
+        let before = self.desired.frontends.insert(fk, frontend);
+        self.touched.entry(fk).or_insert(before);
+        granted.frontends.push(fk);
+    }
+
+    /// Merge one translated Service into the desired state against what
+    /// Services merged before it hold.
+    fn merge(&mut self, key: &ObjectKey, t: ServiceTranslation) -> Granted {
+        let mut granted = Granted {
+            problems: t.problems,
+            ..Granted::default()
+        };
+        let object = format!("Service {key}");
+        let service = match t.result {
+            Ok(Some(f)) => f,
+            Ok(None) => return granted,
+            Err(reason) => {
+                granted.problems.push(Problem { object, reason });
+                return granted;
+            }
+        };
         // The ClusterIPs (first, one per family) decide for the whole
         // Service; a taken externalIP or LoadBalancer IP is skipped alone.
-        if let Some((ip, _, _)) = service
+        if let Some((ip, owner)) = service
             .by_ip
             .iter()
             .take_while(|(_, kind, _)| *kind == FrontendKind::ClusterIP)
-            .find(|(ip, _, _)| ip_owner.contains_key(ip))
-            && let Some(owner) = ip_owner.get(ip)
+            .find_map(|(ip, _, _)| Some((ip, self.ip_holder(ip, key)?)))
         {
-            out.problems.push(Problem {
+            granted.problems.push(Problem {
                 object,
                 reason: format!("clusterIP {ip} is already used by Service {owner}"),
             });
-            continue;
+            return granted;
         }
         // A nodePort another Service holds on this node: that port is skipped.
         let mut taken_node_ports = BTreeSet::new();
         for (fk, _) in &service.node_ports {
-            if let Some(holder) = out.desired.frontends.get(fk) {
+            if taken_node_ports.contains(&(fk.port, fk.proto)) {
+                continue;
+            }
+            let holder = match self.desired.frontends.get(fk) {
+                Some(f) => f.service_port.split(':').next().map(str::to_owned),
+                None => self
+                    .reserved_for_other(&Claim::NodePort(fk.port, fk.proto), key)
+                    .map(ToString::to_string),
+            };
+            if let Some(holder) = holder {
                 taken_node_ports.insert((fk.port, fk.proto));
-                out.problems.push(Problem {
+                granted.problems.push(Problem {
                     object: object.clone(),
                     reason: format!(
-                        "nodePort {}/{} is already used by {}; skipped",
-                        fk.port, fk.proto, holder.service_port
+                        "nodePort {}/{} is already used by Service {holder}; skipped",
+                        fk.port, fk.proto
                     ),
                 });
             }
@@ -167,20 +559,20 @@ pub fn translate_with(
             .map(|(ip, _, _)| *ip)
             .collect();
         for (ip, kind, ports) in service.by_ip {
-            if let Some(owner) = ip_owner.get(&ip)
-                && *owner != key
-            {
+            if let Some(owner) = self.ip_holder(&ip, key) {
                 let what = match kind {
                     FrontendKind::LoadBalancer => "LoadBalancer IP",
                     _ => "externalIP",
                 };
-                out.problems.push(Problem {
+                granted.problems.push(Problem {
                     object: object.clone(),
                     reason: format!("{what} {ip} is already used by Service {owner}; skipped"),
                 });
                 continue;
             }
-            ip_owner.insert(ip, key);
+            self.ip_owners.insert(ip, key.clone());
+            self.owners.insert(Claim::Ip(ip), key.clone());
+            granted.ips.push(ip);
             if kind == FrontendKind::LoadBalancer && !service.source_ranges.is_empty() {
                 // Each family's LoadBalancer IP gets that family's ranges
                 // (none of its family: closed, not open to all).
@@ -194,9 +586,10 @@ pub fn translate_with(
                 // Service's LoadBalancer IPs too (the node's own traffic,
                 // source-NATed to the LB IP by the load balancer's hairpin).
                 if ranges.iter().any(|net| {
-                    node.nodeport_addresses
+                    self.node
+                        .nodeport_addresses
                         .iter()
-                        .chain(&node.node_ips)
+                        .chain(&self.node.node_ips)
                         .any(|a| net.contains(a))
                 }) {
                     ranges.extend(
@@ -206,72 +599,93 @@ pub fn translate_with(
                             .map(|lb| IpNet::from(*lb)),
                     );
                 }
-                out.desired.source_ranges.insert(ip, ranges);
+                self.desired.source_ranges.insert(ip, ranges);
+                self.touched_ranges.insert(ip);
+                granted.source_ranges.push(ip);
             }
             for (fk, frontend) in ports {
-                out.desired.frontends.insert(fk, frontend);
+                self.insert_frontend(key, fk, frontend, &mut granted);
             }
         }
         for (fk, frontend) in service.node_ports {
             if !taken_node_ports.contains(&(fk.port, fk.proto)) {
-                out.desired.frontends.insert(fk, frontend);
+                self.owners
+                    .insert(Claim::NodePort(fk.port, fk.proto), key.clone());
+                self.insert_frontend(key, fk, frontend, &mut granted);
             }
         }
-        out.no_local_endpoints
-            .internal
-            .extend(service.no_local_endpoints.internal);
-        out.no_local_endpoints
-            .external
-            .extend(service.no_local_endpoints.external);
+        granted.no_local_endpoints = service.no_local_endpoints;
         if let Some((port, check)) = service.health_check {
-            match out.desired.health_checks.get(&port) {
-                Some(holder) => out.problems.push(Problem {
+            let holder = match self.desired.health_checks.get(&port) {
+                Some(h) => Some(h.service.clone()),
+                None => self
+                    .reserved_for_other(&Claim::HealthCheckPort(port), key)
+                    .cloned(),
+            };
+            match holder {
+                Some(holder) => granted.problems.push(Problem {
                     object: object.clone(),
                     reason: format!(
-                        "healthCheckNodePort {port} is already used by Service {}; not served",
-                        holder.service
+                        "healthCheckNodePort {port} is already used by Service {holder}; not served"
                     ),
                 }),
                 None => {
-                    out.desired.health_checks.insert(port, check);
+                    self.desired.health_checks.insert(port, check);
+                    self.owners
+                        .insert(Claim::HealthCheckPort(port), key.clone());
+                    granted.health_check = Some(port);
                 }
             }
         }
+        granted
     }
-    for frontend in out.desired.frontends.values_mut() {
-        for b in frontend.backends.iter_mut().chain(&mut frontend.standby) {
-            b.on_node = node.host_addresses.contains(&b.addr);
-        }
-    }
-    out.desired.derive_addresses();
-    out.ip_owners = ip_owner
-        .into_iter()
-        .map(|(ip, k)| (ip, k.clone()))
-        .collect();
-    out.problems.sort();
-    out
 }
 
-/// EndpointSlices grouped by the Service they belong to.
-fn slices_by_service(
-    state: &ClusterState,
-) -> BTreeMap<ObjectKey, Vec<(&ObjectKey, &EndpointSlice)>> {
-    let mut by_service: BTreeMap<ObjectKey, Vec<_>> = BTreeMap::new();
-    for (key, slice) in &state.endpoint_slices {
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_SERVICE_NAME))
-        else {
-            continue;
+/// One Service translated on its own, before conflicts with other Services.
+struct ServiceTranslation {
+    result: Result<Option<ServiceFrontends>, String>,
+    /// Parts of it (or of its slices) that could not be used.
+    problems: Vec<Problem>,
+}
+
+impl ServiceTranslation {
+    /// What it asks for that another Service may ask for too.
+    fn claims(&self) -> Vec<Claim> {
+        let Ok(Some(service)) = &self.result else {
+            return Vec::new();
         };
-        by_service
-            .entry(ObjectKey::new(key.namespace.clone(), service.clone()))
-            .or_default()
-            .push((key, slice.as_ref()));
+        let mut claims = Vec::new();
+        for (ip, _, ports) in &service.by_ip {
+            claims.push(Claim::Ip(*ip));
+            claims.extend(ports.iter().map(|(fk, _)| Claim::Frontend(*fk)));
+        }
+        for (fk, _) in &service.node_ports {
+            claims.push(Claim::Frontend(*fk));
+            claims.push(Claim::NodePort(fk.port, fk.proto));
+        }
+        claims.extend(
+            service
+                .health_check
+                .as_ref()
+                .map(|(port, _)| Claim::HealthCheckPort(*port)),
+        );
+        claims.sort();
+        claims.dedup();
+        claims
     }
-    by_service
+}
+
+fn translate_service(
+    key: &ObjectKey,
+    svc: &Service,
+    tracker: &ChangeTracker,
+    node: &NodeConfig,
+    zone: Option<&str>,
+) -> ServiceTranslation {
+    let slices: Vec<(&ObjectKey, &EndpointSlice)> = tracker.slices_of(key).collect();
+    let mut problems = Vec::new();
+    let result = service_frontends(key, svc, &slices, node, zone, &mut problems);
+    ServiceTranslation { result, problems }
 }
 
 /// The frontends on one Service address, of one kind.
@@ -293,7 +707,7 @@ struct ServiceFrontends {
 fn service_frontends(
     key: &ObjectKey,
     svc: &Service,
-    slices: &BTreeMap<ObjectKey, Vec<(&ObjectKey, &EndpointSlice)>>,
+    service_slices: &[(&ObjectKey, &EndpointSlice)],
     node: &NodeConfig,
     zone: Option<&str>,
     problems: &mut Vec<Problem>,
@@ -404,7 +818,6 @@ fn service_frontends(
         }
     }
 
-    let service_slices = slices.get(key).map(Vec::as_slice).unwrap_or_default();
     let mut by_ip = Vec::new();
     let mut external_ports = Vec::new();
     let mut node_ports = Vec::new();
@@ -846,7 +1259,7 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::model::{AddressEntry, NodeConfig};
+    use crate::model::{AddressEntry, NodeConfig, cluster::LABEL_SERVICE_NAME};
 
     fn svc(name: &str, spec: Value) -> (ObjectKey, Service) {
         svc_meta(json!({"name": name, "namespace": "ns"}), spec)
