@@ -6,7 +6,9 @@
 //! implementation of its own (not the program's).
 
 pub mod apiserver;
+pub mod changes;
 pub mod e2e;
+pub mod maps;
 pub mod packet;
 
 /// Privileged tests fail loudly without root instead of passing vacuously.

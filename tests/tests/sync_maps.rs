@@ -2,7 +2,7 @@
 //! full errors that name the Service and keep everything else, stable ids
 //! and pruning across an agent restart (maps reopened from their pins).
 
-use std::{net::Ipv4Addr, path::PathBuf, process::Command};
+use std::net::Ipv4Addr;
 
 use aya::EbpfLoader;
 use lb_agent::{
@@ -10,45 +10,7 @@ use lb_agent::{
     model::{Backend, DesiredState, Frontend, FrontendKey, FrontendKind, Protocol, Scope},
 };
 use lb_common::{map_names, map_sizes};
-
-/// A private bpffs mount, unmounted on drop.
-struct Bpffs(PathBuf);
-
-impl Bpffs {
-    fn new(tag: &str) -> Self {
-        lb_tests::require_root();
-        let dir = std::env::temp_dir().join(format!("lbt{}{tag}-bpffs", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&dir)
-            .status()
-            .unwrap();
-        assert!(ok.success(), "mount bpffs at {}", dir.display());
-        Bpffs(dir)
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn load(bpffs: &Bpffs, services_capacity: u32) -> Maps {
-    let mut loader = EbpfLoader::new();
-    loader.map_max_entries(map_names::SERVICES, services_capacity);
-    let paths: Vec<(&str, PathBuf)> = map_names::ALL
-        .iter()
-        .map(|n| (*n, bpffs.0.join(n)))
-        .collect();
-    for (name, path) in &paths {
-        loader.map_pin_path(name, path.as_path());
-    }
-    let mut ebpf = loader.load(lb_agent::EBPF_OBJECT).expect("load object");
-    Maps::take(&mut ebpf).expect("maps")
-}
+use lb_tests::maps::{Bpffs, load};
 
 fn frontend(name: &str, ip: [u8; 4], backends: &[[u8; 4]]) -> (FrontendKey, Frontend) {
     (

@@ -38,6 +38,83 @@ struct AppliedFrontend {
     maglev: Vec<u32>,
 }
 
+/// One frontend's use of one backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BackendUse {
+    id: u32,
+    /// In the frontend's slots (new flows), not only standby.
+    selectable: bool,
+    terminating: bool,
+    remote: bool,
+    on_node: bool,
+}
+
+impl BackendUse {
+    fn new(id: u32, b: &crate::model::Backend, selectable: bool) -> Self {
+        BackendUse {
+            id,
+            selectable,
+            terminating: b.terminating,
+            remote: b.remote,
+            on_node: b.on_node,
+        }
+    }
+}
+
+/// How many desired frontends use a backend, and how: its map value
+/// follows from these alone, whatever order the frontends come in.
+#[derive(Clone, Copy, Debug, Default)]
+struct UseCounts {
+    all: i32,
+    selected: i32,
+    selected_terminating: i32,
+    remote: i32,
+    on_node: i32,
+    key: Option<BackendKey>,
+}
+
+impl UseCounts {
+    fn add(&mut self, u: &BackendUse, sign: i32) {
+        self.all += sign;
+        self.selected += sign * u.selectable as i32;
+        self.selected_terminating += sign * (u.selectable && u.terminating) as i32;
+        self.remote += sign * u.remote as i32;
+        self.on_node += sign * u.on_node as i32;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.all <= 0
+    }
+
+    /// The backend's map entry.
+    fn value(&self) -> Option<BackendValue> {
+        let key = self.key?;
+        Some(BackendValue {
+            addr_be: be32(key.addr),
+            port_be: key.port.to_be(),
+            proto: key.proto.number(),
+            state: if self.selected > 0 {
+                BACKEND_ACTIVE
+            } else {
+                BACKEND_STANDBY
+            },
+            flags: if self.remote > 0 {
+                backend_flags::REMOTE
+            } else {
+                0
+            } | if self.on_node > 0 {
+                backend_flags::ON_NODE
+            } else {
+                0
+            } | if self.selected_terminating > 0 {
+                backend_flags::FALLBACK
+            } else {
+                0
+            },
+        })
+    }
+}
+
 /// Something that could not be programmed, naming the Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SyncError {
@@ -66,6 +143,15 @@ pub struct Syncer {
     addresses: BTreeMap<(IpAddr, Scope), u32>,
     source_ranges: BTreeSet<(IpAddr, IpNet)>,
     rev_nat: BTreeMap<u16, RevNatValue>,
+    /// Per frontend, the backends its desired entry uses.
+    frontend_uses: BTreeMap<FrontendKey, Vec<BackendUse>>,
+    /// Per backend id, how the desired frontends use it.
+    uses: BTreeMap<u32, UseCounts>,
+    /// Backend ids that lost their last use: removed once no applied slot names them.
+    released: BTreeSet<u32>,
+    /// A frontend with session affinity (before or after) was written or
+    /// removed in this sync: its affinity entries may have gone stale.
+    affinity_touched: bool,
     /// Map keys found at start that this agent does not manage: pruned on the first sync.
     stray_service_keys: Vec<ServiceKey>,
     stray_maglev_keys: Vec<MaglevKey>,
@@ -168,6 +254,10 @@ impl Syncer {
             addresses: BTreeMap::new(),
             source_ranges: BTreeSet::new(),
             rev_nat: BTreeMap::new(),
+            frontend_uses: BTreeMap::new(),
+            uses: BTreeMap::new(),
+            released: BTreeSet::new(),
+            affinity_touched: false,
             stray_service_keys: Vec::new(),
             stray_maglev_keys: Vec::new(),
         };
@@ -310,8 +400,67 @@ impl Syncer {
         &mut self.maps
     }
 
-    /// Bring the maps to `desired`.
+    /// Bring the maps to `desired`: every frontend, address entry and
+    /// source range is compared, and whatever the maps hold that `desired`
+    /// does not is removed (adopted strays included).
     pub fn sync(&mut self, desired: &DesiredState) -> SyncReport {
+        let frontends: BTreeSet<FrontendKey> = desired
+            .frontends
+            .keys()
+            .chain(self.frontends.keys())
+            .chain(self.frontend_uses.keys())
+            .copied()
+            .collect();
+        let addresses: BTreeSet<(IpAddr, Scope)> = desired
+            .addresses
+            .keys()
+            .chain(self.addresses.keys())
+            .copied()
+            .collect();
+        let ranges: BTreeSet<IpAddr> = desired
+            .source_ranges
+            .keys()
+            .copied()
+            .chain(self.source_ranges.iter().map(|(ip, _)| *ip))
+            .collect();
+        let mut report = self.sync_changes(desired, &frontends, &addresses, &ranges);
+        // What no frontend accounts for: rev-NAT entries and backends
+        // adopted from the pins, or left by a failed removal.
+        let live_rev_nat: BTreeSet<u16> =
+            self.frontends.values().map(|f| f.head.rev_nat_id).collect();
+        let stale_rev_nat: Vec<u16> = self
+            .rev_nat
+            .keys()
+            .filter(|id| !live_rev_nat.contains(id))
+            .copied()
+            .collect();
+        for id in stale_rev_nat {
+            self.remove_rev_nat(id);
+        }
+        let unused: Vec<u32> = self
+            .backends
+            .keys()
+            .filter(|id| !self.uses.contains_key(id))
+            .copied()
+            .collect();
+        self.released.extend(unused);
+        report.backends_removed += self.remove_released();
+        if report.backends_removed > 0 {
+            self.prune_conntrack();
+        }
+        report
+    }
+
+    /// Bring the maps to `desired` for the named frontends, address entries
+    /// and LoadBalancer IPs' source ranges only (what a translation delta
+    /// names): the cost of a change is the change, not the cluster.
+    pub fn sync_changes(
+        &mut self,
+        desired: &DesiredState,
+        frontends: &BTreeSet<FrontendKey>,
+        addresses: &BTreeSet<(IpAddr, Scope)>,
+        source_ranges: &BTreeSet<IpAddr>,
+    ) -> SyncReport {
         let mut report = SyncReport::default();
 
         // 0. Strays (slots no head counts, Maglev entries past a table's
@@ -325,28 +474,42 @@ impl Syncer {
             removed(self.maps.maglev.remove(&key));
         }
 
-        // 1. Backends every desired frontend needs: those in slots take new
-        //    flows (active), the others are kept for established flows only
-        //    (standby). For an endpoint shared by two Services, active wins.
-        let mut wanted: BTreeMap<u32, BackendValue> = BTreeMap::new();
+        // 1. Backends: the uses of every named frontend are exchanged for
+        //    its new ones; a backend some frontend selects is active, one
+        //    only kept for established flows standby (for an endpoint
+        //    shared by two Services, active wins).
         let mut frontend_slots: BTreeMap<FrontendKey, Result<Vec<u32>, SyncError>> =
             BTreeMap::new();
-        for (fk, frontend) in &desired.frontends {
-            let mut ids = Vec::with_capacity(frontend.backends.len());
+        let mut changed_ids: BTreeSet<u32> = BTreeSet::new();
+        for fk in frontends {
+            let Some(frontend) = desired.frontends.get(fk) else {
+                // Going: its uses end now, so what others make of a shared
+                // backend is written before the frontend goes.
+                for u in self.frontend_uses.remove(fk).unwrap_or_default() {
+                    self.count_use(&u, -1);
+                    changed_ids.insert(u.id);
+                }
+                continue;
+            };
+            let mut uses = Vec::with_capacity(frontend.backends.len() + frontend.standby.len());
+            let mut keys = Vec::with_capacity(uses.capacity());
             let mut failed = None;
-            let uses = frontend
+            let all = frontend
                 .backends
                 .iter()
                 .map(|b| (b, true))
                 .chain(frontend.standby.iter().map(|b| (b, false)));
-            for (b, selectable) in uses {
+            for (b, selectable) in all {
                 let key = BackendKey {
                     addr: b.addr,
                     port: b.port,
                     proto: fk.proto,
                 };
-                let id = match self.backend_ids.get_or_assign(&key) {
-                    Ok(id) => id,
+                match self.backend_ids.get_or_assign(&key) {
+                    Ok(id) => {
+                        uses.push(BackendUse::new(id, b, selectable));
+                        keys.push(key);
+                    }
                     Err(e) => {
                         failed = Some(SyncError {
                             object: frontend.service_port.clone(),
@@ -355,33 +518,44 @@ impl Syncer {
                         });
                         break;
                     }
-                };
-                let entry = wanted.entry(id).or_insert(BackendValue {
-                    addr_be: be32(b.addr),
-                    port_be: b.port.to_be(),
-                    proto: fk.proto.number(),
-                    state: BACKEND_STANDBY,
-                    flags: if b.remote { backend_flags::REMOTE } else { 0 }
-                        | if b.on_node { backend_flags::ON_NODE } else { 0 },
-                });
-                if selectable {
-                    ids.push(id);
-                    entry.state = BACKEND_ACTIVE;
-                    if b.terminating {
-                        entry.flags |= backend_flags::FALLBACK;
-                    }
                 }
             }
-            frontend_slots.insert(*fk, failed.map_or(Ok(ids), Err));
+            if let Some(e) = failed {
+                // Ids assigned for it alone go back.
+                for (u, key) in uses.iter().zip(&keys) {
+                    if !self.uses.contains_key(&u.id) && !self.backends.contains_key(&u.id) {
+                        self.backend_ids.release(key);
+                    }
+                }
+                frontend_slots.insert(*fk, Err(e));
+                continue;
+            }
+            let ids: Vec<u32> = uses.iter().filter(|u| u.selectable).map(|u| u.id).collect();
+            for (u, key) in uses.iter().zip(keys) {
+                self.count_use(u, 1);
+                if let Some(counts) = self.uses.get_mut(&u.id) {
+                    counts.key = Some(key);
+                }
+                changed_ids.insert(u.id);
+            }
+            for u in self.frontend_uses.insert(*fk, uses).unwrap_or_default() {
+                self.count_use(&u, -1);
+                changed_ids.insert(u.id);
+            }
+            frontend_slots.insert(*fk, Ok(ids));
         }
         let mut failed_backends = BTreeSet::new();
-        for (id, value) in &wanted {
-            if self.backends.get(id) == Some(value) {
+        for id in &changed_ids {
+            let Some(value) = self.uses.get(id).and_then(UseCounts::value) else {
+                self.released.insert(*id);
+                continue;
+            };
+            if self.backends.get(id) == Some(&value) {
                 continue;
             }
             match self.maps.backends.insert(id, value, 0) {
                 Ok(()) => {
-                    self.backends.insert(*id, *value);
+                    self.backends.insert(*id, value);
                     report.backends_written += 1;
                 }
                 Err(e) => {
@@ -392,37 +566,52 @@ impl Syncer {
         }
 
         // Source ranges before the frontends that check them.
-        let wanted_ranges: BTreeSet<(IpAddr, IpNet)> = desired
-            .source_ranges
-            .iter()
-            .flat_map(|(addr, nets)| nets.iter().map(|n| (*addr, *n)))
-            .collect();
-        for (addr, net) in wanted_ranges.difference(&self.source_ranges.clone()) {
-            match self
-                .maps
+        let mut stale_ranges = Vec::new();
+        for ip in source_ranges {
+            let wanted = desired.source_ranges.get(ip);
+            let have: Vec<IpNet> = self
                 .source_ranges
-                .insert(&source_range_key(*addr, *net), 1, 0)
-            {
-                Ok(()) => {
-                    self.source_ranges.insert((*addr, *net));
+                .range((*ip, IpNet::default())..)
+                .take_while(|(a, _)| a == ip)
+                .map(|(_, net)| *net)
+                .collect();
+            for net in wanted.into_iter().flatten() {
+                if have.contains(net) {
+                    continue;
                 }
-                Err(e) => report.errors.push(SyncError {
-                    object: format!("LoadBalancer IP {addr}"),
-                    reason: format!("source range {net}: {e}"),
-                    full: is_full(&e),
-                }),
+                match self
+                    .maps
+                    .source_ranges
+                    .insert(&source_range_key(*ip, *net), 1, 0)
+                {
+                    Ok(()) => {
+                        self.source_ranges.insert((*ip, *net));
+                    }
+                    Err(e) => report.errors.push(SyncError {
+                        object: format!("LoadBalancer IP {ip}"),
+                        reason: format!("source range {net}: {e}"),
+                        full: is_full(&e),
+                    }),
+                }
             }
+            stale_ranges.extend(
+                have.into_iter()
+                    .filter(|net| !wanted.is_some_and(|w| w.contains(net)))
+                    .map(|net| (*ip, net)),
+            );
         }
 
         // 2. Frontends: slots 1..N, then slot 0, then slots past the new count.
-        for (fk, frontend) in &desired.frontends {
-            let ids = match frontend_slots.remove(fk) {
-                Some(Ok(ids)) => ids,
-                Some(Err(e)) => {
+        for (fk, ids) in frontend_slots {
+            let Some(frontend) = desired.frontends.get(&fk) else {
+                continue;
+            };
+            let ids = match ids {
+                Ok(ids) => ids,
+                Err(e) => {
                     report.errors.push(e);
                     continue;
                 }
-                None => continue,
             };
             if let Some(bad) = ids.iter().find(|id| failed_backends.contains(id)) {
                 report.errors.push(SyncError {
@@ -432,7 +621,7 @@ impl Syncer {
                 });
                 continue;
             }
-            match self.write_frontend(fk, frontend, ids) {
+            match self.write_frontend(&fk, frontend, ids) {
                 Ok(true) => report.frontends_written += 1,
                 Ok(false) => {}
                 Err(e) => report.errors.push(SyncError {
@@ -442,7 +631,10 @@ impl Syncer {
                 }),
             }
         }
-        for ((addr, scope), entry) in &desired.addresses {
+        for (addr, scope) in addresses {
+            let Some(entry) = desired.addresses.get(&(*addr, *scope)) else {
+                continue;
+            };
             let flags = address_flags(entry);
             if self.addresses.get(&(*addr, *scope)) == Some(&flags) {
                 continue;
@@ -468,116 +660,137 @@ impl Syncer {
         }
 
         // 3. Removals: frontends no longer desired (slot 0 first), address
-        //    entries, strays, then backends nothing references.
-        let gone: Vec<FrontendKey> = self
-            .frontends
-            .keys()
-            .filter(|fk| !desired.frontends.contains_key(fk))
-            .copied()
-            .collect();
-        for fk in gone {
-            if let Some(applied) = self.frontends.get(&fk).cloned() {
-                let mut ok = self.remove_key(service_key(&fk, 0));
-                for slot in 1..=applied.slots.len() as u16 {
-                    ok &= self.remove_key(service_key(&fk, slot));
-                }
-                for index in 0..applied.maglev.len() as u32 {
-                    ok &= removed(
-                        self.maps
-                            .maglev
-                            .remove(&maglev_key(applied.head.rev_nat_id, index)),
-                    );
-                }
-                if ok {
-                    self.frontends.remove(&fk);
-                    report.frontends_removed += 1;
-                }
+        //    entries, source ranges, then backends nothing uses.
+        for fk in frontends {
+            if desired.frontends.contains_key(fk) {
+                continue;
+            }
+            let Some(applied) = self.frontends.get(fk).cloned() else {
+                continue;
+            };
+            let mut ok = self.remove_key(service_key(fk, 0));
+            for slot in 1..=applied.slots.len() as u16 {
+                ok &= self.remove_key(service_key(fk, slot));
+            }
+            for index in 0..applied.maglev.len() as u32 {
+                ok &= removed(
+                    self.maps
+                        .maglev
+                        .remove(&maglev_key(applied.head.rev_nat_id, index)),
+                );
+            }
+            if ok {
+                self.frontends.remove(fk);
+                report.frontends_removed += 1;
+                self.affinity_touched |= applied.head.flags & service_flags::AFFINITY != 0;
+                self.remove_rev_nat(applied.head.rev_nat_id);
             }
         }
-        let stale_addresses: Vec<(IpAddr, Scope)> = self
-            .addresses
-            .keys()
-            .filter(|k| !desired.addresses.contains_key(k))
-            .copied()
-            .collect();
-        for (addr, scope) in stale_addresses {
-            if self.remove_key(address_key(addr, scope)) {
-                self.addresses.remove(&(addr, scope));
+        for key in addresses {
+            if desired.addresses.contains_key(key) || !self.addresses.contains_key(key) {
+                continue;
+            }
+            if self.remove_key(address_key(key.0, key.1)) {
+                self.addresses.remove(key);
             }
         }
-        let stale_ranges: Vec<(IpAddr, IpNet)> = self
-            .source_ranges
-            .difference(&wanted_ranges)
-            .copied()
-            .collect();
         for (addr, net) in stale_ranges {
             if removed(self.maps.source_ranges.remove(&source_range_key(addr, net))) {
                 self.source_ranges.remove(&(addr, net));
             }
         }
-        let live_rev_nat: BTreeSet<u16> =
-            self.frontends.values().map(|f| f.head.rev_nat_id).collect();
-        let stale_rev_nat: Vec<u16> = self
-            .rev_nat
-            .keys()
-            .filter(|id| !live_rev_nat.contains(id))
-            .copied()
-            .collect();
-        for id in stale_rev_nat {
-            if !removed(self.maps.rev_nat.remove(&id)) {
-                continue;
-            }
-            if let Some(value) = self.rev_nat.remove(&id)
-                && let Some(proto) = Protocol::from_number(value.proto)
-                && let Some(scope) = Scope::from_code(value.scope)
-            {
-                self.rev_nat_ids.release(&FrontendKey {
-                    addr: from_be32(value.addr_be),
-                    port: u16::from_be(value.port_be),
-                    proto,
-                    scope,
-                });
-            }
-        }
-        let referenced: BTreeSet<u32> = self
-            .frontends
-            .values()
-            .flat_map(|f| f.slots.iter().copied())
-            .collect();
-        let unreferenced: Vec<u32> = self
-            .backends
-            .keys()
-            .filter(|id| !referenced.contains(id) && !wanted.contains_key(id))
-            .copied()
-            .collect();
-        for id in unreferenced {
-            if !removed(self.maps.backends.remove(&id)) {
-                continue;
-            }
-            report.backends_removed += 1;
-            if let Some(value) = self.backends.remove(&id)
-                && let Some(proto) = Protocol::from_number(value.proto)
-            {
-                let key = BackendKey {
-                    addr: from_be32(value.addr_be),
-                    port: u16::from_be(value.port_be),
-                    proto,
-                };
-                if self.backend_ids.get(&key) == Some(id) {
-                    self.backend_ids.release(&key);
-                }
-            }
-        }
+        report.backends_removed += self.remove_released();
         // 4. State that no longer holds: affinity to a backend that left its
         //    frontend's slots (or of a frontend without affinity now), and
         //    flows to backends that are gone (removed at once, not aged out).
-        if report.frontends_written + report.frontends_removed > 0 {
+        if std::mem::take(&mut self.affinity_touched) {
             self.prune_affinity();
         }
         if report.backends_removed > 0 {
             self.prune_conntrack();
         }
         report
+    }
+
+    /// Count one use of a backend in (+1) or out (-1).
+    fn count_use(&mut self, u: &BackendUse, sign: i32) {
+        let counts = self.uses.entry(u.id).or_default();
+        counts.add(u, sign);
+        if counts.is_empty() {
+            self.uses.remove(&u.id);
+        }
+    }
+
+    /// Remove backends released and still unused, unless an applied
+    /// frontend's slots still name them (its write failed); returns how
+    /// many went.
+    fn remove_released(&mut self) -> usize {
+        let candidates: Vec<u32> = std::mem::take(&mut self.released)
+            .into_iter()
+            .filter(|id| !self.uses.contains_key(id))
+            .collect();
+        if candidates.is_empty() {
+            return 0;
+        }
+        let referenced: BTreeSet<u32> = self
+            .frontends
+            .values()
+            .flat_map(|f| f.slots.iter().copied())
+            .filter(|id| candidates.contains(id))
+            .collect();
+        let mut count = 0;
+        for id in candidates {
+            if referenced.contains(&id) {
+                self.released.insert(id);
+                continue;
+            }
+            let Some(value) = self.backends.get(&id).copied() else {
+                continue;
+            };
+            if !removed(self.maps.backends.remove(&id)) {
+                self.released.insert(id);
+                continue;
+            }
+            count += 1;
+            self.backends.remove(&id);
+            self.release_backend_id(value);
+        }
+        count
+    }
+
+    /// Free a backend id (the allocator holds it back a while before reuse).
+    fn release_backend_id(&mut self, value: BackendValue) {
+        let Some(proto) = Protocol::from_number(value.proto) else {
+            return;
+        };
+        let key = BackendKey {
+            addr: from_be32(value.addr_be),
+            port: u16::from_be(value.port_be),
+            proto,
+        };
+        if let Some(id) = self.backend_ids.get(&key)
+            && !self.uses.contains_key(&id)
+            && !self.backends.contains_key(&id)
+        {
+            self.backend_ids.release(&key);
+        }
+    }
+
+    fn remove_rev_nat(&mut self, id: u16) {
+        if !removed(self.maps.rev_nat.remove(&id)) {
+            return;
+        }
+        if let Some(value) = self.rev_nat.remove(&id)
+            && let Some(proto) = Protocol::from_number(value.proto)
+            && let Some(scope) = Scope::from_code(value.scope)
+        {
+            self.rev_nat_ids.release(&FrontendKey {
+                addr: from_be32(value.addr_be),
+                port: u16::from_be(value.port_be),
+                proto,
+                scope,
+            });
+        }
     }
 
     fn prune_affinity(&mut self) {
@@ -706,6 +919,8 @@ impl Syncer {
         {
             return Ok(false);
         }
+        self.affinity_touched |=
+            (head.flags | old.as_ref().map_or(0, |o| o.head.flags)) & service_flags::AFFINITY != 0;
         // The table before slot 0 names its size (make before break).
         let old_table = old.as_ref().map(|o| o.maglev.clone()).unwrap_or_default();
         for (i, id) in table.iter().enumerate() {

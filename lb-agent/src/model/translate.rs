@@ -484,13 +484,7 @@ impl Translator {
         self.reserved.get(claim).filter(|owner| *owner != key)
     }
 
-    fn insert_frontend(
-        &mut self,
-        key: &ObjectKey,
-        fk: FrontendKey,
-        mut frontend: Frontend,
-        granted: &mut Granted,
-    ) {
+    fn insert_frontend(&mut self, fk: FrontendKey, mut frontend: Frontend, granted: &mut Granted) {
         for b in frontend.backends.iter_mut().chain(&mut frontend.standby) {
             b.on_node = self.node.host_addresses.contains(&b.addr);
         }
@@ -604,14 +598,14 @@ impl Translator {
                 granted.source_ranges.push(ip);
             }
             for (fk, frontend) in ports {
-                self.insert_frontend(key, fk, frontend, &mut granted);
+                self.insert_frontend(fk, frontend, &mut granted);
             }
         }
         for (fk, frontend) in service.node_ports {
             if !taken_node_ports.contains(&(fk.port, fk.proto)) {
                 self.owners
                     .insert(Claim::NodePort(fk.port, fk.proto), key.clone());
-                self.insert_frontend(key, fk, frontend, &mut granted);
+                self.insert_frontend(fk, frontend, &mut granted);
             }
         }
         granted.no_local_endpoints = service.no_local_endpoints;

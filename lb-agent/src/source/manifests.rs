@@ -20,8 +20,9 @@ use thiserror::Error;
 
 use super::endpoints::{derive_slices, mirror_endpoints};
 use crate::model::{
-    ClusterState, ObjectKey, Problem,
+    Change, ClusterState, ObjectKey, Problem,
     cluster::{LABEL_SERVICE_NAME, LABEL_ZONE},
+    tracker::slice_service,
 };
 
 #[derive(Debug, Error)]
@@ -61,13 +62,67 @@ struct Signature {
     len: u64,
 }
 
+/// An object's kind and namespace/name: what "defined twice" compares.
+type ObjectId = (&'static str, ObjectKey);
+
 #[derive(Debug)]
 struct FileState {
     signature: Signature,
     /// Objects of the last content that parsed.
     objects: Vec<(ObjectKey, Object)>,
+    /// Each object's first position in `objects`.
+    index: BTreeMap<ObjectId, usize>,
+    /// How many more times an object is defined in this file.
+    repeats: BTreeMap<ObjectId, usize>,
     /// The current content's error, if it did not parse.
     error: Option<String>,
+}
+
+impl FileState {
+    fn new(signature: Signature, objects: Vec<(ObjectKey, Object)>, error: Option<String>) -> Self {
+        let mut index = BTreeMap::new();
+        let mut repeats = BTreeMap::new();
+        for (i, (key, object)) in objects.iter().enumerate() {
+            let id = (object.kind(), key.clone());
+            if index.contains_key(&id) {
+                *repeats.entry(id).or_insert(0) += 1;
+            } else {
+                index.insert(id, i);
+            }
+        }
+        FileState {
+            signature,
+            objects,
+            index,
+            repeats,
+            error,
+        }
+    }
+
+    fn object(&self, id: &ObjectId) -> Option<&Object> {
+        self.index.get(id).map(|i| &self.objects[*i].1)
+    }
+}
+
+/// The cluster the files add up to, kept up to date object by object.
+#[derive(Default)]
+struct Assembly {
+    /// Files defining each object, in name order (the first one's is used).
+    defined: BTreeMap<ObjectId, BTreeSet<PathBuf>>,
+    /// Objects whose files changed since the last `changes()`.
+    touched: BTreeSet<ObjectId>,
+    /// Services, Nodes, and EndpointSlices as the translation sees them
+    /// (written ones, then derived ones over them).
+    state: ClusterState,
+    written_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
+    /// Service -> its written EndpointSlices.
+    slices_by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    endpoints: BTreeMap<ObjectKey, Arc<Endpoints>>,
+    pods: BTreeMap<ObjectKey, Arc<Pod>>,
+    /// Service -> the slices derived for it (from Pods or Endpoints).
+    derived: BTreeMap<ObjectKey, Vec<ObjectKey>>,
+    derived_slices: BTreeSet<ObjectKey>,
+    duplicates: BTreeMap<ObjectId, Vec<Problem>>,
 }
 
 /// A file whose current content was rejected.
@@ -88,6 +143,7 @@ pub struct PollResult {
 pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    assembly: Assembly,
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -102,6 +158,7 @@ impl ManifestDir {
         ManifestDir {
             dir: dir.into(),
             files: BTreeMap::new(),
+            assembly: Assembly::default(),
         }
     }
 
@@ -143,34 +200,39 @@ impl ManifestDir {
             let parsed = fs::read_to_string(&path)
                 .map_err(|e| format!("cannot read: {e}"))
                 .and_then(|text| parse_file(&path, &text));
-            let previous = self
-                .files
-                .remove(&path)
-                .map(|f| f.objects)
-                .unwrap_or_default();
+            let previous = self.files.remove(&path);
             let state = match parsed {
-                Ok(objects) => FileState {
-                    signature,
-                    objects,
-                    error: None,
-                },
+                Ok(objects) => FileState::new(signature, objects, None),
                 Err(reason) => {
                     result.new_errors.push(FileError {
                         path: path.clone(),
                         reason: reason.clone(),
                     });
-                    FileState {
-                        signature,
-                        objects: previous,
-                        error: Some(reason),
-                    }
+                    let objects = previous
+                        .as_ref()
+                        .map(|f| f.objects.clone())
+                        .unwrap_or_default();
+                    FileState::new(signature, objects, Some(reason))
                 }
             };
+            if let Some(previous) = &previous {
+                self.assembly.forget(&path, previous);
+            }
+            self.assembly.learn(&path, &state);
             self.files.insert(path, state);
         }
-        let before = self.files.len();
-        self.files.retain(|path, _| seen.contains(path));
-        result.changed |= self.files.len() != before;
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|path| !seen.contains(*path))
+            .cloned()
+            .collect();
+        for path in gone {
+            if let Some(file) = self.files.remove(&path) {
+                self.assembly.forget(&path, &file);
+                result.changed = true;
+            }
+        }
         Ok(result)
     }
 
@@ -187,7 +249,23 @@ impl ManifestDir {
             .collect()
     }
 
-    /// Assemble the cluster: objects from every file (the first file by name
+    /// What the files changed since the last call, as object changes (only
+    /// objects whose files changed are looked at, and only Services whose
+    /// Pods, Endpoints or slices changed get their slices derived again),
+    /// and every duplicate definition found so far.
+    pub fn changes(&mut self) -> (Vec<Change>, Vec<Problem>) {
+        let changes = self.assembly.changes(&self.files);
+        let problems = self
+            .assembly
+            .duplicates
+            .values()
+            .flatten()
+            .cloned()
+            .collect();
+        (changes, problems)
+    }
+
+    /// Assemble the cluster from scratch: objects from every file (the first file by name
     /// wins a duplicate), slices mirrored from Endpoints and derived from Pods.
     pub fn cluster_state(&self) -> (ClusterState, Vec<Problem>) {
         let mut problems = Vec::new();
@@ -273,6 +351,279 @@ impl ManifestDir {
                 .insert(ObjectKey::new(namespace, name), Arc::new(slice));
         }
         (state, problems)
+    }
+}
+
+impl Assembly {
+    /// A file's objects are now defined (by it).
+    fn learn(&mut self, path: &Path, file: &FileState) {
+        for id in file.index.keys() {
+            self.defined
+                .entry(id.clone())
+                .or_default()
+                .insert(path.to_path_buf());
+            self.touched.insert(id.clone());
+        }
+    }
+
+    /// A file's objects are no longer defined by it.
+    fn forget(&mut self, path: &Path, file: &FileState) {
+        for id in file.index.keys() {
+            if let Some(paths) = self.defined.get_mut(id) {
+                paths.remove(path);
+                if paths.is_empty() {
+                    self.defined.remove(id);
+                }
+            }
+            self.touched.insert(id.clone());
+        }
+    }
+
+    fn changes(&mut self, files: &BTreeMap<PathBuf, FileState>) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let mut affected: BTreeSet<ObjectKey> = BTreeSet::new();
+        let mut pod_namespaces: BTreeSet<String> = BTreeSet::new();
+        let mut zones_changed = false;
+        for id in std::mem::take(&mut self.touched) {
+            let paths: Vec<PathBuf> = self
+                .defined
+                .get(&id)
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+            let winner = paths
+                .first()
+                .and_then(|p| Some((p, files.get(p)?.object(&id)?.clone())));
+            self.note_duplicates(&id, &paths, files);
+            let (kind, key) = id;
+            let object = winner.map(|(_, o)| o);
+            match (kind, object) {
+                ("Service", o) => {
+                    let o = o.and_then(|o| match o {
+                        Object::Service(s) => Some(s),
+                        _ => None,
+                    });
+                    if replace(&mut self.state.services, &key, o.clone()) {
+                        changes.push(Change::Service(key.clone(), o));
+                        affected.insert(key);
+                    }
+                }
+                ("EndpointSlice", o) => {
+                    let o = o.and_then(|o| match o {
+                        Object::EndpointSlice(s) => Some(s),
+                        _ => None,
+                    });
+                    let old_service = self
+                        .written_slices
+                        .get(&key)
+                        .and_then(|s| slice_service(&key, s));
+                    if !replace(&mut self.written_slices, &key, o.clone()) {
+                        continue;
+                    }
+                    let new_service = o.as_ref().and_then(|s| slice_service(&key, s));
+                    if let Some(svc) = &old_service
+                        && let Some(set) = self.slices_by_service.get_mut(svc)
+                    {
+                        set.remove(&key);
+                        if set.is_empty() {
+                            self.slices_by_service.remove(svc);
+                        }
+                    }
+                    if let Some(svc) = &new_service {
+                        self.slices_by_service
+                            .entry(svc.clone())
+                            .or_default()
+                            .insert(key.clone());
+                    }
+                    affected.extend(old_service);
+                    affected.extend(new_service);
+                    if !self.is_derived(&key) {
+                        replace(&mut self.state.endpoint_slices, &key, o.clone());
+                        changes.push(Change::EndpointSlice(key, o));
+                    }
+                }
+                ("Endpoints", o) => {
+                    let o = o.and_then(|o| match o {
+                        Object::Endpoints(e) => Some(e),
+                        _ => None,
+                    });
+                    if replace(&mut self.endpoints, &key, o) {
+                        affected.insert(key);
+                    }
+                }
+                ("Pod", o) => {
+                    let o = o.and_then(|o| match o {
+                        Object::Pod(p) => Some(p),
+                        _ => None,
+                    });
+                    if replace(&mut self.pods, &key, o) {
+                        pod_namespaces.insert(key.namespace);
+                    }
+                }
+                ("Node", o) => {
+                    let o = o.and_then(|o| match o {
+                        Object::Node(n) => Some(n),
+                        _ => None,
+                    });
+                    if replace(&mut self.state.nodes, &key.name, o.clone()) {
+                        changes.push(Change::Node(key.name, o));
+                        zones_changed = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Services whose derived slices may differ now.
+        if zones_changed {
+            affected.extend(self.state.services.keys().cloned());
+        }
+        for ns in pod_namespaces {
+            let from = ObjectKey::new(ns.clone(), "");
+            affected.extend(
+                self.state
+                    .services
+                    .range(from..)
+                    .take_while(|(k, _)| k.namespace == ns)
+                    .map(|(k, _)| k.clone()),
+            );
+        }
+        affected.extend(self.derived.keys().filter(|_| zones_changed).cloned());
+        if affected.is_empty() {
+            return changes;
+        }
+        let node_zones: BTreeMap<String, String> = self
+            .state
+            .nodes
+            .iter()
+            .filter_map(|(name, n)| {
+                Some((
+                    name.clone(),
+                    n.metadata.labels.as_ref()?.get(LABEL_ZONE)?.clone(),
+                ))
+            })
+            .collect();
+        for service in affected {
+            self.derive(&service, &node_zones, &mut changes);
+        }
+        changes
+    }
+
+    fn is_derived(&self, slice: &ObjectKey) -> bool {
+        self.derived_slices.contains(slice)
+    }
+
+    /// Derive one Service's slices again (the endpointslice controller's
+    /// and the Endpoints mirror's rules): only for a Service without
+    /// written slices.
+    fn derive(
+        &mut self,
+        service: &ObjectKey,
+        node_zones: &BTreeMap<String, String>,
+        changes: &mut Vec<Change>,
+    ) {
+        let generated: Vec<EndpointSlice> = match self.state.services.get(service) {
+            Some(svc) if !self.slices_by_service.contains_key(service) => {
+                let has_selector = svc
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.selector.as_ref())
+                    .is_some_and(|s| !s.is_empty());
+                if has_selector {
+                    derive_slices(service, svc, &self.pods, node_zones)
+                } else if let Some(ep) = self.endpoints.get(service) {
+                    mirror_endpoints(service, ep)
+                } else {
+                    Vec::new()
+                }
+            }
+            _ => Vec::new(),
+        };
+        let new: BTreeMap<ObjectKey, Arc<EndpointSlice>> = generated
+            .into_iter()
+            .map(|slice| {
+                let name = slice.metadata.name.clone().unwrap_or_default();
+                let namespace = slice.metadata.namespace.clone().unwrap_or_default();
+                (ObjectKey::new(namespace, name), Arc::new(slice))
+            })
+            .collect();
+        for old in self.derived.remove(service).unwrap_or_default() {
+            self.derived_slices.remove(&old);
+            if new.contains_key(&old) {
+                continue;
+            }
+            // A written slice of that name shows again.
+            let written = self.written_slices.get(&old).cloned();
+            replace(&mut self.state.endpoint_slices, &old, written.clone());
+            changes.push(Change::EndpointSlice(old, written));
+        }
+        if new.is_empty() {
+            return;
+        }
+        self.derived
+            .insert(service.clone(), new.keys().cloned().collect());
+        self.derived_slices.extend(new.keys().cloned());
+        for (key, slice) in new {
+            if replace(&mut self.state.endpoint_slices, &key, Some(slice.clone())) {
+                changes.push(Change::EndpointSlice(key, Some(slice)));
+            }
+        }
+    }
+
+    /// "defined again" problems of one object: every definition after the
+    /// first, in file order.
+    fn note_duplicates(
+        &mut self,
+        id: &ObjectId,
+        paths: &[PathBuf],
+        files: &BTreeMap<PathBuf, FileState>,
+    ) {
+        let Some(first) = paths.first() else {
+            self.duplicates.remove(id);
+            return;
+        };
+        let mut problems = Vec::new();
+        for (i, path) in paths.iter().enumerate() {
+            let again = files
+                .get(path)
+                .and_then(|f| f.repeats.get(id))
+                .copied()
+                .unwrap_or(0)
+                + usize::from(i > 0);
+            for _ in 0..again {
+                problems.push(Problem {
+                    object: format!("{} {}", id.0, id.1),
+                    reason: format!(
+                        "defined again in {}; the definition in {} is used",
+                        path.display(),
+                        first.display()
+                    ),
+                });
+            }
+        }
+        if problems.is_empty() {
+            self.duplicates.remove(id);
+        } else {
+            self.duplicates.insert(id.clone(), problems);
+        }
+    }
+}
+
+/// Put `value` at `key` (None: remove); true when that changed anything.
+fn replace<K: Ord + Clone, V: PartialEq>(
+    map: &mut BTreeMap<K, Arc<V>>,
+    key: &K,
+    value: Option<Arc<V>>,
+) -> bool {
+    match value {
+        Some(v) => match map.get(key) {
+            Some(old) if Arc::ptr_eq(old, &v) || **old == *v => false,
+            _ => {
+                map.insert(key.clone(), v);
+                true
+            }
+        },
+        None => map.remove(key).is_some(),
     }
 }
 

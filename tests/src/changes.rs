@@ -1,24 +1,19 @@
-//! The incremental translation equals a translation from scratch: random
-//! sequences of changes (Services of every type, slices, Nodes, node
-//! addresses; conflicting ClusterIPs, externalIPs, LoadBalancer IPs,
-//! NodePorts and health-check ports; type changes; deletions) go through
-//! `Translator::update`, and after every step its state must equal
-//! `translate_with` on the same objects, and its `Delta` must name exactly
-//! what differs from the step before.
+//! Random sequences of cluster changes for the incremental-translation
+//! property tests: Services of every type, slices, Nodes and node addresses
+//! drawn from small pools, so ClusterIPs, externalIPs, LoadBalancer IPs,
+//! nodePorts and health-check ports collide often.
 
 use std::{net::IpAddr, sync::Arc};
 
-use lb_agent::model::{
-    Change, ChangeTracker, DesiredState, NodeConfig, ObjectKey, Translator, translate_with,
-};
+use lb_agent::model::{Change, NodeConfig, ObjectKey};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-const SERVICES: usize = 5;
-const SLICES: usize = 6;
+pub const SERVICES: usize = 5;
+pub const SLICES: usize = 6;
 
 #[derive(Clone, Debug)]
-struct ServiceSpec {
+pub struct ServiceSpec {
     kind: usize,
     cluster_ip: usize,
     dual: bool,
@@ -36,14 +31,14 @@ struct ServiceSpec {
 }
 
 #[derive(Clone, Debug)]
-struct SliceSpec {
+pub struct SliceSpec {
     service: usize,
     v6: bool,
     endpoints: Vec<(usize, bool, bool, bool, bool)>,
 }
 
 #[derive(Clone, Debug)]
-enum Op {
+pub enum Op {
     Service(usize, ServiceSpec),
     DeleteService(usize),
     Slice(usize, SliceSpec),
@@ -111,7 +106,7 @@ fn slice_spec() -> impl Strategy<Value = SliceSpec> {
         })
 }
 
-fn op() -> impl Strategy<Value = Op> {
+pub fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (0usize..SERVICES, service_spec()).prop_map(|(i, s)| Op::Service(i, s)),
         2 => (0usize..SERVICES).prop_map(Op::DeleteService),
@@ -219,7 +214,7 @@ fn node_object(zone: Option<usize>) -> Value {
     }
 }
 
-fn node_config(variant: usize) -> NodeConfig {
+pub fn node_config(variant: usize) -> NodeConfig {
     let addresses: Vec<IpAddr> = match variant {
         0 => vec!["172.16.0.1".parse().unwrap()],
         1 => vec![
@@ -243,7 +238,7 @@ fn node_config(variant: usize) -> NodeConfig {
     }
 }
 
-fn change(op: &Op) -> Option<Change> {
+pub fn change(op: &Op) -> Option<Change> {
     let key = |kind: &str, i: usize| ObjectKey::new("ns", format!("{kind}-{i}"));
     Some(match op {
         Op::Service(i, s) => Change::Service(
@@ -262,98 +257,4 @@ fn change(op: &Op) -> Option<Change> {
         ),
         Op::NodeAddresses(_) => return None,
     })
-}
-
-/// The delta names every difference between two desired states, and only those.
-fn check_delta(before: &DesiredState, after: &DesiredState, delta: &lb_agent::model::Delta) {
-    for (fk, old) in &delta.frontends {
-        assert_eq!(
-            before.frontends.get(fk),
-            old.as_ref(),
-            "{fk}: wrong prior value"
-        );
-        assert_ne!(
-            after.frontends.get(fk),
-            old.as_ref(),
-            "{fk}: named but unchanged"
-        );
-    }
-    let keys: std::collections::BTreeSet<_> = before
-        .frontends
-        .keys()
-        .chain(after.frontends.keys())
-        .collect();
-    for fk in keys {
-        if before.frontends.get(fk) != after.frontends.get(fk) {
-            assert!(
-                delta.frontends.contains_key(fk),
-                "{fk} changed but is not in the delta"
-            );
-        }
-    }
-    let addrs: std::collections::BTreeSet<_> = before
-        .addresses
-        .keys()
-        .chain(after.addresses.keys())
-        .collect();
-    for a in addrs {
-        if before.addresses.get(a) != after.addresses.get(a) {
-            assert!(
-                delta.addresses.contains(a),
-                "address {a:?} changed but is not in the delta"
-            );
-        }
-    }
-    let ranges: std::collections::BTreeSet<_> = before
-        .source_ranges
-        .keys()
-        .chain(after.source_ranges.keys())
-        .collect();
-    for ip in ranges {
-        if before.source_ranges.get(ip) != after.source_ranges.get(ip) {
-            assert!(
-                delta.source_ranges.contains(ip),
-                "source ranges of {ip} not in the delta"
-            );
-        }
-    }
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
-
-    #[test]
-    fn incremental_translation_equals_translation_from_scratch(
-        ops in prop::collection::vec(op(), 1..40)
-    ) {
-        let mut tracker = ChangeTracker::default();
-        let mut node = node_config(0);
-        let mut translator = Translator::new(node.clone());
-        let mut owners = lb_agent::model::Owners::new();
-        for (step, op) in ops.iter().enumerate() {
-            match change(op) {
-                Some(c) => tracker.apply(c),
-                None => if let Op::NodeAddresses(v) = op { node = node_config(*v) },
-            }
-            let before = translator.desired().clone();
-            let old_problems = translator.problems();
-            let dirty = tracker.take_dirty();
-            let delta = translator.update(&tracker, &node, &dirty);
-            let scratch = translate_with(tracker.state(), &node, &owners);
-            let got = translator.translation();
-            prop_assert_eq!(&got.desired, &scratch.desired, "step {}: {:?}", step, op);
-            prop_assert_eq!(&got.problems, &scratch.problems, "step {}: {:?}", step, op);
-            prop_assert_eq!(&got.ip_owners, &scratch.ip_owners, "step {}: {:?}", step, op);
-            prop_assert_eq!(&got.owners, &scratch.owners, "step {}: {:?}", step, op);
-            prop_assert_eq!(&got.no_local_endpoints, &scratch.no_local_endpoints, "step {}", step);
-            check_delta(&before, &got.desired, &delta);
-            for p in &delta.new_problems {
-                prop_assert!(!old_problems.contains(p) && got.problems.contains(p));
-            }
-            for p in &delta.resolved_problems {
-                prop_assert!(old_problems.contains(p) && !got.problems.contains(p));
-            }
-            owners = scratch.owners;
-        }
-    }
 }
