@@ -111,18 +111,23 @@ pub struct TriggerTimes {
 }
 
 impl TriggerTimes {
-    /// Seconds from each new trigger time to `now` (negative clock skew
-    /// dropped), remembering the slices' current trigger times.
-    pub fn programmed(&mut self, state: &ClusterState, now: SystemTime) -> Vec<f64> {
+    /// Seconds from each new trigger time of the `changed` slices to `now`
+    /// (negative clock skew dropped), remembering their current trigger
+    /// times; the first call only learns them.
+    pub fn programmed<'a>(
+        &mut self,
+        state: &ClusterState,
+        changed: impl IntoIterator<Item = &'a ObjectKey>,
+        now: SystemTime,
+    ) -> Vec<f64> {
         let mut latencies = Vec::new();
-        let mut seen = BTreeMap::new();
-        for (key, slice) in &state.endpoint_slices {
-            let Some(trigger) = slice
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(TRIGGER_TIME))
-            else {
+        for key in changed {
+            let trigger = state
+                .endpoint_slices
+                .get(key)
+                .and_then(|slice| slice.metadata.annotations.as_ref()?.get(TRIGGER_TIME));
+            let Some(trigger) = trigger else {
+                self.seen.remove(key);
                 continue;
             };
             if self.primed && self.seen.get(key) != Some(trigger) {
@@ -135,9 +140,8 @@ impl TriggerTimes {
                     }
                 }
             }
-            seen.insert(key.clone(), trigger.clone());
+            self.seen.insert(key.clone(), trigger.clone());
         }
-        self.seen = seen;
         self.primed = true;
         latencies
     }
@@ -361,19 +365,24 @@ mod tests {
             .endpoint_slices
             .extend([slice("a", Some("2023-11-14T22:13:20Z")), slice("b", None)]);
         let mut times = TriggerTimes::default();
+        let all: Vec<ObjectKey> = state.endpoint_slices.keys().cloned().collect();
         // The first sync learns what it starts from.
-        assert_eq!(times.programmed(&state, now), Vec::<f64>::new());
-        assert_eq!(times.programmed(&state, now), Vec::<f64>::new());
+        assert_eq!(times.programmed(&state, &all, now), Vec::<f64>::new());
+        assert_eq!(times.programmed(&state, &all, now), Vec::<f64>::new());
         // a changes (triggered 4 s before now), c appears (10 s before).
         state.endpoint_slices.extend([
             slice("a", Some("2023-11-14T22:13:26Z")),
             slice("c", Some("2023-11-14T22:13:20.000Z")),
         ]);
-        let mut got = times.programmed(&state, now);
+        let changed = [
+            ObjectKey::new("default", "a"),
+            ObjectKey::new("default", "c"),
+        ];
+        let mut got = times.programmed(&state, &changed, now);
         got.sort_by(f64::total_cmp);
         assert_eq!(got, vec![4.0, 10.0]);
-        // Measured once.
-        assert_eq!(times.programmed(&state, now), Vec::<f64>::new());
+        // Measured once, even if named again.
+        assert_eq!(times.programmed(&state, &changed, now), Vec::<f64>::new());
     }
 
     #[test]

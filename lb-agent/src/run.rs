@@ -1,11 +1,15 @@
-//! `lb-agent run`: the loop that moves data one way, source -> ClusterState
-//! -> translate -> DesiredState -> sync -> maps, keeps the program attached
-//! to pod devices as they come and go, and serves health and metrics.
+//! `lb-agent run`. Data moves one way, and each step is its own type:
+//! the source (API watchers or the manifests directory) reports object
+//! changes -> the `Reconciler`'s change tracker -> incremental translation
+//! -> a delta -> incremental sync -> maps. The device watcher (its own
+//! thread) keeps programs attached as devices come and go and reports the
+//! node's addresses; the health, metrics and health-check servers are their
+//! own tasks.
 
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result};
@@ -14,7 +18,10 @@ use lb_common::{
     Addr, ConfigValue, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, LAYOUT_VERSION, config_flags,
     stat,
 };
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -31,11 +38,12 @@ use crate::{
     health::{DEFAULT_HEALTH_TIMEOUT, Health},
     healthcheck::HealthCheckServers,
     metrics::Metrics,
-    model::{ClusterState, DesiredState, NodeConfig, Problem, translate_with},
+    metrics::TriggerTimes,
+    model::{Change, ChangeTracker, NodeConfig, Problem, Translator},
     source::{kube::KubeSource, manifests::ManifestDir, watch::DirWatch},
 };
 
-/// How often the directory (besides inotify) and the device list are looked at.
+/// How often the directory (besides inotify) and the devices are looked at.
 const POLL: Duration = Duration::from_millis(200);
 /// A sync that failed partly (a full map) is retried on this schedule.
 const RETRY: Duration = Duration::from_secs(5);
@@ -50,13 +58,63 @@ struct AgentCounters {
 
 enum Source {
     Manifests {
-        dir: ManifestDir,
+        dir: Box<ManifestDir>,
         watch: Option<DirWatch>,
     },
     Kube(KubeSource),
 }
 
+/// What a source reports since it was last asked.
+#[derive(Default)]
+struct SourceChanges {
+    changes: Vec<Change>,
+    /// The source's own problems (duplicate definitions); None: unchanged.
+    problems: Option<Vec<Problem>>,
+    /// When the oldest change arrived, when the source knows.
+    since: Option<Instant>,
+}
+
 impl Source {
+    fn changes(&mut self, counters: &mut AgentCounters) -> Result<SourceChanges> {
+        match self {
+            Source::Manifests { dir, .. } => {
+                let poll = dir.poll().context("reading the manifests directory")?;
+                for err in &poll.new_errors {
+                    counters.bad_files += 1;
+                    error!(file = %err.path.display(), reason = %err.reason, "manifest file rejected; its last good content stays in force");
+                }
+                if !poll.changed {
+                    return Ok(SourceChanges::default());
+                }
+                let (changes, problems) = dir.changes();
+                Ok(SourceChanges {
+                    changes,
+                    problems: Some(problems),
+                    since: Some(Instant::now()),
+                })
+            }
+            Source::Kube(k) => {
+                if !k.ready() {
+                    return Ok(SourceChanges::default());
+                }
+                let (changes, since) = k.take_changes();
+                Ok(SourceChanges {
+                    changes,
+                    problems: None,
+                    since,
+                })
+            }
+        }
+    }
+
+    /// Everything listed at least once: nothing is synced before.
+    fn ready(&self) -> bool {
+        match self {
+            Source::Manifests { .. } => true,
+            Source::Kube(k) => k.ready(),
+        }
+    }
+
     /// Wait until the source may have changed (or forever, if it cannot say).
     async fn changed(&self) {
         match self {
@@ -186,6 +244,50 @@ fn node_addresses(config: &RunConfig) -> (Vec<IpAddr>, SnatAddresses) {
     (nodeport, snat)
 }
 
+/// What the node's devices say about the node: NodePort addresses, SNAT
+/// addresses and every address it has.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct NodeView {
+    nodeport: Vec<IpAddr>,
+    snat: SnatAddresses,
+    host: BTreeSet<IpAddr>,
+}
+
+fn node_view(config: &RunConfig) -> NodeView {
+    let (nodeport, snat) = node_addresses(config);
+    NodeView {
+        nodeport,
+        snat,
+        host: host_addresses(),
+    }
+}
+
+/// The device watcher: on its own thread (verifying a program for a new
+/// device takes seconds, which must not hold up a sync), attach programs
+/// to devices as they come and go, and report the node's addresses.
+fn spawn_device_watcher(
+    mut datapath: Datapath,
+    config: RunConfig,
+    view: watch::Sender<NodeView>,
+) -> Result<()> {
+    std::thread::Builder::new()
+        .name("devices".into())
+        .spawn(move || {
+            while !view.is_closed() {
+                datapath.attach_matching(&config.pod_devices, &config.devices, config.device_mode);
+                let now = node_view(&config);
+                view.send_if_modified(|current| {
+                    let changed = *current != now;
+                    *current = now;
+                    changed
+                });
+                std::thread::sleep(POLL);
+            }
+        })
+        .context("starting the device watcher thread")?;
+    Ok(())
+}
+
 /// Every address of the namespace's devices (endpoints there are hostNetwork pods).
 fn host_addresses() -> BTreeSet<IpAddr> {
     let names: Vec<String> = interfaces().into_iter().map(|(_, name)| name).collect();
@@ -207,13 +309,208 @@ fn report_snat_addresses(snat: SnatAddresses) {
     }
 }
 
+/// Source changes in, maps out: the change tracker, the incremental
+/// translation and the sync, with what a sync reports (logs, metrics,
+/// health, health-check servers, UDP sockets of departed backends).
+struct Reconciler {
+    config: RunConfig,
+    node: NodeConfig,
+    snat: SnatAddresses,
+    netns_cookie: u64,
+    tracker: ChangeTracker,
+    translator: Translator,
+    syncer: Syncer,
+    metrics: Metrics,
+    health_checks: HealthCheckServers,
+    counters: AgentCounters,
+    trigger_times: TriggerTimes,
+    /// The source's own problems (duplicate definitions) last reported.
+    source_problems: BTreeSet<Problem>,
+    /// Slices changed since the last sync (programming latency).
+    changed_slices: BTreeSet<crate::model::ObjectKey>,
+    /// A sync failed (or none ran yet): the next one compares everything.
+    full_sync: bool,
+    endpoints_programmed: i64,
+}
+
+/// What one reconcile did.
+struct Outcome {
+    /// Something failed: retry later.
+    failed: bool,
+}
+
+impl Reconciler {
+    fn apply(&mut self, changes: Vec<Change>) {
+        for change in changes {
+            if let Change::EndpointSlice(key, _) = &change {
+                self.changed_slices.insert(key.clone());
+            }
+            self.tracker.apply(change);
+        }
+    }
+
+    fn source_problems(&mut self, problems: Vec<Problem>) {
+        let current: BTreeSet<Problem> = problems.into_iter().collect();
+        for p in current.difference(&self.source_problems) {
+            self.counters.invalid_objects += 1;
+            warn!(object = %p.object, reason = %p.reason, "object not used");
+        }
+        for p in self.source_problems.difference(&current) {
+            info!(object = %p.object, "object problem resolved");
+        }
+        self.source_problems = current;
+    }
+
+    /// A new view of the node's devices: addresses for NodePorts, SNAT and
+    /// hostNetwork endpoints, and the datapath's settings.
+    fn node_changed(&mut self, view: &NodeView) {
+        if view.nodeport == self.node.nodeport_addresses
+            && view.snat == self.snat
+            && view.host == self.node.host_addresses
+        {
+            return;
+        }
+        info!(nodeport_addresses = ?view.nodeport, snat_addresses = ?view.snat, "node device addresses changed");
+        if view.snat != self.snat {
+            report_snat_addresses(view.snat);
+        }
+        self.node.nodeport_addresses = view.nodeport.clone();
+        self.node.node_ips = view.snat.addresses();
+        self.node.host_addresses = view.host.clone();
+        self.snat = view.snat;
+        let value = datapath_config(&self.config, &self.node, self.snat, self.netns_cookie);
+        if let Err(e) = self.syncer.maps_mut().config.set(0, value, 0) {
+            warn!(error = %e, "writing the datapath config failed");
+        }
+    }
+
+    /// Translate what changed and write it.
+    fn reconcile(&mut self, started: Instant, assembled: Duration) -> Outcome {
+        let dirty = self.tracker.take_dirty();
+        let delta = self.translator.update(&self.tracker, &self.node, &dirty);
+        let translated = started.elapsed();
+        for p in &delta.new_problems {
+            self.counters.invalid_objects += 1;
+            warn!(object = %p.object, reason = %p.reason, "object not used");
+        }
+        for p in &delta.resolved_problems {
+            info!(object = %p.object, "object problem resolved");
+        }
+        let desired = self.translator.desired();
+        if delta.health_checks {
+            self.health_checks.update(&desired.health_checks);
+        }
+        for (fk, before) in &delta.frontends {
+            self.endpoints_programmed -= before.as_ref().map_or(0, |f| f.backends.len() as i64);
+            self.endpoints_programmed += desired
+                .frontends
+                .get(fk)
+                .map_or(0, |f| f.backends.len() as i64);
+        }
+        if !self.full_sync && delta.is_empty() {
+            return Outcome { failed: false };
+        }
+        let full = self.full_sync;
+        let report = if full {
+            self.syncer.sync(desired)
+        } else {
+            let frontends = delta.frontends.keys().copied().collect();
+            self.syncer
+                .sync_changes(desired, &frontends, &delta.addresses, &delta.source_ranges)
+        };
+        for e in &report.errors {
+            if e.full {
+                self.counters.map_full += 1;
+            }
+            self.metrics.sync_errors.inc();
+            error!(object = %e.object, reason = %e.reason, "could not program");
+        }
+        let elapsed = started.elapsed();
+        let metrics = &self.metrics;
+        metrics.sync_duration.observe(elapsed.as_secs_f64());
+        if report.errors.is_empty() {
+            metrics
+                .kube_proxy
+                .synced(elapsed.as_secs_f64(), &self.translator.no_local_endpoints());
+        } else {
+            metrics
+                .kube_proxy
+                .sync_duration
+                .observe(elapsed.as_secs_f64());
+        }
+        metrics
+            .services_programmed
+            .set(desired.frontends.len() as i64);
+        metrics.endpoints_programmed.set(self.endpoints_programmed);
+        info!(
+            frontends = desired.frontends.len(),
+            changed = delta.frontends.len(),
+            full,
+            written = report.frontends_written,
+            removed = report.frontends_removed,
+            backends_written = report.backends_written,
+            backends_removed = report.backends_removed,
+            elapsed_ms = elapsed.as_secs_f64() * 1e3,
+            assemble_ms = assembled.as_secs_f64() * 1e3,
+            translate_ms = (translated - assembled).as_secs_f64() * 1e3,
+            "synced"
+        );
+        if let Some(socket_lb) = &self.config.socket_lb
+            && !full
+        {
+            let before = delta
+                .frontends
+                .iter()
+                .filter_map(|(fk, f)| Some((fk, f.as_ref()?)));
+            let departed = sockets::departed_udp_backends(before, desired);
+            match sockets::close_departed(
+                &departed,
+                &mut self.syncer.maps_mut().sock_nat,
+                socket_lb.all_namespaces,
+            ) {
+                Ok(0) => {}
+                Ok(closed) => info!(
+                    closed,
+                    "closed connected UDP sockets whose Service backend went away; their owners reconnect"
+                ),
+                Err(e) => warn!(error = %e, "closing UDP sockets of departed backends failed"),
+            }
+        }
+        self.full_sync = !report.errors.is_empty();
+        let changed_slices = std::mem::take(&mut self.changed_slices);
+        for latency in
+            self.trigger_times
+                .programmed(self.tracker.state(), &changed_slices, SystemTime::now())
+        {
+            metrics.kube_proxy.network_programming.observe(latency);
+        }
+        Outcome {
+            failed: !report.errors.is_empty(),
+        }
+    }
+
+    /// Mirror the agent's counters into LB_STATS for `dump stats`.
+    fn publish_counters(&mut self) {
+        let maps = self.syncer.maps_mut();
+        for (index, value) in [
+            (stat::AGENT_MAP_FULL, self.counters.map_full),
+            (stat::AGENT_INVALID_OBJECTS, self.counters.invalid_objects),
+            (stat::AGENT_BAD_FILES, self.counters.bad_files),
+        ] {
+            if let Err(e) = maps.set_agent_stat(index, value) {
+                warn!(error = %e, "updating agent counters failed");
+            }
+        }
+    }
+}
+
 pub async fn run(config: RunConfig) -> Result<()> {
     let mut node = config.node.clone();
-    let (nodeport_addresses, mut snat_addr) = node_addresses(&config);
-    node.nodeport_addresses = nodeport_addresses;
-    node.node_ips = snat_addr.addresses();
-    node.host_addresses = host_addresses();
-    report_snat_addresses(snat_addr);
+    let view = node_view(&config);
+    node.nodeport_addresses = view.nodeport.clone();
+    node.node_ips = view.snat.addresses();
+    node.host_addresses = view.host.clone();
+    report_snat_addresses(view.snat);
     if let Some(mode) = global_rp_filter() {
         warn!(rp_filter = %mode, "net.ipv4.conf.all.rp_filter is on: packets lb hands the stack on pod devices with a node address as source (masqueraded flows, NodePort answers) are dropped unless the fast path redirects them; set it to 0, as Cilium does");
     }
@@ -225,7 +522,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         )?,
         None => 0,
     };
-    let node_config = datapath_config(&config, &node, snat_addr, netns_cookie);
+    let node_config = datapath_config(&config, &node, view.snat, netns_cookie);
     let defaults = Capacities::default();
     let capacities = Capacities {
         services: config.lb_map_max.unwrap_or(defaults.services),
@@ -252,7 +549,9 @@ pub async fn run(config: RunConfig) -> Result<()> {
         }
         None => datapath.detach_sockets(),
     }
-    let mut syncer = Syncer::new(maps).context("reading the pinned maps")?;
+    // Programs on the devices there are now, before anything is synced.
+    datapath.attach_matching(&config.pod_devices, &config.devices, config.device_mode);
+    let syncer = Syncer::new(maps).context("reading the pinned maps")?;
     let mut counters = AgentCounters::default();
     if let Ok(stats) = syncer.maps().read_stats() {
         // Continue the agent counters across restarts.
@@ -270,7 +569,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         serve("metrics", addr, metrics.router()).await?;
     }
 
-    let source = match &config.source {
+    let mut source = match &config.source {
         SourceConfig::Manifests(dir) => {
             let watch = match DirWatch::new(dir) {
                 Ok(w) => Some(w),
@@ -280,7 +579,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
                 }
             };
             Source::Manifests {
-                dir: ManifestDir::new(dir),
+                dir: Box::new(ManifestDir::new(dir)),
                 watch,
             }
         }
@@ -293,7 +592,6 @@ pub async fn run(config: RunConfig) -> Result<()> {
             Source::Kube(KubeSource::start(client, &config.node.node_name))
         }
     };
-    let mut source = source;
     info!(
         source = ?config.source,
         node = %config.node.node_name,
@@ -301,224 +599,117 @@ pub async fn run(config: RunConfig) -> Result<()> {
         pod_devices = ?config.pod_devices,
         devices = ?config.devices,
         nodeport_addresses = ?node.nodeport_addresses,
-        snat_addresses = ?snat_addr,
+        snat_addresses = ?view.snat,
         min_sync_period = ?config.min_sync_period,
         "lb-agent running"
     );
 
-    let mut reported: BTreeSet<Problem> = BTreeSet::new();
-    let mut last_desired: Option<DesiredState> = None;
-    let mut ip_owners = std::collections::BTreeMap::new();
+    let (view_tx, mut view_rx) = watch::channel(view.clone());
+    spawn_device_watcher(datapath, config.clone(), view_tx)?;
+    let mut reconciler = Reconciler {
+        translator: Translator::new(node.clone()),
+        node,
+        snat: view.snat,
+        netns_cookie,
+        tracker: ChangeTracker::default(),
+        syncer,
+        metrics: metrics.clone(),
+        health_checks: HealthCheckServers::new(None),
+        counters,
+        trigger_times: TriggerTimes::default(),
+        source_problems: BTreeSet::new(),
+        changed_slices: BTreeSet::new(),
+        full_sync: true,
+        endpoints_programmed: 0,
+        config,
+    };
+    let min_sync_period = reconciler.config.min_sync_period;
+
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut tick = tokio::time::interval(POLL);
     let mut first = true;
     let mut retry_at: Option<Instant> = None;
-    // A change is waiting for the min sync period to pass.
+    // Changes are waiting (for the min sync period to pass, or the source to be ready).
     let mut dirty = false;
     // Oldest change not yet programmed (for health and programming latency).
     let mut pending_since: Option<Instant> = None;
-    // EndpointSlice trigger times already measured (kube-proxy's network
-    // programming latency).
-    let mut trigger_times = crate::metrics::TriggerTimes::default();
     let mut last_sync: Option<Instant> = None;
-    let mut health_checks = HealthCheckServers::new(None);
 
     loop {
-        let next_allowed = last_sync.map_or_else(Instant::now, |t| t + config.min_sync_period);
+        let next_allowed = last_sync.map_or_else(Instant::now, |t| t + min_sync_period);
         tokio::select! {
             _ = tick.tick() => {}
             _ = source.changed() => {}
+            _ = view_rx.changed() => {}
             _ = tokio::time::sleep_until(next_allowed.into()), if dirty => {}
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
-        datapath.attach_matching(&config.pod_devices, &config.devices, config.device_mode);
-        {
-            let (nodeport_addresses, snat) = node_addresses(&config);
-            let host = host_addresses();
-            if nodeport_addresses != node.nodeport_addresses
-                || snat != snat_addr
-                || host != node.host_addresses
-            {
-                info!(?nodeport_addresses, snat_addresses = ?snat, "node device addresses changed");
-                if snat != snat_addr {
-                    report_snat_addresses(snat);
-                }
-                node.nodeport_addresses = nodeport_addresses;
-                node.node_ips = snat.addresses();
-                node.host_addresses = host;
-                snat_addr = snat;
-                let value = datapath_config(&config, &node, snat_addr, netns_cookie);
-                if let Err(e) = syncer.maps_mut().config.set(0, value, 0) {
-                    warn!(error = %e, "writing the datapath config failed");
-                }
-                pending_since.get_or_insert_with(Instant::now);
-                dirty = true;
+        let started = Instant::now();
+        if view_rx.has_changed().unwrap_or(false) {
+            let view = view_rx.borrow_and_update().clone();
+            reconciler.node_changed(&view);
+            pending_since.get_or_insert(started);
+            dirty = true;
+        }
+        if let Source::Kube(k) = &source {
+            for (kind, n) in k.watch_stats().restarts {
+                reconciler.metrics.set_watch_restarts(kind, n);
             }
         }
 
-        // Note what changed, without syncing yet.
-        match &mut source {
-            Source::Manifests { dir, .. } => match dir.poll() {
-                Ok(poll) => {
-                    for err in &poll.new_errors {
-                        counters.bad_files += 1;
-                        error!(file = %err.path.display(), reason = %err.reason, "manifest file rejected; its last good content stays in force");
-                    }
-                    if poll.changed || first {
-                        pending_since.get_or_insert_with(Instant::now);
-                        dirty = true;
-                    }
-                }
-                Err(e) => {
-                    if first {
-                        return Err(e).context("reading the manifests directory");
-                    }
-                    // The last programmed state stays in force.
-                    warn!(error = %e, "manifests directory unreadable; keeping the programmed state");
-                }
-            },
-            Source::Kube(k) => {
-                for (kind, n) in k.watch_stats().restarts {
-                    metrics.set_watch_restarts(kind, n);
-                }
-                if !k.ready() {
-                    continue;
-                }
-                if dirty || first || k.has_pending() {
+        // Take what changed, without syncing yet.
+        match source.changes(&mut reconciler.counters) {
+            Ok(SourceChanges {
+                changes,
+                problems,
+                since,
+            }) => {
+                if !changes.is_empty() {
                     dirty = true;
                 }
+                if let Some(since) = since {
+                    pending_since = Some(pending_since.map_or(since, |p| p.min(since)));
+                }
+                reconciler.apply(changes);
+                if let Some(problems) = problems {
+                    reconciler.source_problems(problems);
+                }
             }
+            Err(e) if first => return Err(e),
+            // The last programmed state stays in force.
+            Err(e) => warn!(error = %e, "source unreadable; keeping the programmed state"),
+        }
+        if !source.ready() {
+            continue;
         }
         if let Some(t) = pending_since {
             health.queued(t);
         }
         let retry_due = retry_at.is_some_and(|t| Instant::now() >= t);
-        if !(dirty || retry_due) {
+        if !(dirty || retry_due || first) {
             continue;
         }
-        if last_sync.is_some_and(|t| t.elapsed() < config.min_sync_period) && !retry_due {
+        if last_sync.is_some_and(|t| t.elapsed() < min_sync_period) && !retry_due {
             // Coalesce: the sleep_until branch wakes us when the period is over.
             continue;
         }
         dirty = false;
         first = false;
-        let started = Instant::now();
-        let (state, mut problems): (ClusterState, Vec<Problem>) = match &mut source {
-            Source::Manifests { dir, .. } => dir.cluster_state(),
-            Source::Kube(k) => {
-                let (state, since) = k.take_snapshot();
-                if let Some(since) = since {
-                    pending_since = Some(pending_since.map_or(since, |p| p.min(since)));
-                }
-                (state, Vec::new())
-            }
-        };
-        let assembled = started.elapsed();
-        let translation = translate_with(&state, &node, &ip_owners);
-        ip_owners = translation.owners.clone();
-        let translated = started.elapsed();
-        problems.extend(translation.problems);
-        let current: BTreeSet<Problem> = problems.into_iter().collect();
-        for p in current.difference(&reported) {
-            counters.invalid_objects += 1;
-            warn!(object = %p.object, reason = %p.reason, "object not used");
-        }
-        for p in reported.difference(&current) {
-            info!(object = %p.object, "object problem resolved");
-        }
-        reported = current;
-
-        health_checks.update(&translation.desired.health_checks);
-        if last_desired.as_ref() != Some(&translation.desired) || retry_due {
-            let report = syncer.sync(&translation.desired);
-            for e in &report.errors {
-                if e.full {
-                    counters.map_full += 1;
-                }
-                metrics.sync_errors.inc();
-                error!(object = %e.object, reason = %e.reason, "could not program");
-            }
-            let elapsed = started.elapsed();
-            metrics.sync_duration.observe(elapsed.as_secs_f64());
-            if report.errors.is_empty() {
-                metrics
-                    .kube_proxy
-                    .synced(elapsed.as_secs_f64(), &translation.no_local_endpoints);
-            } else {
-                metrics
-                    .kube_proxy
-                    .sync_duration
-                    .observe(elapsed.as_secs_f64());
-            }
-            metrics
-                .services_programmed
-                .set(translation.desired.frontends.len() as i64);
-            metrics.endpoints_programmed.set(
-                translation
-                    .desired
-                    .frontends
-                    .values()
-                    .map(|f| f.backends.len() as i64)
-                    .sum(),
-            );
-            info!(
-                frontends = translation.desired.frontends.len(),
-                written = report.frontends_written,
-                removed = report.frontends_removed,
-                backends_written = report.backends_written,
-                backends_removed = report.backends_removed,
-                elapsed_ms = elapsed.as_secs_f64() * 1e3,
-                assemble_ms = assembled.as_secs_f64() * 1e3,
-                translate_ms = (translated - assembled).as_secs_f64() * 1e3,
-                "synced"
-            );
-            if let (Some(socket_lb), Some(before)) = (&config.socket_lb, &last_desired) {
-                let departed = sockets::departed_udp_backends(before, &translation.desired);
-                match sockets::close_departed(
-                    &departed,
-                    &mut syncer.maps_mut().sock_nat,
-                    socket_lb.all_namespaces,
-                ) {
-                    Ok(0) => {}
-                    Ok(closed) => info!(
-                        closed,
-                        "closed connected UDP sockets whose Service backend went away; their owners reconnect"
-                    ),
-                    Err(e) => warn!(error = %e, "closing UDP sockets of departed backends failed"),
-                }
-            }
-            if report.errors.is_empty() {
-                retry_at = None;
-                last_desired = Some(translation.desired);
-            } else {
-                retry_at = Some(Instant::now() + RETRY);
-                last_desired = None;
-            }
-        }
+        let outcome = reconciler.reconcile(started, started.elapsed());
+        retry_at = outcome.failed.then(|| Instant::now() + RETRY);
         last_sync = Some(Instant::now());
-        for latency in trigger_times.programmed(&state, std::time::SystemTime::now()) {
-            metrics.kube_proxy.network_programming.observe(latency);
-        }
         if let Some(t) = pending_since.take() {
-            metrics
+            reconciler
+                .metrics
                 .network_programming
                 .observe(t.elapsed().as_secs_f64());
         }
         if retry_at.is_none() {
             health.updated();
         }
-        let maps = syncer.maps_mut();
-        for (index, value) in [
-            (stat::AGENT_MAP_FULL, counters.map_full),
-            (stat::AGENT_INVALID_OBJECTS, counters.invalid_objects),
-            (stat::AGENT_BAD_FILES, counters.bad_files),
-        ] {
-            if let Err(e) = maps.set_agent_stat(index, value) {
-                warn!(error = %e, "updating agent counters failed");
-            }
-        }
+        reconciler.publish_counters();
     }
     info!("stopping; maps and links stay pinned, traffic keeps flowing");
     Ok(())

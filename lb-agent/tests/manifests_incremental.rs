@@ -20,7 +20,7 @@ fn object(i: usize, variant: usize) -> String {
         0 => format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{n}, namespace: ns}}\nspec:\n  clusterIP: 10.96.0.{}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n{}",
             n + 1,
-            if variant % 2 == 0 {
+            if variant.is_multiple_of(2) {
                 "  selector: {app: a}\n"
             } else {
                 ""
@@ -40,7 +40,11 @@ fn object(i: usize, variant: usize) -> String {
             variant % 2,
             n + 1,
             n + 1,
-            if variant % 2 == 0 { "True" } else { "False" }
+            if variant.is_multiple_of(2) {
+                "True"
+            } else {
+                "False"
+            }
         ),
         _ => format!(
             "apiVersion: v1\nkind: Node\nmetadata: {{name: node-{n}, labels: {{topology.kubernetes.io/zone: z{}}}}}\n",

@@ -21,7 +21,7 @@ use lb_common::{Addr, IPPROTO_UDP, SOCK_DIR_FORWARD, SOCK_DIR_REVERSE, SockNatKe
 use tracing::{debug, warn};
 
 use super::maps::SockNatMap;
-use crate::model::desired::{DesiredState, Protocol, Scope};
+use crate::model::desired::{DesiredState, Frontend, FrontendKey, Protocol, Scope};
 
 /// A backend one frontend no longer sends new flows to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -33,9 +33,13 @@ pub struct Departed {
 /// UDP backends of in-cluster frontends (the ones socket-level LB serves)
 /// that were selectable in `before` and are not in `after`: removed,
 /// terminating, or their frontend gone.
-pub fn departed_udp_backends(before: &DesiredState, after: &DesiredState) -> BTreeSet<Departed> {
+/// `before` need only hold the frontends that changed.
+pub fn departed_udp_backends<'a>(
+    before: impl IntoIterator<Item = (&'a FrontendKey, &'a Frontend)>,
+    after: &DesiredState,
+) -> BTreeSet<Departed> {
     let mut gone = BTreeSet::new();
-    for (key, frontend) in &before.frontends {
+    for (key, frontend) in before {
         if key.proto != Protocol::Udp || key.scope != Scope::Internal {
             continue;
         }
@@ -498,7 +502,9 @@ mod tests {
             ),
         ];
         for (name, before, after, want) in cases {
-            let got: Vec<Departed> = departed_udp_backends(&before, &after).into_iter().collect();
+            let got: Vec<Departed> = departed_udp_backends(&before.frontends, &after)
+                .into_iter()
+                .collect();
             assert_eq!(got, want, "{name}");
         }
     }

@@ -26,7 +26,7 @@ use thiserror::Error;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::model::{ClusterState, ObjectKey};
+use crate::model::{Change, ObjectKey};
 
 /// What the agent reads from the API: (API group, resource, verbs). The
 /// ClusterRole in deploy/ grants exactly this (a test checks it).
@@ -146,6 +146,8 @@ struct Tables {
     services: Table<Service>,
     slices: Table<EndpointSlice>,
     nodes: Table<Node>,
+    /// Object changes not yet handed to the change tracker.
+    changes: Vec<Change>,
     /// When the oldest change not yet handed to a sync arrived.
     pending_since: Option<Instant>,
 }
@@ -179,12 +181,16 @@ trait Watched:
 {
     const KIND: &'static str;
     fn table(t: &mut Tables) -> &mut Table<Self>;
+    fn change(key: ObjectKey, obj: Option<Arc<Self>>) -> Change;
 }
 
 impl Watched for Service {
     const KIND: &'static str = "services";
     fn table(t: &mut Tables) -> &mut Table<Self> {
         &mut t.services
+    }
+    fn change(key: ObjectKey, obj: Option<Arc<Self>>) -> Change {
+        Change::Service(key, obj)
     }
 }
 
@@ -193,12 +199,18 @@ impl Watched for EndpointSlice {
     fn table(t: &mut Tables) -> &mut Table<Self> {
         &mut t.slices
     }
+    fn change(key: ObjectKey, obj: Option<Arc<Self>>) -> Change {
+        Change::EndpointSlice(key, obj)
+    }
 }
 
 impl Watched for Node {
     const KIND: &'static str = "nodes";
     fn table(t: &mut Tables) -> &mut Table<Self> {
         &mut t.nodes
+    }
+    fn change(key: ObjectKey, obj: Option<Arc<Self>>) -> Change {
+        Change::Node(key.name, obj)
     }
 }
 
@@ -260,22 +272,43 @@ impl KubeSource {
 
     fn apply<K: Watched>(&self, event: watcher::Event<K>) {
         let event = event.modify(strip);
-        let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
-        let table = K::table(&mut tables);
+        let mut guard = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let tables = &mut *guard;
+        let mut changes = Vec::new();
+        let table = K::table(tables);
         let changed = match event {
             watcher::Event::Init => {
                 table.relist = Some(BTreeMap::new());
                 false
             }
             watcher::Event::InitApply(obj) => {
-                table
-                    .relist
-                    .get_or_insert_default()
-                    .insert(key_of(&obj), Arc::new(obj));
+                // An object the re-list finds unchanged (same resourceVersion)
+                // keeps the copy already held: no second copy of the cluster.
+                let key = key_of(&obj);
+                let kept = table.live.get(&key).filter(|old| {
+                    old.meta().resource_version.is_some()
+                        && old.meta().resource_version == obj.meta().resource_version
+                });
+                let obj = match kept {
+                    Some(old) => old.clone(),
+                    None => Arc::new(obj),
+                };
+                table.relist.get_or_insert_default().insert(key, obj);
                 false
             }
             watcher::Event::InitDone => {
-                table.live = table.relist.take().unwrap_or_default();
+                let relisted = table.relist.take().unwrap_or_default();
+                for (key, obj) in &relisted {
+                    if !table.live.get(key).is_some_and(|old| Arc::ptr_eq(old, obj)) {
+                        changes.push(K::change(key.clone(), Some(obj.clone())));
+                    }
+                }
+                for key in table.live.keys() {
+                    if !relisted.contains_key(key) {
+                        changes.push(K::change(key.clone(), None));
+                    }
+                }
+                table.live = relisted;
                 if !table.ready {
                     info!(
                         kind = K::KIND,
@@ -287,19 +320,26 @@ impl KubeSource {
                 true
             }
             watcher::Event::Apply(obj) => {
-                debug!(kind = K::KIND, object = %key_of(&obj), "applied");
-                table.live.insert(key_of(&obj), Arc::new(obj));
+                let key = key_of(&obj);
+                debug!(kind = K::KIND, object = %key, "applied");
+                let obj = Arc::new(obj);
+                table.live.insert(key.clone(), obj.clone());
+                changes.push(K::change(key, Some(obj)));
                 table.ready
             }
             watcher::Event::Delete(obj) => {
-                debug!(kind = K::KIND, object = %key_of(&obj), "deleted");
-                table.live.remove(&key_of(&obj));
+                let key = key_of(&obj);
+                debug!(kind = K::KIND, object = %key, "deleted");
+                if table.live.remove(&key).is_some() {
+                    changes.push(K::change(key, None));
+                }
                 table.ready
             }
         };
+        tables.changes.extend(changes);
         if changed {
             tables.pending_since.get_or_insert_with(Instant::now);
-            drop(tables);
+            drop(guard);
             self.changed.notify_one();
         }
     }
@@ -324,20 +364,10 @@ impl KubeSource {
         self.changed.notified().await
     }
 
-    /// The current objects, and when the oldest change in them arrived.
-    pub fn take_snapshot(&self) -> (ClusterState, Option<Instant>) {
+    /// The object changes since the last call, and when the oldest arrived.
+    pub fn take_changes(&self) -> (Vec<Change>, Option<Instant>) {
         let mut t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
-        let state = ClusterState {
-            services: t.services.live.clone(),
-            endpoint_slices: t.slices.live.clone(),
-            nodes: t
-                .nodes
-                .live
-                .iter()
-                .map(|(k, n)| (k.name.clone(), n.clone()))
-                .collect(),
-        };
-        (state, t.pending_since.take())
+        (std::mem::take(&mut t.changes), t.pending_since.take())
     }
 
     pub fn watch_stats(&self) -> WatchStats {

@@ -84,10 +84,13 @@ impl FileState {
         let mut repeats = BTreeMap::new();
         for (i, (key, object)) in objects.iter().enumerate() {
             let id = (object.kind(), key.clone());
-            if index.contains_key(&id) {
-                *repeats.entry(id).or_insert(0) += 1;
-            } else {
-                index.insert(id, i);
+            match index.entry(id) {
+                std::collections::btree_map::Entry::Occupied(e) => {
+                    *repeats.entry(e.key().clone()).or_insert(0) += 1;
+                }
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(i);
+                }
             }
         }
         FileState {
