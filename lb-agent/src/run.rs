@@ -49,7 +49,7 @@ const POLL: Duration = Duration::from_millis(200);
 const RETRY: Duration = Duration::from_secs(5);
 
 /// Agent-side counters mirrored into LB_STATS for `dump stats`.
-#[derive(Default)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
 struct AgentCounters {
     map_full: u64,
     invalid_objects: u64,
@@ -323,6 +323,8 @@ struct Reconciler {
     metrics: Metrics,
     health_checks: HealthCheckServers,
     counters: AgentCounters,
+    /// What LB_STATS holds of them.
+    published: Option<AgentCounters>,
     trigger_times: TriggerTimes,
     /// The source's own problems (duplicate definitions) last reported.
     source_problems: BTreeSet<Problem>,
@@ -489,8 +491,12 @@ impl Reconciler {
         }
     }
 
-    /// Mirror the agent's counters into LB_STATS for `dump stats`.
+    /// Mirror the agent's counters into LB_STATS for `dump stats`, when they moved.
     fn publish_counters(&mut self) {
+        if self.published == Some(self.counters) {
+            return;
+        }
+        self.published = Some(self.counters);
         let maps = self.syncer.maps_mut();
         for (index, value) in [
             (stat::AGENT_MAP_FULL, self.counters.map_full),
@@ -616,6 +622,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         metrics: metrics.clone(),
         health_checks: HealthCheckServers::new(None),
         counters,
+        published: None,
         trigger_times: TriggerTimes::default(),
         source_problems: BTreeSet::new(),
         changed_slices: BTreeSet::new(),
@@ -681,6 +688,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
             // The last programmed state stays in force.
             Err(e) => warn!(error = %e, "source unreadable; keeping the programmed state"),
         }
+        reconciler.publish_counters();
         if !source.ready() {
             continue;
         }
