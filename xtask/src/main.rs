@@ -39,6 +39,10 @@ enum Command {
         /// A short run (100 and 1000 Services, 20 changes).
         #[arg(long)]
         quick: bool,
+        /// Only the control plane (no per-packet bench, no end-to-end
+        /// contenders); prints the numbers, writes no report.
+        #[arg(long)]
+        control_plane_only: bool,
         #[arg(long, default_value = "target/perf")]
         out: std::path::PathBuf,
     },
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
             services,
             changes,
             quick,
+            control_plane_only,
             out,
         } => {
             let (services, changes) = if quick {
@@ -114,6 +119,7 @@ fn main() -> ExitCode {
             };
             perf::run(perf::PerfArgs {
                 quick,
+                control_plane_only,
                 services,
                 changes,
                 out,

@@ -22,6 +22,7 @@ const ENDPOINTS_PER_SERVICE: u32 = 10;
 
 pub struct PerfArgs {
     pub quick: bool,
+    pub control_plane_only: bool,
     pub services: Vec<u32>,
     pub changes: usize,
     pub out: PathBuf,
@@ -180,6 +181,9 @@ fn control_plane(agent: &Path, services: u32, changes: usize) -> Result<ControlP
         let t = Instant::now();
         fs::rename(&tmp, &churn)?;
         let fields = tail.wait_synced(Duration::from_secs(30), |f| f["written"] == 1)?;
+        if i < 2 && std::env::var_os("LB_PERF_TRACE").is_some() {
+            eprintln!("change {i}: {fields}");
+        }
         latencies.push(t.elapsed().as_secs_f64() * 1e3);
         let num = |k: &str| fields[k].as_f64().unwrap_or(f64::NAN);
         phases.push((
@@ -187,6 +191,9 @@ fn control_plane(agent: &Path, services: u32, changes: usize) -> Result<ControlP
             num("translate_ms"),
             num("elapsed_ms") - num("assemble_ms") - num("translate_ms"),
         ));
+    }
+    if std::env::var_os("LB_PERF_TRACE").is_some() {
+        eprintln!("change latencies (ms, in order): {latencies:.2?}");
     }
     latencies.sort_by(f64::total_cmp);
     let median = |mut v: Vec<f64>| {
@@ -327,6 +334,24 @@ pub fn run(args: PerfArgs) -> Result<()> {
         root.join(&args.out)
     };
     fs::create_dir_all(&out)?;
+
+    if args.control_plane_only {
+        for &n in &args.services {
+            let r = control_plane(&agent, n, args.changes)?;
+            println!(
+                "perf: {n} Services: programmed {:.0} ms after start (sync {:.0} ms); one change p50 {:.2} ms p99 {:.2} ms (assemble {:.2} translate {:.2} sync {:.2}); RSS {:.0} MB",
+                r.program_from_start_ms,
+                r.sync_ms,
+                r.change_p50_ms,
+                r.change_p99_ms,
+                r.change_assemble_ms,
+                r.change_translate_ms,
+                r.change_sync_ms,
+                r.rss_mb
+            );
+        }
+        return Ok(());
+    }
 
     // Per-packet cost through BPF_PROG_TEST_RUN (the lb-bench binary of lb-tests).
     let bench_bin = build::binary("lb-tests", "lb-bench", true)?;

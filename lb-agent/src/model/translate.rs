@@ -100,7 +100,7 @@ pub fn translate_with(
     let mut translator = Translator::new(node.clone());
     let all: BTreeSet<ObjectKey> = state.services.keys().cloned().collect();
     translator.zone = node_zone(&tracker, node);
-    translator.remerge(&tracker, all, prior_owners.clone());
+    translator.remerge(&tracker, all, Some(prior_owners));
     translator.translation()
 }
 
@@ -264,8 +264,7 @@ impl Translator {
         } else {
             dirty.services.clone()
         };
-        let prior = self.owners.clone();
-        self.remerge(tracker, services, prior)
+        self.remerge(tracker, services, None)
     }
 
     /// Translate `dirty` again, then merge them and every Service sharing a
@@ -274,7 +273,7 @@ impl Translator {
         &mut self,
         tracker: &ChangeTracker,
         dirty: BTreeSet<ObjectKey>,
-        prior: Owners,
+        prior: Option<&Owners>,
     ) -> Delta {
         let state = tracker.state();
         let mut translated: BTreeMap<ObjectKey, ServiceTranslation> = BTreeMap::new();
@@ -326,7 +325,17 @@ impl Translator {
         // A holder that is itself skipped (its ClusterIP went to another)
         // keeps nothing: merge again without its reservations, until every
         // reservation is honoured.
-        let mut prior = prior;
+        // Who held what the component claims (the holders of this moment,
+        // unless told otherwise).
+        let claims: BTreeSet<Claim> = component
+            .iter()
+            .flat_map(|k| self.claims.get(k).into_iter().flatten().copied())
+            .collect();
+        let prior_owners = prior.unwrap_or(&self.owners);
+        let mut prior: Owners = claims
+            .into_iter()
+            .filter_map(|c| Some((c, prior_owners.get(&c)?.clone())))
+            .collect();
         loop {
             self.merge_component(tracker, &component, prior, &mut translated);
             let dishonoured = self
