@@ -409,11 +409,11 @@ impl Reconciler {
                 .get(fk)
                 .map_or(0, |f| f.backends.len() as i64);
         }
-        if !self.full_sync && delta.is_empty() {
-            return Outcome { failed: false };
-        }
         let full = self.full_sync;
-        let report = if full {
+        let report = if !full && delta.is_empty() {
+            // Nothing for the maps (a change that translates the same).
+            crate::datapath::sync::SyncReport::default()
+        } else if full {
             self.syncer.sync(desired)
         } else {
             let frontends = delta.frontends.keys().copied().collect();

@@ -34,6 +34,8 @@ pub struct ServiceSpec {
 pub struct SliceSpec {
     service: usize,
     v6: bool,
+    /// Endpoints carry zone hints.
+    hints: bool,
     endpoints: Vec<(usize, bool, bool, bool, bool)>,
 }
 
@@ -88,6 +90,7 @@ fn slice_spec() -> impl Strategy<Value = SliceSpec> {
     (
         0usize..SERVICES,
         prop::bool::weighted(0.2),
+        any::<bool>(),
         prop::collection::vec(
             (
                 0usize..6,
@@ -99,9 +102,10 @@ fn slice_spec() -> impl Strategy<Value = SliceSpec> {
             0..4,
         ),
     )
-        .prop_map(|(service, v6, endpoints)| SliceSpec {
+        .prop_map(|(service, v6, hints, endpoints)| SliceSpec {
             service,
             v6,
+            hints,
             endpoints,
         })
 }
@@ -188,10 +192,14 @@ fn slice(i: usize, s: &SliceSpec) -> Value {
             } else {
                 format!("10.0.0.{}", addr + 1)
             };
-            json!({"addresses": [ip],
+            let mut endpoint = json!({"addresses": [ip],
                 "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
-                "nodeName": if here { "node" } else { "other" },
-                "hints": {"forZones": [{"name": if addr % 2 == 0 { "a" } else { "b" }}]}})
+                "nodeName": if here { "node" } else { "other" }});
+            if s.hints {
+                let zone = if addr % 2 == 0 { "a" } else { "b" };
+                endpoint["hints"] = json!({"forZones": [{"name": zone}]});
+            }
+            endpoint
         })
         .collect();
     json!({

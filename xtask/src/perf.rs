@@ -135,8 +135,45 @@ struct ControlPlaneResult {
     change_assemble_ms: f64,
     change_translate_ms: f64,
     change_sync_ms: f64,
+    /// p50 / p99 of a Service (with its slice) created, deleted, and of
+    /// this node's Node labels changed (every Service translated again).
+    created: (f64, f64),
+    deleted: (f64, f64),
+    node_labels: (f64, f64),
     rss_mb: f64,
     cpu_s: f64,
+}
+
+/// A Service of its own with one slice: one Service created.
+fn extra_service_yaml(i: usize) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: extra-{i}, namespace: perf}}\nspec:\n  clusterIP: 10.255.{}.{}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\nmetadata:\n  name: extra-{i}\n  namespace: perf\n  labels: {{kubernetes.io/service-name: extra-{i}}}\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n- {{addresses: [\"10.251.0.1\"], conditions: {{ready: true}}}}\n",
+        i / 250,
+        i % 250 + 1
+    )
+}
+
+/// This node's Node object, its zone label alternating.
+fn node_yaml(i: usize) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: perf\n  labels: {{topology.kubernetes.io/zone: zone-{}}}\n",
+        i % 2
+    )
+}
+
+/// Replace `name` in `dir` atomically with `text`; returns when it was renamed.
+fn write_atomic(dir: &Path, name: &str, text: &str) -> Result<Instant> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    fs::write(&tmp, text)?;
+    let t = Instant::now();
+    fs::rename(&tmp, dir.join(name))?;
+    Ok(t)
+}
+
+/// p50 and p99 of a set of samples.
+fn p50_p99(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (percentile(&v, 0.5), percentile(&v, 0.99))
 }
 
 fn control_plane(agent: &Path, services: u32, changes: usize) -> Result<ControlPlaneResult> {
@@ -195,6 +232,29 @@ fn control_plane(agent: &Path, services: u32, changes: usize) -> Result<ControlP
     if std::env::var_os("LB_PERF_TRACE").is_some() {
         eprintln!("change latencies (ms, in order): {latencies:.2?}");
     }
+    // Services created and deleted, and the Node's labels changed.
+    let rounds = changes.clamp(5, 20);
+    let (mut created, mut deleted, mut node_labels) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..rounds {
+        tail.skip_to_end()?;
+        let name = format!("extra-{i}.yaml");
+        let t = write_atomic(&manifests, &name, &extra_service_yaml(i))?;
+        tail.wait_synced(Duration::from_secs(30), |f| {
+            f["written"] == 1 && f["frontends"] == services + 1
+        })?;
+        created.push(t.elapsed().as_secs_f64() * 1e3);
+        tail.skip_to_end()?;
+        let t = Instant::now();
+        fs::remove_file(manifests.join(&name))?;
+        tail.wait_synced(Duration::from_secs(30), |f| f["removed"] == 1)?;
+        deleted.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    for i in 0..rounds {
+        tail.skip_to_end()?;
+        let t = write_atomic(&manifests, "node.yaml", &node_yaml(i))?;
+        tail.wait_synced(Duration::from_secs(60), |f| f["frontends"] == services)?;
+        node_labels.push(t.elapsed().as_secs_f64() * 1e3);
+    }
     latencies.sort_by(f64::total_cmp);
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -209,6 +269,9 @@ fn control_plane(agent: &Path, services: u32, changes: usize) -> Result<ControlP
         sync_ms,
         change_p50_ms: percentile(&latencies, 0.5),
         change_p99_ms: percentile(&latencies, 0.99),
+        created: p50_p99(created),
+        deleted: p50_p99(deleted),
+        node_labels: p50_p99(node_labels),
         change_max_ms: latencies.last().copied().unwrap_or(f64::NAN),
         rss_mb: rss_mb(pid).unwrap_or(f64::NAN),
         cpu_s: cpu_seconds(pid).unwrap_or(f64::NAN),
@@ -339,7 +402,7 @@ pub fn run(args: PerfArgs) -> Result<()> {
         for &n in &args.services {
             let r = control_plane(&agent, n, args.changes)?;
             println!(
-                "perf: {n} Services: programmed {:.0} ms after start (sync {:.0} ms); one change p50 {:.2} ms p99 {:.2} ms (assemble {:.2} translate {:.2} sync {:.2}); RSS {:.0} MB",
+                "perf: {n} Services: programmed {:.0} ms after start (sync {:.0} ms); one change p50 {:.2} ms p99 {:.2} ms (assemble {:.2} translate {:.2} sync {:.2}); Service created p50 {:.2} p99 {:.2}, deleted p50 {:.2} p99 {:.2}, Node labels p50 {:.1} p99 {:.1} ms; RSS {:.0} MB",
                 r.program_from_start_ms,
                 r.sync_ms,
                 r.change_p50_ms,
@@ -347,6 +410,12 @@ pub fn run(args: PerfArgs) -> Result<()> {
                 r.change_assemble_ms,
                 r.change_translate_ms,
                 r.change_sync_ms,
+                r.created.0,
+                r.created.1,
+                r.deleted.0,
+                r.deleted.1,
+                r.node_labels.0,
+                r.node_labels.1,
                 r.rss_mb
             );
         }

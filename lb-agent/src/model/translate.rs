@@ -179,6 +179,8 @@ pub struct Translator {
     desired: DesiredState,
     ip_owners: BTreeMap<IpAddr, ObjectKey>,
     owners: Owners,
+    /// Services whose slices carry zone hints: the ones a zone change concerns.
+    zone_hinted: BTreeSet<ObjectKey>,
     /// During a merge: what the component's members held before it.
     reserved: Owners,
     /// The change being merged: frontends as they were before it.
@@ -197,6 +199,7 @@ impl Translator {
             desired: DesiredState::default(),
             ip_owners: BTreeMap::new(),
             owners: Owners::new(),
+            zone_hinted: BTreeSet::new(),
             reserved: Owners::new(),
             touched: BTreeMap::new(),
             touched_ranges: BTreeSet::new(),
@@ -250,7 +253,7 @@ impl Translator {
     /// other claimants of what they claim(ed).
     pub fn update(&mut self, tracker: &ChangeTracker, node: &NodeConfig, dirty: &Dirty) -> Delta {
         let zone = node_zone(tracker, node);
-        let services: BTreeSet<ObjectKey> = if *node != self.node || zone != self.zone {
+        let services: BTreeSet<ObjectKey> = if *node != self.node {
             self.node = node.clone();
             self.zone = zone;
             tracker
@@ -259,6 +262,15 @@ impl Translator {
                 .keys()
                 .chain(self.claims.keys())
                 .chain(self.granted.keys())
+                .cloned()
+                .collect()
+        } else if zone != self.zone {
+            // The zone matters only where slices carry zone hints.
+            self.zone = zone;
+            dirty
+                .services
+                .iter()
+                .chain(&self.zone_hinted)
                 .cloned()
                 .collect()
         } else {
@@ -289,9 +301,15 @@ impl Translator {
                 frontier.insert(claim);
             }
             let Some(svc) = state.services.get(key) else {
+                self.zone_hinted.remove(key);
                 continue;
             };
             let t = translate_service(key, svc, tracker, &self.node, self.zone.as_deref());
+            if t.zone_hinted {
+                self.zone_hinted.insert(key.clone());
+            } else {
+                self.zone_hinted.remove(key);
+            }
             let claims = t.claims();
             for claim in &claims {
                 self.claimants
@@ -649,6 +667,8 @@ struct ServiceTranslation {
     result: Result<Option<ServiceFrontends>, String>,
     /// Parts of it (or of its slices) that could not be used.
     problems: Vec<Problem>,
+    /// Some endpoint of its slices is hinted for zones.
+    zone_hinted: bool,
 }
 
 impl ServiceTranslation {
@@ -688,7 +708,17 @@ fn translate_service(
     let slices: Vec<(&ObjectKey, &EndpointSlice)> = tracker.slices_of(key).collect();
     let mut problems = Vec::new();
     let result = service_frontends(key, svc, &slices, node, zone, &mut problems);
-    ServiceTranslation { result, problems }
+    let zone_hinted = slices.iter().any(|(_, slice)| {
+        slice
+            .endpoints
+            .iter()
+            .any(|e| e.hints.as_ref().is_some_and(|h| h.for_zones.is_some()))
+    });
+    ServiceTranslation {
+        result,
+        problems,
+        zone_hinted,
+    }
 }
 
 /// The frontends on one Service address, of one kind.
