@@ -149,6 +149,9 @@ pub struct Syncer {
     uses: BTreeMap<u32, UseCounts>,
     /// Backend ids that lost their last use: removed once no applied slot names them.
     released: BTreeSet<u32>,
+    /// Frontends whose last write failed: their applied slots may name
+    /// backends the desired state no longer uses.
+    unwritten: BTreeSet<FrontendKey>,
     /// A frontend with session affinity (before or after) was written or
     /// removed in this sync: its affinity entries may have gone stale.
     affinity_touched: bool,
@@ -257,6 +260,7 @@ impl Syncer {
             frontend_uses: BTreeMap::new(),
             uses: BTreeMap::new(),
             released: BTreeSet::new(),
+            unwritten: BTreeSet::new(),
             affinity_touched: false,
             stray_service_keys: Vec::new(),
             stray_maglev_keys: Vec::new(),
@@ -610,6 +614,7 @@ impl Syncer {
                 Ok(ids) => ids,
                 Err(e) => {
                     report.errors.push(e);
+                    self.unwritten.insert(fk);
                     continue;
                 }
             };
@@ -619,16 +624,25 @@ impl Syncer {
                     reason: format!("{fk}: backend {bad} could not be written (map full?)"),
                     full: true,
                 });
+                self.unwritten.insert(fk);
                 continue;
             }
             match self.write_frontend(&fk, frontend, ids) {
-                Ok(true) => report.frontends_written += 1,
-                Ok(false) => {}
-                Err(e) => report.errors.push(SyncError {
-                    object: frontend.service_port.clone(),
-                    reason: format!("{fk}: {e}"),
-                    full: is_full(&e),
-                }),
+                Ok(true) => {
+                    report.frontends_written += 1;
+                    self.unwritten.remove(&fk);
+                }
+                Ok(false) => {
+                    self.unwritten.remove(&fk);
+                }
+                Err(e) => {
+                    report.errors.push(SyncError {
+                        object: frontend.service_port.clone(),
+                        reason: format!("{fk}: {e}"),
+                        full: is_full(&e),
+                    });
+                    self.unwritten.insert(fk);
+                }
             }
         }
         for (addr, scope) in addresses {
@@ -681,9 +695,12 @@ impl Syncer {
             }
             if ok {
                 self.frontends.remove(fk);
+                self.unwritten.remove(fk);
                 report.frontends_removed += 1;
                 self.affinity_touched |= applied.head.flags & service_flags::AFFINITY != 0;
                 self.remove_rev_nat(applied.head.rev_nat_id);
+            } else {
+                self.unwritten.insert(*fk);
             }
         }
         for key in addresses {
@@ -732,9 +749,11 @@ impl Syncer {
         if candidates.is_empty() {
             return 0;
         }
+        // Only frontends whose write failed can still name them.
         let referenced: BTreeSet<u32> = self
-            .frontends
-            .values()
+            .unwritten
+            .iter()
+            .filter_map(|fk| self.frontends.get(fk))
             .flat_map(|f| f.slots.iter().copied())
             .filter(|id| candidates.contains(id))
             .collect();
