@@ -567,7 +567,13 @@ pub async fn run(config: RunConfig) -> Result<()> {
     }
     // Programs on the devices there are now, before anything is synced.
     datapath.attach_matching(&config.pod_devices, &config.devices, config.device_mode);
-    let syncer = Syncer::new(maps).context("reading the pinned maps")?;
+    let mut syncer = Syncer::new(maps).context("reading the pinned maps")?;
+    let cleaner_maps = crate::datapath::maps::Maps::open_pinned(&config.bpffs)
+        .context("opening the pinned maps for the cleanup thread")?;
+    syncer.set_cleaner(
+        crate::datapath::cleanup::Cleaner::spawn(cleaner_maps)
+            .context("starting the cleanup thread")?,
+    );
     let mut counters = AgentCounters::default();
     if let Ok(stats) = syncer.maps().read_stats() {
         // Continue the agent counters across restarts.

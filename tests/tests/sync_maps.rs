@@ -387,3 +387,114 @@ fn conntrack_is_sized_as_asked_and_kept_across_a_restart() {
         "the tracked flow survives a restart with the same sizes"
     );
 }
+
+/// Flows of a backend that is gone, and affinity entries naming a backend
+/// that left its frontend (or of a frontend that lost affinity), are
+/// removed; others stay. Inline (no cleaner) and on the cleanup thread.
+#[test]
+fn stale_flows_and_affinity_are_cleaned_off_the_sync_path() {
+    use lb_agent::datapath::cleanup::Cleaner;
+    use lb_common::{Addr, AffinityKey, AffinityValue, CtKey, CtValue, IPPROTO_TCP};
+
+    for threaded in [false, true] {
+        let fs = Bpffs::new(if threaded { "clt" } else { "cli" });
+        let mut syncer = Syncer::new(load(&fs, 64)).expect("syncer");
+        if threaded {
+            let maps = Maps::open_pinned(&fs.0).expect("pinned maps");
+            syncer.set_cleaner(Cleaner::spawn(maps).expect("cleaner"));
+        }
+        let (fk, mut web) = frontend("web", [10, 96, 0, 1], &[[10, 0, 0, 1], [10, 0, 0, 2]]);
+        web.affinity_timeout_s = Some(60);
+        let report = syncer.sync(&desired(vec![(fk, web.clone())]));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let ids: Vec<(String, u32)> = lb_agent::dump::backends(syncer.maps())
+            .expect("backends")
+            .backends
+            .iter()
+            .map(|b| (b.address.to_string(), b.id))
+            .collect();
+        let id_of = |a: &str| ids.iter().find(|(x, _)| x == a).expect(a).1;
+        let (one, two) = (id_of("10.0.0.1"), id_of("10.0.0.2"));
+        let rev_nat = lb_agent::dump::services(syncer.maps())
+            .expect("dump")
+            .services[0]
+            .rev_nat_id;
+
+        // A flow and an affinity entry per backend, as the datapath writes them.
+        let maps = syncer.maps_mut();
+        for (client, backend) in [(1u8, one), (2, two)] {
+            let key = CtKey {
+                src_addr_be: Addr::from(std::net::IpAddr::from([10, 1, 0, client])),
+                dst_addr_be: Addr::from(std::net::IpAddr::from([10, 96, 0, 1])),
+                src_port_be: 40000u16.to_be(),
+                dst_port_be: 80u16.to_be(),
+                proto: IPPROTO_TCP,
+                dir: 0,
+                _pad: [0; 2],
+            };
+            let value = CtValue {
+                backend_id: backend,
+                rev_nat_id: rev_nat,
+                ..Default::default()
+            };
+            maps.ct_tcp.insert(key, value, 0).expect("ct entry");
+            let key = AffinityKey {
+                client_addr_be: Addr::from(std::net::IpAddr::from([10, 1, 0, client])),
+                rev_nat_id: rev_nat,
+                _pad: 0,
+            };
+            let value = AffinityValue {
+                backend_id: backend,
+                ..Default::default()
+            };
+            maps.affinity.insert(key, value, 0).expect("affinity entry");
+        }
+        let flows_to = |maps: &Maps, id: u32| {
+            maps.ct_tcp
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, v)| v.backend_id == id)
+                .count()
+        };
+        let affinity_to = |maps: &Maps, id: u32| {
+            maps.affinity
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, v)| v.backend_id == id)
+                .count()
+        };
+
+        // 10.0.0.2 leaves: its flow and affinity go, 10.0.0.1's stay.
+        let (_, mut smaller) = frontend("web", [10, 96, 0, 1], &[[10, 0, 0, 1]]);
+        smaller.affinity_timeout_s = Some(60);
+        let report = syncer.sync_changes(
+            &desired(vec![(fk, smaller.clone())]),
+            &[fk].into(),
+            &Default::default(),
+            &Default::default(),
+        );
+        assert_eq!(report.backends_removed, 1);
+        lb_tests::e2e::wait_until(
+            "stale entries removed",
+            std::time::Duration::from_secs(2),
+            || flows_to(syncer.maps(), two) == 0 && affinity_to(syncer.maps(), two) == 0,
+        );
+        assert_eq!(flows_to(syncer.maps(), one), 1, "threaded {threaded}");
+        assert_eq!(affinity_to(syncer.maps(), one), 1, "threaded {threaded}");
+
+        // Affinity off: the remaining entry goes, the flow stays.
+        smaller.affinity_timeout_s = None;
+        syncer.sync_changes(
+            &desired(vec![(fk, smaller)]),
+            &[fk].into(),
+            &Default::default(),
+            &Default::default(),
+        );
+        lb_tests::e2e::wait_until(
+            "affinity of a frontend without it removed",
+            std::time::Duration::from_secs(2),
+            || affinity_to(syncer.maps(), one) == 0,
+        );
+        assert_eq!(flows_to(syncer.maps(), one), 1, "threaded {threaded}");
+    }
+}

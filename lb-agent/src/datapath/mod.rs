@@ -1,7 +1,10 @@
 //! The only module that touches BPF: loading and attaching (`loader`),
 //! typed maps (`maps`), keeping them equal to the desired state (`sync`), and
-//! closing UDP sockets whose socket-level backend went away (`sockets`).
+//! closing UDP sockets whose socket-level backend went away (`sockets`),
+//! and removing conntrack and affinity entries that no longer hold
+//! (`cleanup`).
 
+pub mod cleanup;
 pub mod explain;
 pub mod loader;
 pub mod maps;

@@ -16,7 +16,10 @@ use lb_common::{
 };
 use tracing::{debug, warn};
 
-use super::maps::Maps;
+use super::{
+    cleanup::{self, Cleaner, CleanupRequest},
+    maps::Maps,
+};
 use crate::model::{
     AddressEntry, DesiredState, Frontend, FrontendKey, Protocol, Scope, ids::IdAllocator, maglev,
 };
@@ -152,9 +155,11 @@ pub struct Syncer {
     /// Frontends whose last write failed: their applied slots may name
     /// backends the desired state no longer uses.
     unwritten: BTreeSet<FrontendKey>,
-    /// A frontend with session affinity (before or after) was written or
-    /// removed in this sync: its affinity entries may have gone stale.
-    affinity_touched: bool,
+    /// What this sync made stale (affinity of frontends with affinity
+    /// before or after it, flows of removed backends).
+    cleanup: CleanupRequest,
+    /// Where stale entries are sent to be removed; None: removed inline.
+    cleaner: Option<Cleaner>,
     /// Map keys found at start that this agent does not manage: pruned on the first sync.
     stray_service_keys: Vec<ServiceKey>,
     stray_maglev_keys: Vec<MaglevKey>,
@@ -261,7 +266,8 @@ impl Syncer {
             uses: BTreeMap::new(),
             released: BTreeSet::new(),
             unwritten: BTreeSet::new(),
-            affinity_touched: false,
+            cleanup: CleanupRequest::default(),
+            cleaner: None,
             stray_service_keys: Vec::new(),
             stray_maglev_keys: Vec::new(),
         };
@@ -449,9 +455,8 @@ impl Syncer {
             .collect();
         self.released.extend(unused);
         report.backends_removed += self.remove_released();
-        if report.backends_removed > 0 {
-            self.prune_conntrack();
-        }
+        self.cleanup.backends_gone |= report.backends_removed > 0;
+        self.request_cleanup();
         report
     }
 
@@ -697,7 +702,9 @@ impl Syncer {
                 self.frontends.remove(fk);
                 self.unwritten.remove(fk);
                 report.frontends_removed += 1;
-                self.affinity_touched |= applied.head.flags & service_flags::AFFINITY != 0;
+                if applied.head.flags & service_flags::AFFINITY != 0 {
+                    self.cleanup.affinity.insert(applied.head.rev_nat_id, None);
+                }
                 self.remove_rev_nat(applied.head.rev_nat_id);
             } else {
                 self.unwritten.insert(*fk);
@@ -720,13 +727,27 @@ impl Syncer {
         // 4. State that no longer holds: affinity to a backend that left its
         //    frontend's slots (or of a frontend without affinity now), and
         //    flows to backends that are gone (removed at once, not aged out).
-        if std::mem::take(&mut self.affinity_touched) {
-            self.prune_affinity();
-        }
-        if report.backends_removed > 0 {
-            self.prune_conntrack();
-        }
+        self.cleanup.backends_gone |= report.backends_removed > 0;
+        self.request_cleanup();
         report
+    }
+
+    /// Run the cleaner on another thread from now on.
+    pub fn set_cleaner(&mut self, cleaner: Cleaner) {
+        self.cleaner = Some(cleaner);
+    }
+
+    fn request_cleanup(&mut self) {
+        let request = std::mem::take(&mut self.cleanup);
+        if request.is_empty() {
+            return;
+        }
+        match &self.cleaner {
+            Some(cleaner) => cleaner.request(request),
+            None => {
+                cleanup::clean(&mut self.maps, &request);
+            }
+        }
     }
 
     /// Count one use of a backend in (+1) or out (-1).
@@ -809,49 +830,6 @@ impl Syncer {
                 proto,
                 scope,
             });
-        }
-    }
-
-    fn prune_affinity(&mut self) {
-        let live: BTreeMap<u16, (bool, BTreeSet<u32>)> = self
-            .frontends
-            .values()
-            .map(|f| {
-                let on = f.head.flags & service_flags::AFFINITY != 0;
-                (f.head.rev_nat_id, (on, f.slots.iter().copied().collect()))
-            })
-            .collect();
-        let stale: Vec<_> = self
-            .maps
-            .affinity
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                !live
-                    .get(&k.rev_nat_id)
-                    .is_some_and(|(on, slots)| *on && slots.contains(&v.backend_id))
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for key in stale {
-            removed(self.maps.affinity.remove(&key));
-        }
-    }
-
-    fn prune_conntrack(&mut self) {
-        let stale: Vec<_> = self
-            .maps
-            .conntrack()
-            .into_iter()
-            .flat_map(|(_, ct)| ct.iter().filter_map(Result::ok))
-            .filter(|(_, v)| {
-                v.backend_id != lb_common::CT_NO_BACKEND
-                    && !self.backends.contains_key(&v.backend_id)
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for key in stale {
-            removed(self.maps.conntrack_of_mut(key.proto).remove(&key));
         }
     }
 
@@ -938,8 +916,11 @@ impl Syncer {
         {
             return Ok(false);
         }
-        self.affinity_touched |=
-            (head.flags | old.as_ref().map_or(0, |o| o.head.flags)) & service_flags::AFFINITY != 0;
+        if (head.flags | old.as_ref().map_or(0, |o| o.head.flags)) & service_flags::AFFINITY != 0 {
+            let slots =
+                (head.flags & service_flags::AFFINITY != 0).then(|| ids.iter().copied().collect());
+            self.cleanup.affinity.insert(rev_nat_id, slots);
+        }
         // The table before slot 0 names its size (make before break).
         let old_table = old.as_ref().map(|o| o.maglev.clone()).unwrap_or_default();
         for (i, id) in table.iter().enumerate() {
