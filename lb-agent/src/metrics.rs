@@ -31,10 +31,6 @@ use crate::{
     model::{ObjectKey, cluster::ClusterState, translate::NoLocalEndpoints},
 };
 
-/// The EndpointSlice annotation the endpointslice controller sets to when
-/// the change behind the slice's current content happened.
-const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabel {
     pub map: String,
@@ -125,7 +121,7 @@ impl TriggerTimes {
             let trigger = state
                 .endpoint_slices
                 .get(key)
-                .and_then(|slice| slice.metadata.annotations.as_ref()?.get(TRIGGER_TIME));
+                .and_then(|slice| slice.trigger_time.as_ref());
             let Some(trigger) = trigger else {
                 self.seen.remove(key);
                 continue;
@@ -344,8 +340,9 @@ mod tests {
     use k8s_openapi::api::discovery::v1::EndpointSlice;
 
     use super::*;
+    use crate::model::records::TRIGGER_TIME;
 
-    fn slice(name: &str, trigger: Option<&str>) -> (ObjectKey, Arc<EndpointSlice>) {
+    fn slice(name: &str, trigger: Option<&str>) -> (ObjectKey, Arc<crate::model::SliceRecord>) {
         let mut meta = serde_json::json!({"name": name, "namespace": "default"});
         if let Some(t) = trigger {
             meta["annotations"] = serde_json::json!({ TRIGGER_TIME: t });
@@ -354,7 +351,7 @@ mod tests {
             serde_json::json!({"metadata": meta, "addressType": "IPv4", "endpoints": []}),
         )
         .unwrap();
-        (ObjectKey::new("default", name), Arc::new(s))
+        (ObjectKey::new("default", name), Arc::new((&s).into()))
     }
 
     #[test]

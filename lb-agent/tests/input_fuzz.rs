@@ -115,7 +115,7 @@ fn state(services: Vec<Service>, slices: Vec<EndpointSlice>) -> ClusterState {
             s.metadata.namespace.clone().unwrap(),
             s.metadata.name.clone().unwrap(),
         );
-        st.endpoint_slices.insert(key, Arc::new(s));
+        st.endpoint_slices.insert(key, Arc::new((&s).into()));
     }
     st
 }

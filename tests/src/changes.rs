@@ -256,7 +256,13 @@ pub fn change(op: &Op) -> Option<Change> {
         Op::DeleteService(i) => Change::Service(key("svc", *i), None),
         Op::Slice(i, s) => Change::EndpointSlice(
             key("slice", *i),
-            Some(Arc::new(serde_json::from_value(slice(*i, s)).unwrap())),
+            Some(Arc::new(
+                (&serde_json::from_value::<k8s_openapi::api::discovery::v1::EndpointSlice>(slice(
+                    *i, s,
+                ))
+                .unwrap())
+                    .into(),
+            )),
         ),
         Op::DeleteSlice(i) => Change::EndpointSlice(key("slice", *i), None),
         Op::Zone(z) => Change::Node(

@@ -10,10 +10,9 @@ use std::{
 
 use ipnet::IpNet;
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Node, Service};
+
+use super::records::SliceRecord;
 
 /// namespace/name of an object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -45,7 +44,7 @@ pub struct ClusterState {
     pub services: BTreeMap<ObjectKey, Arc<Service>>,
     /// EndpointSlices by their own namespace/name; the Service they belong
     /// to is their `kubernetes.io/service-name` label.
-    pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
+    pub endpoint_slices: BTreeMap<ObjectKey, Arc<SliceRecord>>,
     pub nodes: BTreeMap<String, Arc<Node>>,
 }
 

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod desired;
 pub mod ids;
 pub mod maglev;
+pub mod records;
 pub mod tracker;
 pub mod translate;
 
@@ -14,6 +15,7 @@ pub use desired::{
     AddressEntry, Backend, DesiredState, Frontend, FrontendKey, FrontendKind, HealthCheck,
     Protocol, Scope,
 };
+pub use records::SliceRecord;
 pub use tracker::{Change, ChangeTracker, Dirty};
 pub use translate::{
     Claim, Delta, Owners, Problem, Translation, Translator, translate, translate_with,

@@ -8,18 +8,15 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Node, Service};
 
-use super::{ClusterState, ObjectKey, cluster::LABEL_SERVICE_NAME};
+use super::{ClusterState, ObjectKey, records::SliceRecord};
 
 /// One object added, replaced (`Some`) or deleted (`None`).
 #[derive(Clone, Debug)]
 pub enum Change {
     Service(ObjectKey, Option<Arc<Service>>),
-    EndpointSlice(ObjectKey, Option<Arc<EndpointSlice>>),
+    EndpointSlice(ObjectKey, Option<Arc<SliceRecord>>),
     Node(String, Option<Arc<Node>>),
 }
 
@@ -41,8 +38,8 @@ impl Dirty {
 }
 
 /// The Service an EndpointSlice belongs to (its `kubernetes.io/service-name` label).
-pub fn slice_service(key: &ObjectKey, slice: &EndpointSlice) -> Option<ObjectKey> {
-    let name = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+pub fn slice_service(key: &ObjectKey, slice: &SliceRecord) -> Option<ObjectKey> {
+    let name = slice.service_name.as_ref()?;
     Some(ObjectKey::new(key.namespace.clone(), name.clone()))
 }
 
@@ -63,7 +60,7 @@ impl ChangeTracker {
     pub fn slices_of<'a>(
         &'a self,
         service: &ObjectKey,
-    ) -> impl Iterator<Item = (&'a ObjectKey, &'a EndpointSlice)> + 'a {
+    ) -> impl Iterator<Item = (&'a ObjectKey, &'a SliceRecord)> + 'a {
         self.slices_by_service
             .get(service)
             .into_iter()

@@ -11,10 +11,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Service, ServicePort};
 
 use k8s_openapi::jiff::Timestamp;
 
@@ -24,6 +21,7 @@ use super::{
     desired::{
         Backend, DesiredState, Frontend, FrontendKey, FrontendKind, HealthCheck, Protocol, Scope,
     },
+    records::{EndpointAddress, SliceRecord},
     tracker::{ChangeTracker, Dirty},
 };
 
@@ -705,15 +703,12 @@ fn translate_service(
     node: &NodeConfig,
     zone: Option<&str>,
 ) -> ServiceTranslation {
-    let slices: Vec<(&ObjectKey, &EndpointSlice)> = tracker.slices_of(key).collect();
+    let slices: Vec<(&ObjectKey, &SliceRecord)> = tracker.slices_of(key).collect();
     let mut problems = Vec::new();
     let result = service_frontends(key, svc, &slices, node, zone, &mut problems);
-    let zone_hinted = slices.iter().any(|(_, slice)| {
-        slice
-            .endpoints
-            .iter()
-            .any(|e| e.hints.as_ref().is_some_and(|h| h.for_zones.is_some()))
-    });
+    let zone_hinted = slices
+        .iter()
+        .any(|(_, slice)| slice.endpoints.iter().any(|e| e.zone_hints.is_some()));
     ServiceTranslation {
         result,
         problems,
@@ -740,7 +735,7 @@ struct ServiceFrontends {
 fn service_frontends(
     key: &ObjectKey,
     svc: &Service,
-    service_slices: &[(&ObjectKey, &EndpointSlice)],
+    service_slices: &[(&ObjectKey, &SliceRecord)],
     node: &NodeConfig,
     zone: Option<&str>,
     problems: &mut Vec<Problem>,
@@ -1156,7 +1151,7 @@ fn endpoints_for_port(
     port_name: &str,
     proto: Protocol,
     family_v6: bool,
-    slices: &[(&ObjectKey, &EndpointSlice)],
+    slices: &[(&ObjectKey, &SliceRecord)],
     node: &NodeConfig,
     problems: &mut Vec<Problem>,
 ) -> Vec<EndpointInfo> {
@@ -1166,9 +1161,8 @@ fn endpoints_for_port(
         if slice.address_type != address_type {
             continue;
         }
-        let Some(slice_port) = slice.ports.as_deref().unwrap_or_default().iter().find(|p| {
-            p.name.as_deref().unwrap_or("") == port_name
-                && Protocol::from_k8s(p.protocol.as_deref()).ok() == Some(proto)
+        let Some(slice_port) = slice.ports.iter().find(|p| {
+            p.name == port_name && Protocol::from_k8s(p.protocol.as_deref()).ok() == Some(proto)
         }) else {
             continue;
         };
@@ -1177,35 +1171,38 @@ fn endpoints_for_port(
             continue;
         };
         for endpoint in &slice.endpoints {
-            let Some(first) = endpoint.addresses.first() else {
+            let Some(first) = &endpoint.address else {
                 continue;
             };
-            let addr = match first.parse::<IpAddr>() {
-                Ok(addr) if addr.is_ipv6() == family_v6 => addr,
+            let addr = match first {
+                EndpointAddress::Ip(addr) if addr.is_ipv6() == family_v6 => *addr,
                 _ => {
+                    let text = match first {
+                        EndpointAddress::Ip(addr) => addr.to_string(),
+                        EndpointAddress::Invalid(text) => text.to_string(),
+                    };
                     problems.push(Problem {
                         object: format!("EndpointSlice {slice_key}"),
                         reason: format!(
-                            "endpoint address {first:?} is not an {address_type} address; endpoint skipped"
+                            "endpoint address {text:?} is not an {address_type} address; endpoint skipped"
                         ),
                     });
                     continue;
                 }
             };
-            let conditions = endpoint.conditions.as_ref();
             let info = EndpointInfo {
                 addr,
                 port,
-                ready: conditions.and_then(|c| c.ready).unwrap_or(true),
-                serving: conditions.and_then(|c| c.serving).unwrap_or(true),
-                terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                ready: endpoint.ready.unwrap_or(true),
+                serving: endpoint.serving.unwrap_or(true),
+                terminating: endpoint.terminating.unwrap_or(false),
                 local: endpoint.node_name.as_deref() == Some(node.node_name.as_str()),
                 zone_hints: endpoint
-                    .hints
-                    .as_ref()
-                    .and_then(|h| h.for_zones.as_ref())
-                    .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
-                    .unwrap_or_default(),
+                    .zone_hints
+                    .iter()
+                    .flatten()
+                    .map(|z| z.to_string())
+                    .collect(),
             };
             match by_addr.get(&(addr, port)) {
                 // A non-terminating duplicate wins over a terminating one.
@@ -1289,6 +1286,7 @@ mod tests {
     //! (pkg/proxy endpointslicecache_test.go, topology_test.go and the
     //! proxiers' TestInternalTrafficPolicy / terminating-endpoint cases).
 
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
     use serde_json::{Value, json};
 
     use super::*;
@@ -1369,7 +1367,7 @@ mod tests {
                 .collect(),
             endpoint_slices: slices
                 .into_iter()
-                .map(|(k, v)| (k, std::sync::Arc::new(v)))
+                .map(|(k, v)| (k, std::sync::Arc::new((&v).into())))
                 .collect(),
             nodes: Default::default(),
         }

@@ -26,7 +26,7 @@ use thiserror::Error;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::model::{Change, ObjectKey};
+use crate::model::{Change, ObjectKey, SliceRecord};
 
 /// What the agent reads from the API: (API group, resource, verbs). The
 /// ClusterRole in deploy/ grants exactly this (a test checks it).
@@ -144,7 +144,8 @@ impl<K> Default for Table<K> {
 #[derive(Default)]
 struct Tables {
     services: Table<Service>,
-    slices: Table<EndpointSlice>,
+    /// Kept as compact records.
+    slices: Table<SliceRecord>,
     nodes: Table<Node>,
     /// Object changes not yet handed to the change tracker.
     changes: Vec<Change>,
@@ -180,14 +181,25 @@ trait Watched:
     + 'static
 {
     const KIND: &'static str;
-    fn table(t: &mut Tables) -> &mut Table<Self>;
-    fn change(key: ObjectKey, obj: Option<Arc<Self>>) -> Change;
+    /// What is kept of an object.
+    type Record: PartialEq + Send + Sync + 'static;
+    fn table(t: &mut Tables) -> &mut Table<Self::Record>;
+    fn record(self) -> Self::Record;
+    fn record_version(record: &Self::Record) -> Option<&str>;
+    fn change(key: ObjectKey, obj: Option<Arc<Self::Record>>) -> Change;
 }
 
 impl Watched for Service {
     const KIND: &'static str = "services";
-    fn table(t: &mut Tables) -> &mut Table<Self> {
+    type Record = Service;
+    fn table(t: &mut Tables) -> &mut Table<Service> {
         &mut t.services
+    }
+    fn record(self) -> Service {
+        self
+    }
+    fn record_version(record: &Service) -> Option<&str> {
+        record.metadata.resource_version.as_deref()
     }
     fn change(key: ObjectKey, obj: Option<Arc<Self>>) -> Change {
         Change::Service(key, obj)
@@ -196,18 +208,32 @@ impl Watched for Service {
 
 impl Watched for EndpointSlice {
     const KIND: &'static str = "endpointslices";
-    fn table(t: &mut Tables) -> &mut Table<Self> {
+    type Record = SliceRecord;
+    fn table(t: &mut Tables) -> &mut Table<SliceRecord> {
         &mut t.slices
     }
-    fn change(key: ObjectKey, obj: Option<Arc<Self>>) -> Change {
+    fn record(self) -> SliceRecord {
+        (&self).into()
+    }
+    fn record_version(record: &SliceRecord) -> Option<&str> {
+        record.resource_version.as_deref()
+    }
+    fn change(key: ObjectKey, obj: Option<Arc<SliceRecord>>) -> Change {
         Change::EndpointSlice(key, obj)
     }
 }
 
 impl Watched for Node {
     const KIND: &'static str = "nodes";
-    fn table(t: &mut Tables) -> &mut Table<Self> {
+    type Record = Node;
+    fn table(t: &mut Tables) -> &mut Table<Node> {
         &mut t.nodes
+    }
+    fn record(self) -> Node {
+        self
+    }
+    fn record_version(record: &Node) -> Option<&str> {
+        record.metadata.resource_version.as_deref()
     }
     fn change(key: ObjectKey, obj: Option<Arc<Self>>) -> Change {
         Change::Node(key.name, obj)
@@ -285,13 +311,15 @@ impl KubeSource {
                 // An object the re-list finds unchanged (same resourceVersion)
                 // keeps the copy already held: no second copy of the cluster.
                 let key = key_of(&obj);
-                let kept = table.live.get(&key).filter(|old| {
-                    old.meta().resource_version.is_some()
-                        && old.meta().resource_version == obj.meta().resource_version
-                });
+                let version = obj.meta().resource_version.as_deref();
+                let kept = table
+                    .live
+                    .get(&key)
+                    .filter(|old| version.is_some() && K::record_version(old) == version)
+                    .cloned();
                 let obj = match kept {
-                    Some(old) => old.clone(),
-                    None => Arc::new(obj),
+                    Some(old) => old,
+                    None => Arc::new(obj.record()),
                 };
                 table.relist.get_or_insert_default().insert(key, obj);
                 false
@@ -322,7 +350,7 @@ impl KubeSource {
             watcher::Event::Apply(obj) => {
                 let key = key_of(&obj);
                 debug!(kind = K::KIND, object = %key, "applied");
-                let obj = Arc::new(obj);
+                let obj = Arc::new(obj.record());
                 table.live.insert(key.clone(), obj.clone());
                 changes.push(K::change(key, Some(obj)));
                 table.ready

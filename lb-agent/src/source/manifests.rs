@@ -20,8 +20,7 @@ use thiserror::Error;
 
 use super::endpoints::{derive_slices, mirror_endpoints};
 use crate::model::{
-    Change, ClusterState, ObjectKey, Problem,
-    cluster::{LABEL_SERVICE_NAME, LABEL_ZONE},
+    Change, ClusterState, ObjectKey, Problem, SliceRecord, cluster::LABEL_ZONE,
     tracker::slice_service,
 };
 
@@ -38,7 +37,8 @@ pub enum ManifestError {
 #[derive(Clone, Debug)]
 pub enum Object {
     Service(Arc<Service>),
-    EndpointSlice(Arc<EndpointSlice>),
+    /// Kept as the compact record the translation reads.
+    EndpointSlice(Arc<SliceRecord>),
     Endpoints(Arc<Endpoints>),
     Pod(Arc<Pod>),
     Node(Arc<Node>),
@@ -117,7 +117,7 @@ struct Assembly {
     /// Services, Nodes, and EndpointSlices as the translation sees them
     /// (written ones, then derived ones over them).
     state: ClusterState,
-    written_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
+    written_slices: BTreeMap<ObjectKey, Arc<SliceRecord>>,
     /// Service -> its written EndpointSlices.
     slices_by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
     endpoints: BTreeMap<ObjectKey, Arc<Endpoints>>,
@@ -315,7 +315,7 @@ impl ManifestDir {
             .endpoint_slices
             .iter()
             .filter_map(|(k, s)| {
-                let svc = s.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+                let svc = s.service_name.as_ref()?;
                 Some(ObjectKey::new(k.namespace.clone(), svc.clone()))
             })
             .collect();
@@ -351,7 +351,7 @@ impl ManifestDir {
             let namespace = slice.metadata.namespace.clone().unwrap_or_default();
             state
                 .endpoint_slices
-                .insert(ObjectKey::new(namespace, name), Arc::new(slice));
+                .insert(ObjectKey::new(namespace, name), Arc::new((&slice).into()));
         }
         (state, problems)
     }
@@ -542,12 +542,12 @@ impl Assembly {
             }
             _ => Vec::new(),
         };
-        let new: BTreeMap<ObjectKey, Arc<EndpointSlice>> = generated
+        let new: BTreeMap<ObjectKey, Arc<SliceRecord>> = generated
             .into_iter()
             .map(|slice| {
                 let name = slice.metadata.name.clone().unwrap_or_default();
                 let namespace = slice.metadata.namespace.clone().unwrap_or_default();
-                (ObjectKey::new(namespace, name), Arc::new(slice))
+                (ObjectKey::new(namespace, name), Arc::new((&slice).into()))
             })
             .collect();
         for old in self.derived.remove(service).unwrap_or_default() {
@@ -695,7 +695,10 @@ fn collect(doc: Value, at: &str, out: &mut Vec<(ObjectKey, Object)>) -> Result<(
     let ctx = format!("{at} ({kind} {key})");
     let object = match kind.as_str() {
         "Service" => Object::Service(Arc::new(typed(doc, &ctx)?)),
-        "EndpointSlice" => Object::EndpointSlice(Arc::new(typed(doc, &ctx)?)),
+        "EndpointSlice" => {
+            let slice: EndpointSlice = typed(doc, &ctx)?;
+            Object::EndpointSlice(Arc::new((&slice).into()))
+        }
         "Endpoints" => Object::Endpoints(Arc::new(typed(doc, &ctx)?)),
         "Pod" => Object::Pod(Arc::new(typed(doc, &ctx)?)),
         "Node" => {
