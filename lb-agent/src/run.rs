@@ -18,10 +18,7 @@ use lb_common::{
     Addr, ConfigValue, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, LAYOUT_VERSION, config_flags,
     stat,
 };
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::watch,
-};
+use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -264,28 +261,21 @@ fn node_view(config: &RunConfig) -> NodeView {
 
 /// The device watcher: on its own thread (verifying a program for a new
 /// device takes seconds, which must not hold up a sync), attach programs
-/// to devices as they come and go, and report the node's addresses.
+/// to devices as they come and go. The node's addresses are read by the
+/// loop itself before each sync: cheap, and never behind a verification.
 fn spawn_device_watcher(
     mut datapath: Datapath,
     config: RunConfig,
-    view: watch::Sender<NodeView>,
-) -> Result<()> {
+) -> Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("devices".into())
         .spawn(move || {
-            while !view.is_closed() {
+            loop {
                 datapath.attach_matching(&config.pod_devices, &config.devices, config.device_mode);
-                let now = node_view(&config);
-                view.send_if_modified(|current| {
-                    let changed = *current != now;
-                    *current = now;
-                    changed
-                });
                 std::thread::sleep(POLL);
             }
         })
-        .context("starting the device watcher thread")?;
-    Ok(())
+        .context("starting the device watcher thread")
 }
 
 /// Every address of the namespace's devices (endpoints there are hostNetwork pods).
@@ -365,12 +355,13 @@ impl Reconciler {
 
     /// A new view of the node's devices: addresses for NodePorts, SNAT and
     /// hostNetwork endpoints, and the datapath's settings.
-    fn node_changed(&mut self, view: &NodeView) {
+    /// True when something changed.
+    fn node_changed(&mut self, view: &NodeView) -> bool {
         if view.nodeport == self.node.nodeport_addresses
             && view.snat == self.snat
             && view.host == self.node.host_addresses
         {
-            return;
+            return false;
         }
         info!(nodeport_addresses = ?view.nodeport, snat_addresses = ?view.snat, "node device addresses changed");
         if view.snat != self.snat {
@@ -384,6 +375,7 @@ impl Reconciler {
         if let Err(e) = self.syncer.maps_mut().config.set(0, value, 0) {
             warn!(error = %e, "writing the datapath config failed");
         }
+        true
     }
 
     /// Translate what changed and write it.
@@ -626,8 +618,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         "lb-agent running"
     );
 
-    let (view_tx, mut view_rx) = watch::channel(view.clone());
-    spawn_device_watcher(datapath, config.clone(), view_tx)?;
+    let devices = spawn_device_watcher(datapath, config.clone())?;
     let mut reconciler = Reconciler {
         translator: Translator::new(node.clone()),
         node,
@@ -666,15 +657,18 @@ pub async fn run(config: RunConfig) -> Result<()> {
         tokio::select! {
             _ = tick.tick() => {}
             _ = source.changed() => {}
-            _ = view_rx.changed() => {}
             _ = tokio::time::sleep_until(next_allowed.into()), if dirty => {}
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
         let started = Instant::now();
-        if view_rx.has_changed().unwrap_or(false) {
-            let view = view_rx.borrow_and_update().clone();
-            reconciler.node_changed(&view);
+        if devices.is_finished() {
+            anyhow::bail!(
+                "the device watcher thread stopped; restarting the agent re-attaches every device"
+            );
+        }
+        let view = node_view(&reconciler.config);
+        if reconciler.node_changed(&view) {
             pending_since.get_or_insert(started);
             dirty = true;
         }
