@@ -685,11 +685,14 @@ pub async fn run(config: RunConfig) -> Result<()> {
                 problems,
                 since,
             }) => {
+                // Only a change waits to be programmed: a re-list or a
+                // rewritten file that changes no object leaves nothing
+                // pending (health would report a sync that never comes).
                 if !changes.is_empty() {
                     dirty = true;
-                }
-                if let Some(since) = since {
-                    pending_since = Some(pending_since.map_or(since, |p| p.min(since)));
+                    if let Some(since) = since {
+                        pending_since = Some(pending_since.map_or(since, |p| p.min(since)));
+                    }
                 }
                 reconciler.apply(changes);
                 if let Some(problems) = problems {

@@ -17,22 +17,49 @@ use super::maps::Maps;
 /// What a sync found may have gone stale.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CleanupRequest {
-    /// Backends were removed: flows still naming them go.
-    pub backends_gone: bool,
-    /// Per rev-NAT id of a frontend written or removed: the backends its
-    /// affinity may still name (its slots), or None (no affinity, or gone).
-    pub affinity: BTreeMap<u16, Option<BTreeSet<u32>>>,
+    /// Backend ids removed from the maps: flows still naming them go.
+    pub backends_gone: BTreeSet<u32>,
+    /// Per rev-NAT id of a frontend written or removed: which of its
+    /// affinity entries went stale.
+    pub affinity: BTreeMap<u16, StaleAffinity>,
+}
+
+/// Affinity entries of one frontend that no longer hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StaleAffinity {
+    /// Every one (affinity turned off, or the frontend gone).
+    All,
+    /// Those naming these backends (they left the frontend's slots).
+    Backends(BTreeSet<u32>),
 }
 
 impl CleanupRequest {
     pub fn is_empty(&self) -> bool {
-        !self.backends_gone && self.affinity.is_empty()
+        self.backends_gone.is_empty() && self.affinity.is_empty()
     }
 
-    /// Fold a later request in: its view of a frontend wins.
+    /// Name one frontend's stale affinity entries.
+    pub fn merge_affinity(&mut self, rev_nat: u16, stale: StaleAffinity) {
+        self.merge(CleanupRequest {
+            backends_gone: BTreeSet::new(),
+            affinity: [(rev_nat, stale)].into(),
+        });
+    }
+
+    /// Fold a later request in.
     fn merge(&mut self, later: CleanupRequest) {
-        self.backends_gone |= later.backends_gone;
-        self.affinity.extend(later.affinity);
+        self.backends_gone.extend(later.backends_gone);
+        for (rev_nat, stale) in later.affinity {
+            match (self.affinity.get_mut(&rev_nat), stale) {
+                (Some(StaleAffinity::All), _) => {}
+                (Some(StaleAffinity::Backends(mine)), StaleAffinity::Backends(theirs)) => {
+                    mine.extend(theirs);
+                }
+                (_, stale) => {
+                    self.affinity.insert(rev_nat, stale);
+                }
+            }
+        }
     }
 }
 
@@ -46,21 +73,29 @@ pub struct Cleaned {
 /// Remove what `request` names as stale.
 pub fn clean(maps: &mut Maps, request: &CleanupRequest) -> Cleaned {
     let mut cleaned = Cleaned::default();
-    if request.backends_gone {
-        // Candidates first, then the backends that exist: a flow seen in
-        // the walk existed before the read, so its backend (ids are not
-        // reused at once) is in it unless it is really gone.
-        let candidates: Vec<_> = maps
+    // Only ids still absent from the backend map (one lookup each; a walk
+    // of a map the sync rewrites meanwhile can miss live keys): ids are not
+    // handed out again at once, so an absent id is really gone.
+    let gone: BTreeSet<u32> = request
+        .backends_gone
+        .iter()
+        .copied()
+        .filter(|id| {
+            matches!(
+                maps.backends.get(id, 0),
+                Err(aya::maps::MapError::KeyNotFound)
+            )
+        })
+        .collect();
+    if !gone.is_empty() {
+        let stale: Vec<_> = maps
             .conntrack()
             .into_iter()
             .flat_map(|(_, ct)| ct.iter().filter_map(Result::ok))
-            .filter(|(_, v)| v.backend_id != lb_common::CT_NO_BACKEND)
+            .filter(|(_, v)| gone.contains(&v.backend_id))
+            .map(|(k, _)| k)
             .collect();
-        let live: BTreeSet<u32> = maps.backends.keys().filter_map(Result::ok).collect();
-        for (key, value) in candidates {
-            if live.contains(&value.backend_id) {
-                continue;
-            }
+        for key in stale {
             if removed(maps.conntrack_of_mut(key.proto).remove(&key)) {
                 cleaned.flows += 1;
             }
@@ -71,12 +106,10 @@ pub fn clean(maps: &mut Maps, request: &CleanupRequest) -> Cleaned {
             .affinity
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                request.affinity.get(&k.rev_nat_id).is_some_and(|slots| {
-                    !slots
-                        .as_ref()
-                        .is_some_and(|slots| slots.contains(&v.backend_id))
-                })
+            .filter(|(k, v)| match request.affinity.get(&k.rev_nat_id) {
+                Some(StaleAffinity::All) => true,
+                Some(StaleAffinity::Backends(gone)) => gone.contains(&v.backend_id),
+                None => false,
             })
             .map(|(k, _)| k)
             .collect();

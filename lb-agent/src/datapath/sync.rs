@@ -17,7 +17,7 @@ use lb_common::{
 use tracing::{debug, warn};
 
 use super::{
-    cleanup::{self, Cleaner, CleanupRequest},
+    cleanup::{self, Cleaner, CleanupRequest, StaleAffinity},
     maps::Maps,
 };
 use crate::model::{
@@ -155,6 +155,8 @@ pub struct Syncer {
     /// Frontends whose last write failed: their applied slots may name
     /// backends the desired state no longer uses.
     unwritten: BTreeSet<FrontendKey>,
+    /// The keys of backends whose last use went, until their id is freed.
+    unused_keys: BTreeMap<u32, BackendKey>,
     /// What this sync made stale (affinity of frontends with affinity
     /// before or after it, flows of removed backends).
     cleanup: CleanupRequest,
@@ -266,6 +268,7 @@ impl Syncer {
             uses: BTreeMap::new(),
             released: BTreeSet::new(),
             unwritten: BTreeSet::new(),
+            unused_keys: BTreeMap::new(),
             cleanup: CleanupRequest::default(),
             cleaner: None,
             stray_service_keys: Vec::new(),
@@ -455,7 +458,6 @@ impl Syncer {
             .collect();
         self.released.extend(unused);
         report.backends_removed += self.remove_released();
-        self.cleanup.backends_gone |= report.backends_removed > 0;
         self.request_cleanup();
         report
     }
@@ -687,23 +689,41 @@ impl Syncer {
             let Some(applied) = self.frontends.get(fk).cloned() else {
                 continue;
             };
-            let mut ok = self.remove_key(service_key(fk, 0));
-            for slot in 1..=applied.slots.len() as u16 {
-                ok &= self.remove_key(service_key(fk, slot));
+            // Slot 0 first: while it stands, its slots must too.
+            let head_removed = self.remove_key(service_key(fk, 0));
+            let mut ok = head_removed;
+            if head_removed {
+                for slot in 1..=applied.slots.len() as u16 {
+                    ok &= self.remove_key(service_key(fk, slot));
+                }
+                for index in 0..applied.maglev.len() as u32 {
+                    ok &= removed(
+                        self.maps
+                            .maglev
+                            .remove(&maglev_key(applied.head.rev_nat_id, index)),
+                    );
+                }
             }
-            for index in 0..applied.maglev.len() as u32 {
-                ok &= removed(
-                    self.maps
-                        .maglev
-                        .remove(&maglev_key(applied.head.rev_nat_id, index)),
-                );
+            if !ok {
+                report.errors.push(SyncError {
+                    object: fk.to_string(),
+                    reason: "removing the frontend failed; retried".into(),
+                    full: false,
+                });
+                if head_removed && let Some(mirror) = self.frontends.get_mut(fk) {
+                    // Partly removed: whatever is written next is written whole.
+                    mirror.head.flags = u32::MAX;
+                    mirror.slots.fill(0);
+                    mirror.maglev.fill(0);
+                }
             }
             if ok {
                 self.frontends.remove(fk);
                 self.unwritten.remove(fk);
                 report.frontends_removed += 1;
                 if applied.head.flags & service_flags::AFFINITY != 0 {
-                    self.cleanup.affinity.insert(applied.head.rev_nat_id, None);
+                    self.cleanup
+                        .merge_affinity(applied.head.rev_nat_id, StaleAffinity::All);
                 }
                 self.remove_rev_nat(applied.head.rev_nat_id);
             } else {
@@ -716,18 +736,29 @@ impl Syncer {
             }
             if self.remove_key(address_key(key.0, key.1)) {
                 self.addresses.remove(key);
+            } else {
+                report.errors.push(SyncError {
+                    object: format!("Service IP {}", key.0),
+                    reason: "removing the address entry failed; retried".into(),
+                    full: false,
+                });
             }
         }
         for (addr, net) in stale_ranges {
             if removed(self.maps.source_ranges.remove(&source_range_key(addr, net))) {
                 self.source_ranges.remove(&(addr, net));
+            } else {
+                report.errors.push(SyncError {
+                    object: format!("LoadBalancer IP {addr}"),
+                    reason: format!("removing source range {net} failed; retried"),
+                    full: false,
+                });
             }
         }
         report.backends_removed += self.remove_released();
         // 4. State that no longer holds: affinity to a backend that left its
         //    frontend's slots (or of a frontend without affinity now), and
         //    flows to backends that are gone (removed at once, not aged out).
-        self.cleanup.backends_gone |= report.backends_removed > 0;
         self.request_cleanup();
         report
     }
@@ -754,8 +785,12 @@ impl Syncer {
     fn count_use(&mut self, u: &BackendUse, sign: i32) {
         let counts = self.uses.entry(u.id).or_default();
         counts.add(u, sign);
-        if counts.is_empty() {
-            self.uses.remove(&u.id);
+        if counts.is_empty()
+            && let Some(gone) = self.uses.remove(&u.id)
+            && let Some(key) = gone.key
+        {
+            // Its id is freed by key when the backend was never written.
+            self.unused_keys.insert(u.id, key);
         }
     }
 
@@ -784,7 +819,14 @@ impl Syncer {
                 self.released.insert(id);
                 continue;
             }
+            let unused_key = self.unused_keys.remove(&id);
             let Some(value) = self.backends.get(&id).copied() else {
+                // Never written (its write failed): only the id to free.
+                if let Some(key) = unused_key
+                    && self.backend_ids.get(&key) == Some(id)
+                {
+                    self.backend_ids.release(&key);
+                }
                 continue;
             };
             if !removed(self.maps.backends.remove(&id)) {
@@ -793,6 +835,7 @@ impl Syncer {
             }
             count += 1;
             self.backends.remove(&id);
+            self.cleanup.backends_gone.insert(id);
             self.release_backend_id(value);
         }
         count
@@ -917,9 +960,20 @@ impl Syncer {
             return Ok(false);
         }
         if (head.flags | old.as_ref().map_or(0, |o| o.head.flags)) & service_flags::AFFINITY != 0 {
-            let slots =
-                (head.flags & service_flags::AFFINITY != 0).then(|| ids.iter().copied().collect());
-            self.cleanup.affinity.insert(rev_nat_id, slots);
+            let stale = if head.flags & service_flags::AFFINITY == 0 {
+                Some(StaleAffinity::All)
+            } else {
+                // Only the backends that left its slots.
+                let left: BTreeSet<u32> = old
+                    .iter()
+                    .flat_map(|o| o.slots.iter().copied())
+                    .filter(|id| !ids.contains(id))
+                    .collect();
+                (!left.is_empty()).then_some(StaleAffinity::Backends(left))
+            };
+            if let Some(stale) = stale {
+                self.cleanup.merge_affinity(rev_nat_id, stale);
+            }
         }
         // The table before slot 0 names its size (make before break).
         let old_table = old.as_ref().map(|o| o.maglev.clone()).unwrap_or_default();

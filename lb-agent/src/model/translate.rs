@@ -124,8 +124,9 @@ pub enum Claim {
     /// A frontend entry (NodePorts on node addresses, and a Service IP
     /// that is also a node address): links claimants, never reserved.
     Frontend(FrontendKey),
-    /// A nodePort (all node addresses), for which the holder is kept.
-    NodePort(u16, Protocol),
+    /// A nodePort on the node addresses of one family (true: IPv6), for
+    /// which the holder is kept.
+    NodePort(u16, Protocol, bool),
     HealthCheckPort(u16),
 }
 
@@ -462,7 +463,7 @@ impl Translator {
             if let Some(old) = self.desired.frontends.remove(&fk) {
                 self.touched.entry(fk).or_insert(Some(old));
             }
-            self.disown(Claim::NodePort(fk.port, fk.proto), key);
+            self.disown(Claim::NodePort(fk.port, fk.proto, fk.addr.is_ipv6()), key);
         }
         for ip in granted.ips {
             if self.ip_owners.get(&ip) == Some(key) {
@@ -551,17 +552,17 @@ impl Translator {
         // A nodePort another Service holds on this node: that port is skipped.
         let mut taken_node_ports = BTreeSet::new();
         for (fk, _) in &service.node_ports {
-            if taken_node_ports.contains(&(fk.port, fk.proto)) {
+            if taken_node_ports.contains(&(fk.port, fk.proto, fk.addr.is_ipv6())) {
                 continue;
             }
             let holder = match self.desired.frontends.get(fk) {
                 Some(f) => f.service_port.split(':').next().map(str::to_owned),
                 None => self
-                    .reserved_for_other(&Claim::NodePort(fk.port, fk.proto), key)
+                    .reserved_for_other(&Claim::NodePort(fk.port, fk.proto, fk.addr.is_ipv6()), key)
                     .map(ToString::to_string),
             };
             if let Some(holder) = holder {
-                taken_node_ports.insert((fk.port, fk.proto));
+                taken_node_ports.insert((fk.port, fk.proto, fk.addr.is_ipv6()));
                 granted.problems.push(Problem {
                     object: object.clone(),
                     reason: format!(
@@ -627,9 +628,11 @@ impl Translator {
             }
         }
         for (fk, frontend) in service.node_ports {
-            if !taken_node_ports.contains(&(fk.port, fk.proto)) {
-                self.owners
-                    .insert(Claim::NodePort(fk.port, fk.proto), key.clone());
+            if !taken_node_ports.contains(&(fk.port, fk.proto, fk.addr.is_ipv6())) {
+                self.owners.insert(
+                    Claim::NodePort(fk.port, fk.proto, fk.addr.is_ipv6()),
+                    key.clone(),
+                );
                 self.insert_frontend(fk, frontend, &mut granted);
             }
         }
@@ -682,7 +685,7 @@ impl ServiceTranslation {
         }
         for (fk, _) in &service.node_ports {
             claims.push(Claim::Frontend(*fk));
-            claims.push(Claim::NodePort(fk.port, fk.proto));
+            claims.push(Claim::NodePort(fk.port, fk.proto, fk.addr.is_ipv6()));
         }
         claims.extend(
             service

@@ -147,8 +147,9 @@ struct Tables {
     /// Kept as compact records.
     slices: Table<SliceRecord>,
     nodes: Table<Node>,
-    /// Object changes not yet handed to the change tracker.
-    changes: Vec<Change>,
+    /// Object changes not yet handed to the change tracker, the latest per
+    /// object (bounded by the cluster, however long the loop waits).
+    changes: BTreeMap<(&'static str, ObjectKey), Change>,
     /// When the oldest change not yet handed to a sync arrived.
     pending_since: Option<Instant>,
 }
@@ -364,7 +365,14 @@ impl KubeSource {
                 table.ready
             }
         };
-        tables.changes.extend(changes);
+        for change in changes {
+            let key = match &change {
+                Change::Service(k, _) => ("Service", k.clone()),
+                Change::EndpointSlice(k, _) => ("EndpointSlice", k.clone()),
+                Change::Node(name, _) => ("Node", ObjectKey::new("", name.clone())),
+            };
+            tables.changes.insert(key, change);
+        }
         if changed {
             tables.pending_since.get_or_insert_with(Instant::now);
             drop(guard);
@@ -395,7 +403,8 @@ impl KubeSource {
     /// The object changes since the last call, and when the oldest arrived.
     pub fn take_changes(&self) -> (Vec<Change>, Option<Instant>) {
         let mut t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
-        (std::mem::take(&mut t.changes), t.pending_since.take())
+        let changes = std::mem::take(&mut t.changes).into_values().collect();
+        (changes, t.pending_since.take())
     }
 
     pub fn watch_stats(&self) -> WatchStats {
