@@ -43,11 +43,49 @@ pub fn slice_service(key: &ObjectKey, slice: &SliceRecord) -> Option<ObjectKey> 
     Some(ObjectKey::new(key.namespace.clone(), name.clone()))
 }
 
+/// Service -> its EndpointSlices, by their `kubernetes.io/service-name`.
+#[derive(Debug, Default)]
+pub struct SlicesByService(BTreeMap<ObjectKey, BTreeSet<ObjectKey>>);
+
+impl SlicesByService {
+    /// A slice now belongs to `new` (None: to no Service, or deleted)
+    /// instead of `old`.
+    pub fn move_slice(
+        &mut self,
+        slice: &ObjectKey,
+        old: Option<&ObjectKey>,
+        new: Option<&ObjectKey>,
+    ) {
+        if old == new {
+            return;
+        }
+        if let Some(svc) = old
+            && let Some(set) = self.0.get_mut(svc)
+        {
+            set.remove(slice);
+            if set.is_empty() {
+                self.0.remove(svc);
+            }
+        }
+        if let Some(svc) = new {
+            self.0.entry(svc.clone()).or_default().insert(slice.clone());
+        }
+    }
+
+    pub fn of<'a>(&'a self, service: &ObjectKey) -> impl Iterator<Item = &'a ObjectKey> + use<'a> {
+        self.0.get(service).into_iter().flatten()
+    }
+
+    /// The Service has at least one slice.
+    pub fn has(&self, service: &ObjectKey) -> bool {
+        self.0.contains_key(service)
+    }
+}
+
 #[derive(Default)]
 pub struct ChangeTracker {
     state: ClusterState,
-    /// Service -> its EndpointSlices.
-    slices_by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    slices_by_service: SlicesByService,
     dirty: Dirty,
 }
 
@@ -62,9 +100,7 @@ impl ChangeTracker {
         service: &ObjectKey,
     ) -> impl Iterator<Item = (&'a ObjectKey, &'a SliceRecord)> + 'a {
         self.slices_by_service
-            .get(service)
-            .into_iter()
-            .flatten()
+            .of(service)
             .filter_map(|k| Some((k, self.state.endpoint_slices.get(k)?.as_ref())))
     }
 
@@ -94,22 +130,8 @@ impl ChangeTracker {
                 }
                 let old_service = old.as_ref().and_then(|s| slice_service(&key, s));
                 let new_service = slice.as_ref().and_then(|s| slice_service(&key, s));
-                if old_service != new_service {
-                    if let Some(svc) = &old_service
-                        && let Some(set) = self.slices_by_service.get_mut(svc)
-                    {
-                        set.remove(&key);
-                        if set.is_empty() {
-                            self.slices_by_service.remove(svc);
-                        }
-                    }
-                    if let Some(svc) = &new_service {
-                        self.slices_by_service
-                            .entry(svc.clone())
-                            .or_default()
-                            .insert(key.clone());
-                    }
-                }
+                self.slices_by_service
+                    .move_slice(&key, old_service.as_ref(), new_service.as_ref());
                 self.dirty.services.extend(old_service);
                 self.dirty.services.extend(new_service);
                 self.dirty.slices.insert(key);

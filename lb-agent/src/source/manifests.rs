@@ -20,8 +20,9 @@ use thiserror::Error;
 
 use super::endpoints::{derive_slices, mirror_endpoints};
 use crate::model::{
-    Change, ClusterState, ObjectKey, Problem, SliceRecord, cluster::LABEL_ZONE,
-    tracker::slice_service,
+    Change, ClusterState, ObjectKey, Problem, SliceRecord,
+    cluster::LABEL_ZONE,
+    tracker::{SlicesByService, slice_service},
 };
 
 #[derive(Debug, Error)]
@@ -119,7 +120,7 @@ struct Assembly {
     state: ClusterState,
     written_slices: BTreeMap<ObjectKey, Arc<SliceRecord>>,
     /// Service -> its written EndpointSlices.
-    slices_by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    slices_by_service: SlicesByService,
     endpoints: BTreeMap<ObjectKey, Arc<Endpoints>>,
     pods: BTreeMap<ObjectKey, Arc<Pod>>,
     /// Service -> the slices derived for it (from Pods or Endpoints).
@@ -319,16 +320,7 @@ impl ManifestDir {
                 Some(ObjectKey::new(k.namespace.clone(), svc.clone()))
             })
             .collect();
-        let node_zones: BTreeMap<String, String> = state
-            .nodes
-            .iter()
-            .filter_map(|(name, n)| {
-                Some((
-                    name.clone(),
-                    n.metadata.labels.as_ref()?.get(LABEL_ZONE)?.clone(),
-                ))
-            })
-            .collect();
+        let node_zones = node_zones(&state);
 
         let mut generated = Vec::new();
         for (key, svc) in &state.services {
@@ -425,20 +417,11 @@ impl Assembly {
                         continue;
                     }
                     let new_service = o.as_ref().and_then(|s| slice_service(&key, s));
-                    if let Some(svc) = &old_service
-                        && let Some(set) = self.slices_by_service.get_mut(svc)
-                    {
-                        set.remove(&key);
-                        if set.is_empty() {
-                            self.slices_by_service.remove(svc);
-                        }
-                    }
-                    if let Some(svc) = &new_service {
-                        self.slices_by_service
-                            .entry(svc.clone())
-                            .or_default()
-                            .insert(key.clone());
-                    }
+                    self.slices_by_service.move_slice(
+                        &key,
+                        old_service.as_ref(),
+                        new_service.as_ref(),
+                    );
                     affected.extend(old_service);
                     affected.extend(new_service);
                     if !self.is_derived(&key) {
@@ -495,17 +478,7 @@ impl Assembly {
         if affected.is_empty() {
             return changes;
         }
-        let node_zones: BTreeMap<String, String> = self
-            .state
-            .nodes
-            .iter()
-            .filter_map(|(name, n)| {
-                Some((
-                    name.clone(),
-                    n.metadata.labels.as_ref()?.get(LABEL_ZONE)?.clone(),
-                ))
-            })
-            .collect();
+        let node_zones = node_zones(&self.state);
         for service in affected {
             self.derive(&service, &node_zones, &mut changes);
         }
@@ -526,7 +499,7 @@ impl Assembly {
         changes: &mut Vec<Change>,
     ) {
         let generated: Vec<EndpointSlice> = match self.state.services.get(service) {
-            Some(svc) if !self.slices_by_service.contains_key(service) => {
+            Some(svc) if !self.slices_by_service.has(service) => {
                 let has_selector = svc
                     .spec
                     .as_ref()
@@ -610,6 +583,20 @@ impl Assembly {
             self.duplicates.insert(id.clone(), problems);
         }
     }
+}
+
+/// Node name -> its `topology.kubernetes.io/zone` label (for derived slices' hints).
+fn node_zones(state: &ClusterState) -> BTreeMap<String, String> {
+    state
+        .nodes
+        .iter()
+        .filter_map(|(name, n)| {
+            Some((
+                name.clone(),
+                n.metadata.labels.as_ref()?.get(LABEL_ZONE)?.clone(),
+            ))
+        })
+        .collect()
 }
 
 /// Put `value` at `key` (None: remove); true when that changed anything.
