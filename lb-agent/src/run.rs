@@ -395,11 +395,11 @@ impl Reconciler {
             self.health_checks.update(&desired.health_checks);
         }
         for (fk, before) in &delta.frontends {
-            self.endpoints_programmed -= before.as_ref().map_or(0, |f| f.backends.len() as i64);
+            self.endpoints_programmed -= before.as_ref().map_or(0, |f| f.set.backends.len() as i64);
             self.endpoints_programmed += desired
                 .frontends
                 .get(fk)
-                .map_or(0, |f| f.backends.len() as i64);
+                .map_or(0, |f| f.set.backends.len() as i64);
         }
         let full = self.full_sync;
         let report = if !full && delta.is_empty() {
@@ -535,6 +535,8 @@ pub async fn run(config: RunConfig) -> Result<()> {
     let capacities = Capacities {
         services: config.lb_map_max.unwrap_or(defaults.services),
         backends: config.lb_map_max.unwrap_or(defaults.backends),
+        backend_sets: config.lb_map_max.unwrap_or(defaults.backend_sets),
+        backend_slots: config.lb_map_max.unwrap_or(defaults.backend_slots),
         // Two entries (forward and reply) per flow.
         ct_tcp: 2 * config.ct_max_tcp,
         ct_other: 2 * config.ct_max_other,

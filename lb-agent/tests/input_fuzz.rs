@@ -127,7 +127,7 @@ fn frontends(state: &ClusterState, owners: &lb_agent::model::Owners) -> Vec<Stri
         .frontends
         .iter()
         .filter(|(_, f)| f.service_port.starts_with("default/good"))
-        .map(|(k, f)| format!("{k} {:?} {:?}", f.backends, f.standby))
+        .map(|(k, f)| format!("{k} {:?} {:?}", f.set.backends, f.set.standby))
         .collect()
 }
 

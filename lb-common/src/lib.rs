@@ -9,12 +9,14 @@
 
 /// Version of the map layout below. Bump it whenever a key or value changes
 /// shape, so an agent never adopts pinned maps written with another layout.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Map names, as the kernel object declares them and as they are pinned.
 pub mod map_names {
     pub const SERVICES: &str = "LB_SERVICES";
     pub const BACKENDS: &str = "LB_BACKENDS";
+    pub const BACKEND_SETS: &str = "LB_BACKEND_SETS";
+    pub const BACKEND_SLOTS: &str = "LB_BACKEND_SLOTS";
     pub const REV_NAT: &str = "LB_REV_NAT";
     /// Conntrack of TCP flows, and of every other protocol: separate so a
     /// flood of one kind cannot evict the other's flows.
@@ -28,9 +30,11 @@ pub mod map_names {
     pub const SOCK_NAT: &str = "LB_SOCK_NAT";
     pub const SOCK_AFFINITY: &str = "LB_SOCK_AFFINITY";
     /// Every map of the object, in the order the agent pins them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         SERVICES,
         BACKENDS,
+        BACKEND_SETS,
+        BACKEND_SLOTS,
         REV_NAT,
         CT_TCP,
         CT_OTHER,
@@ -101,10 +105,20 @@ pub mod program_names {
 
 /// Map capacities.
 pub mod map_sizes {
-    /// Frontend slots: slot 0 of every frontend plus one per backend reference.
+    /// Frontends and Service address entries: a dual-stack LoadBalancer
+    /// Service with one port on a node with two addresses per family has 14
+    /// frontends and 6 address entries.
     pub const SERVICES: u32 = 262_144;
-    pub const BACKENDS: u32 = 131_072;
-    pub const REV_NAT: u32 = 65_535;
+    /// Backends (endpoint ip:port/protocol), each stored once however many
+    /// sets name it.
+    pub const BACKENDS: u32 = 262_144;
+    /// Backend sets: one per Service port, family and endpoint selection
+    /// (cluster-wide, node-local), shared by all the frontends that use it.
+    pub const BACKEND_SETS: u32 = 131_072;
+    /// Backend references over all sets.
+    pub const BACKEND_SLOTS: u32 = 524_288;
+    /// One rev-NAT id per frontend.
+    pub const REV_NAT: u32 = 262_144;
     /// Conntrack entries as the object declares them: two (forward and
     /// reply) per flow, for the smallest default (`ct_flows_default`). The
     /// agent sizes them from --ct-max-tcp / --ct-max-other.
@@ -245,8 +259,8 @@ impl From<core::net::Ipv4Addr> for Addr {
     }
 }
 
-/// Key of `LB_SERVICES`. Slot 0 describes the frontend, slots `1..=count`
-/// each name one backend.
+/// Key of `LB_SERVICES`: a frontend, or with port and protocol 0 a Service
+/// address entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct ServiceKey {
@@ -254,13 +268,12 @@ pub struct ServiceKey {
     pub addr_be: Addr,
     /// Frontend port, network byte order.
     pub port_be: u16,
-    pub slot: u16,
     pub proto: u8,
     pub scope: u8,
-    pub _pad: [u8; 2],
+    pub _pad: u32,
 }
 
-/// Frontend kind, stored in the low byte of `ServiceValue::flags` on slot 0.
+/// Frontend kind, stored in the low byte of `ServiceValue::flags`.
 pub mod frontend_kind {
     pub const MASK: u32 = 0xff;
     pub const CLUSTER_IP: u32 = 1;
@@ -280,11 +293,11 @@ pub mod service_flags {
     /// With no backend, drop instead of rejecting (traffic policy Local with
     /// endpoints only on other nodes, as kube-proxy does).
     pub const DROP_IF_EMPTY: u32 = 1 << 11;
-    /// Slot 0 of `{addr, port 0, proto 0}`: the address is a Service IP, and
+    /// On the entry of `{addr, port 0, proto 0}`: the address is a Service IP, and
     /// packets to it on an undeclared port or protocol are rejected.
     pub const ADDRESS_ONLY: u32 = 1 << 12;
-    /// New flows pick their backend from the frontend's Maglev table
-    /// (`LB_MAGLEV`); slot 0's `backend_id` holds the table size.
+    /// New flows pick their backend from the backend set's Maglev table
+    /// (`LB_MAGLEV`, of `BackendSetValue::maglev_size` entries).
     pub const MAGLEV: u32 = 1 << 13;
     /// On an address entry: answer ICMP echo requests (the address has a
     /// frontend with a usable backend). An address entry without it drops them.
@@ -299,26 +312,45 @@ pub mod service_flags {
     pub const MASQUERADE: u32 = 1 << 16;
 }
 
-/// Key of `LB_MAGLEV`: one entry of a frontend's Maglev lookup table.
+/// Key of `LB_MAGLEV`: one entry of a backend set's Maglev lookup table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct MaglevKey {
-    pub rev_nat_id: u16,
-    pub _pad: u16,
+    pub set_id: u32,
     pub index: u32,
 }
 
-/// Value of `LB_SERVICES`. On slot 0: `count`, `rev_nat_id`, `flags` and
-/// `affinity_timeout_s` describe the frontend and `backend_id` is 0. On slot
-/// N >= 1: `backend_id` names the backend, the rest is 0.
+/// Value of `LB_SERVICES`. A frontend: the backend set it balances to, its
+/// rev-NAT id (replies, affinity), `service_flags` and the affinity timeout.
+/// An address entry: `flags` only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceValue {
-    pub backend_id: u32,
-    pub count: u16,
-    pub rev_nat_id: u16,
+    pub backend_set_id: u32,
+    pub rev_nat_id: u32,
     pub flags: u32,
     pub affinity_timeout_s: u32,
+}
+
+/// Value of `LB_BACKEND_SETS`, keyed by a `u32` set id (never 0): a list of
+/// backends several frontends share (a Service port's endpoints as one
+/// family and traffic policy select them), stored once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendSetValue {
+    /// Slots `0..count` in `LB_BACKEND_SLOTS`; 0: no backend takes new flows.
+    pub count: u32,
+    /// Entries of the set's Maglev table (0: none).
+    pub maglev_size: u32,
+}
+
+/// Key of `LB_BACKEND_SLOTS`: slot `slot` (`0..count`) of a backend set;
+/// the value is a backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct BackendSlotKey {
+    pub set_id: u32,
+    pub slot: u32,
 }
 
 /// `BackendValue::state`: takes new flows (it is in some frontend's slots).
@@ -353,9 +385,9 @@ pub struct BackendValue {
     pub flags: u32,
 }
 
-/// Value of `LB_REV_NAT`, keyed by a `u16` rev-NAT id (never 0): the frontend
+/// Value of `LB_REV_NAT`, keyed by a `u32` rev-NAT id (never 0): the frontend
 /// a reply is translated back to. Each scope of a frontend has its own id
-/// (own affinity and Maglev table).
+/// (own affinity).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RevNatValue {
@@ -442,19 +474,23 @@ pub const CT_NO_BACKEND: u32 = 0;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtValue {
     pub backend_id: u32,
-    pub rev_nat_id: u16,
-    /// `ct_flags` bits, shared meaning in both directions.
-    pub flags: u16,
+    pub rev_nat_id: u32,
     /// Forward: the backend address written as destination. Reply: the
     /// frontend address written as source.
     pub nat_addr_be: Addr,
     /// Port counterpart of `nat_addr_be`, network byte order.
     pub nat_port_be: u16,
+    /// Port counterpart of `snat_addr_be` (forward: the allocated source
+    /// port; reply: the client port), network byte order.
+    pub snat_port_be: u16,
+    /// `ct_flags` bits, shared meaning in both directions.
+    pub flags: u16,
     /// Union of the TCP flag bytes seen in this direction.
     pub tcp_flags_seen: u8,
     pub _pad0: u8,
     /// Seconds after `last_seen_ns` at which the entry is dead.
     pub lifetime_s: u32,
+    pub _pad1: u32,
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at creation.
     pub created_ns: u64,
     /// `bpf_ktime_get_ns` of the last packet in this direction.
@@ -465,10 +501,6 @@ pub struct CtValue {
     pub snat_addr_be: Addr,
     pub packets: u64,
     pub bytes: u64,
-    /// Port counterpart of `snat_addr_be` (forward: the allocated source
-    /// port; reply: the client port), network byte order.
-    pub snat_port_be: u16,
-    pub _pad1: [u8; 6],
 }
 
 /// Key of `LB_AFFINITY`.
@@ -476,8 +508,7 @@ pub struct CtValue {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct AffinityKey {
     pub client_addr_be: Addr,
-    pub rev_nat_id: u16,
-    pub _pad: u16,
+    pub rev_nat_id: u32,
 }
 
 /// Value of `LB_AFFINITY`.
@@ -516,7 +547,8 @@ pub struct SockNatKey {
 pub struct SockNatValue {
     pub addr_be: Addr,
     pub port_be: u16,
-    pub rev_nat_id: u16,
+    pub _pad: u16,
+    pub rev_nat_id: u32,
     pub backend_id: u32,
 }
 
@@ -527,8 +559,8 @@ pub struct SockNatValue {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct SockAffinityKey {
     pub netns_cookie: u64,
-    pub rev_nat_id: u16,
-    pub _pad: [u8; 6],
+    pub rev_nat_id: u32,
+    pub _pad: u32,
 }
 
 /// Value of `LB_CONFIG` index 0: node-wide datapath settings.
@@ -602,7 +634,8 @@ pub mod stat {
     pub const REJECT_ICMP: u32 = 9;
     /// Tracked flow whose backend no longer exists: a new backend was chosen.
     pub const BACKEND_REPLACED: u32 = 10;
-    /// Impossible: a slot in `1..=count` is missing (make-before-break broken).
+    /// Impossible: a frontend's backend set, or a slot in `0..count` of it,
+    /// is missing (make-before-break broken).
     pub const ERR_SLOT_MISSING: u32 = 11;
     /// Impossible: a slot names a backend id that is not in `LB_BACKENDS`.
     pub const ERR_BACKEND_MISSING: u32 = 12;
@@ -728,11 +761,13 @@ const _: () = {
     assert!(core::mem::size_of::<RevNatValue>() == 20);
     assert!(core::mem::size_of::<CtKey>() == 40);
     assert!(core::mem::size_of::<CtValue>() == 88);
+    assert!(core::mem::size_of::<BackendSetValue>() == 8);
+    assert!(core::mem::size_of::<BackendSlotKey>() == 8);
     assert!(core::mem::size_of::<AffinityKey>() == 20);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<ConfigValue>() == 88);
     assert!(core::mem::size_of::<SockNatKey>() == 32);
-    assert!(core::mem::size_of::<SockNatValue>() == 24);
+    assert!(core::mem::size_of::<SockNatValue>() == 28);
     assert!(core::mem::size_of::<SockAffinityKey>() == 16);
     assert!(core::mem::size_of::<SourceRange>() == 32);
     assert!(core::mem::size_of::<MaglevKey>() == 8);
@@ -754,6 +789,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for ConfigValue {}
     unsafe impl aya::Pod for MaglevKey {}
+    unsafe impl aya::Pod for BackendSetValue {}
+    unsafe impl aya::Pod for BackendSlotKey {}
     unsafe impl aya::Pod for SourceRange {}
     unsafe impl aya::Pod for SockNatKey {}
     unsafe impl aya::Pod for SockNatValue {}
@@ -807,19 +844,16 @@ mod tests {
         let key = ServiceKey {
             addr_be: v4([10, 96, 0, 1]),
             port_be: 80u16.to_be(),
-            slot: 3,
             proto: IPPROTO_TCP,
             scope: SCOPE_EXTERNAL,
-            _pad: [0; 2],
+            _pad: 0,
         };
-        let slot = 3u16.to_ne_bytes();
         assert_eq!(
             bytes(&key),
             &[
-                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 96, 0, 1, 0, 80, slot[0], slot[1], 6,
-                1, 0, 0
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 96, 0, 1, 0, 80, 6, 1, 0, 0, 0, 0
             ],
-            "addresses and ports are in network order, slot in host order"
+            "addresses and ports are in network order"
         );
     }
 
@@ -827,14 +861,12 @@ mod tests {
     fn field_offsets_are_what_the_kernel_reads() {
         let cases: &[(&str, usize, usize)] = &[
             ("ServiceKey.port_be", offset_of!(ServiceKey, port_be), 16),
-            ("ServiceKey.slot", offset_of!(ServiceKey, slot), 18),
-            ("ServiceKey.proto", offset_of!(ServiceKey, proto), 20),
-            ("ServiceKey.scope", offset_of!(ServiceKey, scope), 21),
-            ("ServiceValue.count", offset_of!(ServiceValue, count), 4),
+            ("ServiceKey.proto", offset_of!(ServiceKey, proto), 18),
+            ("ServiceKey.scope", offset_of!(ServiceKey, scope), 19),
             (
                 "ServiceValue.rev_nat_id",
                 offset_of!(ServiceValue, rev_nat_id),
-                6,
+                4,
             ),
             ("ServiceValue.flags", offset_of!(ServiceValue, flags), 8),
             (
@@ -859,33 +891,33 @@ mod tests {
             ("CtKey.proto", offset_of!(CtKey, proto), 36),
             ("CtKey.dir", offset_of!(CtKey, dir), 37),
             ("CtValue.rev_nat_id", offset_of!(CtValue, rev_nat_id), 4),
-            ("CtValue.flags", offset_of!(CtValue, flags), 6),
             ("CtValue.nat_addr_be", offset_of!(CtValue, nat_addr_be), 8),
             ("CtValue.nat_port_be", offset_of!(CtValue, nat_port_be), 24),
             (
-                "CtValue.tcp_flags_seen",
-                offset_of!(CtValue, tcp_flags_seen),
+                "CtValue.snat_port_be",
+                offset_of!(CtValue, snat_port_be),
                 26,
             ),
-            ("CtValue.lifetime_s", offset_of!(CtValue, lifetime_s), 28),
-            ("CtValue.created_ns", offset_of!(CtValue, created_ns), 32),
+            ("CtValue.flags", offset_of!(CtValue, flags), 28),
+            (
+                "CtValue.tcp_flags_seen",
+                offset_of!(CtValue, tcp_flags_seen),
+                30,
+            ),
+            ("CtValue.lifetime_s", offset_of!(CtValue, lifetime_s), 32),
+            ("CtValue.created_ns", offset_of!(CtValue, created_ns), 40),
             (
                 "CtValue.last_seen_ns",
                 offset_of!(CtValue, last_seen_ns),
-                40,
+                48,
             ),
             (
                 "CtValue.snat_addr_be",
                 offset_of!(CtValue, snat_addr_be),
-                48,
+                56,
             ),
-            ("CtValue.packets", offset_of!(CtValue, packets), 64),
-            ("CtValue.bytes", offset_of!(CtValue, bytes), 72),
-            (
-                "CtValue.snat_port_be",
-                offset_of!(CtValue, snat_port_be),
-                80,
-            ),
+            ("CtValue.packets", offset_of!(CtValue, packets), 72),
+            ("CtValue.bytes", offset_of!(CtValue, bytes), 80),
             (
                 "AffinityKey.rev_nat_id",
                 offset_of!(AffinityKey, rev_nat_id),
@@ -897,6 +929,12 @@ mod tests {
                 8,
             ),
             ("MaglevKey.index", offset_of!(MaglevKey, index), 4),
+            ("BackendSlotKey.slot", offset_of!(BackendSlotKey, slot), 4),
+            (
+                "BackendSetValue.maglev_size",
+                offset_of!(BackendSetValue, maglev_size),
+                4,
+            ),
             ("ConfigValue.flags", offset_of!(ConfigValue, flags), 4),
             (
                 "ConfigValue.snat_port_min",
@@ -937,9 +975,14 @@ mod tests {
             ("SockNatKey.port_be", offset_of!(SockNatKey, port_be), 24),
             ("SockNatKey.dir", offset_of!(SockNatKey, dir), 27),
             (
+                "SockNatValue.rev_nat_id",
+                offset_of!(SockNatValue, rev_nat_id),
+                20,
+            ),
+            (
                 "SockNatValue.backend_id",
                 offset_of!(SockNatValue, backend_id),
-                20,
+                24,
             ),
             (
                 "SockAffinityKey.rev_nat_id",

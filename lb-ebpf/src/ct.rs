@@ -273,7 +273,7 @@ const SNAT_TRIES: u32 = 16;
 /// source-NATed to the node), the clock and the first packet's length.
 pub struct NewFlow {
     pub backend_id: u32,
-    pub rev_nat_id: u16,
+    pub rev_nat_id: u32,
     pub allocate: bool,
     pub now: u64,
     pub len: u32,

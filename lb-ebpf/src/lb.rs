@@ -6,18 +6,18 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use lb_common::{
-    Addr, AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY,
-    IPPROTO_TCP, MaglevKey, SCOPE_EXTERNAL, SCOPE_INTERNAL, SOCK_DIR_REVERSE, ServiceKey,
-    ServiceValue, SockNatKey, SourceRange, backend_flags, config_flags, ct_flags, service_flags,
-    stat,
+    Addr, AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendSetValue, BackendSlotKey,
+    BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, IPPROTO_TCP, MaglevKey, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SOCK_DIR_REVERSE, ServiceKey, ServiceValue, SockNatKey, SourceRange,
+    backend_flags, config_flags, ct_flags, service_flags, stat,
 };
 
 use crate::{
     ct::{self, CreateError, Nat, NewFlow},
     icmp_error,
     maps::{
-        LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_SERVICES, LB_SOCK_NAT, LB_SOURCE_RANGES,
-        count,
+        LB_AFFINITY, LB_BACKEND_SETS, LB_BACKEND_SLOTS, LB_BACKENDS, LB_CONFIG, LB_MAGLEV,
+        LB_SERVICES, LB_SOCK_NAT, LB_SOURCE_RANGES, count,
     },
     nat::{self, End},
     packet::{Packet, Routed},
@@ -116,10 +116,9 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
     let key = ServiceKey {
         addr_be: flow.dst_be,
         port_be: flow.dport_be,
-        slot: 0,
         proto: flow.proto,
         scope: origin.scope(),
-        _pad: [0; 2],
+        _pad: 0,
     };
     let mut to = Rewrite::default();
     // The clock is read only where it is needed: not for packets that
@@ -153,10 +152,9 @@ fn address_key(addr_be: Addr, scope: u8) -> ServiceKey {
     ServiceKey {
         addr_be,
         port_be: 0,
-        slot: 0,
         proto: 0,
         scope,
-        _pad: [0; 2],
+        _pad: 0,
     }
 }
 
@@ -238,7 +236,7 @@ fn forward<P: Packet>(
     frontend: &ServiceValue,
     to: &mut Rewrite,
 ) -> i32 {
-    // One consistent copy of slot 0: the agent may rewrite it meanwhile.
+    // One consistent copy: the agent may rewrite the entry meanwhile.
     let frontend = &{ *frontend };
     let origin = if key.scope == SCOPE_EXTERNAL {
         Origin::Node
@@ -281,14 +279,17 @@ fn forward<P: Packet>(
         }
     }
 
-    if frontend.count == 0 {
+    let Some(set) = backend_set(frontend) else {
+        return pkt.drop_verdict();
+    };
+    if set.count == 0 {
         if frontend.flags & service_flags::DROP_IF_EMPTY != 0 {
             count(stat::DROP_NO_BACKEND);
             return pkt.drop_verdict();
         }
         return REFUSE;
     }
-    let Some((backend_id, backend)) = select_backend(flow, key, frontend, now) else {
+    let Some((backend_id, backend)) = select_backend(flow, frontend, &set, now) else {
         return pkt.drop_verdict();
     };
     // Built in the caller's frame: this one is near the stack limit.
@@ -359,21 +360,31 @@ fn forward<P: Packet>(
     REWRITE
 }
 
+/// The frontend's backend set (a copy: the agent may rewrite it). Counts
+/// and returns None on an impossible state (the caller drops).
+#[inline(always)]
+pub fn backend_set(frontend: &ServiceValue) -> Option<BackendSetValue> {
+    let set = unsafe { LB_BACKEND_SETS.get(frontend.backend_set_id) }.copied();
+    if set.is_none() {
+        count(stat::ERR_SLOT_MISSING);
+    }
+    set
+}
+
 /// Choose the backend of a new flow: the client's affinity backend while it
 /// is live and active, else the Maglev table or a random slot. Counts and
 /// returns None on an impossible state (the caller drops).
 #[inline(always)]
 fn select_backend(
     flow: &Flow,
-    key: &ServiceKey,
     frontend: &ServiceValue,
+    set: &BackendSetValue,
     now: u64,
 ) -> Option<(u32, BackendValue)> {
     let affinity = frontend.flags & service_flags::AFFINITY != 0;
     let affinity_key = AffinityKey {
         client_addr_be: flow.src_be,
         rev_nat_id: frontend.rev_nat_id,
-        _pad: 0,
     };
     if affinity
         && let Some(entry) = unsafe { LB_AFFINITY.get(affinity_key) }
@@ -382,7 +393,7 @@ fn select_backend(
         remember(&affinity_key, backend.0, now);
         return Some(backend);
     }
-    let chosen = pick_backend(*key, frontend, || flow_hash(flow))?;
+    let chosen = pick_backend(frontend, set, || flow_hash(flow))?;
     if affinity {
         remember(&affinity_key, chosen.0, now);
     }
@@ -411,35 +422,31 @@ pub fn affinity_backend(
     Some((backend_id, *backend))
 }
 
-/// A backend from the frontend's Maglev table (indexed by `hash`) or a
-/// random slot. Counts and returns None on an impossible state.
+/// A backend from the set's Maglev table (indexed by `hash`) or a random
+/// slot of a set with `count > 0`. Counts and returns None on an impossible
+/// state.
 #[inline(always)]
 pub fn pick_backend(
-    mut key: ServiceKey,
     frontend: &ServiceValue,
+    set: &BackendSetValue,
     hash: impl FnOnce() -> u32,
 ) -> Option<(u32, BackendValue)> {
-    let backend_id = if frontend.flags & service_flags::MAGLEV != 0 && frontend.backend_id != 0 {
-        let index = hash() % frontend.backend_id;
-        let Some(id) = (unsafe {
-            LB_MAGLEV.get(MaglevKey {
-                rev_nat_id: frontend.rev_nat_id,
-                _pad: 0,
-                index,
-            })
-        }) else {
+    let set_id = frontend.backend_set_id;
+    let backend_id = if frontend.flags & service_flags::MAGLEV != 0 && set.maglev_size != 0 {
+        let index = hash() % set.maglev_size;
+        let Some(id) = (unsafe { LB_MAGLEV.get(MaglevKey { set_id, index }) }) else {
             count(stat::ERR_SLOT_MISSING);
             return None;
         };
         count(stat::MAGLEV);
         *id
     } else {
-        key.slot = (unsafe { bpf_get_prandom_u32() } % frontend.count as u32) as u16 + 1;
-        let Some(slot) = (unsafe { LB_SERVICES.get(key) }) else {
+        let slot = unsafe { bpf_get_prandom_u32() } % set.count;
+        let Some(id) = (unsafe { LB_BACKEND_SLOTS.get(BackendSlotKey { set_id, slot }) }) else {
             count(stat::ERR_SLOT_MISSING);
             return None;
         };
-        slot.backend_id
+        *id
     };
     let Some(backend) = (unsafe { LB_BACKENDS.get(backend_id) }) else {
         count(stat::ERR_BACKEND_MISSING);

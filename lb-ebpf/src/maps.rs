@@ -8,24 +8,38 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Addr, AffinityKey, AffinityValue, BackendValue, ConfigValue, CtKey, CtValue, MaglevKey,
-    RevNatValue, ServiceKey, ServiceValue, SockAffinityKey, SockNatKey, SockNatValue, SourceRange,
+    Addr, AffinityKey, AffinityValue, BackendSetValue, BackendSlotKey, BackendValue, ConfigValue,
+    CtKey, CtValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SockAffinityKey, SockNatKey, SockNatValue, SourceRange,
     map_sizes, stat,
 };
 
-/// Frontend slots: {addr, port, proto, scope, slot} -> slot 0 header or backend id.
+/// Frontends: {addr, port, proto, scope} -> backend set, rev-NAT id, flags;
+/// {addr, 0, 0, scope} -> the Service address entry.
 #[map(name = "LB_SERVICES")]
 pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(map_sizes::SERVICES, 0);
 
-/// Backend id -> backend address, port and state.
+/// Backend id -> backend address, port and state. The maps only the agent
+/// writes are not preallocated: memory follows what is programmed, and a
+/// replaced value is freed after readers are done with it.
 #[map(name = "LB_BACKENDS")]
 pub static LB_BACKENDS: HashMap<u32, BackendValue> =
-    HashMap::with_max_entries(map_sizes::BACKENDS, 0);
+    HashMap::with_max_entries(map_sizes::BACKENDS, BPF_F_NO_PREALLOC);
+
+/// Backend set id -> how many slots it has and its Maglev table's size.
+#[map(name = "LB_BACKEND_SETS")]
+pub static LB_BACKEND_SETS: HashMap<u32, BackendSetValue> =
+    HashMap::with_max_entries(map_sizes::BACKEND_SETS, BPF_F_NO_PREALLOC);
+
+/// {set id, slot} -> backend id.
+#[map(name = "LB_BACKEND_SLOTS")]
+pub static LB_BACKEND_SLOTS: HashMap<BackendSlotKey, u32> =
+    HashMap::with_max_entries(map_sizes::BACKEND_SLOTS, BPF_F_NO_PREALLOC);
 
 /// Rev-NAT id -> the frontend replies are translated back to.
 #[map(name = "LB_REV_NAT")]
-pub static LB_REV_NAT: HashMap<u16, RevNatValue> = HashMap::with_max_entries(map_sizes::REV_NAT, 0);
+pub static LB_REV_NAT: HashMap<u32, RevNatValue> =
+    HashMap::with_max_entries(map_sizes::REV_NAT, BPF_F_NO_PREALLOC);
 
 /// Conntrack: forward and reply tuples of translated TCP flows.
 #[map(name = "LB_CT_TCP")]
@@ -75,7 +89,7 @@ pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 #[map(name = "LB_STATS")]
 pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::CAPACITY, 0);
 
-/// Maglev lookup tables: {rev-NAT id, index} -> backend id. Not preallocated:
+/// Maglev lookup tables: {backend set id, index} -> backend id. Not preallocated:
 /// memory follows the tables actually programmed.
 #[map(name = "LB_MAGLEV")]
 pub static LB_MAGLEV: HashMap<MaglevKey, u32> =

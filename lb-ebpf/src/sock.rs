@@ -17,13 +17,13 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    Addr, AffinityValue, BACKEND_ACTIVE, IPPROTO_TCP, IPPROTO_UDP, SCOPE_INTERNAL,
+    Addr, AffinityValue, BACKEND_ACTIVE, BackendSetValue, IPPROTO_TCP, IPPROTO_UDP, SCOPE_INTERNAL,
     SOCK_DIR_FORWARD, SOCK_DIR_REVERSE, ServiceKey, ServiceValue, SockAffinityKey, SockNatKey,
     SockNatValue, config_flags, service_flags, stat,
 };
 
 use crate::{
-    lb::{affinity_backend, pick_backend},
+    lb::{affinity_backend, backend_set, pick_backend},
     maps::{LB_BACKENDS, LB_CONFIG, LB_REV_NAT, LB_SERVICES, LB_SOCK_AFFINITY, LB_SOCK_NAT, count},
 };
 
@@ -114,16 +114,19 @@ pub fn translate_forward(ctx: &SockAddrContext, family: Family) -> i32 {
     let key = ServiceKey {
         addr_be,
         port_be,
-        slot: 0,
         proto,
         // The node's own traffic is in-cluster traffic (internalTrafficPolicy).
         scope: SCOPE_INTERNAL,
-        _pad: [0; 2],
+        _pad: 0,
     };
     let Some(frontend) = (unsafe { LB_SERVICES.get(key) }).copied() else {
         return undeclared_port(addr_be);
     };
-    if frontend.count == 0 {
+    let Some(set) = backend_set(&frontend) else {
+        // An impossible state, counted: leave the call alone.
+        return ALLOW;
+    };
+    if set.count == 0 {
         let errno = if frontend.flags & service_flags::DROP_IF_EMPTY != 0 {
             EHOSTUNREACH
         } else {
@@ -155,7 +158,7 @@ pub fn translate_forward(ctx: &SockAddrContext, family: Family) -> i32 {
     });
     let chosen = match kept {
         Some(chosen) => Some(chosen),
-        None => select(ctx, key, &frontend, now),
+        None => select(ctx, &frontend, &set, now),
     };
     let Some((backend_id, backend)) = chosen else {
         // An impossible state, counted by the selection: leave the call alone.
@@ -165,6 +168,7 @@ pub fn translate_forward(ctx: &SockAddrContext, family: Family) -> i32 {
         let forward = SockNatValue {
             addr_be: backend.addr_be,
             port_be: backend.port_be,
+            _pad: 0,
             rev_nat_id: frontend.rev_nat_id,
             backend_id,
         };
@@ -179,6 +183,7 @@ pub fn translate_forward(ctx: &SockAddrContext, family: Family) -> i32 {
         let reverse = SockNatValue {
             addr_be,
             port_be,
+            _pad: 0,
             rev_nat_id: frontend.rev_nat_id,
             backend_id,
         };
@@ -200,10 +205,9 @@ fn undeclared_port(addr_be: Addr) -> i32 {
     let address_key = ServiceKey {
         addr_be,
         port_be: 0,
-        slot: 0,
         proto: 0,
         scope: SCOPE_INTERNAL,
-        _pad: [0; 2],
+        _pad: 0,
     };
     match unsafe { LB_SERVICES.get(address_key) } {
         Some(address) if address.flags & service_flags::ADDRESS_ONLY != 0 => refuse(ECONNREFUSED),
@@ -225,15 +229,15 @@ fn refuse(errno: i32) -> i32 {
 #[inline(always)]
 fn select(
     ctx: &SockAddrContext,
-    key: ServiceKey,
     frontend: &ServiceValue,
+    set: &BackendSetValue,
     now: u64,
 ) -> Option<(u32, lb_common::BackendValue)> {
     let affinity = frontend.flags & service_flags::AFFINITY != 0;
     let affinity_key = SockAffinityKey {
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         rev_nat_id: frontend.rev_nat_id,
-        _pad: [0; 6],
+        _pad: 0,
     };
     if affinity
         && let Some(entry) = unsafe { LB_SOCK_AFFINITY.get(affinity_key) }
@@ -244,7 +248,7 @@ fn select(
     }
     // No packet tuple to hash yet: Maglev's index is random here, which is
     // all a new connection from this node needs.
-    let chosen = pick_backend(key, frontend, || unsafe { bpf_get_prandom_u32() })?;
+    let chosen = pick_backend(frontend, set, || unsafe { bpf_get_prandom_u32() })?;
     if affinity {
         remember(&affinity_key, chosen.0, now);
     }

@@ -21,7 +21,7 @@ pub struct CleanupRequest {
     pub backends_gone: BTreeSet<u32>,
     /// Per rev-NAT id of a frontend written or removed: which of its
     /// affinity entries went stale.
-    pub affinity: BTreeMap<u16, StaleAffinity>,
+    pub affinity: BTreeMap<u32, StaleAffinity>,
 }
 
 /// Affinity entries of one frontend that no longer hold.
@@ -39,7 +39,7 @@ impl CleanupRequest {
     }
 
     /// Name one frontend's stale affinity entries.
-    pub fn merge_affinity(&mut self, rev_nat: u16, stale: StaleAffinity) {
+    pub fn merge_affinity(&mut self, rev_nat: u32, stale: StaleAffinity) {
         self.merge(CleanupRequest {
             backends_gone: BTreeSet::new(),
             affinity: [(rev_nat, stale)].into(),

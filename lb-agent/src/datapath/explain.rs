@@ -153,6 +153,8 @@ impl Explainer {
         let shared = [
             map_names::SERVICES,
             map_names::BACKENDS,
+            map_names::BACKEND_SETS,
+            map_names::BACKEND_SLOTS,
             map_names::REV_NAT,
             map_names::MAGLEV,
             map_names::CONFIG,
@@ -208,7 +210,7 @@ impl Explainer {
         from: SocketAddr,
         to: SocketAddr,
         proto: Protocol,
-        rev_nat_id: Option<u16>,
+        rev_nat_id: Option<u32>,
     ) -> Result<Outcome, ExplainError> {
         clear(&mut self.ct_tcp, map_names::CT_TCP)?;
         clear(&mut self.ct_other, map_names::CT_OTHER)?;
@@ -246,7 +248,6 @@ impl Explainer {
         let affinity_key = rev_nat_id.map(|id| AffinityKey {
             client_addr_be: Addr::from(from.ip()),
             rev_nat_id: id,
-            _pad: 0,
         });
         let affinity = affinity_key.and_then(|k| self.live.affinity.get(&k, 0).ok());
         if let (Some(k), Some(v)) = (affinity_key, affinity) {
@@ -298,7 +299,7 @@ pub fn run(
     from: SocketAddr,
     to: SocketAddr,
     proto: Protocol,
-    rev_nat_id: Option<u16>,
+    rev_nat_id: Option<u32>,
 ) -> Result<Outcome, ExplainError> {
     Explainer::load(bpffs)?.run(from, to, proto, rev_nat_id)
 }

@@ -737,6 +737,8 @@ impl Datapath {
         loader
             .map_max_entries(map_names::SERVICES, capacities.services)
             .map_max_entries(map_names::BACKENDS, capacities.backends)
+            .map_max_entries(map_names::BACKEND_SETS, capacities.backend_sets)
+            .map_max_entries(map_names::BACKEND_SLOTS, capacities.backend_slots)
             .map_max_entries(map_names::CT_TCP, capacities.ct_tcp)
             .map_max_entries(map_names::CT_OTHER, capacities.ct_other);
         let paths: Vec<(&'static str, PathBuf)> = shapes

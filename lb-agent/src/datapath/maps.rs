@@ -7,7 +7,7 @@ use aya::maps::{
     Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues, lpm_trie::LpmTrie,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, ConfigValue, CtKey, CtValue, MaglevKey, RevNatValue,
+    AffinityKey, AffinityValue, BackendSetValue, BackendSlotKey, BackendValue, ConfigValue, CtKey, CtValue, MaglevKey, RevNatValue,
     ServiceKey, ServiceValue, SockAffinityKey, SockNatKey, SockNatValue, SourceRange, map_names,
     map_sizes, stat,
 };
@@ -55,12 +55,15 @@ impl std::fmt::Display for MapShape {
     }
 }
 
-/// Capacities the agent may size differently (`--lb-map-max`,
-/// `--ct-max-tcp`, `--ct-max-other`), in entries.
+/// Capacities the agent may size differently (`--lb-map-max` for the
+/// frontend, backend, backend set and slot maps, `--ct-max-tcp`,
+/// `--ct-max-other`), in entries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {
     pub services: u32,
     pub backends: u32,
+    pub backend_sets: u32,
+    pub backend_slots: u32,
     pub ct_tcp: u32,
     pub ct_other: u32,
 }
@@ -71,6 +74,8 @@ impl Default for Capacities {
         Capacities {
             services: map_sizes::SERVICES,
             backends: map_sizes::BACKENDS,
+            backend_sets: map_sizes::BACKEND_SETS,
+            backend_slots: map_sizes::BACKEND_SLOTS,
             ct_tcp: map_sizes::CT_TCP,
             ct_other: map_sizes::CT_OTHER,
         }
@@ -78,12 +83,12 @@ impl Default for Capacities {
 }
 
 /// The shapes lb-common declares for every pinned map.
-pub fn expected_shapes() -> [MapShape; 12] {
+pub fn expected_shapes() -> [MapShape; 14] {
     shapes_with(Capacities::default())
 }
 
 /// The shapes with the given capacities.
-pub fn shapes_with(cap: Capacities) -> [MapShape; 12] {
+pub fn shapes_with(cap: Capacities) -> [MapShape; 14] {
     use std::mem::size_of;
     let shape = |name, k: usize, v: usize, max| MapShape {
         name,
@@ -105,8 +110,20 @@ pub fn shapes_with(cap: Capacities) -> [MapShape; 12] {
             cap.backends,
         ),
         shape(
+            map_names::BACKEND_SETS,
+            4,
+            size_of::<BackendSetValue>(),
+            cap.backend_sets,
+        ),
+        shape(
+            map_names::BACKEND_SLOTS,
+            size_of::<BackendSlotKey>(),
+            4,
+            cap.backend_slots,
+        ),
+        shape(
             map_names::REV_NAT,
-            2,
+            4,
             size_of::<RevNatValue>(),
             map_sizes::REV_NAT,
         ),
@@ -196,7 +213,9 @@ pub fn check_pin_layout(
 
 pub type ServicesMap = HashMap<MapData, ServiceKey, ServiceValue>;
 pub type BackendsMap = HashMap<MapData, u32, BackendValue>;
-pub type RevNatMap = HashMap<MapData, u16, RevNatValue>;
+pub type BackendSetsMap = HashMap<MapData, u32, BackendSetValue>;
+pub type BackendSlotsMap = HashMap<MapData, BackendSlotKey, u32>;
+pub type RevNatMap = HashMap<MapData, u32, RevNatValue>;
 /// LRU hash maps read and write through aya's HashMap.
 pub type CtMap = HashMap<MapData, CtKey, CtValue>;
 pub type AffinityMap = HashMap<MapData, AffinityKey, AffinityValue>;
@@ -211,6 +230,8 @@ pub type SockAffinityMap = HashMap<MapData, SockAffinityKey, AffinityValue>;
 pub struct Maps {
     pub services: ServicesMap,
     pub backends: BackendsMap,
+    pub backend_sets: BackendSetsMap,
+    pub backend_slots: BackendSlotsMap,
     pub rev_nat: RevNatMap,
     pub ct_tcp: CtMap,
     pub ct_other: CtMap,
@@ -237,6 +258,8 @@ impl Maps {
         Ok(Maps {
             services: typed(map_names::SERVICES, take(map_names::SERVICES)?)?,
             backends: typed(map_names::BACKENDS, take(map_names::BACKENDS)?)?,
+            backend_sets: typed(map_names::BACKEND_SETS, take(map_names::BACKEND_SETS)?)?,
+            backend_slots: typed(map_names::BACKEND_SLOTS, take(map_names::BACKEND_SLOTS)?)?,
             rev_nat: typed(map_names::REV_NAT, take(map_names::REV_NAT)?)?,
             ct_tcp: typed(map_names::CT_TCP, take(map_names::CT_TCP)?)?,
             ct_other: typed(map_names::CT_OTHER, take(map_names::CT_OTHER)?)?,
@@ -263,16 +286,18 @@ impl Maps {
         Ok(Maps {
             services: typed(map_names::SERVICES, open(0, Map::HashMap)?)?,
             backends: typed(map_names::BACKENDS, open(1, Map::HashMap)?)?,
-            rev_nat: typed(map_names::REV_NAT, open(2, Map::HashMap)?)?,
-            ct_tcp: typed(map_names::CT_TCP, open(3, Map::LruHashMap)?)?,
-            ct_other: typed(map_names::CT_OTHER, open(4, Map::LruHashMap)?)?,
-            affinity: typed(map_names::AFFINITY, open(5, Map::LruHashMap)?)?,
-            stats: typed(map_names::STATS, open(6, Map::PerCpuArray)?)?,
-            config: typed(map_names::CONFIG, open(7, Map::Array)?)?,
-            maglev: typed(map_names::MAGLEV, open(8, Map::HashMap)?)?,
-            source_ranges: typed(map_names::SOURCE_RANGES, open(9, Map::LpmTrie)?)?,
-            sock_nat: typed(map_names::SOCK_NAT, open(10, Map::LruHashMap)?)?,
-            sock_affinity: typed(map_names::SOCK_AFFINITY, open(11, Map::LruHashMap)?)?,
+            backend_sets: typed(map_names::BACKEND_SETS, open(2, Map::HashMap)?)?,
+            backend_slots: typed(map_names::BACKEND_SLOTS, open(3, Map::HashMap)?)?,
+            rev_nat: typed(map_names::REV_NAT, open(4, Map::HashMap)?)?,
+            ct_tcp: typed(map_names::CT_TCP, open(5, Map::LruHashMap)?)?,
+            ct_other: typed(map_names::CT_OTHER, open(6, Map::LruHashMap)?)?,
+            affinity: typed(map_names::AFFINITY, open(7, Map::LruHashMap)?)?,
+            stats: typed(map_names::STATS, open(8, Map::PerCpuArray)?)?,
+            config: typed(map_names::CONFIG, open(9, Map::Array)?)?,
+            maglev: typed(map_names::MAGLEV, open(10, Map::HashMap)?)?,
+            source_ranges: typed(map_names::SOURCE_RANGES, open(11, Map::LpmTrie)?)?,
+            sock_nat: typed(map_names::SOCK_NAT, open(12, Map::LruHashMap)?)?,
+            sock_affinity: typed(map_names::SOCK_AFFINITY, open(13, Map::LruHashMap)?)?,
         })
     }
 

@@ -43,8 +43,8 @@ pub fn departed_udp_backends<'a>(
         if key.proto != Protocol::Udp || key.scope != Scope::Internal {
             continue;
         }
-        let kept = after.frontends.get(key).map(|f| &f.backends);
-        for backend in &frontend.backends {
+        let kept = after.frontends.get(key).map(|f| &f.set.backends);
+        for backend in &frontend.set.backends {
             let still = kept.is_some_and(|k| {
                 k.iter()
                     .any(|b| b.addr == backend.addr && b.port == backend.port)
@@ -413,24 +413,34 @@ fn destroy(socket: &UdpSocket) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::desired::{Backend, Frontend, FrontendKey, FrontendKind};
+    use crate::model::desired::{
+        Backend, BackendSet, BackendSetKey, Frontend, FrontendKey, FrontendKind, Selection,
+    };
 
     fn frontend(backends: &[&str]) -> Frontend {
         Frontend {
             service_port: "default/dns:dns".into(),
             kind: FrontendKind::ClusterIP,
-            backends: backends
-                .iter()
-                .map(|a| Backend {
-                    addr: a.parse().unwrap(),
-                    port: 53,
-                    terminating: false,
-                    remote: false,
-                    on_node: false,
-                })
-                .collect(),
-            standby: Vec::new(),
-            maglev: false,
+            set: std::sync::Arc::new(BackendSet {
+                key: BackendSetKey {
+                    service_port: "default/dns:dns".into(),
+                    proto: Protocol::Udp,
+                    v6: false,
+                    selection: Selection::Cluster,
+                },
+                backends: backends
+                    .iter()
+                    .map(|a| Backend {
+                        addr: a.parse().unwrap(),
+                        port: 53,
+                        terminating: false,
+                        remote: false,
+                        on_node: false,
+                    })
+                    .collect(),
+                standby: Vec::new(),
+                maglev: false,
+            }),
             drop_if_empty: false,
             internal_local: false,
             affinity_timeout_s: None,

@@ -1,18 +1,22 @@
 //! Keep the maps equal to a DesiredState: diff against a mirror of what was
-//! written, and write in make-before-break order (backends, slots 1..N,
-//! slot 0; removal in reverse) so the kernel never reads a count that points
-//! past written slots or a slot naming a missing backend.
+//! written, and write in make-before-break order so the kernel never reads
+//! a frontend naming a missing set, a count that points past written slots,
+//! or a slot naming a missing backend:
+//! backends -> source ranges -> sets (slots, Maglev table, then the header)
+//! -> frontends -> address entries; removal in reverse.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use aya::maps::{MapError, lpm_trie::Key};
 use ipnet::IpNet;
 use lb_common::{
-    Addr, BACKEND_ACTIVE, BACKEND_STANDBY, BackendValue, MaglevKey, RevNatValue, ServiceKey,
-    ServiceValue, SourceRange, backend_flags, frontend_kind, map_sizes, service_flags,
+    Addr, BACKEND_ACTIVE, BACKEND_STANDBY, BackendSetValue, BackendSlotKey, BackendValue,
+    MaglevKey, RevNatValue, ServiceKey, ServiceValue, SourceRange, backend_flags, frontend_kind,
+    map_sizes, service_flags,
 };
 use tracing::{debug, warn};
 
@@ -21,7 +25,8 @@ use super::{
     maps::Maps,
 };
 use crate::model::{
-    AddressEntry, DesiredState, Frontend, FrontendKey, Protocol, Scope, ids::IdAllocator, maglev,
+    AddressEntry, BackendSet, BackendSetKey, DesiredState, Frontend, FrontendKey, Protocol, Scope,
+    ids::IdAllocator, maglev,
 };
 
 /// A backend is identified by where it is.
@@ -32,20 +37,46 @@ pub struct BackendKey {
     pub proto: Protocol,
 }
 
-/// What one frontend looks like in the maps.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct AppliedFrontend {
-    head: ServiceValue,
+/// Who holds a backend set id: a set of the desired state, or a set found
+/// in the pins at start (whose name the maps do not record), kept until no
+/// frontend points at it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum SetOwner {
+    Named(BackendSetKey),
+    Adopted(u32),
+}
+
+/// What one backend set looks like in the maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct AppliedSet {
+    id: u32,
+    /// The header as written; None until it is.
+    head: Option<BackendSetValue>,
+    /// Backend id per slot (0: a slot whose write failed).
     slots: Vec<u32>,
     /// Maglev table (backend id per index); empty without Maglev.
     maglev: Vec<u32>,
 }
 
-/// One frontend's use of one backend.
+/// A backend set of the desired state, as the syncer tracks it.
+#[derive(Clone, Debug)]
+struct DesiredSet {
+    /// The content its backend uses were counted from.
+    content: Arc<BackendSet>,
+    uses: Vec<BackendUse>,
+    /// Desired frontends that point at it.
+    users: BTreeSet<FrontendKey>,
+    /// `uses` were counted from `content`.
+    counted: bool,
+    /// Its backend ids could not all be assigned: not written.
+    failed: Option<SyncError>,
+}
+
+/// One set's use of one backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct BackendUse {
     id: u32,
-    /// In the frontend's slots (new flows), not only standby.
+    /// In the set's slots (new flows), not only standby.
     selectable: bool,
     terminating: bool,
     remote: bool,
@@ -64,8 +95,8 @@ impl BackendUse {
     }
 }
 
-/// How many desired frontends use a backend, and how: its map value
-/// follows from these alone, whatever order the frontends come in.
+/// How many desired sets use a backend, and how: its map value follows
+/// from these alone, whatever order the sets come in.
 #[derive(Clone, Copy, Debug, Default)]
 struct UseCounts {
     all: i32,
@@ -133,6 +164,8 @@ pub struct SyncReport {
     pub frontends_removed: usize,
     pub backends_written: usize,
     pub backends_removed: usize,
+    pub sets_written: usize,
+    pub sets_removed: usize,
     pub errors: Vec<SyncError>,
 }
 
@@ -140,21 +173,29 @@ pub struct Syncer {
     maps: Maps,
     backend_ids: IdAllocator<BackendKey>,
     rev_nat_ids: IdAllocator<FrontendKey>,
+    set_ids: IdAllocator<SetOwner>,
     backends: BTreeMap<u32, BackendValue>,
-    frontends: BTreeMap<FrontendKey, AppliedFrontend>,
-    /// Address entries: (address, scope) -> slot 0 flags.
+    /// Frontends as written.
+    frontends: BTreeMap<FrontendKey, ServiceValue>,
+    /// Backend sets as written.
+    sets: BTreeMap<SetOwner, AppliedSet>,
+    /// Per set id, how many written frontends point at it.
+    set_refs: BTreeMap<u32, u32>,
+    /// Per backend id, how many written slots name it (a Maglev table names
+    /// only backends of its set's slots).
+    slot_refs: BTreeMap<u32, u32>,
+    /// Address entries: (address, scope) -> flags.
     addresses: BTreeMap<(IpAddr, Scope), u32>,
     source_ranges: BTreeSet<(IpAddr, IpNet)>,
-    rev_nat: BTreeMap<u16, RevNatValue>,
-    /// Per frontend, the backends its desired entry uses.
-    frontend_uses: BTreeMap<FrontendKey, Vec<BackendUse>>,
-    /// Per backend id, how the desired frontends use it.
+    rev_nat: BTreeMap<u32, RevNatValue>,
+    /// Per desired frontend, the set it points at.
+    frontend_sets: BTreeMap<FrontendKey, BackendSetKey>,
+    /// The sets desired frontends point at.
+    desired_sets: BTreeMap<BackendSetKey, DesiredSet>,
+    /// Per backend id, how the desired sets use it.
     uses: BTreeMap<u32, UseCounts>,
-    /// Backend ids that lost their last use: removed once no applied slot names them.
+    /// Backend ids that lost their last use: removed once no written slot names them.
     released: BTreeSet<u32>,
-    /// Frontends whose last write failed: their applied slots may name
-    /// backends the desired state no longer uses.
-    unwritten: BTreeSet<FrontendKey>,
     /// The keys of backends whose last use went, until their id is freed.
     unused_keys: BTreeMap<u32, BackendKey>,
     /// What this sync made stale (affinity of frontends with affinity
@@ -162,8 +203,10 @@ pub struct Syncer {
     cleanup: CleanupRequest,
     /// Where stale entries are sent to be removed; None: removed inline.
     cleaner: Option<Cleaner>,
-    /// Map keys found at start that this agent does not manage: pruned on the first sync.
+    /// Map keys found at start (or left by a failed write) that nothing
+    /// reaches: removed on the next sync.
     stray_service_keys: Vec<ServiceKey>,
+    stray_slot_keys: Vec<BackendSlotKey>,
     stray_maglev_keys: Vec<MaglevKey>,
 }
 
@@ -181,22 +224,27 @@ fn source_range_prefix_base(client: IpAddr) -> u32 {
     if client.is_ipv4() { 128 + 96 } else { 128 }
 }
 
-fn service_key(fk: &FrontendKey, slot: u16) -> ServiceKey {
+fn service_key(fk: &FrontendKey) -> ServiceKey {
     ServiceKey {
         addr_be: be32(fk.addr),
         port_be: fk.port.to_be(),
-        slot,
         proto: fk.proto.number(),
         scope: fk.scope.code(),
-        _pad: [0; 2],
+        _pad: 0,
     }
 }
 
-fn maglev_key(rev_nat_id: u16, index: u32) -> MaglevKey {
+fn slot_key(set_id: u32, slot: usize) -> BackendSlotKey {
+    BackendSlotKey {
+        set_id,
+        slot: slot as u32,
+    }
+}
+
+fn maglev_key(set_id: u32, index: usize) -> MaglevKey {
     MaglevKey {
-        rev_nat_id,
-        _pad: 0,
-        index,
+        set_id,
+        index: index as u32,
     }
 }
 
@@ -229,6 +277,29 @@ fn source_range_key(frontend: IpAddr, net: IpNet) -> Key<SourceRange> {
     )
 }
 
+fn frontend_flags(frontend: &Frontend) -> u32 {
+    let mut flags = frontend.kind.code();
+    if frontend.affinity_timeout_s.is_some() {
+        flags |= service_flags::AFFINITY;
+    }
+    if frontend.internal_local {
+        flags |= service_flags::INTERNAL_LOCAL;
+    }
+    if frontend.drop_if_empty {
+        flags |= service_flags::DROP_IF_EMPTY;
+    }
+    if frontend.source_ranges {
+        flags |= service_flags::SOURCE_RANGES;
+    }
+    if frontend.masquerade {
+        flags |= service_flags::MASQUERADE;
+    }
+    if frontend.set.maglev {
+        flags |= service_flags::MAGLEV;
+    }
+    flags
+}
+
 fn is_full(err: &MapError) -> bool {
     match err {
         MapError::SyscallError(e) => matches!(
@@ -251,6 +322,10 @@ fn removed(result: Result<(), MapError>) -> bool {
     }
 }
 
+fn id_error(e: impl std::fmt::Display) -> MapError {
+    MapError::IoError(std::io::Error::other(e.to_string()))
+}
+
 impl Syncer {
     /// Adopt what the (possibly pinned) maps already hold: ids stay stable
     /// across restarts, and the first sync prunes what is no longer desired.
@@ -259,19 +334,24 @@ impl Syncer {
             maps,
             backend_ids: IdAllocator::new("backend", map_sizes::BACKENDS),
             rev_nat_ids: IdAllocator::new("rev-NAT", map_sizes::REV_NAT),
+            set_ids: IdAllocator::new("backend set", map_sizes::BACKEND_SETS),
             backends: BTreeMap::new(),
             frontends: BTreeMap::new(),
+            sets: BTreeMap::new(),
+            set_refs: BTreeMap::new(),
+            slot_refs: BTreeMap::new(),
             addresses: BTreeMap::new(),
             source_ranges: BTreeSet::new(),
             rev_nat: BTreeMap::new(),
-            frontend_uses: BTreeMap::new(),
+            frontend_sets: BTreeMap::new(),
+            desired_sets: BTreeMap::new(),
             uses: BTreeMap::new(),
             released: BTreeSet::new(),
-            unwritten: BTreeSet::new(),
             unused_keys: BTreeMap::new(),
             cleanup: CleanupRequest::default(),
             cleaner: None,
             stray_service_keys: Vec::new(),
+            stray_slot_keys: Vec::new(),
             stray_maglev_keys: Vec::new(),
         };
         for entry in syncer.maps.backends.iter() {
@@ -281,15 +361,12 @@ impl Syncer {
                 port: u16::from_be(value.port_be),
                 proto,
             });
-            match key {
-                Some(key) if syncer.backend_ids.adopt(key, id) => {
-                    syncer.backends.insert(id, value);
-                }
-                // Unusable or duplicate: remove after everything referencing it.
-                _ => {
-                    syncer.backends.insert(id, value);
-                }
+            if let Some(key) = key {
+                syncer.backend_ids.adopt(key, id);
             }
+            // Unusable or duplicate keys are removed after everything
+            // referencing them (nothing desired uses their id).
+            syncer.backends.insert(id, value);
         }
         for entry in syncer.maps.rev_nat.iter() {
             let (id, value) = entry?;
@@ -303,19 +380,18 @@ impl Syncer {
                     proto,
                     scope,
                 };
-                syncer.rev_nat_ids.adopt(fk, id as u32);
+                syncer.rev_nat_ids.adopt(fk, id);
             }
             syncer.rev_nat.insert(id, value);
         }
-        let mut slots: BTreeMap<FrontendKey, BTreeMap<u16, u32>> = BTreeMap::new();
-        let mut heads: BTreeMap<FrontendKey, ServiceValue> = BTreeMap::new();
+        syncer.adopt_sets()?;
         for entry in syncer.maps.services.iter() {
             let (key, value) = entry?;
             let Some(scope) = Scope::from_code(key.scope) else {
                 syncer.stray_service_keys.push(key);
                 continue;
             };
-            if key.port_be == 0 && key.proto == 0 && key.slot == 0 {
+            if key.port_be == 0 && key.proto == 0 {
                 syncer
                     .addresses
                     .insert((from_be32(key.addr_be), scope), value.flags);
@@ -331,14 +407,8 @@ impl Syncer {
                 proto,
                 scope,
             };
-            if key.slot == 0 {
-                heads.insert(fk, value);
-            } else {
-                slots
-                    .entry(fk)
-                    .or_default()
-                    .insert(key.slot, value.backend_id);
-            }
+            *syncer.set_refs.entry(value.backend_set_id).or_default() += 1;
+            syncer.frontends.insert(fk, value);
         }
         for entry in syncer.maps.source_ranges.iter() {
             let (key, _) = entry?;
@@ -353,56 +423,71 @@ impl Syncer {
                     .insert((from_be32(data.frontend_addr_be), net));
             }
         }
-        let mut tables: BTreeMap<u16, BTreeMap<u32, u32>> = BTreeMap::new();
-        for entry in syncer.maps.maglev.iter() {
-            let (key, id) = entry?;
-            tables
-                .entry(key.rev_nat_id)
-                .or_default()
-                .insert(key.index, id);
-        }
-        for (fk, head) in heads {
-            let mut table = if head.flags & service_flags::MAGLEV != 0 {
-                tables.remove(&head.rev_nat_id).unwrap_or_default()
-            } else {
-                BTreeMap::new()
-            };
-            let maglev: Vec<u32> = (0..head.backend_id)
-                .map(|i| table.remove(&i).unwrap_or(0))
-                .collect();
-            for index in table.keys() {
-                syncer
-                    .stray_maglev_keys
-                    .push(maglev_key(head.rev_nat_id, *index));
-            }
-            let mut found = slots.remove(&fk).unwrap_or_default();
-            let applied: Vec<u32> = (1..=head.count)
-                .map(|s| found.remove(&s).unwrap_or(0))
-                .collect();
-            // Slots past the count (an interrupted sync) are strays.
-            for slot in found.keys() {
-                syncer.stray_service_keys.push(service_key(&fk, *slot));
-            }
-            syncer.frontends.insert(
-                fk,
-                AppliedFrontend {
-                    head,
-                    slots: applied,
-                    maglev,
-                },
-            );
-        }
-        for (fk, orphan) in slots {
-            for slot in orphan.keys() {
-                syncer.stray_service_keys.push(service_key(&fk, *slot));
-            }
-        }
         debug!(
             frontends = syncer.frontends.len(),
+            sets = syncer.sets.len(),
             backends = syncer.backends.len(),
             "adopted existing map contents"
         );
         Ok(syncer)
+    }
+
+    /// Backend sets found in the pins. The maps do not record which Service
+    /// port a set was for, so each is kept under its id until no frontend
+    /// points at it; desired sets are written afresh beside them.
+    fn adopt_sets(&mut self) -> Result<(), MapError> {
+        let mut slots: BTreeMap<u32, BTreeMap<u32, u32>> = BTreeMap::new();
+        for entry in self.maps.backend_slots.iter() {
+            let (key, id) = entry?;
+            slots.entry(key.set_id).or_default().insert(key.slot, id);
+        }
+        let mut tables: BTreeMap<u32, BTreeMap<u32, u32>> = BTreeMap::new();
+        for entry in self.maps.maglev.iter() {
+            let (key, id) = entry?;
+            tables.entry(key.set_id).or_default().insert(key.index, id);
+        }
+        let mut heads = Vec::new();
+        for entry in self.maps.backend_sets.iter() {
+            heads.push(entry?);
+        }
+        for (id, head) in heads {
+            let owner = SetOwner::Adopted(id);
+            self.set_ids.adopt(owner.clone(), id);
+            let mut found = slots.remove(&id).unwrap_or_default();
+            let applied_slots: Vec<u32> = (0..head.count)
+                .map(|s| found.remove(&s).unwrap_or(0))
+                .collect();
+            // Entries past the count or size (an interrupted sync) are strays.
+            self.stray_slot_keys
+                .extend(found.keys().map(|s| slot_key(id, *s as usize)));
+            let mut table = tables.remove(&id).unwrap_or_default();
+            let maglev: Vec<u32> = (0..head.maglev_size)
+                .map(|i| table.remove(&i).unwrap_or(0))
+                .collect();
+            self.stray_maglev_keys
+                .extend(table.keys().map(|i| maglev_key(id, *i as usize)));
+            for backend in applied_slots.iter().filter(|b| **b != 0) {
+                *self.slot_refs.entry(*backend).or_default() += 1;
+            }
+            self.sets.insert(
+                owner,
+                AppliedSet {
+                    id,
+                    head: Some(head),
+                    slots: applied_slots,
+                    maglev,
+                },
+            );
+        }
+        for (id, orphan) in slots {
+            self.stray_slot_keys
+                .extend(orphan.keys().map(|s| slot_key(id, *s as usize)));
+        }
+        for (id, orphan) in tables {
+            self.stray_maglev_keys
+                .extend(orphan.keys().map(|i| maglev_key(id, *i as usize)));
+        }
+        Ok(())
     }
 
     pub fn maps(&self) -> &Maps {
@@ -421,7 +506,7 @@ impl Syncer {
             .frontends
             .keys()
             .chain(self.frontends.keys())
-            .chain(self.frontend_uses.keys())
+            .chain(self.frontend_sets.keys())
             .copied()
             .collect();
         let addresses: BTreeSet<(IpAddr, Scope)> = desired
@@ -437,11 +522,10 @@ impl Syncer {
             .chain(self.source_ranges.iter().map(|(ip, _)| *ip))
             .collect();
         let mut report = self.sync_changes(desired, &frontends, &addresses, &ranges);
-        // What no frontend accounts for: rev-NAT entries and backends
+        // What no desired object accounts for: rev-NAT entries and sets
         // adopted from the pins, or left by a failed removal.
-        let live_rev_nat: BTreeSet<u16> =
-            self.frontends.values().map(|f| f.head.rev_nat_id).collect();
-        let stale_rev_nat: Vec<u16> = self
+        let live_rev_nat: BTreeSet<u32> = self.frontends.values().map(|f| f.rev_nat_id).collect();
+        let stale_rev_nat: Vec<u32> = self
             .rev_nat
             .keys()
             .filter(|id| !live_rev_nat.contains(id))
@@ -449,6 +533,18 @@ impl Syncer {
             .collect();
         for id in stale_rev_nat {
             self.remove_rev_nat(id);
+        }
+        let unused_sets: Vec<SetOwner> = self
+            .sets
+            .keys()
+            .filter(|owner| match owner {
+                SetOwner::Named(key) => !self.desired_sets.contains_key(key),
+                SetOwner::Adopted(_) => true,
+            })
+            .cloned()
+            .collect();
+        for owner in unused_sets {
+            self.remove_set(&owner, &mut report);
         }
         let unused: Vec<u32> = self
             .backends
@@ -464,7 +560,8 @@ impl Syncer {
 
     /// Bring the maps to `desired` for the named frontends, address entries
     /// and LoadBalancer IPs' source ranges only (what a translation delta
-    /// names): the cost of a change is the change, not the cluster.
+    /// names): the cost of a change is the change, not the cluster. The
+    /// backend sets those frontends point at, before and after, follow.
     pub fn sync_changes(
         &mut self,
         desired: &DesiredState,
@@ -474,86 +571,108 @@ impl Syncer {
     ) -> SyncReport {
         let mut report = SyncReport::default();
 
-        // 0. Strays (slots no head counts, Maglev entries past a table's
-        //    size, left by an interrupted sync) are unreachable by the
-        //    kernel: remove them first, before this sync may write the same
-        //    keys for real.
+        // 0. Strays (left by an interrupted or failed sync) are unreachable
+        //    by the kernel: remove them first, before this sync may write
+        //    the same keys for real.
         for key in std::mem::take(&mut self.stray_service_keys) {
             self.remove_key(key);
         }
+        for key in std::mem::take(&mut self.stray_slot_keys) {
+            if !removed(self.maps.backend_slots.remove(&key)) {
+                self.stray_slot_keys.push(key);
+            }
+        }
         for key in std::mem::take(&mut self.stray_maglev_keys) {
-            removed(self.maps.maglev.remove(&key));
+            if !removed(self.maps.maglev.remove(&key)) {
+                self.stray_maglev_keys.push(key);
+            }
         }
 
-        // 1. Backends: the uses of every named frontend are exchanged for
-        //    its new ones; a backend some frontend selects is active, one
-        //    only kept for established flows standby (for an endpoint
-        //    shared by two Services, active wins).
-        let mut frontend_slots: BTreeMap<FrontendKey, Result<Vec<u32>, SyncError>> =
-            BTreeMap::new();
-        let mut changed_ids: BTreeSet<u32> = BTreeSet::new();
+        // 1. Which set each named frontend points at now, and the content
+        //    the delta brings for those sets.
+        let mut touched: BTreeSet<BackendSetKey> = BTreeSet::new();
+        let mut contents: BTreeMap<BackendSetKey, Arc<BackendSet>> = BTreeMap::new();
         for fk in frontends {
-            let Some(frontend) = desired.frontends.get(fk) else {
-                // Going: its uses end now, so what others make of a shared
-                // backend is written before the frontend goes.
-                for u in self.frontend_uses.remove(fk).unwrap_or_default() {
-                    self.count_use(&u, -1);
-                    changed_ids.insert(u.id);
+            let new = desired.frontends.get(fk).map(|f| &f.set);
+            if let Some(old) = self.frontend_sets.get(fk).cloned()
+                && new.is_none_or(|set| set.key != old)
+            {
+                if let Some(ds) = self.desired_sets.get_mut(&old) {
+                    ds.users.remove(fk);
                 }
+                self.frontend_sets.remove(fk);
+                touched.insert(old);
+            }
+            let Some(set) = new else { continue };
+            touched.insert(set.key.clone());
+            contents.insert(set.key.clone(), set.clone());
+            self.frontend_sets.insert(*fk, set.key.clone());
+            self.desired_sets
+                .entry(set.key.clone())
+                .or_insert_with(|| DesiredSet {
+                    content: set.clone(),
+                    uses: Vec::new(),
+                    users: BTreeSet::new(),
+                    counted: false,
+                    failed: None,
+                })
+                .users
+                .insert(*fk);
+        }
+
+        // 2. Backends: the uses of every changed set are exchanged for its
+        //    new ones; a backend some set selects is active, one only kept
+        //    for established flows standby (for an endpoint shared by two
+        //    Services, active wins).
+        let mut changed_ids: BTreeSet<u32> = BTreeSet::new();
+        for key in &touched {
+            let Some(ds) = self.desired_sets.get(key) else {
                 continue;
             };
-            let mut uses = Vec::with_capacity(frontend.backends.len() + frontend.standby.len());
-            let mut keys = Vec::with_capacity(uses.capacity());
-            let mut failed = None;
-            let all = frontend
-                .backends
-                .iter()
-                .map(|b| (b, true))
-                .chain(frontend.standby.iter().map(|b| (b, false)));
-            for (b, selectable) in all {
-                let key = BackendKey {
-                    addr: b.addr,
-                    port: b.port,
-                    proto: fk.proto,
-                };
-                match self.backend_ids.get_or_assign(&key) {
-                    Ok(id) => {
-                        uses.push(BackendUse::new(id, b, selectable));
-                        keys.push(key);
-                    }
-                    Err(e) => {
-                        failed = Some(SyncError {
-                            object: frontend.service_port.clone(),
-                            reason: format!("backend {}:{}: {e}", b.addr, b.port),
-                            full: true,
-                        });
-                        break;
+            if ds.users.is_empty() {
+                // Going: its uses end now, so what others make of a shared
+                // backend is written before the set goes.
+                if let Some(gone) = self.desired_sets.remove(key) {
+                    for u in gone.uses {
+                        self.count_use(&u, -1);
+                        changed_ids.insert(u.id);
                     }
                 }
-            }
-            if let Some(e) = failed {
-                // Ids assigned for it alone go back.
-                for (u, key) in uses.iter().zip(&keys) {
-                    if !self.uses.contains_key(&u.id) && !self.backends.contains_key(&u.id) {
-                        self.backend_ids.release(key);
-                    }
-                }
-                frontend_slots.insert(*fk, Err(e));
                 continue;
             }
-            let ids: Vec<u32> = uses.iter().filter(|u| u.selectable).map(|u| u.id).collect();
-            for (u, key) in uses.iter().zip(keys) {
-                self.count_use(u, 1);
-                if let Some(counts) = self.uses.get_mut(&u.id) {
-                    counts.key = Some(key);
+            let Some(content) = contents.get(key) else {
+                continue;
+            };
+            if ds.counted
+                && ds.failed.is_none()
+                && (Arc::ptr_eq(&ds.content, content) || ds.content == *content)
+            {
+                continue;
+            }
+            match self.assign_uses(content) {
+                Ok(uses) => {
+                    for u in &uses {
+                        self.count_use(u, 1);
+                        changed_ids.insert(u.id);
+                    }
+                    let Some(ds) = self.desired_sets.get_mut(key) else {
+                        continue;
+                    };
+                    ds.content = content.clone();
+                    ds.counted = true;
+                    ds.failed = None;
+                    let old = std::mem::replace(&mut ds.uses, uses);
+                    for u in old {
+                        self.count_use(&u, -1);
+                        changed_ids.insert(u.id);
+                    }
                 }
-                changed_ids.insert(u.id);
+                Err(e) => {
+                    if let Some(ds) = self.desired_sets.get_mut(key) {
+                        ds.failed = Some(e);
+                    }
+                }
             }
-            for u in self.frontend_uses.insert(*fk, uses).unwrap_or_default() {
-                self.count_use(&u, -1);
-                changed_ids.insert(u.id);
-            }
-            frontend_slots.insert(*fk, Ok(ids));
         }
         let mut failed_backends = BTreeSet::new();
         for id in &changed_ids {
@@ -577,6 +696,166 @@ impl Syncer {
         }
 
         // Source ranges before the frontends that check them.
+        let stale_ranges = self.write_source_ranges(desired, source_ranges, &mut report);
+
+        // 3. Sets: slots and Maglev table, then the header.
+        let mut ready: BTreeSet<BackendSetKey> = BTreeSet::new();
+        for key in &touched {
+            let Some(ds) = self.desired_sets.get(key) else {
+                continue;
+            };
+            if let Some(e) = &ds.failed {
+                report.errors.push(e.clone());
+                continue;
+            }
+            if let Some(bad) = ds.uses.iter().find(|u| failed_backends.contains(&u.id)) {
+                report.errors.push(SyncError {
+                    object: ds.content.key.service_port.to_string(),
+                    reason: format!(
+                        "backend set {key}: backend {} could not be written (map full?)",
+                        bad.id
+                    ),
+                    full: true,
+                });
+                continue;
+            }
+            match self.write_set(key) {
+                Ok(written) => {
+                    report.sets_written += written as usize;
+                    ready.insert(key.clone());
+                }
+                Err(e) => report.errors.push(e),
+            }
+        }
+
+        // 4. Frontends, pointing at written sets only.
+        for fk in frontends {
+            let Some(frontend) = desired.frontends.get(fk) else {
+                continue;
+            };
+            let set_key = &frontend.set.key;
+            let written = self
+                .sets
+                .get(&SetOwner::Named(set_key.clone()))
+                .filter(|s| s.head.is_some())
+                .map(|s| s.id);
+            let Some(set_id) = written.filter(|_| {
+                ready.contains(set_key) || !touched.contains(set_key)
+            }) else {
+                // Its set could not be written: reported once, above.
+                continue;
+            };
+            match self.write_frontend(fk, frontend, set_id) {
+                Ok(true) => report.frontends_written += 1,
+                Ok(false) => {}
+                Err(e) => report.errors.push(SyncError {
+                    object: frontend.service_port.clone(),
+                    reason: format!("{fk}: {e}"),
+                    full: is_full(&e),
+                }),
+            }
+        }
+        for (addr, scope) in addresses {
+            let Some(entry) = desired.addresses.get(&(*addr, *scope)) else {
+                continue;
+            };
+            let flags = address_flags(entry);
+            if self.addresses.get(&(*addr, *scope)) == Some(&flags) {
+                continue;
+            }
+            let head = ServiceValue {
+                flags,
+                ..Default::default()
+            };
+            match self
+                .maps
+                .services
+                .insert(address_key(*addr, *scope), head, 0)
+            {
+                Ok(()) => {
+                    self.addresses.insert((*addr, *scope), flags);
+                }
+                Err(e) => report.errors.push(SyncError {
+                    object: format!("Service IP {addr}"),
+                    reason: format!("address entry: {e}"),
+                    full: is_full(&e),
+                }),
+            }
+        }
+
+        // 5. Removals: frontends no longer desired, the sets nothing points
+        //    at any more, address entries, source ranges, then backends
+        //    nothing uses.
+        for fk in frontends {
+            if desired.frontends.contains_key(fk) {
+                continue;
+            }
+            let Some(applied) = self.frontends.get(fk).copied() else {
+                continue;
+            };
+            if !self.remove_key(service_key(fk)) {
+                report.errors.push(SyncError {
+                    object: fk.to_string(),
+                    reason: "removing the frontend failed; retried".into(),
+                    full: false,
+                });
+                continue;
+            }
+            self.frontends.remove(fk);
+            self.unref_set(applied.backend_set_id);
+            report.frontends_removed += 1;
+            if applied.flags & service_flags::AFFINITY != 0 {
+                self.cleanup
+                    .merge_affinity(applied.rev_nat_id, StaleAffinity::All);
+            }
+            self.remove_rev_nat(applied.rev_nat_id);
+        }
+        for key in &touched {
+            if !self.desired_sets.contains_key(key) {
+                self.remove_set(&SetOwner::Named(key.clone()), &mut report);
+            }
+        }
+        for key in addresses {
+            if desired.addresses.contains_key(key) || !self.addresses.contains_key(key) {
+                continue;
+            }
+            if self.remove_key(address_key(key.0, key.1)) {
+                self.addresses.remove(key);
+            } else {
+                report.errors.push(SyncError {
+                    object: format!("Service IP {}", key.0),
+                    reason: "removing the address entry failed; retried".into(),
+                    full: false,
+                });
+            }
+        }
+        for (addr, net) in stale_ranges {
+            if removed(self.maps.source_ranges.remove(&source_range_key(addr, net))) {
+                self.source_ranges.remove(&(addr, net));
+            } else {
+                report.errors.push(SyncError {
+                    object: format!("LoadBalancer IP {addr}"),
+                    reason: format!("removing source range {net} failed; retried"),
+                    full: false,
+                });
+            }
+        }
+        report.backends_removed += self.remove_released();
+        // 6. State that no longer holds: affinity to a backend that left its
+        //    set's slots (or of a frontend without affinity now), and flows
+        //    to backends that are gone (removed at once, not aged out).
+        self.request_cleanup();
+        report
+    }
+
+    /// Write the missing source ranges of the named LoadBalancer IPs;
+    /// returns the ranges to remove once no frontend checks them.
+    fn write_source_ranges(
+        &mut self,
+        desired: &DesiredState,
+        source_ranges: &BTreeSet<IpAddr>,
+        report: &mut SyncReport,
+    ) -> Vec<(IpAddr, IpNet)> {
         let mut stale_ranges = Vec::new();
         for ip in source_ranges {
             let wanted = desired.source_ranges.get(ip);
@@ -611,156 +890,49 @@ impl Syncer {
                     .map(|net| (*ip, net)),
             );
         }
+        stale_ranges
+    }
 
-        // 2. Frontends: slots 1..N, then slot 0, then slots past the new count.
-        for (fk, ids) in frontend_slots {
-            let Some(frontend) = desired.frontends.get(&fk) else {
-                continue;
+    /// Backend ids for every backend of a set (selectable first, in slot
+    /// order, then standby). On failure the ids assigned for it alone go back.
+    fn assign_uses(&mut self, set: &BackendSet) -> Result<Vec<BackendUse>, SyncError> {
+        let mut uses = Vec::with_capacity(use_count(set));
+        let mut keys = Vec::with_capacity(uses.capacity());
+        let all = set
+            .backends
+            .iter()
+            .map(|b| (b, true))
+            .chain(set.standby.iter().map(|b| (b, false)));
+        for (b, selectable) in all {
+            let key = BackendKey {
+                addr: b.addr,
+                port: b.port,
+                proto: set.key.proto,
             };
-            let ids = match ids {
-                Ok(ids) => ids,
-                Err(e) => {
-                    report.errors.push(e);
-                    self.unwritten.insert(fk);
-                    continue;
-                }
-            };
-            if let Some(bad) = ids.iter().find(|id| failed_backends.contains(id)) {
-                report.errors.push(SyncError {
-                    object: frontend.service_port.clone(),
-                    reason: format!("{fk}: backend {bad} could not be written (map full?)"),
-                    full: true,
-                });
-                self.unwritten.insert(fk);
-                continue;
-            }
-            match self.write_frontend(&fk, frontend, ids) {
-                Ok(true) => {
-                    report.frontends_written += 1;
-                    self.unwritten.remove(&fk);
-                }
-                Ok(false) => {
-                    self.unwritten.remove(&fk);
+            match self.backend_ids.get_or_assign(&key) {
+                Ok(id) => {
+                    uses.push(BackendUse::new(id, b, selectable));
+                    keys.push(key);
                 }
                 Err(e) => {
-                    report.errors.push(SyncError {
-                        object: frontend.service_port.clone(),
-                        reason: format!("{fk}: {e}"),
-                        full: is_full(&e),
+                    for (u, key) in uses.iter().zip(&keys) {
+                        if !self.uses.contains_key(&u.id) && !self.backends.contains_key(&u.id) {
+                            self.backend_ids.release(key);
+                        }
+                    }
+                    return Err(SyncError {
+                        object: set.key.service_port.to_string(),
+                        reason: format!("backend {}:{}: {e}", b.addr, b.port),
+                        full: true,
                     });
-                    self.unwritten.insert(fk);
                 }
             }
         }
-        for (addr, scope) in addresses {
-            let Some(entry) = desired.addresses.get(&(*addr, *scope)) else {
-                continue;
-            };
-            let flags = address_flags(entry);
-            if self.addresses.get(&(*addr, *scope)) == Some(&flags) {
-                continue;
-            }
-            let head = ServiceValue {
-                flags,
-                ..Default::default()
-            };
-            match self
-                .maps
-                .services
-                .insert(address_key(*addr, *scope), head, 0)
-            {
-                Ok(()) => {
-                    self.addresses.insert((*addr, *scope), flags);
-                }
-                Err(e) => report.errors.push(SyncError {
-                    object: format!("Service IP {addr}"),
-                    reason: format!("address entry: {e}"),
-                    full: is_full(&e),
-                }),
-            }
+        for (u, key) in uses.iter().zip(keys) {
+            // The key of a backend counted for the first time.
+            self.uses.entry(u.id).or_default().key = Some(key);
         }
-
-        // 3. Removals: frontends no longer desired (slot 0 first), address
-        //    entries, source ranges, then backends nothing uses.
-        for fk in frontends {
-            if desired.frontends.contains_key(fk) {
-                continue;
-            }
-            let Some(applied) = self.frontends.get(fk).cloned() else {
-                continue;
-            };
-            // Slot 0 first: while it stands, its slots must too.
-            let head_removed = self.remove_key(service_key(fk, 0));
-            let mut ok = head_removed;
-            if head_removed {
-                for slot in 1..=applied.slots.len() as u16 {
-                    ok &= self.remove_key(service_key(fk, slot));
-                }
-                for index in 0..applied.maglev.len() as u32 {
-                    ok &= removed(
-                        self.maps
-                            .maglev
-                            .remove(&maglev_key(applied.head.rev_nat_id, index)),
-                    );
-                }
-            }
-            if !ok {
-                report.errors.push(SyncError {
-                    object: fk.to_string(),
-                    reason: "removing the frontend failed; retried".into(),
-                    full: false,
-                });
-                if head_removed && let Some(mirror) = self.frontends.get_mut(fk) {
-                    // Partly removed: whatever is written next is written whole.
-                    mirror.head.flags = u32::MAX;
-                    mirror.slots.fill(0);
-                    mirror.maglev.fill(0);
-                }
-            }
-            if ok {
-                self.frontends.remove(fk);
-                self.unwritten.remove(fk);
-                report.frontends_removed += 1;
-                if applied.head.flags & service_flags::AFFINITY != 0 {
-                    self.cleanup
-                        .merge_affinity(applied.head.rev_nat_id, StaleAffinity::All);
-                }
-                self.remove_rev_nat(applied.head.rev_nat_id);
-            } else {
-                self.unwritten.insert(*fk);
-            }
-        }
-        for key in addresses {
-            if desired.addresses.contains_key(key) || !self.addresses.contains_key(key) {
-                continue;
-            }
-            if self.remove_key(address_key(key.0, key.1)) {
-                self.addresses.remove(key);
-            } else {
-                report.errors.push(SyncError {
-                    object: format!("Service IP {}", key.0),
-                    reason: "removing the address entry failed; retried".into(),
-                    full: false,
-                });
-            }
-        }
-        for (addr, net) in stale_ranges {
-            if removed(self.maps.source_ranges.remove(&source_range_key(addr, net))) {
-                self.source_ranges.remove(&(addr, net));
-            } else {
-                report.errors.push(SyncError {
-                    object: format!("LoadBalancer IP {addr}"),
-                    reason: format!("removing source range {net} failed; retried"),
-                    full: false,
-                });
-            }
-        }
-        report.backends_removed += self.remove_released();
-        // 4. State that no longer holds: affinity to a backend that left its
-        //    frontend's slots (or of a frontend without affinity now), and
-        //    flows to backends that are gone (removed at once, not aged out).
-        self.request_cleanup();
-        report
+        Ok(uses)
     }
 
     /// Run the cleaner on another thread from now on.
@@ -794,28 +966,16 @@ impl Syncer {
         }
     }
 
-    /// Remove backends released and still unused, unless an applied
-    /// frontend's slots still name them (its write failed); returns how
-    /// many went.
+    /// Remove backends released and still unused, unless a written slot
+    /// still names them (a set whose rewrite failed); returns how many went.
     fn remove_released(&mut self) -> usize {
         let candidates: Vec<u32> = std::mem::take(&mut self.released)
             .into_iter()
             .filter(|id| !self.uses.contains_key(id))
             .collect();
-        if candidates.is_empty() {
-            return 0;
-        }
-        // Only frontends whose write failed can still name them.
-        let referenced: BTreeSet<u32> = self
-            .unwritten
-            .iter()
-            .filter_map(|fk| self.frontends.get(fk))
-            .flat_map(|f| f.slots.iter().copied())
-            .filter(|id| candidates.contains(id))
-            .collect();
         let mut count = 0;
         for id in candidates {
-            if referenced.contains(&id) {
+            if self.slot_refs.contains_key(&id) {
                 self.released.insert(id);
                 continue;
             }
@@ -859,7 +1019,7 @@ impl Syncer {
         }
     }
 
-    fn remove_rev_nat(&mut self, id: u16) {
+    fn remove_rev_nat(&mut self, id: u32) {
         if !removed(self.maps.rev_nat.remove(&id)) {
             return;
         }
@@ -867,42 +1027,234 @@ impl Syncer {
             && let Some(proto) = Protocol::from_number(value.proto)
             && let Some(scope) = Scope::from_code(value.scope)
         {
-            self.rev_nat_ids.release(&FrontendKey {
+            let fk = FrontendKey {
                 addr: from_be32(value.addr_be),
                 port: u16::from_be(value.port_be),
                 proto,
                 scope,
-            });
+            };
+            if self.rev_nat_ids.get(&fk) == Some(id) {
+                self.rev_nat_ids.release(&fk);
+            }
         }
     }
 
     /// Remove one SERVICES key; absent counts as removed.
     fn remove_key(&mut self, key: ServiceKey) -> bool {
-        match self.maps.services.remove(&key) {
-            Ok(()) => true,
-            Err(MapError::KeyNotFound) => true,
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                true
-            }
-            Err(e) => {
-                warn!(error = %e, "removing a service slot failed");
-                false
+        removed(self.maps.services.remove(&key))
+    }
+
+    fn unref_set(&mut self, set_id: u32) {
+        if let Some(n) = self.set_refs.get_mut(&set_id) {
+            *n -= 1;
+            if *n == 0 {
+                self.set_refs.remove(&set_id);
             }
         }
     }
 
-    /// Write one frontend if it differs; Ok(true) when something was written.
+    fn unref_slot(&mut self, backend_id: u32) {
+        if let Some(n) = self.slot_refs.get_mut(&backend_id) {
+            *n -= 1;
+            if *n == 0 {
+                self.slot_refs.remove(&backend_id);
+            }
+        }
+    }
+
+    /// Remove a set no desired frontend points at, once no written one does
+    /// either (a frontend whose removal failed keeps it): header first, so
+    /// nothing reads its slots, then the slots and the Maglev table.
+    fn remove_set(&mut self, owner: &SetOwner, report: &mut SyncReport) {
+        let Some(applied) = self.sets.get(owner).cloned() else {
+            // Never written: only its id, if one was given.
+            self.set_ids.release(owner);
+            return;
+        };
+        if self.set_refs.contains_key(&applied.id) {
+            return;
+        }
+        let mut ok = removed(self.maps.backend_sets.remove(&applied.id));
+        if ok {
+            for slot in 0..applied.slots.len() {
+                ok &= removed(self.maps.backend_slots.remove(&slot_key(applied.id, slot)));
+            }
+            for index in 0..applied.maglev.len() {
+                ok &= removed(self.maps.maglev.remove(&maglev_key(applied.id, index)));
+            }
+        }
+        if !ok {
+            report.errors.push(SyncError {
+                object: match owner {
+                    SetOwner::Named(key) => key.to_string(),
+                    SetOwner::Adopted(id) => format!("backend set {id}"),
+                },
+                reason: "removing the backend set failed; retried".into(),
+                full: false,
+            });
+            if let Some(mirror) = self.sets.get_mut(owner) {
+                // Partly removed: removed again whole.
+                mirror.head = None;
+            }
+            return;
+        }
+        for backend in applied.slots.iter().filter(|b| **b != 0) {
+            self.unref_slot(*backend);
+        }
+        self.sets.remove(owner);
+        self.set_ids.release(owner);
+        report.sets_removed += 1;
+    }
+
+    /// Write one desired set if it differs from what the maps hold: the
+    /// Maglev table and slots first, then the header that names their
+    /// sizes, then entries past the new sizes. Ok(true) when written.
+    fn write_set(&mut self, key: &BackendSetKey) -> Result<bool, SyncError> {
+        let Some(ds) = self.desired_sets.get(key) else {
+            return Ok(false);
+        };
+        let content = ds.content.clone();
+        let ids: Vec<u32> = ds
+            .uses
+            .iter()
+            .filter(|u| u.selectable)
+            .map(|u| u.id)
+            .collect();
+        let error = |reason: String, full: bool| SyncError {
+            object: key.service_port.to_string(),
+            reason: format!("backend set {key}: {reason}"),
+            full,
+        };
+        let owner = SetOwner::Named(key.clone());
+        let set_id = self
+            .set_ids
+            .get_or_assign(&owner)
+            .map_err(|e| error(e.to_string(), true))?;
+        let maglev_size = if content.maglev && !ids.is_empty() {
+            maglev::table_size(ids.len())
+        } else {
+            0
+        };
+        let head = BackendSetValue {
+            count: ids.len() as u32,
+            maglev_size,
+        };
+        let mut applied = self.sets.remove(&owner).unwrap_or(AppliedSet {
+            id: set_id,
+            ..AppliedSet::default()
+        });
+        if applied.head == Some(head) && applied.slots == ids {
+            self.sets.insert(owner, applied);
+            return Ok(false);
+        }
+        let left: BTreeSet<u32> = applied
+            .slots
+            .iter()
+            .filter(|id| **id != 0 && !ids.contains(id))
+            .copied()
+            .collect();
+        let result = self.write_set_entries(&mut applied, &content, &ids, head);
+        self.sets.insert(owner, applied);
+        result.map_err(|e| error(e.to_string(), is_full(&e)))?;
+        if !left.is_empty() {
+            // Affinity to backends that left the set no longer holds.
+            let users = self.desired_sets.get(key).map(|ds| ds.users.clone());
+            for fk in users.iter().flatten() {
+                if let Some(v) = self.frontends.get(fk)
+                    && v.flags & service_flags::AFFINITY != 0
+                {
+                    self.cleanup
+                        .merge_affinity(v.rev_nat_id, StaleAffinity::Backends(left.clone()));
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// `write_set`'s map writes. The mirror follows every write that
+    /// succeeded, so a failure leaves it true and the next sync resumes.
+    fn write_set_entries(
+        &mut self,
+        applied: &mut AppliedSet,
+        content: &BackendSet,
+        ids: &[u32],
+        head: BackendSetValue,
+    ) -> Result<(), MapError> {
+        let set_id = applied.id;
+        // Maglev: the table (by backend name, the same on every node).
+        let table: Vec<u32> = if head.maglev_size != 0 {
+            let names: Vec<String> = content
+                .backends
+                .iter()
+                .map(|b| format!("{}:{}", b.addr, b.port))
+                .collect();
+            maglev::build(&names, head.maglev_size)
+                .into_iter()
+                .map(|i| ids[i as usize])
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for (i, id) in table.iter().enumerate() {
+            if applied.maglev.get(i) == Some(id) {
+                continue;
+            }
+            self.maps.maglev.insert(maglev_key(set_id, i), id, 0)?;
+            match applied.maglev.get_mut(i) {
+                Some(entry) => *entry = *id,
+                None => applied.maglev.push(*id),
+            }
+        }
+        for (i, id) in ids.iter().enumerate() {
+            if applied.slots.get(i) == Some(id) {
+                continue;
+            }
+            self.maps.backend_slots.insert(slot_key(set_id, i), id, 0)?;
+            *self.slot_refs.entry(*id).or_default() += 1;
+            match applied.slots.get_mut(i) {
+                Some(entry) => {
+                    let old = std::mem::replace(entry, *id);
+                    if old != 0 {
+                        self.unref_slot(old);
+                    }
+                }
+                None => applied.slots.push(*id),
+            }
+        }
+        self.maps.backend_sets.insert(set_id, head, 0)?;
+        applied.head = Some(head);
+        // Past the new sizes: unreachable now. A failed removal is retried
+        // as a stray.
+        for slot in ids.len()..applied.slots.len() {
+            let key = slot_key(set_id, slot);
+            if !removed(self.maps.backend_slots.remove(&key)) {
+                self.stray_slot_keys.push(key);
+            }
+        }
+        for backend in applied.slots.split_off(ids.len()) {
+            if backend != 0 {
+                self.unref_slot(backend);
+            }
+        }
+        for index in table.len()..applied.maglev.len() {
+            let key = maglev_key(set_id, index);
+            if !removed(self.maps.maglev.remove(&key)) {
+                self.stray_maglev_keys.push(key);
+            }
+        }
+        applied.maglev.truncate(table.len());
+        Ok(())
+    }
+
+    /// Write one frontend (and its rev-NAT entry) if it differs; Ok(true)
+    /// when something was written.
     fn write_frontend(
         &mut self,
         fk: &FrontendKey,
         frontend: &Frontend,
-        ids: Vec<u32>,
+        set_id: u32,
     ) -> Result<bool, MapError> {
-        let rev_nat_id = self
-            .rev_nat_ids
-            .get_or_assign(fk)
-            .map_err(|e| MapError::IoError(std::io::Error::other(e.to_string())))?;
-        let rev_nat_id = rev_nat_id as u16;
+        let rev_nat_id = self.rev_nat_ids.get_or_assign(fk).map_err(id_error)?;
         let rev = RevNatValue {
             addr_be: be32(fk.addr),
             port_be: fk.port.to_be(),
@@ -913,129 +1265,37 @@ impl Syncer {
             self.maps.rev_nat.insert(rev_nat_id, rev, 0)?;
             self.rev_nat.insert(rev_nat_id, rev);
         }
-        let mut flags = frontend.kind.code();
-        if frontend.affinity_timeout_s.is_some() {
-            flags |= service_flags::AFFINITY;
-        }
-        if frontend.internal_local {
-            flags |= service_flags::INTERNAL_LOCAL;
-        }
-        if frontend.drop_if_empty {
-            flags |= service_flags::DROP_IF_EMPTY;
-        }
-        if frontend.source_ranges {
-            flags |= service_flags::SOURCE_RANGES;
-        }
-        if frontend.masquerade {
-            flags |= service_flags::MASQUERADE;
-        }
-        // Maglev: the table (by backend name, the same on every node) and
-        // its size in slot 0's backend_id.
-        let table: Vec<u32> = if frontend.maglev && !ids.is_empty() {
-            flags |= service_flags::MAGLEV;
-            let names: Vec<String> = frontend
-                .backends
-                .iter()
-                .map(|b| format!("{}:{}", b.addr, b.port))
-                .collect();
-            maglev::build(&names, maglev::table_size(ids.len()))
-                .into_iter()
-                .map(|i| ids[i as usize])
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let head = ServiceValue {
-            backend_id: table.len() as u32,
-            count: ids.len() as u16,
+        let value = ServiceValue {
+            backend_set_id: set_id,
             rev_nat_id,
-            flags,
+            flags: frontend_flags(frontend),
             affinity_timeout_s: frontend.affinity_timeout_s.unwrap_or(0),
         };
-        let old = self.frontends.get(fk).cloned();
-        if old
-            .as_ref()
-            .is_some_and(|o| o.head == head && o.slots == ids && o.maglev == table)
-        {
+        let old = self.frontends.get(fk).copied();
+        if old == Some(value) {
             return Ok(false);
         }
-        if (head.flags | old.as_ref().map_or(0, |o| o.head.flags)) & service_flags::AFFINITY != 0 {
-            let stale = if head.flags & service_flags::AFFINITY == 0 {
-                Some(StaleAffinity::All)
-            } else {
-                // Only the backends that left its slots.
-                let left: BTreeSet<u32> = old
-                    .iter()
-                    .flat_map(|o| o.slots.iter().copied())
-                    .filter(|id| !ids.contains(id))
-                    .collect();
-                (!left.is_empty()).then_some(StaleAffinity::Backends(left))
-            };
-            if let Some(stale) = stale {
-                self.cleanup.merge_affinity(rev_nat_id, stale);
-            }
-        }
-        // The table before slot 0 names its size (make before break).
-        let old_table = old.as_ref().map(|o| o.maglev.clone()).unwrap_or_default();
-        for (i, id) in table.iter().enumerate() {
-            if old_table.get(i) == Some(id) {
-                continue;
-            }
-            if let Err(e) = self
-                .maps
-                .maglev
-                .insert(maglev_key(rev_nat_id, i as u32), id, 0)
+        self.maps.services.insert(service_key(fk), value, 0)?;
+        if let Some(old) = old {
+            // Affinity turned off, or the frontend moved to another set
+            // (its traffic policy changed): its entries no longer hold.
+            if old.flags & service_flags::AFFINITY != 0
+                && (value.flags & service_flags::AFFINITY == 0
+                    || old.backend_set_id != set_id
+                    || old.rev_nat_id != rev_nat_id)
             {
-                self.stray_maglev_keys
-                    .extend((old_table.len()..i).map(|j| maglev_key(rev_nat_id, j as u32)));
-                return Err(e);
+                self.cleanup
+                    .merge_affinity(old.rev_nat_id, StaleAffinity::All);
             }
+            self.unref_set(old.backend_set_id);
         }
-        let mut old_slots = old.as_ref().map(|o| o.slots.clone()).unwrap_or_default();
-        for (i, id) in ids.iter().enumerate() {
-            if old_slots.get(i) == Some(id) {
-                continue;
-            }
-            let slot = ServiceValue {
-                backend_id: *id,
-                ..Default::default()
-            };
-            let key = service_key(fk, i as u16 + 1);
-            if let Err(e) = self.maps.services.insert(key, slot, 0) {
-                // Keep the mirror true: slots written past the old count are
-                // unreachable strays for the next sync to remove.
-                self.stray_service_keys
-                    .extend((old_slots.len()..i).map(|j| service_key(fk, j as u16 + 1)));
-                if let Some(mut applied) = old {
-                    applied.slots = old_slots;
-                    self.frontends.insert(*fk, applied);
-                }
-                return Err(e);
-            }
-            if let Some(existing) = old_slots.get_mut(i) {
-                *existing = *id;
-            }
-        }
-        self.maps.services.insert(service_key(fk, 0), head, 0)?;
-        let old_count = old.map_or(0, |o| o.slots.len());
-        for slot in ids.len() + 1..=old_count.max(old_slots.len()) {
-            self.remove_key(service_key(fk, slot as u16));
-        }
-        for index in table.len()..old_table.len() {
-            removed(
-                self.maps
-                    .maglev
-                    .remove(&maglev_key(rev_nat_id, index as u32)),
-            );
-        }
-        self.frontends.insert(
-            *fk,
-            AppliedFrontend {
-                head,
-                slots: ids,
-                maglev: table,
-            },
-        );
+        *self.set_refs.entry(set_id).or_default() += 1;
+        self.frontends.insert(*fk, value);
         Ok(true)
     }
+}
+
+/// How many backends (selectable and standby) a set uses.
+fn use_count(set: &BackendSet) -> usize {
+    set.backends.len() + set.standby.len()
 }

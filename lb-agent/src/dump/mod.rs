@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use lb_common::{
-    Addr, BACKEND_STANDBY, BackendValue, CT_DIR_FORWARD, SOCK_DIR_FORWARD, ServiceKey,
+    Addr, BACKEND_STANDBY, BackendSetValue, BackendValue, CT_DIR_FORWARD, SOCK_DIR_FORWARD, ServiceKey,
     ServiceValue, backend_flags, ct_flags, map_names, service_flags, stat,
 };
 use serde::Serialize;
@@ -70,7 +70,10 @@ pub struct DumpService {
     #[serde(rename = "type")]
     pub kind: String,
     pub flags: Vec<&'static str>,
-    pub rev_nat_id: u16,
+    pub rev_nat_id: u32,
+    /// The backend set the frontend balances to (shared with the Service
+    /// port's other frontends that select the same endpoints).
+    pub backend_set_id: u32,
     pub affinity_timeout_s: u32,
     pub backends: Vec<DumpBackend>,
 }
@@ -110,7 +113,7 @@ pub struct DumpFlow {
     /// Port counterpart of `snat`.
     pub snat_port: Option<u16>,
     pub backend_id: u32,
-    pub rev_nat_id: u16,
+    pub rev_nat_id: u32,
     pub flags: Vec<&'static str>,
     pub age_s: f64,
     pub idle_s: f64,
@@ -130,7 +133,7 @@ pub struct DumpSocket {
     /// The backend it was sent to.
     pub backend: String,
     pub backend_id: u32,
-    pub rev_nat_id: u16,
+    pub rev_nat_id: u32,
 }
 
 #[derive(Serialize)]
@@ -143,7 +146,7 @@ pub struct ConntrackDump {
 #[derive(Serialize)]
 pub struct DumpAffinity {
     pub client: IpAddr,
-    pub rev_nat_id: u16,
+    pub rev_nat_id: u32,
     pub backend_id: u32,
     pub idle_s: f64,
 }
@@ -152,7 +155,7 @@ pub struct DumpAffinity {
 #[derive(Serialize)]
 pub struct DumpSocketAffinity {
     pub netns_cookie: u64,
-    pub rev_nat_id: u16,
+    pub rev_nat_id: u32,
     pub backend_id: u32,
     pub idle_s: f64,
 }
@@ -212,15 +215,24 @@ fn backend_state(v: &BackendValue) -> &'static str {
 pub fn services(maps: &Maps) -> Result<ServicesDump> {
     let backends = backends(maps)?.backends;
     let by_id: BTreeMap<u32, &DumpBackend> = backends.iter().map(|b| (b.id, b)).collect();
+    let mut sets: BTreeMap<u32, BackendSetValue> = BTreeMap::new();
+    for entry in maps.backend_sets.iter() {
+        let (id, v) = entry.context("reading LB_BACKEND_SETS")?;
+        sets.insert(id, v);
+    }
+    let mut slots: BTreeMap<(u32, u32), u32> = BTreeMap::new();
+    for entry in maps.backend_slots.iter() {
+        let (k, id) = entry.context("reading LB_BACKEND_SLOTS")?;
+        slots.insert((k.set_id, k.slot), id);
+    }
     type Id = (IpAddr, u16, u8, u8);
     let mut heads: BTreeMap<Id, ServiceValue> = BTreeMap::new();
-    let mut slots: BTreeMap<Id, BTreeMap<u16, u32>> = BTreeMap::new();
     let mut service_ips = Vec::new();
     let mut pingable = Vec::new();
     for entry in maps.services.iter() {
         let (k, v): (ServiceKey, ServiceValue) = entry.context("reading LB_SERVICES")?;
         let scope = Scope::from_code(k.scope).unwrap_or(Scope::Internal);
-        if k.port_be == 0 && k.proto == 0 && k.slot == 0 {
+        if k.port_be == 0 && k.proto == 0 {
             if v.flags & service_flags::ADDRESS_ONLY != 0 {
                 service_ips.push(addr(k.addr_be));
             }
@@ -232,21 +244,22 @@ pub fn services(maps: &Maps) -> Result<ServicesDump> {
             }
             continue;
         }
-        let id = (addr(k.addr_be), u16::from_be(k.port_be), k.proto, k.scope);
-        if k.slot == 0 {
-            heads.insert(id, v);
-        } else {
-            slots.entry(id).or_default().insert(k.slot, v.backend_id);
-        }
+        heads.insert(
+            (addr(k.addr_be), u16::from_be(k.port_be), k.proto, k.scope),
+            v,
+        );
     }
     service_ips.sort();
     pingable.sort_by_key(|a| (a.address, a.scope));
     let mut services = Vec::new();
     for ((a, port, proto, scope), head) in heads {
-        let slot_ids = slots.remove(&(a, port, proto, scope)).unwrap_or_default();
-        let backends = (1..=head.count)
+        let set = sets.get(&head.backend_set_id).copied().unwrap_or_default();
+        let backends = (0..set.count)
             .map(|s| {
-                let id = slot_ids.get(&s).copied().unwrap_or(0);
+                let id = slots
+                    .get(&(head.backend_set_id, s))
+                    .copied()
+                    .unwrap_or(0);
                 match by_id.get(&id) {
                     Some(b) => DumpBackend {
                         id,
@@ -278,6 +291,7 @@ pub fn services(maps: &Maps) -> Result<ServicesDump> {
                 .map_or_else(|| "Unknown".into(), |k| format!("{k:?}")),
             flags: frontend_flags(&head),
             rev_nat_id: head.rev_nat_id,
+            backend_set_id: head.backend_set_id,
             affinity_timeout_s: head.affinity_timeout_s,
             backends,
         });

@@ -5,6 +5,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -148,11 +149,47 @@ pub struct Backend {
     pub on_node: bool,
 }
 
+/// Which endpoints of a Service port a backend set holds: kube-proxy's
+/// cluster-wide set (after topology hints) or the node-local one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Selection {
+    Cluster,
+    Local,
+}
+
+/// Names a backend set: one per Service port, protocol, family and selection.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendSetKey {
+    /// namespace/name:port-name.
+    pub service_port: Arc<str>,
+    pub proto: Protocol,
+    pub v6: bool,
+    pub selection: Selection,
+}
+
+impl fmt::Display for BackendSetKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let family = if self.v6 { "IPv6" } else { "IPv4" };
+        let selection = match self.selection {
+            Selection::Cluster => "cluster",
+            Selection::Local => "local",
+        };
+        write!(
+            f,
+            "{}/{} {family} {selection}",
+            self.service_port, self.proto
+        )
+    }
+}
+
+/// The backends a frontend balances to. Every frontend of a Service port
+/// that selects the same endpoints (its ClusterIP, NodePorts on each node
+/// address, LoadBalancer IPs, in each scope) shares one set, stored once in
+/// the maps with one slot list and one Maglev table.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Frontend {
-    /// namespace/name:port-name, kube-proxy's ServicePortName.
-    pub service_port: String,
-    pub kind: FrontendKind,
+pub struct BackendSet {
+    pub key: BackendSetKey,
     /// Sorted; empty means "reject" (or drop, with `drop_if_empty`).
     pub backends: Vec<Backend>,
     /// Endpoints that exist but take no new flows (terminating or not ready):
@@ -160,6 +197,16 @@ pub struct Frontend {
     pub standby: Vec<Backend>,
     /// New flows pick from a Maglev table instead of a random slot.
     pub maglev: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    /// namespace/name:port-name, kube-proxy's ServicePortName.
+    pub service_port: String,
+    pub kind: FrontendKind,
+    /// Shared with the Service port's other frontends that select the same
+    /// endpoints.
+    pub set: Arc<BackendSet>,
     /// Drop rather than reject when empty (traffic policy Local, endpoints elsewhere).
     pub drop_if_empty: bool,
     pub internal_local: bool,
@@ -243,7 +290,7 @@ impl DesiredState {
             let e = entry.get_or_insert_default();
             e.reject_undeclared =
                 fk.scope == Scope::Internal && frontend.kind == FrontendKind::ClusterIP;
-            e.echo |= !frontend.backends.is_empty();
+            e.echo |= !frontend.set.backends.is_empty();
         }
         entry
     }

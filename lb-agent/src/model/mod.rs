@@ -12,8 +12,8 @@ pub mod translate;
 
 pub use cluster::{ClusterState, NodeConfig, ObjectKey};
 pub use desired::{
-    AddressEntry, Backend, DesiredState, Frontend, FrontendKey, FrontendKind, HealthCheck,
-    Protocol, Scope,
+    AddressEntry, Backend, BackendSet, BackendSetKey, DesiredState, Frontend, FrontendKey,
+    FrontendKind, HealthCheck, Protocol, Scope, Selection,
 };
 pub use records::SliceRecord;
 pub use tracker::{Change, ChangeTracker, Dirty};

@@ -7,6 +7,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -19,7 +20,8 @@ use super::{
     ClusterState, NodeConfig, ObjectKey,
     cluster::{ANNOTATION_ALGORITHM, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE},
     desired::{
-        Backend, DesiredState, Frontend, FrontendKey, FrontendKind, HealthCheck, Protocol, Scope,
+        Backend, BackendSet, BackendSetKey, DesiredState, Frontend, FrontendKey, FrontendKind,
+        HealthCheck, Protocol, Scope, Selection,
     },
     records::{EndpointAddress, SliceRecord},
     tracker::{ChangeTracker, Dirty},
@@ -510,10 +512,7 @@ impl Translator {
         self.reserved.get(claim).filter(|owner| *owner != key)
     }
 
-    fn insert_frontend(&mut self, fk: FrontendKey, mut frontend: Frontend, granted: &mut Granted) {
-        for b in frontend.backends.iter_mut().chain(&mut frontend.standby) {
-            b.on_node = self.node.host_addresses.contains(&b.addr);
-        }
+    fn insert_frontend(&mut self, fk: FrontendKey, frontend: Frontend, granted: &mut Granted) {
         let before = self.desired.frontends.insert(fk, frontend);
         self.touched.entry(fk).or_insert(before);
         granted.frontends.push(fk);
@@ -868,6 +867,42 @@ fn service_frontends(
             let endpoints =
                 endpoints_for_port(port_name, proto, family_v6, service_slices, node, problems);
             let sets = backend_sets(&endpoints, zone);
+            let port_name: Arc<str> = service_port_name(key, port).into();
+            // One set per selection, shared by every frontend of this port
+            // and family that uses it.
+            let set_of = |selection: Selection| {
+                let selected = match selection {
+                    Selection::Cluster => &sets.cluster,
+                    Selection::Local => &sets.local,
+                };
+                let mut set = BackendSet {
+                    key: BackendSetKey {
+                        service_port: port_name.clone(),
+                        proto,
+                        v6: family_v6,
+                        selection,
+                    },
+                    backends: selected.clone(),
+                    standby: standby(&endpoints, selected),
+                    maglev,
+                };
+                for b in set.backends.iter_mut().chain(&mut set.standby) {
+                    b.on_node = node.host_addresses.contains(&b.addr);
+                }
+                Arc::new(set)
+            };
+            let cluster_set = set_of(Selection::Cluster);
+            let local_set = (internal_local || external_local).then(|| set_of(Selection::Local));
+            // The set a traffic policy selects, and whether an empty set
+            // drops: with policy Local and endpoints only elsewhere
+            // kube-proxy drops rather than rejects.
+            let for_policy = |local: bool| match &local_set {
+                Some(set) if local => (
+                    set.clone(),
+                    sets.local.is_empty() && !sets.cluster.is_empty(),
+                ),
+                _ => (cluster_set.clone(), false),
+            };
             // The health check counts ready local endpoints only, as
             // kube-proxy's (a node whose local endpoints all terminate
             // answers 503, so load balancers drain it during a rollout).
@@ -881,19 +916,17 @@ fn service_frontends(
                     no_local_endpoints.external.insert(name);
                 }
             }
-            let in_cluster = |backends: Vec<Backend>, drop_if_empty: bool| Frontend {
-                service_port: service_port_name(key, port),
+            let in_cluster = |set: Arc<BackendSet>, drop_if_empty: bool| Frontend {
+                service_port: port_name.to_string(),
                 kind: FrontendKind::ClusterIP,
-                standby: standby(&endpoints, &backends),
-                backends,
-                maglev,
+                set,
                 drop_if_empty,
                 internal_local,
                 affinity_timeout_s,
                 source_ranges: false,
                 masquerade: false,
             };
-            let (internal, internal_drop) = sets.for_policy(internal_local);
+            let (internal, internal_drop) = for_policy(internal_local);
             let cluster_ip_frontend = in_cluster(internal, internal_drop);
             if !node.cluster_cidrs.is_empty() {
                 // kube-proxy with --cluster-cidr: off-cluster traffic routed to a
@@ -930,9 +963,9 @@ fn service_frontends(
             let from_pods = Frontend {
                 internal_local: false,
                 masquerade,
-                ..in_cluster(sets.cluster.clone(), false)
+                ..in_cluster(cluster_set.clone(), false)
             };
-            let (external, external_drop) = sets.for_policy(external_local);
+            let (external, external_drop) = for_policy(external_local);
             let from_outside = Frontend {
                 masquerade,
                 ..in_cluster(external, external_drop)
@@ -1270,19 +1303,6 @@ fn backend_sets(endpoints: &[EndpointInfo], zone: Option<&str>) -> BackendSets {
     }
 }
 
-impl BackendSets {
-    /// The set a traffic policy selects, and whether an empty set drops:
-    /// with policy Local and endpoints only elsewhere kube-proxy drops
-    /// rather than rejects.
-    fn for_policy(&self, local: bool) -> (Vec<Backend>, bool) {
-        if !local {
-            return (self.cluster.clone(), false);
-        }
-        let drop_if_empty = self.local.is_empty() && !self.cluster.is_empty();
-        (self.local.clone(), drop_if_empty)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     //! Table tests. The cases follow kube-proxy's own tests of the same rules
@@ -1390,7 +1410,7 @@ mod tests {
             .iter()
             .map(|(k, f)| {
                 let b = f
-                    .backends
+                    .set.backends
                     .iter()
                     .map(|b| {
                         format!(
@@ -1937,8 +1957,8 @@ mod tests {
         );
         let t = translate(&state(vec![s], vec![sl]), &node());
         let f = t.desired.frontends.values().next().unwrap();
-        assert!(f.maglev);
-        let standby: Vec<String> = f.standby.iter().map(|b| b.addr.to_string()).collect();
+        assert!(f.set.maglev);
+        let standby: Vec<String> = f.set.standby.iter().map(|b| b.addr.to_string()).collect();
         assert_eq!(
             standby,
             vec!["10.0.0.2", "10.0.0.3"],
@@ -1959,7 +1979,7 @@ mod tests {
                 .desired
                 .frontends
                 .values()
-                .all(|f| f.maglev)
+                .all(|f| f.set.maglev)
         );
     }
 
@@ -2010,7 +2030,7 @@ mod tests {
             .unwrap()
             .1;
         assert_eq!(ext.kind, FrontendKind::ExternalIP);
-        assert_eq!(ext.backends.len(), 1);
+        assert_eq!(ext.set.backends.len(), 1);
     }
 
     #[test]
@@ -2071,7 +2091,7 @@ mod tests {
                     Scope::External => "external",
                 };
                 let backends = f
-                    .backends
+                    .set.backends
                     .iter()
                     .map(|b| {
                         format!(
@@ -2492,7 +2512,7 @@ mod tests {
         let (key, frontend) = external[0];
         assert_eq!(key.to_string(), "10.96.0.10:80/TCP (external)");
         assert!(frontend.masquerade);
-        assert_eq!(frontend.backends.len(), 1);
+        assert_eq!(frontend.set.backends.len(), 1);
         assert!(
             !t.desired.frontends[&FrontendKey {
                 scope: Scope::Internal,
