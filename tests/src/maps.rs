@@ -32,9 +32,13 @@ impl Drop for Bpffs {
     }
 }
 
-pub fn load(bpffs: &Bpffs, services_capacity: u32) -> Maps {
+/// The object's maps pinned under `bpffs`, with room for `capacity`
+/// frontends and `capacity` backend slots.
+pub fn load(bpffs: &Bpffs, capacity: u32) -> Maps {
     let mut loader = EbpfLoader::new();
-    loader.map_max_entries(map_names::SERVICES, services_capacity);
+    loader
+        .map_max_entries(map_names::SERVICES, capacity)
+        .map_max_entries(map_names::BACKEND_SLOTS, capacity);
     let paths: Vec<(&str, PathBuf)> = map_names::ALL
         .iter()
         .map(|n| (*n, bpffs.0.join(n)))

@@ -15,7 +15,7 @@ use aya::{
 use etherparse::PacketBuilder;
 use lb_common::{
     AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendValue, ConfigValue, CtKey, CtValue,
-    IPPROTO_TCP, IPPROTO_UDP, MaglevKey, RevNatValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey,
+    BackendSetValue, BackendSlotKey, IPPROTO_TCP, IPPROTO_UDP, MaglevKey, RevNatValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey,
     ServiceValue, SourceRange, frontend_kind, map_names, program_names, service_flags, stat,
 };
 
@@ -476,7 +476,9 @@ impl Datapath {
         let e = &mut self.ebpf;
         clear::<ServiceKey, ServiceValue>(e, map_names::SERVICES);
         clear::<u32, BackendValue>(e, map_names::BACKENDS);
-        clear::<u16, RevNatValue>(e, map_names::REV_NAT);
+        clear::<u32, RevNatValue>(e, map_names::REV_NAT);
+        clear::<u32, BackendSetValue>(e, map_names::BACKEND_SETS);
+        clear::<BackendSlotKey, u32>(e, map_names::BACKEND_SLOTS);
         clear::<CtKey, CtValue>(e, map_names::CT_TCP);
         clear::<CtKey, CtValue>(e, map_names::CT_OTHER);
         clear::<AffinityKey, AffinityValue>(e, map_names::AFFINITY);
@@ -578,24 +580,24 @@ impl Datapath {
         backends.insert(id, value, 0).expect("update backend");
     }
 
-    /// Program slot 0 directly (affinity timeout, Maglev size, flags).
+    /// Rewrite a frontend's entry directly (affinity timeout, flags).
     pub fn set_head(&mut self, at: Ep, proto: u8, update: impl FnOnce(&mut ServiceValue)) {
         let mut services = self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES);
-        let key = Self::key(at, proto, 0);
+        let key = Self::key(at, proto);
         let mut head = services.get(&key, 0).expect("frontend exists");
         update(&mut head);
         services.insert(key, head, 0).expect("update head");
     }
 
-    /// Fill a Maglev table for a rev-NAT id.
-    pub fn maglev_table(&mut self, rev_nat_id: u16, table: &[u32]) {
+    /// Fill the Maglev table of a backend set (a frontend programmed here
+    /// has the set of its rev-NAT id) and record its size in the set.
+    pub fn maglev_table(&mut self, set_id: u32, table: &[u32]) {
         let mut maglev = self.hash::<MaglevKey, u32>(map_names::MAGLEV);
         for (i, id) in table.iter().enumerate() {
             maglev
                 .insert(
                     MaglevKey {
-                        rev_nat_id,
-                        _pad: 0,
+                        set_id,
                         index: i as u32,
                     },
                     id,
@@ -603,19 +605,22 @@ impl Datapath {
                 )
                 .expect("maglev entry");
         }
+        let mut sets = self.hash::<u32, BackendSetValue>(map_names::BACKEND_SETS);
+        let mut set = sets.get(&set_id, 0).expect("backend set exists");
+        set.maglev_size = table.len() as u32;
+        sets.insert(set_id, set, 0).expect("update backend set");
     }
 
     pub fn insert_affinity(
         &mut self,
         client: impl Into<IpAddr>,
-        rev_nat_id: u16,
+        rev_nat_id: u32,
         backend_id: u32,
         last_used_ns: u64,
     ) {
         let key = AffinityKey {
             client_addr_be: be32(client),
             rev_nat_id,
-            _pad: 0,
         };
         let value = AffinityValue {
             backend_id,
@@ -649,8 +654,8 @@ impl Datapath {
         }
     }
 
-    pub fn remove_rev_nat(&mut self, id: u16) {
-        self.hash::<u16, RevNatValue>(map_names::REV_NAT)
+    pub fn remove_rev_nat(&mut self, id: u32) {
+        self.hash::<u32, RevNatValue>(map_names::REV_NAT)
             .remove(&id)
             .expect("remove rev nat");
     }
@@ -661,18 +666,17 @@ impl Datapath {
             .expect("remove backend");
     }
 
-    fn key(at: Ep, proto: u8, slot: u16) -> ServiceKey {
-        Self::scoped_key(at, proto, slot, SCOPE_INTERNAL)
+    fn key(at: Ep, proto: u8) -> ServiceKey {
+        Self::scoped_key(at, proto, SCOPE_INTERNAL)
     }
 
-    fn scoped_key(at: Ep, proto: u8, slot: u16, scope: u8) -> ServiceKey {
+    fn scoped_key(at: Ep, proto: u8, scope: u8) -> ServiceKey {
         ServiceKey {
             addr_be: be32(at.addr),
             port_be: at.port.to_be(),
-            slot,
             proto,
             scope,
-            _pad: [0; 2],
+            _pad: 0,
         }
     }
 
@@ -682,7 +686,7 @@ impl Datapath {
         &mut self,
         at: Ep,
         proto: u8,
-        rev_nat_id: u16,
+        rev_nat_id: u32,
         backends: &[u32],
         kind_and_flags: u32,
     ) {
@@ -704,7 +708,7 @@ impl Datapath {
             ..Default::default()
         };
         self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES)
-            .insert(Self::scoped_key(Ep { addr, port: 0 }, 0, 0, scope), head, 0)
+            .insert(Self::scoped_key(Ep { addr, port: 0 }, 0, scope), head, 0)
             .expect("address entry");
     }
 
@@ -746,8 +750,9 @@ impl Datapath {
         config.set(0, value, 0).expect("write config");
     }
 
-    /// Program a frontend with the given backend ids, in make-before-break order.
-    pub fn frontend(&mut self, at: Ep, proto: u8, rev_nat_id: u16, backends: &[u32]) {
+    /// Program a frontend with the given backend ids, in make-before-break
+    /// order. Its backend set has the id of its rev-NAT id.
+    pub fn frontend(&mut self, at: Ep, proto: u8, rev_nat_id: u32, backends: &[u32]) {
         self.frontend_with_flags(at, proto, rev_nat_id, backends, 0);
     }
 
@@ -759,7 +764,7 @@ impl Datapath {
             ..Default::default()
         };
         self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES)
-            .insert(Self::key(Ep { addr, port: 0 }, 0, 0), head, 0)
+            .insert(Self::key(Ep { addr, port: 0 }, 0), head, 0)
             .expect("address entry");
     }
 
@@ -781,7 +786,7 @@ impl Datapath {
         &mut self,
         at: Ep,
         proto: u8,
-        rev_nat_id: u16,
+        rev_nat_id: u32,
         backends: &[u32],
         flags: u32,
     ) {
@@ -799,38 +804,42 @@ impl Datapath {
         &mut self,
         at: Ep,
         proto: u8,
-        rev_nat_id: u16,
+        rev_nat_id: u32,
         backends: &[u32],
         kind_and_flags: u32,
         scope: u8,
     ) {
-        let mut services = self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES);
+        let set_id = rev_nat_id;
+        let mut slots = self.hash::<BackendSlotKey, u32>(map_names::BACKEND_SLOTS);
         for (i, id) in backends.iter().enumerate() {
-            let slot = ServiceValue {
-                backend_id: *id,
-                ..Default::default()
+            let key = BackendSlotKey {
+                set_id,
+                slot: i as u32,
             };
-            services
-                .insert(Self::scoped_key(at, proto, i as u16 + 1, scope), slot, 0)
-                .expect("slot");
+            slots.insert(key, id, 0).expect("slot");
         }
+        let mut sets = self.hash::<u32, BackendSetValue>(map_names::BACKEND_SETS);
+        let set = BackendSetValue {
+            count: backends.len() as u32,
+            maglev_size: 0,
+        };
+        sets.insert(set_id, set, 0).expect("backend set");
         let head = ServiceValue {
-            backend_id: 0,
-            count: backends.len() as u16,
+            backend_set_id: set_id,
             rev_nat_id,
             flags: kind_and_flags,
             affinity_timeout_s: 0,
         };
-        services
-            .insert(Self::scoped_key(at, proto, 0, scope), head, 0)
-            .expect("slot 0");
+        self.hash::<ServiceKey, ServiceValue>(map_names::SERVICES)
+            .insert(Self::scoped_key(at, proto, scope), head, 0)
+            .expect("frontend");
         let rev = RevNatValue {
             addr_be: be32(at.addr),
             port_be: at.port.to_be(),
             proto,
             scope,
         };
-        self.hash::<u16, RevNatValue>(map_names::REV_NAT)
+        self.hash::<u32, RevNatValue>(map_names::REV_NAT)
             .insert(rev_nat_id, rev, 0)
             .expect("rev nat");
     }

@@ -126,7 +126,7 @@ fn canonical(maps: &lb_agent::datapath::maps::Maps) -> Vec<String> {
             (id, desc)
         })
         .collect();
-    let rev_nat: BTreeMap<u16, String> = maps
+    let rev_nat: BTreeMap<u32, String> = maps
         .rev_nat
         .iter()
         .map(|e| {
@@ -147,31 +147,56 @@ fn canonical(maps: &lb_agent::datapath::maps::Maps) -> Vec<String> {
             .cloned()
             .unwrap_or(format!("missing {id}"))
     };
-    let frontend = |id: u16| rev_nat.get(&id).cloned().unwrap_or(format!("missing {id}"));
+    let frontend = |id: u32| rev_nat.get(&id).cloned().unwrap_or(format!("missing {id}"));
+    // Set ids depend on the order sets were made: sets are described by
+    // their content, which must be the same.
+    let mut slots: BTreeMap<u32, BTreeMap<u32, String>> = BTreeMap::new();
+    for e in maps.backend_slots.iter() {
+        let (k, id) = e.expect("slot");
+        slots.entry(k.set_id).or_default().insert(k.slot, backend(id));
+    }
+    let sets: BTreeMap<u32, String> = maps
+        .backend_sets
+        .iter()
+        .map(|e| {
+            let (id, v) = e.expect("backend set");
+            let listed = slots.remove(&id).unwrap_or_default();
+            let desc = format!(
+                "count {} maglev {} slots {:?}",
+                v.count,
+                v.maglev_size,
+                listed.into_iter().collect::<Vec<_>>()
+            );
+            (id, desc)
+        })
+        .collect();
+    let set = |id: u32| sets.get(&id).cloned().unwrap_or(format!("missing {id}"));
     let mut lines: Vec<String> = backends.values().map(|b| format!("backend {b}")).collect();
     lines.extend(rev_nat.values().map(|r| format!("rev-NAT {r}")));
+    lines.extend(sets.values().map(|s| format!("set {s}")));
+    lines.extend(
+        slots
+            .iter()
+            .map(|(id, orphan)| format!("slots of no set {id}: {orphan:?}")),
+    );
     for e in maps.services.iter() {
         let (k, v) = e.expect("service");
         let at = format!(
-            "{}:{}/{} scope {} slot {}",
+            "{}:{}/{} scope {}",
             k.addr_be.ip(),
             u16::from_be(k.port_be),
             k.proto,
             k.scope,
-            k.slot
         );
-        lines.push(if k.slot != 0 {
-            format!("slot {at} -> {}", backend(v.backend_id))
-        } else if k.port_be == 0 && k.proto == 0 {
+        lines.push(if k.port_be == 0 && k.proto == 0 {
             format!("address {at} flags {:#x}", v.flags)
         } else {
             format!(
-                "head {at} count {} flags {:#x} affinity {} maglev {} rev-NAT {}",
-                v.count,
+                "frontend {at} flags {:#x} affinity {} rev-NAT {} set {}",
                 v.flags,
                 v.affinity_timeout_s,
-                v.backend_id,
-                frontend(v.rev_nat_id)
+                frontend(v.rev_nat_id),
+                set(v.backend_set_id)
             )
         });
     }
@@ -179,7 +204,7 @@ fn canonical(maps: &lb_agent::datapath::maps::Maps) -> Vec<String> {
         let (k, id) = e.expect("maglev");
         lines.push(format!(
             "maglev {} [{}] -> {}",
-            frontend(k.rev_nat_id),
+            set(k.set_id),
             k.index,
             backend(id)
         ));

@@ -249,7 +249,6 @@ fn maglev_frontend_picks_from_its_table() {
             three_webs(dp, service_flags::MAGLEV);
             // A 7-entry table that only names backend 3.
             dp.maglev_table(1, &[3; 7]);
-            dp.set_head(ep(WEB), TCP, |h| h.backend_id = 7);
         },
         vec![
             send(
@@ -275,7 +274,6 @@ fn maglev_maps_a_flow_to_the_same_backend_on_every_node() {
             let mut dp = Datapath::load();
             three_webs(&mut dp, service_flags::MAGLEV);
             dp.maglev_table(1, &table);
-            dp.set_head(ep(WEB), TCP, |h| h.backend_id = 101);
             dp
         })
         .collect();

@@ -79,7 +79,7 @@ fn setup(dp: &mut Datapath) {
 fn setup_family(dp: &mut Datapath, v6: bool) {
     let fam = |s: &str| if v6 { six_ep(ep(s)) } else { ep(s) };
     let id = |n: u32| if v6 { n + 100 } else { n };
-    let rid = |n: u16| if v6 { n + 100 } else { n };
+    let rid = |n: u32| if v6 { n + 100 } else { n };
     let addr = |s: &str| -> IpAddr {
         let a: Ipv4Addr = s.parse().unwrap();
         if v6 {
@@ -112,7 +112,6 @@ fn setup_family(dp: &mut Datapath, v6: bool) {
         service_flags::MAGLEV,
     );
     dp.maglev_table(rid(4), &ids(&[1, 2, 3, 1, 2, 3, 1]));
-    dp.set_head(fam("10.96.0.53:53"), TCP, |h| h.backend_id = 7);
     dp.frontend(fam("10.96.0.99:80"), TCP, rid(5), &ids(&[]));
     dp.frontend(fam("10.96.0.99:53"), UDP, rid(6), &ids(&[]));
     dp.frontend_with_flags(
@@ -127,7 +126,7 @@ fn setup_family(dp: &mut Datapath, v6: bool) {
     }
     // The same frontends for traffic from outside (node programs), with one
     // backend on another node (SNAT), and pings answered for one address.
-    for (fe, proto) in FRONTENDS {
+    for (n, (fe, proto)) in FRONTENDS.into_iter().enumerate() {
         let backends: &[u32] = match (fe, proto) {
             ("10.96.0.10:80", _) => &[1, 2, 3],
             ("10.96.0.10:443", _) => &[1, 2],
@@ -138,7 +137,7 @@ fn setup_family(dp: &mut Datapath, v6: bool) {
         dp.external_frontend(
             fam(fe),
             proto,
-            rid(10 + backends.len() as u16),
+            rid(10 + n as u32),
             &ids(backends),
             frontend_kind::NODE_PORT,
         );

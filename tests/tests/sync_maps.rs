@@ -2,17 +2,45 @@
 //! full errors that name the Service and keep everything else, stable ids
 //! and pruning across an agent restart (maps reopened from their pins).
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, sync::Arc};
 
 use aya::EbpfLoader;
 use lb_agent::{
     datapath::{maps::Maps, sync::Syncer},
-    model::{Backend, DesiredState, Frontend, FrontendKey, FrontendKind, Protocol, Scope},
+    model::{
+        Backend, BackendSet, BackendSetKey, DesiredState, Frontend, FrontendKey, FrontendKind,
+        Protocol, Scope, Selection,
+    },
 };
 use lb_common::{map_names, map_sizes};
 use lb_tests::maps::{Bpffs, load};
 
+/// The backend set of Service port `default/name`.
+fn set(name: &str, v6: bool, backends: Vec<Backend>) -> Arc<BackendSet> {
+    Arc::new(BackendSet {
+        key: BackendSetKey {
+            service_port: format!("default/{name}").into(),
+            proto: Protocol::Tcp,
+            v6,
+            selection: Selection::Cluster,
+        },
+        backends,
+        standby: Vec::new(),
+        maglev: false,
+    })
+}
+
 fn frontend(name: &str, ip: [u8; 4], backends: &[[u8; 4]]) -> (FrontendKey, Frontend) {
+    let backends = backends
+        .iter()
+        .map(|b| Backend {
+            addr: Ipv4Addr::from(*b).into(),
+            port: 8080,
+            terminating: false,
+            remote: false,
+            on_node: false,
+        })
+        .collect();
     (
         FrontendKey {
             addr: Ipv4Addr::from(ip).into(),
@@ -23,18 +51,7 @@ fn frontend(name: &str, ip: [u8; 4], backends: &[[u8; 4]]) -> (FrontendKey, Fron
         Frontend {
             service_port: format!("default/{name}"),
             kind: FrontendKind::ClusterIP,
-            backends: backends
-                .iter()
-                .map(|b| Backend {
-                    addr: Ipv4Addr::from(*b).into(),
-                    port: 8080,
-                    terminating: false,
-                    remote: false,
-                    on_node: false,
-                })
-                .collect(),
-            standby: Vec::new(),
-            maglev: false,
+            set: set(name, false, backends),
             drop_if_empty: false,
             internal_local: false,
             affinity_timeout_s: None,
@@ -76,8 +93,8 @@ fn programmed(maps: &Maps) -> Vec<(String, Vec<String>)> {
 #[test]
 fn full_services_map_names_the_service_and_keeps_the_others() {
     let fs = Bpffs::new("full");
-    // Room for 8 slots: a and b (3 entries each) fit, c does not.
-    let mut syncer = Syncer::new(load(&fs, 8)).expect("syncer");
+    // Room for 5 backend slots: a and b (2 each) fit, c does not.
+    let mut syncer = Syncer::new(load(&fs, 5)).expect("syncer");
     let want = desired(vec![
         frontend("a", [10, 96, 0, 1], &[[10, 0, 0, 1], [10, 0, 0, 2]]),
         frontend("b", [10, 96, 0, 2], &[[10, 0, 0, 3], [10, 0, 0, 4]]),
@@ -186,10 +203,10 @@ fn shrinking_a_frontend_never_exposes_a_missing_slot() {
     // No slot past the count is left behind.
     let slots = syncer
         .maps()
-        .services
+        .backend_slots
         .keys()
         .filter_map(Result::ok)
-        .filter(|k| k.slot > 3)
+        .filter(|k| k.slot >= 3)
         .count();
     assert_eq!(slots, 0);
 }
@@ -277,13 +294,17 @@ fn dual_stack_state_survives_a_restart_exactly() {
     let (mut v4, mut v4_frontend) = frontend("lb4", [198, 51, 100, 10], &[[10, 0, 0, 1]]);
     let (mut v6, mut v6_frontend) = frontend("lb6", [0, 0, 0, 0], &[]);
     v6.addr = "2001:db8:1::10".parse().unwrap();
-    v6_frontend.backends = vec![Backend {
-        addr: "fd00:1::1".parse().unwrap(),
-        port: 8080,
-        terminating: false,
-        remote: false,
-        on_node: false,
-    }];
+    v6_frontend.set = set(
+        "lb6",
+        true,
+        vec![Backend {
+            addr: "fd00:1::1".parse().unwrap(),
+            port: 8080,
+            terminating: false,
+            remote: false,
+            on_node: false,
+        }],
+    );
     for (key, f) in [(&mut v4, &mut v4_frontend), (&mut v6, &mut v6_frontend)] {
         key.scope = Scope::External;
         f.kind = FrontendKind::LoadBalancer;
@@ -441,7 +462,6 @@ fn stale_flows_and_affinity_are_cleaned_off_the_sync_path() {
             let key = AffinityKey {
                 client_addr_be: Addr::from(std::net::IpAddr::from([10, 1, 0, client])),
                 rev_nat_id: rev_nat,
-                _pad: 0,
             };
             let value = AffinityValue {
                 backend_id: backend,

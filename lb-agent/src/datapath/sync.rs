@@ -179,6 +179,11 @@ pub struct Syncer {
     frontends: BTreeMap<FrontendKey, ServiceValue>,
     /// Backend sets as written.
     sets: BTreeMap<SetOwner, AppliedSet>,
+    /// Sets adopted at start by content ({count, Maglev size}, slots): a
+    /// desired set with the same content takes one over instead of being
+    /// written again, so a restart rewrites nothing. Entries of sets since
+    /// taken or removed are skipped when met.
+    adopted_by_content: BTreeMap<(u32, u32, Vec<u32>), Vec<u32>>,
     /// Per set id, how many written frontends point at it.
     set_refs: BTreeMap<u32, u32>,
     /// Per backend id, how many written slots name it (a Maglev table names
@@ -338,6 +343,7 @@ impl Syncer {
             backends: BTreeMap::new(),
             frontends: BTreeMap::new(),
             sets: BTreeMap::new(),
+            adopted_by_content: BTreeMap::new(),
             set_refs: BTreeMap::new(),
             slot_refs: BTreeMap::new(),
             addresses: BTreeMap::new(),
@@ -469,6 +475,10 @@ impl Syncer {
             for backend in applied_slots.iter().filter(|b| **b != 0) {
                 *self.slot_refs.entry(*backend).or_default() += 1;
             }
+            self.adopted_by_content
+                .entry((head.count, head.maglev_size, applied_slots.clone()))
+                .or_default()
+                .push(id);
             self.sets.insert(
                 owner,
                 AppliedSet {
@@ -1126,10 +1136,6 @@ impl Syncer {
             full,
         };
         let owner = SetOwner::Named(key.clone());
-        let set_id = self
-            .set_ids
-            .get_or_assign(&owner)
-            .map_err(|e| error(e.to_string(), true))?;
         let maglev_size = if content.maglev && !ids.is_empty() {
             maglev::table_size(ids.len())
         } else {
@@ -1139,6 +1145,13 @@ impl Syncer {
             count: ids.len() as u32,
             maglev_size,
         };
+        if !self.sets.contains_key(&owner) {
+            self.take_over_adopted(&owner, head, &ids);
+        }
+        let set_id = self
+            .set_ids
+            .get_or_assign(&owner)
+            .map_err(|e| error(e.to_string(), true))?;
         let mut applied = self.sets.remove(&owner).unwrap_or(AppliedSet {
             id: set_id,
             ..AppliedSet::default()
@@ -1169,6 +1182,37 @@ impl Syncer {
             }
         }
         Ok(true)
+    }
+
+    /// Give `owner` (a set not written yet) an adopted set holding exactly
+    /// `head` and `ids`, if there is one: same backends in the same slots,
+    /// and so the same Maglev table.
+    fn take_over_adopted(&mut self, owner: &SetOwner, head: BackendSetValue, ids: &[u32]) {
+        if self.set_ids.get(owner).is_some() {
+            return;
+        }
+        let content = (head.count, head.maglev_size, ids.to_vec());
+        let Some(candidates) = self.adopted_by_content.get_mut(&content) else {
+            return;
+        };
+        while let Some(id) = candidates.pop() {
+            let adopted = SetOwner::Adopted(id);
+            let Some(applied) = self.sets.get(&adopted) else {
+                continue;
+            };
+            if applied.head != Some(head) || applied.slots != ids {
+                continue;
+            }
+            if let Some(applied) = self.sets.remove(&adopted) {
+                self.set_ids.release(&adopted);
+                self.set_ids.adopt(owner.clone(), id);
+                self.sets.insert(owner.clone(), applied);
+            }
+            break;
+        }
+        if candidates.is_empty() {
+            self.adopted_by_content.remove(&content);
+        }
     }
 
     /// `write_set`'s map writes. The mirror follows every write that

@@ -66,7 +66,7 @@ fn main() {
                 port: 8080,
             };
             dp.backend(i + 1, be, TCP);
-            dp.frontend(fe, TCP, (i % 65_000 + 1) as u16, &[i + 1]);
+            dp.frontend(fe, TCP, i + 1, &[i + 1]);
         }
         // The Service under test is the last one programmed.
         let fe = Ep {
