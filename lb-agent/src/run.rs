@@ -444,6 +444,8 @@ impl Reconciler {
             removed = report.frontends_removed,
             backends_written = report.backends_written,
             backends_removed = report.backends_removed,
+            sets_written = report.sets_written,
+            sets_removed = report.sets_removed,
             elapsed_ms = elapsed.as_secs_f64() * 1e3,
             assemble_ms = assembled.as_secs_f64() * 1e3,
             translate_ms = (translated - assembled).as_secs_f64() * 1e3,

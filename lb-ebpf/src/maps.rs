@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr, AffinityKey, AffinityValue, BackendSetValue, BackendSlotKey, BackendValue, ConfigValue,
-    CtKey, CtValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SockAffinityKey, SockNatKey, SockNatValue, SourceRange,
-    map_sizes, stat,
+    CtKey, CtValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SockAffinityKey, SockNatKey,
+    SockNatValue, SourceRange, map_sizes, stat,
 };
 
 /// Frontends: {addr, port, proto, scope} -> backend set, rev-NAT id, flags;

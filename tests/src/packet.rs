@@ -14,9 +14,10 @@ use aya::{
 };
 use etherparse::PacketBuilder;
 use lb_common::{
-    AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendValue, ConfigValue, CtKey, CtValue,
-    BackendSetValue, BackendSlotKey, IPPROTO_TCP, IPPROTO_UDP, MaglevKey, RevNatValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey,
-    ServiceValue, SourceRange, frontend_kind, map_names, program_names, service_flags, stat,
+    AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendSetValue, BackendSlotKey, BackendValue,
+    ConfigValue, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP, MaglevKey, RevNatValue, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, ServiceKey, ServiceValue, SourceRange, frontend_kind, map_names, program_names,
+    service_flags, stat,
 };
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];

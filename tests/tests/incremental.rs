@@ -153,7 +153,10 @@ fn canonical(maps: &lb_agent::datapath::maps::Maps) -> Vec<String> {
     let mut slots: BTreeMap<u32, BTreeMap<u32, String>> = BTreeMap::new();
     for e in maps.backend_slots.iter() {
         let (k, id) = e.expect("slot");
-        slots.entry(k.set_id).or_default().insert(k.slot, backend(id));
+        slots
+            .entry(k.set_id)
+            .or_default()
+            .insert(k.slot, backend(id));
     }
     let sets: BTreeMap<u32, String> = maps
         .backend_sets

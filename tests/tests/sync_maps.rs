@@ -2,7 +2,7 @@
 //! full errors that name the Service and keep everything else, stable ids
 //! and pruning across an agent restart (maps reopened from their pins).
 
-use std::{net::Ipv4Addr, sync::Arc};
+use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc};
 
 use aya::EbpfLoader;
 use lb_agent::{
@@ -517,4 +517,92 @@ fn stale_flows_and_affinity_are_cleaned_off_the_sync_path() {
         );
         assert_eq!(flows_to(syncer.maps(), one), 1, "threaded {threaded}");
     }
+}
+
+/// A LoadBalancer Service's frontends (ClusterIP, LoadBalancer IP and a
+/// NodePort on each of two node addresses, in both scopes) share one backend
+/// set: its slots are stored once, and an endpoint change rewrites that set
+/// alone, not the seven frontends.
+#[test]
+fn a_shared_backend_set_is_stored_once_and_written_once_per_change() {
+    let fs = Bpffs::new("shared");
+    let mut syncer = Syncer::new(load(&fs, 1024)).expect("syncer");
+    let ten: Vec<[u8; 4]> = (1..=10).map(|i| [10, 0, 2, i]).collect();
+    let lb = |backends: &[[u8; 4]]| -> Vec<(FrontendKey, Frontend)> {
+        let (_, base) = frontend("lb", [10, 96, 0, 1], backends);
+        let at = |ip: [u8; 4], port: u16, scope: Scope, kind: FrontendKind| {
+            (
+                FrontendKey {
+                    addr: Ipv4Addr::from(ip).into(),
+                    port,
+                    proto: Protocol::Tcp,
+                    scope,
+                },
+                Frontend {
+                    kind,
+                    ..base.clone()
+                },
+            )
+        };
+        let mut all = vec![at(
+            [10, 96, 0, 1],
+            80,
+            Scope::Internal,
+            FrontendKind::ClusterIP,
+        )];
+        for scope in [Scope::Internal, Scope::External] {
+            all.push(at([198, 51, 100, 1], 80, scope, FrontendKind::LoadBalancer));
+            for node in [[192, 168, 0, 1], [192, 168, 0, 2]] {
+                all.push(at(node, 30080, scope, FrontendKind::NodePort));
+            }
+        }
+        all
+    };
+    let count = |maps: &Maps| {
+        (
+            maps.services.keys().count(),
+            maps.backend_sets.keys().count(),
+            maps.backend_slots.keys().count(),
+            maps.backends.keys().count(),
+        )
+    };
+    let report = syncer.sync(&desired(lb(&ten)));
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!((report.frontends_written, report.sets_written), (7, 1));
+    assert_eq!(
+        count(syncer.maps()),
+        (7, 1, 10, 10),
+        "7 frontends, one set of 10 slots (the per-frontend layout took 77 entries)"
+    );
+    let dump = lb_agent::dump::services(syncer.maps()).expect("dump");
+    let set_ids: BTreeSet<u32> = dump.services.iter().map(|s| s.backend_set_id).collect();
+    assert_eq!(set_ids.len(), 1, "one set for all seven");
+    assert!(dump.services.iter().all(|s| s.backends.len() == 10));
+
+    // One endpoint leaves: the set is rewritten, no frontend is.
+    let nine = desired(lb(&ten[..9]));
+    let keys: BTreeSet<FrontendKey> = nine.frontends.keys().copied().collect();
+    let report = syncer.sync_changes(&nine, &keys, &Default::default(), &Default::default());
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        (
+            report.frontends_written,
+            report.sets_written,
+            report.backends_removed
+        ),
+        (0, 1, 1)
+    );
+    assert_eq!(count(syncer.maps()), (7, 1, 9, 9));
+    assert_eq!(programmed(syncer.maps()).len(), 7);
+
+    // The Service goes: nothing is left.
+    let report = syncer.sync_changes(
+        &desired(vec![]),
+        &keys,
+        &Default::default(),
+        &Default::default(),
+    );
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!((report.frontends_removed, report.sets_removed), (7, 1));
+    assert_eq!(count(syncer.maps()), (0, 0, 0, 0));
 }

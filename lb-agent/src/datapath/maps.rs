@@ -7,9 +7,9 @@ use aya::maps::{
     Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues, lpm_trie::LpmTrie,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BackendSetValue, BackendSlotKey, BackendValue, ConfigValue, CtKey, CtValue, MaglevKey, RevNatValue,
-    ServiceKey, ServiceValue, SockAffinityKey, SockNatKey, SockNatValue, SourceRange, map_names,
-    map_sizes, stat,
+    AffinityKey, AffinityValue, BackendSetValue, BackendSlotKey, BackendValue, ConfigValue, CtKey,
+    CtValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SockAffinityKey, SockNatKey,
+    SockNatValue, SourceRange, map_names, map_sizes, stat,
 };
 use thiserror::Error;
 

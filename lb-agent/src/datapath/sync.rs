@@ -749,9 +749,9 @@ impl Syncer {
                 .get(&SetOwner::Named(set_key.clone()))
                 .filter(|s| s.head.is_some())
                 .map(|s| s.id);
-            let Some(set_id) = written.filter(|_| {
-                ready.contains(set_key) || !touched.contains(set_key)
-            }) else {
+            let Some(set_id) =
+                written.filter(|_| ready.contains(set_key) || !touched.contains(set_key))
+            else {
                 // Its set could not be written: reported once, above.
                 continue;
             };

@@ -9,8 +9,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use lb_common::{
-    Addr, BACKEND_STANDBY, BackendSetValue, BackendValue, CT_DIR_FORWARD, SOCK_DIR_FORWARD, ServiceKey,
-    ServiceValue, backend_flags, ct_flags, map_names, service_flags, stat,
+    Addr, BACKEND_STANDBY, BackendSetValue, BackendValue, CT_DIR_FORWARD, SOCK_DIR_FORWARD,
+    ServiceKey, ServiceValue, backend_flags, ct_flags, map_names, service_flags, stat,
 };
 use serde::Serialize;
 
@@ -256,10 +256,7 @@ pub fn services(maps: &Maps) -> Result<ServicesDump> {
         let set = sets.get(&head.backend_set_id).copied().unwrap_or_default();
         let backends = (0..set.count)
             .map(|s| {
-                let id = slots
-                    .get(&(head.backend_set_id, s))
-                    .copied()
-                    .unwrap_or(0);
+                let id = slots.get(&(head.backend_set_id, s)).copied().unwrap_or(0);
                 match by_id.get(&id) {
                     Some(b) => DumpBackend {
                         id,

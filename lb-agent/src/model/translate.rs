@@ -1410,7 +1410,8 @@ mod tests {
             .iter()
             .map(|(k, f)| {
                 let b = f
-                    .set.backends
+                    .set
+                    .backends
                     .iter()
                     .map(|b| {
                         format!(
@@ -2091,7 +2092,8 @@ mod tests {
                     Scope::External => "external",
                 };
                 let backends = f
-                    .set.backends
+                    .set
+                    .backends
                     .iter()
                     .map(|b| {
                         format!(
@@ -2197,6 +2199,54 @@ mod tests {
             &external_node(),
         );
         assert_eq!(by_kind(&t).get("NodePort external"), Some(&(vec![], false)));
+    }
+
+    #[test]
+    fn frontends_selecting_the_same_endpoints_share_one_backend_set() {
+        // (itp, etp, distinct sets, frontends on the node-local set)
+        let cases = [
+            ("Cluster", "Cluster", 1, 0),
+            // Outside gets local endpoints: NodePort, LoadBalancer IP and
+            // externalIP from outside share the local set.
+            ("Cluster", "Local", 2, 3),
+            // Only the ClusterIP is local.
+            ("Local", "Cluster", 2, 1),
+            ("Local", "Local", 2, 4),
+        ];
+        let local = ep("10.0.0.1", Some(true), Some(true), None, "local");
+        let remote = ep("10.0.0.2", Some(true), Some(true), None, "other");
+        for (itp, etp, sets, on_local) in cases {
+            let sl = slice("s", "web", http_port(), json!([local, remote]));
+            let t = translate(
+                &state(vec![lb_service(itp, etp)], vec![sl]),
+                &external_node(),
+            );
+            let name = format!("iTP {itp} eTP {etp}");
+            let mut distinct: Vec<&Arc<BackendSet>> = Vec::new();
+            for f in t.desired.frontends.values() {
+                if !distinct.iter().any(|s| Arc::ptr_eq(s, &f.set)) {
+                    distinct.push(&f.set);
+                }
+            }
+            assert_eq!(distinct.len(), sets, "{name}: {distinct:?}");
+            let keys: BTreeSet<&BackendSetKey> = distinct.iter().map(|s| &s.key).collect();
+            assert_eq!(keys.len(), sets, "{name}: one key per set");
+            let local_users = t
+                .desired
+                .frontends
+                .values()
+                .filter(|f| f.set.key.selection == Selection::Local)
+                .count();
+            assert_eq!(local_users, on_local, "{name}");
+            for set in distinct {
+                assert_eq!(&*set.key.service_port, "ns/web:http", "{name}");
+                let want = match set.key.selection {
+                    Selection::Cluster => 2,
+                    Selection::Local => 1,
+                };
+                assert_eq!(set.backends.len(), want, "{name}: {:?}", set.key);
+            }
+        }
     }
 
     #[test]
