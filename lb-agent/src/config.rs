@@ -155,7 +155,8 @@ pub struct RunArgs {
     /// Only program spec.externalIPs inside these CIDRs (CVE-2020-8554). Default: all
     #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
     pub external_ip_cidrs: Option<Vec<ipnet::IpNet>>,
-    /// Capacity of the service and backend maps (entries). Default: 262144 / 131072
+    /// Capacity of each of the frontend, backend, backend set and backend
+    /// slot maps (entries). Default: 262144 / 262144 / 131072 / 524288
     #[arg(long, value_name = "N")]
     pub lb_map_max: Option<u32>,
     /// TCP flows conntrack holds (two map entries each; least recently used
@@ -300,7 +301,8 @@ pub struct SocketLb {
 #[derive(Clone, Debug)]
 pub struct RunConfig {
     pub source: SourceConfig,
-    /// Service and backend map capacity (`--lb-map-max`), when not the default.
+    /// Frontend, backend, set and slot map capacity (`--lb-map-max`), when
+    /// not the default.
     pub lb_map_max: Option<u32>,
     /// Flows conntrack holds: TCP, and everything else (resolved defaults).
     pub ct_max_tcp: u32,

@@ -446,6 +446,7 @@ impl Reconciler {
             backends_removed = report.backends_removed,
             sets_written = report.sets_written,
             sets_removed = report.sets_removed,
+            errors = report.errors.len(),
             elapsed_ms = elapsed.as_secs_f64() * 1e3,
             assemble_ms = assembled.as_secs_f64() * 1e3,
             translate_ms = (translated - assembled).as_secs_f64() * 1e3,

@@ -14,14 +14,15 @@ use lb_common::{
 };
 
 /// Frontends: {addr, port, proto, scope} -> backend set, rev-NAT id, flags;
-/// {addr, 0, 0, scope} -> the Service address entry.
+/// {addr, 0, 0, scope} -> the Service address entry. The maps only the
+/// agent writes are not preallocated: memory follows what is programmed,
+/// and a replaced value is freed only after readers are done with it (a
+/// preallocated map recycles it at once, under a reader's copy).
 #[map(name = "LB_SERVICES")]
 pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(map_sizes::SERVICES, 0);
+    HashMap::with_max_entries(map_sizes::SERVICES, BPF_F_NO_PREALLOC);
 
-/// Backend id -> backend address, port and state. The maps only the agent
-/// writes are not preallocated: memory follows what is programmed, and a
-/// replaced value is freed after readers are done with it.
+/// Backend id -> backend address, port and state.
 #[map(name = "LB_BACKENDS")]
 pub static LB_BACKENDS: HashMap<u32, BackendValue> =
     HashMap::with_max_entries(map_sizes::BACKENDS, BPF_F_NO_PREALLOC);

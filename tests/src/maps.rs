@@ -35,10 +35,16 @@ impl Drop for Bpffs {
 /// The object's maps pinned under `bpffs`, with room for `capacity`
 /// frontends and `capacity` backend slots.
 pub fn load(bpffs: &Bpffs, capacity: u32) -> Maps {
+    load_with(bpffs, capacity, lb_common::map_sizes::BACKENDS)
+}
+
+/// `load` with room for `backends` backends.
+pub fn load_with(bpffs: &Bpffs, capacity: u32, backends: u32) -> Maps {
     let mut loader = EbpfLoader::new();
     loader
         .map_max_entries(map_names::SERVICES, capacity)
-        .map_max_entries(map_names::BACKEND_SLOTS, capacity);
+        .map_max_entries(map_names::BACKEND_SLOTS, capacity)
+        .map_max_entries(map_names::BACKENDS, backends);
     let paths: Vec<(&str, PathBuf)> = map_names::ALL
         .iter()
         .map(|n| (*n, bpffs.0.join(n)))

@@ -606,3 +606,92 @@ fn a_shared_backend_set_is_stored_once_and_written_once_per_change() {
     assert_eq!((report.frontends_removed, report.sets_removed), (7, 1));
     assert_eq!(count(syncer.maps()), (0, 0, 0, 0));
 }
+
+/// A backend that did not fit is written once there is room, by the next
+/// sync, although its set did not change: no slot ever names a backend
+/// that is not in the map.
+#[test]
+fn a_backend_that_did_not_fit_is_written_when_room_is_made() {
+    let fs = Bpffs::new("bfull");
+    // Room for three backends: a's two fit, b's second does not.
+    let mut syncer = Syncer::new(lb_tests::maps::load_with(&fs, 1024, 3)).expect("syncer");
+    let a = frontend("a", [10, 96, 0, 1], &[[10, 0, 0, 1], [10, 0, 0, 2]]);
+    let b = frontend("b", [10, 96, 0, 2], &[[10, 0, 0, 3], [10, 0, 0, 4]]);
+    let report = syncer.sync(&desired(vec![a, b.clone()]));
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|e| e.object == "default/b" && e.full),
+        "{:?}",
+        report.errors
+    );
+    // programmed() fails on a slot naming a missing backend.
+    assert_eq!(programmed(syncer.maps()).len(), 1, "only a is programmed");
+
+    // a goes: its backends make room, and b's set (unchanged) is completed.
+    let only_b = desired(vec![b]);
+    let mut report = syncer.sync(&only_b);
+    if !report.errors.is_empty() {
+        // Writes come before removals (make before break): one more pass.
+        report = syncer.sync(&only_b);
+    }
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        programmed(syncer.maps()),
+        vec![(
+            "10.96.0.2".into(),
+            vec!["10.0.0.3".into(), "10.0.0.4".into()]
+        )]
+    );
+}
+
+/// After a restart each Service port takes back its own backend set, even
+/// when two have identical sets (the same endpoints): nothing is rewritten,
+/// and every frontend keeps its set id.
+#[test]
+fn restart_keeps_each_frontends_set_even_when_sets_are_identical() {
+    let fs = Bpffs::new("twins");
+    let same = [[10, 0, 0, 1], [10, 0, 0, 2]];
+    let want = desired(vec![
+        frontend("a", [10, 96, 0, 1], &same),
+        frontend("b", [10, 96, 0, 2], &same),
+    ]);
+    let set_ids = |maps: &Maps| -> Vec<(String, u32)> {
+        lb_agent::dump::services(maps)
+            .expect("dump")
+            .services
+            .iter()
+            .map(|s| (s.frontend.address.to_string(), s.backend_set_id))
+            .collect()
+    };
+    let before = {
+        let mut syncer = Syncer::new(load(&fs, 1024)).expect("syncer");
+        let report = syncer.sync(&want);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(report.sets_written, 2, "one set per Service port");
+        set_ids(syncer.maps())
+    };
+    let mut syncer = Syncer::new(Maps::open_pinned(&fs.0).expect("pinned maps")).expect("adopt");
+    let report = syncer.sync(&want);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        (
+            report.frontends_written,
+            report.sets_written,
+            report.sets_removed
+        ),
+        (0, 0, 0),
+        "nothing to rewrite after a restart"
+    );
+    assert_eq!(set_ids(syncer.maps()), before);
+    // Each set is its Service's own: changing a's leaves b's alone.
+    let changed = desired(vec![
+        frontend("a", [10, 96, 0, 1], &same[..1]),
+        frontend("b", [10, 96, 0, 2], &same),
+    ]);
+    let report = syncer.sync(&changed);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!((report.sets_written, report.frontends_written), (1, 0));
+    assert_eq!(programmed(syncer.maps())[1].1.len(), 2);
+}

@@ -182,7 +182,12 @@ fn control_plane(agent: &Path, services: u32, changes: usize) -> Result<ControlP
     fs::create_dir_all(&manifests)?;
     write_manifests(&manifests, services)?;
     let log = topo.dir.join("agent.log");
-    let args: Vec<String> = [
+    // Past the default maps (262,144 backends), sized as an operator of such
+    // a cluster would size them.
+    let backends = services * ENDPOINTS_PER_SERVICE + 1_000;
+    let map_max = (backends > lb_common::map_sizes::BACKENDS)
+        .then(|| backends.next_power_of_two().to_string());
+    let mut args: Vec<String> = [
         "run",
         "--manifests",
         &manifests.display().to_string(),
@@ -198,6 +203,9 @@ fn control_plane(agent: &Path, services: u32, changes: usize) -> Result<ControlP
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if let Some(n) = map_max {
+        args.extend(["--lb-map-max".to_string(), n]);
+    }
     let started = Instant::now();
     let pid = topo
         .spawn_in_node_logged("agent", agent, &args, &log)
@@ -278,6 +286,193 @@ fn control_plane(agent: &Path, services: u32, changes: usize) -> Result<ControlP
     };
     drop(topo);
     Ok(result)
+}
+
+/// Frontends of one dual-stack LoadBalancer Service with one port on a node
+/// with two addresses per family: per family its ClusterIP, its
+/// LoadBalancer IP in both scopes, and its nodePort on both node addresses
+/// in both scopes.
+const LB_FRONTENDS_PER_SERVICE: u32 = 2 * (1 + 2 + 2 * 2);
+
+/// `services` dual-stack LoadBalancer Services with 10 endpoints per
+/// family, as the capacity check programs them. Service i has ClusterIPs
+/// 10.96.0.1+i and fd00:96::1+i, LoadBalancer IPs 198.18.0.1+i and
+/// 2001:db8:18::1+i, and nodePort 20000+i: that many LoadBalancer Services
+/// need a --service-node-port-range wider than the default, as clusters of
+/// this size set.
+fn write_lb_manifests(dir: &Path, services: u32) -> Result<()> {
+    let v4 = |base: [u8; 4], n: u32| std::net::Ipv4Addr::from(u32::from_be_bytes(base) + n);
+    let mut svc = String::with_capacity(services as usize * 520);
+    let mut slices = String::with_capacity(services as usize * 2400);
+    for i in 0..services {
+        writeln!(
+            svc,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: lb-{i}, namespace: perf}}\nspec:\n  type: LoadBalancer\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: {c4}\n  clusterIPs: [\"{c4}\", \"fd00:96::{c6:x}\"]\n  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {np}}}]\nstatus:\n  loadBalancer:\n    ingress: [{{ip: \"{l4}\"}}, {{ip: \"2001:db8:18::{c6:x}\"}}]",
+            c4 = v4([10, 96, 0, 1], i),
+            c6 = i + 1,
+            np = 20_000 + i,
+            l4 = v4([198, 18, 0, 1], i),
+        )?;
+        for (family, suffix) in [("IPv4", "a"), ("IPv6", "b")] {
+            writeln!(
+                slices,
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: {family}\nmetadata:\n  name: lb-{i}-{suffix}\n  namespace: perf\n  labels: {{kubernetes.io/service-name: lb-{i}}}\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:"
+            )?;
+            for j in 0..ENDPOINTS_PER_SERVICE {
+                let n = i * ENDPOINTS_PER_SERVICE + j;
+                let addr = if family == "IPv4" {
+                    v4([10, 128, 0, 1], n).to_string()
+                } else {
+                    format!("fd00:128::{:x}", n + 1)
+                };
+                // Half the endpoints on this node, half elsewhere.
+                let node = if j % 2 == 0 { "perf" } else { "other" };
+                writeln!(
+                    slices,
+                    "- {{addresses: [\"{addr}\"], conditions: {{ready: true}}, nodeName: {node}}}"
+                )?;
+            }
+        }
+    }
+    fs::write(dir.join("services.yaml"), svc)?;
+    fs::write(dir.join("slices.yaml"), slices)?;
+    Ok(())
+}
+
+struct CapacityResult {
+    services: u32,
+    frontends: u32,
+    program_from_start_ms: f64,
+    rss_mb: f64,
+    /// (map, entries, capacity), from `lb-agent dump stats`.
+    maps: Vec<(String, u64, u64)>,
+}
+
+/// Do `services` dual-stack LoadBalancer Services x 10 endpoints, on a node
+/// with two addresses per family, fit the default maps? The agent runs with
+/// its default map sizes and must program every frontend without an error.
+fn capacity(agent: &Path, services: u32) -> Result<CapacityResult> {
+    let mut topo = Topology::new().map_err(|e| anyhow!(e))?;
+    // The node's external device, with two addresses per family.
+    let (dev, peer) = (format!("{}x0", topo.prefix), format!("{}x1", topo.prefix));
+    let node_ip = |args: &[&str]| -> Result<()> {
+        let status = Command::new("ip")
+            .args(["-n", &topo.node_ns])
+            .args(args)
+            .status()
+            .context("running ip")?;
+        if !status.success() {
+            bail!("ip {} failed", args.join(" "));
+        }
+        Ok(())
+    };
+    node_ip(&["link", "add", &dev, "type", "veth", "peer", "name", &peer])?;
+    node_ip(&["link", "set", &dev, "up"])?;
+    node_ip(&["link", "set", &peer, "up"])?;
+    for addr in ["192.0.2.1/24", "192.0.2.2/24"] {
+        node_ip(&["addr", "add", addr, "dev", &dev])?;
+    }
+    for addr in ["2001:db8:ff::1/64", "2001:db8:ff::2/64"] {
+        node_ip(&["-6", "addr", "add", addr, "dev", &dev, "nodad"])?;
+    }
+    let manifests = topo.dir.join("manifests");
+    fs::create_dir_all(&manifests)?;
+    write_lb_manifests(&manifests, services)?;
+    let log = topo.dir.join("agent.log");
+    let args: Vec<String> = [
+        "run",
+        "--manifests",
+        &manifests.display().to_string(),
+        "--bpffs",
+        &topo.bpffs.display().to_string(),
+        "--pod-devices",
+        &topo.pod_device_glob(),
+        "--devices",
+        &dev,
+        "--node-name",
+        "perf",
+        "--log-format",
+        "json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let started = Instant::now();
+    let pid = topo
+        .spawn_in_node_logged("agent", agent, &args, &log)
+        .map_err(|e| anyhow!(e))?;
+    let mut tail = LogTail::open(&log)?;
+    let frontends = LB_FRONTENDS_PER_SERVICE * services;
+    let synced = tail.wait_synced(Duration::from_secs(600), |f| f["frontends"] == frontends)?;
+    let program_from_start_ms = started.elapsed().as_secs_f64() * 1e3;
+    if synced["errors"] != 0 {
+        bail!(
+            "{services} dual-stack LoadBalancer Services do not fit the default maps: {} sync errors (see {})",
+            synced["errors"],
+            log.display()
+        );
+    }
+    let stats = Command::new(agent)
+        .args(["dump", "stats", "-o", "json", "--bpffs"])
+        .arg(&topo.bpffs)
+        .output()
+        .context("running lb-agent dump stats")?;
+    if !stats.status.success() {
+        bail!(
+            "lb-agent dump stats: {}",
+            String::from_utf8_lossy(&stats.stderr)
+        );
+    }
+    let stats: Value = serde_json::from_slice(&stats.stdout).context("dump stats output")?;
+    let maps = stats["maps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            (
+                m["map"].as_str().unwrap_or("?").to_string(),
+                m["entries"].as_u64().unwrap_or(0),
+                m["capacity"].as_u64().unwrap_or(0),
+            )
+        })
+        .filter(|(name, _, _)| {
+            !name.starts_with("LB_CT") && name != "LB_AFFINITY" && name != "LB_SOCK_NAT"
+        })
+        .collect();
+    let result = CapacityResult {
+        services,
+        frontends,
+        program_from_start_ms,
+        rss_mb: rss_mb(pid).unwrap_or(f64::NAN),
+        maps,
+    };
+    drop(topo);
+    Ok(result)
+}
+
+fn write_capacity(md: &mut String, r: &CapacityResult) -> Result<()> {
+    writeln!(
+        md,
+        "\n## Capacity: {} dual-stack LoadBalancer Services x {ENDPOINTS_PER_SERVICE} endpoints per family, default map sizes\n",
+        r.services
+    )?;
+    writeln!(
+        md,
+        "A node with two addresses per family: {} frontends ({LB_FRONTENDS_PER_SERVICE} per Service), programmed without an error {:.1} s after the agent started (agent RSS {:.0} MB). Every frontend of a Service port that selects the same endpoints shares one backend set.\n",
+        r.frontends,
+        r.program_from_start_ms / 1e3,
+        r.rss_mb
+    )?;
+    writeln!(md, "| map | entries | capacity | full |")?;
+    writeln!(md, "|---|---:|---:|---:|")?;
+    for (map, entries, capacity) in &r.maps {
+        writeln!(
+            md,
+            "| {map} | {entries} | {capacity} | {:.0} % |",
+            *entries as f64 * 100.0 / (*capacity).max(1) as f64
+        )?;
+    }
+    Ok(())
 }
 
 /// One line of progress, redrawn in place: `[=====>    ] 3/8 what`.
@@ -398,7 +593,22 @@ pub fn run(args: PerfArgs) -> Result<()> {
     };
     fs::create_dir_all(&out)?;
 
+    // The capacity check's size: the 10,000, or 1,000 in a quick run.
+    let capacity_services = if args.quick { 1_000 } else { 10_000 };
     if args.control_plane_only {
+        let r = capacity(&agent, capacity_services)?;
+        println!(
+            "perf: {} dual-stack LoadBalancer Services fit the default maps ({} frontends, programmed {:.1} s after start, RSS {:.0} MB): {}",
+            r.services,
+            r.frontends,
+            r.program_from_start_ms / 1e3,
+            r.rss_mb,
+            r.maps
+                .iter()
+                .map(|(m, e, c)| format!("{m} {e}/{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         for &n in &args.services {
             let r = control_plane(&agent, n, args.changes)?;
             println!(
@@ -452,8 +662,14 @@ pub fn run(args: PerfArgs) -> Result<()> {
     }
     let packet: Value = serde_json::from_slice(&bench.stdout).context("lb-bench output")?;
 
+    // The control plane also at 100,000 Services (the contenders' end-to-end
+    // runs stay at the asked counts: iptables alone would take hours there).
+    let mut control_counts = args.services.clone();
+    if !args.quick && !control_counts.contains(&100_000) {
+        control_counts.push(100_000);
+    }
     let mut results = Vec::new();
-    for &n in &args.services {
+    for &n in &control_counts {
         println!(
             "perf: control plane, {n} Services x {ENDPOINTS_PER_SERVICE} endpoints, {} changes ...",
             args.changes
@@ -465,6 +681,10 @@ pub fn run(args: PerfArgs) -> Result<()> {
         );
         results.push(r);
     }
+    println!(
+        "perf: capacity, {capacity_services} dual-stack LoadBalancer Services x {ENDPOINTS_PER_SERVICE} endpoints per family ..."
+    );
+    let capacity_result = capacity(&agent, capacity_services)?;
 
     // End to end: every contender in the same topology.
     let e2e_counts: Vec<u32> = if args.quick {
@@ -605,6 +825,7 @@ pub fn run(args: PerfArgs) -> Result<()> {
         "- *one change*: an EndpointSlice file of one Service replaced (atomic rename) until the agent logs the map write; {} changes.",
         args.changes
     )?;
+    write_capacity(&mut md, &capacity_result)?;
     write_e2e(&mut md, &e2e)?;
     write_charts(&out, &packet, &e2e, &mut md)?;
     fs::write(out.join("report.md"), &md)?;
@@ -635,6 +856,15 @@ pub fn run(args: PerfArgs) -> Result<()> {
         serde_json::to_string_pretty(&serde_json::json!({
             "per_packet": packet,
             "control_plane": json,
+            "capacity": {
+                "load_balancer_services": capacity_result.services,
+                "frontends": capacity_result.frontends,
+                "program_from_start_ms": capacity_result.program_from_start_ms,
+                "agent_rss_mb": capacity_result.rss_mb,
+                "maps": capacity_result.maps.iter().map(|(m, e, c)| serde_json::json!({
+                    "map": m, "entries": e, "capacity": c,
+                })).collect::<Vec<_>>(),
+            },
             "end_to_end": e2e.iter().map(|r| serde_json::json!({
                 "services": r.services,
                 "contender": r.contender,

@@ -179,11 +179,6 @@ pub struct Syncer {
     frontends: BTreeMap<FrontendKey, ServiceValue>,
     /// Backend sets as written.
     sets: BTreeMap<SetOwner, AppliedSet>,
-    /// Sets adopted at start by content ({count, Maglev size}, slots): a
-    /// desired set with the same content takes one over instead of being
-    /// written again, so a restart rewrites nothing. Entries of sets since
-    /// taken or removed are skipped when met.
-    adopted_by_content: BTreeMap<(u32, u32, Vec<u32>), Vec<u32>>,
     /// Per set id, how many written frontends point at it.
     set_refs: BTreeMap<u32, u32>,
     /// Per backend id, how many written slots name it (a Maglev table names
@@ -343,7 +338,6 @@ impl Syncer {
             backends: BTreeMap::new(),
             frontends: BTreeMap::new(),
             sets: BTreeMap::new(),
-            adopted_by_content: BTreeMap::new(),
             set_refs: BTreeMap::new(),
             slot_refs: BTreeMap::new(),
             addresses: BTreeMap::new(),
@@ -475,10 +469,6 @@ impl Syncer {
             for backend in applied_slots.iter().filter(|b| **b != 0) {
                 *self.slot_refs.entry(*backend).or_default() += 1;
             }
-            self.adopted_by_content
-                .entry((head.count, head.maglev_size, applied_slots.clone()))
-                .or_default()
-                .push(id);
             self.sets.insert(
                 owner,
                 AppliedSet {
@@ -684,6 +674,19 @@ impl Syncer {
                 }
             }
         }
+        // Backends of the sets about to be written whose map entry is not
+        // what their uses make it (a write that failed before): retried.
+        for key in &touched {
+            let Some(ds) = self.desired_sets.get(key) else {
+                continue;
+            };
+            for u in &ds.uses {
+                let wanted = self.uses.get(&u.id).and_then(UseCounts::value);
+                if self.backends.get(&u.id) != wanted.as_ref() {
+                    changed_ids.insert(u.id);
+                }
+            }
+        }
         let mut failed_backends = BTreeSet::new();
         for id in &changed_ids {
             let Some(value) = self.uses.get(id).and_then(UseCounts::value) else {
@@ -749,9 +752,7 @@ impl Syncer {
                 .get(&SetOwner::Named(set_key.clone()))
                 .filter(|s| s.head.is_some())
                 .map(|s| s.id);
-            let Some(set_id) =
-                written.filter(|_| ready.contains(set_key) || !touched.contains(set_key))
-            else {
+            let Some(set_id) = written.filter(|_| ready.contains(set_key)) else {
                 // Its set could not be written: reported once, above.
                 continue;
             };
@@ -965,6 +966,9 @@ impl Syncer {
 
     /// Count one use of a backend in (+1) or out (-1).
     fn count_use(&mut self, u: &BackendUse, sign: i32) {
+        if sign > 0 {
+            self.unused_keys.remove(&u.id);
+        }
         let counts = self.uses.entry(u.id).or_default();
         counts.add(u, sign);
         if counts.is_empty()
@@ -1086,11 +1090,34 @@ impl Syncer {
         }
         let mut ok = removed(self.maps.backend_sets.remove(&applied.id));
         if ok {
-            for slot in 0..applied.slots.len() {
-                ok &= removed(self.maps.backend_slots.remove(&slot_key(applied.id, slot)));
+            let mut slots_gone = Vec::new();
+            for (slot, backend) in applied.slots.iter().enumerate() {
+                if removed(self.maps.backend_slots.remove(&slot_key(applied.id, slot))) {
+                    slots_gone.push((slot, *backend));
+                } else {
+                    ok = false;
+                }
             }
+            let mut maglev_gone = Vec::new();
             for index in 0..applied.maglev.len() {
-                ok &= removed(self.maps.maglev.remove(&maglev_key(applied.id, index)));
+                if removed(self.maps.maglev.remove(&maglev_key(applied.id, index))) {
+                    maglev_gone.push(index);
+                } else {
+                    ok = false;
+                }
+            }
+            if !ok && let Some(mirror) = self.sets.get_mut(owner) {
+                // Partly removed: the mirror keeps only what is still there,
+                // so a later write rewrites the rest.
+                for (slot, _) in &slots_gone {
+                    mirror.slots[*slot] = 0;
+                }
+                for index in &maglev_gone {
+                    mirror.maglev[*index] = 0;
+                }
+                for (_, backend) in slots_gone.iter().filter(|(_, b)| *b != 0) {
+                    self.unref_slot(*backend);
+                }
             }
         }
         if !ok {
@@ -1146,7 +1173,7 @@ impl Syncer {
             maglev_size,
         };
         if !self.sets.contains_key(&owner) {
-            self.take_over_adopted(&owner, head, &ids);
+            self.take_over_adopted(&owner, head, &ids, || maglev_table(&content, &ids, head));
         }
         let set_id = self
             .set_ids
@@ -1166,11 +1193,10 @@ impl Syncer {
             .filter(|id| **id != 0 && !ids.contains(id))
             .copied()
             .collect();
-        let result = self.write_set_entries(&mut applied, &content, &ids, head);
-        self.sets.insert(owner, applied);
-        result.map_err(|e| error(e.to_string(), is_full(&e)))?;
         if !left.is_empty() {
-            // Affinity to backends that left the set no longer holds.
+            // Affinity to backends leaving the set no longer holds. Asked
+            // for before the write: a write that fails part way has
+            // replaced some of them already.
             let users = self.desired_sets.get(key).map(|ds| ds.users.clone());
             for fk in users.iter().flatten() {
                 if let Some(v) = self.frontends.get(fk)
@@ -1181,37 +1207,53 @@ impl Syncer {
                 }
             }
         }
+        let result = self.write_set_entries(&mut applied, &content, &ids, head);
+        self.sets.insert(owner, applied);
+        result.map_err(|e| error(e.to_string(), is_full(&e)))?;
         Ok(true)
     }
 
-    /// Give `owner` (a set not written yet) an adopted set holding exactly
-    /// `head` and `ids`, if there is one: same backends in the same slots,
-    /// and so the same Maglev table.
-    fn take_over_adopted(&mut self, owner: &SetOwner, head: BackendSetValue, ids: &[u32]) {
+    /// Give `owner` (a set not written yet) the adopted set its users
+    /// already point at (a restart), when that set holds exactly `head` and
+    /// `ids`: same backends in the same slots. Only theirs: two Service
+    /// ports may have identical sets, and each keeps its own id.
+    fn take_over_adopted(
+        &mut self,
+        owner: &SetOwner,
+        head: BackendSetValue,
+        ids: &[u32],
+        table: impl FnOnce() -> Vec<u32>,
+    ) {
+        let SetOwner::Named(key) = owner else {
+            return;
+        };
         if self.set_ids.get(owner).is_some() {
             return;
         }
-        let content = (head.count, head.maglev_size, ids.to_vec());
-        let Some(candidates) = self.adopted_by_content.get_mut(&content) else {
+        let pointed = self
+            .desired_sets
+            .get(key)
+            .into_iter()
+            .flat_map(|ds| &ds.users)
+            .filter_map(|fk| self.frontends.get(fk))
+            .map(|v| v.backend_set_id)
+            .find(|id| {
+                self.sets
+                    .get(&SetOwner::Adopted(*id))
+                    .is_some_and(|a| a.head == Some(head) && a.slots == ids)
+            });
+        let Some(id) = pointed else {
             return;
         };
-        while let Some(id) = candidates.pop() {
-            let adopted = SetOwner::Adopted(id);
-            let Some(applied) = self.sets.get(&adopted) else {
-                continue;
-            };
-            if applied.head != Some(head) || applied.slots != ids {
-                continue;
+        let adopted = SetOwner::Adopted(id);
+        if let Some(mut applied) = self.sets.remove(&adopted) {
+            if head.maglev_size != 0 && applied.maglev != table() {
+                // A table another version built: rewritten (same id).
+                applied.head = None;
             }
-            if let Some(applied) = self.sets.remove(&adopted) {
-                self.set_ids.release(&adopted);
-                self.set_ids.adopt(owner.clone(), id);
-                self.sets.insert(owner.clone(), applied);
-            }
-            break;
-        }
-        if candidates.is_empty() {
-            self.adopted_by_content.remove(&content);
+            self.set_ids.release(&adopted);
+            self.set_ids.adopt(owner.clone(), id);
+            self.sets.insert(owner.clone(), applied);
         }
     }
 
@@ -1225,20 +1267,7 @@ impl Syncer {
         head: BackendSetValue,
     ) -> Result<(), MapError> {
         let set_id = applied.id;
-        // Maglev: the table (by backend name, the same on every node).
-        let table: Vec<u32> = if head.maglev_size != 0 {
-            let names: Vec<String> = content
-                .backends
-                .iter()
-                .map(|b| format!("{}:{}", b.addr, b.port))
-                .collect();
-            maglev::build(&names, head.maglev_size)
-                .into_iter()
-                .map(|i| ids[i as usize])
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let table = maglev_table(content, ids, head);
         for (i, id) in table.iter().enumerate() {
             if applied.maglev.get(i) == Some(id) {
                 continue;
@@ -1337,6 +1366,23 @@ impl Syncer {
         self.frontends.insert(*fk, value);
         Ok(true)
     }
+}
+
+/// A set's Maglev table (backend id per index; empty without Maglev), by
+/// backend name, so every node builds the same one.
+fn maglev_table(content: &BackendSet, ids: &[u32], head: BackendSetValue) -> Vec<u32> {
+    if head.maglev_size == 0 {
+        return Vec::new();
+    }
+    let names: Vec<String> = content
+        .backends
+        .iter()
+        .map(|b| format!("{}:{}", b.addr, b.port))
+        .collect();
+    maglev::build(&names, head.maglev_size)
+        .into_iter()
+        .map(|i| ids[i as usize])
+        .collect()
 }
 
 /// How many backends (selectable and standby) a set uses.

@@ -253,8 +253,10 @@ pub fn services(maps: &Maps) -> Result<ServicesDump> {
     pingable.sort_by_key(|a| (a.address, a.scope));
     let mut services = Vec::new();
     for ((a, port, proto, scope), head) in heads {
-        let set = sets.get(&head.backend_set_id).copied().unwrap_or_default();
-        let backends = (0..set.count)
+        // A frontend whose set is missing shows one "missing" backend: never
+        // expected, shown so it can be noticed.
+        let count = sets.get(&head.backend_set_id).map_or(1, |set| set.count);
+        let backends = (0..count)
             .map(|s| {
                 let id = slots.get(&(head.backend_set_id, s)).copied().unwrap_or(0);
                 match by_id.get(&id) {
@@ -421,6 +423,9 @@ pub fn stats(maps: &Maps, bpffs: &std::path::Path) -> Result<StatsDump> {
         (map_names::CT_OTHER, maps.ct_other.keys().count()),
         (map_names::SERVICES, maps.services.keys().count()),
         (map_names::BACKENDS, maps.backends.keys().count()),
+        (map_names::BACKEND_SETS, maps.backend_sets.keys().count()),
+        (map_names::BACKEND_SLOTS, maps.backend_slots.keys().count()),
+        (map_names::MAGLEV, maps.maglev.keys().count()),
         (map_names::REV_NAT, maps.rev_nat.keys().count()),
         (map_names::AFFINITY, maps.affinity.keys().count()),
         (map_names::SOCK_NAT, maps.sock_nat.keys().count()),

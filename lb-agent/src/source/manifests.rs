@@ -620,14 +620,18 @@ fn replace<K: Ord + Clone, V: PartialEq>(
 /// Parse one file into objects; Err names the document and the reason.
 pub fn parse_file(path: &Path, text: &str) -> Result<Vec<(ObjectKey, Object)>, String> {
     let is_json = path.extension().and_then(|e| e.to_str()) == Some("json");
-    let documents: Vec<Value> = if is_json {
-        vec![serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?]
-    } else {
-        serde_saphyr::from_multiple_with_options(text, yaml_options())
-            .map_err(|e| format!("invalid YAML: {e}"))?
-    };
     let mut objects = Vec::new();
-    for (i, doc) in documents.into_iter().enumerate() {
+    if is_json {
+        let doc = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        collect(doc, "document 1", &mut objects)?;
+        return Ok(objects);
+    }
+    // One document at a time: a file of many thousand objects is never
+    // held as generic values all at once.
+    let mut reader = text.as_bytes();
+    let documents = serde_saphyr::read_with_options::<_, Value>(&mut reader, yaml_options());
+    for (i, doc) in documents.enumerate() {
+        let doc = doc.map_err(|e| format!("invalid YAML: {e}"))?;
         collect(doc, &format!("document {}", i + 1), &mut objects)?;
     }
     Ok(objects)
@@ -643,6 +647,7 @@ fn yaml_options() -> serde_saphyr::Options {
             max_nodes: 500_000_000,
             max_events: 1_000_000_000,
             max_total_scalar_bytes: 4 << 30,
+            max_reader_input_bytes: Some(4 << 30),
         },
     }
 }
