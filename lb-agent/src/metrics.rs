@@ -282,6 +282,7 @@ impl Metrics {
             (map_names::BACKENDS, maps.backends.keys().count()),
             (map_names::BACKEND_SETS, maps.backend_sets.keys().count()),
             (map_names::BACKEND_SLOTS, maps.backend_slots.keys().count()),
+            (map_names::SET_MEMBERS, maps.set_members.keys().count()),
             (map_names::REV_NAT, maps.rev_nat.keys().count()),
             (map_names::CT_TCP, maps.ct_tcp.keys().count()),
             (map_names::CT_OTHER, maps.ct_other.keys().count()),

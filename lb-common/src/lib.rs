@@ -17,6 +17,9 @@ pub mod map_names {
     pub const BACKENDS: &str = "LB_BACKENDS";
     pub const BACKEND_SETS: &str = "LB_BACKEND_SETS";
     pub const BACKEND_SLOTS: &str = "LB_BACKEND_SLOTS";
+    /// {set id, backend id}: the backend is in the set's slots (the
+    /// datapath's check that an affinity entry still holds).
+    pub const SET_MEMBERS: &str = "LB_SET_MEMBERS";
     pub const REV_NAT: &str = "LB_REV_NAT";
     /// Conntrack of TCP flows, and of every other protocol: separate so a
     /// flood of one kind cannot evict the other's flows.
@@ -30,11 +33,12 @@ pub mod map_names {
     pub const SOCK_NAT: &str = "LB_SOCK_NAT";
     pub const SOCK_AFFINITY: &str = "LB_SOCK_AFFINITY";
     /// Every map of the object, in the order the agent pins them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SERVICES,
         BACKENDS,
         BACKEND_SETS,
         BACKEND_SLOTS,
+        SET_MEMBERS,
         REV_NAT,
         CT_TCP,
         CT_OTHER,
@@ -351,6 +355,17 @@ pub struct BackendSetValue {
 pub struct BackendSlotKey {
     pub set_id: u32,
     pub slot: u32,
+}
+
+/// Key of `LB_SET_MEMBERS` (value: 1): `backend_id` is in the slots of set
+/// `set_id`. An affinity entry is followed only while its backend is a
+/// member of the frontend's set (Cilium's `LB_AFFINITY_MATCH`), so no
+/// affinity entry needs removing for correctness when a backend leaves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SetMemberKey {
+    pub set_id: u32,
+    pub backend_id: u32,
 }
 
 /// `BackendValue::state`: takes new flows (it is in some frontend's slots).
@@ -763,6 +778,7 @@ const _: () = {
     assert!(core::mem::size_of::<CtValue>() == 88);
     assert!(core::mem::size_of::<BackendSetValue>() == 8);
     assert!(core::mem::size_of::<BackendSlotKey>() == 8);
+    assert!(core::mem::size_of::<SetMemberKey>() == 8);
     assert!(core::mem::size_of::<AffinityKey>() == 20);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<ConfigValue>() == 88);
@@ -791,6 +807,7 @@ mod pod {
     unsafe impl aya::Pod for MaglevKey {}
     unsafe impl aya::Pod for BackendSetValue {}
     unsafe impl aya::Pod for BackendSlotKey {}
+    unsafe impl aya::Pod for SetMemberKey {}
     unsafe impl aya::Pod for SourceRange {}
     unsafe impl aya::Pod for SockNatKey {}
     unsafe impl aya::Pod for SockNatValue {}

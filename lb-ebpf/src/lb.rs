@@ -8,8 +8,8 @@ use aya_ebpf::{
 use lb_common::{
     Addr, AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendSetValue, BackendSlotKey,
     BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, IPPROTO_TCP, MaglevKey, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SOCK_DIR_REVERSE, ServiceKey, ServiceValue, SockNatKey, SourceRange,
-    backend_flags, config_flags, ct_flags, service_flags, stat,
+    SCOPE_INTERNAL, SOCK_DIR_REVERSE, ServiceKey, ServiceValue, SetMemberKey, SockNatKey,
+    SourceRange, backend_flags, config_flags, ct_flags, service_flags, stat,
 };
 
 use crate::{
@@ -17,7 +17,7 @@ use crate::{
     icmp_error,
     maps::{
         LB_AFFINITY, LB_BACKEND_SETS, LB_BACKEND_SLOTS, LB_BACKENDS, LB_CONFIG, LB_MAGLEV,
-        LB_SERVICES, LB_SOCK_NAT, LB_SOURCE_RANGES, count,
+        LB_SERVICES, LB_SET_MEMBERS, LB_SOCK_NAT, LB_SOURCE_RANGES, count,
     },
     nat::{self, End},
     packet::{Packet, Routed},
@@ -400,8 +400,9 @@ fn select_backend(
     Some(chosen)
 }
 
-/// The backend an affinity entry names, if the entry is fresh and the
-/// backend still takes new flows (counted as an affinity hit).
+/// The backend an affinity entry names, if the entry is fresh, the backend
+/// is still in the frontend's set and takes new flows (counted as an
+/// affinity hit).
 #[inline(always)]
 pub fn affinity_backend(
     entry: &AffinityValue,
@@ -414,6 +415,11 @@ pub fn affinity_backend(
         return None;
     }
     let backend_id = entry.backend_id;
+    let member = SetMemberKey {
+        set_id: frontend.backend_set_id,
+        backend_id,
+    };
+    unsafe { LB_SET_MEMBERS.get(member) }?;
     let backend = unsafe { LB_BACKENDS.get(backend_id) }?;
     if backend.state != BACKEND_ACTIVE || backend.flags & backend_flags::FALLBACK != 0 {
         return None;

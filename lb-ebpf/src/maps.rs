@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr, AffinityKey, AffinityValue, BackendSetValue, BackendSlotKey, BackendValue, ConfigValue,
-    CtKey, CtValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SockAffinityKey, SockNatKey,
-    SockNatValue, SourceRange, map_sizes, stat,
+    CtKey, CtValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SetMemberKey,
+    SockAffinityKey, SockNatKey, SockNatValue, SourceRange, map_sizes, stat,
 };
 
 /// Frontends: {addr, port, proto, scope} -> backend set, rev-NAT id, flags;
@@ -35,6 +35,11 @@ pub static LB_BACKEND_SETS: HashMap<u32, BackendSetValue> =
 /// {set id, slot} -> backend id.
 #[map(name = "LB_BACKEND_SLOTS")]
 pub static LB_BACKEND_SLOTS: HashMap<BackendSlotKey, u32> =
+    HashMap::with_max_entries(map_sizes::BACKEND_SLOTS, BPF_F_NO_PREALLOC);
+
+/// {set id, backend id} -> 1 while the backend is in the set's slots.
+#[map(name = "LB_SET_MEMBERS")]
+pub static LB_SET_MEMBERS: HashMap<SetMemberKey, u32> =
     HashMap::with_max_entries(map_sizes::BACKEND_SLOTS, BPF_F_NO_PREALLOC);
 
 /// Rev-NAT id -> the frontend replies are translated back to.

@@ -16,8 +16,8 @@ use etherparse::PacketBuilder;
 use lb_common::{
     AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendSetValue, BackendSlotKey, BackendValue,
     ConfigValue, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP, MaglevKey, RevNatValue, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, ServiceKey, ServiceValue, SourceRange, frontend_kind, map_names, program_names,
-    service_flags, stat,
+    SCOPE_INTERNAL, ServiceKey, ServiceValue, SetMemberKey, SourceRange, frontend_kind, map_names,
+    program_names, service_flags, stat,
 };
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -480,6 +480,7 @@ impl Datapath {
         clear::<u32, RevNatValue>(e, map_names::REV_NAT);
         clear::<u32, BackendSetValue>(e, map_names::BACKEND_SETS);
         clear::<BackendSlotKey, u32>(e, map_names::BACKEND_SLOTS);
+        clear::<SetMemberKey, u32>(e, map_names::SET_MEMBERS);
         clear::<CtKey, CtValue>(e, map_names::CT_TCP);
         clear::<CtKey, CtValue>(e, map_names::CT_OTHER);
         clear::<AffinityKey, AffinityValue>(e, map_names::AFFINITY);
@@ -811,6 +812,23 @@ impl Datapath {
         scope: u8,
     ) {
         let set_id = rev_nat_id;
+        let mut members = self.hash::<SetMemberKey, u32>(map_names::SET_MEMBERS);
+        // The set is exactly `backends`: earlier members go.
+        let earlier: Vec<SetMemberKey> = members
+            .keys()
+            .map(|k| k.expect("member key"))
+            .filter(|k| k.set_id == set_id)
+            .collect();
+        for key in earlier {
+            members.remove(&key).expect("remove member");
+        }
+        for id in backends {
+            let key = SetMemberKey {
+                set_id,
+                backend_id: *id,
+            };
+            members.insert(key, 1, 0).expect("set member");
+        }
         let mut slots = self.hash::<BackendSlotKey, u32>(map_names::BACKEND_SLOTS);
         for (i, id) in backends.iter().enumerate() {
             let key = BackendSlotKey {

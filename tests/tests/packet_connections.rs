@@ -34,10 +34,19 @@ fn three_webs(dp: &mut Datapath, flags: u32) {
     dp.frontend_with_flags(ep(WEB), TCP, 1, &[1, 2, 3], flags);
 }
 
-/// Web frontend with only backend 1 in its slots and affinity (100 s).
+/// Web frontend with backends 1 and 2 in its set, affinity (100 s), and a
+/// Maglev table that picks only backend 1: an affinity entry alone can
+/// send a client to 2. Backend 3 exists but is not in the set.
 fn affinity_single(dp: &mut Datapath) {
     three_webs(dp, 0);
-    dp.frontend_with_flags(ep(WEB), TCP, 1, &[1], service_flags::AFFINITY);
+    dp.frontend_with_flags(
+        ep(WEB),
+        TCP,
+        1,
+        &[1, 2],
+        service_flags::AFFINITY | service_flags::MAGLEV,
+    );
+    dp.maglev_table(1, &[1; 7]);
     dp.set_head(ep(WEB), TCP, |h| h.affinity_timeout_s = 100);
 }
 
@@ -81,6 +90,27 @@ fn live_affinity_entry_decides_the_backend() {
                 Expect::Dnat(Target::Exact(ep(WEB_2))),
             ),
             Step::Stats(vec![(stat::AFFINITY_HIT, 1)]),
+        ],
+    ));
+}
+
+/// An entry naming a backend that left the frontend's set (here: one that
+/// still exists, active, for other Services) is not followed: membership is
+/// checked in the datapath, as Cilium's LB_AFFINITY_MATCH.
+#[test]
+fn affinity_to_a_backend_no_longer_in_the_set_is_ignored() {
+    run_case(case(
+        "affinity_to_a_backend_no_longer_in_the_set_is_ignored",
+        |dp| {
+            affinity_single(dp);
+            dp.insert_affinity(ep(CLIENT).addr, 1, 3, Datapath::now_ns());
+        },
+        vec![
+            send(
+                tcp(ep(CLIENT), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
+            Step::Stats(vec![(stat::AFFINITY_HIT, 0)]),
         ],
     ));
 }

@@ -225,7 +225,7 @@ fn control_plane(agent: &Path, services: u32, changes: usize) -> Result<ControlP
         fs::write(&tmp, churn_yaml(i % 2 == 0))?;
         let t = Instant::now();
         fs::rename(&tmp, &churn)?;
-        let fields = tail.wait_synced(Duration::from_secs(30), |f| f["written"] == 1)?;
+        let fields = tail.wait_synced(Duration::from_secs(30), |f| f["sets_written"] == 1)?;
         if i < 2 && std::env::var_os("LB_PERF_TRACE").is_some() {
             eprintln!("change {i}: {fields}");
         }
@@ -323,7 +323,7 @@ fn write_lb_manifests(dir: &Path, services: u32) -> Result<()> {
                 let addr = if family == "IPv4" {
                     v4([10, 128, 0, 1], n).to_string()
                 } else {
-                    format!("fd00:128::{:x}", n + 1)
+                    format!("fd00:128::{:x}:{:x}", (n + 1) >> 16, (n + 1) & 0xffff)
                 };
                 // Half the endpoints on this node, half elsewhere.
                 let node = if j % 2 == 0 { "perf" } else { "other" };

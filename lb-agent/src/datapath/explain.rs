@@ -155,6 +155,7 @@ impl Explainer {
             map_names::BACKENDS,
             map_names::BACKEND_SETS,
             map_names::BACKEND_SLOTS,
+            map_names::SET_MEMBERS,
             map_names::REV_NAT,
             map_names::MAGLEV,
             map_names::CONFIG,

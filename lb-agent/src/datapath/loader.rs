@@ -739,6 +739,7 @@ impl Datapath {
             .map_max_entries(map_names::BACKENDS, capacities.backends)
             .map_max_entries(map_names::BACKEND_SETS, capacities.backend_sets)
             .map_max_entries(map_names::BACKEND_SLOTS, capacities.backend_slots)
+            .map_max_entries(map_names::SET_MEMBERS, capacities.backend_slots)
             .map_max_entries(map_names::CT_TCP, capacities.ct_tcp)
             .map_max_entries(map_names::CT_OTHER, capacities.ct_other);
         let paths: Vec<(&'static str, PathBuf)> = shapes

@@ -8,8 +8,8 @@ use aya::maps::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, BackendSetValue, BackendSlotKey, BackendValue, ConfigValue, CtKey,
-    CtValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SockAffinityKey, SockNatKey,
-    SockNatValue, SourceRange, map_names, map_sizes, stat,
+    CtValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SetMemberKey, SockAffinityKey,
+    SockNatKey, SockNatValue, SourceRange, map_names, map_sizes, stat,
 };
 use thiserror::Error;
 
@@ -83,12 +83,12 @@ impl Default for Capacities {
 }
 
 /// The shapes lb-common declares for every pinned map.
-pub fn expected_shapes() -> [MapShape; 14] {
+pub fn expected_shapes() -> [MapShape; 15] {
     shapes_with(Capacities::default())
 }
 
 /// The shapes with the given capacities.
-pub fn shapes_with(cap: Capacities) -> [MapShape; 14] {
+pub fn shapes_with(cap: Capacities) -> [MapShape; 15] {
     use std::mem::size_of;
     let shape = |name, k: usize, v: usize, max| MapShape {
         name,
@@ -118,6 +118,13 @@ pub fn shapes_with(cap: Capacities) -> [MapShape; 14] {
         shape(
             map_names::BACKEND_SLOTS,
             size_of::<BackendSlotKey>(),
+            4,
+            cap.backend_slots,
+        ),
+        // One member entry per slot.
+        shape(
+            map_names::SET_MEMBERS,
+            size_of::<SetMemberKey>(),
             4,
             cap.backend_slots,
         ),
@@ -215,6 +222,7 @@ pub type ServicesMap = HashMap<MapData, ServiceKey, ServiceValue>;
 pub type BackendsMap = HashMap<MapData, u32, BackendValue>;
 pub type BackendSetsMap = HashMap<MapData, u32, BackendSetValue>;
 pub type BackendSlotsMap = HashMap<MapData, BackendSlotKey, u32>;
+pub type SetMembersMap = HashMap<MapData, SetMemberKey, u32>;
 pub type RevNatMap = HashMap<MapData, u32, RevNatValue>;
 /// LRU hash maps read and write through aya's HashMap.
 pub type CtMap = HashMap<MapData, CtKey, CtValue>;
@@ -232,6 +240,7 @@ pub struct Maps {
     pub backends: BackendsMap,
     pub backend_sets: BackendSetsMap,
     pub backend_slots: BackendSlotsMap,
+    pub set_members: SetMembersMap,
     pub rev_nat: RevNatMap,
     pub ct_tcp: CtMap,
     pub ct_other: CtMap,
@@ -260,6 +269,7 @@ impl Maps {
             backends: typed(map_names::BACKENDS, take(map_names::BACKENDS)?)?,
             backend_sets: typed(map_names::BACKEND_SETS, take(map_names::BACKEND_SETS)?)?,
             backend_slots: typed(map_names::BACKEND_SLOTS, take(map_names::BACKEND_SLOTS)?)?,
+            set_members: typed(map_names::SET_MEMBERS, take(map_names::SET_MEMBERS)?)?,
             rev_nat: typed(map_names::REV_NAT, take(map_names::REV_NAT)?)?,
             ct_tcp: typed(map_names::CT_TCP, take(map_names::CT_TCP)?)?,
             ct_other: typed(map_names::CT_OTHER, take(map_names::CT_OTHER)?)?,
@@ -288,16 +298,17 @@ impl Maps {
             backends: typed(map_names::BACKENDS, open(1, Map::HashMap)?)?,
             backend_sets: typed(map_names::BACKEND_SETS, open(2, Map::HashMap)?)?,
             backend_slots: typed(map_names::BACKEND_SLOTS, open(3, Map::HashMap)?)?,
-            rev_nat: typed(map_names::REV_NAT, open(4, Map::HashMap)?)?,
-            ct_tcp: typed(map_names::CT_TCP, open(5, Map::LruHashMap)?)?,
-            ct_other: typed(map_names::CT_OTHER, open(6, Map::LruHashMap)?)?,
-            affinity: typed(map_names::AFFINITY, open(7, Map::LruHashMap)?)?,
-            stats: typed(map_names::STATS, open(8, Map::PerCpuArray)?)?,
-            config: typed(map_names::CONFIG, open(9, Map::Array)?)?,
-            maglev: typed(map_names::MAGLEV, open(10, Map::HashMap)?)?,
-            source_ranges: typed(map_names::SOURCE_RANGES, open(11, Map::LpmTrie)?)?,
-            sock_nat: typed(map_names::SOCK_NAT, open(12, Map::LruHashMap)?)?,
-            sock_affinity: typed(map_names::SOCK_AFFINITY, open(13, Map::LruHashMap)?)?,
+            set_members: typed(map_names::SET_MEMBERS, open(4, Map::HashMap)?)?,
+            rev_nat: typed(map_names::REV_NAT, open(5, Map::HashMap)?)?,
+            ct_tcp: typed(map_names::CT_TCP, open(6, Map::LruHashMap)?)?,
+            ct_other: typed(map_names::CT_OTHER, open(7, Map::LruHashMap)?)?,
+            affinity: typed(map_names::AFFINITY, open(8, Map::LruHashMap)?)?,
+            stats: typed(map_names::STATS, open(9, Map::PerCpuArray)?)?,
+            config: typed(map_names::CONFIG, open(10, Map::Array)?)?,
+            maglev: typed(map_names::MAGLEV, open(11, Map::HashMap)?)?,
+            source_ranges: typed(map_names::SOURCE_RANGES, open(12, Map::LpmTrie)?)?,
+            sock_nat: typed(map_names::SOCK_NAT, open(13, Map::LruHashMap)?)?,
+            sock_affinity: typed(map_names::SOCK_AFFINITY, open(14, Map::LruHashMap)?)?,
         })
     }
 

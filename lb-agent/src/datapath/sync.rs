@@ -15,8 +15,8 @@ use aya::maps::{MapError, lpm_trie::Key};
 use ipnet::IpNet;
 use lb_common::{
     Addr, BACKEND_ACTIVE, BACKEND_STANDBY, BackendSetValue, BackendSlotKey, BackendValue,
-    MaglevKey, RevNatValue, ServiceKey, ServiceValue, SourceRange, backend_flags, frontend_kind,
-    map_sizes, service_flags,
+    MaglevKey, RevNatValue, ServiceKey, ServiceValue, SetMemberKey, SourceRange, backend_flags,
+    frontend_kind, map_sizes, service_flags,
 };
 use tracing::{debug, warn};
 
@@ -56,6 +56,8 @@ struct AppliedSet {
     slots: Vec<u32>,
     /// Maglev table (backend id per index); empty without Maglev.
     maglev: Vec<u32>,
+    /// Backends with a `LB_SET_MEMBERS` entry for this set.
+    members: BTreeSet<u32>,
 }
 
 /// A backend set of the desired state, as the syncer tracks it.
@@ -207,6 +209,7 @@ pub struct Syncer {
     /// reaches: removed on the next sync.
     stray_service_keys: Vec<ServiceKey>,
     stray_slot_keys: Vec<BackendSlotKey>,
+    stray_member_keys: Vec<SetMemberKey>,
     stray_maglev_keys: Vec<MaglevKey>,
 }
 
@@ -239,6 +242,10 @@ fn slot_key(set_id: u32, slot: usize) -> BackendSlotKey {
         set_id,
         slot: slot as u32,
     }
+}
+
+fn member_key(set_id: u32, backend_id: u32) -> SetMemberKey {
+    SetMemberKey { set_id, backend_id }
 }
 
 fn maglev_key(set_id: u32, index: usize) -> MaglevKey {
@@ -352,6 +359,7 @@ impl Syncer {
             cleaner: None,
             stray_service_keys: Vec::new(),
             stray_slot_keys: Vec::new(),
+            stray_member_keys: Vec::new(),
             stray_maglev_keys: Vec::new(),
         };
         for entry in syncer.maps.backends.iter() {
@@ -446,6 +454,14 @@ impl Syncer {
             let (key, id) = entry?;
             tables.entry(key.set_id).or_default().insert(key.index, id);
         }
+        let mut members: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+        for entry in self.maps.set_members.iter() {
+            let (key, _) = entry?;
+            members
+                .entry(key.set_id)
+                .or_default()
+                .insert(key.backend_id);
+        }
         let mut heads = Vec::new();
         for entry in self.maps.backend_sets.iter() {
             heads.push(entry?);
@@ -469,6 +485,14 @@ impl Syncer {
             for backend in applied_slots.iter().filter(|b| **b != 0) {
                 *self.slot_refs.entry(*backend).or_default() += 1;
             }
+            // Members of backends no longer in the slots are strays.
+            let (kept, stray): (BTreeSet<u32>, BTreeSet<u32>) = members
+                .remove(&id)
+                .unwrap_or_default()
+                .into_iter()
+                .partition(|b| applied_slots.contains(b));
+            self.stray_member_keys
+                .extend(stray.into_iter().map(|b| member_key(id, b)));
             self.sets.insert(
                 owner,
                 AppliedSet {
@@ -476,8 +500,13 @@ impl Syncer {
                     head: Some(head),
                     slots: applied_slots,
                     maglev,
+                    members: kept,
                 },
             );
+        }
+        for (id, orphan) in members {
+            self.stray_member_keys
+                .extend(orphan.into_iter().map(|b| member_key(id, b)));
         }
         for (id, orphan) in slots {
             self.stray_slot_keys
@@ -585,6 +614,11 @@ impl Syncer {
         for key in std::mem::take(&mut self.stray_maglev_keys) {
             if !removed(self.maps.maglev.remove(&key)) {
                 self.stray_maglev_keys.push(key);
+            }
+        }
+        for key in std::mem::take(&mut self.stray_member_keys) {
+            if !removed(self.maps.set_members.remove(&key)) {
+                self.stray_member_keys.push(key);
             }
         }
 
@@ -1098,6 +1132,17 @@ impl Syncer {
                     ok = false;
                 }
             }
+            for backend in &applied.members {
+                let key = member_key(applied.id, *backend);
+                if !removed(self.maps.set_members.remove(&key)) {
+                    // Retried as a stray: a member of a set id that may
+                    // be handed out again must not outlive it.
+                    self.stray_member_keys.push(key);
+                }
+            }
+            if let Some(mirror) = self.sets.get_mut(owner) {
+                mirror.members.clear();
+            }
             let mut maglev_gone = Vec::new();
             for index in 0..applied.maglev.len() {
                 if removed(self.maps.maglev.remove(&maglev_key(applied.id, index))) {
@@ -1278,6 +1323,17 @@ impl Syncer {
                 None => applied.maglev.push(*id),
             }
         }
+        // Members before the slots naming them; those leaving after the
+        // header no longer counts them.
+        for id in ids {
+            if applied.members.contains(id) {
+                continue;
+            }
+            self.maps
+                .set_members
+                .insert(member_key(set_id, *id), 1, 0)?;
+            applied.members.insert(*id);
+        }
         for (i, id) in ids.iter().enumerate() {
             if applied.slots.get(i) == Some(id) {
                 continue;
@@ -1316,6 +1372,15 @@ impl Syncer {
             }
         }
         applied.maglev.truncate(table.len());
+        let wanted: BTreeSet<u32> = ids.iter().copied().collect();
+        let leaving: Vec<u32> = applied.members.difference(&wanted).copied().collect();
+        for backend in leaving {
+            let key = member_key(set_id, backend);
+            if !removed(self.maps.set_members.remove(&key)) {
+                self.stray_member_keys.push(key);
+            }
+            applied.members.remove(&backend);
+        }
         Ok(())
     }
 

@@ -425,6 +425,7 @@ pub fn stats(maps: &Maps, bpffs: &std::path::Path) -> Result<StatsDump> {
         (map_names::BACKENDS, maps.backends.keys().count()),
         (map_names::BACKEND_SETS, maps.backend_sets.keys().count()),
         (map_names::BACKEND_SLOTS, maps.backend_slots.keys().count()),
+        (map_names::SET_MEMBERS, maps.set_members.keys().count()),
         (map_names::MAGLEV, maps.maglev.keys().count()),
         (map_names::REV_NAT, maps.rev_nat.keys().count()),
         (map_names::AFFINITY, maps.affinity.keys().count()),
