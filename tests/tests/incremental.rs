@@ -203,6 +203,14 @@ fn canonical(maps: &lb_agent::datapath::maps::Maps) -> Vec<String> {
             )
         });
     }
+    for e in maps.set_members.iter() {
+        let (k, _) = e.expect("set member");
+        lines.push(format!(
+            "member of {} -> {}",
+            set(k.set_id),
+            backend(k.backend_id)
+        ));
+    }
     for e in maps.maglev.iter() {
         let (k, id) = e.expect("maglev");
         lines.push(format!(
