@@ -121,8 +121,8 @@ pub mod map_sizes {
     pub const BACKEND_SETS: u32 = 131_072;
     /// Backend references over all sets.
     pub const BACKEND_SLOTS: u32 = 524_288;
-    /// One rev-NAT id per frontend.
-    pub const REV_NAT: u32 = 262_144;
+    /// One rev-NAT id per frontend (sized with `SERVICES`).
+    pub const REV_NAT: u32 = SERVICES;
     /// Conntrack entries as the object declares them: two (forward and
     /// reply) per flow, for the smallest default (`ct_flows_default`). The
     /// agent sizes them from --ct-max-tcp / --ct-max-other.

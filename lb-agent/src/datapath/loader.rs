@@ -737,6 +737,7 @@ impl Datapath {
         loader
             .map_max_entries(map_names::SERVICES, capacities.services)
             .map_max_entries(map_names::BACKENDS, capacities.backends)
+            .map_max_entries(map_names::REV_NAT, capacities.services)
             .map_max_entries(map_names::BACKEND_SETS, capacities.backend_sets)
             .map_max_entries(map_names::BACKEND_SLOTS, capacities.backend_slots)
             .map_max_entries(map_names::SET_MEMBERS, capacities.backend_slots)

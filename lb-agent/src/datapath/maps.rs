@@ -128,11 +128,12 @@ pub fn shapes_with(cap: Capacities) -> [MapShape; 15] {
             4,
             cap.backend_slots,
         ),
+        // One rev-NAT entry per frontend: as many as frontends can be.
         shape(
             map_names::REV_NAT,
             4,
             size_of::<RevNatValue>(),
-            map_sizes::REV_NAT,
+            cap.services,
         ),
         shape(
             map_names::CT_TCP,

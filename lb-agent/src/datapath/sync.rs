@@ -11,12 +11,12 @@ use std::{
     sync::Arc,
 };
 
-use aya::maps::{MapError, lpm_trie::Key};
+use aya::maps::{IterableMap, MapData, MapError, lpm_trie::Key};
 use ipnet::IpNet;
 use lb_common::{
     Addr, BACKEND_ACTIVE, BACKEND_STANDBY, BackendSetValue, BackendSlotKey, BackendValue,
     MaglevKey, RevNatValue, ServiceKey, ServiceValue, SetMemberKey, SourceRange, backend_flags,
-    frontend_kind, map_sizes, service_flags,
+    frontend_kind, service_flags,
 };
 use tracing::{debug, warn};
 
@@ -337,11 +337,16 @@ impl Syncer {
     /// Adopt what the (possibly pinned) maps already hold: ids stay stable
     /// across restarts, and the first sync prunes what is no longer desired.
     pub fn new(maps: Maps) -> Result<Self, MapError> {
+        // Id spaces as large as the maps the ids index (--lb-map-max).
+        let capacity = |map: &MapData| map.info().map(|i| i.max_entries());
+        let backends = capacity(maps.backends.map())?;
+        let rev_nat = capacity(maps.rev_nat.map())?;
+        let sets = capacity(maps.backend_sets.map())?;
         let mut syncer = Syncer {
             maps,
-            backend_ids: IdAllocator::new("backend", map_sizes::BACKENDS),
-            rev_nat_ids: IdAllocator::new("rev-NAT", map_sizes::REV_NAT),
-            set_ids: IdAllocator::new("backend set", map_sizes::BACKEND_SETS),
+            backend_ids: IdAllocator::new("backend", backends),
+            rev_nat_ids: IdAllocator::new("rev-NAT", rev_nat),
+            set_ids: IdAllocator::new("backend set", sets),
             backends: BTreeMap::new(),
             frontends: BTreeMap::new(),
             sets: BTreeMap::new(),

@@ -14,15 +14,16 @@ use k8s_openapi::api::core::v1::{Node, Service};
 
 use super::records::SliceRecord;
 
-/// namespace/name of an object.
+/// namespace/name of an object. Shared strings: the translation and the
+/// sync index objects by key in many places, and a clone costs no copy.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> Self {
         ObjectKey {
             namespace: namespace.into(),
             name: name.into(),

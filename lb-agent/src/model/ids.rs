@@ -14,15 +14,21 @@ pub struct IdsExhausted {
 }
 
 /// Allocates ids in `1..=max` (0 is never an id) for keys of type K.
+/// Never-used ids go first; once they run out, freed ids are handed out
+/// from where the last one was found, so a just-freed id is not handed to
+/// an unrelated key while stale conntrack entries may still name it. Every
+/// operation is O(log n), also with the id space nearly full.
 #[derive(Debug)]
 pub struct IdAllocator<K: Ord + Clone> {
     what: &'static str,
     max: u32,
     by_key: BTreeMap<K, u32>,
     used: BTreeSet<u32>,
-    /// Where the next search for a free id starts: ids are not reused at
-    /// once, so a just-freed id is not handed to an unrelated key while
-    /// stale conntrack entries may still name it.
+    /// Free ids below `fresh` (freed, or skipped by an adoption).
+    free: BTreeSet<u32>,
+    /// Every id from here to `max` is free and was never handed out.
+    fresh: u32,
+    /// Where the search among `free` starts.
     next: u32,
 }
 
@@ -33,6 +39,8 @@ impl<K: Ord + Clone> IdAllocator<K> {
             max,
             by_key: BTreeMap::new(),
             used: BTreeSet::new(),
+            free: BTreeSet::new(),
+            fresh: 1,
             next: 1,
         }
     }
@@ -46,11 +54,14 @@ impl<K: Ord + Clone> IdAllocator<K> {
         if id == 0 || id > self.max || self.used.contains(&id) || self.by_key.contains_key(&key) {
             return false;
         }
+        if id >= self.fresh {
+            self.free.extend(self.fresh..id);
+            self.fresh = id + 1;
+        } else {
+            self.free.remove(&id);
+        }
         self.used.insert(id);
         self.by_key.insert(key, id);
-        if id >= self.next {
-            self.next = if id == self.max { 1 } else { id + 1 };
-        }
         true
     }
 
@@ -58,17 +69,28 @@ impl<K: Ord + Clone> IdAllocator<K> {
         if let Some(id) = self.by_key.get(key) {
             return Ok(*id);
         }
+        let exhausted = IdsExhausted {
+            what: self.what,
+            max: self.max,
+        };
         if self.used.len() as u64 >= self.max as u64 {
-            return Err(IdsExhausted {
-                what: self.what,
-                max: self.max,
-            });
+            return Err(exhausted);
         }
-        let mut id = self.next;
-        while self.used.contains(&id) {
-            id = if id == self.max { 1 } else { id + 1 };
-        }
-        self.next = if id == self.max { 1 } else { id + 1 };
+        let id = if self.fresh <= self.max {
+            self.fresh += 1;
+            self.fresh - 1
+        } else {
+            let found = self
+                .free
+                .range(self.next..)
+                .next()
+                .or_else(|| self.free.iter().next())
+                .copied()
+                .ok_or(exhausted)?;
+            self.free.remove(&found);
+            self.next = if found == self.max { 1 } else { found + 1 };
+            found
+        };
         self.used.insert(id);
         self.by_key.insert(key.clone(), id);
         Ok(id)
@@ -77,6 +99,7 @@ impl<K: Ord + Clone> IdAllocator<K> {
     pub fn release(&mut self, key: &K) -> Option<u32> {
         let id = self.by_key.remove(key)?;
         self.used.remove(&id);
+        self.free.insert(id);
         Some(id)
     }
 
@@ -116,6 +139,25 @@ mod tests {
     }
 
     #[test]
+    fn a_full_id_space_hands_out_freed_ids_quickly() {
+        // 200,000 ids in use, then churn: each assignment is a lookup, not a
+        // walk over the used ids.
+        let max = 200_000;
+        let mut ids = IdAllocator::new("test", max);
+        for k in 0..max {
+            ids.get_or_assign(&k).unwrap();
+        }
+        for round in 0..50_000u32 {
+            let gone = (round * 7919) % max;
+            let freed = ids.release(&gone).unwrap();
+            assert_eq!(ids.get_or_assign(&(max + round)), Ok(freed));
+            ids.release(&(max + round));
+            assert_eq!(ids.get_or_assign(&gone), Ok(freed));
+        }
+        assert_eq!(ids.len(), max as usize);
+    }
+
+    #[test]
     fn adopted_ids_are_kept_and_skipped() {
         let mut ids = IdAllocator::new("test", 10);
         assert!(ids.adopt("x", 5));
@@ -124,5 +166,9 @@ mod tests {
         assert!(!ids.adopt("z", 0), "0 is never an id");
         assert_eq!(ids.get(&"x"), Some(5));
         assert_eq!(ids.get_or_assign(&"y"), Ok(6));
+        // The ids below the adopted one are handed out once fresh ones run out.
+        for (k, want) in [("a", 7), ("b", 8), ("c", 9), ("d", 10), ("e", 1), ("f", 2)] {
+            assert_eq!(ids.get_or_assign(&k), Ok(want), "{k}");
+        }
     }
 }

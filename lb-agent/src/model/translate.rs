@@ -175,7 +175,9 @@ pub struct Translator {
     node: NodeConfig,
     zone: Option<String>,
     claims: BTreeMap<ObjectKey, Vec<Claim>>,
-    claimants: BTreeMap<Claim, BTreeSet<ObjectKey>>,
+    /// Per claim, its claimants: mostly one, so a Vec (a one-element
+    /// BTreeSet allocates a whole node).
+    claimants: BTreeMap<Claim, Vec<ObjectKey>>,
     granted: BTreeMap<ObjectKey, Granted>,
     desired: DesiredState,
     ip_owners: BTreeMap<IpAddr, ObjectKey>,
@@ -294,7 +296,7 @@ impl Translator {
         for key in &dirty {
             for claim in self.claims.remove(key).unwrap_or_default() {
                 if let Some(set) = self.claimants.get_mut(&claim) {
-                    set.remove(key);
+                    set.retain(|k| k != key);
                     if set.is_empty() {
                         self.claimants.remove(&claim);
                     }
@@ -313,10 +315,10 @@ impl Translator {
             }
             let claims = t.claims();
             for claim in &claims {
-                self.claimants
-                    .entry(*claim)
-                    .or_default()
-                    .insert(key.clone());
+                let claimants = self.claimants.entry(*claim).or_default();
+                if !claimants.contains(key) {
+                    claimants.push(key.clone());
+                }
                 frontier.insert(*claim);
             }
             if !claims.is_empty() {
