@@ -56,7 +56,10 @@ pub struct HealthCheckServers {
 fn body(check: &HealthCheck) -> HealthCheckBody {
     let ObjectKey { namespace, name } = check.service.clone();
     HealthCheckBody {
-        service: ServiceRef { namespace, name },
+        service: ServiceRef {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        },
         local_endpoints: check.local_endpoints,
         service_proxy_healthy: true,
     }

@@ -237,7 +237,7 @@ impl Watched for Node {
         record.metadata.resource_version.as_deref()
     }
     fn change(key: ObjectKey, obj: Option<Arc<Self>>) -> Change {
-        Change::Node(key.name, obj)
+        Change::Node(key.name.to_string(), obj)
     }
 }
 

@@ -306,7 +306,7 @@ impl ManifestDir {
                         pods.insert(key.clone(), p.clone());
                     }
                     Object::Node(n) => {
-                        state.nodes.insert(key.name.clone(), n.clone());
+                        state.nodes.insert(key.name.to_string(), n.clone());
                     }
                 }
             }
@@ -377,7 +377,7 @@ impl Assembly {
     fn changes(&mut self, files: &BTreeMap<PathBuf, FileState>) -> Vec<Change> {
         let mut changes = Vec::new();
         let mut affected: BTreeSet<ObjectKey> = BTreeSet::new();
-        let mut pod_namespaces: BTreeSet<String> = BTreeSet::new();
+        let mut pod_namespaces: BTreeSet<Arc<str>> = BTreeSet::new();
         let mut zones_changed = false;
         for id in std::mem::take(&mut self.touched) {
             let paths: Vec<PathBuf> = self
@@ -452,8 +452,9 @@ impl Assembly {
                         Object::Node(n) => Some(n),
                         _ => None,
                     });
-                    if replace(&mut self.state.nodes, &key.name, o.clone()) {
-                        changes.push(Change::Node(key.name, o));
+                    let name = key.name.to_string();
+                    if replace(&mut self.state.nodes, &name, o.clone()) {
+                        changes.push(Change::Node(name, o));
                         zones_changed = true;
                     }
                 }
