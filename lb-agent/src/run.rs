@@ -37,7 +37,11 @@ use crate::{
     metrics::Metrics,
     metrics::TriggerTimes,
     model::{Change, ChangeTracker, NodeConfig, Problem, Translator},
-    source::{kube::KubeSource, manifests::ManifestDir, watch::DirWatch},
+    source::{
+        kube::KubeSource,
+        manifests::{ManifestDir, PollResult},
+        watch::DirWatch,
+    },
 };
 
 /// How often the directory (besides inotify) and the devices are looked at.
@@ -57,8 +61,70 @@ enum Source {
     Manifests {
         dir: Box<ManifestDir>,
         watch: Option<DirWatch>,
+        /// The directory's first reading, done while the kernel verified
+        /// the programs: its changes are handed out with the next ones.
+        first: Option<PollResult>,
     },
     Kube(KubeSource),
+}
+
+/// The source, started before the programs are loaded: reading (or
+/// listing) the cluster and verifying the programs overlap.
+enum SourceStart {
+    Manifests(std::thread::JoinHandle<(ManifestDir, Result<PollResult>)>),
+    Kube(KubeSource),
+}
+
+impl SourceStart {
+    async fn begin(config: &RunConfig) -> Result<Self> {
+        Ok(match &config.source {
+            SourceConfig::Manifests(dir) => {
+                let mut dir = ManifestDir::new(dir);
+                let reading = std::thread::Builder::new()
+                    .name("manifests".into())
+                    .spawn(move || {
+                        let first = dir.poll().context("reading the manifests directory");
+                        (dir, first)
+                    })
+                    .context("starting the manifests reader")?;
+                SourceStart::Manifests(reading)
+            }
+            SourceConfig::Kube {
+                kubeconfig,
+                api_server,
+            } => {
+                let client =
+                    crate::source::kube::client(kubeconfig.as_ref(), api_server.as_deref()).await?;
+                SourceStart::Kube(KubeSource::start(client, &config.node.node_name))
+            }
+        })
+    }
+
+    fn finish(self) -> Result<Source> {
+        Ok(match self {
+            SourceStart::Manifests(reading) => {
+                let (dir, first) = reading
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the manifests reader panicked"))?;
+                // A directory that cannot be read yet is reported by the
+                // loop's own reading, as before.
+                let first = first.ok();
+                let watch = match DirWatch::new(dir.dir()) {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        warn!(error = %e, "inotify unavailable; polling the manifests directory only");
+                        None
+                    }
+                };
+                Source::Manifests {
+                    dir: Box::new(dir),
+                    watch,
+                    first,
+                }
+            }
+            SourceStart::Kube(k) => Source::Kube(k),
+        })
+    }
 }
 
 /// What a source reports since it was last asked.
@@ -74,8 +140,14 @@ struct SourceChanges {
 impl Source {
     fn changes(&mut self, counters: &mut AgentCounters) -> Result<SourceChanges> {
         match self {
-            Source::Manifests { dir, .. } => {
-                let poll = dir.poll().context("reading the manifests directory")?;
+            Source::Manifests { dir, first, .. } => {
+                let mut poll = dir.poll().context("reading the manifests directory")?;
+                if let Some(first) = first.take() {
+                    poll.changed |= first.changed;
+                    let mut errors = first.new_errors;
+                    errors.append(&mut poll.new_errors);
+                    poll.new_errors = errors;
+                }
                 for err in &poll.new_errors {
                     counters.bad_files += 1;
                     error!(file = %err.path.display(), reason = %err.reason, "manifest file rejected; its last good content stays in force");
@@ -533,6 +605,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         )?,
         None => 0,
     };
+    let source_start = SourceStart::begin(&config).await?;
     let node_config = datapath_config(&config, &node, view.snat, netns_cookie);
     let defaults = Capacities::default();
     let capacities = Capacities {
@@ -588,29 +661,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         serve("metrics", addr, metrics.router()).await?;
     }
 
-    let mut source = match &config.source {
-        SourceConfig::Manifests(dir) => {
-            let watch = match DirWatch::new(dir) {
-                Ok(w) => Some(w),
-                Err(e) => {
-                    warn!(error = %e, "inotify unavailable; polling the manifests directory only");
-                    None
-                }
-            };
-            Source::Manifests {
-                dir: Box::new(ManifestDir::new(dir)),
-                watch,
-            }
-        }
-        SourceConfig::Kube {
-            kubeconfig,
-            api_server,
-        } => {
-            let client =
-                crate::source::kube::client(kubeconfig.as_ref(), api_server.as_deref()).await?;
-            Source::Kube(KubeSource::start(client, &config.node.node_name))
-        }
-    };
+    let mut source = source_start.finish()?;
     info!(
         source = ?config.source,
         node = %config.node.node_name,

@@ -49,7 +49,7 @@ fn frontend(name: &str, ip: [u8; 4], backends: &[[u8; 4]]) -> (FrontendKey, Fron
             scope: Scope::Internal,
         },
         Frontend {
-            service_port: format!("default/{name}"),
+            service_port: format!("default/{name}").into(),
             kind: FrontendKind::ClusterIP,
             set: set(name, false, backends),
             drop_if_empty: false,

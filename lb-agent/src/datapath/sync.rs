@@ -799,7 +799,7 @@ impl Syncer {
                 Ok(true) => report.frontends_written += 1,
                 Ok(false) => {}
                 Err(e) => report.errors.push(SyncError {
-                    object: frontend.service_port.clone(),
+                    object: frontend.service_port.to_string(),
                     reason: format!("{fk}: {e}"),
                     full: is_full(&e),
                 }),

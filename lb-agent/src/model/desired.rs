@@ -202,7 +202,8 @@ pub struct BackendSet {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
     /// namespace/name:port-name, kube-proxy's ServicePortName.
-    pub service_port: String,
+    /// (Shared with its backend set's key.)
+    pub service_port: Arc<str>,
     pub kind: FrontendKind,
     /// Shared with the Service port's other frontends that select the same
     /// endpoints.

@@ -919,7 +919,7 @@ fn service_frontends(
                 }
             }
             let in_cluster = |set: Arc<BackendSet>, drop_if_empty: bool| Frontend {
-                service_port: port_name.to_string(),
+                service_port: port_name.clone(),
                 kind: FrontendKind::ClusterIP,
                 set,
                 drop_if_empty,

@@ -112,7 +112,9 @@ impl FileState {
 #[derive(Default)]
 struct Assembly {
     /// Files defining each object, in name order (the first one's is used).
-    defined: BTreeMap<ObjectId, BTreeSet<PathBuf>>,
+    /// (Sorted paths, shared per file: most objects have one, and a
+    /// one-element BTreeSet would allocate a whole node.)
+    defined: BTreeMap<ObjectId, Vec<Arc<Path>>>,
     /// Objects whose files changed since the last `changes()`.
     touched: BTreeSet<ObjectId>,
     /// Services, Nodes, and EndpointSlices as the translation sees them
@@ -352,11 +354,12 @@ impl ManifestDir {
 impl Assembly {
     /// A file's objects are now defined (by it).
     fn learn(&mut self, path: &Path, file: &FileState) {
+        let shared: Arc<Path> = Arc::from(path);
         for id in file.index.keys() {
-            self.defined
-                .entry(id.clone())
-                .or_default()
-                .insert(path.to_path_buf());
+            let paths = self.defined.entry(id.clone()).or_default();
+            if let Err(at) = paths.binary_search_by(|p| (**p).cmp(path)) {
+                paths.insert(at, shared.clone());
+            }
             self.touched.insert(id.clone());
         }
     }
@@ -365,7 +368,7 @@ impl Assembly {
     fn forget(&mut self, path: &Path, file: &FileState) {
         for id in file.index.keys() {
             if let Some(paths) = self.defined.get_mut(id) {
-                paths.remove(path);
+                paths.retain(|p| **p != *path);
                 if paths.is_empty() {
                     self.defined.remove(id);
                 }
@@ -385,7 +388,7 @@ impl Assembly {
                 .get(&id)
                 .into_iter()
                 .flatten()
-                .cloned()
+                .map(|p| p.to_path_buf())
                 .collect();
             let winner = paths
                 .first()
