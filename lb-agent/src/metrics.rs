@@ -28,7 +28,7 @@ use prometheus_client::{
 
 use crate::{
     datapath::maps::{Maps, expected_shapes},
-    model::{ObjectKey, cluster::ClusterState, translate::NoLocalEndpoints},
+    model::{ObjectKey, cluster::ClusterState},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -67,16 +67,15 @@ pub struct KubeProxyMetrics {
 
 impl KubeProxyMetrics {
     /// A sync that programmed the maps ended now.
-    pub fn synced(&self, elapsed_s: f64, no_local: &NoLocalEndpoints) {
+    /// A sync that programmed everything; `no_local`: Service ports without
+    /// a local endpoint under (internal, external) traffic policy Local.
+    pub fn synced(&self, elapsed_s: f64, no_local: (usize, usize)) {
         self.sync_duration.observe(elapsed_s);
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         self.last_sync.set(now);
-        for (policy, n) in [
-            ("internal", no_local.internal.len()),
-            ("external", no_local.external.len()),
-        ] {
+        for (policy, n) in [("internal", no_local.0), ("external", no_local.1)] {
             self.no_local_endpoints
                 .get_or_create(&TrafficPolicyLabel {
                     traffic_policy: policy.into(),

@@ -495,9 +495,10 @@ impl Reconciler {
         let metrics = &self.metrics;
         metrics.sync_duration.observe(elapsed.as_secs_f64());
         if report.errors.is_empty() {
-            metrics
-                .kube_proxy
-                .synced(elapsed.as_secs_f64(), &self.translator.no_local_endpoints());
+            metrics.kube_proxy.synced(
+                elapsed.as_secs_f64(),
+                self.translator.no_local_endpoint_counts(),
+            );
         } else {
             metrics
                 .kube_proxy

@@ -94,6 +94,15 @@ proptest! {
             prop_assert_eq!(&got.ip_owners, &scratch.ip_owners, "step {}: {:?}", step, op);
             prop_assert_eq!(&got.owners, &scratch.owners, "step {}: {:?}", step, op);
             prop_assert_eq!(&got.no_local_endpoints, &scratch.no_local_endpoints, "step {}", step);
+            prop_assert_eq!(
+                translator.no_local_endpoint_counts(),
+                (
+                    scratch.no_local_endpoints.internal.len(),
+                    scratch.no_local_endpoints.external.len()
+                ),
+                "step {}: the running counts",
+                step
+            );
             check_delta(&before, &got.desired, &delta);
             for p in &delta.new_problems {
                 prop_assert!(!old_problems.contains(p) && got.problems.contains(p));

@@ -189,6 +189,10 @@ pub struct Translator {
     /// The change being merged: frontends as they were before it.
     touched: BTreeMap<FrontendKey, Option<Frontend>>,
     touched_ranges: BTreeSet<IpAddr>,
+    /// Service ports without a local endpoint (internal, external policy),
+    /// over every Service granted: kept as Services are merged, so reading
+    /// it after each sync costs nothing.
+    no_local_counts: (usize, usize),
 }
 
 impl Translator {
@@ -206,6 +210,7 @@ impl Translator {
             reserved: Owners::new(),
             touched: BTreeMap::new(),
             touched_ranges: BTreeSet::new(),
+            no_local_counts: (0, 0),
         }
     }
 
@@ -229,6 +234,12 @@ impl Translator {
     }
 
     /// Service ports whose Local policy finds no local endpoint.
+    /// How many Service ports have no local endpoint: (internalTrafficPolicy
+    /// Local, externalTrafficPolicy Local).
+    pub fn no_local_endpoint_counts(&self) -> (usize, usize) {
+        self.no_local_counts
+    }
+
     pub fn no_local_endpoints(&self) -> NoLocalEndpoints {
         let mut out = NoLocalEndpoints::default();
         for g in self.granted.values() {
@@ -437,6 +448,8 @@ impl Translator {
         }
         for key in component {
             if let Some(granted) = self.granted.remove(key) {
+                self.no_local_counts.0 -= granted.no_local_endpoints.internal.len();
+                self.no_local_counts.1 -= granted.no_local_endpoints.external.len();
                 self.take_back(key, granted);
             }
         }
@@ -457,6 +470,8 @@ impl Translator {
                 },
             };
             let granted = self.merge(&key, t);
+            self.no_local_counts.0 += granted.no_local_endpoints.internal.len();
+            self.no_local_counts.1 += granted.no_local_endpoints.external.len();
             self.granted.insert(key, granted);
         }
     }
