@@ -176,17 +176,8 @@ fn p50_p99(mut v: Vec<f64>) -> (f64, f64) {
     (percentile(&v, 0.5), percentile(&v, 0.99))
 }
 
-fn control_plane(agent: &Path, services: u32, changes: usize) -> Result<ControlPlaneResult> {
-    let mut topo = Topology::new().map_err(|e| anyhow!(e))?;
-    let manifests = topo.dir.join("manifests");
-    fs::create_dir_all(&manifests)?;
-    write_manifests(&manifests, services)?;
-    let log = topo.dir.join("agent.log");
-    // Past the default maps (262,144 backends), sized as an operator of such
-    // a cluster would size them.
-    let backends = services * ENDPOINTS_PER_SERVICE + 1_000;
-    let map_max = (backends > lb_common::map_sizes::BACKENDS)
-        .then(|| backends.next_power_of_two().to_string());
+/// `lb-agent run` on the manifests directory in the perf node, JSON logs.
+fn agent_args(topo: &Topology, manifests: &Path, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = [
         "run",
         "--manifests",
@@ -203,9 +194,35 @@ fn control_plane(agent: &Path, services: u32, changes: usize) -> Result<ControlP
     .iter()
     .map(|s| s.to_string())
     .collect();
-    if let Some(n) = map_max {
-        args.extend(["--lb-map-max".to_string(), n]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Run a command that prints one JSON document; its stderr on failure.
+fn json_output(cmd: &mut Command, what: &str) -> Result<Value> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
+    serde_json::from_slice(&out.stdout).with_context(|| format!("{what} output"))
+}
+
+fn control_plane(agent: &Path, services: u32, changes: usize) -> Result<ControlPlaneResult> {
+    let mut topo = Topology::new().map_err(|e| anyhow!(e))?;
+    let manifests = topo.dir.join("manifests");
+    fs::create_dir_all(&manifests)?;
+    write_manifests(&manifests, services)?;
+    let log = topo.dir.join("agent.log");
+    // Past the default maps (262,144 backends), sized as an operator of such
+    // a cluster would size them.
+    let backends = services * ENDPOINTS_PER_SERVICE + 1_000;
+    let map_max = (backends > lb_common::map_sizes::BACKENDS)
+        .then(|| backends.next_power_of_two().to_string());
+    let extra: Vec<&str> = match &map_max {
+        Some(n) => vec!["--lb-map-max", n],
+        None => vec![],
+    };
+    let args = agent_args(&topo, &manifests, &extra);
     let started = Instant::now();
     let pid = topo
         .spawn_in_node_logged("agent", agent, &args, &log)
@@ -355,17 +372,7 @@ fn capacity(agent: &Path, services: u32) -> Result<CapacityResult> {
     let mut topo = Topology::new().map_err(|e| anyhow!(e))?;
     // The node's external device, with two addresses per family.
     let (dev, peer) = (format!("{}x0", topo.prefix), format!("{}x1", topo.prefix));
-    let node_ip = |args: &[&str]| -> Result<()> {
-        let status = Command::new("ip")
-            .args(["-n", &topo.node_ns])
-            .args(args)
-            .status()
-            .context("running ip")?;
-        if !status.success() {
-            bail!("ip {} failed", args.join(" "));
-        }
-        Ok(())
-    };
+    let node_ip = |args: &[&str]| topo.node_ip(args).map_err(|e| anyhow!(e));
     node_ip(&["link", "add", &dev, "type", "veth", "peer", "name", &peer])?;
     node_ip(&["link", "set", &dev, "up"])?;
     node_ip(&["link", "set", &peer, "up"])?;
@@ -379,24 +386,7 @@ fn capacity(agent: &Path, services: u32) -> Result<CapacityResult> {
     fs::create_dir_all(&manifests)?;
     write_lb_manifests(&manifests, services)?;
     let log = topo.dir.join("agent.log");
-    let args: Vec<String> = [
-        "run",
-        "--manifests",
-        &manifests.display().to_string(),
-        "--bpffs",
-        &topo.bpffs.display().to_string(),
-        "--pod-devices",
-        &topo.pod_device_glob(),
-        "--devices",
-        &dev,
-        "--node-name",
-        "perf",
-        "--log-format",
-        "json",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = agent_args(&topo, &manifests, &["--devices", &dev]);
     let started = Instant::now();
     let pid = topo
         .spawn_in_node_logged("agent", agent, &args, &log)
@@ -412,18 +402,12 @@ fn capacity(agent: &Path, services: u32) -> Result<CapacityResult> {
             log.display()
         );
     }
-    let stats = Command::new(agent)
-        .args(["dump", "stats", "-o", "json", "--bpffs"])
-        .arg(&topo.bpffs)
-        .output()
-        .context("running lb-agent dump stats")?;
-    if !stats.status.success() {
-        bail!(
-            "lb-agent dump stats: {}",
-            String::from_utf8_lossy(&stats.stderr)
-        );
-    }
-    let stats: Value = serde_json::from_slice(&stats.stdout).context("dump stats output")?;
+    let stats = json_output(
+        Command::new(agent)
+            .args(["dump", "stats", "-o", "json", "--bpffs"])
+            .arg(&topo.bpffs),
+        "lb-agent dump stats",
+    )?;
     let maps = stats["maps"]
         .as_array()
         .into_iter()
@@ -643,24 +627,17 @@ pub fn run(args: PerfArgs) -> Result<()> {
     println!(
         "perf: per-packet cost at {bench_services} Services (repeat {repeat}, median of 5) ..."
     );
-    let bench = Command::new(&bench_bin)
-        .args([
+    let packet = json_output(
+        Command::new(&bench_bin).args([
             "--services",
             bench_services,
             "--repeat",
             repeat,
             "--runs",
             "5",
-        ])
-        .output()
-        .context("running lb-bench")?;
-    if !bench.status.success() {
-        bail!(
-            "lb-bench failed: {}",
-            String::from_utf8_lossy(&bench.stderr)
-        );
-    }
-    let packet: Value = serde_json::from_slice(&bench.stdout).context("lb-bench output")?;
+        ]),
+        "lb-bench",
+    )?;
 
     // The control plane also at 100,000 Services (the contenders' end-to-end
     // runs stay at the asked counts: iptables alone would take hours there).
