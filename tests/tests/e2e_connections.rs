@@ -135,6 +135,76 @@ fn session_affinity_sticks_expires_follows_readiness_and_toggles() {
     let _ = first;
 }
 
+/// The affinity backend leaves the Service (relabelled) while another
+/// Service still selects it, so it stays an active backend: new connections
+/// of the sticky client move off it at once, as kube-proxy's (its endpoint
+/// chain goes with its `recent` check). The datapath follows an affinity
+/// entry only while its backend is in the frontend's set. Agent defaults.
+#[test]
+fn affinity_leaves_a_backend_that_left_the_service_but_stays_active() {
+    let (c, client) = cluster(AFFINITY_LONG);
+    // `pool` selects every web pod, also the one that leaves `web`.
+    let labelled = |i: usize, labels: &[(&str, &str)]| {
+        PodSpec {
+            name: &format!("web-{i}"),
+            ip: WEB_IPS[i],
+            labels,
+            ready: true,
+            ports: &[],
+            terminating: false,
+        }
+        .yaml()
+    };
+    for i in 0..WEB_IPS.len() {
+        c.write(
+            &format!("pod-web-{i}.yaml"),
+            &labelled(i, &[("app", "web"), ("pool", "web")]),
+        );
+    }
+    c.write(
+        "svc-pool.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: pool}\nspec:\n  clusterIP: 10.96.0.20\n  selector: {pool: web}\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n",
+    );
+    c.wait_backends("10.96.0.20:80/TCP", &ALL, Duration::from_secs(5));
+    let url = "http://10.96.0.10/";
+    let sticky = c.answering_pods(&client, url, 10);
+    assert_eq!(sticky.len(), 1, "sticky: {sticky:?}");
+    let current = sticky.into_iter().next().unwrap();
+    let idx: usize = current.trim_start_matches("web-").parse().unwrap();
+
+    c.write(
+        &format!("pod-web-{idx}.yaml"),
+        &labelled(idx, &[("pool", "web")]),
+    );
+    let rest: Vec<&str> = ALL
+        .iter()
+        .copied()
+        .filter(|b| !b.starts_with(WEB_IPS[idx]))
+        .collect();
+    c.wait_backends("10.96.0.10:80/TCP", &rest, Duration::from_secs(2));
+    let state: Vec<String> = c.dump("backends")["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["address"] == WEB_IPS[idx])
+        .map(|b| b["state"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(state, ["active"], "still active through the other Service");
+    let moved = c.answering_pods(&client, url, 10);
+    assert_eq!(moved.len(), 1, "sticky on its new backend: {moved:?}");
+    assert!(
+        !moved.contains(&current),
+        "affinity left {current}, which is no longer web's"
+    );
+    // The other Service has no affinity: over 30 connections it reaches
+    // the pod that left web too (missing it has probability (2/3)^30).
+    let pool = c.answering_pods(&client, "http://10.96.0.20/", 30);
+    assert!(
+        pool.contains(&current),
+        "pool still balances to {current}: {pool:?}"
+    );
+}
+
 #[test]
 fn terminating_endpoint_keeps_its_connections_and_gets_no_new_ones() {
     let (c, client) = cluster("");
