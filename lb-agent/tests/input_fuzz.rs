@@ -108,7 +108,7 @@ fn state(services: Vec<Service>, slices: Vec<EndpointSlice>) -> ClusterState {
             s.metadata.namespace.clone().unwrap(),
             s.metadata.name.clone().unwrap(),
         );
-        st.services.insert(key, Arc::new(s));
+        st.services.insert(key, Arc::new((&s).into()));
     }
     for s in slices {
         let key = ObjectKey::new(

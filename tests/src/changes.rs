@@ -251,7 +251,11 @@ pub fn change(op: &Op) -> Option<Change> {
     Some(match op {
         Op::Service(i, s) => Change::Service(
             key("svc", *i),
-            Some(Arc::new(serde_json::from_value(service(*i, s)).unwrap())),
+            Some(Arc::new(
+                (&serde_json::from_value::<k8s_openapi::api::core::v1::Service>(service(*i, s))
+                    .unwrap())
+                    .into(),
+            )),
         ),
         Op::DeleteService(i) => Change::Service(key("svc", *i), None),
         Op::Slice(i, s) => Change::EndpointSlice(

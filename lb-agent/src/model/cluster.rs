@@ -10,9 +10,9 @@ use std::{
 
 use ipnet::IpNet;
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::Node;
 
-use super::records::SliceRecord;
+use super::records::{ServiceRecord, SliceRecord};
 
 /// namespace/name of an object. Shared strings: the translation and the
 /// sync index objects by key in many places, and a clone costs no copy.
@@ -42,7 +42,7 @@ impl fmt::Display for ObjectKey {
 /// kube-rs reflector stores hand them out, so assembling a state is cheap.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterState {
-    pub services: BTreeMap<ObjectKey, Arc<Service>>,
+    pub services: BTreeMap<ObjectKey, Arc<ServiceRecord>>,
     /// EndpointSlices by their own namespace/name; the Service they belong
     /// to is their `kubernetes.io/service-name` label.
     pub endpoint_slices: BTreeMap<ObjectKey, Arc<SliceRecord>>,

@@ -15,7 +15,7 @@ pub use desired::{
     AddressEntry, Backend, BackendSet, BackendSetKey, DesiredState, Frontend, FrontendKey,
     FrontendKind, HealthCheck, Protocol, Scope, Selection,
 };
-pub use records::SliceRecord;
+pub use records::{ServiceRecord, SliceRecord};
 pub use tracker::{Change, ChangeTracker, Dirty};
 pub use translate::{
     Claim, Delta, Owners, Problem, Translation, Translator, translate, translate_with,

@@ -8,14 +8,17 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::Node;
 
-use super::{ClusterState, ObjectKey, records::SliceRecord};
+use super::{
+    ClusterState, ObjectKey,
+    records::{ServiceRecord, SliceRecord},
+};
 
 /// One object added, replaced (`Some`) or deleted (`None`).
 #[derive(Clone, Debug)]
 pub enum Change {
-    Service(ObjectKey, Option<Arc<Service>>),
+    Service(ObjectKey, Option<Arc<ServiceRecord>>),
     EndpointSlice(ObjectKey, Option<Arc<SliceRecord>>),
     Node(String, Option<Arc<Node>>),
 }

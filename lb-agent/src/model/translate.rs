@@ -12,18 +12,19 @@ use std::{
 
 use ipnet::IpNet;
 
-use k8s_openapi::api::core::v1::{Service, ServicePort};
+#[cfg(test)]
+use k8s_openapi::api::core::v1::Service;
 
 use k8s_openapi::jiff::Timestamp;
 
 use super::{
     ClusterState, NodeConfig, ObjectKey,
-    cluster::{ANNOTATION_ALGORITHM, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE},
+    cluster::{ANNOTATION_ALGORITHM, LABEL_ZONE},
     desired::{
         Backend, BackendSet, BackendSetKey, DesiredState, Frontend, FrontendKey, FrontendKind,
         HealthCheck, Protocol, Scope, Selection,
     },
-    records::{EndpointAddress, SliceRecord},
+    records::{EndpointAddress, ServicePortRecord, ServiceRecord, SliceRecord},
     tracker::{ChangeTracker, Dirty},
 };
 
@@ -442,7 +443,7 @@ impl Translator {
         let mut order: Vec<(bool, Option<Timestamp>, ObjectKey)> = Vec::new();
         for key in component {
             if let Some(svc) = state.services.get(key) {
-                let created = svc.metadata.creation_timestamp.as_ref().map(|t| t.0);
+                let created = svc.created;
                 order.push((held.contains(key), created, key.clone()));
             }
         }
@@ -717,7 +718,7 @@ impl ServiceTranslation {
 
 fn translate_service(
     key: &ObjectKey,
-    svc: &Service,
+    svc: &ServiceRecord,
     tracker: &ChangeTracker,
     node: &NodeConfig,
     zone: Option<&str>,
@@ -753,7 +754,7 @@ struct ServiceFrontends {
 /// The frontends of one Service; Ok(None) when kube-proxy ignores it.
 fn service_frontends(
     key: &ObjectKey,
-    svc: &Service,
+    svc: &ServiceRecord,
     service_slices: &[(&ObjectKey, &SliceRecord)],
     node: &NodeConfig,
     zone: Option<&str>,
@@ -762,13 +763,10 @@ fn service_frontends(
     let Some(spec) = svc.spec.as_ref() else {
         return Err("has no spec".into());
     };
-    let labels = svc.metadata.labels.as_ref();
-    if labels
-        .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS))
-    {
+    if svc.service_proxy_name.is_some() || svc.headless_label {
         return Ok(None);
     }
-    if spec.type_.as_deref() == Some("ExternalName") {
+    if spec.service_type.as_deref() == Some("ExternalName") {
         return Ok(None);
     }
     let cluster_ips = cluster_ips(spec.cluster_ip.as_deref(), spec.cluster_ips.as_deref())?;
@@ -780,10 +778,7 @@ fn service_frontends(
         None | Some("None") => None,
         Some("ClientIP") => {
             let t = spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
+                .affinity_timeout_s
                 .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S as i32);
             if t < 1 || t > MAX_AFFINITY_TIMEOUT_S as i32 {
                 return Err(format!(
@@ -794,12 +789,7 @@ fn service_frontends(
         }
         Some(other) => return Err(format!("sessionAffinity {other:?} is not None or ClientIP")),
     };
-    let algorithm = svc
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ANNOTATION_ALGORITHM));
-    let maglev = match algorithm.map(String::as_str) {
+    let maglev = match svc.algorithm.as_deref() {
         None => node.default_maglev,
         Some("maglev") => true,
         Some("random") => false,
@@ -819,7 +809,7 @@ fn service_frontends(
         }
     };
 
-    let ports = spec.ports.as_deref().unwrap_or_default();
+    let ports = &spec.ports;
     // Validate every port before using any: an invalid object is skipped whole.
     let mut checked = Vec::with_capacity(ports.len());
     for (i, port) in ports.iter().enumerate() {
@@ -842,7 +832,7 @@ fn service_frontends(
         }
     }
 
-    let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let service_type = spec.service_type.as_deref().unwrap_or("ClusterIP");
     let external_local = match spec.external_traffic_policy.as_deref() {
         None | Some("Cluster") => false,
         Some("Local") => true,
@@ -855,7 +845,7 @@ fn service_frontends(
     let has_node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
     let mut source_ranges = BTreeSet::new();
     if service_type == "LoadBalancer" {
-        for range in spec.load_balancer_source_ranges.iter().flatten() {
+        for range in &spec.load_balancer_source_ranges {
             let range = range.trim();
             // Fail closed: a range we cannot read must not open the IP to all.
             let net: IpNet = range
@@ -871,11 +861,7 @@ fn service_frontends(
     let mut local_endpoints = BTreeSet::new();
     let mut no_local_endpoints = NoLocalEndpoints::default();
     // kube-proxy's ExternallyAccessible: where externalTrafficPolicy applies.
-    let externally_reachable = has_node_ports
-        || spec
-            .external_ips
-            .as_ref()
-            .is_some_and(|ips| !ips.is_empty());
+    let externally_reachable = has_node_ports || !spec.external_ips.is_empty();
     for &cluster_ip in &cluster_ips {
         let family_v6 = cluster_ip.is_ipv6();
         let mut cluster_ip_ports = Vec::new();
@@ -1061,7 +1047,7 @@ fn service_frontends(
     // spec.externalIPs, if the --external-ip-cidrs allow-list admits them
     // (CVE-2020-8554: anyone who can create a Service could otherwise
     // intercept any address).
-    for ext in spec.external_ips.iter().flatten() {
+    for ext in &spec.external_ips {
         let Ok(addr) = ext.parse::<IpAddr>() else {
             problems.push(reject(format!(
                 "externalIP {ext:?} is not an IP address; skipped"
@@ -1088,13 +1074,8 @@ fn service_frontends(
     // status.loadBalancer.ingress IPs. ipMode Proxy means the load balancer
     // proxies to the nodes itself: kube-proxy leaves those IPs alone.
     if service_type == "LoadBalancer" {
-        let ingress = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.as_ref());
-        for entry in ingress.into_iter().flatten() {
-            if entry.ip_mode.as_deref() == Some("Proxy") {
+        for entry in &spec.ingress {
+            if entry.proxied {
                 continue;
             }
             let Some(ip) = entry.ip.as_deref() else {
@@ -1158,7 +1139,7 @@ fn standby(endpoints: &[EndpointInfo], selected: &[Backend]) -> Vec<Backend> {
         .collect()
 }
 
-fn service_port_name(key: &ObjectKey, port: &ServicePort) -> String {
+fn service_port_name(key: &ObjectKey, port: &ServicePortRecord) -> String {
     match port.name.as_deref() {
         Some(name) if !name.is_empty() => format!("{key}:{name}"),
         _ => key.to_string(),
@@ -1173,10 +1154,10 @@ fn port_number(n: i32) -> Option<u16> {
 /// empty for headless / unallocated, Err when malformed.
 fn cluster_ips(
     cluster_ip: Option<&str>,
-    cluster_ips: Option<&[String]>,
+    cluster_ips: Option<&[Box<str>]>,
 ) -> Result<Vec<IpAddr>, String> {
     let candidates: Vec<&str> = match cluster_ips {
-        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        Some(ips) if !ips.is_empty() => ips.iter().map(|ip| &**ip).collect(),
         _ => cluster_ip.into_iter().collect(),
     };
     let mut out: Vec<IpAddr> = Vec::new();
@@ -1330,7 +1311,10 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::model::{AddressEntry, NodeConfig, cluster::LABEL_SERVICE_NAME};
+    use crate::model::{
+        AddressEntry, NodeConfig,
+        cluster::{LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME},
+    };
 
     fn svc(name: &str, spec: Value) -> (ObjectKey, Service) {
         svc_meta(json!({"name": name, "namespace": "ns"}), spec)
@@ -1403,7 +1387,7 @@ mod tests {
         ClusterState {
             services: services
                 .into_iter()
-                .map(|(k, v)| (k, std::sync::Arc::new(v)))
+                .map(|(k, v)| (k, std::sync::Arc::new((&v).into())))
                 .collect(),
             endpoint_slices: slices
                 .into_iter()

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::{
     api::{
-        core::v1::{Endpoints, Pod, Service, ServicePort},
+        core::v1::{Endpoints, Pod},
         discovery::v1::{
             Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone,
         },
@@ -15,14 +15,16 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
-use crate::model::{ObjectKey, cluster::LABEL_SERVICE_NAME};
+use crate::model::{
+    ObjectKey, ServiceRecord, cluster::LABEL_SERVICE_NAME, records::ServicePortRecord,
+};
 
 /// Labels a selector requires, all of which the pod must carry.
-fn selects(selector: &BTreeMap<String, String>, pod: &Pod) -> bool {
+fn selects(selector: &[(Box<str>, Box<str>)], pod: &Pod) -> bool {
     let labels = pod.metadata.labels.as_ref();
     selector
         .iter()
-        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+        .all(|(k, v)| labels.and_then(|l| l.get(&**k)).map(String::as_str) == Some(&**v))
 }
 
 /// EndpointSlice addressType of an address, None when it is not one.
@@ -69,7 +71,7 @@ fn pod_finished(pod: &Pod) -> bool {
 }
 
 /// The number a Service port's targetPort means on this pod, if any.
-fn resolve_target_port(port: &ServicePort, pod: &Pod) -> Option<i32> {
+fn resolve_target_port(port: &ServicePortRecord, pod: &Pod) -> Option<i32> {
     let proto = port.protocol.as_deref().unwrap_or("TCP");
     match &port.target_port {
         None => Some(port.port),
@@ -109,24 +111,25 @@ fn slice_meta(namespace: &str, name: String, service: &str) -> ObjectMeta {
 /// its own port numbers, as the endpointslice controller groups them.
 pub fn derive_slices(
     key: &ObjectKey,
-    service: &Service,
+    service: &ServiceRecord,
     pods: &BTreeMap<ObjectKey, Arc<Pod>>,
     node_zones: &BTreeMap<String, String>,
 ) -> Vec<EndpointSlice> {
     let Some(spec) = service.spec.as_ref() else {
         return Vec::new();
     };
-    let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
+    let selector = &spec.selector;
+    if selector.is_empty() {
         return Vec::new();
-    };
-    let publish_not_ready = spec.publish_not_ready_addresses.unwrap_or(false);
+    }
+    let publish_not_ready = spec.publish_not_ready_addresses;
     // trafficDistribution PreferClose: like the endpointslice controller, hint
     // every endpoint for its own zone (kube-proxy decides whether to use them).
     let prefer_close = matches!(
         spec.traffic_distribution.as_deref(),
         Some("PreferClose") | Some("PreferSameZone")
     );
-    let ports = spec.ports.as_deref().unwrap_or_default();
+    let ports = &spec.ports;
 
     // (family, resolved port list) -> endpoints, so each group becomes one slice.
     type Group = (&'static str, Vec<(String, String, i32)>);
@@ -143,8 +146,12 @@ pub fn derive_slices(
             .iter()
             .filter_map(|p| {
                 let number = resolve_target_port(p, pod)?;
-                let proto = p.protocol.clone().unwrap_or_else(|| "TCP".into());
-                Some((p.name.clone().unwrap_or_default(), proto, number))
+                let proto = p.protocol.as_deref().unwrap_or("TCP").to_string();
+                Some((
+                    p.name.as_deref().unwrap_or_default().to_string(),
+                    proto,
+                    number,
+                ))
             })
             .collect();
         if resolved.is_empty() && !ports.is_empty() {
@@ -299,14 +306,12 @@ mod tests {
         }
     }
 
-    fn service(spec: Value) -> (ObjectKey, Service) {
-        (
-            ObjectKey::new("ns", "web"),
-            serde_json::from_value(
-                json!({"metadata": {"name": "web", "namespace": "ns"}, "spec": spec}),
-            )
-            .unwrap(),
+    fn service(spec: Value) -> (ObjectKey, ServiceRecord) {
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(
+            json!({"metadata": {"name": "web", "namespace": "ns"}, "spec": spec}),
         )
+        .unwrap();
+        (ObjectKey::new("ns", "web"), (&svc).into())
     }
 
     /// (address, port, ready, serving, terminating) of every derived endpoint.

@@ -26,7 +26,7 @@ use thiserror::Error;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::model::{Change, ObjectKey, SliceRecord};
+use crate::model::{Change, ObjectKey, ServiceRecord, SliceRecord};
 
 /// What the agent reads from the API: (API group, resource, verbs). The
 /// ClusterRole in deploy/ grants exactly this (a test checks it).
@@ -143,8 +143,9 @@ impl<K> Default for Table<K> {
 
 #[derive(Default)]
 struct Tables {
-    services: Table<Service>,
-    /// Kept as compact records.
+    /// Services and slices are kept as the compact records the
+    /// translation reads, not as API objects.
+    services: Table<ServiceRecord>,
     slices: Table<SliceRecord>,
     nodes: Table<Node>,
     /// Object changes not yet handed to the change tracker, the latest per
@@ -192,17 +193,17 @@ trait Watched:
 
 impl Watched for Service {
     const KIND: &'static str = "services";
-    type Record = Service;
-    fn table(t: &mut Tables) -> &mut Table<Service> {
+    type Record = ServiceRecord;
+    fn table(t: &mut Tables) -> &mut Table<ServiceRecord> {
         &mut t.services
     }
-    fn record(self) -> Service {
-        self
+    fn record(self) -> ServiceRecord {
+        (&self).into()
     }
-    fn record_version(record: &Service) -> Option<&str> {
-        record.metadata.resource_version.as_deref()
+    fn record_version(record: &ServiceRecord) -> Option<&str> {
+        record.resource_version.as_deref()
     }
-    fn change(key: ObjectKey, obj: Option<Arc<Self>>) -> Change {
+    fn change(key: ObjectKey, obj: Option<Arc<ServiceRecord>>) -> Change {
         Change::Service(key, obj)
     }
 }

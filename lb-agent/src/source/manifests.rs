@@ -20,7 +20,7 @@ use thiserror::Error;
 
 use super::endpoints::{derive_slices, mirror_endpoints};
 use crate::model::{
-    Change, ClusterState, ObjectKey, Problem, SliceRecord,
+    Change, ClusterState, ObjectKey, Problem, ServiceRecord, SliceRecord,
     cluster::LABEL_ZONE,
     tracker::{SlicesByService, slice_service},
 };
@@ -37,7 +37,8 @@ pub enum ManifestError {
 /// One object of a kind the agent reads.
 #[derive(Clone, Debug)]
 pub enum Object {
-    Service(Arc<Service>),
+    /// Kept as the compact record the translation reads.
+    Service(Arc<ServiceRecord>),
     /// Kept as the compact record the translation reads.
     EndpointSlice(Arc<SliceRecord>),
     Endpoints(Arc<Endpoints>),
@@ -329,11 +330,7 @@ impl ManifestDir {
             if services_with_slices.contains(key) {
                 continue;
             }
-            let has_selector = svc
-                .spec
-                .as_ref()
-                .and_then(|s| s.selector.as_ref())
-                .is_some_and(|s| !s.is_empty());
+            let has_selector = svc.spec.as_ref().is_some_and(|s| !s.selector.is_empty());
             if has_selector {
                 generated.extend(derive_slices(key, svc, &pods, &node_zones));
             } else if let Some(ep) = endpoints.get(key) {
@@ -504,11 +501,7 @@ impl Assembly {
     ) {
         let generated: Vec<EndpointSlice> = match self.state.services.get(service) {
             Some(svc) if !self.slices_by_service.has(service) => {
-                let has_selector = svc
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.selector.as_ref())
-                    .is_some_and(|s| !s.is_empty());
+                let has_selector = svc.spec.as_ref().is_some_and(|s| !s.selector.is_empty());
                 if has_selector {
                     derive_slices(service, svc, &self.pods, node_zones)
                 } else if let Some(ep) = self.endpoints.get(service) {
@@ -690,7 +683,7 @@ fn collect(doc: Value, at: &str, out: &mut Vec<(ObjectKey, Object)>) -> Result<(
     let key = ObjectKey::new(namespace, name);
     let ctx = format!("{at} ({kind} {key})");
     let object = match kind.as_str() {
-        "Service" => Object::Service(Arc::new(typed(doc, &ctx)?)),
+        "Service" => Object::Service(Arc::new(ServiceRecord::from(&typed::<Service>(doc, &ctx)?))),
         "EndpointSlice" => {
             let slice: EndpointSlice = typed(doc, &ctx)?;
             Object::EndpointSlice(Arc::new((&slice).into()))
