@@ -83,7 +83,14 @@ impl SourceStart {
                 let reading = std::thread::Builder::new()
                     .name("manifests".into())
                     .spawn(move || {
+                        let started = Instant::now();
                         let first = dir.poll().context("reading the manifests directory");
+                        if first.is_ok() {
+                            info!(
+                                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                                "manifests directory read"
+                            );
+                        }
                         (dir, first)
                     })
                     .context("starting the manifests reader")?;
@@ -589,6 +596,7 @@ impl Reconciler {
 }
 
 pub async fn run(config: RunConfig) -> Result<()> {
+    let started = Instant::now();
     let mut node = config.node.clone();
     let view = node_view(&config);
     node.nodeport_addresses = view.nodeport.clone();
@@ -638,6 +646,11 @@ pub async fn run(config: RunConfig) -> Result<()> {
     }
     // Programs on the devices there are now, before anything is synced.
     datapath.attach_matching(&config.pod_devices, &config.devices, config.device_mode);
+    // Verification is most of a start's time: the log says how much.
+    info!(
+        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+        "programs verified and attached"
+    );
     let mut syncer = Syncer::new(maps).context("reading the pinned maps")?;
     let cleaner_maps = crate::datapath::maps::Maps::open_pinned(&config.bpffs)
         .context("opening the pinned maps for the cleanup thread")?;

@@ -128,6 +128,10 @@ struct ControlPlaneResult {
     services: u32,
     program_from_start_ms: f64,
     sync_ms: f64,
+    /// From the agent's start: its programs verified and attached, and
+    /// (in parallel) its manifests directory read and parsed.
+    verified_ms: f64,
+    manifests_read_ms: f64,
     change_p50_ms: f64,
     change_p99_ms: f64,
     change_max_ms: f64,
@@ -142,6 +146,16 @@ struct ControlPlaneResult {
     node_labels: (f64, f64),
     rss_mb: f64,
     cpu_s: f64,
+}
+
+/// The `elapsed_ms` of the agent's first JSON log line with this message.
+fn logged_elapsed_ms(log: &Path, message: &str) -> Result<f64> {
+    let text = fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["fields"]["message"] == message)
+        .and_then(|v| v["fields"]["elapsed_ms"].as_f64())
+        .with_context(|| format!("the agent did not log {message:?} with elapsed_ms"))
 }
 
 /// A Service of its own with one slice: one Service created.
@@ -232,6 +246,8 @@ fn control_plane(agent: &Path, services: u32, changes: usize) -> Result<ControlP
     let first = tail.wait_synced(Duration::from_secs(300), |f| f["frontends"] == services)?;
     let program_from_start_ms = started.elapsed().as_secs_f64() * 1e3;
     let sync_ms = first["elapsed_ms"].as_f64().unwrap_or(f64::NAN);
+    let verified_ms = logged_elapsed_ms(&log, "programs verified and attached")?;
+    let manifests_read_ms = logged_elapsed_ms(&log, "manifests directory read")?;
 
     let mut latencies = Vec::with_capacity(changes);
     let mut phases: Vec<(f64, f64, f64)> = Vec::with_capacity(changes);
@@ -292,6 +308,8 @@ fn control_plane(agent: &Path, services: u32, changes: usize) -> Result<ControlP
         services,
         program_from_start_ms,
         sync_ms,
+        verified_ms,
+        manifests_read_ms,
         change_p50_ms: percentile(&latencies, 0.5),
         change_p99_ms: percentile(&latencies, 0.99),
         created: p50_p99(created),
@@ -301,6 +319,11 @@ fn control_plane(agent: &Path, services: u32, changes: usize) -> Result<ControlP
         rss_mb: rss_mb(pid).unwrap_or(f64::NAN),
         cpu_s: cpu_seconds(pid).unwrap_or(f64::NAN),
     };
+    if let Some(dir) = std::env::var_os("LB_PERF_TRACE") {
+        // The agent's own log, for its startup timeline.
+        let keep = Path::new(&dir).join(format!("agent-{services}.log"));
+        fs::copy(&log, &keep).with_context(|| format!("keeping {}", keep.display()))?;
+    }
     drop(topo);
     Ok(result)
 }
@@ -432,6 +455,62 @@ fn capacity(agent: &Path, services: u32) -> Result<CapacityResult> {
     };
     drop(topo);
     Ok(result)
+}
+
+/// The control-plane targets (issue "Control plane at scale"): per Service
+/// count, (one change p99 ms, from empty ms, RSS MB).
+const CONTROL_PLANE_TARGETS: [(u32, f64, f64, f64); 2] = [
+    (10_000, 5.0, 1_000.0, 100.0),
+    (100_000, 10.0, 10_000.0, 600.0),
+];
+
+fn verdict(measured: f64, target: f64) -> String {
+    if measured < target {
+        "met".into()
+    } else {
+        format!("missed by {:.0} %", (measured / target - 1.0) * 100.0)
+    }
+}
+
+fn write_control_plane_targets(md: &mut String, results: &[ControlPlaneResult]) -> Result<()> {
+    let rows: Vec<_> = CONTROL_PLANE_TARGETS
+        .iter()
+        .filter_map(|t| Some((t, results.iter().find(|r| r.services == t.0)?)))
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        md,
+        "
+Targets:
+"
+    )?;
+    writeln!(
+        md,
+        "| Services | one change p99 | programmed from empty | agent RSS |"
+    )?;
+    writeln!(md, "|---:|---|---|---|")?;
+    for ((_, change, empty, rss), r) in &rows {
+        writeln!(
+            md,
+            "| {} | {:.1} ms < {change} ms: {} | {:.0} ms < {empty:.0} ms: {} | {:.0} MB < {rss:.0} MB: {} |",
+            r.services,
+            r.change_p99_ms,
+            verdict(r.change_p99_ms, *change),
+            r.program_from_start_ms,
+            verdict(r.program_from_start_ms, *empty),
+            r.rss_mb,
+            verdict(r.rss_mb, *rss),
+        )?;
+    }
+    writeln!(
+        md,
+        "\nWhere the misses come from:\n\n\
+         - *From empty*: the floor is the kernel verifying the programs (the *programs verified* column: the verifier's state pruning, `states_equal`, is the largest single cost in a profile of a start), while the manifests are parsed in parallel on the second core; at 100,000 Services the YAML parse (serde-saphyr, about 5 MB/s on this machine) and the first pass's map writes (one `bpf()` call per entry: frontends, backends, slots and set members, 3.3 million at 100,000 Services) dominate. Smaller programs (\"Per-packet cost near the floor\") shorten the first; parsing files in parallel and `BPF_MAP_UPDATE_BATCH` writes would shorten the others.\n\
+         - *RSS*: the agent holds each endpoint three times, none of them a copy of the API object: its compact record, the translated desired state, and the sync's mirror of what each map holds (which lets a change write only differences). A heap profile (heaptrack) of the 10,000-Service agent put its heap at 99 MB at the first pass's peak, spread over some forty ordered maps (the translation's indexes, the sync's mirrors), none over 9 %: no single structure to shrink. The 10-Service row is the agent's floor (runtime, BPF object, buffers)."
+    )?;
+    Ok(())
 }
 
 fn write_capacity(md: &mut String, r: &CapacityResult) -> Result<()> {
@@ -734,15 +813,17 @@ pub fn run(args: PerfArgs) -> Result<()> {
     )?;
     writeln!(
         md,
-        "| Services | programmed after agent start | translate + sync | one change to maps p50 | p99 | max | agent RSS | agent CPU |"
+        "| Services | programmed after agent start | programs verified | manifests read | translate + sync | one change to maps p50 | p99 | max | agent RSS | agent CPU |"
     )?;
-    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     for r in &results {
         writeln!(
             md,
-            "| {} | {:.0} ms | {:.0} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} MB | {:.1} s |",
+            "| {} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} MB | {:.1} s |",
             r.services,
             r.program_from_start_ms,
+            r.verified_ms,
+            r.manifests_read_ms,
             r.sync_ms,
             r.change_p50_ms,
             r.change_p99_ms,
@@ -795,8 +876,13 @@ pub fn run(args: PerfArgs) -> Result<()> {
     )?;
     writeln!(
         md,
+        "- *programs verified*, *manifests read*: from the agent's start to its log lines saying so; the two run in parallel (the directory is read on its own thread while the kernel verifies), and the first pass waits for both."
+    )?;
+    writeln!(
+        md,
         "- *translate + sync*: the agent's own measure of that first pass (assembling the cluster state, translation, map writes)."
     )?;
+    write_control_plane_targets(&mut md, &results)?;
     writeln!(
         md,
         "- *one change*: an EndpointSlice file of one Service replaced (atomic rename) until the agent logs the map write; {} changes.",
@@ -814,6 +900,8 @@ pub fn run(args: PerfArgs) -> Result<()> {
                 "endpoints_per_service": ENDPOINTS_PER_SERVICE,
                 "program_from_start_ms": r.program_from_start_ms,
                 "sync_ms": r.sync_ms,
+                "programs_verified_ms": r.verified_ms,
+                "manifests_read_ms": r.manifests_read_ms,
                 "change_p50_ms": r.change_p50_ms,
                 "change_p99_ms": r.change_p99_ms,
                 "change_max_ms": r.change_max_ms,
