@@ -720,9 +720,12 @@ pub fn run(args: PerfArgs) -> Result<()> {
 
     // The control plane also at 100,000 Services (the contenders' end-to-end
     // runs stay at the asked counts: iptables alone would take hours there).
+    // And at 10 Services: the agent's floor (start, RSS) the others add to.
     let mut control_counts = args.services.clone();
-    if !args.quick && !control_counts.contains(&100_000) {
-        control_counts.push(100_000);
+    if !args.quick {
+        control_counts.extend([10, 100_000]);
+        control_counts.sort_unstable();
+        control_counts.dedup();
     }
     let mut results = Vec::new();
     for &n in &control_counts {
