@@ -87,6 +87,10 @@ pub struct RunArgs {
     /// /metrics address ("" disables). Default: 127.0.0.1:10249
     #[arg(long, value_name = "ADDR")]
     pub metrics_bind: Option<String>,
+    /// /healthz fails when a change waits this long unprogrammed (kube-proxy:
+    /// twice its sync period); /livez when the agent's loop stops this long. Default: 60s
+    #[arg(long, value_name = "DURATION")]
+    pub health_timeout: Option<String>,
     /// Least time between two syncs; a lone change is applied at once, a burst
     /// is coalesced (kube-proxy's minSyncPeriod). Default: 1s with a cluster, 0s with --manifests.
     #[arg(long, value_name = "DURATION")]
@@ -212,6 +216,7 @@ pub struct FileConfig {
     pub api_server: Option<String>,
     pub healthz_bind: Option<String>,
     pub metrics_bind: Option<String>,
+    pub health_timeout: Option<String>,
     pub min_sync_period: Option<String>,
     pub node_name: Option<String>,
     pub pod_devices: Option<Vec<String>>,
@@ -309,6 +314,7 @@ pub struct RunConfig {
     pub ct_max_other: u32,
     pub healthz_bind: Option<SocketAddr>,
     pub metrics_bind: Option<SocketAddr>,
+    pub health_timeout: Duration,
     pub min_sync_period: Duration,
     pub node: NodeConfig,
     pub pod_devices: Vec<String>,
@@ -367,6 +373,17 @@ impl RunArgs {
                 value: min_sync_period.clone().unwrap_or_default(),
                 reason,
             })?;
+        let health_timeout = match self.health_timeout.or(file.health_timeout) {
+            None => crate::health::DEFAULT_HEALTH_TIMEOUT,
+            Some(text) => parse_duration(&text)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| ConfigError::Invalid {
+                    flag: "health-timeout",
+                    value: text.clone(),
+                    reason: "not a positive duration (e.g. 60s, 2m)".into(),
+                })?,
+        };
         let healthz_bind = parse_bind(
             "healthz-bind",
             self.healthz_bind.or(file.healthz_bind),
@@ -436,6 +453,7 @@ impl RunArgs {
             ct_max_other,
             healthz_bind,
             metrics_bind,
+            health_timeout,
             min_sync_period,
             node: NodeConfig {
                 node_name,

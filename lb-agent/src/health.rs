@@ -1,6 +1,14 @@
-//! `/healthz` and `/livez` as kube-proxy serves them: 200 with
-//! `{"lastUpdated", "currentTime", "nodeEligible"}` while the datapath is
-//! programmed and no change has waited past the timeout, 503 otherwise.
+//! `/healthz` and `/livez` as kube-proxy serves them (KEP-3836), with the
+//! body `{"lastUpdated", "currentTime", "nodeEligible"}`:
+//! - `/healthz` answers 503 while this node is being deleted (or the
+//!   cluster autoscaler has tainted it `ToBeDeletedByClusterAutoscaler`),
+//!   or when programming fails as a whole: no sync completed yet, or a
+//!   change has waited past the timeout. A sync that leaves one Service out
+//!   (it does not fit the maps) still completes: that Service is reported,
+//!   the node stays healthy for the others.
+//! - `/livez` answers 503 only when the agent's loop has stopped turning:
+//!   a liveness probe restarts an agent that hangs, not one that cannot
+//!   program a Service (a restart would program even less).
 
 use std::{
     sync::{Arc, Mutex},
@@ -14,12 +22,16 @@ use serde::Serialize;
 /// (kube-proxy's default healthz timeout is 2 x its 30 s sync period).
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
-    /// Wall clock of the last successful sync (None before the first).
+    /// Wall clock of the last completed sync (None before the first).
     last_updated: Option<SystemTime>,
     /// The oldest change not yet programmed.
     pending_since: Option<Instant>,
+    /// This node is not being deleted (kube-proxy's nodeEligible).
+    node_eligible: bool,
+    /// When the agent's loop last turned.
+    beat: Instant,
 }
 
 /// Shared by the sync loop (writer) and the HTTP handlers (readers).
@@ -64,50 +76,83 @@ fn rfc3339(t: SystemTime) -> String {
 impl Health {
     pub fn new(timeout: Duration) -> Self {
         Health {
-            inner: Arc::default(),
+            inner: Arc::new(Mutex::new(Inner {
+                last_updated: None,
+                pending_since: None,
+                node_eligible: true,
+                beat: Instant::now(),
+            })),
             timeout,
         }
     }
 
-    /// A change arrived that is not programmed yet.
-    pub fn queued(&self, since: Instant) {
-        let mut i = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        i.pending_since.get_or_insert(since);
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Everything queued so far is programmed.
+    /// A change arrived that is not programmed yet.
+    pub fn queued(&self, since: Instant) {
+        self.lock().pending_since.get_or_insert(since);
+    }
+
+    /// Everything queued so far is programmed (a sync completed).
     pub fn updated(&self) {
-        let mut i = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut i = self.lock();
         i.last_updated = Some(SystemTime::now());
         i.pending_since = None;
     }
 
-    /// (healthy, body) as `/healthz` reports it.
-    pub fn check(&self) -> (bool, HealthBody) {
-        let i = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let stale = i.pending_since.is_some_and(|t| t.elapsed() > self.timeout);
-        let healthy = i.last_updated.is_some() && !stale;
-        let body = HealthBody {
+    /// The agent's loop turned.
+    pub fn beat(&self) {
+        self.lock().beat = Instant::now();
+    }
+
+    /// Whether this node is to serve traffic (see `node_eligible`).
+    pub fn set_node_eligible(&self, eligible: bool) {
+        self.lock().node_eligible = eligible;
+    }
+
+    fn body(i: &Inner) -> HealthBody {
+        HealthBody {
             last_updated: i.last_updated.map(rfc3339).unwrap_or_default(),
             current_time: rfc3339(SystemTime::now()),
-            node_eligible: true,
-        };
-        (healthy, body)
+            node_eligible: i.node_eligible,
+        }
+    }
+
+    /// (healthy, body) as `/healthz` reports it; `healthy` is also what the
+    /// healthCheckNodePort servers report as `serviceProxyHealthy`.
+    pub fn check(&self) -> (bool, HealthBody) {
+        let i = self.lock();
+        let stale = i.pending_since.is_some_and(|t| t.elapsed() > self.timeout);
+        let healthy = i.last_updated.is_some() && !stale && i.node_eligible;
+        (healthy, Self::body(&i))
+    }
+
+    /// (alive, body) as `/livez` reports it: the loop turned within the timeout.
+    pub fn live(&self) -> (bool, HealthBody) {
+        let i = self.lock();
+        (i.beat.elapsed() <= self.timeout, Self::body(&i))
     }
 
     pub fn router(&self) -> Router {
-        async fn handler(State(h): State<Health>) -> impl IntoResponse {
-            let (healthy, body) = h.check();
-            let code = if healthy {
+        fn reply((ok, body): (bool, HealthBody)) -> impl IntoResponse {
+            let code = if ok {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
             (code, Json(body))
         }
+        async fn healthz(State(h): State<Health>) -> impl IntoResponse {
+            reply(h.check())
+        }
+        async fn livez(State(h): State<Health>) -> impl IntoResponse {
+            reply(h.live())
+        }
         Router::new()
-            .route("/healthz", get(handler))
-            .route("/livez", get(handler))
+            .route("/healthz", get(healthz))
+            .route("/livez", get(livez))
             .with_state(self.clone())
     }
 }
@@ -128,6 +173,30 @@ mod tests {
         assert!(!h.check().0, "a change pending past the timeout");
         h.updated();
         assert!(h.check().0);
+    }
+
+    #[test]
+    fn a_node_being_deleted_fails_healthz_but_not_livez() {
+        let h = Health::new(Duration::from_secs(60));
+        h.updated();
+        h.set_node_eligible(false);
+        let (healthy, body) = h.check();
+        assert!(!healthy);
+        assert!(!body.node_eligible);
+        assert!(h.live().0, "the loop is alive: no restart");
+        h.set_node_eligible(true);
+        assert!(h.check().0);
+    }
+
+    #[test]
+    fn livez_follows_the_loop_not_programming() {
+        let h = Health::new(Duration::from_millis(50));
+        assert!(h.live().0, "alive from the start, before any sync");
+        assert!(!h.check().0);
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(!h.live().0, "the loop has not turned within the timeout");
+        h.beat();
+        assert!(h.live().0);
     }
 
     #[test]

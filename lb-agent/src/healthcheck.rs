@@ -20,7 +20,10 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::model::{HealthCheck, ObjectKey};
+use crate::{
+    health::Health,
+    model::{HealthCheck, ObjectKey},
+};
 
 #[derive(Serialize, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -39,7 +42,12 @@ pub struct HealthCheckBody {
     pub service_proxy_healthy: bool,
 }
 
-type Shared = Arc<Mutex<HealthCheck>>;
+/// One server's Service and local endpoint count, and the agent's health.
+#[derive(Clone)]
+struct Shared {
+    check: Arc<Mutex<HealthCheck>>,
+    health: Health,
+}
 
 struct Server {
     state: Shared,
@@ -47,13 +55,13 @@ struct Server {
 }
 
 /// The running servers, one per port; `update` starts, changes and stops them.
-#[derive(Default)]
 pub struct HealthCheckServers {
     servers: BTreeMap<u16, Server>,
     bind: Option<Ipv4Addr>,
+    health: Health,
 }
 
-fn body(check: &HealthCheck) -> HealthCheckBody {
+fn body(check: &HealthCheck, proxy_healthy: bool) -> HealthCheckBody {
     let ObjectKey { namespace, name } = check.service.clone();
     HealthCheckBody {
         service: ServiceRef {
@@ -61,21 +69,25 @@ fn body(check: &HealthCheck) -> HealthCheckBody {
             name: name.to_string(),
         },
         local_endpoints: check.local_endpoints,
-        service_proxy_healthy: true,
+        service_proxy_healthy: proxy_healthy,
     }
 }
 
+/// kube-proxy's answer: 200 only with local endpoints while the proxy is
+/// healthy (/healthz would answer 200), so a load balancer drains a node
+/// being deleted, or one whose programming has stopped.
 async fn answer(State(state): State<Shared>) -> Response {
-    let check = match state.lock() {
+    let check = match state.check.lock() {
         Ok(c) => c.clone(),
         Err(poisoned) => poisoned.into_inner().clone(),
     };
-    let status = if check.local_endpoints > 0 {
+    let proxy_healthy = state.health.check().0;
+    let status = if check.local_endpoints > 0 && proxy_healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let text = serde_json::to_string(&body(&check)).unwrap_or_default();
+    let text = serde_json::to_string(&body(&check, proxy_healthy)).unwrap_or_default();
     let mut response = (status, text).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -96,11 +108,13 @@ async fn answer(State(state): State<Shared>) -> Response {
 }
 
 impl HealthCheckServers {
-    /// Servers listen on `bind` (default: every address).
-    pub fn new(bind: Option<Ipv4Addr>) -> Self {
+    /// Servers listen on `bind` (default: every address) and report
+    /// `health` as serviceProxyHealthy.
+    pub fn new(bind: Option<Ipv4Addr>, health: Health) -> Self {
         HealthCheckServers {
             servers: BTreeMap::new(),
             bind,
+            health,
         }
     }
 
@@ -127,7 +141,7 @@ impl HealthCheckServers {
         }
         for (port, check) in wanted {
             if let Some(server) = self.servers.get(port) {
-                if let Ok(mut current) = server.state.lock() {
+                if let Ok(mut current) = server.state.check.lock() {
                     *current = check.clone();
                 }
                 continue;
@@ -143,7 +157,10 @@ impl HealthCheckServers {
                     continue;
                 }
             };
-            let state: Shared = Arc::new(Mutex::new(check.clone()));
+            let state = Shared {
+                check: Arc::new(Mutex::new(check.clone())),
+                health: self.health.clone(),
+            };
             let router = Router::new().fallback(answer).with_state(state.clone());
             let task = tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, router).await {
@@ -175,14 +192,16 @@ mod tests {
             local_endpoints: 2,
         };
         assert_eq!(
-            serde_json::to_string(&body(&check)).unwrap(),
+            serde_json::to_string(&body(&check, true)).unwrap(),
             r#"{"service":{"namespace":"default","name":"web"},"localEndpoints":2,"serviceProxyHealthy":true}"#
         );
     }
 
     #[tokio::test]
     async fn servers_follow_the_desired_ports_and_counts() {
-        let mut servers = HealthCheckServers::new(Some(Ipv4Addr::LOCALHOST));
+        let health = Health::new(std::time::Duration::from_secs(60));
+        health.updated();
+        let mut servers = HealthCheckServers::new(Some(Ipv4Addr::LOCALHOST), health.clone());
         // A free port: bind, note, release.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -210,9 +229,16 @@ mod tests {
         let reply = get().await.unwrap();
         assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
         assert!(reply.contains(r#""localEndpoints":1"#), "{reply}");
+        // A node being deleted: unhealthy for the load balancer, local endpoints or not.
+        health.set_node_eligible(false);
+        let reply = get().await.unwrap();
+        assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+        assert!(reply.contains(r#""serviceProxyHealthy":false"#), "{reply}");
+        health.set_node_eligible(true);
         servers.update(&BTreeMap::from([(port, check(0))]));
         let reply = get().await.unwrap();
         assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+        assert!(reply.contains(r#""serviceProxyHealthy":true"#), "{reply}");
         servers.update(&BTreeMap::new());
         assert!(servers.ports().is_empty());
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -47,6 +47,11 @@ pub struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TrafficPolicyLabel {
     pub traffic_policy: String,
 }
@@ -155,6 +160,7 @@ pub struct Metrics {
     map_capacity: Family<MapLabel, Gauge>,
     datapath: Family<CounterLabel, Gauge>,
     watch_restarts: Family<KindLabel, Gauge>,
+    not_programmed: Family<ReasonLabel, Gauge>,
     pub kube_proxy: KubeProxyMetrics,
     bpffs: PathBuf,
 }
@@ -203,6 +209,7 @@ impl Metrics {
             map_capacity: Family::default(),
             datapath: Family::default(),
             watch_restarts: Family::default(),
+            not_programmed: Family::default(),
             kube_proxy,
             bpffs,
         };
@@ -251,8 +258,24 @@ impl Metrics {
             "Kubernetes watches restarted after an error, per kind",
             m.watch_restarts.clone(),
         );
+        registry.register(
+            "services_not_programmed",
+            "Service ports and Service IPs the maps do not hold, by reason (map_full: they do not fit; write_failed: the kernel refused the write)",
+            m.not_programmed.clone(),
+        );
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = root;
         m
+    }
+
+    /// Objects not programmed: (did not fit, kernel refused).
+    pub fn set_not_programmed(&self, map_full: usize, write_failed: usize) {
+        for (reason, n) in [("map_full", map_full), ("write_failed", write_failed)] {
+            self.not_programmed
+                .get_or_create(&ReasonLabel {
+                    reason: reason.into(),
+                })
+                .set(n as i64);
+        }
     }
 
     pub fn set_watch_restarts(&self, kind: &str, n: u64) {

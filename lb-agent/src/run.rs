@@ -7,7 +7,7 @@
 //! own tasks.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant, SystemTime},
 };
@@ -24,19 +24,20 @@ use tracing::{error, info, warn};
 use crate::{
     config::{RunConfig, SourceConfig},
     datapath::{
+        link_events::LinkEvents,
         loader::{
             Datapath, default_cgroup_root, default_route_devices, device_addresses,
             global_rp_filter, interfaces,
         },
         maps::Capacities,
         sockets,
-        sync::Syncer,
+        sync::{SyncError, Syncer},
     },
-    health::{DEFAULT_HEALTH_TIMEOUT, Health},
+    health::Health,
     healthcheck::HealthCheckServers,
     metrics::Metrics,
     metrics::TriggerTimes,
-    model::{Change, ChangeTracker, NodeConfig, Problem, Translator},
+    model::{Change, ChangeTracker, NodeConfig, Problem, Translator, cluster::node_eligible},
     source::{
         kube::KubeSource,
         manifests::{ManifestDir, PollResult},
@@ -46,6 +47,9 @@ use crate::{
 
 /// How often the directory (besides inotify) and the devices are looked at.
 const POLL: Duration = Duration::from_millis(200);
+/// Devices are looked at again this often without a link event (events
+/// can be lost; an attach that failed is retried).
+const DEVICE_RESCAN: Duration = Duration::from_secs(2);
 /// A sync that failed partly (a full map) is retried on this schedule.
 const RETRY: Duration = Duration::from_secs(5);
 
@@ -277,8 +281,8 @@ impl SnatAddresses {
 /// family, the first address of the first node device that has one; without
 /// one, the address of the default route's device, as kube-proxy's
 /// MASQUERADE would pick the outgoing device's).
-fn node_addresses(config: &RunConfig) -> (Vec<IpAddr>, SnatAddresses) {
-    let found = device_addresses(&config.devices);
+fn node_addresses(config: &RunConfig) -> std::io::Result<(Vec<IpAddr>, SnatAddresses)> {
+    let found = device_addresses(&config.devices)?;
     let first_v4 = |found: &[(String, IpAddr)]| {
         found.iter().find_map(|(_, a)| match a {
             IpAddr::V4(v4) => Some(*v4),
@@ -299,10 +303,16 @@ fn node_addresses(config: &RunConfig) -> (Vec<IpAddr>, SnatAddresses) {
     if snat.v4.is_none() || snat.v6.is_none() {
         let (dev4, dev6) = default_route_devices();
         if snat.v4.is_none() {
-            snat.v4 = dev4.and_then(|d| first_v4(&device_addresses(&[d])));
+            snat.v4 = match dev4 {
+                Some(d) => first_v4(&device_addresses(&[d])?),
+                None => None,
+            };
         }
         if snat.v6.is_none() {
-            snat.v6 = dev6.and_then(|d| first_v6(&device_addresses(&[d])));
+            snat.v6 = match dev6 {
+                Some(d) => first_v6(&device_addresses(&[d])?),
+                None => None,
+            };
         }
     }
     let mut nodeport: Vec<IpAddr> = found
@@ -317,7 +327,7 @@ fn node_addresses(config: &RunConfig) -> (Vec<IpAddr>, SnatAddresses) {
         .collect();
     nodeport.sort();
     nodeport.dedup();
-    (nodeport, snat)
+    Ok((nodeport, snat))
 }
 
 /// What the node's devices say about the node: NodePort addresses, SNAT
@@ -329,41 +339,59 @@ struct NodeView {
     host: BTreeSet<IpAddr>,
 }
 
-fn node_view(config: &RunConfig) -> NodeView {
-    let (nodeport, snat) = node_addresses(config);
-    NodeView {
+/// Err when the devices or addresses cannot be listed (not: there are none).
+fn node_view(config: &RunConfig) -> std::io::Result<NodeView> {
+    let (nodeport, snat) = node_addresses(config)?;
+    Ok(NodeView {
         nodeport,
         snat,
-        host: host_addresses(),
-    }
+        host: host_addresses()?,
+    })
 }
 
 /// The device watcher: on its own thread (verifying a program for a new
 /// device takes seconds, which must not hold up a sync), attach programs
-/// to devices as they come and go. The node's addresses are read by the
-/// loop itself before each sync: cheap, and never behind a verification.
+/// to devices as they come and go, woken by the kernel's link events (a
+/// pod device gets its program as the CNI creates it) and, as a fallback,
+/// every `DEVICE_RESCAN`. The node's addresses are read by the loop itself
+/// before each sync: cheap, and never behind a verification.
 fn spawn_device_watcher(
     mut datapath: Datapath,
     config: RunConfig,
 ) -> Result<std::thread::JoinHandle<()>> {
+    let mut events = match LinkEvents::open() {
+        Ok(events) => Some(events),
+        Err(e) => {
+            warn!(error = %e, "no netlink link events; polling devices every 200 ms");
+            None
+        }
+    };
     std::thread::Builder::new()
         .name("devices".into())
         .spawn(move || {
             loop {
                 datapath.attach_matching(&config.pod_devices, &config.devices, config.device_mode);
-                std::thread::sleep(POLL);
+                match &events {
+                    Some(ev) => {
+                        if let Err(e) = ev.wait(DEVICE_RESCAN) {
+                            warn!(error = %e, "netlink link events failed; polling devices every 200 ms");
+                            events = None;
+                        }
+                    }
+                    None => std::thread::sleep(POLL),
+                }
             }
         })
         .context("starting the device watcher thread")
 }
 
 /// Every address of the namespace's devices (endpoints there are hostNetwork pods).
-fn host_addresses() -> BTreeSet<IpAddr> {
-    let names: Vec<String> = interfaces().into_iter().map(|(_, name)| name).collect();
-    device_addresses(&names)
+fn host_addresses() -> std::io::Result<BTreeSet<IpAddr>> {
+    let names: Vec<String> = interfaces()?.into_iter().map(|(_, name)| name).collect();
+    Ok(device_addresses(&names)?
         .into_iter()
         .map(|(_, addr)| addr)
-        .collect()
+        .collect())
 }
 
 /// Say which addresses masqueraded flows get, and loudly when there is none:
@@ -402,12 +430,20 @@ struct Reconciler {
     /// A sync failed (or none ran yet): the next one compares everything.
     full_sync: bool,
     endpoints_programmed: i64,
+    /// What the maps do not hold, per object, as the last sync left it.
+    not_programmed: BTreeMap<String, SyncError>,
+    /// This node's Node is not being deleted (as last logged).
+    node_eligible: bool,
 }
 
 /// What one reconcile did.
 struct Outcome {
     /// Something failed: retry later.
     failed: bool,
+    /// The sync ran through: whatever it could not program is a per-object
+    /// problem (a Service that does not fit), not programming failing as a
+    /// whole (the kernel refusing writes).
+    completed: bool,
 }
 
 impl Reconciler {
@@ -457,6 +493,26 @@ impl Reconciler {
         true
     }
 
+    /// kube-proxy's nodeEligible, from this node's Node (eligible when
+    /// there is none), logged when it changes.
+    fn node_eligible(&mut self) -> bool {
+        let eligible = self
+            .tracker
+            .state()
+            .nodes
+            .get(&self.node.node_name)
+            .is_none_or(|n| node_eligible(n));
+        if eligible != self.node_eligible {
+            if eligible {
+                info!(node = %self.node.node_name, "this node is eligible again: /healthz follows programming only");
+            } else {
+                warn!(node = %self.node.node_name, "this node is being deleted (or marked ToBeDeletedByClusterAutoscaler): /healthz answers 503 so load balancers drain it");
+            }
+            self.node_eligible = eligible;
+        }
+        eligible
+    }
+
     /// Translate what changed and write it.
     fn reconcile(&mut self, started: Instant, assembled: Duration) -> Outcome {
         let dirty = self.tracker.take_dirty();
@@ -496,7 +552,6 @@ impl Reconciler {
                 self.counters.map_full += 1;
             }
             self.metrics.sync_errors.inc();
-            error!(object = %e.object, reason = %e.reason, "could not program");
         }
         let elapsed = started.elapsed();
         let metrics = &self.metrics;
@@ -571,8 +626,37 @@ impl Reconciler {
         {
             metrics.kube_proxy.network_programming.observe(latency);
         }
+        // After a full pass, what is not programmed is exactly its errors;
+        // a partial pass can only add (a pass with errors makes the next
+        // full). Logged when it changes, not on every retry.
+        let mut now = if full {
+            BTreeMap::new()
+        } else {
+            self.not_programmed.clone()
+        };
+        for e in &report.errors {
+            now.insert(e.object.clone(), e.clone());
+        }
+        for (object, e) in &now {
+            if self.not_programmed.get(object) != Some(e) {
+                error!(object = %object, reason = %e.reason, map_full = e.full, "could not program; retrying, the other Services are served");
+            }
+        }
+        for object in self.not_programmed.keys() {
+            if !now.contains_key(object) {
+                info!(object = %object, "no longer failing: programmed, or no longer wanted");
+            }
+        }
+        self.not_programmed = now;
+        let map_full = self.not_programmed.values().filter(|e| e.full).count();
+        self.metrics
+            .set_not_programmed(map_full, self.not_programmed.len() - map_full);
+        if let Err(e) = self.syncer.publish_not_programmed(&self.not_programmed) {
+            warn!(error = %e, "recording what is not programmed in LB_NOT_PROGRAMMED failed");
+        }
         Outcome {
             failed: !report.errors.is_empty(),
+            completed: report.errors.iter().all(|e| e.full),
         }
     }
 
@@ -598,7 +682,7 @@ impl Reconciler {
 pub async fn run(config: RunConfig) -> Result<()> {
     let started = Instant::now();
     let mut node = config.node.clone();
-    let view = node_view(&config);
+    let view = node_view(&config).context("reading the node's devices and addresses")?;
     node.nodeport_addresses = view.nodeport.clone();
     node.node_ips = view.snat.addresses();
     node.host_addresses = view.host.clone();
@@ -666,7 +750,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         counters.bad_files = stats[stat::AGENT_BAD_FILES as usize];
     }
 
-    let health = Health::new(DEFAULT_HEALTH_TIMEOUT);
+    let health = Health::new(config.health_timeout);
     let metrics = Metrics::new(config.bpffs.clone());
     if let Some(addr) = config.healthz_bind {
         serve("healthz", addr, health.router()).await?;
@@ -697,7 +781,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         tracker: ChangeTracker::default(),
         syncer,
         metrics: metrics.clone(),
-        health_checks: HealthCheckServers::new(None),
+        health_checks: HealthCheckServers::new(None, health.clone()),
         counters,
         published: None,
         trigger_times: TriggerTimes::default(),
@@ -705,6 +789,8 @@ pub async fn run(config: RunConfig) -> Result<()> {
         changed_slices: BTreeSet::new(),
         full_sync: true,
         endpoints_programmed: 0,
+        not_programmed: BTreeMap::new(),
+        node_eligible: true,
         config,
     };
     let min_sync_period = reconciler.config.min_sync_period;
@@ -732,15 +818,21 @@ pub async fn run(config: RunConfig) -> Result<()> {
             _ = sigint.recv() => break,
         }
         let started = Instant::now();
+        health.beat();
         if devices.is_finished() {
             anyhow::bail!(
                 "the device watcher thread stopped; restarting the agent re-attaches every device"
             );
         }
-        let view = node_view(&reconciler.config);
-        if reconciler.node_changed(&view) {
-            pending_since.get_or_insert(started);
-            dirty = true;
+        match node_view(&reconciler.config) {
+            Ok(view) => {
+                if reconciler.node_changed(&view) {
+                    pending_since.get_or_insert(started);
+                    dirty = true;
+                }
+            }
+            // Not "the node has no addresses": keep what is programmed.
+            Err(e) => warn!(error = %e, "cannot read the node's addresses; keeping the last ones"),
         }
         if let Source::Kube(k) = &source {
             for (kind, n) in k.watch_stats().restarts {
@@ -765,6 +857,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
                     }
                 }
                 reconciler.apply(changes);
+                health.set_node_eligible(reconciler.node_eligible());
                 if let Some(problems) = problems {
                     reconciler.source_problems(problems);
                 }
@@ -799,7 +892,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
                 .network_programming
                 .observe(t.elapsed().as_secs_f64());
         }
-        if retry_at.is_none() {
+        if outcome.completed {
             health.updated();
         }
         reconciler.publish_counters();

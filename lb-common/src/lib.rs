@@ -32,8 +32,11 @@ pub mod map_names {
     pub const SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
     pub const SOCK_NAT: &str = "LB_SOCK_NAT";
     pub const SOCK_AFFINITY: &str = "LB_SOCK_AFFINITY";
+    /// What the agent could not program, and why (no program reads it:
+    /// `dump services` does, from the pin, while the agent runs or not).
+    pub const NOT_PROGRAMMED: &str = "LB_NOT_PROGRAMMED";
     /// Every map of the object, in the order the agent pins them.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         SERVICES,
         BACKENDS,
         BACKEND_SETS,
@@ -49,6 +52,7 @@ pub mod map_names {
         SOURCE_RANGES,
         SOCK_NAT,
         SOCK_AFFINITY,
+        NOT_PROGRAMMED,
     ];
     /// Pins of maps earlier versions wrote and this one no longer has.
     pub const RETIRED: [&str; 1] = ["LB_CT"];
@@ -154,6 +158,9 @@ pub mod map_sizes {
     pub const SOCK_NAT: u32 = 262_144;
     /// Socket-level affinity: one entry per network namespace and frontend.
     pub const SOCK_AFFINITY: u32 = 65_536;
+    /// Objects reported as not programmed (beyond this, only the metric
+    /// counts them).
+    pub const NOT_PROGRAMMED: u32 = 4_096;
 }
 
 /// `skb->mark` bit lb sets on packets it translated on the way in, so the
@@ -578,6 +585,80 @@ pub struct SockAffinityKey {
     pub _pad: u32,
 }
 
+/// Bytes of an object's name in `LB_NOT_PROGRAMMED` (a Service port
+/// `namespace/name:port` is at most 143).
+pub const NOT_PROGRAMMED_OBJECT_LEN: usize = 192;
+/// Bytes of the reason (longer ones are cut at a character boundary).
+pub const NOT_PROGRAMMED_REASON_LEN: usize = 248;
+
+/// Key of `LB_NOT_PROGRAMMED`: the object (a Service port, a Service IP)
+/// as UTF-8, zero-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NotProgrammedKey {
+    pub object: [u8; NOT_PROGRAMMED_OBJECT_LEN],
+}
+
+/// Value of `LB_NOT_PROGRAMMED`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotProgrammedValue {
+    /// 1: it did not fit (a map or an id space is full).
+    pub map_full: u32,
+    /// Bytes of `reason` used.
+    pub reason_len: u32,
+    pub reason: [u8; NOT_PROGRAMMED_REASON_LEN],
+}
+
+/// `text`'s bytes in a zero-padded field, cut at a character boundary.
+fn text_field<const N: usize>(text: &str) -> ([u8; N], usize) {
+    let mut len = text.len().min(N);
+    while !text.is_char_boundary(len) {
+        len -= 1;
+    }
+    let mut field = [0u8; N];
+    field[..len].copy_from_slice(&text.as_bytes()[..len]);
+    (field, len)
+}
+
+/// The text of a field `text_field` wrote (empty if it is not UTF-8).
+fn field_text(field: &[u8]) -> &str {
+    core::str::from_utf8(field).unwrap_or("")
+}
+
+impl NotProgrammedKey {
+    pub fn new(object: &str) -> Self {
+        NotProgrammedKey {
+            object: text_field(object).0,
+        }
+    }
+
+    pub fn object(&self) -> &str {
+        let len = self
+            .object
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(self.object.len());
+        field_text(&self.object[..len])
+    }
+}
+
+impl NotProgrammedValue {
+    pub fn new(reason: &str, map_full: bool) -> Self {
+        let (reason, len) = text_field(reason);
+        NotProgrammedValue {
+            map_full: map_full as u32,
+            reason_len: len as u32,
+            reason,
+        }
+    }
+
+    pub fn reason(&self) -> &str {
+        let len = (self.reason_len as usize).min(self.reason.len());
+        field_text(&self.reason[..len])
+    }
+}
+
 /// Value of `LB_CONFIG` index 0: node-wide datapath settings.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -812,6 +893,8 @@ mod pod {
     unsafe impl aya::Pod for SockNatKey {}
     unsafe impl aya::Pod for SockNatValue {}
     unsafe impl aya::Pod for SockAffinityKey {}
+    unsafe impl aya::Pod for NotProgrammedKey {}
+    unsafe impl aya::Pod for NotProgrammedValue {}
     unsafe impl aya::Pod for Addr {}
 }
 
@@ -833,6 +916,21 @@ mod tests {
 
     fn v4(a: [u8; 4]) -> Addr {
         Addr::v4(u32::from_ne_bytes(a))
+    }
+
+    #[test]
+    fn not_programmed_texts_round_trip_and_cut_at_character_boundaries() {
+        let key = NotProgrammedKey::new("ns/web:http");
+        assert_eq!(key.object(), "ns/web:http");
+        let value = NotProgrammedValue::new("backend set: map full", true);
+        assert_eq!(value.reason(), "backend set: map full");
+        assert_eq!(value.map_full, 1);
+        // '€' is three bytes: 82 of them fill 246 of the 248, the 83rd is cut whole.
+        let long = "€".repeat(100);
+        let cut = NotProgrammedValue::new(&long, false);
+        assert_eq!(cut.reason(), "€".repeat(NOT_PROGRAMMED_REASON_LEN / 3));
+        let key = NotProgrammedKey::new(&"x".repeat(500));
+        assert_eq!(key.object().len(), NOT_PROGRAMMED_OBJECT_LEN);
     }
 
     #[test]

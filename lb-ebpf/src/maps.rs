@@ -9,8 +9,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr, AffinityKey, AffinityValue, BackendSetValue, BackendSlotKey, BackendValue, ConfigValue,
-    CtKey, CtValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SetMemberKey,
-    SockAffinityKey, SockNatKey, SockNatValue, SourceRange, map_sizes, stat,
+    CtKey, CtValue, MaglevKey, NotProgrammedKey, NotProgrammedValue, RevNatValue, ServiceKey,
+    ServiceValue, SetMemberKey, SockAffinityKey, SockNatKey, SockNatValue, SourceRange, map_sizes,
+    stat,
 };
 
 /// Frontends: {addr, port, proto, scope} -> backend set, rev-NAT id, flags;
@@ -117,6 +118,12 @@ pub static LB_SOCK_NAT: LruHashMap<SockNatKey, SockNatValue> =
 #[map(name = "LB_SOCK_AFFINITY")]
 pub static LB_SOCK_AFFINITY: LruHashMap<SockAffinityKey, AffinityValue> =
     LruHashMap::with_max_entries(map_sizes::SOCK_AFFINITY, 0);
+
+/// Objects the agent could not program, with the reason: no program reads
+/// it; it lives here so it is pinned with the others, for `dump services`.
+#[map(name = "LB_NOT_PROGRAMMED")]
+pub static LB_NOT_PROGRAMMED: HashMap<NotProgrammedKey, NotProgrammedValue> =
+    HashMap::with_max_entries(map_sizes::NOT_PROGRAMMED, BPF_F_NO_PREALLOC);
 
 /// Node-wide settings written by the agent (index 0).
 #[map(name = "LB_CONFIG")]

@@ -32,11 +32,12 @@ fn a_recreated_pod_device_gets_the_program_again() {
         .status()
         .unwrap();
     let client = c.pod("client2", "10.244.1.2", &[], &[]);
-    wait_until(
-        "the new device is attached and translates",
-        Duration::from_secs(3),
-        || c.get(&client, "http://10.96.0.10/").is_ok(),
-    );
+    // Its first packet already goes through the program: the device got it
+    // on the link event as the device was created, while the pod was still
+    // being set up (0.9 s leaves no room for a SYN retransmission: an
+    // untranslated first SYN fails the request).
+    let first = c.topo.curl(&client, "http://10.96.0.10/", 0.9);
+    assert!(first.is_ok(), "a new pod's first request: {first:?}");
     assert_eq!(
         field(&c.get(&client, "http://10.96.0.10/").unwrap(), "pod"),
         "web-0"
@@ -221,6 +222,8 @@ fn a_full_map_names_the_service_counts_it_and_keeps_the_others() {
         c.manifests.display().to_string(),
         "--lb-map-max".into(),
         "40".into(),
+        "--health-timeout".into(),
+        "2s".into(),
     ]);
     c.wait_backends(
         "10.96.0.10:80/TCP",
@@ -260,4 +263,98 @@ fn a_full_map_names_the_service_counts_it_and_keeps_the_others() {
         metrics.contains("lb_map_capacity{map=\"LB_SERVICES\"} 40"),
         "{metrics}"
     );
+    // One Service that does not fit is that Service's problem, not the
+    // node's: past the health timeout /healthz still answers 200, and the
+    // Service is listed, with its reason, in the metrics and the dump.
+    assert!(
+        metrics.contains("lb_services_not_programmed{reason=\"map_full\"} 1"),
+        "{metrics}"
+    );
+    let listed = |c: &Cluster| {
+        c.dump("services")["not_programmed"]
+            .as_array()
+            .expect("not_programmed list")
+            .iter()
+            .map(|n| {
+                (
+                    n["object"].as_str().unwrap_or("").to_string(),
+                    n["cause"].as_str().unwrap_or("").to_string(),
+                    n["reason"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let not_programmed = listed(&c);
+    assert_eq!(not_programmed.len(), 1, "{not_programmed:?}");
+    assert_eq!(not_programmed[0].0, "default/huge:p");
+    assert_eq!(not_programmed[0].1, "map_full");
+    assert!(!not_programmed[0].2.is_empty());
+    std::thread::sleep(Duration::from_secs(3));
+    let (status, body) = c.node_http(10256, "/healthz");
+    assert_eq!(
+        status, 200,
+        "a Service that does not fit fails /healthz: {body}"
+    );
+    assert!(body.contains("\"nodeEligible\":true"), "{body}");
+    // Gone, it is no longer reported.
+    c.remove("huge.yaml");
+    wait_until("the problem is cleared", Duration::from_secs(10), || {
+        listed(&c).is_empty()
+    });
+    let (_, metrics) = c.node_http(10249, "/metrics");
+    assert!(
+        metrics.contains("lb_services_not_programmed{reason=\"map_full\"} 0"),
+        "{metrics}"
+    );
+}
+
+/// kube-proxy's nodeEligible (KEP-3836): a node the cluster autoscaler is
+/// about to remove fails /healthz, and its healthCheckNodePorts say
+/// serviceProxyHealthy false with 503, so load balancers drain it before
+/// it goes; /livez stays 200 (no restart). Untainted, it is healthy again.
+#[test]
+fn a_node_marked_for_deletion_fails_healthz_and_health_checks_but_not_livez() {
+    let mut c = Cluster::new();
+    c.pod("web-0", "10.244.1.11", &[8080], &[]);
+    c.write("pod.yaml", &pod_yaml("web-0", "10.244.1.11", "web", true));
+    c.write(
+        "svc.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]\n",
+    );
+    let node = |tainted: bool| {
+        let taints = if tainted {
+            "\nspec:\n  taints: [{key: ToBeDeletedByClusterAutoscaler, value: \"1700000000\", effect: NoSchedule}]"
+        } else {
+            ""
+        };
+        format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE_NAME}}}{taints}\n")
+    };
+    c.write("node.yaml", &node(false));
+    c.start_agent();
+    let check = |c: &Cluster| c.node_http(32100, "/");
+    wait_until(
+        "the health check answers 200",
+        Duration::from_secs(10),
+        || check(&c).0 == 200,
+    );
+    assert_eq!(c.node_http(10256, "/healthz").0, 200);
+
+    c.write("node.yaml", &node(true));
+    wait_until("/healthz turns 503", Duration::from_secs(10), || {
+        c.node_http(10256, "/healthz").0 == 503
+    });
+    let (_, body) = c.node_http(10256, "/healthz");
+    assert!(body.contains("\"nodeEligible\":false"), "{body}");
+    let (status, body) = check(&c);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"serviceProxyHealthy\":false"), "{body}");
+    assert!(body.contains("\"localEndpoints\":1"), "{body}");
+    let (status, body) = c.node_http(10256, "/livez");
+    assert_eq!(status, 200, "the loop is alive: {body}");
+
+    c.write("node.yaml", &node(false));
+    wait_until("/healthz turns 200 again", Duration::from_secs(10), || {
+        c.node_http(10256, "/healthz").0 == 200
+    });
+    assert_eq!(check(&c).0, 200);
 }

@@ -457,6 +457,60 @@ fn capacity(agent: &Path, services: u32) -> Result<CapacityResult> {
     Ok(result)
 }
 
+/// Pod devices created while the agent runs.
+const DEVICES_CREATED: usize = 50;
+
+/// How long a new pod device goes without its program: from `ip link add`
+/// starting to the program's link pin appearing, for `DEVICES_CREATED`
+/// veth devices created one after the other (p50, p99 ms). The agent learns
+/// of a device from the kernel's link events.
+fn device_attach(agent: &Path) -> Result<(f64, f64)> {
+    let mut topo = Topology::new().map_err(|e| anyhow!(e))?;
+    let manifests = topo.dir.join("manifests");
+    fs::create_dir_all(&manifests)?;
+    let log = topo.dir.join("agent.log");
+    let args = agent_args(&topo, &manifests, &[]);
+    topo.spawn_in_node_logged("agent", agent, &args, &log)
+        .map_err(|e| anyhow!(e))?;
+    let mut tail = LogTail::open(&log)?;
+    tail.wait_synced(Duration::from_secs(60), |_| true)?;
+    let links = topo.bpffs.join("links");
+    let mut took = Vec::with_capacity(DEVICES_CREATED);
+    for i in 0..DEVICES_CREATED {
+        // Matches the pod device glob.
+        let (dev, peer) = (
+            format!("{}h{}", topo.prefix, 100 + i),
+            format!("{}q{}", topo.prefix, 100 + i),
+        );
+        let suffix = format!("-{dev}");
+        let t = Instant::now();
+        topo.node_ip(&["link", "add", &dev, "type", "veth", "peer", "name", &peer])
+            .map_err(|e| anyhow!(e))?;
+        let deadline = t + Duration::from_secs(10);
+        loop {
+            let attached = fs::read_dir(&links)?.any(|e| {
+                e.is_ok_and(|e| {
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    name.starts_with("tc-") && name.ends_with(&suffix)
+                })
+            });
+            if attached {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{dev} got no program within 10 s (see {})", log.display());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        took.push(t.elapsed().as_secs_f64() * 1e3);
+        topo.node_ip(&["link", "del", &dev])
+            .map_err(|e| anyhow!(e))?;
+    }
+    drop(topo);
+    Ok(p50_p99(took))
+}
+
 /// The control-plane targets (issue "Control plane at scale"): per Service
 /// count, (one change p99 ms, from empty ms, RSS MB).
 const CONTROL_PLANE_TARGETS: [(u32, f64, f64, f64); 2] = [
@@ -659,6 +713,10 @@ pub fn run(args: PerfArgs) -> Result<()> {
     // The capacity check's size: the issue's 10,000, or 1,000 in a quick run.
     let capacity_services = if args.quick { 1_000 } else { 10_000 };
     if args.control_plane_only {
+        let (p50, p99) = device_attach(&agent)?;
+        println!(
+            "perf: a new pod device has its program {p50:.1} ms (p50), {p99:.1} ms (p99) after `ip link add` starts"
+        );
         let r = capacity(&agent, capacity_services)?;
         println!(
             "perf: {} dual-stack LoadBalancer Services fit the default maps ({} frontends, programmed {:.1} s after start, RSS {:.0} MB): {}",
@@ -744,6 +802,8 @@ pub fn run(args: PerfArgs) -> Result<()> {
         "perf: capacity, {capacity_services} dual-stack LoadBalancer Services x {ENDPOINTS_PER_SERVICE} endpoints per family ..."
     );
     let capacity_result = capacity(&agent, capacity_services)?;
+    println!("perf: pod devices created under a running agent ...");
+    let attach = device_attach(&agent)?;
 
     // End to end: every contender in the same topology.
     let e2e_counts: Vec<u32> = if args.quick {
@@ -892,6 +952,11 @@ pub fn run(args: PerfArgs) -> Result<()> {
         args.changes
     )?;
     write_capacity(&mut md, &capacity_result)?;
+    writeln!(
+        md,
+        "\n## A new pod device gets its program\n\n{DEVICES_CREATED} veth pod devices created one after the other under a running agent: from `ip link add` starting to the program's link pin, p50 {:.1} ms, p99 {:.1} ms. The agent learns of devices from the kernel's link events (rtnetlink), so a pod's device has its program while the CNI is still setting the pod up, before its first packet.",
+        attach.0, attach.1
+    )?;
     write_e2e(&mut md, &e2e)?;
     write_charts(&out, &packet, &e2e, &mut md)?;
     fs::write(out.join("report.md"), &md)?;
@@ -933,6 +998,7 @@ pub fn run(args: PerfArgs) -> Result<()> {
                     "map": m, "entries": e, "capacity": c,
                 })).collect::<Vec<_>>(),
             },
+            "device_attach_ms": {"devices": DEVICES_CREATED, "p50": attach.0, "p99": attach.1},
             "end_to_end": e2e.iter().map(|r| serde_json::json!({
                 "services": r.services,
                 "contender": r.contender,

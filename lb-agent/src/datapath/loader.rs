@@ -430,13 +430,15 @@ fn default_route_device<'a>(
         .map(|(dev, _)| dev.to_string())
 }
 
-/// Interfaces of the current network namespace: (ifindex, name).
-pub fn interfaces() -> Vec<(u32, String)> {
+/// Interfaces of the current network namespace: (ifindex, name). An
+/// error (fd exhaustion, say) is not an empty namespace: callers must not
+/// take it for one.
+pub fn interfaces() -> std::io::Result<Vec<(u32, String)>> {
     let mut out = Vec::new();
     unsafe {
         let list = libc::if_nameindex();
         if list.is_null() {
-            return out;
+            return Err(std::io::Error::last_os_error());
         }
         let mut p = list;
         while (*p).if_index != 0 && !(*p).if_name.is_null() {
@@ -446,19 +448,37 @@ pub fn interfaces() -> Vec<(u32, String)> {
         }
         libc::if_freenameindex(list);
     }
-    out
+    Ok(out)
+}
+
+/// The devices to compare attachments with, or None when the listing
+/// cannot be trusted: it failed, or it is empty (a network namespace always
+/// has `lo`). Then nothing is detached or forgotten.
+pub fn trusted_listing(listing: std::io::Result<Vec<(u32, String)>>) -> Option<Vec<(u32, String)>> {
+    match listing {
+        Ok(devices) if !devices.is_empty() => Some(devices),
+        Ok(_) => {
+            warn!("the device list came back empty; keeping every attachment until it does not");
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot list devices; keeping every attachment, will retry");
+            None
+        }
+    }
 }
 
 /// Addresses of the named devices in the current network namespace, in the
 /// order the devices are named (then the kernel's order): IPv4, and IPv6
-/// other than link-local (NodePorts are not served on fe80::/10).
-pub fn device_addresses(devices: &[String]) -> Vec<(String, IpAddr)> {
+/// other than link-local (NodePorts are not served on fe80::/10). An error
+/// is not "no addresses": callers keep what they had.
+pub fn device_addresses(devices: &[String]) -> std::io::Result<Vec<(String, IpAddr)>> {
     let mut found: Vec<(String, IpAddr)> = Vec::new();
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a list we walk read-only and free once.
     unsafe {
         if libc::getifaddrs(&mut list) != 0 {
-            return found;
+            return Err(std::io::Error::last_os_error());
         }
         let mut p = list;
         while !p.is_null() {
@@ -491,7 +511,7 @@ pub fn device_addresses(devices: &[String]) -> Vec<(String, IpAddr)> {
     for device in devices {
         out.extend(found.iter().filter(|(n, _)| n == device).cloned());
     }
-    out
+    Ok(out)
 }
 
 /// The link an earlier agent pinned at `pin`, as a `L`; None when there is
@@ -807,7 +827,9 @@ impl Datapath {
         devices: &[String],
         mode: DeviceMode,
     ) -> Vec<String> {
-        let current = interfaces();
+        let Some(current) = trusted_listing(interfaces()) else {
+            return Vec::new();
+        };
         let live: BTreeMap<u32, &str> = current.iter().map(|(i, n)| (*i, n.as_str())).collect();
         self.attached
             .retain(|i, a| live.get(i) == Some(&a.name.as_str()));
@@ -1178,7 +1200,7 @@ impl Datapath {
 
 #[cfg(test)]
 mod tests {
-    use super::{Attachment, LinkKind, attachments_for, glob_match};
+    use super::{Attachment, LinkKind, attachments_for, glob_match, trusted_listing};
     use crate::config::DeviceMode;
 
     #[test]
@@ -1272,6 +1294,15 @@ mod tests {
                 "{mode:?} on veth"
             );
         }
+    }
+
+    #[test]
+    fn a_failed_or_empty_device_listing_detaches_nothing() {
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        assert_eq!(trusted_listing(Err(emfile)), None);
+        assert_eq!(trusted_listing(Ok(Vec::new())), None);
+        let lo = vec![(1, "lo".to_string())];
+        assert_eq!(trusted_listing(Ok(lo.clone())), Some(lo));
     }
 
     #[test]

@@ -8,8 +8,9 @@ use aya::maps::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, BackendSetValue, BackendSlotKey, BackendValue, ConfigValue, CtKey,
-    CtValue, MaglevKey, RevNatValue, ServiceKey, ServiceValue, SetMemberKey, SockAffinityKey,
-    SockNatKey, SockNatValue, SourceRange, map_names, map_sizes, stat,
+    CtValue, MaglevKey, NotProgrammedKey, NotProgrammedValue, RevNatValue, ServiceKey,
+    ServiceValue, SetMemberKey, SockAffinityKey, SockNatKey, SockNatValue, SourceRange, map_names,
+    map_sizes, stat,
 };
 use thiserror::Error;
 
@@ -83,12 +84,12 @@ impl Default for Capacities {
 }
 
 /// The shapes lb-common declares for every pinned map.
-pub fn expected_shapes() -> [MapShape; 15] {
+pub fn expected_shapes() -> [MapShape; 16] {
     shapes_with(Capacities::default())
 }
 
 /// The shapes with the given capacities.
-pub fn shapes_with(cap: Capacities) -> [MapShape; 15] {
+pub fn shapes_with(cap: Capacities) -> [MapShape; 16] {
     use std::mem::size_of;
     let shape = |name, k: usize, v: usize, max| MapShape {
         name,
@@ -180,6 +181,12 @@ pub fn shapes_with(cap: Capacities) -> [MapShape; 15] {
             size_of::<AffinityValue>(),
             map_sizes::SOCK_AFFINITY,
         ),
+        shape(
+            map_names::NOT_PROGRAMMED,
+            size_of::<NotProgrammedKey>(),
+            size_of::<NotProgrammedValue>(),
+            map_sizes::NOT_PROGRAMMED,
+        ),
     ]
 }
 
@@ -234,6 +241,7 @@ pub type MaglevMap = HashMap<MapData, MaglevKey, u32>;
 pub type SourceRangesMap = LpmTrie<MapData, SourceRange, u32>;
 pub type SockNatMap = HashMap<MapData, SockNatKey, SockNatValue>;
 pub type SockAffinityMap = HashMap<MapData, SockAffinityKey, AffinityValue>;
+pub type NotProgrammedMap = HashMap<MapData, NotProgrammedKey, NotProgrammedValue>;
 
 /// Every map of the datapath.
 pub struct Maps {
@@ -252,6 +260,7 @@ pub struct Maps {
     pub source_ranges: SourceRangesMap,
     pub sock_nat: SockNatMap,
     pub sock_affinity: SockAffinityMap,
+    pub not_programmed: NotProgrammedMap,
 }
 
 fn typed<T>(name: &'static str, map: Map) -> Result<T, MapsError>
@@ -281,6 +290,7 @@ impl Maps {
             source_ranges: typed(map_names::SOURCE_RANGES, take(map_names::SOURCE_RANGES)?)?,
             sock_nat: typed(map_names::SOCK_NAT, take(map_names::SOCK_NAT)?)?,
             sock_affinity: typed(map_names::SOCK_AFFINITY, take(map_names::SOCK_AFFINITY)?)?,
+            not_programmed: typed(map_names::NOT_PROGRAMMED, take(map_names::NOT_PROGRAMMED)?)?,
         })
     }
 
@@ -310,6 +320,7 @@ impl Maps {
             source_ranges: typed(map_names::SOURCE_RANGES, open(12, Map::LpmTrie)?)?,
             sock_nat: typed(map_names::SOCK_NAT, open(13, Map::LruHashMap)?)?,
             sock_affinity: typed(map_names::SOCK_AFFINITY, open(14, Map::LruHashMap)?)?,
+            not_programmed: typed(map_names::NOT_PROGRAMMED, open(15, Map::HashMap)?)?,
         })
     }
 

@@ -6,6 +6,7 @@
 
 pub mod cleanup;
 pub mod explain;
+pub mod link_events;
 pub mod loader;
 pub mod maps;
 pub mod sockets;

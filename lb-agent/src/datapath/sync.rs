@@ -15,8 +15,8 @@ use aya::maps::{IterableMap, MapData, MapError, lpm_trie::Key};
 use ipnet::IpNet;
 use lb_common::{
     Addr, BACKEND_ACTIVE, BACKEND_STANDBY, BackendSetValue, BackendSlotKey, BackendValue,
-    MaglevKey, RevNatValue, ServiceKey, ServiceValue, SetMemberKey, SourceRange, backend_flags,
-    frontend_kind, service_flags,
+    MaglevKey, NotProgrammedKey, NotProgrammedValue, RevNatValue, ServiceKey, ServiceValue,
+    SetMemberKey, SourceRange, backend_flags, frontend_kind, service_flags,
 };
 use tracing::{debug, warn};
 
@@ -211,6 +211,8 @@ pub struct Syncer {
     stray_slot_keys: Vec<BackendSlotKey>,
     stray_member_keys: Vec<SetMemberKey>,
     stray_maglev_keys: Vec<MaglevKey>,
+    /// LB_NOT_PROGRAMMED as written: object -> (map full, reason).
+    not_programmed: BTreeMap<String, (bool, String)>,
 }
 
 fn be32(addr: IpAddr) -> Addr {
@@ -366,7 +368,16 @@ impl Syncer {
             stray_slot_keys: Vec::new(),
             stray_member_keys: Vec::new(),
             stray_maglev_keys: Vec::new(),
+            not_programmed: BTreeMap::new(),
         };
+        // What an earlier agent reported stays until the first report replaces it.
+        for entry in syncer.maps.not_programmed.iter() {
+            let (key, value) = entry?;
+            syncer.not_programmed.insert(
+                key.object().to_string(),
+                (value.map_full != 0, value.reason().to_string()),
+            );
+        }
         for entry in syncer.maps.backends.iter() {
             let (id, value) = entry?;
             let key = Protocol::from_number(value.proto).map(|proto| BackendKey {
@@ -526,6 +537,49 @@ impl Syncer {
 
     pub fn maps(&self) -> &Maps {
         &self.maps
+    }
+
+    /// Report in LB_NOT_PROGRAMMED (for `dump services`) exactly the
+    /// objects in `errors`, writing only differences. Past the map's
+    /// capacity the rest are left out: the metric still counts them.
+    pub fn publish_not_programmed(
+        &mut self,
+        errors: &BTreeMap<String, SyncError>,
+    ) -> Result<(), MapError> {
+        let gone: Vec<String> = self
+            .not_programmed
+            .keys()
+            .filter(|object| !errors.contains_key(*object))
+            .cloned()
+            .collect();
+        for object in gone {
+            if removed(
+                self.maps
+                    .not_programmed
+                    .remove(&NotProgrammedKey::new(&object)),
+            ) {
+                self.not_programmed.remove(&object);
+            }
+        }
+        for (object, error) in errors {
+            let entry = (error.full, error.reason.clone());
+            if self.not_programmed.get(object) == Some(&entry) {
+                continue;
+            }
+            let value = NotProgrammedValue::new(&error.reason, error.full);
+            match self
+                .maps
+                .not_programmed
+                .insert(NotProgrammedKey::new(object), value, 0)
+            {
+                Ok(()) => {
+                    self.not_programmed.insert(object.clone(), entry);
+                }
+                Err(e) if is_full(&e) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     pub fn maps_mut(&mut self) -> &mut Maps {

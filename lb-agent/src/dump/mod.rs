@@ -85,6 +85,17 @@ pub struct ServicesDump {
     pub service_ips: Vec<IpAddr>,
     /// Service addresses pings are answered for, per scope.
     pub pingable: Vec<DumpAddress>,
+    /// What the agent could not program, and why.
+    pub not_programmed: Vec<DumpNotProgrammed>,
+}
+
+#[derive(Serialize)]
+pub struct DumpNotProgrammed {
+    /// A Service port (`namespace/name:port`) or a Service IP.
+    pub object: String,
+    /// "map_full" (it does not fit) or "write_failed" (the kernel refused).
+    pub cause: &'static str,
+    pub reason: String,
 }
 
 #[derive(Serialize)]
@@ -295,10 +306,25 @@ pub fn services(maps: &Maps) -> Result<ServicesDump> {
             backends,
         });
     }
+    let mut not_programmed = Vec::new();
+    for entry in maps.not_programmed.iter() {
+        let (k, v) = entry.context("reading LB_NOT_PROGRAMMED")?;
+        not_programmed.push(DumpNotProgrammed {
+            object: k.object().to_string(),
+            cause: if v.map_full != 0 {
+                "map_full"
+            } else {
+                "write_failed"
+            },
+            reason: v.reason().to_string(),
+        });
+    }
+    not_programmed.sort_by(|a, b| a.object.cmp(&b.object));
     Ok(ServicesDump {
         services,
         service_ips,
         pingable,
+        not_programmed,
     })
 }
 
@@ -494,7 +520,15 @@ pub fn run(args: &DumpArgs) -> Result<()> {
                         backends,
                     ]);
                 }
-                t.to_string()
+                let mut text = t.to_string();
+                if !d.not_programmed.is_empty() {
+                    let mut np = table(&["NOT PROGRAMMED", "CAUSE", "REASON"]);
+                    for n in &d.not_programmed {
+                        np.add_row(vec![n.object.clone(), n.cause.into(), n.reason.clone()]);
+                    }
+                    text = format!("{text}\n{np}");
+                }
+                text
             }
         }
         DumpWhat::Backends => {

@@ -112,3 +112,48 @@ pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// Per-Service load-balancing algorithm: `maglev` or `random`.
 pub const ANNOTATION_ALGORITHM: &str = "lb/algorithm";
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+
+/// The cluster autoscaler's taint on a node it is about to remove.
+pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// kube-proxy's nodeEligible (KEP-3836): a node being deleted, or one the
+/// cluster autoscaler has marked for removal, should get no new traffic
+/// from load balancers, so its /healthz fails.
+pub fn node_eligible(node: &Node) -> bool {
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|taints| taints.iter().any(|t| t.key == TAINT_TO_BE_DELETED));
+    node.metadata.deletion_timestamp.is_none() && !tainted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_eligibility_as_kube_proxy_judges_it() {
+        let cases = [
+            (serde_json::json!({"metadata": {"name": "n"}}), true),
+            (
+                serde_json::json!({"metadata": {"name": "n", "deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+                false,
+            ),
+            (
+                serde_json::json!({"metadata": {"name": "n"}, "spec": {"taints": [
+                    {"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000", "effect": "NoSchedule"}]}}),
+                false,
+            ),
+            (
+                serde_json::json!({"metadata": {"name": "n"}, "spec": {"taints": [
+                    {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]}}),
+                true,
+            ),
+        ];
+        for (node, eligible) in cases {
+            let parsed: Node = serde_json::from_value(node.clone()).unwrap();
+            assert_eq!(node_eligible(&parsed), eligible, "{node}");
+        }
+    }
+}
