@@ -159,6 +159,11 @@ pub struct RunArgs {
     /// Only program spec.externalIPs inside these CIDRs (CVE-2020-8554). Default: all
     #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
     pub external_ip_cidrs: Option<Vec<ipnet::IpNet>>,
+    /// Serve only Services labelled service.kubernetes.io/service-proxy-name=NAME
+    /// (a canary beside kube-proxy, which skips them). Default: the Services
+    /// without that label, as kube-proxy
+    #[arg(long, value_name = "NAME")]
+    pub service_proxy_name: Option<String>,
     /// Capacity of each of the frontend, backend, backend set and backend
     /// slot maps (entries). Default: 262144 / 262144 / 131072 / 524288
     #[arg(long, value_name = "N")]
@@ -238,6 +243,7 @@ pub struct FileConfig {
     pub ct_max_tcp: Option<u32>,
     pub ct_max_other: Option<u32>,
     pub external_ip_cidrs: Option<Vec<ipnet::IpNet>>,
+    pub service_proxy_name: Option<String>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -384,6 +390,14 @@ impl RunArgs {
                     reason: "not a positive duration (e.g. 60s, 2m)".into(),
                 })?,
         };
+        let service_proxy_name = match self.service_proxy_name.or(file.service_proxy_name) {
+            Some(name) => Some(label_value(&name).map_err(|reason| ConfigError::Invalid {
+                flag: "service-proxy-name",
+                value: name.clone(),
+                reason,
+            })?),
+            None => None,
+        };
         let healthz_bind = parse_bind(
             "healthz-bind",
             self.healthz_bind.or(file.healthz_bind),
@@ -466,6 +480,7 @@ impl RunArgs {
                     .or(file.hairpin_snat_address6)
                     .unwrap_or(DEFAULT_HAIRPIN_SNAT_ADDR6),
                 external_ip_cidrs: self.external_ip_cidrs.or(file.external_ip_cidrs),
+                service_proxy_name,
                 default_maglev: self.default_algorithm.or(file.default_algorithm)
                     == Some(Algorithm::Maglev),
                 nodeport_addresses: Vec::new(),
@@ -510,6 +525,23 @@ impl RunArgs {
 }
 
 /// "1s", "500ms", "2m", "0": a non-negative duration.
+/// A Kubernetes label value: 1 to 63 characters, alphanumerics with `-`,
+/// `_` and `.` inside.
+fn label_value(name: &str) -> Result<String, String> {
+    let bytes = name.as_bytes();
+    let inner = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+    if name.is_empty() || name.len() > 63 {
+        return Err("a label value of 1 to 63 characters is needed".into());
+    }
+    if !bytes.iter().all(inner)
+        || !bytes[0].is_ascii_alphanumeric()
+        || !bytes[bytes.len() - 1].is_ascii_alphanumeric()
+    {
+        return Err("not a label value (alphanumerics, with '-', '_' or '.' inside)".into());
+    }
+    Ok(name.to_string())
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -667,5 +699,33 @@ mod tests {
             err.to_string().contains("--healthz-bind \"nowhere\""),
             "{err}"
         );
+        for (flag, args) in [
+            (
+                "--health-timeout",
+                RunArgs {
+                    health_timeout: Some("0s".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                "--service-proxy-name",
+                RunArgs {
+                    service_proxy_name: Some("not a label!".into()),
+                    ..Default::default()
+                },
+            ),
+        ] {
+            let err = args.resolve().unwrap_err();
+            assert!(err.to_string().contains(flag), "{err}");
+        }
+        let cfg = RunArgs {
+            service_proxy_name: Some("lb-canary.v2".into()),
+            health_timeout: Some("90s".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(cfg.node.service_proxy_name.as_deref(), Some("lb-canary.v2"));
+        assert_eq!(cfg.health_timeout, Duration::from_secs(90));
     }
 }

@@ -106,7 +106,11 @@ impl SourceStart {
             } => {
                 let client =
                     crate::source::kube::client(kubeconfig.as_ref(), api_server.as_deref()).await?;
-                SourceStart::Kube(KubeSource::start(client, &config.node.node_name))
+                SourceStart::Kube(KubeSource::start(
+                    client,
+                    &config.node.node_name,
+                    config.node.service_proxy_name.as_deref(),
+                ))
             }
         })
     }

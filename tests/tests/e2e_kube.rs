@@ -382,3 +382,75 @@ fn daemonset_capabilities_suffice_and_health_and_metrics_answer() {
     );
     assert!((3.0..10.0).contains(&latency), "{latency} s:\n{metrics}");
 }
+
+/// `--service-proxy-name lb` as a canary beside kube-proxy: the API server
+/// filters lb's watches to the Services (and slices) labelled for it; a
+/// Service the agent served before the restart that is not labelled so is
+/// removed from the maps by the restart's first sync.
+#[test]
+fn a_canary_serves_only_its_labelled_services_and_drops_the_rest_on_restart() {
+    let mut c = Cluster::new();
+    let client = c.pod("client", "10.244.1.2", &[], &[]);
+    c.pod("web-0", "10.244.1.11", &[8080], &[]);
+    let api = ApiServer::start_in_netns(&c.topo.node_ns);
+    api.apply(Kind::Node, node());
+    let label = json!({"service.kubernetes.io/service-proxy-name": "lb"});
+    api.apply(Kind::Service, service("web", "10.96.0.10", 80));
+    api.apply(
+        Kind::EndpointSlice,
+        slice("web-abc", "web", 8080, &["10.244.1.11"]),
+    );
+    // The endpointslice controller copies the Service's labels to its slices.
+    let mut canary = service("canary", "10.96.0.30", 80);
+    canary["metadata"]["labels"] = label.clone();
+    api.apply(Kind::Service, canary);
+    let mut canary_slice = slice("canary-abc", "canary", 8080, &["10.244.1.11"]);
+    canary_slice["metadata"]["labels"]["service.kubernetes.io/service-proxy-name"] = json!("lb");
+    api.apply(Kind::EndpointSlice, canary_slice);
+    let kubeconfig = api.write_kubeconfig(&c.topo.dir);
+    let source = ["--kubeconfig".to_string(), kubeconfig.display().to_string()];
+
+    // As kube-proxy: the unlabelled Service only.
+    c.start_agent_with(&source);
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &["10.244.1.11:8080"],
+        Duration::from_secs(10),
+    );
+    assert!(c.backends_of("10.96.0.30:80/TCP").is_none());
+
+    // Restarted as the canary: only the labelled one; web is removed.
+    c.stop_agent(9);
+    let mut canary_args = source.to_vec();
+    canary_args.extend(["--service-proxy-name".to_string(), "lb".to_string()]);
+    c.start_agent_with(&canary_args);
+    c.wait_backends(
+        "10.96.0.30:80/TCP",
+        &["10.244.1.11:8080"],
+        Duration::from_secs(10),
+    );
+    wait_until(
+        "web leaves the canary's maps",
+        Duration::from_secs(5),
+        || c.backends_of("10.96.0.10:80/TCP").is_none(),
+    );
+    for kind in [Kind::Service, Kind::EndpointSlice] {
+        assert_eq!(
+            api.label_selector(kind).as_deref(),
+            Some("service.kubernetes.io/service-proxy-name=lb,!service.kubernetes.io/headless"),
+            "{kind:?} is filtered by the API server"
+        );
+    }
+    assert_eq!(
+        field(
+            &c.get(&client, "http://10.96.0.30/").expect("canary"),
+            "pod"
+        ),
+        "web-0"
+    );
+    assert_eq!(
+        c.get(&client, "http://10.96.0.10/"),
+        Err(7),
+        "web is left to kube-proxy"
+    );
+}

@@ -113,7 +113,9 @@ mod tests {
                 "no event in a quiet namespace"
             );
             let added = std::process::Command::new("ip")
-                .args(["link", "add", "lbtest0", "type", "veth", "peer", "name", "lbtest1"])
+                .args([
+                    "link", "add", "lbtest0", "type", "veth", "peer", "name", "lbtest1",
+                ])
                 .status()
                 .expect("ip");
             assert!(added.success());

@@ -61,6 +61,10 @@ pub struct NodeConfig {
     pub default_maglev: bool,
     /// spec.externalIPs allowed (None: all, as kube-proxy does).
     pub external_ip_cidrs: Option<Vec<IpNet>>,
+    /// --service-proxy-name: serve only the Services with this
+    /// `service.kubernetes.io/service-proxy-name` label (None: only those
+    /// without the label, as kube-proxy).
+    pub service_proxy_name: Option<String>,
     /// Addresses NodePorts answer on: the node devices' addresses, filtered
     /// by --nodeport-addresses.
     pub nodeport_addresses: Vec<IpAddr>,
@@ -89,6 +93,7 @@ impl Default for NodeConfig {
             hairpin_snat_addr6: DEFAULT_HAIRPIN_SNAT_ADDR6,
             default_maglev: false,
             external_ip_cidrs: None,
+            service_proxy_name: None,
             nodeport_addresses: Vec::new(),
             node_ips: Vec::new(),
             host_addresses: BTreeSet::new(),

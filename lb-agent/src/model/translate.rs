@@ -763,7 +763,10 @@ fn service_frontends(
     let Some(spec) = svc.spec.as_ref() else {
         return Err("has no spec".into());
     };
-    if svc.service_proxy_name.is_some() || svc.headless_label {
+    // kube-proxy's rule: a Service labelled for another proxy is not ours;
+    // with --service-proxy-name, only the Services labelled for us are.
+    let ours = svc.service_proxy_name.as_deref() == node.service_proxy_name.as_deref();
+    if !ours || svc.headless_label {
         return Ok(None);
     }
     if spec.service_type.as_deref() == Some("ExternalName") {
@@ -1650,6 +1653,43 @@ mod tests {
             );
             assert!(t.problems.is_empty(), "{name}: {:?}", t.problems);
         }
+    }
+
+    /// --service-proxy-name inverts kube-proxy's rule: only the Services
+    /// labelled with that name are served, so lb can take a subset while
+    /// kube-proxy keeps the rest.
+    #[test]
+    fn service_proxy_name_serves_only_its_own_services() {
+        let labelled = |name: &str, ip: &str, proxy: Option<&str>| {
+            let labels = proxy.map_or(json!({}), |p| json!({LABEL_SERVICE_PROXY_NAME: p}));
+            svc_meta(
+                json!({"name": name, "namespace": "ns", "labels": labels}),
+                json!({"clusterIP": ip, "ports": [{"port": 80}]}),
+            )
+        };
+        let services = vec![
+            labelled("plain", "10.96.0.1", None),
+            labelled("ours", "10.96.0.2", Some("lb")),
+            labelled("theirs", "10.96.0.3", Some("other")),
+        ];
+        let served = |node: &NodeConfig| -> Vec<IpAddr> {
+            let t = translate(&state(services.clone(), vec![]), node);
+            let mut ips: Vec<IpAddr> = t.desired.frontends.keys().map(|fk| fk.addr).collect();
+            ips.dedup();
+            ips
+        };
+        assert_eq!(
+            served(&node()),
+            vec!["10.96.0.1".parse::<IpAddr>().unwrap()]
+        );
+        let canary = NodeConfig {
+            service_proxy_name: Some("lb".into()),
+            ..node()
+        };
+        assert_eq!(
+            served(&canary),
+            vec!["10.96.0.2".parse::<IpAddr>().unwrap()]
+        );
     }
 
     /// ipFamilies / ipFamilyPolicy as the API server resolves them into

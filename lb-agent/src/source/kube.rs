@@ -161,11 +161,19 @@ pub struct WatchStats {
     pub restarts: BTreeMap<&'static str, u64>,
 }
 
-/// kube-proxy's label selector: Services (and their EndpointSlices, which
-/// the endpointslice controller labels alike) another proxy serves, and
-/// headless ones.
-const IGNORED_LABELS: &str =
-    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+/// kube-proxy's label selector: not the Services (and their EndpointSlices,
+/// which the endpointslice controller labels alike) another proxy serves,
+/// nor headless ones. With --service-proxy-name, only those labelled with it.
+pub fn label_selector(service_proxy_name: Option<&str>) -> String {
+    match service_proxy_name {
+        None => "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless".into(),
+        Some(name) => {
+            format!(
+                "service.kubernetes.io/service-proxy-name={name},!service.kubernetes.io/headless"
+            )
+        }
+    }
+}
 
 /// What lb never reads, dropped before an object is kept: managedFields
 /// are often the largest part of an object.
@@ -259,23 +267,24 @@ pub struct KubeSource {
 
 impl KubeSource {
     /// Start the three watchers. The node watch is limited to this node.
-    pub fn start(client: Client, node_name: &str) -> Self {
+    pub fn start(client: Client, node_name: &str, service_proxy_name: Option<&str>) -> Self {
         let source = KubeSource {
             tables: Arc::default(),
             stats: Arc::default(),
             changed: Arc::new(Notify::new()),
         };
         let node_cfg = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+        let selector = label_selector(service_proxy_name);
         // Filtered by the API server, as kube-proxy's informers are: objects
         // lb would ignore never reach (or stay in) memory. An object that
         // gains one of these labels arrives as deleted.
         source.spawn(
             Api::<Service>::all(client.clone()),
-            watcher::Config::default().labels(IGNORED_LABELS),
+            watcher::Config::default().labels(&selector),
         );
         source.spawn(
             Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default().labels(IGNORED_LABELS),
+            watcher::Config::default().labels(&selector),
         );
         source.spawn(Api::<Node>::all(client), node_cfg);
         source
