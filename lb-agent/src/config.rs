@@ -164,6 +164,10 @@ pub struct RunArgs {
     /// without that label, as kube-proxy
     #[arg(long, value_name = "NAME")]
     pub service_proxy_name: Option<String>,
+    /// The cluster's NodePort range (kube-apiserver's --service-node-port-range),
+    /// reserved from the node's ephemeral ports. Default: 30000-32767
+    #[arg(long, value_name = "LO-HI")]
+    pub nodeport_range: Option<String>,
     /// Capacity of each of the frontend, backend, backend set and backend
     /// slot maps (entries). Default: 262144 / 262144 / 131072 / 524288
     #[arg(long, value_name = "N")]
@@ -244,6 +248,7 @@ pub struct FileConfig {
     pub ct_max_other: Option<u32>,
     pub external_ip_cidrs: Option<Vec<ipnet::IpNet>>,
     pub service_proxy_name: Option<String>,
+    pub nodeport_range: Option<String>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -321,6 +326,8 @@ pub struct RunConfig {
     pub healthz_bind: Option<SocketAddr>,
     pub metrics_bind: Option<SocketAddr>,
     pub health_timeout: Duration,
+    /// Added to net.ipv4.ip_local_reserved_ports.
+    pub nodeport_range: crate::reserved_ports::PortRange,
     pub min_sync_period: Duration,
     pub node: NodeConfig,
     pub pod_devices: Vec<String>,
@@ -398,6 +405,14 @@ impl RunArgs {
             })?),
             None => None,
         };
+        let nodeport_range = match self.nodeport_range.or(file.nodeport_range) {
+            None => crate::reserved_ports::PortRange::NODEPORT_DEFAULT,
+            Some(text) => text.parse().map_err(|reason| ConfigError::Invalid {
+                flag: "nodeport-range",
+                value: text.clone(),
+                reason,
+            })?,
+        };
         let healthz_bind = parse_bind(
             "healthz-bind",
             self.healthz_bind.or(file.healthz_bind),
@@ -468,6 +483,7 @@ impl RunArgs {
             healthz_bind,
             metrics_bind,
             health_timeout,
+            nodeport_range,
             min_sync_period,
             node: NodeConfig {
                 node_name,
@@ -711,6 +727,13 @@ mod tests {
                 "--service-proxy-name",
                 RunArgs {
                     service_proxy_name: Some("not a label!".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                "--nodeport-range",
+                RunArgs {
+                    nodeport_range: Some("32767-30000".into()),
                     ..Default::default()
                 },
             ),

@@ -11,6 +11,7 @@ pub mod health;
 pub mod healthcheck;
 pub mod metrics;
 pub mod model;
+pub mod reserved_ports;
 pub mod run;
 pub mod source;
 

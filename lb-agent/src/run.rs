@@ -691,6 +691,15 @@ pub async fn run(config: RunConfig) -> Result<()> {
     node.node_ips = view.snat.addresses();
     node.host_addresses = view.host.clone();
     report_snat_addresses(view.snat);
+    match crate::reserved_ports::reserve(config.nodeport_range) {
+        Ok(Some(list)) => {
+            info!(range = %config.nodeport_range, reserved = %list, "NodePort range reserved from the node's ephemeral ports (net.ipv4.ip_local_reserved_ports)")
+        }
+        Ok(None) => {}
+        Err(e) => {
+            warn!(range = %config.nodeport_range, error = %e, "cannot reserve the NodePort range from ephemeral ports: a host connection may draw a port a NodePort frontend captures")
+        }
+    }
     if let Some(mode) = global_rp_filter() {
         warn!(rp_filter = %mode, "net.ipv4.conf.all.rp_filter is on: packets lb hands the stack on pod devices with a node address as source (masqueraded flows, NodePort answers) are dropped unless the fast path redirects them; set it to 0, as Cilium does");
     }

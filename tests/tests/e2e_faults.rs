@@ -358,3 +358,53 @@ fn a_node_marked_for_deletion_fails_healthz_and_health_checks_but_not_livez() {
     });
     assert_eq!(check(&c).0, 200);
 }
+
+/// The NodePort range is reserved from the node's ephemeral ports (in the
+/// node's own network namespace), keeping what was reserved before: a host
+/// socket bound to port 0 never draws a port a NodePort frontend would
+/// capture the replies of.
+#[test]
+fn the_nodeport_range_is_reserved_from_the_nodes_ephemeral_ports() {
+    let mut c = Cluster::new();
+    let sysctl = |c: &Cluster, key: &str| {
+        let out = c
+            .topo
+            .exec(&c.topo.node_ns, &["sysctl", "-n", key])
+            .expect("sysctl");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    c.topo
+        .node_sysctl("net.ipv4.ip_local_reserved_ports", "8080")
+        .unwrap();
+    // Ephemeral ports straddling the range's start.
+    c.topo
+        .node_sysctl("net.ipv4.ip_local_port_range", "29990 30020")
+        .unwrap();
+    c.write("svc.yaml", SVC);
+    c.start_agent();
+    assert_eq!(
+        sysctl(&c, "net.ipv4.ip_local_reserved_ports"),
+        "8080,30000-32767"
+    );
+    let script = "import socket\nports=[]\nsocks=[]\nfor _ in range(8):\n    s=socket.socket(); s.bind(('127.0.0.1',0)); socks.append(s); ports.append(s.getsockname()[1])\nprint(' '.join(map(str,ports)))\n";
+    let out = c
+        .topo
+        .exec(&c.topo.node_ns, &["python3", "-c", script])
+        .expect("python3");
+    let ports: Vec<u16> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(ports.len(), 8, "{out:?}");
+    assert!(
+        ports.iter().all(|p| (29990..30000).contains(p)),
+        "ephemeral ports outside the NodePort range only: {ports:?}"
+    );
+    // A restart finds it reserved and leaves it as it is.
+    c.stop_agent(15);
+    c.start_agent();
+    assert_eq!(
+        sysctl(&c, "net.ipv4.ip_local_reserved_ports"),
+        "8080,30000-32767"
+    );
+}
