@@ -79,7 +79,8 @@ pub struct RunArgs {
     pub kubeconfig: Option<PathBuf>,
     /// API server URL, overriding the kubeconfig's or in-cluster address (which
     /// points at the `kubernetes` Service that nothing serves without kube-proxy).
-    #[arg(long, value_name = "URL", env = "LB_API_SERVER")]
+    /// Several, comma-separated: tried in order, the next used when one fails.
+    #[arg(long, value_name = "URL[,URL]", env = "LB_API_SERVER")]
     pub api_server: Option<String>,
     /// /healthz and /livez address ("" disables). Default: 0.0.0.0:10256
     #[arg(long, value_name = "ADDR")]
@@ -300,7 +301,8 @@ pub enum SourceConfig {
     Manifests(PathBuf),
     Kube {
         kubeconfig: Option<PathBuf>,
-        api_server: Option<String>,
+        /// --api-server URLs in order (empty: the kubeconfig's).
+        api_servers: Vec<String>,
     },
 }
 
@@ -369,10 +371,15 @@ impl RunArgs {
             Some(dir) => SourceConfig::Manifests(dir),
             None => SourceConfig::Kube {
                 kubeconfig: self.kubeconfig.or(file.kubeconfig),
-                api_server: self
+                api_servers: self
                     .api_server
                     .or(file.api_server)
-                    .filter(|s| !s.is_empty()),
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect(),
             },
         };
         let default_period = match source {
@@ -648,7 +655,7 @@ mod tests {
     #[test]
     fn without_manifests_the_cluster_is_the_source() {
         let cfg = RunArgs {
-            api_server: Some("https://10.0.0.1:6443".into()),
+            api_server: Some("https://10.0.0.1:6443, https://10.0.0.2:6443".into()),
             metrics_bind: Some("".into()),
             ..Default::default()
         }
@@ -658,7 +665,10 @@ mod tests {
             cfg.source,
             SourceConfig::Kube {
                 kubeconfig: None,
-                api_server: Some("https://10.0.0.1:6443".into())
+                api_servers: vec![
+                    "https://10.0.0.1:6443".to_string(),
+                    "https://10.0.0.2:6443".to_string()
+                ]
             }
         );
         assert_eq!(cfg.min_sync_period, Duration::from_secs(1));

@@ -102,10 +102,9 @@ impl SourceStart {
             }
             SourceConfig::Kube {
                 kubeconfig,
-                api_server,
+                api_servers,
             } => {
-                let client =
-                    crate::source::kube::client(kubeconfig.as_ref(), api_server.as_deref()).await?;
+                let client = crate::source::kube::client(kubeconfig.as_ref(), api_servers).await?;
                 SourceStart::Kube(KubeSource::start(
                     client,
                     &config.node.node_name,

@@ -197,11 +197,8 @@ fn shipped_agent_config_is_accepted_by_the_agent() {
     std::fs::remove_file(path).unwrap();
     assert!(
         matches!(
-            cfg.source,
-            SourceConfig::Kube {
-                api_server: Some(_),
-                ..
-            }
+            &cfg.source,
+            SourceConfig::Kube { api_servers, .. } if api_servers.len() == 1
         ),
         "{:?}",
         cfg.source

@@ -149,6 +149,7 @@ impl ApiServer {
                 "/apis/discovery.k8s.io/v1/endpointslices",
                 get(handle_slice),
             )
+            .route("/readyz", get(handle_readyz))
             .fallback(|| async {
                 (
                     StatusCode::NOT_FOUND,
@@ -335,6 +336,14 @@ fn labelled_event(selector: Option<&String>, kind_of_event: &str, obj: &Value) -
         return Some(json!({"type": kind_of_event, "object": obj}));
     }
     (kind_of_event != "ADDED").then(|| json!({"type": "DELETED", "object": obj}))
+}
+
+/// kube-apiserver's readiness: 200 "ok", 500 while down.
+async fn handle_readyz(State(shared): State<Arc<Shared>>) -> Response {
+    if *shared.down.borrow() {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "going away").into_response();
+    }
+    (StatusCode::OK, "ok").into_response()
 }
 
 async fn handle(

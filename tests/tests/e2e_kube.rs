@@ -454,3 +454,61 @@ fn a_canary_serves_only_its_labelled_services_and_drops_the_rest_on_restart() {
         "web is left to kube-proxy"
     );
 }
+
+/// Several `--api-server` URLs (Cilium's k8s-api-server-urls): the first
+/// is not ready when the agent starts, so it uses the second; when that one
+/// goes away, the agent moves on (back to the first, now ready), and a
+/// change made there reaches the maps.
+#[test]
+fn api_server_urls_are_tried_in_order_and_failed_over() {
+    let mut c = Cluster::new();
+    let client = c.pod("client", "10.244.1.2", &[], &[]);
+    c.pod("web-0", "10.244.1.11", &[8080], &[]);
+    c.pod("web-1", "10.244.1.12", &[8080], &[]);
+    let first = ApiServer::start_in_netns(&c.topo.node_ns);
+    let second = ApiServer::start_in_netns(&c.topo.node_ns);
+    // Two servers of one cluster: the same objects.
+    for api in [&first, &second] {
+        api.apply(Kind::Node, node());
+        api.apply(Kind::Service, service("web", "10.96.0.10", 80));
+        api.apply(
+            Kind::EndpointSlice,
+            slice("web-abc", "web", 8080, &["10.244.1.11"]),
+        );
+    }
+    first.set_down(true);
+    let kubeconfig = second.write_kubeconfig(&c.topo.dir);
+    c.start_agent_with(&[
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--api-server".into(),
+        format!("http://{},http://{}", first.addr, second.addr),
+    ]);
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &["10.244.1.11:8080"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        first.lists(Kind::Service),
+        0,
+        "the unready server is skipped"
+    );
+    assert!(second.lists(Kind::Service) >= 1);
+
+    second.set_down(true);
+    first.set_down(false);
+    // Only the first, ready again, can tell the agent about this change.
+    for api in [&first, &second] {
+        api.apply(
+            Kind::EndpointSlice,
+            slice("web-abc", "web", 8080, &["10.244.1.11", "10.244.1.12"]),
+        );
+    }
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &["10.244.1.11:8080", "10.244.1.12:8080"],
+        Duration::from_secs(20),
+    );
+    assert_eq!(c.answering_pods(&client, "http://10.96.0.10/", 20).len(), 2);
+}

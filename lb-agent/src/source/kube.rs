@@ -8,7 +8,10 @@
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -54,12 +57,116 @@ pub enum KubeError {
 /// Build a client from --kubeconfig, $KUBECONFIG, ~/.kube/config or the
 /// in-cluster service account, with the API server address overridden
 /// when given: without kube-proxy nothing serves the `kubernetes` Service's
-/// ClusterIP that in-cluster configuration points at.
+/// ClusterIP that in-cluster configuration points at. Several addresses
+/// are tried in order: the first that answers `/readyz` is used, and a
+/// request that finds it unreachable (or answering 5xx) moves the client on
+/// to the next (Cilium's k8s-api-server-urls).
 pub async fn client(
     kubeconfig: Option<&PathBuf>,
-    api_server: Option<&str>,
+    api_servers: &[String],
 ) -> Result<Client, KubeError> {
-    let mut config = match kubeconfig {
+    let config = base_config(kubeconfig).await?;
+    if api_servers.len() <= 1 {
+        let mut config = config;
+        if let Some(url) = api_servers.first() {
+            config.cluster_url = parse_url(url)?;
+        }
+        return Client::try_from(config).map_err(KubeError::Client);
+    }
+    let mut servers = Vec::with_capacity(api_servers.len());
+    for url in api_servers {
+        let mut config = config.clone();
+        config.cluster_url = parse_url(url)?;
+        servers.push((
+            url.clone(),
+            Client::try_from(config).map_err(KubeError::Client)?,
+        ));
+    }
+    let mut first = 0;
+    for (i, (url, client)) in servers.iter().enumerate() {
+        if ready(client).await {
+            first = i;
+            break;
+        }
+        warn!(api_server = %url, "API server not ready; trying the next");
+    }
+    info!(api_server = %servers[first].0, "using API server");
+    let namespace = config.default_namespace.clone();
+    let failover = Failover {
+        servers: Arc::new(servers),
+        current: Arc::new(AtomicUsize::new(first)),
+    };
+    Ok(Client::new(failover, namespace))
+}
+
+fn parse_url(url: &str) -> Result<http::Uri, KubeError> {
+    url.parse()
+        .map_err(|e: http::uri::InvalidUri| KubeError::ApiServer {
+            url: url.into(),
+            reason: e.to_string(),
+        })
+}
+
+/// `GET /readyz` answers 200 within 2 s.
+async fn ready(client: &Client) -> bool {
+    let Ok(request) = http::Request::get("/readyz").body(kube::client::Body::empty()) else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), client.send(request)).await,
+        Ok(Ok(response)) if response.status().is_success()
+    )
+}
+
+/// Sends each request to the current API server; one that cannot be
+/// reached, or answers with a server error, makes the next one current
+/// (the watcher then retries there after its backoff).
+#[derive(Clone)]
+struct Failover {
+    servers: Arc<Vec<(String, Client)>>,
+    current: Arc<AtomicUsize>,
+}
+
+impl tower_service::Service<http::Request<kube::client::Body>> for Failover {
+    type Response = http::Response<kube::client::Body>;
+    type Error = kube::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, kube::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), kube::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<kube::client::Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let i = this.current.load(Ordering::Relaxed) % this.servers.len();
+            let (url, client) = &this.servers[i];
+            let result = client.send(request).await;
+            let failed = match &result {
+                Err(_) => true,
+                Ok(response) => response.status().is_server_error(),
+            };
+            if failed {
+                let next = (i + 1) % this.servers.len();
+                if this
+                    .current
+                    .compare_exchange(i, next, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    warn!(from = %url, to = %this.servers[next].0, "API server failing; switching to the next");
+                }
+            }
+            result
+        })
+    }
+}
+
+/// --kubeconfig, $KUBECONFIG, ~/.kube/config or the in-cluster account.
+async fn base_config(kubeconfig: Option<&PathBuf>) -> Result<Config, KubeError> {
+    let config = match kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path).map_err(|source| KubeError::Kubeconfig {
                 path: path.clone(),
@@ -74,15 +181,7 @@ pub async fn client(
         }
         None => Config::infer().await.map_err(KubeError::Infer)?,
     };
-    if let Some(url) = api_server {
-        config.cluster_url =
-            url.parse()
-                .map_err(|e: http::uri::InvalidUri| KubeError::ApiServer {
-                    url: url.into(),
-                    reason: e.to_string(),
-                })?;
-    }
-    Client::try_from(config).map_err(KubeError::Client)
+    Ok(config)
 }
 
 /// Retry delays after a watch error: 0.5 s doubling to 5 s, with up to 20 %
