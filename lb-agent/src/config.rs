@@ -39,6 +39,16 @@ pub enum Command {
     /// Where would this flow go, and why: runs the real program on a
     /// synthetic packet against the live maps, changing nothing.
     Explain(ExplainArgs),
+    /// Detach every program and remove every pin (stop the agent first), and
+    /// take back the NodePort range lb reserved: the node as it was before
+    /// lb, so kube-proxy can be put back.
+    Uninstall(UninstallArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct UninstallArgs {
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -165,6 +175,10 @@ pub struct RunArgs {
     /// without that label, as kube-proxy
     #[arg(long, value_name = "NAME")]
     pub service_proxy_name: Option<String>,
+    /// Remove the rules kube-proxy left on the node (iptables KUBE-* chains,
+    /// nftables kube-proxy tables, IPVS) at start, sparing kubelet's. Default: false
+    #[arg(long, value_name = "BOOL")]
+    pub cleanup_kube_proxy: Option<bool>,
     /// The cluster's NodePort range (kube-apiserver's --service-node-port-range),
     /// reserved from the node's ephemeral ports. Default: 30000-32767
     #[arg(long, value_name = "LO-HI")]
@@ -249,6 +263,7 @@ pub struct FileConfig {
     pub ct_max_other: Option<u32>,
     pub external_ip_cidrs: Option<Vec<ipnet::IpNet>>,
     pub service_proxy_name: Option<String>,
+    pub cleanup_kube_proxy: Option<bool>,
     pub nodeport_range: Option<String>,
     pub log_format: Option<LogFormat>,
 }
@@ -339,6 +354,8 @@ pub struct RunConfig {
     /// --nodeport-addresses (None: every node device address).
     pub nodeport_cidrs: Option<Vec<ipnet::IpNet>>,
     pub ping_services: bool,
+    /// Remove kube-proxy's leftover rules at start.
+    pub cleanup_kube_proxy: bool,
     pub fast_path: bool,
     /// Socket-level LB, when on.
     pub socket_lb: Option<SocketLb>,
@@ -523,6 +540,10 @@ impl RunArgs {
                 .unwrap_or(DeviceMode::Auto),
             nodeport_cidrs: self.nodeport_addresses.or(file.nodeport_addresses),
             ping_services: self.ping_services.or(file.ping_services).unwrap_or(true),
+            cleanup_kube_proxy: self
+                .cleanup_kube_proxy
+                .or(file.cleanup_kube_proxy)
+                .unwrap_or(false),
             fast_path: self.fast_path.or(file.fast_path).unwrap_or(true),
             socket_lb: self
                 .socket_lb

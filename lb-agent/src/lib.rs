@@ -9,11 +9,13 @@ pub mod datapath;
 pub mod dump;
 pub mod health;
 pub mod healthcheck;
+pub mod kube_proxy;
 pub mod metrics;
 pub mod model;
 pub mod reserved_ports;
 pub mod run;
 pub mod source;
+pub mod uninstall;
 
 /// The compiled kernel programs (lb-ebpf), embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use lb_agent::{
     config::{Cli, Command, LogFormat},
-    dump, run,
+    dump, run, uninstall,
 };
 use tracing_subscriber::{EnvFilter, fmt};
 
@@ -50,6 +50,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("lb-agent explain: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Uninstall(args) => match uninstall::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lb-agent uninstall: {e:#}");
                 ExitCode::FAILURE
             }
         },

@@ -98,6 +98,94 @@ pub fn with_range(existing: &str, range: PortRange) -> Result<Option<String>, St
     ))
 }
 
+/// `existing` without `range` (what `with_range` added), or None when
+/// nothing of it is there.
+pub fn without_range(existing: &str, range: PortRange) -> Result<Option<String>, String> {
+    let ranges: Vec<PortRange> = existing
+        .trim()
+        .split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(|r| {
+            r.parse::<PortRange>()
+                .map_err(|e| format!("reserved ports {existing:?}: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    if !ranges.iter().any(|r| r.lo <= range.hi && range.lo <= r.hi) {
+        return Ok(None);
+    }
+    let mut left = Vec::new();
+    for r in ranges {
+        if r.hi < range.lo || range.hi < r.lo {
+            left.push(r);
+            continue;
+        }
+        if r.lo < range.lo {
+            left.push(PortRange {
+                lo: r.lo,
+                hi: range.lo - 1,
+            });
+        }
+        if range.hi < r.hi {
+            left.push(PortRange {
+                lo: range.hi + 1,
+                hi: r.hi,
+            });
+        }
+    }
+    Ok(Some(
+        left.iter()
+            .map(PortRange::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    ))
+}
+
+/// The marker (a directory under the bpffs) saying lb added `range`, so
+/// `uninstall` takes back only what lb added.
+pub fn marker(bpffs: &std::path::Path, range: PortRange) -> std::path::PathBuf {
+    bpffs.join(format!("reserved-ports-{}-{}", range.lo, range.hi))
+}
+
+/// The ranges lb's markers under `bpffs` say it added.
+pub fn marked(bpffs: &std::path::Path) -> Vec<PortRange> {
+    let Ok(entries) = fs::read_dir(bpffs) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            name.to_str()?
+                .strip_prefix("reserved-ports-")?
+                .parse::<PortRange>()
+                .ok()
+        })
+        .collect()
+}
+
+/// Take `range` out of the node's reserved ports (uninstall).
+pub fn release(range: PortRange) -> Result<Option<String>, String> {
+    let mut errors = Vec::new();
+    for path in SYSCTL_PATHS {
+        let existing = match fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => {
+                errors.push(format!("{path}: {e}"));
+                continue;
+            }
+        };
+        let Some(list) = without_range(&existing, range)? else {
+            return Ok(None);
+        };
+        match fs::write(path, if list.is_empty() { "\n" } else { &list }) {
+            Ok(()) => return Ok(Some(list)),
+            Err(e) => errors.push(format!("{path}: {e}")),
+        }
+    }
+    Err(errors.join("; "))
+}
+
 /// Add `range` to the node's reserved ports. Ok(Some(list)): written;
 /// Ok(None): already reserved.
 pub fn reserve(range: PortRange) -> Result<Option<String>, String> {
@@ -162,5 +250,29 @@ mod tests {
             );
         }
         assert!(with_range("x", np).is_err());
+    }
+
+    #[test]
+    fn taking_the_range_back_leaves_the_rest() {
+        let np = PortRange::NODEPORT_DEFAULT;
+        let cases = [
+            ("8080,30000-32767", Some("8080")),
+            ("30000-32767\n", Some("")),
+            ("8080", None),
+            ("29000-32768", Some("29000-29999,32768")),
+        ];
+        for (existing, want) in cases {
+            assert_eq!(
+                without_range(existing, np).unwrap().as_deref(),
+                want,
+                "{existing:?}"
+            );
+        }
+        // What with_range adds, without_range takes back.
+        let added = with_range("8080,40000", np).unwrap().unwrap();
+        assert_eq!(
+            without_range(&added, np).unwrap().as_deref(),
+            Some("8080,40000")
+        );
     }
 }

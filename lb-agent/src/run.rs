@@ -690,15 +690,21 @@ pub async fn run(config: RunConfig) -> Result<()> {
     node.node_ips = view.snat.addresses();
     node.host_addresses = view.host.clone();
     report_snat_addresses(view.snat);
-    match crate::reserved_ports::reserve(config.nodeport_range) {
-        Ok(Some(list)) => {
-            info!(range = %config.nodeport_range, reserved = %list, "NodePort range reserved from the node's ephemeral ports (net.ipv4.ip_local_reserved_ports)")
-        }
-        Ok(None) => {}
-        Err(e) => {
-            warn!(range = %config.nodeport_range, error = %e, "cannot reserve the NodePort range from ephemeral ports: a host connection may draw a port a NodePort frontend captures")
-        }
+    // Taking over from kube-proxy (not as a canary beside it).
+    if config.node.service_proxy_name.is_none() {
+        crate::kube_proxy::take_over(config.cleanup_kube_proxy)?;
     }
+    let reserved_now = match crate::reserved_ports::reserve(config.nodeport_range) {
+        Ok(Some(list)) => {
+            info!(range = %config.nodeport_range, reserved = %list, "NodePort range reserved from the node's ephemeral ports (net.ipv4.ip_local_reserved_ports)");
+            true
+        }
+        Ok(None) => false,
+        Err(e) => {
+            warn!(range = %config.nodeport_range, error = %e, "cannot reserve the NodePort range from ephemeral ports: a host connection may draw a port a NodePort frontend captures");
+            false
+        }
+    };
     if let Some(mode) = global_rp_filter() {
         warn!(rp_filter = %mode, "net.ipv4.conf.all.rp_filter is on: packets lb hands the stack on pod devices with a node address as source (masqueraded flows, NodePort answers) are dropped unless the fast path redirects them; set it to 0, as Cilium does");
     }
@@ -724,6 +730,13 @@ pub async fn run(config: RunConfig) -> Result<()> {
     };
     let (mut datapath, maps) = Datapath::load_sized(&config.bpffs, node_config, capacities)
         .with_context(|| format!("loading the datapath under {}", config.bpffs.display()))?;
+    if reserved_now {
+        // Remembered beside the pins: `uninstall` takes back only what lb added.
+        let marker = crate::reserved_ports::marker(&config.bpffs, config.nodeport_range);
+        if let Err(e) = std::fs::create_dir_all(&marker) {
+            warn!(path = %marker.display(), error = %e, "cannot record the reserved NodePort range; uninstall will leave it");
+        }
+    }
     match &config.socket_lb {
         Some(socket_lb) => {
             let cgroup = socket_lb

@@ -1,0 +1,242 @@
+//! Taking a node over from kube-proxy: its iptables rules (both backends)
+//! and nftables table removed with `--cleanup-kube-proxy true`, kubelet's
+//! chains left, the Service served by lb afterwards; and no start at all
+//! while kube-proxy still runs.
+
+use std::{process::Command, time::Duration};
+
+use lb_tests::e2e::*;
+
+const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n";
+
+/// kube-proxy's iptables shape for SVC (one endpoint), with kubelet's
+/// chains beside it.
+const KUBE_PROXY_RULES: &str = "\
+*mangle
+:KUBE-IPTABLES-HINT - [0:0]
+:KUBE-KUBELET-CANARY - [0:0]
+:KUBE-PROXY-CANARY - [0:0]
+COMMIT
+*filter
+:KUBE-FIREWALL - [0:0]
+:KUBE-FORWARD - [0:0]
+:KUBE-SERVICES - [0:0]
+-A INPUT -j KUBE-FIREWALL
+-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD
+-A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A KUBE-FIREWALL -m mark --mark 0x8000/0x8000 -j DROP
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+COMMIT
+*nat
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-WEB - [0:0]
+:KUBE-SEP-WEB0 - [0:0]
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-WEB
+-A KUBE-SVC-WEB -j KUBE-SEP-WEB0
+-A KUBE-SEP-WEB0 -p tcp -m tcp -j DNAT --to-destination 10.244.1.11:8080
+COMMIT
+";
+
+fn in_node(c: &Cluster, args: &[&str], stdin: Option<&str>) -> String {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &c.topo.node_ns]).args(args);
+    let out = match stdin {
+        Some(text) => {
+            use std::io::Write as _;
+            let mut child = cmd
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn");
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+            child.wait_with_output().expect("wait")
+        }
+        None => cmd.output().expect("run"),
+    };
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// KUBE-* chain names in an iptables-save output.
+fn kube_chains(save: &str) -> Vec<String> {
+    let mut chains: Vec<String> = save
+        .lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| c.starts_with("KUBE-"))
+        .map(String::from)
+        .collect();
+    chains.sort();
+    chains
+}
+
+#[test]
+fn kube_proxys_rules_are_removed_and_kubelets_kept() {
+    let mut c = Cluster::new();
+    let client = c.pod("client", "10.244.1.2", &[], &[]);
+    c.pod("web-0", "10.244.1.11", &[8080], &[]);
+    c.write("pod.yaml", &pod_yaml("web-0", "10.244.1.11", "web", true));
+    c.write("svc.yaml", SVC);
+    // kube-proxy's rules in both backends (a node switched from legacy to
+    // nf_tables keeps both), and its nftables table.
+    in_node(
+        &c,
+        &["iptables-nft-restore", "--noflush"],
+        Some(KUBE_PROXY_RULES),
+    );
+    in_node(
+        &c,
+        &["iptables-legacy-restore", "--noflush"],
+        Some(KUBE_PROXY_RULES),
+    );
+    in_node(
+        &c,
+        &["nft", "-f", "-"],
+        Some("table ip kube-proxy {\n chain services {\n }\n}\n"),
+    );
+    // kube-proxy's rules serve the Service before lb runs.
+    assert_eq!(
+        field(
+            &c.get(&client, "http://10.96.0.10/")
+                .expect("via kube-proxy's rules"),
+            "pod"
+        ),
+        "web-0"
+    );
+
+    c.start_agent_with(&[
+        "--manifests".into(),
+        c.manifests.display().to_string(),
+        "--cleanup-kube-proxy".into(),
+        "true".into(),
+    ]);
+    for save in ["iptables-nft-save", "iptables-legacy-save"] {
+        assert_eq!(
+            kube_chains(&in_node(&c, &[save], None)),
+            ["KUBE-FIREWALL", "KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY"],
+            "{save}: only kubelet's chains are left"
+        );
+        let rules = in_node(&c, &[save, "-t", "filter"], None);
+        assert!(rules.contains("-A INPUT -j KUBE-FIREWALL"), "{rules}");
+    }
+    let tables = in_node(&c, &["nft", "list", "tables"], None);
+    assert!(!tables.contains("kube-proxy"), "{tables}");
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &["10.244.1.11:8080"],
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        field(
+            &c.get(&client, "http://10.96.0.10/").expect("via lb"),
+            "pod"
+        ),
+        "web-0"
+    );
+}
+
+/// kube-proxy still running (here: holding its health port) would put its
+/// rules back: the agent refuses to start, saying so.
+#[test]
+fn the_agent_refuses_to_start_while_kube_proxy_runs() {
+    let mut c = Cluster::new();
+    c.write("svc.yaml", SVC);
+    let holder = "import socket,time\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0',10256)); s.listen(); time.sleep(60)\n";
+    c.topo
+        .spawn_in_node(
+            "kube-proxy",
+            std::path::Path::new("python3"),
+            &["-c".to_string(), holder.to_string()],
+        )
+        .expect("port holder");
+    wait_until("port 10256 is held", Duration::from_secs(5), || {
+        in_node(&c, &["ss", "-ltnH", "sport = :10256"], None).contains("10256")
+    });
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", c.topo.node_ns))
+        .arg(agent_bin())
+        .args(["run", "--manifests"])
+        .arg(&c.manifests)
+        .arg("--bpffs")
+        .arg(&c.topo.bpffs)
+        .args(["--node-name", NODE_NAME, "--socket-lb", "false"])
+        .output()
+        .expect("run the agent");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains("kube-proxy is still running") && log.contains("10256"),
+        "{log}"
+    );
+}
+
+/// `lb-agent uninstall` after the agent stopped: every program detached
+/// (the Service is no longer translated), every pin gone, and the NodePort
+/// range lb reserved taken back, what was reserved before kept.
+#[test]
+fn uninstall_leaves_the_node_as_it_was() {
+    let mut c = Cluster::new();
+    let client = c.pod("client", "10.244.1.2", &[], &[]);
+    c.pod("web-0", "10.244.1.11", &[8080], &[]);
+    c.write("pod.yaml", &pod_yaml("web-0", "10.244.1.11", "web", true));
+    c.write("svc.yaml", SVC);
+    c.topo
+        .node_sysctl("net.ipv4.ip_local_reserved_ports", "8080")
+        .unwrap();
+    c.start_agent();
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &["10.244.1.11:8080"],
+        Duration::from_secs(5),
+    );
+    c.stop_agent(15);
+    // Stopped, the agent leaves the datapath serving.
+    assert!(c.get(&client, "http://10.96.0.10/").is_ok());
+
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", c.topo.node_ns))
+        .arg(agent_bin())
+        .args(["uninstall", "--bpffs"])
+        .arg(&c.topo.bpffs)
+        .output()
+        .expect("lb-agent uninstall");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("detached"), "{said}");
+    for map in lb_common::map_names::ALL {
+        assert!(!c.topo.bpffs.join(map).exists(), "{map} still pinned");
+    }
+    assert!(!c.topo.bpffs.join("links").exists());
+    wait_until(
+        "no program translates the ClusterIP any more",
+        Duration::from_secs(3),
+        || c.get(&client, "http://10.96.0.10/") == Err(7),
+    );
+    let reserved = in_node(
+        &c,
+        &["sysctl", "-n", "net.ipv4.ip_local_reserved_ports"],
+        None,
+    );
+    assert_eq!(reserved.trim(), "8080");
+}
