@@ -496,15 +496,17 @@ impl Reconciler {
         true
     }
 
-    /// kube-proxy's nodeEligible, from this node's Node (eligible when
-    /// there is none), logged when it changes.
+    /// kube-proxy's nodeEligible, from this node's Node, logged when it
+    /// changes. Without a Node object it stays what it was (eligible at
+    /// first): a Node deleted while being drained stays ineligible, as
+    /// kube-proxy re-applies the last one it saw.
     fn node_eligible(&mut self) -> bool {
         let eligible = self
             .tracker
             .state()
             .nodes
             .get(&self.node.node_name)
-            .is_none_or(|n| node_eligible(n));
+            .map_or(self.node_eligible, |n| node_eligible(n));
         if eligible != self.node_eligible {
             if eligible {
                 info!(node = %self.node.node_name, "this node is eligible again: /healthz follows programming only");
