@@ -945,12 +945,12 @@ pub fn run(args: PerfArgs) -> Result<()> {
         md,
         "- *translate + sync*: the agent's own measure of that first pass (assembling the cluster state, translation, map writes)."
     )?;
-    write_control_plane_targets(&mut md, &results)?;
     writeln!(
         md,
         "- *one change*: an EndpointSlice file of one Service replaced (atomic rename) until the agent logs the map write; {} changes.",
         args.changes
     )?;
+    write_control_plane_targets(&mut md, &results)?;
     write_capacity(&mut md, &capacity_result)?;
     writeln!(
         md,
