@@ -133,7 +133,7 @@ fn daemonset_has_what_a_kube_proxy_replacement_needs() {
         .collect();
     assert_eq!(
         caps,
-        ["BPF", "NET_ADMIN", "PERFMON"].into(),
+        ["BPF", "NET_ADMIN", "NET_RAW", "PERFMON"].into(),
         "least privilege, no SYS_ADMIN"
     );
     let bpffs = pod["volumes"]
@@ -272,5 +272,8 @@ fn helm_chart_values_are_defined_documented_and_rbac_matches() {
     );
     let ds_text =
         stub_render(&std::fs::read_to_string(chart.join("templates/daemonset.yaml")).unwrap());
-    assert!(ds_text.contains("add: [BPF, NET_ADMIN, PERFMON]") && !ds_text.contains("SYS_ADMIN]"));
+    assert!(
+        ds_text.contains("add: [BPF, NET_ADMIN, PERFMON, NET_RAW]")
+            && !ds_text.contains("SYS_ADMIN]")
+    );
 }

@@ -589,3 +589,16 @@ impl Drop for HeldConnection {
         let _ = self.child.wait();
     }
 }
+
+/// The capabilities deploy/daemonset.yaml gives the agent.
+pub fn daemonset_caps() -> Vec<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
+    let text = std::fs::read_to_string(path).expect("daemonset.yaml");
+    let ds: serde_json::Value = serde_saphyr::from_str(&text).expect("parse daemonset");
+    ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .expect("capabilities")
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect()
+}

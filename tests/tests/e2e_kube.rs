@@ -241,17 +241,6 @@ fn api_server_away_keeps_the_datapath_then_converges() {
 }
 
 /// The capabilities deploy/daemonset.yaml grants.
-fn daemonset_caps() -> Vec<String> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
-    let text = std::fs::read_to_string(path).expect("daemonset.yaml");
-    let ds: serde_json::Value = serde_saphyr::from_str(&text).expect("parse daemonset");
-    ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
-        .as_array()
-        .expect("capabilities")
-        .iter()
-        .map(|c| c.as_str().unwrap().to_string())
-        .collect()
-}
 
 #[test]
 fn daemonset_capabilities_suffice_and_health_and_metrics_answer() {

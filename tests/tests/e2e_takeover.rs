@@ -121,12 +121,18 @@ fn kube_proxys_rules_are_removed_and_kubelets_kept() {
         "web-0"
     );
 
-    c.start_agent_with(&[
-        "--manifests".into(),
-        c.manifests.display().to_string(),
-        "--cleanup-kube-proxy".into(),
-        "true".into(),
-    ]);
+    // With exactly the DaemonSet's capabilities, as it runs on a node.
+    let caps = daemonset_caps();
+    let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
+    c.start_agent_with_caps(
+        &[
+            "--manifests".into(),
+            c.manifests.display().to_string(),
+            "--cleanup-kube-proxy".into(),
+            "true".into(),
+        ],
+        &caps,
+    );
     for save in ["iptables-nft-save", "iptables-legacy-save"] {
         assert_eq!(
             kube_chains(&in_node(&c, &[save], None)),
