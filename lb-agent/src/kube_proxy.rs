@@ -1,12 +1,17 @@
 //! Taking over a node from kube-proxy: find the rules it left (iptables
-//! `KUBE-*` chains in both the nf_tables and the legacy backend, for IPv4
-//! and IPv6; its nftables `kube-proxy` tables; its IPVS dummy device and
-//! ipsets) and, with `--cleanup-kube-proxy true`, remove them, as
+//! chains in both the nf_tables and the legacy backend, for IPv4 and IPv6;
+//! its nftables `kube-proxy` tables; its IPVS dummy device, virtual servers
+//! and ipsets) and, with `--cleanup-kube-proxy true`, remove them, as
 //! `kube-proxy --cleanup` does; and refuse to start while kube-proxy still
 //! runs (it would put them back, and it holds port 10256).
 //!
-//! kubelet's own chains stay: `KUBE-FIREWALL`, `KUBE-KUBELET-CANARY`,
-//! `KUBE-IPTABLES-HINT`, and whatever they jump to.
+//! Only kube-proxy's own chains go, by the names its iptables and IPVS
+//! modes use (pkg/proxy/iptables and ipvs cleanup), not everything named
+//! `KUBE-*`: kubelet (`KUBE-FIREWALL`, `KUBE-MARK-DROP`, the canaries),
+//! kube-router's network policy (`KUBE-ROUTER-*`, `KUBE-POD-FW-*`),
+//! cri-dockerd's hostPorts (`KUBE-HOSTPORTS`) and others share the prefix.
+//! A chain another component still jumps to stays, and of the rules outside
+//! kube-proxy's chains only its jumps from the built-in chains are deleted.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -19,9 +24,76 @@ use std::{
 use thiserror::Error;
 use tracing::{info, warn};
 
-/// Chains kubelet creates (kube-proxy's cleanup leaves them too).
-pub const KUBELET_CHAINS: [&str; 3] =
-    ["KUBE-FIREWALL", "KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT"];
+/// kube-proxy's chains by table (iptables and IPVS modes, current and
+/// earlier releases).
+fn kube_proxy_chain(table: &str, chain: &str) -> bool {
+    const NAT: [&str; 8] = [
+        "KUBE-SERVICES",
+        "KUBE-NODEPORTS",
+        "KUBE-POSTROUTING",
+        "KUBE-MARK-MASQ",
+        "KUBE-PROXY-CANARY",
+        "KUBE-NODE-PORT",
+        "KUBE-LOAD-BALANCER",
+        // IPVS mode's nat firewall (kubelet's KUBE-FIREWALL is in filter).
+        "KUBE-FIREWALL",
+    ];
+    const NAT_PREFIXES: [&str; 6] = [
+        "KUBE-SVC-",
+        "KUBE-SVL-",
+        "KUBE-EXT-",
+        "KUBE-FW-",
+        "KUBE-SEP-",
+        "KUBE-XLB-",
+    ];
+    const FILTER: [&str; 10] = [
+        "KUBE-SERVICES",
+        "KUBE-EXTERNAL-SERVICES",
+        "KUBE-FORWARD",
+        "KUBE-NODEPORTS",
+        "KUBE-PROXY-FIREWALL",
+        "KUBE-PROXY-CANARY",
+        "KUBE-NODE-PORT",
+        "KUBE-SOURCE-RANGES-FIREWALL",
+        "KUBE-IPVS-FILTER",
+        "KUBE-IPVS-OUT-FILTER",
+    ];
+    match table {
+        "nat" => NAT.contains(&chain) || NAT_PREFIXES.iter().any(|p| chain.starts_with(p)),
+        "filter" => FILTER.contains(&chain),
+        "mangle" => chain == "KUBE-PROXY-CANARY",
+        _ => false,
+    }
+}
+
+/// IPVS mode's ipsets (IPv6 ones carry a `KUBE-6-` prefix instead).
+fn kube_proxy_ipset(name: &str) -> bool {
+    const SETS: [&str; 17] = [
+        "LOOP-BACK",
+        "CLUSTER-IP",
+        "EXTERNAL-IP",
+        "EXTERNAL-IP-LOCAL",
+        "LOAD-BALANCER",
+        "LOAD-BALANCER-LOCAL",
+        "LOAD-BALANCER-FW",
+        "LOAD-BALANCER-SOURCE-IP",
+        "LOAD-BALANCER-SOURCE-CIDR",
+        "NODE-PORT-TCP",
+        "NODE-PORT-LOCAL-TCP",
+        "NODE-PORT-UDP",
+        "NODE-PORT-LOCAL-UDP",
+        "NODE-PORT-SCTP-HASH",
+        "NODE-PORT-LOCAL-SCTP-HASH",
+        "HEALTH-CHECK-NODE-PORT",
+        "IPVS-IPS",
+    ];
+    let base = name
+        .strip_prefix("KUBE-6-")
+        .or_else(|| name.strip_prefix("KUBE-"));
+    base.is_some_and(|b| SETS.contains(&b))
+}
+
+const BUILTIN_CHAINS: [&str; 5] = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
 
 /// kube-proxy's health port.
 pub const KUBE_PROXY_HEALTHZ_PORT: u16 = 10256;
@@ -53,7 +125,7 @@ pub fn plan_iptables(save: &str) -> BTreeMap<String, TablePlan> {
     let mut chains: BTreeSet<String> = BTreeSet::new();
     let mut rules: Vec<(String, String)> = Vec::new();
     let mut finish = |table: &str, chains: &BTreeSet<String>, rules: &[(String, String)]| {
-        let plan = plan_table(chains, rules);
+        let plan = plan_table(table, chains, rules);
         if !plan.chains.is_empty() || !plan.jumps.is_empty() {
             out.insert(table.to_string(), plan);
         }
@@ -89,38 +161,38 @@ fn target(rule: &str) -> Option<&str> {
     None
 }
 
-fn plan_table(chains: &BTreeSet<String>, rules: &[(String, String)]) -> TablePlan {
-    // kubelet's chains and everything they reach stay.
-    let mut kept: BTreeSet<&str> = KUBELET_CHAINS
+fn plan_table(table: &str, chains: &BTreeSet<String>, rules: &[(String, String)]) -> TablePlan {
+    let mut remove: BTreeSet<&str> = chains
         .iter()
-        .copied()
-        .filter(|c| chains.contains(*c))
+        .map(String::as_str)
+        .filter(|c| kube_proxy_chain(table, c))
         .collect();
+    // A chain that a kept user chain jumps to stays (deleting it would fail,
+    // and the rule is another component's), and so does what it reaches.
     loop {
-        let reached: Vec<&str> = rules
+        let still_used: Vec<&str> = rules
             .iter()
-            .filter(|(chain, _)| kept.contains(chain.as_str()))
+            .filter(|(chain, _)| {
+                !remove.contains(chain.as_str()) && !BUILTIN_CHAINS.contains(&chain.as_str())
+            })
             .filter_map(|(_, rule)| target(rule))
-            .filter(|t| chains.contains(*t) && !kept.contains(t))
+            .filter(|t| remove.contains(t))
             .collect();
-        if reached.is_empty() {
+        if still_used.is_empty() {
             break;
         }
-        kept.extend(reached);
+        for chain in still_used {
+            remove.remove(chain);
+        }
     }
-    let remove: BTreeSet<String> = chains
-        .iter()
-        .filter(|c| c.starts_with("KUBE-") && !kept.contains(c.as_str()))
-        .cloned()
-        .collect();
     let jumps = rules
         .iter()
-        .filter(|(chain, _)| !remove.contains(chain))
+        .filter(|(chain, _)| BUILTIN_CHAINS.contains(&chain.as_str()))
         .filter(|(_, rule)| target(rule).is_some_and(|t| remove.contains(t)))
         .map(|(_, rule)| rule.clone())
         .collect();
     TablePlan {
-        chains: remove,
+        chains: remove.into_iter().map(String::from).collect(),
         jumps,
     }
 }
@@ -239,7 +311,13 @@ pub fn clean_up(remove: bool) -> Vec<String> {
             found.push(line);
         }
         if remove {
-            match run(restore, &["--noflush"], Some(&restore_script(&plans))) {
+            // Wait for the xtables lock as kube-proxy does (kubelet or a CNI
+            // may hold it).
+            match run(
+                restore,
+                &["-w", "5", "-W", "100000", "--noflush"],
+                Some(&restore_script(&plans)),
+            ) {
                 Ok(_) => info!(backend = save, "removed kube-proxy's iptables rules"),
                 Err(e) => warn!(error = %e, "removing kube-proxy's iptables rules failed"),
             }
@@ -274,8 +352,11 @@ pub fn clean_up(remove: bool) -> Vec<String> {
             }
         }
     }
-    if let Ok(sets) = run("ipset", &["list", "-n"], None) {
-        for set in sets.lines().filter(|s| s.starts_with("KUBE-")) {
+    // Only when the ip_set module is loaded: listing would load it.
+    if Path::new("/sys/module/ip_set").exists()
+        && let Ok(sets) = run("ipset", &["list", "-n"], None)
+    {
+        for set in sets.lines().filter(|s| kube_proxy_ipset(s)) {
             found.push(format!("ipset {set}"));
             if remove && let Err(e) = run("ipset", &["destroy", set], None) {
                 warn!(error = %e, "removing an ipset failed");
@@ -285,14 +366,12 @@ pub fn clean_up(remove: bool) -> Vec<String> {
     found
 }
 
-/// Is kube-proxy still running here? A process named kube-proxy (this PID
-/// namespace's /proc, and the host's at /host/proc when mounted), or
-/// another process holding its health port.
+/// Is kube-proxy still running here? A process named kube-proxy in this
+/// network namespace (one in another, say a kind node's container on the
+/// same host, is not this node's), or another process holding its health port.
 pub fn still_running() -> Option<String> {
-    for proc_dir in ["/proc", "/host/proc"] {
-        let Ok(entries) = std::fs::read_dir(proc_dir) else {
-            continue;
-        };
+    let own_netns = std::fs::read_link("/proc/self/ns/net").ok();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(pid) = name
@@ -301,38 +380,42 @@ pub fn still_running() -> Option<String> {
             else {
                 continue;
             };
-            if std::fs::read_to_string(entry.path().join("comm"))
-                .is_ok_and(|c| c.trim() == "kube-proxy")
-            {
-                return Some(format!("process {pid} kube-proxy in {proc_dir}"));
+            let kube_proxy = std::fs::read_to_string(entry.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "kube-proxy");
+            if kube_proxy && std::fs::read_link(entry.path().join("ns/net")).ok() == own_netns {
+                return Some(format!("process {pid} is kube-proxy"));
             }
         }
     }
     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, KUBE_PROXY_HEALTHZ_PORT));
     match TcpListener::bind(addr) {
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Some(format!(
-            "another process holds port {KUBE_PROXY_HEALTHZ_PORT}, kube-proxy's health port"
+            "another process holds port {KUBE_PROXY_HEALTHZ_PORT}, kube-proxy's health port (an lb agent of the same node would too)"
         )),
         _ => None,
     }
 }
 
-/// At start: refuse while kube-proxy runs; then report (and with `remove`,
-/// delete) what it left.
-pub fn take_over(remove: bool) -> Result<(), TakeoverError> {
-    if let Some(what) = still_running() {
-        return Err(TakeoverError::StillRunning(what));
+/// At start: refuse while kube-proxy runs.
+pub fn refuse_while_running() -> Result<(), TakeoverError> {
+    match still_running() {
+        Some(what) => Err(TakeoverError::StillRunning(what)),
+        None => Ok(()),
     }
+}
+
+/// After lb's first sync (so the node is never without Service
+/// forwarding): report, and with `remove` delete, what kube-proxy left.
+pub fn report_and_clean_up(remove: bool) {
     let found = clean_up(remove);
     if found.is_empty() {
-        return Ok(());
+        return;
     }
     if remove {
         info!(removed = ?found, "kube-proxy's rules removed: lb serves every Service now");
     } else {
         warn!(found = ?found, "kube-proxy's rules are still on this node and match before lb's programs see the packets of some paths; --cleanup-kube-proxy true removes them");
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -357,7 +440,9 @@ COMMIT
 :KUBE-FORWARD - [0:0]
 :KUBE-SERVICES - [0:0]
 :KUBE-MARK-DROP - [0:0]
+:KUBE-ROUTER-INPUT - [0:0]
 -A INPUT -j KUBE-FIREWALL
+-A INPUT -m comment --comment \"kube-router netpol\" -j KUBE-ROUTER-INPUT
 -A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD
 -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
 -A KUBE-FIREWALL -m mark --mark 0x8000/0x8000 -j KUBE-MARK-DROP
@@ -372,6 +457,11 @@ COMMIT
 :KUBE-SERVICES - [0:0]
 :KUBE-SVC-ABC - [0:0]
 :KUBE-SEP-XYZ - [0:0]
+:KUBE-HOSTPORTS - [0:0]
+:KUBE-HP-ABC - [0:0]
+-A PREROUTING -m addrtype --dst-type LOCAL -j KUBE-HOSTPORTS
+-A KUBE-HOSTPORTS -p tcp --dport 8081 -j KUBE-HP-ABC
+-A KUBE-HP-ABC -s 10.244.1.5/32 -j KUBE-MARK-MASQ
 -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
 -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
 -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
@@ -383,28 +473,35 @@ COMMIT
 ";
 
     #[test]
-    fn kube_proxys_chains_go_kubelets_stay() {
+    fn kube_proxys_chains_go_kubelets_and_others_stay() {
         let plans = plan_iptables(SAVE);
         let chains = |t: &str| plans[t].chains.iter().cloned().collect::<Vec<_>>();
         assert_eq!(chains("mangle"), ["KUBE-PROXY-CANARY"]);
-        // KUBE-MARK-DROP stays: kubelet's KUBE-FIREWALL jumps to it.
+        // kubelet's KUBE-FIREWALL and KUBE-MARK-DROP stay.
         assert_eq!(chains("filter"), ["KUBE-FORWARD", "KUBE-SERVICES"]);
+        // KUBE-MARK-MASQ stays: cri-dockerd's hostPort chain still jumps to it.
         assert_eq!(
             chains("nat"),
             [
-                "KUBE-MARK-MASQ",
                 "KUBE-POSTROUTING",
                 "KUBE-SEP-XYZ",
                 "KUBE-SERVICES",
                 "KUBE-SVC-ABC"
             ]
         );
+        // Only the built-in chains' jumps go; cri-dockerd's rules are its own.
         assert_eq!(plans["nat"].jumps.len(), 3, "{:?}", plans["nat"].jumps);
         assert!(plans["nat"].jumps.iter().all(|j| !j.contains("MASQUERADE")));
+        assert!(plans["nat"].jumps.iter().all(|j| !j.contains("HOSTPORTS")));
         assert_eq!(
             plans["filter"].jumps.len(),
             2,
             "INPUT -> KUBE-FIREWALL is kept"
+        );
+        assert!(
+            !plans
+                .values()
+                .any(|p| p.chains.iter().any(|c| c.starts_with("KUBE-ROUTER")))
         );
         let script = restore_script(&plans);
         assert!(script.contains(
@@ -413,7 +510,8 @@ COMMIT
         assert!(script.contains(":KUBE-SVC-ABC - [0:0]\n"));
         assert!(script.contains("-X KUBE-SVC-ABC\n"));
         assert!(!script.contains("KUBE-FIREWALL"));
-        // Deletions come after the flushes, jumps before the chains go.
+        assert!(!script.contains("KUBE-HOSTPORTS"));
+        // Jumps are deleted after the flushes and before the chains go.
         let nat = &script[script.find("*nat").unwrap()..];
         let d = nat.find("-D PREROUTING").unwrap();
         let x = nat.find("-X KUBE-SERVICES").unwrap();
@@ -421,8 +519,18 @@ COMMIT
     }
 
     #[test]
+    fn ipsets_of_kube_proxys_ipvs_mode_only() {
+        for set in ["KUBE-CLUSTER-IP", "KUBE-6-NODE-PORT-TCP", "KUBE-LOOP-BACK"] {
+            assert!(kube_proxy_ipset(set), "{set}");
+        }
+        for set in ["KUBE-SRC-ABC", "KUBE-DST-XYZ", "cali40all", "KUBE-ROUTER-X"] {
+            assert!(!kube_proxy_ipset(set), "{set}");
+        }
+    }
+
+    #[test]
     fn nothing_of_kube_proxy_nothing_to_do() {
-        let kubelet_only = "*filter\n:INPUT ACCEPT [0:0]\n:KUBE-FIREWALL - [0:0]\n-A INPUT -j KUBE-FIREWALL\nCOMMIT\n";
+        let kubelet_only = "*filter\n:INPUT ACCEPT [0:0]\n:KUBE-FIREWALL - [0:0]\n:KUBE-MARK-DROP - [0:0]\n-A INPUT -j KUBE-FIREWALL\nCOMMIT\n";
         assert!(plan_iptables(kubelet_only).is_empty());
         assert!(plan_iptables("").is_empty());
     }

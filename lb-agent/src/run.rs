@@ -692,10 +692,13 @@ pub async fn run(config: RunConfig) -> Result<()> {
     node.node_ips = view.snat.addresses();
     node.host_addresses = view.host.clone();
     report_snat_addresses(view.snat);
-    // Taking over from kube-proxy (not as a canary beside it).
-    if config.node.service_proxy_name.is_none() {
-        crate::kube_proxy::take_over(config.cleanup_kube_proxy)?;
+    // Taking over from kube-proxy (not as a canary beside it): never while
+    // it runs; what it left is looked at after lb's first sync.
+    let takeover = config.node.service_proxy_name.is_none();
+    if takeover {
+        crate::kube_proxy::refuse_while_running()?;
     }
+    let mut kube_proxy_leftovers = takeover;
     let reserved_now = match crate::reserved_ports::reserve(config.nodeport_range) {
         Ok(Some(list)) => {
             info!(range = %config.nodeport_range, reserved = %list, "NodePort range reserved from the node's ephemeral ports (net.ipv4.ip_local_reserved_ports)");
@@ -921,6 +924,17 @@ pub async fn run(config: RunConfig) -> Result<()> {
         }
         if outcome.completed {
             health.updated();
+            if std::mem::take(&mut kube_proxy_leftovers) {
+                // lb serves every Service now: kube-proxy's rules can go
+                // without leaving the node unserved (external tools: off the loop).
+                let remove = reconciler.config.cleanup_kube_proxy;
+                if let Err(e) = std::thread::Builder::new()
+                    .name("kube-proxy-cleanup".into())
+                    .spawn(move || crate::kube_proxy::report_and_clean_up(remove))
+                {
+                    warn!(error = %e, "cannot look for kube-proxy's rules");
+                }
+            }
         }
         reconciler.publish_counters();
     }

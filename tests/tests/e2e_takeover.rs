@@ -1,6 +1,6 @@
 //! Taking a node over from kube-proxy: its iptables rules (both backends)
 //! and nftables table removed with `--cleanup-kube-proxy true`, kubelet's
-//! chains left, the Service served by lb afterwards; and no start at all
+//! and other components' `KUBE-*` chains left, the Service served by lb afterwards; and no start at all
 //! while kube-proxy still runs.
 
 use std::{process::Command, time::Duration};
@@ -21,7 +21,9 @@ COMMIT
 :KUBE-FIREWALL - [0:0]
 :KUBE-FORWARD - [0:0]
 :KUBE-SERVICES - [0:0]
+:KUBE-ROUTER-INPUT - [0:0]
 -A INPUT -j KUBE-FIREWALL
+-A INPUT -m comment --comment \"kube-router netpol\" -j KUBE-ROUTER-INPUT
 -A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD
 -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
 -A KUBE-FIREWALL -m mark --mark 0x8000/0x8000 -j DROP
@@ -133,17 +135,30 @@ fn kube_proxys_rules_are_removed_and_kubelets_kept() {
         ],
         &caps,
     );
+    // Removed once lb has programmed the Services (right after its first sync).
     for save in ["iptables-nft-save", "iptables-legacy-save"] {
-        assert_eq!(
-            kube_chains(&in_node(&c, &[save], None)),
-            ["KUBE-FIREWALL", "KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY"],
-            "{save}: only kubelet's chains are left"
+        wait_until(
+            &format!("{save}: only kubelet's and kube-router's chains are left"),
+            Duration::from_secs(10),
+            || {
+                kube_chains(&in_node(&c, &[save], None))
+                    == [
+                        "KUBE-FIREWALL",
+                        "KUBE-IPTABLES-HINT",
+                        "KUBE-KUBELET-CANARY",
+                        "KUBE-ROUTER-INPUT",
+                    ]
+            },
         );
         let rules = in_node(&c, &[save, "-t", "filter"], None);
         assert!(rules.contains("-A INPUT -j KUBE-FIREWALL"), "{rules}");
+        assert!(rules.contains("-j KUBE-ROUTER-INPUT"), "{rules}");
     }
-    let tables = in_node(&c, &["nft", "list", "tables"], None);
-    assert!(!tables.contains("kube-proxy"), "{tables}");
+    wait_until(
+        "kube-proxy's nftables table is gone",
+        Duration::from_secs(5),
+        || !in_node(&c, &["nft", "list", "tables"], None).contains("kube-proxy"),
+    );
     c.wait_backends(
         "10.96.0.10:80/TCP",
         &["10.244.1.11:8080"],
