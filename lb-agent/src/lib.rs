@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod dump;
 pub mod health;
 pub mod healthcheck;
+pub mod kernel_conntrack;
 pub mod kube_proxy;
 pub mod metrics;
 pub mod model;

@@ -19,7 +19,7 @@ use lb_common::{
     stat,
 };
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{RunConfig, SourceConfig},
@@ -30,6 +30,7 @@ use crate::{
             global_rp_filter, interfaces,
         },
         maps::Capacities,
+        migrate::{Migration, Pass},
         sockets,
         sync::{SyncError, Syncer},
     },
@@ -361,6 +362,7 @@ fn node_view(config: &RunConfig) -> std::io::Result<NodeView> {
 fn spawn_device_watcher(
     mut datapath: Datapath,
     config: RunConfig,
+    hand_over: Option<HandOver>,
 ) -> Result<std::thread::JoinHandle<()>> {
     let mut events = match LinkEvents::open() {
         Ok(events) => Some(events),
@@ -372,6 +374,12 @@ fn spawn_device_watcher(
     std::thread::Builder::new()
         .name("devices".into())
         .spawn(move || {
+            if let Some(hand_over) = hand_over
+                && let Err(e) = hand_over.run(&mut datapath, &config)
+            {
+                error!(error = format!("{e:#}"), "replacing the previous layout's programs failed");
+                return;
+            }
             loop {
                 datapath.attach_matching(&config.pod_devices, &config.devices, config.device_mode);
                 match &events {
@@ -386,6 +394,140 @@ fn spawn_device_watcher(
             }
         })
         .context("starting the device watcher thread")
+}
+
+/// Live connections in the kernel's conntrack table that a DNAT rule
+/// translated (kube-proxy's, on a node lb takes over).
+fn kube_proxy_connections() -> usize {
+    match crate::kernel_conntrack::dump() {
+        Ok(flows) => {
+            let n = flows
+                .iter()
+                .filter(|f| f.destination_translated() && f.live())
+                .count();
+            if n > 0 {
+                info!(
+                    connections = n,
+                    "the kernel tracks connections a DNAT rule translated (kube-proxy's): lb carries them on after its first sync"
+                );
+            }
+            n
+        }
+        // No netfilter conntrack here: nothing to carry.
+        Err(e) => {
+            debug!(error = %e, "cannot read the kernel's conntrack table");
+            0
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The socket-level programs on the cgroup (or detached, when turned off).
+fn attach_socket_programs(datapath: &mut Datapath, config: &RunConfig) -> Result<()> {
+    match &config.socket_lb {
+        Some(socket_lb) => {
+            let cgroup = socket_lb
+                .cgroup_root
+                .clone()
+                .or_else(default_cgroup_root)
+                .context("no cgroup v2 mount found for socket-level LB: pass --cgroup-root, or --socket-lb=false")?;
+            datapath.attach_sockets(&cgroup).with_context(|| {
+                format!(
+                    "attaching socket-level LB to {} (--socket-lb=false turns it off)",
+                    cgroup.display()
+                )
+            })?;
+        }
+        None => datapath.detach_sockets(),
+    }
+    Ok(())
+}
+
+/// The datapath config has two writers: the loop (node addresses) and,
+/// during an upgrade's hand-over, the device thread (`MIGRATING`). The
+/// lock guards the flag and every write, so neither undoes the other.
+#[derive(Clone, Default)]
+struct Migrating(std::sync::Arc<std::sync::Mutex<bool>>);
+
+impl Migrating {
+    /// Write `value` with the flag as it stands.
+    fn write(
+        &self,
+        map: &mut crate::datapath::maps::ConfigMap,
+        mut value: ConfigValue,
+    ) -> Result<()> {
+        let on = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if *on {
+            value.flags |= config_flags::MIGRATING;
+        }
+        map.set(0, value, 0).context("writing the datapath config")
+    }
+
+    /// Turn the flag on or off in the config the map holds.
+    fn set(&self, map: &mut crate::datapath::maps::ConfigMap, on: bool) -> Result<()> {
+        let mut flag = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut value = map.get(&0, 0).context("reading the datapath config")?;
+        if on {
+            value.flags |= config_flags::MIGRATING;
+        } else {
+            value.flags &= !config_flags::MIGRATING;
+        }
+        map.set(0, value, 0)
+            .context("writing the datapath config")?;
+        *flag = on;
+        Ok(())
+    }
+}
+
+/// After a layout change: the programs on the devices serve from the
+/// previous maps until the new maps hold every Service (the first completed
+/// sync opens `gate`); then the new programs replace them, with the flows
+/// the old programs added copied right before and right after.
+struct HandOver {
+    gate: std::sync::mpsc::Receiver<()>,
+    migration: Migration,
+    migrating: Migrating,
+}
+
+impl HandOver {
+    fn run(self, datapath: &mut Datapath, config: &RunConfig) -> Result<()> {
+        if self.gate.recv().is_err() {
+            // The agent stops before its first sync: the old programs stay.
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut maps = crate::datapath::maps::Maps::open_pinned(&config.bpffs)
+            .context("opening the new maps for the hand-over")?;
+        self.migrating.set(&mut maps.config, true)?;
+        let copied = self.migration.copy(&mut maps, Pass::CatchUp);
+        self.migration.report(Pass::CatchUp, &copied);
+        let attached = attach_socket_programs(datapath, config).map(|()| {
+            datapath.attach_matching(&config.pod_devices, &config.devices, config.device_mode)
+        });
+        // Whatever happened, what the old programs added is carried over
+        // and the new programs balance again.
+        let copied = self.migration.copy(&mut maps, Pass::CatchUp);
+        self.migration.report(Pass::CatchUp, &copied);
+        self.migrating.set(&mut maps.config, false)?;
+        let attached = attached?;
+        info!(
+            from = self.migration.from_version(),
+            devices = attached.len(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "the previous layout's programs are replaced; its maps are released"
+        );
+        Ok(())
+    }
 }
 
 /// Every address of the namespace's devices (endpoints there are hostNetwork pods).
@@ -418,6 +560,8 @@ struct Reconciler {
     snat: SnatAddresses,
     netns_cookie: u64,
     tracker: ChangeTracker,
+    /// Guards the datapath config during an upgrade's hand-over.
+    migrating: Migrating,
     translator: Translator,
     syncer: Syncer,
     metrics: Metrics,
@@ -471,6 +615,69 @@ impl Reconciler {
         self.source_problems = current;
     }
 
+    /// After the first sync on a node kube-proxy served: its live
+    /// connections (kernel conntrack entries a DNAT rule made) get lb
+    /// conntrack entries for the endpoint kube-proxy chose, their kernel
+    /// entries go (they would clash with the ones netfilter creates for
+    /// the packets lb now translates), and new flows are balanced again.
+    fn carry_kube_proxy_connections(&mut self) {
+        use crate::datapath::sync::Imported;
+        let started = Instant::now();
+        let mut outcome: BTreeMap<Imported, usize> = BTreeMap::new();
+        let mut carried = Vec::new();
+        match crate::kernel_conntrack::dump() {
+            Ok(flows) => {
+                let now = monotonic_ns();
+                for flow in flows
+                    .iter()
+                    .filter(|f| f.destination_translated() && f.live())
+                {
+                    match self.syncer.import_flow(flow, now) {
+                        Ok(imported) => {
+                            *outcome.entry(imported).or_default() += 1;
+                            if imported == Imported::Carried {
+                                carried.push(*flow);
+                            }
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "writing a carried connection failed (conntrack map full?); the rest are re-balanced");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the kernel's conntrack table; kube-proxy's connections are re-balanced")
+            }
+        }
+        let deleted = match crate::kernel_conntrack::delete(&carried) {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %e, "cannot delete the kernel's entries of carried connections; netfilter may drop their packets until they expire");
+                0
+            }
+        };
+        if let Err(e) = self
+            .migrating
+            .set(&mut self.syncer.maps_mut().config, false)
+        {
+            warn!(
+                error = format!("{e:#}"),
+                "clearing the datapath's carry-over flag failed"
+            );
+        }
+        let count = |k| outcome.get(&k).copied().unwrap_or(0);
+        info!(
+            carried = count(Imported::Carried),
+            not_a_service = count(Imported::NotAService),
+            unknown_endpoint = count(Imported::UnknownBackend),
+            already_tracked = count(Imported::AlreadyTracked),
+            kernel_entries_deleted = deleted,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "kube-proxy's connections carried over to lb's conntrack"
+        );
+    }
+
     /// A new view of the node's devices: addresses for NodePorts, SNAT and
     /// hostNetwork endpoints, and the datapath's settings.
     /// True when something changed.
@@ -490,8 +697,14 @@ impl Reconciler {
         self.node.host_addresses = view.host.clone();
         self.snat = view.snat;
         let value = datapath_config(&self.config, &self.node, self.snat, self.netns_cookie);
-        if let Err(e) = self.syncer.maps_mut().config.set(0, value, 0) {
-            warn!(error = %e, "writing the datapath config failed");
+        if let Err(e) = self
+            .migrating
+            .write(&mut self.syncer.maps_mut().config, value)
+        {
+            warn!(
+                error = format!("{e:#}"),
+                "writing the datapath config failed"
+            );
         }
         true
     }
@@ -699,6 +912,10 @@ pub async fn run(config: RunConfig) -> Result<()> {
         crate::kube_proxy::refuse_while_running()?;
     }
     let mut kube_proxy_leftovers = takeover;
+    // Connections kube-proxy's rules translated: carried into lb's
+    // conntrack after the first sync; until then a mid-connection packet
+    // lb has no entry for is dropped (TCP resends it), not re-balanced.
+    let mut carry_connections = takeover && kube_proxy_connections() > 0;
     let reserved_now = match crate::reserved_ports::reserve(config.nodeport_range) {
         Ok(Some(list)) => {
             info!(range = %config.nodeport_range, reserved = %list, "NodePort range reserved from the node's ephemeral ports (net.ipv4.ip_local_reserved_ports)");
@@ -722,7 +939,12 @@ pub async fn run(config: RunConfig) -> Result<()> {
         None => 0,
     };
     let source_start = SourceStart::begin(&config).await?;
-    let node_config = datapath_config(&config, &node, view.snat, netns_cookie);
+    let migrating = Migrating::default();
+    let mut node_config = datapath_config(&config, &node, view.snat, netns_cookie);
+    if carry_connections {
+        *migrating.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        node_config.flags |= config_flags::MIGRATING;
+    }
     let defaults = Capacities::default();
     let capacities = Capacities {
         services: config.lb_map_max.unwrap_or(defaults.services),
@@ -742,29 +964,36 @@ pub async fn run(config: RunConfig) -> Result<()> {
             warn!(path = %marker.display(), error = %e, "cannot record the reserved NodePort range; uninstall will leave it");
         }
     }
-    match &config.socket_lb {
-        Some(socket_lb) => {
-            let cgroup = socket_lb
-                .cgroup_root
-                .clone()
-                .or_else(default_cgroup_root)
-                .context("no cgroup v2 mount found for socket-level LB: pass --cgroup-root, or --socket-lb=false")?;
-            datapath.attach_sockets(&cgroup).with_context(|| {
-                format!(
-                    "attaching socket-level LB to {} (--socket-lb=false turns it off)",
-                    cgroup.display()
-                )
-            })?;
+    let migration = datapath.take_migration();
+    let (hand_over, mut open_gate) = match migration {
+        // The programs on the devices use the previous maps, which hold
+        // every Service: they stay until the new maps do too.
+        Some(migration) => {
+            info!(
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                from = migration.from_version(),
+                "programs verified; they replace the previous layout's after the first sync"
+            );
+            let (open, gate) = std::sync::mpsc::channel();
+            let hand_over = HandOver {
+                gate,
+                migration,
+                migrating: migrating.clone(),
+            };
+            (Some(hand_over), Some(open))
         }
-        None => datapath.detach_sockets(),
-    }
-    // Programs on the devices there are now, before anything is synced.
-    datapath.attach_matching(&config.pod_devices, &config.devices, config.device_mode);
-    // Verification is most of a start's time: the log says how much.
-    info!(
-        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-        "programs verified and attached"
-    );
+        None => {
+            attach_socket_programs(&mut datapath, &config)?;
+            // Programs on the devices there are now, before anything is synced.
+            datapath.attach_matching(&config.pod_devices, &config.devices, config.device_mode);
+            // Verification is most of a start's time: the log says how much.
+            info!(
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                "programs verified and attached"
+            );
+            (None, None)
+        }
+    };
     let mut syncer = Syncer::new(maps).context("reading the pinned maps")?;
     let cleaner_maps = crate::datapath::maps::Maps::open_pinned(&config.bpffs)
         .context("opening the pinned maps for the cleanup thread")?;
@@ -802,7 +1031,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         "lb-agent running"
     );
 
-    let devices = spawn_device_watcher(datapath, config.clone())?;
+    let devices = spawn_device_watcher(datapath, config.clone(), hand_over)?;
     let mut reconciler = Reconciler {
         translator: Translator::new(node.clone()),
         node,
@@ -821,6 +1050,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         endpoints_programmed: 0,
         not_programmed: BTreeMap::new(),
         node_eligible: true,
+        migrating,
         config,
     };
     let min_sync_period = reconciler.config.min_sync_period;
@@ -924,6 +1154,13 @@ pub async fn run(config: RunConfig) -> Result<()> {
         }
         if outcome.completed {
             health.updated();
+            if std::mem::take(&mut carry_connections) {
+                reconciler.carry_kube_proxy_connections();
+            }
+            if let Some(open) = open_gate.take() {
+                // Every Service is in the new maps: the new programs can take over.
+                let _ = open.send(());
+            }
             if std::mem::take(&mut kube_proxy_leftovers) {
                 // lb serves every Service now: kube-proxy's rules can go
                 // without leaving the node unserved (external tools: off the loop).

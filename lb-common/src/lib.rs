@@ -697,6 +697,10 @@ pub mod config_flags {
     pub const SOCKET_LB: u32 = 1 << 3;
     /// ... in every network namespace, not only `netns_cookie`'s.
     pub const SOCKET_LB_ALL_NETNS: u32 = 1 << 4;
+    /// An upgrade is carrying flows over from the previous layout's maps: a
+    /// mid-connection TCP packet with no conntrack entry is dropped (TCP
+    /// sends it again once its entry is copied), not balanced afresh.
+    pub const MIGRATING: u32 = 1 << 5;
 }
 
 /// Default SNAT port range: above Linux's default ip_local_port_range
@@ -800,8 +804,12 @@ pub mod stat {
     /// sent to a backend by socket-level LB, masqueraded to the node on its
     /// way out.
     pub const NODE_SOCKET_MASQUERADE: u32 = 38;
+    /// A mid-connection TCP packet to a frontend with no conntrack entry
+    /// while an upgrade copies the previous maps' flows (`MIGRATING`):
+    /// dropped so the sender retransmits it once its flow is copied.
+    pub const DROP_MIGRATING: u32 = 39;
     /// Number of counters in use.
-    pub const COUNT: u32 = 39;
+    pub const COUNT: u32 = 40;
     /// Size of the stats array (room to grow without a layout change).
     pub const CAPACITY: u32 = 48;
 
@@ -846,6 +854,7 @@ pub mod stat {
         "fragment",
         "drop_frag_no_first",
         "node_socket_masquerade",
+        "drop_migrating",
     ];
 }
 

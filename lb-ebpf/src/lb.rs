@@ -277,6 +277,12 @@ fn forward<P: Packet>(
             // The flow's backend is gone (or its id names another now).
             None => count(stat::BACKEND_REPLACED),
         }
+    } else if flow.proto == IPPROTO_TCP && flow.tcp_flags & TCP_SYN == 0 && migrating() {
+        // An upgrade has not copied this connection's entry from the
+        // previous maps yet: balanced afresh it would reach another
+        // backend and be reset; dropped, TCP sends it again.
+        count(stat::DROP_MIGRATING);
+        return pkt.drop_verdict();
     }
 
     let Some(set) = backend_set(frontend) else {
@@ -606,6 +612,14 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, to: &Rewrite) -> i32 {
             pkt.drop_verdict()
         }
     }
+}
+
+/// The agent is carrying flows over from a previous layout's maps.
+#[inline(always)]
+fn migrating() -> bool {
+    LB_CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & config_flags::MIGRATING != 0)
 }
 
 /// The backend id of conntrack entries that only masquerade (a node

@@ -204,6 +204,16 @@ impl Cluster {
         self.wait_agent_ready(extra);
     }
 
+    /// Start another build of the agent (an earlier release) on the manifests.
+    pub fn start_agent_binary(&mut self, bin: &std::path::Path) {
+        let source = [
+            "--manifests".to_string(),
+            self.manifests.display().to_string(),
+        ];
+        self.start_agent_from(bin, &source, None);
+        self.wait_agent_ready_with(bin, &source);
+    }
+
     /// Spawn the agent on the manifests and return at once (no readiness wait).
     pub fn spawn_agent(&mut self) {
         let source = [
@@ -225,12 +235,16 @@ impl Cluster {
     /// wait for both (the pins alone would let a test talk to the previous
     /// agent's leftovers).
     fn wait_agent_ready(&self, extra: &[String]) {
+        self.wait_agent_ready_with(&agent_bin(), extra);
+    }
+
+    fn wait_agent_ready_with(&self, bin: &std::path::Path, extra: &[String]) {
         let bpffs = self.topo.bpffs.clone();
         wait_until(
             "the agent's maps can be dumped",
             Duration::from_secs(20),
             || {
-                Command::new(agent_bin())
+                Command::new(bin)
                     .args(["dump", "stats", "-o", "json", "--bpffs"])
                     .arg(&bpffs)
                     .output()
@@ -247,6 +261,10 @@ impl Cluster {
     }
 
     fn start_agent_as(&mut self, extra: &[String], caps: Option<&[&str]>) {
+        self.start_agent_from(&agent_bin(), extra, caps);
+    }
+
+    fn start_agent_from(&mut self, bin: &std::path::Path, extra: &[String], caps: Option<&[&str]>) {
         let mut args: Vec<String> = vec![
             "run".into(),
             "--bpffs".into(),
@@ -260,7 +278,7 @@ impl Cluster {
         match caps {
             None => self
                 .topo
-                .spawn_in_node("agent", &agent_bin(), &args)
+                .spawn_in_node("agent", bin, &args)
                 .expect("start agent"),
             Some(caps) => {
                 let set: Vec<String> = caps
@@ -272,7 +290,7 @@ impl Cluster {
                     format!("--inh-caps={set}"),
                     format!("--ambient-caps={set}"),
                     format!("--bounding-set={set}"),
-                    agent_bin().display().to_string(),
+                    bin.display().to_string(),
                 ];
                 wrapped.extend(args);
                 self.topo

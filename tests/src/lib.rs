@@ -10,6 +10,7 @@ pub mod changes;
 pub mod e2e;
 pub mod maps;
 pub mod packet;
+pub mod previous;
 
 /// Privileged tests fail loudly without root instead of passing vacuously.
 /// `cargo xtask test` runs them only as root and counts them otherwise.

@@ -695,3 +695,231 @@ fn restart_keeps_each_frontends_set_even_when_sets_are_identical() {
     assert_eq!((report.sets_written, report.frontends_written), (1, 0));
     assert_eq!(programmed(syncer.maps())[1].1.len(), 2);
 }
+
+/// An upgrade from layout 4: its pinned conntrack, affinity and socket maps
+/// (16-bit rev-NAT ids, another conntrack value order) are converted into
+/// the new maps, the backend and rev-NAT ids they name are adopted (the
+/// first sync keeps them), and a catch-up pass copies what the old programs
+/// added after the first copy, refreshing entries they used more recently.
+#[test]
+fn layout_4_pins_are_carried_over() {
+    use aya::maps::{Array, HashMap, Map, MapData};
+    use lb_agent::datapath::migrate::{Pass, v4};
+    use lb_common::{Addr, AffinityValue, BackendValue, CtKey, RevNatValue, SockNatKey, ct_flags};
+
+    let fs = Bpffs::new("upgrade4");
+    let addr = |a: [u8; 4]| Addr::v4(u32::from_ne_bytes(a));
+    let pin = |name: &str| fs.0.join(name);
+    let mut config: Array<MapData, lb_common::ConfigValue> = Array::create(1, 0).unwrap();
+    config
+        .set(
+            0,
+            lb_common::ConfigValue {
+                layout_version: 4,
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap();
+    config.pin(pin(map_names::CONFIG)).unwrap();
+    let mut backends: HashMap<MapData, u32, BackendValue> = HashMap::create(16, 0).unwrap();
+    backends
+        .insert(
+            7,
+            BackendValue {
+                addr_be: addr([10, 0, 0, 1]),
+                port_be: 8080u16.to_be(),
+                proto: 6,
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap();
+    backends.pin(pin(map_names::BACKENDS)).unwrap();
+    let mut rev_nat: HashMap<MapData, u16, RevNatValue> = HashMap::create(16, 0).unwrap();
+    rev_nat
+        .insert(
+            3,
+            RevNatValue {
+                addr_be: addr([10, 96, 0, 1]),
+                port_be: 80u16.to_be(),
+                proto: 6,
+                scope: 0,
+            },
+            0,
+        )
+        .unwrap();
+    rev_nat.pin(pin(map_names::REV_NAT)).unwrap();
+    let flow = |client_port: u16| CtKey {
+        src_addr_be: addr([10, 244, 1, 2]),
+        dst_addr_be: addr([10, 96, 0, 1]),
+        src_port_be: client_port.to_be(),
+        dst_port_be: 80u16.to_be(),
+        proto: 6,
+        ..Default::default()
+    };
+    let entry = |last_seen_ns: u64| v4::CtValue {
+        backend_id: 7,
+        rev_nat_id: 3,
+        flags: ct_flags::SYN_SEEN | ct_flags::REPLY_SEEN,
+        nat_addr_be: addr([10, 0, 0, 1]),
+        nat_port_be: 8080u16.to_be(),
+        lifetime_s: 86_400,
+        last_seen_ns,
+        snat_port_be: 40_000u16.to_be(),
+        ..Default::default()
+    };
+    let mut ct: HashMap<MapData, CtKey, v4::CtValue> = HashMap::create(64, 0).unwrap();
+    ct.insert(flow(40_000), entry(100), 0).unwrap();
+    ct.pin(pin(map_names::CT_TCP)).unwrap();
+    let mut affinity: HashMap<MapData, v4::AffinityKeyV4, AffinityValue> =
+        HashMap::create(16, 0).unwrap();
+    let client = v4::AffinityKeyV4 {
+        client_addr_be: addr([10, 244, 1, 2]),
+        rev_nat_id: 3,
+        _pad: 0,
+    };
+    let used = AffinityValue {
+        backend_id: 7,
+        _pad: 0,
+        last_used_ns: 5,
+    };
+    affinity.insert(client, used, 0).unwrap();
+    affinity.pin(pin(map_names::AFFINITY)).unwrap();
+    let mut sock_nat: HashMap<MapData, SockNatKey, v4::SockNatValue> =
+        HashMap::create(16, 0).unwrap();
+    let socket = SockNatKey {
+        socket_cookie: 99,
+        addr_be: addr([10, 96, 0, 1]),
+        port_be: 80u16.to_be(),
+        proto: 17,
+        ..Default::default()
+    };
+    sock_nat
+        .insert(
+            socket,
+            v4::SockNatValue {
+                addr_be: addr([10, 0, 0, 1]),
+                port_be: 8080u16.to_be(),
+                rev_nat_id: 3,
+                backend_id: 7,
+            },
+            0,
+        )
+        .unwrap();
+    sock_nat.pin(pin(map_names::SOCK_NAT)).unwrap();
+    // The old programs' handle: they go on writing after the first copy.
+    let mut old_ct: HashMap<MapData, CtKey, v4::CtValue> = HashMap::try_from(
+        Map::from_map_data(MapData::from_pin(pin(map_names::CT_TCP)).unwrap()).unwrap(),
+    )
+    .unwrap();
+
+    let (mut dp, maps) =
+        lb_agent::datapath::loader::Datapath::load(&fs.0, lb_common::ConfigValue::default())
+            .expect("the agent starts over layout-4 pins");
+    let migration = dp.take_migration().expect("layout 4 is carried over");
+    assert_eq!(migration.from_version(), 4);
+    let carried = maps
+        .ct_tcp
+        .get(&flow(40_000), 0)
+        .expect("the flow is carried over");
+    assert_eq!(
+        (carried.backend_id, carried.rev_nat_id, carried.last_seen_ns),
+        (7, 3, 100)
+    );
+    assert_eq!(carried.nat_addr_be, addr([10, 0, 0, 1]));
+    assert_eq!(carried.snat_port_be, 40_000u16.to_be());
+    assert_eq!(carried.flags, ct_flags::SYN_SEEN | ct_flags::REPLY_SEEN);
+    let key = lb_common::AffinityKey {
+        client_addr_be: addr([10, 244, 1, 2]),
+        rev_nat_id: 3,
+    };
+    assert_eq!(maps.affinity.get(&key, 0).unwrap(), used);
+    let nat = maps.sock_nat.get(&socket, 0).unwrap();
+    assert_eq!((nat.rev_nat_id, nat.backend_id), (3, 7));
+
+    // The ids the flows name are the ones the first sync keeps.
+    let mut syncer = Syncer::new(maps).expect("syncer");
+    let report = syncer.sync(&desired(vec![frontend(
+        "a",
+        [10, 96, 0, 1],
+        &[[10, 0, 0, 1]],
+    )]));
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let backend_ids: Vec<u32> = syncer.maps().backends.keys().map(Result::unwrap).collect();
+    assert_eq!(backend_ids, vec![7], "the flow's backend keeps its id");
+    let rev_nat_ids: Vec<u32> = syncer.maps().rev_nat.keys().map(Result::unwrap).collect();
+    assert_eq!(rev_nat_ids, vec![3], "the frontend keeps its rev-NAT id");
+
+    // The old programs opened a flow and used the first one again.
+    old_ct.insert(flow(40_001), entry(300), 0).unwrap();
+    old_ct.insert(flow(40_000), entry(200), 0).unwrap();
+    let mut pinned = Maps::open_pinned(&fs.0).unwrap();
+    // ... while the new programs used the first one later still: theirs stays.
+    let mut newer = pinned.ct_tcp.get(&flow(40_000), 0).unwrap();
+    newer.last_seen_ns = 250;
+    pinned.ct_tcp.insert(flow(40_000), newer, 0).unwrap();
+    let copied = migration.copy(&mut pinned, Pass::CatchUp);
+    assert_eq!(copied.maps[map_names::CT_TCP], (1, 0), "{copied:?}");
+    assert_eq!(
+        pinned.ct_tcp.get(&flow(40_001), 0).unwrap().last_seen_ns,
+        300
+    );
+    assert_eq!(
+        pinned.ct_tcp.get(&flow(40_000), 0).unwrap().last_seen_ns,
+        250
+    );
+    // Older there, newer here: the old programs' state wins.
+    old_ct.insert(flow(40_000), entry(400), 0).unwrap();
+    let copied = migration.copy(&mut pinned, Pass::CatchUp);
+    assert_eq!(copied.maps[map_names::CT_TCP], (1, 0), "{copied:?}");
+    assert_eq!(
+        pinned.ct_tcp.get(&flow(40_000), 0).unwrap().last_seen_ns,
+        400
+    );
+}
+
+/// A conntrack map resized by a flag (same layout): its flows move into
+/// the new map instead of being dropped.
+#[test]
+fn resized_conntrack_keeps_its_flows() {
+    use aya::maps::IterableMap as _;
+    let fs = Bpffs::new("resize");
+    let key = lb_common::CtKey {
+        src_port_be: 1234u16.to_be(),
+        proto: 6,
+        ..Default::default()
+    };
+    {
+        let (_dp, mut maps) =
+            lb_agent::datapath::loader::Datapath::load(&fs.0, lb_common::ConfigValue::default())
+                .unwrap();
+        maps.ct_tcp
+            .insert(
+                key,
+                lb_common::CtValue {
+                    backend_id: 5,
+                    last_seen_ns: 1,
+                    ..Default::default()
+                },
+                0,
+            )
+            .unwrap();
+    }
+    let capacities = lb_agent::datapath::maps::Capacities {
+        ct_tcp: 2 * map_sizes::CT_TCP,
+        ..Default::default()
+    };
+    let (mut dp, maps) = lb_agent::datapath::loader::Datapath::load_sized(
+        &fs.0,
+        lb_common::ConfigValue::default(),
+        capacities,
+    )
+    .unwrap();
+    assert_eq!(
+        maps.ct_tcp.map().info().unwrap().max_entries(),
+        2 * map_sizes::CT_TCP
+    );
+    assert_eq!(maps.ct_tcp.get(&key, 0).unwrap().backend_id, 5);
+    assert!(dp.take_migration().is_some());
+}

@@ -26,7 +26,10 @@ use lb_common::{ConfigValue, LAYOUT_VERSION, map_names, program_names};
 use thiserror::Error;
 use tracing::{info, warn};
 
-use super::maps::{Capacities, ConfigMap, MapShape, Maps, MapsError, check_pin, shapes_with};
+use super::maps::{
+    Capacities, ConfigMap, MapShape, Maps, MapsError, check_pin, check_pin_layout, shapes_with,
+};
+use super::migrate::{self, Migration, Pass};
 use crate::config::DeviceMode;
 
 /// Pin prefix of XDP links from agents that did not name the mode.
@@ -363,6 +366,8 @@ pub struct Datapath {
     /// Programs the kernel refused to load: not verified again (seconds of
     /// CPU each time), their devices left without them.
     unloadable: std::collections::BTreeSet<&'static str>,
+    /// The maps a layout change replaced, until their flows are carried over.
+    migration: Option<Migration>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
@@ -661,9 +666,11 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 /// whose shape differs, or every map when LB_CONFIG records another layout
 /// version, is unpinned (with a log line saying so) and created afresh.
 /// Programs still attached keep their old maps until their links get the
-/// new program, so traffic flows throughout; tracked flows and affinity are
-/// lost and re-balanced.
-fn replace_stale_pins(bpffs: &Path, shapes: &[MapShape]) -> Result<(), LoadError> {
+/// new program, so traffic flows throughout. The replaced maps holding
+/// state (conntrack, affinity, socket translations) and the ids it names
+/// are returned open, when their layout is one `migrate` converts, so
+/// their entries are carried over; otherwise tracked flows are re-balanced.
+fn replace_stale_pins(bpffs: &Path, shapes: &[MapShape]) -> Result<Option<Migration>, LoadError> {
     let unpin = |path: &Path| fs::remove_file(path).map_err(io_err(path));
     for name in map_names::RETIRED {
         let path = bpffs.join(name);
@@ -675,6 +682,10 @@ fn replace_stale_pins(bpffs: &Path, shapes: &[MapShape]) -> Result<(), LoadError
             unpin(&path)?;
         }
     }
+    let carried: Vec<&'static str> = migrate::STATE_MAPS
+        .into_iter()
+        .chain(migrate::ID_MAPS)
+        .collect();
     let config_path = bpffs.join(map_names::CONFIG);
     if config_path.exists()
         && let Some(config_shape) = shapes.iter().find(|s| s.name == map_names::CONFIG)
@@ -686,21 +697,31 @@ fn replace_stale_pins(bpffs: &Path, shapes: &[MapShape]) -> Result<(), LoadError
             .and_then(|config| config.get(&0, 0).ok())
             .map_or(0, |c| c.layout_version);
         if version != 0 && version != LAYOUT_VERSION {
-            warn!(
-                found = version,
-                expected = LAYOUT_VERSION,
-                bpffs = %bpffs.display(),
-                "pinned maps have another layout version: replacing all of them; tracked flows will be re-balanced"
-            );
+            let migration = Migration::open(bpffs, version, &carried);
+            match &migration {
+                Some(_) => warn!(
+                    found = version,
+                    expected = LAYOUT_VERSION,
+                    bpffs = %bpffs.display(),
+                    "pinned maps have another layout version: replacing all of them, carrying tracked flows, affinity and ids over"
+                ),
+                None => warn!(
+                    found = version,
+                    expected = LAYOUT_VERSION,
+                    bpffs = %bpffs.display(),
+                    "pinned maps have a layout version this agent cannot convert: replacing all of them; tracked flows will be re-balanced"
+                ),
+            }
             for shape in shapes {
                 let path = bpffs.join(shape.name);
                 if path.exists() {
                     unpin(&path)?;
                 }
             }
-            return Ok(());
+            return Ok(migration);
         }
     }
+    let mut replaced = Vec::new();
     for shape in shapes {
         let path = bpffs.join(shape.name);
         if !path.exists() {
@@ -715,14 +736,29 @@ fn replace_stale_pins(bpffs: &Path, shapes: &[MapShape]) -> Result<(), LoadError
                     map = shape.name,
                     found = %found,
                     expected = %expected,
-                    "pinned map has another layout: replacing it; its entries are not carried over"
+                    "pinned map has another shape: replacing it"
                 );
-                unpin(&path)?;
+                replaced.push(shape.name);
             }
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(())
+    // Same layout, other sizes: the entries convert as they are, as long
+    // as their key and value sizes are this layout's.
+    let same_layout: Vec<&'static str> = replaced
+        .iter()
+        .copied()
+        .filter(|name| carried.contains(name))
+        .filter(|name| {
+            let expected = shapes.iter().find(|s| s.name == *name);
+            expected.is_some_and(|e| check_pin_layout(&bpffs.join(name), e, false).is_ok())
+        })
+        .collect();
+    let migration = Migration::open(bpffs, LAYOUT_VERSION, &same_layout);
+    for name in replaced {
+        unpin(&bpffs.join(name))?;
+    }
+    Ok(migration)
 }
 
 impl Datapath {
@@ -767,7 +803,7 @@ impl Datapath {
             .iter()
             .map(|s| (s.name, bpffs.join(s.name)))
             .collect();
-        replace_stale_pins(bpffs, &shapes)?;
+        let migration = replace_stale_pins(bpffs, &shapes)?;
         for (name, path) in &paths {
             if path.exists() {
                 info!(map = name, path = %path.display(), "adopting pinned map");
@@ -790,6 +826,10 @@ impl Datapath {
         }
 
         let mut maps = Maps::take(&mut ebpf)?;
+        if let Some(migration) = &migration {
+            let copied = migration.copy(&mut maps, Pass::First);
+            migration.report(Pass::First, &copied);
+        }
         let config = ConfigValue {
             layout_version: LAYOUT_VERSION,
             ..config
@@ -806,9 +846,18 @@ impl Datapath {
                 bpffs: bpffs.into(),
                 attached: BTreeMap::new(),
                 unloadable: Default::default(),
+                migration,
             },
             maps,
         ))
+    }
+
+    /// The replaced maps of a layout change (their entries are in the new
+    /// maps already): the programs on the devices still use them, so the
+    /// caller attaches the new programs once the new maps are synced and
+    /// then copies what the old programs added (`migrate`).
+    pub fn take_migration(&mut self) -> Option<Migration> {
+        self.migration.take()
     }
 
     fn link_pin(&self, kind: Attachment, ifindex: u32, name: &str) -> PathBuf {

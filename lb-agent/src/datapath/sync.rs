@@ -37,6 +37,18 @@ pub struct BackendKey {
     pub proto: Protocol,
 }
 
+/// What `Syncer::import_flow` did with a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Imported {
+    Carried,
+    /// Its destination is no frontend lb serves.
+    NotAService,
+    /// Its endpoint is not one of lb's backends.
+    UnknownBackend,
+    /// lb tracks this tuple already.
+    AlreadyTracked,
+}
+
 /// Who holds a backend set id: a set of the desired state, or a set found
 /// in the pins at start (whose name the maps do not record), kept until no
 /// frontend points at it.
@@ -537,6 +549,107 @@ impl Syncer {
 
     pub fn maps(&self) -> &Maps {
         &self.maps
+    }
+
+    /// Carry on a connection another proxy translated (kube-proxy's DNAT,
+    /// read from the kernel's conntrack table): conntrack entries in both
+    /// directions as the programs would have written them for the backend
+    /// it chose, so its next packets keep that backend. Only frontends and
+    /// backends this sync wrote are used; a tuple lb tracks already is left.
+    pub fn import_flow(
+        &mut self,
+        flow: &crate::kernel_conntrack::KernelFlow,
+        now_ns: u64,
+    ) -> Result<Imported, MapError> {
+        use lb_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, ct_flags, ct_lifetime};
+        let Some(proto) = Protocol::from_number(flow.proto) else {
+            return Ok(Imported::NotAService);
+        };
+        let frontend = [Scope::Internal, Scope::External]
+            .into_iter()
+            .find_map(|scope| {
+                self.frontends.get(&FrontendKey {
+                    addr: flow.original.dst.ip(),
+                    port: flow.original.dst.port(),
+                    proto,
+                    scope,
+                })
+            });
+        let Some(frontend) = frontend else {
+            return Ok(Imported::NotAService);
+        };
+        let backend = BackendKey {
+            addr: flow.reply.src.ip(),
+            port: flow.reply.src.port(),
+            proto,
+        };
+        let Some(backend_id) = self.backend_ids.get(&backend) else {
+            return Ok(Imported::UnknownBackend);
+        };
+        let key = |src: std::net::SocketAddr, dst: std::net::SocketAddr, dir| CtKey {
+            src_addr_be: be32(src.ip()),
+            dst_addr_be: be32(dst.ip()),
+            src_port_be: src.port().to_be(),
+            dst_port_be: dst.port().to_be(),
+            proto: flow.proto,
+            dir,
+            _pad: [0; 2],
+        };
+        let tcp = proto == Protocol::Tcp;
+        let (flags, lifetime_s) = if tcp {
+            (
+                ct_flags::SYN_SEEN | ct_flags::REPLY_SEEN,
+                ct_lifetime::TCP_ESTABLISHED,
+            )
+        } else {
+            (ct_flags::REPLY_SEEN, ct_lifetime::OTHER_REPLIED)
+        };
+        // kube-proxy's masquerade: the backend answers the address the
+        // client was rewritten to, and the reply entry restores the client.
+        let (snat_addr, snat_port, restore_addr, restore_port) = if flow.masqueraded() {
+            (
+                be32(flow.reply.dst.ip()),
+                flow.reply.dst.port(),
+                be32(flow.original.src.ip()),
+                flow.original.src.port(),
+            )
+        } else {
+            (Addr::NONE, flow.original.src.port(), Addr::NONE, 0)
+        };
+        let entry = CtValue {
+            backend_id,
+            rev_nat_id: frontend.rev_nat_id,
+            flags,
+            tcp_flags_seen: if tcp { 0x12 } else { 0 },
+            lifetime_s,
+            created_ns: now_ns,
+            last_seen_ns: now_ns,
+            ..Default::default()
+        };
+        let reply = CtValue {
+            nat_addr_be: be32(flow.original.dst.ip()),
+            nat_port_be: flow.original.dst.port().to_be(),
+            snat_addr_be: restore_addr,
+            snat_port_be: restore_port.to_be(),
+            ..entry
+        };
+        let forward = CtValue {
+            nat_addr_be: be32(backend.addr),
+            nat_port_be: backend.port.to_be(),
+            snat_addr_be: snat_addr,
+            snat_port_be: snat_port.to_be(),
+            ..entry
+        };
+        let reply_key = key(flow.reply.src, flow.reply.dst, CT_DIR_REPLY);
+        let forward_key = key(flow.original.src, flow.original.dst, CT_DIR_FORWARD);
+        let ct = self.maps.conntrack_of_mut(flow.proto);
+        if ct.get(&forward_key, 0).is_ok() || ct.get(&reply_key, 0).is_ok() {
+            return Ok(Imported::AlreadyTracked);
+        }
+        // Reply first: a forward entry never exists without its way back.
+        ct.insert(reply_key, reply, 0)?;
+        ct.insert(forward_key, forward, 0)?;
+        Ok(Imported::Carried)
     }
 
     /// Report in LB_NOT_PROGRAMMED (for `dump services`) exactly the
