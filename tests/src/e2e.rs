@@ -587,6 +587,16 @@ impl HeldConnection {
         }
     }
 
+    /// `send`, None when the connection is gone (reset, or closed).
+    pub fn try_send(&mut self, line: &str) -> Option<String> {
+        use std::io::{BufRead as _, Write as _};
+        writeln!(self.stdin, "{line}").ok()?;
+        self.stdin.flush().ok()?;
+        let mut reply = String::new();
+        self.stdout.read_line(&mut reply).ok()?;
+        (!reply.is_empty()).then(|| reply.trim().to_string())
+    }
+
     /// Send one line on the connection and return the server's answer line.
     pub fn send(&mut self, line: &str) -> String {
         use std::io::{BufRead as _, Write as _};

@@ -261,3 +261,222 @@ fn uninstall_leaves_the_node_as_it_was() {
     );
     assert_eq!(reserved.trim(), "8080");
 }
+
+/// kube-proxy's shape for a Service with three endpoints: one statistic
+/// rule per endpoint, as its iptables mode writes them.
+const KUBE_PROXY_THREE: &str = "\
+*filter
+:KUBE-FORWARD - [0:0]
+-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+COMMIT
+*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-WEB - [0:0]
+:KUBE-SEP-WEB0 - [0:0]
+:KUBE-SEP-WEB1 - [0:0]
+:KUBE-SEP-WEB2 - [0:0]
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-WEB
+-A KUBE-SVC-WEB -m statistic --mode random --probability 0.33333333349 -j KUBE-SEP-WEB0
+-A KUBE-SVC-WEB -m statistic --mode random --probability 0.50000000000 -j KUBE-SEP-WEB1
+-A KUBE-SVC-WEB -j KUBE-SEP-WEB2
+-A KUBE-SEP-WEB0 -p tcp -m tcp -j DNAT --to-destination 10.244.1.11:8080
+-A KUBE-SEP-WEB1 -p tcp -m tcp -j DNAT --to-destination 10.244.1.12:8080
+-A KUBE-SEP-WEB2 -p tcp -m tcp -j DNAT --to-destination 10.244.1.13:8080
+COMMIT
+";
+
+/// Connections kube-proxy's rules translated keep their endpoint when lb
+/// takes the node over and the rules are removed: lb reads the kernel's
+/// conntrack table after its first sync and carries each connection on to
+/// the endpoint kube-proxy chose. With three endpoints, six connections
+/// re-balanced afresh would all keep theirs with probability (1/3)^6.
+#[test]
+fn connections_kube_proxy_translated_survive_the_takeover() {
+    let mut c = Cluster::new();
+    let client = c.pod("client", "10.244.1.2", &[], &[]);
+    for (i, ip) in ["10.244.1.11", "10.244.1.12", "10.244.1.13"]
+        .iter()
+        .enumerate()
+    {
+        c.pod(&format!("web-{i}"), ip, &[8080], &[]);
+        c.write(
+            &format!("pod-{i}.yaml"),
+            &pod_yaml(&format!("web-{i}"), ip, "web", true),
+        );
+    }
+    c.write("svc.yaml", SVC);
+    in_node(
+        &c,
+        &["iptables-nft-restore", "--noflush"],
+        Some(KUBE_PROXY_THREE),
+    );
+    let mut held: Vec<(HeldConnection, String)> = (0..6)
+        .map(|_| {
+            let conn = HeldConnection::open(&client, "10.96.0.10", 80);
+            let pod = field(&conn.greeting, "pod").to_string();
+            (conn, pod)
+        })
+        .collect();
+    for (conn, pod) in &mut held {
+        assert!(conn.send("via kube-proxy").contains(&format!("pod={pod}")));
+    }
+    c.start_agent_with(&[
+        "--manifests".into(),
+        c.manifests.display().to_string(),
+        "--cleanup-kube-proxy".into(),
+        "true".into(),
+    ]);
+    wait_until(
+        "kube-proxy's chains are removed",
+        Duration::from_secs(10),
+        || kube_chains(&in_node(&c, &["iptables-nft-save"], None)).is_empty(),
+    );
+    let mut kept = 0;
+    for (i, (conn, pod)) in held.iter_mut().enumerate() {
+        let reply = conn.try_send(&format!("via lb {i}"));
+        if reply
+            .as_deref()
+            .is_some_and(|r| r.contains(&format!("pod={pod}")))
+        {
+            kept += 1;
+        } else {
+            eprintln!("connection {i} (to {pod}) broke: {reply:?}");
+        }
+    }
+    assert_eq!(
+        kept, 6,
+        "every connection kept the endpoint kube-proxy chose"
+    );
+    // lb translates them now: its conntrack holds them.
+    let flows = c.dump("conntrack");
+    let tracked = flows["flows"].as_array().expect("flows").len();
+    assert!(tracked >= 6, "lb tracks the carried connections: {flows}");
+    // New connections are lb's, over every endpoint.
+    let seen = c.answering_pods(&client, "http://10.96.0.10/", 30);
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
+/// kube-proxy's NodePort shape: the node's address and port 30080 go to
+/// the Service's endpoints, masqueraded (externalTrafficPolicy Cluster).
+const KUBE_PROXY_NODEPORT: &str = "\
+*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-NODEPORTS - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-EXT-WEB - [0:0]
+:KUBE-SVC-WEB - [0:0]
+:KUBE-SEP-WEB0 - [0:0]
+:KUBE-SEP-WEB1 - [0:0]
+:KUBE-SEP-WEB2 - [0:0]
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0
+-A KUBE-POSTROUTING -j MASQUERADE --random-fully
+-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-WEB
+-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+-A KUBE-NODEPORTS -p tcp -m tcp --dport 30080 -j KUBE-EXT-WEB
+-A KUBE-EXT-WEB -j KUBE-MARK-MASQ
+-A KUBE-EXT-WEB -j KUBE-SVC-WEB
+-A KUBE-SVC-WEB -m statistic --mode random --probability 0.33333333349 -j KUBE-SEP-WEB0
+-A KUBE-SVC-WEB -m statistic --mode random --probability 0.50000000000 -j KUBE-SEP-WEB1
+-A KUBE-SVC-WEB -j KUBE-SEP-WEB2
+-A KUBE-SEP-WEB0 -p tcp -m tcp -j DNAT --to-destination 10.244.1.11:8080
+-A KUBE-SEP-WEB1 -p tcp -m tcp -j DNAT --to-destination 10.244.1.12:8080
+-A KUBE-SEP-WEB2 -p tcp -m tcp -j DNAT --to-destination 10.244.1.13:8080
+COMMIT
+";
+
+/// The same from outside the node, over its own NIC: NodePort connections
+/// kube-proxy masqueraded to the node keep their endpoint and their
+/// masquerade address and port (lb's conntrack restores the client on the
+/// way back), through lb's node program with its defaults.
+#[test]
+fn nodeport_connections_kube_proxy_masqueraded_survive_the_takeover() {
+    const NODE: &str = "192.168.50.1";
+    let mut c = Cluster::new();
+    let mut lan = Lan::new(&c.topo).expect("lan");
+    let dev = lan
+        .connect(&c.topo, &format!("{NODE}/24"))
+        .expect("node on the lan");
+    let outside = lan
+        .add_host("client", "192.168.50.100/24", &[])
+        .expect("client");
+    for (i, ip) in ["10.244.1.11", "10.244.1.12", "10.244.1.13"]
+        .iter()
+        .enumerate()
+    {
+        c.pod(&format!("web-{i}"), ip, &[8080], &[]);
+        c.write(
+            &format!("pod-{i}.yaml"),
+            &pod_yaml(&format!("web-{i}"), ip, "web", true),
+        );
+    }
+    c.write(
+        "svc.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]\n",
+    );
+    in_node(
+        &c,
+        &["iptables-nft-restore", "--noflush"],
+        Some(KUBE_PROXY_NODEPORT),
+    );
+    let mut held: Vec<(HeldConnection, String)> = (0..6)
+        .map(|_| {
+            let conn = HeldConnection::open(&outside, NODE, 30080);
+            let pod = field(&conn.greeting, "pod").to_string();
+            // kube-proxy masqueraded it: the pod saw the node, not the client.
+            assert!(
+                !field(&conn.greeting, "client").starts_with("192.168.50.100"),
+                "{}",
+                conn.greeting
+            );
+            (conn, pod)
+        })
+        .collect();
+    c.start_agent_with(&[
+        "--manifests".into(),
+        c.manifests.display().to_string(),
+        "--devices".into(),
+        dev,
+        "--cleanup-kube-proxy".into(),
+        "true".into(),
+    ]);
+    wait_until(
+        "kube-proxy's chains are removed",
+        Duration::from_secs(10),
+        || kube_chains(&in_node(&c, &["iptables-nft-save"], None)).is_empty(),
+    );
+    let mut kept = 0;
+    for (i, (conn, pod)) in held.iter_mut().enumerate() {
+        let reply = conn.try_send(&format!("via lb {i}"));
+        if reply
+            .as_deref()
+            .is_some_and(|r| r.contains(&format!("pod={pod}")))
+        {
+            kept += 1;
+        } else {
+            eprintln!("connection {i} (to {pod}) broke: {reply:?}");
+        }
+    }
+    assert_eq!(
+        kept, 6,
+        "every connection kept the endpoint kube-proxy chose"
+    );
+    // New connections from outside are lb's, over every endpoint.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let body = c
+            .topo
+            .curl(&outside, &format!("http://{NODE}:30080/"), 3.0)
+            .expect("NodePort via lb");
+        seen.insert(field(&body, "pod").to_string());
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}

@@ -321,3 +321,48 @@ fn maglev_maps_a_flow_to_the_same_backend_on_every_node() {
     }
     assert_eq!(seen.len(), 3, "flows spread over every backend: {seen:?}");
 }
+
+/// While an upgrade or a takeover carries flows over (MIGRATING), a
+/// mid-connection TCP packet with no conntrack entry is dropped for TCP to
+/// resend, not balanced to another backend; a SYN and UDP are balanced as
+/// ever, and a tracked flow is translated. Without the flag, the same
+/// packet is balanced afresh (kube-proxy's loose pickup).
+#[test]
+fn mid_connection_packets_wait_while_flows_are_carried_over() {
+    use lb_common::config_flags::MIGRATING;
+    run_case(case(
+        "mid_connection_packets_wait_while_flows_are_carried_over",
+        |dp| {
+            three_webs(dp, 0);
+            dp.frontend(ep(WEB), TCP, 1, &[1]);
+            dp.backend(4, ep(DNS_1), UDP);
+            dp.frontend(ep(DNS), UDP, 2, &[4]);
+            dp.set_config(|c| c.flags |= MIGRATING);
+        },
+        vec![
+            send(
+                tcp(from_client(42000), ep(WEB), ACK, b"data"),
+                Expect::Dropped,
+            ),
+            send(
+                tcp(from_client(42001), ep(WEB), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
+            send(
+                tcp(from_client(42001), ep(WEB), ACK, b""),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
+            send(
+                udp(from_client(42002), ep(DNS), b"q"),
+                Expect::Dnat(Target::Exact(ep(DNS_1))),
+            ),
+            Step::Stats(vec![(stat::DROP_MIGRATING, 1)]),
+            change(|dp| dp.set_config(|c| c.flags &= !MIGRATING)),
+            send(
+                tcp(from_client(42000), ep(WEB), ACK, b"data"),
+                Expect::Dnat(Target::Exact(ep(WEB_1))),
+            ),
+            Step::Stats(vec![(stat::DROP_MIGRATING, 1)]),
+        ],
+    ));
+}
