@@ -323,12 +323,19 @@ fn connections_kube_proxy_translated_survive_the_takeover() {
     for (conn, pod) in &mut held {
         assert!(conn.send("via kube-proxy").contains(&format!("pod={pod}")));
     }
-    c.start_agent_with(&[
-        "--manifests".into(),
-        c.manifests.display().to_string(),
-        "--cleanup-kube-proxy".into(),
-        "true".into(),
-    ]);
+    // With the DaemonSet's capabilities: reading and deleting the kernel's
+    // conntrack entries needs nothing more.
+    let caps = daemonset_caps();
+    let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
+    c.start_agent_with_caps(
+        &[
+            "--manifests".into(),
+            c.manifests.display().to_string(),
+            "--cleanup-kube-proxy".into(),
+            "true".into(),
+        ],
+        &caps,
+    );
     wait_until(
         "kube-proxy's chains are removed",
         Duration::from_secs(10),
