@@ -277,9 +277,10 @@ impl Netlink {
     }
 }
 
-/// Every entry of the kernel's table in this network namespace (both
-/// families) that has ports.
-pub fn dump() -> io::Result<Vec<KernelFlow>> {
+/// Walk every entry of the kernel's table in this network namespace (both
+/// families) that has ports; only what `each` keeps is held in memory (the
+/// table may hold a million entries).
+fn walk(mut each: impl FnMut(KernelFlow)) -> io::Result<()> {
     let mut nl = Netlink::open()?;
     let seq = nl.send(
         IPCTNL_MSG_CT_GET,
@@ -287,13 +288,96 @@ pub fn dump() -> io::Result<Vec<KernelFlow>> {
         libc::AF_UNSPEC as u8,
         &[],
     )?;
-    let mut flows = Vec::new();
     nl.receive(seq, true, |attrs| {
         if let Some(flow) = parse_flow(attrs) {
+            each(flow);
+        }
+    })
+}
+
+/// The live connections a DNAT rule translated (kube-proxy's Services).
+pub fn translated_connections() -> io::Result<Vec<KernelFlow>> {
+    let mut flows = Vec::new();
+    walk(|flow| {
+        if flow.destination_translated() && flow.live() {
             flows.push(flow);
         }
     })?;
     Ok(flows)
+}
+
+/// How many `translated_connections` there are, holding none of them.
+pub fn count_translated_connections() -> io::Result<usize> {
+    let mut n = 0;
+    walk(|flow| {
+        if flow.destination_translated() && flow.live() {
+            n += 1;
+        }
+    })?;
+    Ok(n)
+}
+
+/// The device the node routes `addr` out of (rtnetlink RTM_GETROUTE): with
+/// symmetric routing, where that client's packets come in.
+pub fn route_device(addr: IpAddr) -> io::Result<Option<u32>> {
+    const RTM_NEWROUTE: u16 = 24;
+    const RTM_GETROUTE: u16 = 26;
+    const RTA_DST: u16 = 1;
+    const RTA_OIF: u16 = 4;
+    // SAFETY: plain syscalls on a socket this function owns.
+    let fd = unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        OwnedFd::from_raw_fd(fd)
+    };
+    let (family, octets): (u8, Vec<u8>) = match addr {
+        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
+        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+    };
+    let mut attrs = Vec::new();
+    push_attr(&mut attrs, RTA_DST, &octets);
+    let len = 16 + 12 + attrs.len();
+    let mut msg = Vec::with_capacity(len);
+    msg.extend_from_slice(&(len as u32).to_ne_bytes());
+    msg.extend_from_slice(&RTM_GETROUTE.to_ne_bytes());
+    msg.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    // rtmsg: family, dst_len, then zeros (src_len, tos, table, protocol,
+    // scope, type, flags).
+    msg.extend_from_slice(&[family, (octets.len() * 8) as u8, 0, 0, 0, 0, 0, 0]);
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&attrs);
+    // SAFETY: send and recv with buffers we own.
+    let n = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 8192];
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let reply = &buf[..n as usize];
+    if reply.len() < 16 + 12 {
+        return Ok(None);
+    }
+    let kind = u16::from_ne_bytes([reply[4], reply[5]]);
+    if kind != RTM_NEWROUTE {
+        // NLMSG_ERROR: no route.
+        return Ok(None);
+    }
+    let total =
+        (u32::from_ne_bytes(reply[0..4].try_into().expect("4 bytes")) as usize).min(reply.len());
+    Ok(attributes(&reply[28..total])
+        .find(|(k, _)| *k == RTA_OIF)
+        .and_then(|(_, p)| p.try_into().ok().map(u32::from_ne_bytes)))
 }
 
 fn push_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
@@ -336,29 +420,33 @@ pub fn tuple_attributes(flow: &KernelFlow) -> Vec<u8> {
     attrs
 }
 
-/// Delete kernel entries (gone already: fine).
-pub fn delete(flows: &[KernelFlow]) -> io::Result<usize> {
-    let mut nl = Netlink::open()?;
-    let mut deleted = 0;
-    for flow in flows {
+/// Deletes kernel entries, one request each.
+pub struct Deleter(Netlink);
+
+impl Deleter {
+    pub fn open() -> io::Result<Self> {
+        Netlink::open().map(Deleter)
+    }
+
+    /// Delete the entry of `flow`. Ok(false): it was gone already.
+    pub fn delete(&mut self, flow: &KernelFlow) -> io::Result<bool> {
         let family = if flow.original.src.is_ipv4() {
             libc::AF_INET
         } else {
             libc::AF_INET6
         } as u8;
-        let seq = nl.send(
+        let seq = self.0.send(
             IPCTNL_MSG_CT_DELETE,
             (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
             family,
             &tuple_attributes(flow),
         )?;
-        match nl.receive(seq, false, |_| {}) {
-            Ok(()) => deleted += 1,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(e),
+        match self.0.receive(seq, false, |_| {}) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
         }
     }
-    Ok(deleted)
 }
 
 #[cfg(test)]
@@ -414,6 +502,14 @@ mod tests {
         let read = parse_flow(&msg).expect("parses");
         assert_eq!(read, f);
         assert!(read.destination_translated() && read.live() && !read.masqueraded());
+    }
+
+    /// Read-only and unprivileged: the loopback address routes out of `lo`,
+    /// ifindex 1 in every network namespace.
+    #[test]
+    fn the_route_to_an_address_names_its_device() {
+        assert_eq!(route_device("127.0.0.1".parse().unwrap()).unwrap(), Some(1));
+        assert_eq!(route_device("::1".parse().unwrap()).unwrap(), Some(1));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::{
     datapath::{
         link_events::LinkEvents,
         loader::{
-            Datapath, default_cgroup_root, default_route_devices, device_addresses,
+            Datapath, default_cgroup_root, default_route_devices, device_addresses, glob_match,
             global_rp_filter, interfaces,
         },
         maps::Capacities,
@@ -38,7 +38,9 @@ use crate::{
     healthcheck::HealthCheckServers,
     metrics::Metrics,
     metrics::TriggerTimes,
-    model::{Change, ChangeTracker, NodeConfig, Problem, Translator, cluster::node_eligible},
+    model::{
+        Change, ChangeTracker, NodeConfig, Problem, Scope, Translator, cluster::node_eligible,
+    },
     source::{
         kube::KubeSource,
         manifests::{ManifestDir, PollResult},
@@ -374,11 +376,16 @@ fn spawn_device_watcher(
     std::thread::Builder::new()
         .name("devices".into())
         .spawn(move || {
-            if let Some(hand_over) = hand_over
-                && let Err(e) = hand_over.run(&mut datapath, &config)
-            {
-                error!(error = format!("{e:#}"), "replacing the previous layout's programs failed");
-                return;
+            if let Some(hand_over) = hand_over {
+                match hand_over.run(&mut datapath, &config) {
+                    Ok(true) => {}
+                    // Stopping before the first sync: the old programs stay.
+                    Ok(false) => return,
+                    Err(e) => {
+                        error!(error = format!("{e:#}"), "replacing the previous layout's programs failed");
+                        return;
+                    }
+                }
             }
             loop {
                 datapath.attach_matching(&config.pod_devices, &config.devices, config.device_mode);
@@ -399,12 +406,8 @@ fn spawn_device_watcher(
 /// Live connections in the kernel's conntrack table that a DNAT rule
 /// translated (kube-proxy's, on a node lb takes over).
 fn kube_proxy_connections() -> usize {
-    match crate::kernel_conntrack::dump() {
-        Ok(flows) => {
-            let n = flows
-                .iter()
-                .filter(|f| f.destination_translated() && f.live())
-                .count();
+    match crate::kernel_conntrack::count_translated_connections() {
+        Ok(n) => {
             if n > 0 {
                 info!(
                     connections = n,
@@ -500,10 +503,24 @@ struct HandOver {
 }
 
 impl HandOver {
-    fn run(self, datapath: &mut Datapath, config: &RunConfig) -> Result<()> {
-        if self.gate.recv().is_err() {
-            // The agent stops before its first sync: the old programs stay.
-            return Ok(());
+    /// Ok(false): the agent stops before its first sync (the old programs
+    /// stay, nothing of this agent's replaces them).
+    fn run(self, datapath: &mut Datapath, config: &RunConfig) -> Result<bool> {
+        use std::sync::mpsc::RecvTimeoutError;
+        loop {
+            match self.gate.recv_timeout(POLL) {
+                Ok(()) => break,
+                // Devices created since the old agent stopped have no
+                // program at all: they get the new one now.
+                Err(RecvTimeoutError::Timeout) => {
+                    datapath.attach_unclaimed(
+                        &config.pod_devices,
+                        &config.devices,
+                        config.device_mode,
+                    );
+                }
+                Err(RecvTimeoutError::Disconnected) => return Ok(false),
+            }
         }
         let started = Instant::now();
         let mut maps = crate::datapath::maps::Maps::open_pinned(&config.bpffs)
@@ -520,13 +537,15 @@ impl HandOver {
         self.migration.report(Pass::CatchUp, &copied);
         self.migrating.set(&mut maps.config, false)?;
         let attached = attached?;
+        let from = self.migration.from_version();
+        self.migration.finish(&config.bpffs);
         info!(
-            from = self.migration.from_version(),
+            from,
             devices = attached.len(),
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "the previous layout's programs are replaced; its maps are released"
         );
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -621,42 +640,47 @@ impl Reconciler {
     /// entries go (they would clash with the ones netfilter creates for
     /// the packets lb now translates), and new flows are balanced again.
     fn carry_kube_proxy_connections(&mut self) {
-        use crate::datapath::sync::Imported;
+        use crate::{datapath::sync::Imported, kernel_conntrack};
         let started = Instant::now();
         let mut outcome: BTreeMap<Imported, usize> = BTreeMap::new();
-        let mut carried = Vec::new();
-        match crate::kernel_conntrack::dump() {
-            Ok(flows) => {
-                let now = monotonic_ns();
-                for flow in flows
-                    .iter()
-                    .filter(|f| f.destination_translated() && f.live())
-                {
-                    match self.syncer.import_flow(flow, now) {
-                        Ok(imported) => {
-                            *outcome.entry(imported).or_default() += 1;
-                            if imported == Imported::Carried {
-                                carried.push(*flow);
-                            }
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "writing a carried connection failed (conntrack map full?); the rest are re-balanced");
-                            break;
-                        }
-                    }
+        let (mut node_sockets, mut deleted) = (0, 0);
+        let carried = kernel_conntrack::translated_connections().and_then(|flows| {
+            let mut deleter = kernel_conntrack::Deleter::open()?;
+            let pod_devices: BTreeSet<u32> = interfaces()?
+                .into_iter()
+                .filter(|(_, name)| self.config.pod_devices.iter().any(|g| glob_match(g, name)))
+                .map(|(ifindex, _)| ifindex)
+                .collect();
+            let now = monotonic_ns();
+            for flow in &flows {
+                let client = flow.original.src.ip();
+                if self.node.host_addresses.contains(&client) {
+                    // The node's own sockets: lb's programs never change
+                    // their destination, so netfilter's entry keeps doing it.
+                    node_sockets += 1;
+                    continue;
+                }
+                // Where its packets reach lb: its client's pod device, or a node device.
+                let scope = match kernel_conntrack::route_device(client) {
+                    Ok(Some(dev)) if pod_devices.contains(&dev) => Scope::Internal,
+                    _ => Scope::External,
+                };
+                let imported = self
+                    .syncer
+                    .import_flow(flow, scope, now)
+                    .map_err(std::io::Error::other)?;
+                *outcome.entry(imported).or_default() += 1;
+                // At once: while both exist, netfilter would see lb's
+                // translated packets clash with the old entry.
+                if imported == Imported::Carried && deleter.delete(flow)? {
+                    deleted += 1;
                 }
             }
-            Err(e) => {
-                warn!(error = %e, "cannot read the kernel's conntrack table; kube-proxy's connections are re-balanced")
-            }
+            Ok(())
+        });
+        if let Err(e) = carried {
+            warn!(error = %e, "carrying kube-proxy's connections over stopped; the rest are re-balanced");
         }
-        let deleted = match crate::kernel_conntrack::delete(&carried) {
-            Ok(n) => n,
-            Err(e) => {
-                warn!(error = %e, "cannot delete the kernel's entries of carried connections; netfilter may drop their packets until they expire");
-                0
-            }
-        };
         if let Err(e) = self
             .migrating
             .set(&mut self.syncer.maps_mut().config, false)
@@ -672,6 +696,7 @@ impl Reconciler {
             not_a_service = count(Imported::NotAService),
             unknown_endpoint = count(Imported::UnknownBackend),
             already_tracked = count(Imported::AlreadyTracked),
+            node_sockets,
             kernel_entries_deleted = deleted,
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "kube-proxy's connections carried over to lb's conntrack"

@@ -60,6 +60,12 @@ pub fn uninstall(bpffs: &Path) -> Result<Vec<String>> {
             done.push(format!("removed map {name}"));
         }
     }
+    // The maps an unfinished upgrade hand-over set aside.
+    let previous = bpffs.join(crate::datapath::migrate::PREVIOUS_DIR);
+    if previous.exists() {
+        crate::datapath::migrate::remove_previous(bpffs);
+        done.push(format!("removed {}", previous.display()));
+    }
     // Left in place if anything that is not lb's is in it.
     if fs::remove_dir(bpffs).is_ok() {
         done.push(format!("removed {}", bpffs.display()));

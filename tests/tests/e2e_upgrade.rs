@@ -150,6 +150,13 @@ fn upgrade_from_the_previous_layout_keeps_every_connection() {
         Duration::from_secs(3),
         || stat(&c, "established") > before,
     );
+    // The hand-over is done: the previous layout's maps are gone.
+    let previous = c.topo.bpffs.join(lb_agent::datapath::migrate::PREVIOUS_DIR);
+    wait_until(
+        "the previous layout's maps are released",
+        Duration::from_secs(5),
+        || !previous.exists(),
+    );
     // A new connection is balanced by the new programs over every backend.
     let seen = c.answering_pods(&client, "http://10.96.0.10/", 30);
     assert_eq!(

@@ -877,6 +877,28 @@ fn layout_4_pins_are_carried_over() {
         pinned.ct_tcp.get(&flow(40_000), 0).unwrap().last_seen_ns,
         400
     );
+
+    // The agent stops before its hand-over: the replaced maps wait under
+    // previous-layout/, and the next start resumes from them, carrying what
+    // the old programs added meanwhile without touching the ids in use.
+    let previous = fs.0.join(lb_agent::datapath::migrate::PREVIOUS_DIR);
+    assert!(previous.join(map_names::CT_TCP).exists());
+    drop((pinned, syncer, migration, dp));
+    old_ct.insert(flow(40_002), entry(500), 0).unwrap();
+    let (mut dp, maps) =
+        lb_agent::datapath::loader::Datapath::load(&fs.0, lb_common::ConfigValue::default())
+            .expect("restart mid-hand-over");
+    let migration = dp.take_migration().expect("the hand-over resumes");
+    assert_eq!(migration.from_version(), 4);
+    assert_eq!(maps.ct_tcp.get(&flow(40_002), 0).unwrap().last_seen_ns, 500);
+    assert_eq!(maps.ct_tcp.get(&flow(40_000), 0).unwrap().last_seen_ns, 400);
+    migration.finish(&fs.0);
+    assert!(!previous.exists(), "the hand-over done, the old maps go");
+    drop((maps, dp));
+    let (mut dp, _maps) =
+        lb_agent::datapath::loader::Datapath::load(&fs.0, lb_common::ConfigValue::default())
+            .unwrap();
+    assert!(dp.take_migration().is_none(), "nothing left to carry");
 }
 
 /// A conntrack map resized by a flag (same layout): its flows move into

@@ -251,6 +251,7 @@ pub fn nft_full(services: &[ServicePort]) -> String {
     // each statement against the ruleset, so 10,000 single-element
     // statements cost minutes where one list costs seconds.
     let mut elements = Vec::with_capacity(services.len());
+    let mut node_ports = Vec::new();
     for (i, svc) in services.iter().enumerate() {
         nft_service(&mut out, i, svc, false);
         elements.push(format!(
@@ -268,18 +269,17 @@ pub fn nft_full(services: &[ServicePort]) -> String {
                 "add rule ip kube-proxy {ext} goto {}",
                 nft_service_chain(i)
             );
-            let _ = writeln!(
-                out,
-                "add element ip kube-proxy service-nodeports {{ tcp . {node_port} : goto {ext} }}"
-            );
+            node_ports.push(format!("tcp . {node_port} : goto {ext}"));
         }
     }
-    if !elements.is_empty() {
-        let _ = writeln!(
-            out,
-            "add element ip kube-proxy service-ips {{ {} }}",
-            elements.join(", ")
-        );
+    for (map, list) in [("service-ips", elements), ("service-nodeports", node_ports)] {
+        if !list.is_empty() {
+            let _ = writeln!(
+                out,
+                "add element ip kube-proxy {map} {{ {} }}",
+                list.join(", ")
+            );
+        }
     }
     out
 }

@@ -11,7 +11,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Map, MapData};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
@@ -27,7 +26,7 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 use super::maps::{
-    Capacities, ConfigMap, MapShape, Maps, MapsError, check_pin, check_pin_layout, shapes_with,
+    Capacities, MapShape, Maps, MapsError, check_pin, check_pin_layout, shapes_with,
 };
 use super::migrate::{self, Migration, Pass};
 use crate::config::DeviceMode;
@@ -664,12 +663,12 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 
 /// Pinned maps written with another layout are never read as ours: a map
 /// whose shape differs, or every map when LB_CONFIG records another layout
-/// version, is unpinned (with a log line saying so) and created afresh.
-/// Programs still attached keep their old maps until their links get the
-/// new program, so traffic flows throughout. The replaced maps holding
-/// state (conntrack, affinity, socket translations) and the ids it names
-/// are returned open, when their layout is one `migrate` converts, so
-/// their entries are carried over; otherwise tracked flows are re-balanced.
+/// version, is replaced. Replaced pins move to `previous-layout/` (the
+/// programs still attached keep using them, so traffic flows throughout)
+/// and, where `migrate` converts their layout, the maps holding state and
+/// the ids it names are returned open so their entries are carried over;
+/// the directory goes once the hand-over is done (`Migration::finish`). An
+/// agent that stops mid-hand-over finds it at its next start and resumes.
 fn replace_stale_pins(bpffs: &Path, shapes: &[MapShape]) -> Result<Option<Migration>, LoadError> {
     let unpin = |path: &Path| fs::remove_file(path).map_err(io_err(path));
     for name in map_names::RETIRED {
@@ -686,18 +685,32 @@ fn replace_stale_pins(bpffs: &Path, shapes: &[MapShape]) -> Result<Option<Migrat
         .into_iter()
         .chain(migrate::ID_MAPS)
         .collect();
+    let previous = bpffs.join(migrate::PREVIOUS_DIR);
+    // Move `names` aside (an older unfinished hand-over's maps go first).
+    let set_aside = |names: &[&'static str]| -> Result<(), LoadError> {
+        if previous.exists() {
+            migrate::remove_previous(bpffs);
+        }
+        fs::create_dir_all(&previous).map_err(io_err(&previous))?;
+        for name in names {
+            let from = bpffs.join(name);
+            if from.exists() {
+                let to = previous.join(name);
+                fs::rename(&from, &to).map_err(io_err(&to))?;
+            }
+        }
+        Ok(())
+    };
     let config_path = bpffs.join(map_names::CONFIG);
     if config_path.exists()
         && let Some(config_shape) = shapes.iter().find(|s| s.name == map_names::CONFIG)
         && check_pin(&config_path, config_shape).is_ok()
     {
-        let version = MapData::from_pin(&config_path)
-            .ok()
-            .and_then(|data| ConfigMap::try_from(Map::Array(data)).ok())
-            .and_then(|config| config.get(&0, 0).ok())
-            .map_or(0, |c| c.layout_version);
+        let version = migrate::layout_version(&config_path);
         if version != 0 && version != LAYOUT_VERSION {
-            let migration = Migration::open(bpffs, version, &carried);
+            let names: Vec<&'static str> = shapes.iter().map(|s| s.name).collect();
+            set_aside(&names)?;
+            let migration = Migration::open(&previous, version, &carried);
             match &migration {
                 Some(_) => warn!(
                     found = version,
@@ -705,17 +718,14 @@ fn replace_stale_pins(bpffs: &Path, shapes: &[MapShape]) -> Result<Option<Migrat
                     bpffs = %bpffs.display(),
                     "pinned maps have another layout version: replacing all of them, carrying tracked flows, affinity and ids over"
                 ),
-                None => warn!(
-                    found = version,
-                    expected = LAYOUT_VERSION,
-                    bpffs = %bpffs.display(),
-                    "pinned maps have a layout version this agent cannot convert: replacing all of them; tracked flows will be re-balanced"
-                ),
-            }
-            for shape in shapes {
-                let path = bpffs.join(shape.name);
-                if path.exists() {
-                    unpin(&path)?;
+                None => {
+                    warn!(
+                        found = version,
+                        expected = LAYOUT_VERSION,
+                        bpffs = %bpffs.display(),
+                        "pinned maps have a layout version this agent cannot convert: replacing all of them; tracked flows will be re-balanced"
+                    );
+                    migrate::remove_previous(bpffs);
                 }
             }
             return Ok(migration);
@@ -743,8 +753,12 @@ fn replace_stale_pins(bpffs: &Path, shapes: &[MapShape]) -> Result<Option<Migrat
             Err(e) => return Err(e.into()),
         }
     }
-    // Same layout, other sizes: the entries convert as they are, as long
-    // as their key and value sizes are this layout's.
+    if replaced.is_empty() {
+        // A hand-over an earlier agent of this layout did not finish.
+        return Ok(migrate::resume(bpffs, &carried));
+    }
+    // Same layout, other sizes: entries convert as they are, as long as
+    // their key and value sizes are this layout's.
     let same_layout: Vec<&'static str> = replaced
         .iter()
         .copied()
@@ -754,9 +768,10 @@ fn replace_stale_pins(bpffs: &Path, shapes: &[MapShape]) -> Result<Option<Migrat
             expected.is_some_and(|e| check_pin_layout(&bpffs.join(name), e, false).is_ok())
         })
         .collect();
-    let migration = Migration::open(bpffs, LAYOUT_VERSION, &same_layout);
-    for name in replaced {
-        unpin(&bpffs.join(name))?;
+    set_aside(&replaced)?;
+    let migration = Migration::open(&previous, LAYOUT_VERSION, &same_layout);
+    if migration.is_none() {
+        migrate::remove_previous(bpffs);
     }
     Ok(migration)
 }
@@ -876,6 +891,43 @@ impl Datapath {
         devices: &[String],
         mode: DeviceMode,
     ) -> Vec<String> {
+        self.attach_matching_where(pod_globs, devices, mode, |_, _| true)
+    }
+
+    /// `attach_matching` for the devices no earlier agent left a link on
+    /// (devices created since): during an upgrade's hand-over the others
+    /// keep the previous programs until the new maps are synced.
+    pub fn attach_unclaimed(
+        &mut self,
+        pod_globs: &[String],
+        devices: &[String],
+        mode: DeviceMode,
+    ) -> Vec<String> {
+        let links = self.bpffs.join("links");
+        let claimed: std::collections::BTreeSet<String> = fs::read_dir(&links)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| {
+                        let file = e.file_name().to_string_lossy().into_owned();
+                        // "<kind>-<ifindex>-<name>": the device part.
+                        file.split_once('-').map(|(_, device)| device.to_string())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.attach_matching_where(pod_globs, devices, mode, |ifindex, name| {
+            !claimed.contains(&format!("{ifindex}-{name}"))
+        })
+    }
+
+    fn attach_matching_where(
+        &mut self,
+        pod_globs: &[String],
+        devices: &[String],
+        mode: DeviceMode,
+        wanted_device: impl Fn(u32, &str) -> bool,
+    ) -> Vec<String> {
         let Some(current) = trusted_listing(interfaces()) else {
             return Vec::new();
         };
@@ -894,7 +946,7 @@ impl Datapath {
             (!pod, *ifindex)
         });
         for (ifindex, name) in order {
-            if self.attached.contains_key(ifindex) {
+            if self.attached.contains_key(ifindex) || !wanted_device(*ifindex, name) {
                 continue;
             }
             let link = match link_kind(name) {

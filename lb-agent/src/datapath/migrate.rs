@@ -42,9 +42,61 @@ pub const ID_MAPS: [&str; 2] = [map_names::BACKENDS, map_names::REV_NAT];
 /// and its own (a resized map).
 pub const MIGRATES_FROM: [u32; 2] = [4, LAYOUT_VERSION];
 
-/// Which copy: the first fills empty maps (ids included); the later ones
-/// add what the old programs created since, and refresh entries the old
-/// programs used more recently than the new ones.
+/// Where replaced pins wait (under the bpffs directory) until the new
+/// programs have taken over the devices.
+pub const PREVIOUS_DIR: &str = "previous-layout";
+
+/// The layout version an `LB_CONFIG` pin records (0: unreadable).
+pub fn layout_version(config_pin: &Path) -> u32 {
+    MapData::from_pin(config_pin)
+        .ok()
+        .and_then(|data| {
+            aya::maps::Array::<_, lb_common::ConfigValue>::try_from(Map::Array(data)).ok()
+        })
+        .and_then(|config| config.get(&0, 0).ok())
+        .map_or(0, |c| c.layout_version)
+}
+
+/// The maps an unfinished hand-over left in `PREVIOUS_DIR`, to carry over
+/// again (their entries are in the current maps already, mostly: the copy
+/// adds what is missing and what they used last).
+pub fn resume(bpffs: &Path, names: &[&'static str]) -> Option<Migration> {
+    let previous = bpffs.join(PREVIOUS_DIR);
+    if !previous.exists() {
+        return None;
+    }
+    let config = previous.join(map_names::CONFIG);
+    // A resized map's pins come without a config: this layout's.
+    let version = if config.exists() {
+        layout_version(&config)
+    } else {
+        LAYOUT_VERSION
+    };
+    let migration = Migration::open(&previous, version, names);
+    match &migration {
+        Some(_) => info!(
+            from = version,
+            "resuming the hand-over from the previous layout's maps an earlier start left"
+        ),
+        None => remove_previous(bpffs),
+    }
+    migration
+}
+
+/// Remove `PREVIOUS_DIR` and its pins (a program still using one keeps it).
+pub fn remove_previous(bpffs: &Path) {
+    let previous = bpffs.join(PREVIOUS_DIR);
+    if let Ok(entries) = std::fs::read_dir(&previous) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    let _ = std::fs::remove_dir(&previous);
+}
+
+/// Which copy: the first (before the agent's first sync) also brings the
+/// ids; the catch-ups, around the swap, only state. Every copy adds what
+/// the new maps lack and refreshes what the old programs used last.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pass {
     First,
@@ -108,6 +160,12 @@ impl Migration {
         self.from
     }
 
+    /// The new programs run: the previous maps go (with their pins).
+    pub fn finish(self, bpffs: &Path) {
+        drop(self.old);
+        remove_previous(bpffs);
+    }
+
     /// Copy the old maps' entries into `maps` (the new layout's).
     pub fn copy(&self, maps: &mut Maps, pass: Pass) -> Copied {
         let mut copied = Copied::default();
@@ -130,68 +188,41 @@ impl Migration {
                         self.copy_map(
                             map_names::BACKENDS,
                             &mut maps.backends,
-                            pass,
                             same::<u32, BackendValue>,
                             never,
                         ),
                     );
                     note(
                         map_names::REV_NAT,
-                        self.copy_map(
-                            map_names::REV_NAT,
-                            &mut maps.rev_nat,
-                            pass,
-                            v4::rev_nat,
-                            never,
-                        ),
+                        self.copy_map(map_names::REV_NAT, &mut maps.rev_nat, v4::rev_nat, never),
                     );
                 }
                 note(
                     map_names::CT_TCP,
-                    self.copy_map(
-                        map_names::CT_TCP,
-                        &mut maps.ct_tcp,
-                        pass,
-                        v4::ct,
-                        fresher_ct,
-                    ),
+                    self.copy_map(map_names::CT_TCP, &mut maps.ct_tcp, v4::ct, fresher_ct),
                 );
                 note(
                     map_names::CT_OTHER,
-                    self.copy_map(
-                        map_names::CT_OTHER,
-                        &mut maps.ct_other,
-                        pass,
-                        v4::ct,
-                        fresher_ct,
-                    ),
+                    self.copy_map(map_names::CT_OTHER, &mut maps.ct_other, v4::ct, fresher_ct),
                 );
                 note(
                     map_names::AFFINITY,
                     self.copy_map(
                         map_names::AFFINITY,
                         &mut maps.affinity,
-                        pass,
                         v4::affinity,
                         fresher_affinity,
                     ),
                 );
                 note(
                     map_names::SOCK_NAT,
-                    self.copy_map(
-                        map_names::SOCK_NAT,
-                        &mut maps.sock_nat,
-                        pass,
-                        v4::sock_nat,
-                        never,
-                    ),
+                    self.copy_map(map_names::SOCK_NAT, &mut maps.sock_nat, v4::sock_nat, never),
                 );
                 note(
                     map_names::SOCK_AFFINITY,
                     self.copy_map(
                         map_names::SOCK_AFFINITY,
                         &mut maps.sock_affinity,
-                        pass,
                         v4::sock_affinity,
                         fresher_affinity,
                     ),
@@ -204,7 +235,6 @@ impl Migration {
                         self.copy_map(
                             map_names::BACKENDS,
                             &mut maps.backends,
-                            pass,
                             same::<u32, BackendValue>,
                             never,
                         ),
@@ -214,7 +244,6 @@ impl Migration {
                         self.copy_map(
                             map_names::REV_NAT,
                             &mut maps.rev_nat,
-                            pass,
                             same::<u32, RevNatValue>,
                             never,
                         ),
@@ -225,7 +254,6 @@ impl Migration {
                     self.copy_map(
                         map_names::CT_TCP,
                         &mut maps.ct_tcp,
-                        pass,
                         same::<CtKey, CtValue>,
                         fresher_ct,
                     ),
@@ -235,7 +263,6 @@ impl Migration {
                     self.copy_map(
                         map_names::CT_OTHER,
                         &mut maps.ct_other,
-                        pass,
                         same::<CtKey, CtValue>,
                         fresher_ct,
                     ),
@@ -245,7 +272,6 @@ impl Migration {
                     self.copy_map(
                         map_names::AFFINITY,
                         &mut maps.affinity,
-                        pass,
                         same::<AffinityKey, AffinityValue>,
                         fresher_affinity,
                     ),
@@ -255,7 +281,6 @@ impl Migration {
                     self.copy_map(
                         map_names::SOCK_NAT,
                         &mut maps.sock_nat,
-                        pass,
                         same::<SockNatKey, SockNatValue>,
                         never,
                     ),
@@ -265,7 +290,6 @@ impl Migration {
                     self.copy_map(
                         map_names::SOCK_AFFINITY,
                         &mut maps.sock_affinity,
-                        pass,
                         same::<SockAffinityKey, AffinityValue>,
                         fresher_affinity,
                     ),
@@ -276,14 +300,13 @@ impl Migration {
         copied
     }
 
-    /// Copy one map through `convert`. The first pass writes every entry;
-    /// a catch-up writes those the new map lacks, and those `fresher` says
-    /// the old programs used last. Returns (copied, not copied).
+    /// Copy one map through `convert`: the entries the new map lacks, and
+    /// those `fresher` says the old programs used last. Returns (copied,
+    /// not copied).
     fn copy_map<K0: Pod, V0: Pod, K: Pod, V: Pod>(
         &self,
         name: &'static str,
         to: &mut HashMap<MapData, K, V>,
-        pass: Pass,
         convert: fn(K0, V0) -> Option<(K, V)>,
         fresher: impl Fn(&V, &V) -> bool,
     ) -> Result<(usize, usize), MapError> {
@@ -301,8 +324,10 @@ impl Migration {
                 failed += 1;
                 continue;
             };
-            if pass == Pass::CatchUp
-                && let Ok(current) = to.get(&key, 0)
+            // What the new maps hold already stays unless the old programs
+            // used it last: ids never (a resumed hand-over's maps may have
+            // given an id to another backend since).
+            if let Ok(current) = to.get(&key, 0)
                 && !fresher(&value, &current)
             {
                 continue;

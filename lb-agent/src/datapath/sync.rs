@@ -41,7 +41,7 @@ pub struct BackendKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Imported {
     Carried,
-    /// Its destination is no frontend lb serves.
+    /// Its destination is no frontend lb serves where its packets come in.
     NotAService,
     /// Its endpoint is not one of lb's backends.
     UnknownBackend,
@@ -556,25 +556,25 @@ impl Syncer {
     /// directions as the programs would have written them for the backend
     /// it chose, so its next packets keep that backend. Only frontends and
     /// backends this sync wrote are used; a tuple lb tracks already is left.
+    /// `scope`: where the flow's packets reach lb (a pod device: internal;
+    /// a node device: external); without a frontend there, lb's programs
+    /// leave the flow to netfilter, whose entry must then stay.
     pub fn import_flow(
         &mut self,
         flow: &crate::kernel_conntrack::KernelFlow,
+        scope: Scope,
         now_ns: u64,
     ) -> Result<Imported, MapError> {
         use lb_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, ct_flags, ct_lifetime};
         let Some(proto) = Protocol::from_number(flow.proto) else {
             return Ok(Imported::NotAService);
         };
-        let frontend = [Scope::Internal, Scope::External]
-            .into_iter()
-            .find_map(|scope| {
-                self.frontends.get(&FrontendKey {
-                    addr: flow.original.dst.ip(),
-                    port: flow.original.dst.port(),
-                    proto,
-                    scope,
-                })
-            });
+        let frontend = self.frontends.get(&FrontendKey {
+            addr: flow.original.dst.ip(),
+            port: flow.original.dst.port(),
+            proto,
+            scope,
+        });
         let Some(frontend) = frontend else {
             return Ok(Imported::NotAService);
         };
@@ -643,7 +643,10 @@ impl Syncer {
         let reply_key = key(flow.reply.src, flow.reply.dst, CT_DIR_REPLY);
         let forward_key = key(flow.original.src, flow.original.dst, CT_DIR_FORWARD);
         let ct = self.maps.conntrack_of_mut(flow.proto);
-        if ct.get(&forward_key, 0).is_ok() || ct.get(&reply_key, 0).is_ok() {
+        let live = |entry: Result<CtValue, MapError>| {
+            entry.is_ok_and(|e| e.last_seen_ns + u64::from(e.lifetime_s) * 1_000_000_000 > now_ns)
+        };
+        if live(ct.get(&forward_key, 0)) || live(ct.get(&reply_key, 0)) {
             return Ok(Imported::AlreadyTracked);
         }
         // Reply first: a forward entry never exists without its way back.
