@@ -507,6 +507,9 @@ impl HandOver {
     /// stay, nothing of this agent's replaces them).
     fn run(self, datapath: &mut Datapath, config: &RunConfig) -> Result<bool> {
         use std::sync::mpsc::RecvTimeoutError;
+        // Seconds of verification now, while the old programs serve, so
+        // the swap below takes milliseconds from the first device to the last.
+        datapath.prepare_matching(&config.pod_devices, &config.devices, config.device_mode);
         loop {
             match self.gate.recv_timeout(POLL) {
                 Ok(()) => break,

@@ -204,14 +204,11 @@ impl Cluster {
         self.wait_agent_ready(extra);
     }
 
-    /// Start another build of the agent (an earlier release) on the manifests.
-    pub fn start_agent_binary(&mut self, bin: &std::path::Path) {
-        let source = [
-            "--manifests".to_string(),
-            self.manifests.display().to_string(),
-        ];
-        self.start_agent_from(bin, &source, None);
-        self.wait_agent_ready_with(bin, &source);
+    /// Start another build of the agent (an earlier release) with these
+    /// flags (the source's included).
+    pub fn start_agent_binary(&mut self, bin: &std::path::Path, args: &[String]) {
+        self.start_agent_from(bin, args, None);
+        self.wait_agent_ready_with(bin, args);
     }
 
     /// Spawn the agent on the manifests and return at once (no readiness wait).

@@ -1071,22 +1071,13 @@ impl Datapath {
             name: program,
             source,
         };
+        self.load_tc(kind)?;
         let tc: &mut SchedClassifier = self
             .ebpf
             .program_mut(program)
             .ok_or(prog_err(ProgramError::NotLoaded))?
             .try_into()
             .map_err(prog_err)?;
-        if tc.fd().is_err() {
-            if self.unloadable.contains(program) {
-                return Err(LoadError::Unloadable { name: program });
-            }
-            if let Err(e) = tc.load() {
-                tracing::error!(program, error = %e, "the kernel refuses this program; devices that need it go without");
-                self.unloadable.insert(program);
-                return Err(prog_err(e));
-            }
-        }
         // A link from an earlier agent: swap its program atomically, so the
         // device is never without one.
         if let Some(link) = pinned_link::<SchedClassifierLink>(&pin) {
@@ -1183,6 +1174,66 @@ impl Datapath {
         Err(prog_err(ProgramError::IOError(std::io::Error::other(
             errors.join("; "),
         ))))
+    }
+
+    /// Verify and load `kind`'s tc program once (a refused one is not tried again).
+    fn load_tc(&mut self, kind: Attachment) -> Result<(), LoadError> {
+        let program = kind.program();
+        let prog_err = |source| LoadError::Program {
+            name: program,
+            source,
+        };
+        let tc: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program)
+            .ok_or(prog_err(ProgramError::NotLoaded))?
+            .try_into()
+            .map_err(prog_err)?;
+        if tc.fd().is_err() {
+            if self.unloadable.contains(program) {
+                return Err(LoadError::Unloadable { name: program });
+            }
+            if let Err(e) = tc.load() {
+                tracing::error!(program, error = %e, "the kernel refuses this program; devices that need it go without");
+                self.unloadable.insert(program);
+                return Err(prog_err(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Verify now every program the namespace's devices will need, without
+    /// attaching any: an upgrade's hand-over then swaps all devices within
+    /// milliseconds instead of seconds of verification between two of them
+    /// (while old and new programs share a flow, its replies may miss).
+    pub fn prepare_matching(&mut self, pod_globs: &[String], devices: &[String], mode: DeviceMode) {
+        let Some(current) = trusted_listing(interfaces()) else {
+            return;
+        };
+        for (_, name) in &current {
+            let Ok(link) = link_kind(name) else {
+                continue;
+            };
+            let veth = mode == DeviceMode::Auto
+                && link == LinkKind::Ethernet
+                && devices.contains(name)
+                && device_driver(name).is_ok_and(|driver| driver == "veth");
+            let Some(wanted) = attachments_for(name, link, veth, pod_globs, devices, mode) else {
+                continue;
+            };
+            for kind in wanted {
+                let loaded = match kind {
+                    Attachment::NodeXdp | Attachment::NodeXdpGeneric => self
+                        .load_xdp()
+                        // The tc program stands in where XDP will not attach.
+                        .or_else(|_| self.load_tc(Attachment::NodeTc)),
+                    _ => self.load_tc(kind),
+                };
+                if let Err(e) = loaded {
+                    warn!(device = %name, error = %e, "cannot verify a program this device needs");
+                }
+            }
+        }
     }
 
     fn load_xdp(&mut self) -> Result<(), LoadError> {
