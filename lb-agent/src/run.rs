@@ -479,16 +479,16 @@ impl Migrating {
     /// Turn the flag on or off in the config the map holds.
     fn set(&self, map: &mut crate::datapath::maps::ConfigMap, on: bool) -> Result<()> {
         let mut flag = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Recorded first: should this write fail, the next config write
+        // (node addresses) carries the flag as wanted.
+        *flag = on;
         let mut value = map.get(&0, 0).context("reading the datapath config")?;
         if on {
             value.flags |= config_flags::MIGRATING;
         } else {
             value.flags &= !config_flags::MIGRATING;
         }
-        map.set(0, value, 0)
-            .context("writing the datapath config")?;
-        *flag = on;
-        Ok(())
+        map.set(0, value, 0).context("writing the datapath config")
     }
 }
 
