@@ -529,9 +529,12 @@ impl HandOver {
         let mut maps = crate::datapath::maps::Maps::open_pinned(&config.bpffs)
             .context("opening the new maps for the hand-over")?;
         self.migrating.set(&mut maps.config, true)?;
+        // The socket programs first: their links take milliseconds, which
+        // must not fall between the copy and the devices' swap.
+        let sockets = attach_socket_programs(datapath, config);
         let copied = self.migration.copy(&mut maps, Pass::CatchUp);
         self.migration.report(Pass::CatchUp, &copied);
-        let attached = attach_socket_programs(datapath, config).map(|()| {
+        let attached = sockets.map(|()| {
             datapath.attach_matching(&config.pod_devices, &config.devices, config.device_mode)
         });
         // Whatever happened, what the old programs added is carried over

@@ -511,6 +511,10 @@ fn flow_hash(flow: &Flow) -> u32 {
 fn reply<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin, to: &mut Rewrite) -> i32 {
     let key = ct::reply_key(flow);
     let Some((entry, now)) = ct::lookup_timed(&key) else {
+        if awaiting_copy(flow) {
+            count(stat::DROP_MIGRATING);
+            return pkt.drop_verdict();
+        }
         return not_a_frontend(pkt, flow, origin);
     };
     if ct::stale_for(flow, unsafe { &*entry }) {
@@ -620,6 +624,34 @@ fn migrating() -> bool {
     LB_CONFIG
         .get(0)
         .is_some_and(|c| c.flags & config_flags::MIGRATING != 0)
+}
+
+/// While flows are carried over (`MIGRATING`): a TCP packet to one of the
+/// node's SNAT addresses, at a port of lb's SNAT range, with no entry, is a
+/// reply whose flow the agent has not copied yet. Passed on, the node's
+/// stack would answer it with an RST and reset the backend's connection;
+/// dropped, the backend sends it again.
+#[inline(always)]
+fn awaiting_copy(flow: &Flow) -> bool {
+    if flow.proto != IPPROTO_TCP {
+        return false;
+    }
+    let Some(config) = LB_CONFIG.get(0) else {
+        return false;
+    };
+    if config.flags & config_flags::MIGRATING == 0 {
+        return false;
+    }
+    let (nodeport, hairpin) = if flow.v6 {
+        (config.nodeport_snat_addr6, config.hairpin_snat_addr6)
+    } else {
+        (config.nodeport_snat_addr4, config.hairpin_snat_addr4)
+    };
+    let port = u16::from_be(flow.dport_be);
+    (flow.dst_be == nodeport || flow.dst_be == hairpin)
+        && !flow.dst_be.is_none()
+        && port >= config.snat_port_min
+        && port <= config.snat_port_max
 }
 
 /// The backend id of conntrack entries that only masquerade (a node

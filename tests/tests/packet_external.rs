@@ -754,3 +754,37 @@ fn a_one_way_flow_keeps_its_snat_port_while_it_lives() {
         ],
     ));
 }
+
+/// While flows are carried over (MIGRATING), a TCP reply to the node's SNAT
+/// address at a port of lb's SNAT range that has no entry yet is dropped
+/// (the backend resends it once its flow is copied) rather than handed to
+/// the node's stack, which would reset the backend's connection. Other
+/// ports of the node, and the same packet without the flag, pass.
+#[test]
+fn replies_awaiting_their_copied_flow_are_held_while_migrating() {
+    run_case(case(
+        "replies_awaiting_their_copied_flow_are_held_while_migrating",
+        |dp| {
+            node_ports(dp);
+            dp.set_config(|c| c.flags |= config_flags::MIGRATING);
+        },
+        vec![
+            send(
+                tcp(ep(REMOTE_POD), snat(SNAT_PORT), ACK, b"reply"),
+                Expect::Dropped,
+            ),
+            // Not lb's SNAT range: the node's own connection.
+            send(
+                tcp(ep(REMOTE_POD), snat(22), ACK, b"ssh"),
+                Expect::Unchanged,
+            ),
+            counters(&[(stat::DROP_MIGRATING, 1)]),
+            change(|dp| dp.set_config(|c| c.flags &= !config_flags::MIGRATING)),
+            send(
+                tcp(ep(REMOTE_POD), snat(SNAT_PORT), ACK, b"reply"),
+                Expect::Unchanged,
+            ),
+            counters(&[(stat::DROP_MIGRATING, 1)]),
+        ],
+    ));
+}
