@@ -424,17 +424,6 @@ fn kube_proxy_connections() -> usize {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// The socket-level programs on the cgroup (or detached, when turned off).
 fn attach_socket_programs(datapath: &mut Datapath, config: &RunConfig) -> Result<()> {
     match &config.socket_lb {
@@ -657,7 +646,7 @@ impl Reconciler {
                 .filter(|(_, name)| self.config.pod_devices.iter().any(|g| glob_match(g, name)))
                 .map(|(ifindex, _)| ifindex)
                 .collect();
-            let now = monotonic_ns();
+            let now = crate::datapath::monotonic_ns();
             for flow in &flows {
                 let client = flow.original.src.ip();
                 if self.node.host_addresses.contains(&client) {

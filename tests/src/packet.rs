@@ -907,12 +907,7 @@ impl Datapath {
 
     /// Monotonic now, as bpf_ktime_get_ns reads it.
     pub fn now_ns() -> u64 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+        lb_agent::datapath::monotonic_ns()
     }
 
     /// In-kernel time per run of a program on `frame`, repeated `repeat` times

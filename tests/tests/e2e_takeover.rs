@@ -262,6 +262,24 @@ fn uninstall_leaves_the_node_as_it_was() {
     assert_eq!(reserved.trim(), "8080");
 }
 
+/// How many held connections still answer from the endpoint they opened
+/// on (those that do not are printed).
+fn still_on_their_endpoints(held: &mut [(HeldConnection, String)]) -> usize {
+    let mut kept = 0;
+    for (i, (conn, pod)) in held.iter_mut().enumerate() {
+        let reply = conn.try_send(&format!("via lb {i}"));
+        if reply
+            .as_deref()
+            .is_some_and(|r| r.contains(&format!("pod={pod}")))
+        {
+            kept += 1;
+        } else {
+            eprintln!("connection {i} (to {pod}) broke: {reply:?}");
+        }
+    }
+    kept
+}
+
 /// kube-proxy's shape for a Service with three endpoints: one statistic
 /// rule per endpoint, as its iptables mode writes them.
 const KUBE_PROXY_THREE: &str = "\
@@ -341,18 +359,7 @@ fn connections_kube_proxy_translated_survive_the_takeover() {
         Duration::from_secs(10),
         || kube_chains(&in_node(&c, &["iptables-nft-save"], None)).is_empty(),
     );
-    let mut kept = 0;
-    for (i, (conn, pod)) in held.iter_mut().enumerate() {
-        let reply = conn.try_send(&format!("via lb {i}"));
-        if reply
-            .as_deref()
-            .is_some_and(|r| r.contains(&format!("pod={pod}")))
-        {
-            kept += 1;
-        } else {
-            eprintln!("connection {i} (to {pod}) broke: {reply:?}");
-        }
-    }
+    let kept = still_on_their_endpoints(&mut held);
     assert_eq!(
         kept, 6,
         "every connection kept the endpoint kube-proxy chose"
@@ -460,18 +467,7 @@ fn nodeport_connections_kube_proxy_masqueraded_survive_the_takeover() {
         Duration::from_secs(10),
         || kube_chains(&in_node(&c, &["iptables-nft-save"], None)).is_empty(),
     );
-    let mut kept = 0;
-    for (i, (conn, pod)) in held.iter_mut().enumerate() {
-        let reply = conn.try_send(&format!("via lb {i}"));
-        if reply
-            .as_deref()
-            .is_some_and(|r| r.contains(&format!("pod={pod}")))
-        {
-            kept += 1;
-        } else {
-            eprintln!("connection {i} (to {pod}) broke: {reply:?}");
-        }
-    }
+    let kept = still_on_their_endpoints(&mut held);
     assert_eq!(
         kept, 6,
         "every connection kept the endpoint kube-proxy chose"

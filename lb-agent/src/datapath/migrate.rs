@@ -168,6 +168,40 @@ impl Migration {
 
     /// Copy the old maps' entries into `maps` (the new layout's).
     pub fn copy(&self, maps: &mut Maps, pass: Pass) -> Copied {
+        match self.from {
+            4 => self.copy_with(
+                maps,
+                pass,
+                &Conversions {
+                    rev_nat: v4::rev_nat,
+                    ct: v4::ct,
+                    affinity: v4::affinity,
+                    sock_nat: v4::sock_nat,
+                    sock_affinity: v4::sock_affinity,
+                },
+            ),
+            LAYOUT_VERSION => self.copy_with(
+                maps,
+                pass,
+                &Conversions {
+                    rev_nat: same,
+                    ct: same,
+                    affinity: same,
+                    sock_nat: same,
+                    sock_affinity: same,
+                },
+            ),
+            _ => Copied::default(),
+        }
+    }
+
+    /// Every carried map through the conversions of `self.from`'s layout.
+    fn copy_with<RK: Pod, CV: Pod, AK: Pod, SV: Pod, SK: Pod>(
+        &self,
+        maps: &mut Maps,
+        pass: Pass,
+        convert: &Conversions<RK, CV, AK, SV, SK>,
+    ) -> Copied {
         let mut copied = Copied::default();
         let mut note = |name: &'static str, result: Result<(usize, usize), MapError>| match result {
             Ok(counts) => {
@@ -180,123 +214,48 @@ impl Migration {
         let fresher_ct = |old: &CtValue, new: &CtValue| old.last_seen_ns > new.last_seen_ns;
         let fresher_affinity =
             |old: &AffinityValue, new: &AffinityValue| old.last_used_ns > new.last_used_ns;
-        match self.from {
-            4 => {
-                if pass == Pass::First {
-                    note(
-                        map_names::BACKENDS,
-                        self.copy_map(
-                            map_names::BACKENDS,
-                            &mut maps.backends,
-                            same::<u32, BackendValue>,
-                            never,
-                        ),
-                    );
-                    note(
-                        map_names::REV_NAT,
-                        self.copy_map(map_names::REV_NAT, &mut maps.rev_nat, v4::rev_nat, never),
-                    );
-                }
-                note(
-                    map_names::CT_TCP,
-                    self.copy_map(map_names::CT_TCP, &mut maps.ct_tcp, v4::ct, fresher_ct),
-                );
-                note(
-                    map_names::CT_OTHER,
-                    self.copy_map(map_names::CT_OTHER, &mut maps.ct_other, v4::ct, fresher_ct),
-                );
-                note(
-                    map_names::AFFINITY,
-                    self.copy_map(
-                        map_names::AFFINITY,
-                        &mut maps.affinity,
-                        v4::affinity,
-                        fresher_affinity,
-                    ),
-                );
-                note(
-                    map_names::SOCK_NAT,
-                    self.copy_map(map_names::SOCK_NAT, &mut maps.sock_nat, v4::sock_nat, never),
-                );
-                note(
-                    map_names::SOCK_AFFINITY,
-                    self.copy_map(
-                        map_names::SOCK_AFFINITY,
-                        &mut maps.sock_affinity,
-                        v4::sock_affinity,
-                        fresher_affinity,
-                    ),
-                );
-            }
-            LAYOUT_VERSION => {
-                if pass == Pass::First {
-                    note(
-                        map_names::BACKENDS,
-                        self.copy_map(
-                            map_names::BACKENDS,
-                            &mut maps.backends,
-                            same::<u32, BackendValue>,
-                            never,
-                        ),
-                    );
-                    note(
-                        map_names::REV_NAT,
-                        self.copy_map(
-                            map_names::REV_NAT,
-                            &mut maps.rev_nat,
-                            same::<u32, RevNatValue>,
-                            never,
-                        ),
-                    );
-                }
-                note(
-                    map_names::CT_TCP,
-                    self.copy_map(
-                        map_names::CT_TCP,
-                        &mut maps.ct_tcp,
-                        same::<CtKey, CtValue>,
-                        fresher_ct,
-                    ),
-                );
-                note(
-                    map_names::CT_OTHER,
-                    self.copy_map(
-                        map_names::CT_OTHER,
-                        &mut maps.ct_other,
-                        same::<CtKey, CtValue>,
-                        fresher_ct,
-                    ),
-                );
-                note(
-                    map_names::AFFINITY,
-                    self.copy_map(
-                        map_names::AFFINITY,
-                        &mut maps.affinity,
-                        same::<AffinityKey, AffinityValue>,
-                        fresher_affinity,
-                    ),
-                );
-                note(
-                    map_names::SOCK_NAT,
-                    self.copy_map(
-                        map_names::SOCK_NAT,
-                        &mut maps.sock_nat,
-                        same::<SockNatKey, SockNatValue>,
-                        never,
-                    ),
-                );
-                note(
-                    map_names::SOCK_AFFINITY,
-                    self.copy_map(
-                        map_names::SOCK_AFFINITY,
-                        &mut maps.sock_affinity,
-                        same::<SockAffinityKey, AffinityValue>,
-                        fresher_affinity,
-                    ),
-                );
-            }
-            _ => {}
+        if pass == Pass::First {
+            let (backends, rev_nat) = (map_names::BACKENDS, map_names::REV_NAT);
+            note(
+                backends,
+                self.copy_map(
+                    backends,
+                    &mut maps.backends,
+                    same::<u32, BackendValue>,
+                    never,
+                ),
+            );
+            note(
+                rev_nat,
+                self.copy_map(rev_nat, &mut maps.rev_nat, convert.rev_nat, never),
+            );
         }
+        for (name, ct) in [
+            (map_names::CT_TCP, &mut maps.ct_tcp),
+            (map_names::CT_OTHER, &mut maps.ct_other),
+        ] {
+            note(name, self.copy_map(name, ct, convert.ct, fresher_ct));
+        }
+        let name = map_names::AFFINITY;
+        note(
+            name,
+            self.copy_map(name, &mut maps.affinity, convert.affinity, fresher_affinity),
+        );
+        let name = map_names::SOCK_NAT;
+        note(
+            name,
+            self.copy_map(name, &mut maps.sock_nat, convert.sock_nat, never),
+        );
+        let name = map_names::SOCK_AFFINITY;
+        note(
+            name,
+            self.copy_map(
+                name,
+                &mut maps.sock_affinity,
+                convert.sock_affinity,
+                fresher_affinity,
+            ),
+        );
         copied
     }
 
@@ -371,6 +330,16 @@ impl Migration {
             "carried entries over from the replaced maps"
         );
     }
+}
+
+/// How one earlier layout's entries become this layout's, per carried map
+/// (the backends map has kept its shape in every layout so far).
+struct Conversions<RK, CV, AK, SV, SK> {
+    rev_nat: fn(RK, RevNatValue) -> Option<(u32, RevNatValue)>,
+    ct: fn(CtKey, CV) -> Option<(CtKey, CtValue)>,
+    affinity: fn(AK, AffinityValue) -> Option<(AffinityKey, AffinityValue)>,
+    sock_nat: fn(SockNatKey, SV) -> Option<(SockNatKey, SockNatValue)>,
+    sock_affinity: fn(SK, AffinityValue) -> Option<(SockAffinityKey, AffinityValue)>,
 }
 
 fn never<V>(_: &V, _: &V) -> bool {

@@ -33,16 +33,6 @@ fn proto_name(p: u8) -> String {
     Protocol::from_number(p).map_or_else(|| p.to_string(), |p| p.to_string())
 }
 
-/// CLOCK_MONOTONIC, the clock bpf_ktime_get_ns reads.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 #[derive(Serialize)]
 pub struct DumpEndpoint {
     pub address: IpAddr,
@@ -346,7 +336,7 @@ pub fn backends(maps: &Maps) -> Result<BackendsDump> {
 }
 
 pub fn conntrack(maps: &Maps) -> Result<ConntrackDump> {
-    let now = monotonic_ns();
+    let now = crate::datapath::monotonic_ns();
     let secs = |ns: u64| ns as f64 / 1e9;
     let mut flows = Vec::new();
     for (name, ct) in maps.conntrack() {
@@ -410,7 +400,7 @@ pub fn conntrack(maps: &Maps) -> Result<ConntrackDump> {
 }
 
 pub fn affinity(maps: &Maps) -> Result<AffinityDump> {
-    let now = monotonic_ns();
+    let now = crate::datapath::monotonic_ns();
     let mut out = Vec::new();
     for entry in maps.affinity.iter() {
         let (k, v) = entry.context("reading LB_AFFINITY")?;
@@ -741,7 +731,7 @@ pub fn explain(args: &ExplainArgs) -> Result<()> {
         }
     }
     if let Some(a) = &outcome.affinity {
-        let idle = monotonic_ns().saturating_sub(a.last_used_ns) as f64 / 1e9;
+        let idle = crate::datapath::monotonic_ns().saturating_sub(a.last_used_ns) as f64 / 1e9;
         println!(
             "affinity   client entry for backend #{} (idle {idle:.0}s), used for new flows while live and active",
             a.backend_id
