@@ -35,8 +35,15 @@ pub mod map_names {
     /// What the agent could not program, and why (no program reads it:
     /// `dump services` does, from the pin, while the agent runs or not).
     pub const NOT_PROGRAMMED: &str = "LB_NOT_PROGRAMMED";
+    /// The prefilter: every IPv4 address a frontend or a backend has (key:
+    /// the address, network order). A TCP or UDP packet whose two
+    /// addresses are in neither map, nor the node's SNAT addresses, is none
+    /// of lb's and leaves after these lookups.
+    pub const PREFILTER4: &str = "LB_PREFILTER4";
+    /// The prefilter's IPv6 addresses (key: `Addr`).
+    pub const PREFILTER6: &str = "LB_PREFILTER6";
     /// Every map of the object, in the order the agent pins them.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 18] = [
         SERVICES,
         BACKENDS,
         BACKEND_SETS,
@@ -53,6 +60,8 @@ pub mod map_names {
         SOCK_NAT,
         SOCK_AFFINITY,
         NOT_PROGRAMMED,
+        PREFILTER4,
+        PREFILTER6,
     ];
     /// Pins of maps earlier versions wrote and this one no longer has.
     pub const RETIRED: [&str; 1] = ["LB_CT"];
@@ -161,6 +170,9 @@ pub mod map_sizes {
     /// Objects reported as not programmed (beyond this, only the metric
     /// counts them).
     pub const NOT_PROGRAMMED: u32 = 4_096;
+    /// Prefilter addresses per family: at most one per frontend and one
+    /// per backend (the agent sizes them from --lb-map-max as those).
+    pub const PREFILTER: u32 = SERVICES + BACKENDS;
 }
 
 /// `skb->mark` bit lb sets on packets it translated on the way in, so the

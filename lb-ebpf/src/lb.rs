@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr, AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendSetValue, BackendSlotKey,
-    BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, IPPROTO_TCP, MaglevKey, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SOCK_DIR_REVERSE, ServiceKey, ServiceValue, SetMemberKey, SockNatKey,
-    SourceRange, backend_flags, config_flags, ct_flags, service_flags, stat,
+    BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, IPPROTO_TCP, IPPROTO_UDP, MaglevKey,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SOCK_DIR_REVERSE, ServiceKey, ServiceValue, SetMemberKey,
+    SockNatKey, SourceRange, backend_flags, config_flags, ct_flags, service_flags, stat,
 };
 
 use crate::{
@@ -17,7 +17,8 @@ use crate::{
     icmp_error,
     maps::{
         LB_AFFINITY, LB_BACKEND_SETS, LB_BACKEND_SLOTS, LB_BACKENDS, LB_CONFIG, LB_MAGLEV,
-        LB_SERVICES, LB_SET_MEMBERS, LB_SOCK_NAT, LB_SOURCE_RANGES, count,
+        LB_PREFILTER4, LB_PREFILTER6, LB_SERVICES, LB_SET_MEMBERS, LB_SOCK_NAT, LB_SOURCE_RANGES,
+        count,
     },
     nat::{self, End},
     packet::{Packet, Routed},
@@ -95,6 +96,10 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
         count(stat::PASS_NOT_FRONTEND);
         return pkt.pass();
     }
+    if none_of_ours(pkt) {
+        count(stat::PASS_NOT_FRONTEND);
+        return pkt.pass();
+    }
     let mut flow = Flow::default();
     match parse::parse_into(pkt, &mut flow) {
         parse::FLOW => {}
@@ -142,6 +147,55 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
         REWRITE => translate(pkt, &flow, &to),
         REFUSE => refuse(pkt, &flow),
         verdict => verdict,
+    }
+}
+
+/// The prefilter: a whole TCP or UDP datagram (not a fragment, which may
+/// need its first fragment's ports; not ICMP, whose errors quote flows of
+/// other addresses) between two addresses that are neither a frontend's
+/// nor a backend's, nor to the node's SNAT addresses, can be none of lb's:
+/// no frontend, no reply entry (a reply comes from a backend or to an SNAT
+/// address), no address entry to refuse, no Service address to masquerade.
+/// It leaves after two lookups keyed by one address (IPv4-sized for IPv4),
+/// before the full parse. Anything else takes the full path.
+#[inline(always)]
+fn none_of_ours<P: Packet>(pkt: &P) -> bool {
+    let l3 = pkt.l3_off();
+    let Ok(proto_be) = pkt.l3_proto_be() else {
+        return false;
+    };
+    let ethertype = u16::from_be(proto_be);
+    if ethertype == parse::ETH_P_IP {
+        let Ok(ip) = pkt.load_header::<parse::Ipv4Hdr>(l3) else {
+            return false;
+        };
+        if (ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP)
+            || u16::from_be(ip.frag_be) & 0x3fff != 0
+        {
+            return false;
+        }
+        if let Some(config) = LB_CONFIG.get(0) {
+            let dst = Addr::v4(ip.dst_be);
+            if dst == config.nodeport_snat_addr4 || dst == config.hairpin_snat_addr4 {
+                return false;
+            }
+        }
+        unsafe { LB_PREFILTER4.get(ip.dst_be).is_none() && LB_PREFILTER4.get(ip.src_be).is_none() }
+    } else if ethertype == parse::ETH_P_IPV6 {
+        let Ok(ip) = pkt.load_header::<parse::Ipv6Hdr>(l3) else {
+            return false;
+        };
+        if ip.next_header != IPPROTO_TCP && ip.next_header != IPPROTO_UDP {
+            return false;
+        }
+        if let Some(config) = LB_CONFIG.get(0)
+            && (ip.dst == config.nodeport_snat_addr6 || ip.dst == config.hairpin_snat_addr6)
+        {
+            return false;
+        }
+        unsafe { LB_PREFILTER6.get(ip.dst).is_none() && LB_PREFILTER6.get(ip.src).is_none() }
+    } else {
+        false
     }
 }
 

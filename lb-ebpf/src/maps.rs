@@ -125,6 +125,16 @@ pub static LB_SOCK_AFFINITY: LruHashMap<SockAffinityKey, AffinityValue> =
 pub static LB_NOT_PROGRAMMED: HashMap<NotProgrammedKey, NotProgrammedValue> =
     HashMap::with_max_entries(map_sizes::NOT_PROGRAMMED, BPF_F_NO_PREALLOC);
 
+/// The prefilter (see `lb_common::map_names::PREFILTER4`): frontend and
+/// backend addresses -> 1. Written only by the agent.
+#[map(name = "LB_PREFILTER4")]
+pub static LB_PREFILTER4: HashMap<u32, u32> =
+    HashMap::with_max_entries(map_sizes::PREFILTER, BPF_F_NO_PREALLOC);
+
+#[map(name = "LB_PREFILTER6")]
+pub static LB_PREFILTER6: HashMap<Addr, u32> =
+    HashMap::with_max_entries(map_sizes::PREFILTER, BPF_F_NO_PREALLOC);
+
 /// Node-wide settings written by the agent (index 0).
 #[map(name = "LB_CONFIG")]
 pub static LB_CONFIG: Array<ConfigValue> = Array::with_max_entries(1, 0);

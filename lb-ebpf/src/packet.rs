@@ -1,7 +1,9 @@
 //! One offset-based view of a packet for both tc (skb) and XDP, so the
-//! translation logic is written once. All access goes through the kernel's
-//! bounds-checked load/store helpers: a truncated packet makes a load fail
-//! instead of reading past the end, and the verifier needs no pointer proofs.
+//! translation logic is written once. Headers are read in place where the
+//! frame holds them (direct packet access, bounds checked against the end);
+//! anything else goes through the kernel's bounds-checked load/store
+//! helpers, so a truncated packet makes a load fail instead of reading past
+//! the end.
 
 use aya_ebpf::{
     bindings::{
@@ -105,6 +107,37 @@ pub trait Packet {
     fn redirect_routed(&self, to: &Routed) -> Option<i32>;
 }
 
+/// A header read in place (direct packet access) at `off` (below 128)
+/// from `data`, if the frame's linear part holds all of it.
+///
+/// A plain load, not `read_unaligned`: for BPF, LLVM splits an unaligned
+/// read into single-byte loads (a header of 40 bytes became 40 loads and
+/// as many shifts, most of the parse's cost). The kernel checks packet
+/// access alignment only under strict alignment, which architectures with
+/// efficient unaligned access (x86-64, arm64: the ones lb runs on) do not
+/// have, and their JITs load from any address; C datapaths (Cilium's,
+/// Katran's) read their headers the same way.
+#[inline(always)]
+fn in_place<T: Copy>(data: usize, data_end: usize, off: u32) -> Option<T> {
+    let start = header_at::<T>(data, data_end, off)?;
+    // SAFETY: [start, start + size_of::<T>()) lies inside the frame,
+    // checked against data_end (which the verifier also proves).
+    Some(unsafe { ptr::read(start as *const T) })
+}
+
+/// Where a `T` at `off` (below 128) starts, if the linear data holds it.
+#[inline(always)]
+fn header_at<T>(data: usize, data_end: usize, off: u32) -> Option<usize> {
+    if off >= 128 {
+        return None;
+    }
+    // The mask restates the bound for the verifier; the barrier keeps LLVM
+    // from dropping it (it knows off < 128) and adding an unbounded copy
+    // of the offset instead.
+    let start = data + (core::hint::black_box(off) & 0x7f) as usize;
+    (start + size_of::<T>() <= data_end).then_some(start)
+}
+
 /// A translated packet's tuple, for the FIB lookup of the fast path.
 pub struct Routed {
     pub src_be: lb_common::Addr,
@@ -145,6 +178,17 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
     #[inline(always)]
     fn load<T: Copy>(&self, off: u32) -> Result<T> {
         self.ctx.load::<T>(off as usize).map_err(|_| PacketError)
+    }
+
+    /// Headers in the skb's linear part are read in place (direct packet
+    /// access, as XDP does); a header beyond it (a paged skb) takes the
+    /// helper, which reads the fragments too.
+    #[inline(always)]
+    fn load_header<T: Copy>(&self, off: u32) -> Result<T> {
+        match in_place(self.ctx.data(), self.ctx.data_end(), off) {
+            Some(header) => Ok(header),
+            None => self.load(off),
+        }
     }
 
     #[inline(always)]
@@ -319,7 +363,7 @@ impl XdpPacket<'_> {
         size: u32,
         udp: bool,
     ) -> Result<()> {
-        let old: u16 = self.load(csum_off)?;
+        let old: u16 = self.load_header(csum_off)?;
         if udp && old == 0 {
             return Ok(());
         }
@@ -354,17 +398,10 @@ impl Packet for XdpPacket<'_> {
 
     #[inline(always)]
     fn load_header<T: Copy>(&self, off: u32) -> Result<T> {
-        if off >= 128 {
-            return self.load(off);
+        match in_place(self.ctx.data(), self.ctx.data_end(), off) {
+            Some(header) => Ok(header),
+            None => self.load(off),
         }
-        // The mask restates the bound for the verifier.
-        let start = self.ctx.data() + (off & 0x7f) as usize;
-        if start + size_of::<T>() > self.ctx.data_end() {
-            return self.load(off);
-        }
-        // SAFETY: [start, start + size_of::<T>()) lies inside the frame,
-        // checked against data_end above (which the verifier also proves).
-        Ok(unsafe { ptr::read_unaligned(start as *const T) })
     }
 
     #[inline(always)]
@@ -385,8 +422,16 @@ impl Packet for XdpPacket<'_> {
         }
     }
 
+    /// Headers (offset below 128) are written in place: XDP frames are
+    /// always writable, and the rewrite's checksum fixes are in-program
+    /// arithmetic (`patch_csum`), so a translation calls no helper.
     #[inline(always)]
     fn store<T: Copy>(&mut self, off: u32, v: &T) -> Result<()> {
+        if let Some(start) = header_at::<T>(self.ctx.data(), self.ctx.data_end(), off) {
+            // SAFETY: inside the frame, checked against data_end (see `in_place`).
+            unsafe { ptr::write(start as *mut T, *v) };
+            return Ok(());
+        }
         let ret = unsafe {
             bpf_xdp_store_bytes(
                 self.ctx.ctx.cast(),

@@ -489,6 +489,8 @@ impl Datapath {
         clear::<CtKey, CtValue>(e, map_names::CT_OTHER);
         clear::<AffinityKey, AffinityValue>(e, map_names::AFFINITY);
         clear::<MaglevKey, u32>(e, map_names::MAGLEV);
+        clear::<u32, u32>(e, map_names::PREFILTER4);
+        clear::<lb_common::Addr, u32>(e, map_names::PREFILTER6);
         clear::<lb_common::SockNatKey, lb_common::SockNatValue>(e, map_names::SOCK_NAT);
         clear::<lb_common::SockAffinityKey, AffinityValue>(e, map_names::SOCK_AFFINITY);
         // The kernel side's fragment map ({src, dst, id, proto} -> ports).
@@ -565,7 +567,23 @@ impl Datapath {
         .unwrap_or_else(|e| panic!("map {name}: {e}"))
     }
 
+    /// Put `addr` in the prefilter, as the agent does for every frontend
+    /// and backend address before writing it.
+    pub fn prefilter(&mut self, addr: IpAddr) {
+        match addr {
+            IpAddr::V4(v4) => self
+                .hash::<u32, u32>(map_names::PREFILTER4)
+                .insert(u32::from(v4).to_be(), 1, 0)
+                .expect("prefilter4"),
+            IpAddr::V6(_) => self
+                .hash::<lb_common::Addr, u32>(map_names::PREFILTER6)
+                .insert(be32(addr), 1, 0)
+                .expect("prefilter6"),
+        }
+    }
+
     pub fn backend(&mut self, id: u32, at: Ep, proto: u8) {
+        self.prefilter(at.addr);
         let value = BackendValue {
             addr_be: be32(at.addr),
             port_be: at.port.to_be(),
@@ -710,6 +728,7 @@ impl Datapath {
     /// An address entry (`{addr, port 0, proto 0}`) in a scope with these flags.
     pub fn address_entry(&mut self, addr: impl Into<IpAddr>, scope: u8, flags: u32) {
         let addr = addr.into();
+        self.prefilter(addr);
         let head = ServiceValue {
             flags: frontend_kind::CLUSTER_IP | flags,
             ..Default::default()
@@ -766,6 +785,7 @@ impl Datapath {
     /// Mark `addr` as a Service IP: undeclared ports and protocols are rejected.
     pub fn address_only(&mut self, addr: impl Into<IpAddr>) {
         let addr = addr.into();
+        self.prefilter(addr);
         let head = ServiceValue {
             flags: frontend_kind::CLUSTER_IP | service_flags::ADDRESS_ONLY,
             ..Default::default()
@@ -816,6 +836,7 @@ impl Datapath {
         kind_and_flags: u32,
         scope: u8,
     ) {
+        self.prefilter(at.addr);
         let set_id = rev_nat_id;
         let mut earlier = self
             .members
@@ -873,6 +894,16 @@ impl Datapath {
 
     /// Into the conntrack map of the key's protocol.
     pub fn insert_ct(&mut self, key: CtKey, value: CtValue) {
+        // A reply entry's source is a backend: in the prefilter.
+        if key.dir == lb_common::CT_DIR_REPLY {
+            let src = key.src_addr_be;
+            let mut octets = [0u8; 16];
+            for (i, word) in src.be.iter().enumerate() {
+                octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+            let v6 = std::net::Ipv6Addr::from(octets);
+            self.prefilter(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4));
+        }
         let name = if key.proto == IPPROTO_TCP {
             map_names::CT_TCP
         } else {

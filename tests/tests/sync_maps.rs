@@ -945,3 +945,82 @@ fn resized_conntrack_keeps_its_flows() {
     assert_eq!(maps.ct_tcp.get(&key, 0).unwrap().backend_id, 5);
     assert!(dp.take_migration().is_some());
 }
+
+/// The IPv4 prefilter's addresses, read back from the map.
+fn prefilter4(maps: &Maps) -> BTreeSet<Ipv4Addr> {
+    maps.prefilter4
+        .keys()
+        .map(|k| Ipv4Addr::from(k.expect("prefilter key").to_ne_bytes()))
+        .collect()
+}
+
+#[test]
+fn prefilter_holds_every_frontend_and_backend_address_while_it_is_used() {
+    let fs = Bpffs::new("prefilter");
+    let addrs = |list: &[[u8; 4]]| -> BTreeSet<Ipv4Addr> {
+        list.iter().map(|a| Ipv4Addr::from(*a)).collect()
+    };
+    // 10.0.0.2 is a backend of both Services; 10.96.0.2 is b's frontend
+    // and, as a backend of a, also a backend address.
+    let both = desired(vec![
+        frontend(
+            "a",
+            [10, 96, 0, 1],
+            &[[10, 0, 0, 1], [10, 0, 0, 2], [10, 96, 0, 2]],
+        ),
+        frontend("b", [10, 96, 0, 2], &[[10, 0, 0, 2], [10, 0, 0, 3]]),
+    ]);
+    {
+        let mut syncer = Syncer::new(load(&fs, map_sizes::SERVICES)).expect("syncer");
+        assert!(syncer.sync(&both).errors.is_empty());
+        assert_eq!(
+            prefilter4(syncer.maps()),
+            addrs(&[
+                [10, 96, 0, 1],
+                [10, 96, 0, 2],
+                [10, 0, 0, 1],
+                [10, 0, 0, 2],
+                [10, 0, 0, 3]
+            ]),
+            "every frontend and backend address"
+        );
+        // b goes: its frontend address stays (a's backend), and so does
+        // the backend it shared with a; 10.0.0.3 only b used.
+        let only_a = desired(vec![frontend(
+            "a",
+            [10, 96, 0, 1],
+            &[[10, 0, 0, 1], [10, 0, 0, 2], [10, 96, 0, 2]],
+        )]);
+        assert!(syncer.sync(&only_a).errors.is_empty());
+        assert_eq!(
+            prefilter4(syncer.maps()),
+            addrs(&[[10, 96, 0, 1], [10, 96, 0, 2], [10, 0, 0, 1], [10, 0, 0, 2]]),
+        );
+        assert!(syncer.sync(&both).errors.is_empty());
+    }
+    // An address left in the pin by an agent that stopped before removing
+    // it: the restarted agent's adoption removes it, and keeps the rest.
+    {
+        let mut maps = Maps::open_pinned(&fs.0).expect("pinned maps");
+        maps.prefilter4
+            .insert(u32::from_ne_bytes([192, 0, 2, 9]), 1, 0)
+            .expect("stray address");
+    }
+    let mut syncer = Syncer::new(Maps::open_pinned(&fs.0).expect("pinned maps")).expect("adopt");
+    assert_eq!(
+        prefilter4(syncer.maps()),
+        addrs(&[
+            [10, 96, 0, 1],
+            [10, 96, 0, 2],
+            [10, 0, 0, 1],
+            [10, 0, 0, 2],
+            [10, 0, 0, 3]
+        ]),
+        "adoption keeps what the pinned entries use and only that"
+    );
+    assert!(syncer.sync(&desired(Vec::new())).errors.is_empty());
+    assert!(
+        prefilter4(syncer.maps()).is_empty(),
+        "nothing programmed, nothing in the prefilter"
+    );
+}

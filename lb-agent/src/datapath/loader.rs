@@ -813,7 +813,15 @@ impl Datapath {
             .map_max_entries(map_names::BACKEND_SLOTS, capacities.backend_slots)
             .map_max_entries(map_names::SET_MEMBERS, capacities.backend_slots)
             .map_max_entries(map_names::CT_TCP, capacities.ct_tcp)
-            .map_max_entries(map_names::CT_OTHER, capacities.ct_other);
+            .map_max_entries(map_names::CT_OTHER, capacities.ct_other)
+            .map_max_entries(
+                map_names::PREFILTER4,
+                capacities.services.saturating_add(capacities.backends),
+            )
+            .map_max_entries(
+                map_names::PREFILTER6,
+                capacities.services.saturating_add(capacities.backends),
+            );
         let paths: Vec<(&'static str, PathBuf)> = shapes
             .iter()
             .map(|s| (s.name, bpffs.join(s.name)))

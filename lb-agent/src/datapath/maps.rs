@@ -7,8 +7,8 @@ use aya::maps::{
     Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues, lpm_trie::LpmTrie,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BackendSetValue, BackendSlotKey, BackendValue, ConfigValue, CtKey,
-    CtValue, MaglevKey, NotProgrammedKey, NotProgrammedValue, RevNatValue, ServiceKey,
+    Addr, AffinityKey, AffinityValue, BackendSetValue, BackendSlotKey, BackendValue, ConfigValue,
+    CtKey, CtValue, MaglevKey, NotProgrammedKey, NotProgrammedValue, RevNatValue, ServiceKey,
     ServiceValue, SetMemberKey, SockAffinityKey, SockNatKey, SockNatValue, SourceRange, map_names,
     map_sizes, stat,
 };
@@ -84,12 +84,12 @@ impl Default for Capacities {
 }
 
 /// The shapes lb-common declares for every pinned map.
-pub fn expected_shapes() -> [MapShape; 16] {
+pub fn expected_shapes() -> [MapShape; 18] {
     shapes_with(Capacities::default())
 }
 
 /// The shapes with the given capacities.
-pub fn shapes_with(cap: Capacities) -> [MapShape; 16] {
+pub fn shapes_with(cap: Capacities) -> [MapShape; 18] {
     use std::mem::size_of;
     let shape = |name, k: usize, v: usize, max| MapShape {
         name,
@@ -187,6 +187,19 @@ pub fn shapes_with(cap: Capacities) -> [MapShape; 16] {
             size_of::<NotProgrammedValue>(),
             map_sizes::NOT_PROGRAMMED,
         ),
+        // One address per frontend and per backend at most.
+        shape(
+            map_names::PREFILTER4,
+            4,
+            4,
+            cap.services.saturating_add(cap.backends),
+        ),
+        shape(
+            map_names::PREFILTER6,
+            size_of::<Addr>(),
+            4,
+            cap.services.saturating_add(cap.backends),
+        ),
     ]
 }
 
@@ -242,6 +255,8 @@ pub type SourceRangesMap = LpmTrie<MapData, SourceRange, u32>;
 pub type SockNatMap = HashMap<MapData, SockNatKey, SockNatValue>;
 pub type SockAffinityMap = HashMap<MapData, SockAffinityKey, AffinityValue>;
 pub type NotProgrammedMap = HashMap<MapData, NotProgrammedKey, NotProgrammedValue>;
+pub type Prefilter4Map = HashMap<MapData, u32, u32>;
+pub type Prefilter6Map = HashMap<MapData, Addr, u32>;
 
 /// Every map of the datapath.
 pub struct Maps {
@@ -261,6 +276,8 @@ pub struct Maps {
     pub sock_nat: SockNatMap,
     pub sock_affinity: SockAffinityMap,
     pub not_programmed: NotProgrammedMap,
+    pub prefilter4: Prefilter4Map,
+    pub prefilter6: Prefilter6Map,
 }
 
 fn typed<T>(name: &'static str, map: Map) -> Result<T, MapsError>
@@ -291,6 +308,8 @@ impl Maps {
             sock_nat: typed(map_names::SOCK_NAT, take(map_names::SOCK_NAT)?)?,
             sock_affinity: typed(map_names::SOCK_AFFINITY, take(map_names::SOCK_AFFINITY)?)?,
             not_programmed: typed(map_names::NOT_PROGRAMMED, take(map_names::NOT_PROGRAMMED)?)?,
+            prefilter4: typed(map_names::PREFILTER4, take(map_names::PREFILTER4)?)?,
+            prefilter6: typed(map_names::PREFILTER6, take(map_names::PREFILTER6)?)?,
         })
     }
 
@@ -321,6 +340,8 @@ impl Maps {
             sock_nat: typed(map_names::SOCK_NAT, open(13, Map::LruHashMap)?)?,
             sock_affinity: typed(map_names::SOCK_AFFINITY, open(14, Map::LruHashMap)?)?,
             not_programmed: typed(map_names::NOT_PROGRAMMED, open(15, Map::HashMap)?)?,
+            prefilter4: typed(map_names::PREFILTER4, open(16, Map::HashMap)?)?,
+            prefilter6: typed(map_names::PREFILTER6, open(17, Map::HashMap)?)?,
         })
     }
 

@@ -225,6 +225,11 @@ pub struct Syncer {
     stray_maglev_keys: Vec<MaglevKey>,
     /// LB_NOT_PROGRAMMED as written: object -> (map full, reason).
     not_programmed: BTreeMap<String, (bool, String)>,
+    /// The prefilter as written: address -> how many written frontends,
+    /// address entries and backends have it. An address is in the map
+    /// before the first entry with it is written and leaves after the last
+    /// is removed, so the datapath never skips a packet it must see.
+    prefilter: BTreeMap<IpAddr, u32>,
 }
 
 fn be32(addr: IpAddr) -> Addr {
@@ -381,6 +386,7 @@ impl Syncer {
             stray_member_keys: Vec::new(),
             stray_maglev_keys: Vec::new(),
             not_programmed: BTreeMap::new(),
+            prefilter: BTreeMap::new(),
         };
         // What an earlier agent reported stays until the first report replaces it.
         for entry in syncer.maps.not_programmed.iter() {
@@ -459,13 +465,87 @@ impl Syncer {
                     .insert((from_be32(data.frontend_addr_be), net));
             }
         }
+        syncer.adopt_prefilter()?;
         debug!(
             frontends = syncer.frontends.len(),
             sets = syncer.sets.len(),
             backends = syncer.backends.len(),
+            prefilter = syncer.prefilter.len(),
             "adopted existing map contents"
         );
         Ok(syncer)
+    }
+
+    /// The prefilter for the adopted entries: every address they hold is
+    /// written (a map from before the prefilter existed is empty), and any
+    /// other pinned address removed.
+    fn adopt_prefilter(&mut self) -> Result<(), MapError> {
+        let addrs: Vec<IpAddr> = self
+            .frontends
+            .keys()
+            .map(|fk| fk.addr)
+            .chain(self.addresses.keys().map(|(addr, _)| *addr))
+            .chain(self.backends.values().map(|b| from_be32(b.addr_be)))
+            .collect();
+        let pinned4: Vec<u32> = self.maps.prefilter4.keys().collect::<Result<_, _>>()?;
+        let pinned6: Vec<Addr> = self.maps.prefilter6.keys().collect::<Result<_, _>>()?;
+        for addr in addrs {
+            self.prefilter_ref(addr)?;
+        }
+        for key in pinned4 {
+            let addr = IpAddr::V4(std::net::Ipv4Addr::from(key.to_ne_bytes()));
+            if !self.prefilter.contains_key(&addr) {
+                self.maps.prefilter4.remove(&key)?;
+            }
+        }
+        for key in pinned6 {
+            if !self.prefilter.contains_key(&from_be32(key)) {
+                self.maps.prefilter6.remove(&key)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One more written entry holds `addr`: the first puts it in the
+    /// prefilter (before that entry is written).
+    fn prefilter_ref(&mut self, addr: IpAddr) -> Result<(), MapError> {
+        if let Some(n) = self.prefilter.get_mut(&addr) {
+            *n += 1;
+            return Ok(());
+        }
+        match addr {
+            IpAddr::V4(v4) => self
+                .maps
+                .prefilter4
+                .insert(u32::from_ne_bytes(v4.octets()), 1, 0)?,
+            IpAddr::V6(_) => self.maps.prefilter6.insert(be32(addr), 1, 0)?,
+        }
+        self.prefilter.insert(addr, 1);
+        Ok(())
+    }
+
+    /// One written entry holding `addr` went: the last takes it out of the
+    /// prefilter. A failed removal only leaves an address the datapath
+    /// looks at more closely than it needs to.
+    fn prefilter_unref(&mut self, addr: IpAddr) {
+        let Some(n) = self.prefilter.get_mut(&addr) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        self.prefilter.remove(&addr);
+        let result = match addr {
+            IpAddr::V4(v4) => self
+                .maps
+                .prefilter4
+                .remove(&u32::from_ne_bytes(v4.octets())),
+            IpAddr::V6(_) => self.maps.prefilter6.remove(&be32(addr)),
+        };
+        if !removed(result) {
+            warn!(%addr, "removing a prefilter address failed; it stays until the agent restarts");
+        }
     }
 
     /// Backend sets found in the pins. The maps do not record which Service
@@ -905,12 +985,22 @@ impl Syncer {
             if self.backends.get(id) == Some(&value) {
                 continue;
             }
-            match self.maps.backends.insert(id, value, 0) {
+            let new_address = !self.backends.contains_key(id);
+            let written = if new_address {
+                self.prefilter_ref(from_be32(value.addr_be))
+            } else {
+                Ok(())
+            }
+            .and_then(|()| self.maps.backends.insert(id, value, 0));
+            match written {
                 Ok(()) => {
                     self.backends.insert(*id, value);
                     report.backends_written += 1;
                 }
                 Err(e) => {
+                    if new_address {
+                        self.prefilter_unref(from_be32(value.addr_be));
+                    }
                     failed_backends.insert(*id);
                     warn!(backend_id = id, error = %e, "writing backend failed");
                 }
@@ -987,11 +1077,18 @@ impl Syncer {
                 flags,
                 ..Default::default()
             };
-            match self
-                .maps
-                .services
-                .insert(address_key(*addr, *scope), head, 0)
-            {
+            let new_entry = !self.addresses.contains_key(&(*addr, *scope));
+            let written = if new_entry {
+                self.prefilter_ref(*addr)
+            } else {
+                Ok(())
+            }
+            .and_then(|()| {
+                self.maps
+                    .services
+                    .insert(address_key(*addr, *scope), head, 0)
+            });
+            match written {
                 Ok(()) => {
                     self.addresses.insert((*addr, *scope), flags);
                 }
@@ -1022,6 +1119,7 @@ impl Syncer {
                 continue;
             }
             self.frontends.remove(fk);
+            self.prefilter_unref(fk.addr);
             self.unref_set(applied.backend_set_id);
             report.frontends_removed += 1;
             if applied.flags & service_flags::AFFINITY != 0 {
@@ -1041,6 +1139,7 @@ impl Syncer {
             }
             if self.remove_key(address_key(key.0, key.1)) {
                 self.addresses.remove(key);
+                self.prefilter_unref(key.0);
             } else {
                 report.errors.push(SyncError {
                     object: format!("Service IP {}", key.0),
@@ -1218,6 +1317,7 @@ impl Syncer {
             }
             count += 1;
             self.backends.remove(&id);
+            self.prefilter_unref(from_be32(value.addr_be));
             self.cleanup.backends_gone.insert(id);
             self.release_backend_id(value);
         }
@@ -1588,7 +1688,15 @@ impl Syncer {
         if old == Some(value) {
             return Ok(false);
         }
-        self.maps.services.insert(service_key(fk), value, 0)?;
+        if old.is_none() {
+            self.prefilter_ref(fk.addr)?;
+        }
+        if let Err(e) = self.maps.services.insert(service_key(fk), value, 0) {
+            if old.is_none() {
+                self.prefilter_unref(fk.addr);
+            }
+            return Err(e);
+        }
         if let Some(old) = old {
             // Affinity turned off, or the frontend moved to another set
             // (its traffic policy changed): its entries no longer hold.

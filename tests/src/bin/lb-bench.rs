@@ -1,11 +1,23 @@
 //! Per-packet cost of lb's programs through BPF_PROG_TEST_RUN, for
-//! `cargo xtask perf`: the kernel's own in-program time per packet, median of
-//! several runs, at several numbers of programmed Services, against no-op
+//! `cargo xtask perf`: the kernel's own in-program time per packet, at
+//! several numbers of programmed Services, for IPv4 and IPv6, against no-op
 //! tc and XDP programs as the floor. Prints one JSON document.
 //!
-//! lb-bench [--services 10,1000,10000,100000] [--repeat N] [--runs N] [--new-flows N]
+//! A program that translates a packet changes it, and BPF_PROG_TEST_RUN's
+//! repeat runs the program again on the changed packet: a repeated
+//! established packet would be measured once and then as a packet to the
+//! backend (a miss). So the Service under test is a pair: frontend A's
+//! backend is frontend B's address and port, and B's backend is A's. An
+//! established packet to A leaves as one to B, which the next run finds
+//! established and sends back to A: every repeated run is an established
+//! translation, with warm caches as on a busy node (replies the same way).
+//! A new flow cannot repeat: it is timed one run per packet against the
+//! no-op programs timed the same way (the timer's own cost, and cold
+//! caches, are in both).
+//!
+//! lb-bench [--services 10,1000,10000,100000] [--repeat N] [--runs N] [--samples N]
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::IPPROTO_TCP as TCP;
 use lb_tests::packet::*;
@@ -28,6 +40,16 @@ fn nth(base: Ipv4Addr, n: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(base) + n)
 }
 
+/// One family's client, frontend and backend for the Service under test.
+struct Family {
+    name: &'static str,
+    client: Ep,
+    frontend: Ep,
+    backend: Ep,
+    /// An address that is neither a frontend's nor a backend's.
+    elsewhere: Ep,
+}
+
 fn main() {
     let services: Vec<u32> = arg("--services", "10,1000,10000,100000")
         .split(',')
@@ -35,24 +57,56 @@ fn main() {
         .collect();
     let repeat: u32 = arg("--repeat", "1000000").parse().expect("--repeat");
     let runs: usize = arg("--runs", "5").parse().expect("--runs");
-    let new_flows: u16 = arg("--new-flows", "2000").parse().expect("--new-flows");
-    let client = Ep {
-        addr: Ipv4Addr::new(10, 0, 0, 5).into(),
-        port: 40000,
-    };
+    let samples: u16 = arg("--samples", "2000").parse().expect("--samples");
 
     let mut floor = Datapath::load_sized(64, 64);
-    let probe = tcp(client, ep("10.96.0.1:80"), ACK, b"x");
-    let floor_tc = median(
-        (0..runs)
-            .map(|_| floor.time("lb_noop_tc", &probe, repeat))
-            .collect(),
-    );
-    let floor_xdp = median(
-        (0..runs)
-            .map(|_| floor.time("lb_noop_xdp", &probe, repeat))
-            .collect(),
-    );
+    let probe = tcp(ep("10.0.0.5:40000"), ep("10.96.0.1:80"), ACK, b"x");
+    let repeated = |dp: &mut Datapath, prog: &str, frame: &[u8]| {
+        median((0..runs).map(|_| dp.time(prog, frame, repeat)).collect())
+    };
+    let single = |dp: &mut Datapath, prog: &str, frame: &dyn Fn(u16) -> Vec<u8>| {
+        median((0..samples).map(|i| dp.time(prog, &frame(i), 1)).collect())
+    };
+    let floors = [
+        (
+            "tc",
+            repeated(&mut floor, "lb_noop_tc", &probe),
+            single(&mut floor, "lb_noop_tc", &|_| probe.clone()),
+        ),
+        (
+            "xdp",
+            repeated(&mut floor, "lb_noop_xdp", &probe),
+            single(&mut floor, "lb_noop_xdp", &|_| probe.clone()),
+        ),
+    ];
+    let families = [
+        Family {
+            name: "ipv4",
+            client: ep("10.0.0.5:40000"),
+            frontend: ep("10.95.0.1:80"),
+            backend: ep("10.127.0.1:8080"),
+            elsewhere: ep("192.0.2.1:80"),
+        },
+        Family {
+            name: "ipv6",
+            client: Ep {
+                addr: IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 5)),
+                port: 40000,
+            },
+            frontend: Ep {
+                addr: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 1)),
+                port: 80,
+            },
+            backend: Ep {
+                addr: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x128, 0, 0, 0, 0, 0, 1)),
+                port: 8080,
+            },
+            elsewhere: Ep {
+                addr: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+                port: 80,
+            },
+        },
+    ];
     let mut rows = Vec::new();
     for &n in &services {
         let mut dp = Datapath::load_sized(2 * n + 64, n + 64);
@@ -68,75 +122,70 @@ fn main() {
             dp.backend(i + 1, be, TCP);
             dp.frontend(fe, TCP, i + 1, &[i + 1]);
         }
-        // The Service under test is the last one programmed.
-        let fe = Ep {
-            addr: nth(Ipv4Addr::new(10, 96, 0, 1), n - 1).into(),
-            port: 80,
-        };
-        let be = Ep {
-            addr: nth(Ipv4Addr::new(10, 128, 0, 1), n - 1).into(),
-            port: 8080,
-        };
-        for (prog, name) in [(Prog::Tc, "lb_tc_ingress"), (Prog::Xdp, "lb_xdp")] {
-            let floor = if prog == Prog::Tc {
-                floor_tc
-            } else {
-                floor_xdp
-            };
-            // A new flow per run: distinct source ports, one run each.
-            let first_port: u16 = if prog == Prog::Tc { 1000 } else { 30000 };
-            let new_flow = median(
-                (0..new_flows)
-                    .map(|i| {
-                        dp.time(
-                            name,
-                            &tcp(
-                                Ep {
-                                    port: first_port + i,
-                                    ..client
-                                },
-                                fe,
-                                SYN,
-                                b"",
-                            ),
-                            1,
-                        )
-                    })
-                    .collect(),
-            );
-            let syn = tcp(client, fe, SYN, b"");
-            let _ = dp.run(prog, &syn);
-            let established = median(
-                (0..runs)
-                    .map(|_| dp.time(name, &tcp(client, fe, ACK, b"x"), repeat))
-                    .collect(),
-            );
-            let reply = median(
-                (0..runs)
-                    .map(|_| dp.time(name, &tcp(be, client, ACK, b"y"), repeat))
-                    .collect(),
-            );
-            let miss = median(
-                (0..runs)
-                    .map(|_| dp.time(name, &tcp(client, ep("192.0.2.1:80"), ACK, b"z"), repeat))
-                    .collect(),
-            );
-            rows.push(json!({
-                "services": n,
-                "program": if prog == Prog::Tc { "tc" } else { "xdp" },
-                "floor_ns": floor,
-                "new_flow_ns": new_flow,
-                "established_ns": established,
-                "reply_ns": reply,
-                "miss_ns": miss,
-            }));
-            eprintln!(
-                "lb-bench: {n} services {name}: new {new_flow:.0} ns, established {established:.0}, reply {reply:.0}, miss {miss:.0} (floor {floor:.0})"
-            );
+        // The Services under test, a pair per family, programmed last.
+        for (k, family) in families.iter().enumerate() {
+            let (a, b) = (n + 1 + 2 * k as u32, n + 2 + 2 * k as u32);
+            dp.backend(a, family.backend, TCP);
+            dp.frontend(family.frontend, TCP, a, &[a]);
+            dp.backend(b, family.frontend, TCP);
+            dp.frontend(family.backend, TCP, b, &[b]);
+        }
+        for family in &families {
+            for (prog, name) in [(Prog::Tc, "lb_tc_ingress"), (Prog::Xdp, "lb_xdp")] {
+                let (program, floor_repeated, floor_single) = if prog == Prog::Tc {
+                    floors[0]
+                } else {
+                    floors[1]
+                };
+                let (client, fe, be) = (family.client, family.frontend, family.backend);
+                // A new flow per sample: distinct source ports.
+                let first_port: u16 = if prog == Prog::Tc { 1000 } else { 30000 };
+                let new_flow = single(&mut dp, name, &|i| {
+                    tcp(
+                        Ep {
+                            port: first_port + i,
+                            ..client
+                        },
+                        fe,
+                        SYN,
+                        b"",
+                    )
+                });
+                // Both flows of the pair: client -> A (to B) and client -> B (to A).
+                let _ = dp.run(prog, &tcp(client, fe, SYN, b""));
+                let _ = dp.run(prog, &tcp(client, be, SYN, b""));
+                let established = repeated(&mut dp, name, &tcp(client, fe, ACK, b"x"));
+                let reply = repeated(&mut dp, name, &tcp(be, client, ACK, b"y"));
+                let miss = repeated(&mut dp, name, &tcp(client, family.elsewhere, ACK, b"z"));
+                rows.push(json!({
+                    "services": n,
+                    "family": family.name,
+                    "program": program,
+                    "floor_ns": floor_repeated,
+                    "floor_single_ns": floor_single,
+                    "new_flow_ns": new_flow,
+                    "established_ns": established,
+                    "reply_ns": reply,
+                    "miss_ns": miss,
+                }));
+                eprintln!(
+                    "lb-bench: {n} services {} {name}: new {new_flow:.0} ns (single-run floor {floor_single:.0}); established {established:.0}, reply {reply:.0}, miss {miss:.0} (floor {floor_repeated:.0})",
+                    family.name
+                );
+            }
         }
     }
     println!(
         "{}",
-        json!({"repeat": repeat, "runs": runs, "floor_tc_ns": floor_tc, "floor_xdp_ns": floor_xdp, "rows": rows})
+        json!({
+            "repeat": repeat,
+            "runs": runs,
+            "samples": samples,
+            "floor_tc_ns": floors[0].1,
+            "floor_xdp_ns": floors[1].1,
+            "floor_tc_single_ns": floors[0].2,
+            "floor_xdp_single_ns": floors[1].2,
+            "rows": rows
+        })
     );
 }
