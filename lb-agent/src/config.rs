@@ -144,6 +144,11 @@ pub struct RunArgs {
     /// netfilter for them. Default: true
     #[arg(long, value_name = "BOOL")]
     pub fast_path: Option<bool>,
+    /// Count every packet and byte of each tracked flow (`dump conntrack`'s
+    /// packets and bytes): a conntrack write per packet. Off, an entry is
+    /// written on a state change and at most once a second. Default: false
+    #[arg(long, value_name = "BOOL")]
+    pub conntrack_accounting: Option<bool>,
     /// Socket-level LB: the node's own processes (hostNetwork pods, kubelet,
     /// tools) reach Services, translated at connect()/sendmsg() by cgroup
     /// programs on the root cgroup. Default: true
@@ -251,6 +256,7 @@ pub struct FileConfig {
     pub masquerade_cluster_policy: Option<bool>,
     pub ping_services: Option<bool>,
     pub fast_path: Option<bool>,
+    pub conntrack_accounting: Option<bool>,
     pub socket_lb: Option<bool>,
     pub socket_lb_all_namespaces: Option<bool>,
     pub cgroup_root: Option<PathBuf>,
@@ -357,6 +363,8 @@ pub struct RunConfig {
     /// Remove kube-proxy's leftover rules at start.
     pub cleanup_kube_proxy: bool,
     pub fast_path: bool,
+    /// Per-packet conntrack counters (`--conntrack-accounting`).
+    pub conntrack_accounting: bool,
     /// Socket-level LB, when on.
     pub socket_lb: Option<SocketLb>,
     pub bpffs: PathBuf,
@@ -545,6 +553,10 @@ impl RunArgs {
                 .or(file.cleanup_kube_proxy)
                 .unwrap_or(false),
             fast_path: self.fast_path.or(file.fast_path).unwrap_or(true),
+            conntrack_accounting: self
+                .conntrack_accounting
+                .or(file.conntrack_accounting)
+                .unwrap_or(false),
             socket_lb: self
                 .socket_lb
                 .or(file.socket_lb)

@@ -246,6 +246,10 @@ fn datapath_config(
             config_flags::FAST_PATH
         } else {
             0
+        } | if config.conntrack_accounting {
+            config_flags::CT_ACCOUNTING
+        } else {
+            0
         } | match &config.socket_lb {
             Some(socket_lb) if socket_lb.all_namespaces => {
                 config_flags::SOCKET_LB | config_flags::SOCKET_LB_ALL_NETNS

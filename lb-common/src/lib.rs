@@ -713,6 +713,11 @@ pub mod config_flags {
     /// mid-connection TCP packet with no conntrack entry is dropped (TCP
     /// sends it again once its entry is copied), not balanced afresh.
     pub const MIGRATING: u32 = 1 << 5;
+    /// Conntrack entries count every packet and byte (`packets`, `bytes`):
+    /// a write per packet. Off, an entry is written when its state changes
+    /// and at most once a second otherwise (Cilium's report interval; its
+    /// per-flow accounting is off by default for the same reason).
+    pub const CT_ACCOUNTING: u32 = 1 << 6;
 }
 
 /// Default SNAT port range: above Linux's default ip_local_port_range

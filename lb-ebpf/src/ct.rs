@@ -4,11 +4,11 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::bpf_get_prandom_u32,
 };
 use lb_common::{
     Addr, BACKEND_STANDBY, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, IPPROTO_TCP,
-    ct_flags, ct_lifetime,
+    config_flags, ct_flags, ct_lifetime,
 };
 
 use crate::{
@@ -17,6 +17,16 @@ use crate::{
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// The datapath's clock: CLOCK_MONOTONIC at tick resolution. Every time lb
+/// keeps (conntrack, affinity) counts in seconds, and the coarse clock is a
+/// read of the last tick's time where the precise one reads the TSC and
+/// scales it (about a tenth of an established packet's cost). The agent
+/// reads CLOCK_MONOTONIC, which the coarse clock trails by under a tick.
+#[inline(always)]
+pub fn now() -> u64 {
+    unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() }
+}
 
 /// The entry of `key` in its protocol's conntrack map.
 #[inline(always)]
@@ -148,17 +158,34 @@ fn state_bits(flow: &Flow, dir: u8) -> u16 {
 
 /// Account a packet of direction `dir` on `entry`. Returns the state bits
 /// that are new, which the caller copies to the other direction's entry.
+///
+/// The entry is written only when the packet changes what it records (new
+/// state bits or TCP flags) or its last-seen second (lifetimes count in
+/// seconds), unless `--conntrack-accounting` counts every packet: an
+/// entry written by every packet of a busy flow, from several CPUs, is a
+/// cache line passed between them per packet.
 #[inline(always)]
 pub fn observe(entry: *mut CtValue, flow: &Flow, dir: u8, now: u64, len: u32, extra: u16) -> u16 {
     unsafe {
         let old = (*entry).flags;
         let flags = old | state_bits(flow, dir) | extra;
+        let tcp_flags_seen = (*entry).tcp_flags_seen | flow.tcp_flags;
+        if LB_CONFIG
+            .get(0)
+            .is_some_and(|c| c.flags & config_flags::CT_ACCOUNTING != 0)
+        {
+            (*entry).packets += 1;
+            (*entry).bytes += len as u64;
+        } else if flags == old
+            && tcp_flags_seen == (*entry).tcp_flags_seen
+            && now / NS_PER_SEC == (*entry).last_seen_ns / NS_PER_SEC
+        {
+            return 0;
+        }
         (*entry).flags = flags;
         (*entry).last_seen_ns = now;
         (*entry).lifetime_s = lifetime(flow.proto, flags);
-        (*entry).packets += 1;
-        (*entry).bytes += len as u64;
-        (*entry).tcp_flags_seen |= flow.tcp_flags;
+        (*entry).tcp_flags_seen = tcp_flags_seen;
         flags & !old
     }
 }
@@ -203,7 +230,7 @@ pub enum CreateError {
 #[inline(always)]
 pub fn lookup_timed(key: &CtKey) -> Option<(*mut CtValue, u64)> {
     let entry = entry_ptr(key)?;
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::ct::now();
     alive(entry, now).then_some((entry, now))
 }
 

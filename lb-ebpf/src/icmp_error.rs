@@ -13,7 +13,6 @@
 //! about a reply (the client's side refusing or too small) travels towards
 //! the backend: found by the forward entry, translated the other way.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{Addr, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, IPPROTO_TCP, IPPROTO_UDP, stat};
 
 use crate::{
@@ -74,7 +73,7 @@ pub fn translate<P: Packet>(pkt: &mut P, outer: &Flow, towards_backend: bool) ->
         dir: CT_DIR_REPLY,
         _pad: [0; 2],
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::ct::now();
     let to = if let Some(entry) = ct::lookup(&key, now) {
         // The quote left towards the backend: restore the frontend (and the
         // client, if source-NATed).

@@ -1,10 +1,9 @@
 //! Service translation: frontend lookup, backend selection, conntrack, and
 //! the reverse translation of replies. Shared by the tc and XDP programs.
 
-use aya_ebpf::{
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
-    maps::lpm_trie::Key,
-};
+use core::mem::MaybeUninit;
+
+use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use lb_common::{
     Addr, AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendSetValue, BackendSlotKey,
     BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, IPPROTO_TCP, IPPROTO_UDP, MaglevKey,
@@ -65,7 +64,6 @@ impl Origin {
 /// Where a translated packet goes: the ends to write (see `Nat`), which
 /// end `nat.addr` replaces, and the counter of a successful translation.
 /// Lives in `process`'s frame; `forward` and `ct::create` fill it in place.
-#[derive(Default)]
 pub struct Rewrite {
     nat: Nat,
     /// The end `nat.addr_be` replaces: destination (forward) or source (reply).
@@ -100,8 +98,18 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
         count(stat::PASS_NOT_FRONTEND);
         return pkt.pass();
     }
-    let mut flow = Flow::default();
-    match parse::parse_into(pkt, &mut flow) {
+    // Not zeroed first: for BPF, LLVM zeroes a struct this size with a call
+    // to a byte-at-a-time memset (60 iterations per packet). `parse_into`
+    // writes all of it for every answer but a stat.
+    let mut flow = MaybeUninit::<Flow>::uninit();
+    let parsed = parse::parse_into(pkt, &mut flow);
+    if parsed < parse::FRAG_UNKNOWN {
+        count(parsed);
+        return pkt.pass();
+    }
+    // SAFETY: initialised for every answer but a stat (see `parse_into`).
+    let flow = unsafe { flow.assume_init() };
+    match parsed {
         parse::FLOW => {}
         parse::ECHO if !origin.replies_only() => return echo_request(pkt, &flow, origin),
         parse::ECHO => {
@@ -112,11 +120,7 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
         // forward packets arrive.
         // (The node's egress carries errors about answers too: the node's own.)
         parse::ICMP_ERROR => return icmp_error::translate(pkt, &flow, origin != Origin::Reply),
-        parse::FRAG_UNKNOWN => return unknown_fragment(pkt, &flow, origin),
-        reason => {
-            count(reason);
-            return pkt.pass();
-        }
+        _ => return unknown_fragment(pkt, &flow, origin),
     }
     let key = ServiceKey {
         addr_be: flow.dst_be,
@@ -125,7 +129,9 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
         scope: origin.scope(),
         _pad: 0,
     };
-    let mut to = Rewrite::default();
+    // Written whole by whichever path returns REWRITE, read only then (not
+    // zeroed first, for the same reason as `flow`).
+    let mut to = MaybeUninit::<Rewrite>::uninit();
     // The clock is read only where it is needed: not for packets that
     // are none of ours (the common case on a node).
     let frontend = if origin.replies_only() {
@@ -144,7 +150,8 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
         verdict
     };
     match verdict {
-        REWRITE => translate(pkt, &flow, &to),
+        // SAFETY: every path returning REWRITE wrote `to` whole.
+        REWRITE => translate(pkt, &flow, unsafe { to.assume_init_ref() }),
         REFUSE => refuse(pkt, &flow),
         verdict => verdict,
     }
@@ -288,7 +295,7 @@ fn forward<P: Packet>(
     flow: &Flow,
     key: &ServiceKey,
     frontend: &ServiceValue,
-    to: &mut Rewrite,
+    to: &mut MaybeUninit<Rewrite>,
 ) -> i32 {
     // One consistent copy: the agent may rewrite the entry meanwhile.
     let frontend = &{ *frontend };
@@ -301,7 +308,7 @@ fn forward<P: Packet>(
         count(stat::DROP_SOURCE_RANGE);
         return pkt.drop_verdict();
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::ct::now();
     let len = pkt.len();
     let fwd_key = ct::forward_key(flow);
     if let Some(entry) = ct::lookup(&fwd_key, now) {
@@ -313,7 +320,7 @@ fn forward<P: Packet>(
         });
         match backend {
             Some(backend) if !ct::restarts(flow, unsafe { &*entry }, backend) => {
-                *to = Rewrite {
+                to.write(Rewrite {
                     nat: Nat {
                         addr_be: backend.addr_be,
                         port_be: backend.port_be,
@@ -322,7 +329,7 @@ fn forward<P: Packet>(
                     },
                     end: End::Destination,
                     verdict: stat::ESTABLISHED,
-                };
+                });
                 ct::account(entry, flow, CT_DIR_FORWARD, now, len, 0);
                 return REWRITE;
             }
@@ -353,13 +360,17 @@ fn forward<P: Packet>(
         return pkt.drop_verdict();
     };
     // Built in the caller's frame: this one is near the stack limit.
-    to.end = End::Destination;
-    to.verdict = stat::NEW_FLOW;
+    let to = to.write(Rewrite {
+        nat: Nat {
+            addr_be: backend.addr_be,
+            port_be: backend.port_be,
+            other_addr_be: Addr::NONE,
+            other_port_be: flow.sport_be,
+        },
+        end: End::Destination,
+        verdict: stat::NEW_FLOW,
+    });
     let nat = &mut to.nat;
-    nat.addr_be = backend.addr_be;
-    nat.port_be = backend.port_be;
-    nat.other_addr_be = Addr::NONE;
-    nat.other_port_be = flow.sport_be;
     let config = LB_CONFIG.get(0);
     let mut allocate = false;
     if backend.addr_be == flow.src_be {
@@ -562,7 +573,12 @@ fn flow_hash(flow: &Flow) -> u32 {
 /// A packet not addressed to a frontend: a reply of a translated flow, a
 /// packet to a Service IP on an undeclared port, or none of ours.
 #[inline(never)]
-fn reply<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin, to: &mut Rewrite) -> i32 {
+fn reply<P: Packet>(
+    pkt: &mut P,
+    flow: &Flow,
+    origin: Origin,
+    to: &mut MaybeUninit<Rewrite>,
+) -> i32 {
     let key = ct::reply_key(flow);
     let Some((entry, now)) = ct::lookup_timed(&key) else {
         if awaiting_copy(flow) {
@@ -581,7 +597,7 @@ fn reply<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin, to: &mut Rewrite) 
     ct::account(entry, flow, CT_DIR_REPLY, now, pkt.len(), extra);
     // Read through the pointer: an entry copied to the stack costs 88 bytes.
     let entry = unsafe { &*entry };
-    *to = Rewrite {
+    to.write(Rewrite {
         nat: Nat {
             addr_be: entry.nat_addr_be,
             port_be: entry.nat_port_be,
@@ -590,7 +606,7 @@ fn reply<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin, to: &mut Rewrite) 
         },
         end: End::Source,
         verdict: stat::REPLY,
-    };
+    });
     REWRITE
 }
 
@@ -720,26 +736,29 @@ const NO_BACKEND: u32 = lb_common::CT_NO_BACKEND;
 /// backend stays the destination; the answer, addressed to the node's SNAT
 /// address, is restored by the reply path where it comes in.
 #[inline(never)]
-fn masquerade_out<P: Packet>(pkt: &mut P, flow: &Flow, to: &mut Rewrite) -> i32 {
+fn masquerade_out<P: Packet>(pkt: &mut P, flow: &Flow, to: &mut MaybeUninit<Rewrite>) -> i32 {
     if unsafe { LB_SERVICES.get(address_key(flow.src_be, SCOPE_INTERNAL)) }.is_none() {
         count(stat::PASS_NOT_FRONTEND);
         return pkt.pass();
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::ct::now();
     let len = pkt.len();
-    to.end = End::Destination;
-    let nat = &mut to.nat;
-    nat.addr_be = flow.dst_be;
-    nat.port_be = flow.dport_be;
     let syn = flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let entry = ct::lookup(&ct::forward_key(flow), now).filter(|entry| {
         // A new connection on a closed one's tuple starts afresh.
         !(syn && unsafe { (**entry).flags } & (ct_flags::RST_SEEN | ct_flags::ANY_FIN) != 0)
     });
     if let Some(entry) = entry {
-        nat.other_addr_be = unsafe { (*entry).snat_addr_be };
-        nat.other_port_be = unsafe { (*entry).snat_port_be };
-        to.verdict = stat::ESTABLISHED;
+        to.write(Rewrite {
+            nat: Nat {
+                addr_be: flow.dst_be,
+                port_be: flow.dport_be,
+                other_addr_be: unsafe { (*entry).snat_addr_be },
+                other_port_be: unsafe { (*entry).snat_port_be },
+            },
+            end: End::Destination,
+            verdict: stat::ESTABLISHED,
+        });
         ct::account(entry, flow, CT_DIR_FORWARD, now, len, 0);
         return REWRITE;
     }
@@ -772,9 +791,17 @@ fn masquerade_out<P: Packet>(pkt: &mut P, flow: &Flow, to: &mut Rewrite) -> i32 
         count(stat::PASS_NOT_FRONTEND);
         return pkt.pass();
     }
-    nat.other_addr_be = node;
-    nat.other_port_be = flow.sport_be;
-    to.verdict = stat::NEW_FLOW;
+    let to = to.write(Rewrite {
+        nat: Nat {
+            addr_be: flow.dst_be,
+            port_be: flow.dport_be,
+            other_addr_be: node,
+            other_port_be: flow.sport_be,
+        },
+        end: End::Destination,
+        verdict: stat::NEW_FLOW,
+    });
+    let nat = &mut to.nat;
     let new_flow = NewFlow {
         // No backend of ours: the agent's conntrack pruning leaves id 0 be.
         backend_id: NO_BACKEND,

@@ -138,6 +138,23 @@ fn header_at<T>(data: usize, data_end: usize, off: u32) -> Option<usize> {
     (start + size_of::<T>() <= data_end).then_some(start)
 }
 
+/// `out` zeroed (a plain-data struct whose size is a multiple of 8) with
+/// one store per 8 bytes. `mem::zeroed` becomes a call to a memset
+/// that, for BPF, stores one byte per loop iteration (64 iterations for
+/// the FIB lookup's parameters); volatile stores are not merged back into it.
+#[inline(always)]
+fn zero_words<T: Copy>(out: &mut MaybeUninit<T>) -> &mut T {
+    const { assert!(size_of::<T>() % 8 == 0 && align_of::<T>() <= 8) };
+    let words = out.as_mut_ptr().cast::<u64>();
+    for i in 0..size_of::<T>() / 8 {
+        // SAFETY: inside `out`; u64 stores may be unaligned for T's own
+        // alignment on BPF (the stack slot is 8-byte aligned).
+        unsafe { ptr::write_volatile(words.add(i), 0) };
+    }
+    // SAFETY: every byte written; T is plain data (all zeroes is valid).
+    unsafe { out.assume_init_mut() }
+}
+
 /// A translated packet's tuple, for the FIB lookup of the fast path.
 pub struct Routed {
     pub src_be: lb_common::Addr,
@@ -308,7 +325,8 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
         const AF_INET: u8 = 2;
         const AF_INET6: u8 = 10;
         // SAFETY: plain data; every field the helper reads is set below.
-        let mut fib: FibLookup = unsafe { core::mem::zeroed() };
+        let mut fib = MaybeUninit::<FibLookup>::uninit();
+        let fib = zero_words(&mut fib);
         fib.l4_protocol = to.proto;
         fib.sport = to.sport_be;
         fib.dport = to.dport_be;
@@ -331,7 +349,7 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
         let ret = unsafe {
             bpf_fib_lookup(
                 self.ctx.skb.skb.cast(),
-                &mut fib,
+                fib,
                 size_of::<FibLookup>() as i32,
                 0,
             )

@@ -1,6 +1,8 @@
 //! Header parsing. Anything we cannot fully account for is reported with the
 //! stat that explains why it is passed untouched.
 
+use core::mem::MaybeUninit;
+
 use lb_common::{Addr, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, stat};
 
 use crate::{
@@ -173,31 +175,36 @@ pub const ECHO: u32 = u32::MAX - 1;
 pub const ICMP_ERROR: u32 = u32::MAX - 2;
 pub const FRAG_UNKNOWN: u32 = u32::MAX - 3;
 
-/// Parse into `flow` (returns FLOW), or an echo request into `flow`'s
-/// addresses, `l4_off` and `v6` (returns ECHO), or return the stat that says
-/// why the packet is passed. Its own BPF function, so the headers it reads
-/// do not sit in its caller's stack frame.
+/// Parse into `flow` (returns FLOW, ICMP_ERROR or FRAG_UNKNOWN), or an
+/// echo request into `flow`'s addresses, `l3_off`, `l4_off` and `v6` (the
+/// rest zero; returns ECHO), or return the stat that says why the packet is
+/// passed, leaving `flow` as it was: every answer but a stat (those are
+/// below FRAG_UNKNOWN) writes all of `flow`. Its own BPF function, so the
+/// headers it reads do not sit in its caller's stack frame.
 #[inline(never)]
-pub fn parse_into<P: Packet>(pkt: &P, flow: &mut Flow) -> u32 {
+pub fn parse_into<P: Packet>(pkt: &P, flow: &mut MaybeUninit<Flow>) -> u32 {
     match parse(pkt) {
         Parsed::Flow(f) => {
-            *flow = f;
+            flow.write(f);
             FLOW
         }
         Parsed::Echo(e) => {
-            flow.src_be = e.src_be;
-            flow.dst_be = e.dst_be;
-            flow.l3_off = e.l3_off;
-            flow.l4_off = e.l4_off;
-            flow.v6 = e.v6;
+            flow.write(Flow {
+                src_be: e.src_be,
+                dst_be: e.dst_be,
+                l3_off: e.l3_off,
+                l4_off: e.l4_off,
+                v6: e.v6,
+                ..Flow::default()
+            });
             ECHO
         }
         Parsed::IcmpError(f) => {
-            *flow = f;
+            flow.write(f);
             ICMP_ERROR
         }
         Parsed::LaterUnknown(f) => {
-            *flow = f;
+            flow.write(f);
             FRAG_UNKNOWN
         }
         Parsed::Pass(reason) => reason,

@@ -10,10 +10,7 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::bpf_sock_addr,
-    helpers::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_set_retval,
-    },
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use lb_common::{
@@ -143,7 +140,7 @@ pub fn translate_forward(ctx: &SockAddrContext, family: Family) -> i32 {
         dir: SOCK_DIR_FORWARD,
         _pad: 0,
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::ct::now();
     // A socket that already talks to this frontend keeps its backend while
     // that backend takes flows (UDP sendmsg() per datagram, or a reconnect).
     // The id must still name the same address: ids of removed backends are

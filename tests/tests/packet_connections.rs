@@ -366,3 +366,64 @@ fn mid_connection_packets_wait_while_flows_are_carried_over() {
         ],
     ));
 }
+
+/// The forward entry of the client's flow to WEB, with its key.
+fn forward_entry(dp: &mut Datapath) -> (lb_common::CtKey, lb_common::CtValue) {
+    dp.ct()
+        .into_iter()
+        .find(|(k, _)| k.dir == lb_common::CT_DIR_FORWARD && k.dst_port_be == 80u16.to_be())
+        .expect("forward entry of the flow")
+}
+
+#[test]
+fn conntrack_entries_are_written_once_a_second_unless_accounting_counts_every_packet() {
+    for prog in [Prog::Tc, Prog::Xdp] {
+        let mut dp = Datapath::load_for(&[prog]);
+        three_webs(&mut dp, 0);
+        let (verdict, _) = dp.run(prog, &tcp(ep(CLIENT), ep(WEB), SYN, b""));
+        assert_ne!(verdict, Verdict::Drop, "{prog:?}: SYN balanced");
+        let ack = tcp(ep(CLIENT), ep(WEB), ACK, b"x");
+        // The first ACK is news (a TCP flag this direction had not seen).
+        dp.run(prog, &ack);
+        // Without accounting: a packet that changes nothing within the
+        // entry's last-seen second leaves it unwritten (a marker in a field
+        // every write recomputes shows it). A packet landing in the next
+        // second writes it: try again then.
+        let mut skipped = false;
+        for _ in 0..5 {
+            let (key, mut entry) = forward_entry(&mut dp);
+            entry.lifetime_s = 12_345;
+            let seen = entry.last_seen_ns;
+            dp.insert_ct(key, entry);
+            dp.run(prog, &ack);
+            let (_, after) = forward_entry(&mut dp);
+            if after.last_seen_ns / 1_000_000_000 != seen / 1_000_000_000 {
+                // A new second: written, as it should be; measure again.
+                assert_ne!(after.lifetime_s, 12_345, "{prog:?}: a new second writes");
+                continue;
+            }
+            assert_eq!(
+                after.lifetime_s, 12_345,
+                "{prog:?}: same second, nothing new: not written"
+            );
+            assert_eq!(after.packets, 1, "{prog:?}: packets are not counted");
+            skipped = true;
+            break;
+        }
+        assert!(
+            skipped,
+            "{prog:?}: five tries all crossed a second boundary"
+        );
+        // With accounting: every packet counted.
+        dp.set_config(|c| c.flags |= lb_common::config_flags::CT_ACCOUNTING);
+        let before = forward_entry(&mut dp).1.packets;
+        for _ in 0..3 {
+            dp.run(prog, &ack);
+        }
+        assert_eq!(
+            forward_entry(&mut dp).1.packets,
+            before + 3,
+            "{prog:?}: accounting counts"
+        );
+    }
+}

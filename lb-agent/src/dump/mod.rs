@@ -10,7 +10,8 @@ use anyhow::{Context as _, Result};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use lb_common::{
     Addr, BACKEND_STANDBY, BackendSetValue, BackendValue, CT_DIR_FORWARD, SOCK_DIR_FORWARD,
-    ServiceKey, ServiceValue, backend_flags, ct_flags, map_names, service_flags, stat,
+    ServiceKey, ServiceValue, backend_flags, config_flags, ct_flags, map_names, service_flags,
+    stat,
 };
 use serde::Serialize;
 
@@ -119,8 +120,10 @@ pub struct DumpFlow {
     pub age_s: f64,
     pub idle_s: f64,
     pub expires_in_s: f64,
-    pub packets: u64,
-    pub bytes: u64,
+    /// This direction's packets and bytes: counted only with
+    /// `--conntrack-accounting` (None otherwise).
+    pub packets: Option<u64>,
+    pub bytes: Option<u64>,
 }
 
 /// A socket the socket-level programs sent to a backend (node processes).
@@ -338,6 +341,10 @@ pub fn backends(maps: &Maps) -> Result<BackendsDump> {
 pub fn conntrack(maps: &Maps) -> Result<ConntrackDump> {
     let now = crate::datapath::monotonic_ns();
     let secs = |ns: u64| ns as f64 / 1e9;
+    let accounting = maps
+        .config
+        .get(&0, 0)
+        .is_ok_and(|c| c.flags & config_flags::CT_ACCOUNTING != 0);
     let mut flows = Vec::new();
     for (name, ct) in maps.conntrack() {
         for entry in ct.iter() {
@@ -373,8 +380,8 @@ pub fn conntrack(maps: &Maps) -> Result<ConntrackDump> {
                 age_s: secs(now.saturating_sub(v.created_ns)),
                 idle_s: secs(now.saturating_sub(v.last_seen_ns)),
                 expires_in_s: (expires as f64 - now as f64) / 1e9,
-                packets: v.packets,
-                bytes: v.bytes,
+                packets: accounting.then_some(v.packets),
+                bytes: accounting.then_some(v.bytes),
             });
         }
     }
@@ -567,7 +574,7 @@ pub fn run(args: &DumpArgs) -> Result<()> {
                         f.flags.join(","),
                         format!("{:.0}s", f.age_s),
                         format!("{:.0}s", f.expires_in_s),
-                        f.packets.to_string(),
+                        f.packets.map_or("-".to_string(), |p| p.to_string()),
                     ]);
                 }
                 for sock in &d.sockets {
