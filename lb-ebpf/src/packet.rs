@@ -144,7 +144,7 @@ fn header_at<T>(data: usize, data_end: usize, off: u32) -> Option<usize> {
 /// the FIB lookup's parameters); volatile stores are not merged back into it.
 #[inline(always)]
 fn zero_words<T: Copy>(out: &mut MaybeUninit<T>) -> &mut T {
-    const { assert!(size_of::<T>() % 8 == 0 && align_of::<T>() <= 8) };
+    const { assert!(size_of::<T>().is_multiple_of(8) && align_of::<T>() <= 8) };
     let words = out.as_mut_ptr().cast::<u64>();
     for i in 0..size_of::<T>() / 8 {
         // SAFETY: inside `out`; u64 stores may be unaligned for T's own
