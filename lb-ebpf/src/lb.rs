@@ -672,6 +672,7 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, to: &Rewrite) -> i32 {
                     dport_be: dst.1,
                     proto: flow.proto,
                     v6: flow.v6,
+                    l3_off: flow.l3_off,
                     tot_len: (flow.ip_end - flow.l3_off) as u16,
                 };
                 if let Some(redirected) = pkt.redirect_routed(&routed) {

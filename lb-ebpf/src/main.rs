@@ -168,6 +168,14 @@ mod programs {
         aya_ebpf::bindings::xdp_action::XDP_PASS
     }
 
+    /// The throughput floor for `cargo xtask perf`: an XDP program that
+    /// sends every frame back out (XDP_TX), as Katran and the XDP paper
+    /// report forwarding rates against.
+    #[xdp]
+    pub fn lb_noop_xdp_tx(_ctx: XdpContext) -> u32 {
+        aya_ebpf::bindings::xdp_action::XDP_TX
+    }
+
     #[panic_handler]
     fn panic(_info: &core::panic::PanicInfo) -> ! {
         // The verifier rejects any reachable panic; this is never executed.

@@ -5,8 +5,8 @@ use lb_common::{Addr, IPPROTO_TCP};
 use crate::{
     packet::{L4Csum, Packet, Result},
     parse::{
-        FRAG_LATER, Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, L4_DPORT,
-        L4_SPORT, TCP_CSUM, UDP_CSUM,
+        FRAG_LATER, Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, IP6_DST_OFF,
+        IP6_HOP_LIMIT_OFF, IP6_SRC_OFF, L4_DPORT, L4_SPORT, TCP_CSUM, UDP_CSUM,
     },
 };
 
@@ -97,4 +97,34 @@ pub fn rewrite<P: Packet>(
         pkt.store(port_off, &port_be)?;
     }
     Ok(())
+}
+
+/// Count the hop of a packet lb forwards past the stack (which would have):
+/// the IPv4 TTL (and header checksum) or the IPv6 hop limit decremented.
+/// Ok(false), unchanged, when it would reach zero: the stack must forward
+/// it, and send the sender "time exceeded".
+#[inline(always)]
+pub fn count_hop<P: Packet>(pkt: &mut P, l3_off: u32, v6: bool) -> Result<bool> {
+    if v6 {
+        let hop_limit: u8 = pkt.load(l3_off + IP6_HOP_LIMIT_OFF)?;
+        if hop_limit <= 1 {
+            return Ok(false);
+        }
+        pkt.store(l3_off + IP6_HOP_LIMIT_OFF, &(hop_limit - 1))?;
+        return Ok(true);
+    }
+    // TTL and protocol: one 16-bit word of the header checksum.
+    let [ttl, proto]: [u8; 2] = pkt.load(l3_off + IP_TTL_OFF)?;
+    if ttl <= 1 {
+        return Ok(false);
+    }
+    let (from, to) = (
+        u16::from_ne_bytes([ttl, proto]),
+        u16::from_ne_bytes([ttl - 1, proto]),
+    );
+    // A 16-bit change through the 4-byte replace: the upper halves are
+    // zero on both sides and cancel.
+    pkt.l3_csum_replace4(l3_off + IP_CSUM_OFF, from as u32, to as u32)?;
+    pkt.store(l3_off + IP_TTL_OFF, &[ttl - 1])?;
+    Ok(true)
 }

@@ -104,7 +104,7 @@ pub trait Packet {
     /// Hand the packet, now `src -> dst`, to the device the FIB routes it
     /// to, skipping the host stack; None when that is not possible here
     /// (XDP, a local destination, no route) and the packet should pass.
-    fn redirect_routed(&self, to: &Routed) -> Option<i32>;
+    fn redirect_routed(&mut self, to: &Routed) -> Option<i32>;
 }
 
 /// A header read in place (direct packet access) at `off` (below 128)
@@ -163,6 +163,8 @@ pub struct Routed {
     pub dport_be: u16,
     pub proto: u8,
     pub v6: bool,
+    /// Where the IP header starts (the hop count is written there).
+    pub l3_off: u32,
     /// IP datagram length: the FIB checks it against the route's MTU.
     pub tot_len: u16,
 }
@@ -313,7 +315,7 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
     }
 
     #[inline(always)]
-    fn redirect_routed(&self, to: &Routed) -> Option<i32> {
+    fn redirect_routed(&mut self, to: &Routed) -> Option<i32> {
         // Egress: the packet is already leaving. No Ethernet header: the
         // kernel's redirect_neigh drops a packet without one (it pulls the
         // MAC header it expects); the stack routes it instead.
@@ -322,30 +324,13 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
         if self.egress || !ETH || unsafe { (*self.ctx.skb.skb).vlan_present } != 0 {
             return None;
         }
-        const AF_INET: u8 = 2;
-        const AF_INET6: u8 = 10;
-        // SAFETY: plain data; every field the helper reads is set below.
         let mut fib = MaybeUninit::<FibLookup>::uninit();
-        let fib = zero_words(&mut fib);
-        fib.l4_protocol = to.proto;
-        fib.sport = to.sport_be;
-        fib.dport = to.dport_be;
-        fib.ifindex = unsafe { (*self.ctx.skb.skb).ifindex };
+        let ifindex = unsafe { (*self.ctx.skb.skb).ifindex };
         // Too big for the egress MTU: the stack forwards it instead and sends
         // the sender "fragmentation needed" / "packet too big" (PMTU). Not
         // for GSO packets: the FIB would compare their whole length.
-        if unsafe { (*self.ctx.skb.skb).gso_size } == 0 {
-            fib.__bindgen_anon_1.tot_len = to.tot_len;
-        }
-        if to.v6 {
-            fib.family = AF_INET6;
-            fib.__bindgen_anon_3.ipv6_src = to.src_be.be;
-            fib.__bindgen_anon_4.ipv6_dst = to.dst_be.be;
-        } else {
-            fib.family = AF_INET;
-            fib.__bindgen_anon_3.ipv4_src = to.src_be.v4_be();
-            fib.__bindgen_anon_4.ipv4_dst = to.dst_be.v4_be();
-        }
+        let checks_mtu = unsafe { (*self.ctx.skb.skb).gso_size } == 0;
+        let fib = fib_params(&mut fib, to, ifindex, checks_mtu);
         let ret = unsafe {
             bpf_fib_lookup(
                 self.ctx.skb.skb.cast(),
@@ -359,11 +344,47 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
         if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 && ret != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
             return None;
         }
+        // The stack's forwarding would have counted the hop.
+        if !matches!(crate::nat::count_hop(self, to.l3_off, to.v6), Ok(true)) {
+            return None;
+        }
         // The neighbour subsystem fills in the MAC addresses (and resolves
         // them when unknown).
         let verdict = unsafe { bpf_redirect_neigh(fib.ifindex, ptr::null_mut(), 0, 0) };
         (verdict == TC_ACT_REDIRECT as i64).then_some(TC_ACT_REDIRECT)
     }
+}
+
+/// The FIB lookup's parameters for `to`, coming in on `ifindex`
+/// (`checks_mtu`: with the datagram's length, so a route whose MTU it
+/// exceeds answers FRAG_NEEDED).
+#[inline(always)]
+fn fib_params<'a>(
+    fib: &'a mut MaybeUninit<FibLookup>,
+    to: &Routed,
+    ifindex: u32,
+    checks_mtu: bool,
+) -> &'a mut FibLookup {
+    const AF_INET: u8 = 2;
+    const AF_INET6: u8 = 10;
+    let fib = zero_words(fib);
+    fib.l4_protocol = to.proto;
+    fib.sport = to.sport_be;
+    fib.dport = to.dport_be;
+    fib.ifindex = ifindex;
+    if checks_mtu {
+        fib.__bindgen_anon_1.tot_len = to.tot_len;
+    }
+    if to.v6 {
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = to.src_be.be;
+        fib.__bindgen_anon_4.ipv6_dst = to.dst_be.be;
+    } else {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src = to.src_be.v4_be();
+        fib.__bindgen_anon_4.ipv4_dst = to.dst_be.v4_be();
+    }
+    fib
 }
 
 pub struct XdpPacket<'a> {
@@ -510,9 +531,12 @@ impl Packet for XdpPacket<'_> {
         xdp_action::XDP_DROP as i32
     }
 
+    /// None: XDP runs before the stack; its translated packets take the
+    /// stack's path. (XDP_TX back out of the NIC, Cilium's and Katran's
+    /// hairpin, would need the FIB lookup and hop count here; the verifier
+    /// does not take them on top of this program's paths yet.)
     #[inline(always)]
-    fn redirect_routed(&self, _to: &Routed) -> Option<i32> {
-        // XDP runs before the stack anyway; its packets take the normal path.
+    fn redirect_routed(&mut self, _to: &Routed) -> Option<i32> {
         None
     }
 }

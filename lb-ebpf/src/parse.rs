@@ -14,10 +14,12 @@ pub const ETH_HLEN: u32 = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 /// Offsets inside the IPv4 header (from the start of the IP header).
+pub const IP_TTL_OFF: u32 = 8;
 pub const IP_CSUM_OFF: u32 = 10;
 pub const IP_SRC_OFF: u32 = 12;
 pub const IP_DST_OFF: u32 = 16;
 /// Offsets inside the IPv6 header (from the start of the IP header).
+pub const IP6_HOP_LIMIT_OFF: u32 = 7;
 pub const IP6_SRC_OFF: u32 = 8;
 pub const IP6_DST_OFF: u32 = 24;
 pub const IP6_HLEN: u32 = 40;
