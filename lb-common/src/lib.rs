@@ -63,6 +63,11 @@ pub mod map_names {
         PREFILTER4,
         PREFILTER6,
     ];
+    /// Pod devices (ifindex -> 1) the fast path may hand packets to with
+    /// bpf_redirect_peer: veths lb attached to as pod devices. Not pinned:
+    /// each agent fills its own as it attaches, so every program reading
+    /// it was attached by the agent that keeps it.
+    pub const POD_DEVICES: &str = "LB_POD_DEVICES";
     /// Pins of maps earlier versions wrote and this one no longer has.
     pub const RETIRED: [&str; 1] = ["LB_CT"];
 }

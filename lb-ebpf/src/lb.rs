@@ -364,7 +364,7 @@ fn forward<P: Packet>(
         nat: Nat {
             addr_be: backend.addr_be,
             port_be: backend.port_be,
-            other_addr_be: Addr::NONE,
+            other_addr_be: ct::no_addr(),
             other_port_be: flow.sport_be,
         },
         end: End::Destination,

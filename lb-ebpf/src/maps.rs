@@ -135,6 +135,11 @@ pub static LB_PREFILTER4: HashMap<u32, u32> =
 pub static LB_PREFILTER6: HashMap<Addr, u32> =
     HashMap::with_max_entries(map_sizes::PREFILTER, BPF_F_NO_PREALLOC);
 
+/// Pod devices the fast path may redirect into (see
+/// `lb_common::map_names::POD_DEVICES`).
+#[map(name = "LB_POD_DEVICES")]
+pub static LB_POD_DEVICES: HashMap<u32, u32> = HashMap::with_max_entries(65_536, 0);
+
 /// Node-wide settings written by the agent (index 0).
 #[map(name = "LB_CONFIG")]
 pub static LB_CONFIG: Array<ConfigValue> = Array::with_max_entries(1, 0);

@@ -11,8 +11,9 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT, bpf_fib_lookup as FibLookup, xdp_action,
     },
     helpers::generated::{
-        bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head, bpf_skb_change_tail,
-        bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
+        bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_head,
+        bpf_skb_change_tail, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
+        bpf_xdp_store_bytes,
     },
     programs::{TcContext, XdpContext},
 };
@@ -347,6 +348,23 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
         // The stack's forwarding would have counted the hop.
         if !matches!(crate::nat::count_hop(self, to.l3_off, to.v6), Ok(true)) {
             return None;
+        }
+        // Into a pod on this node whose MAC the FIB knows: straight into
+        // the pod's namespace (bpf_redirect_peer: the packet arrives on the
+        // pod's eth0 as if it came through the veth, without the backlog
+        // queue and softirq a transmit on the veth costs; Cilium's host
+        // routing). Only veths lb attached to as pod devices: a peer
+        // redirect to any other device drops the packet.
+        if ret == BPF_FIB_LKUP_RET_SUCCESS as i64
+            && unsafe { crate::maps::LB_POD_DEVICES.get(fib.ifindex) }.is_some()
+        {
+            let (dmac, smac) = (fib.dmac, fib.smac);
+            if self.store(0, &dmac).is_ok() && self.store(6, &smac).is_ok() {
+                let verdict = unsafe { bpf_redirect_peer(fib.ifindex, 0) };
+                if verdict == TC_ACT_REDIRECT as i64 {
+                    return Some(TC_ACT_REDIRECT);
+                }
+            }
         }
         // The neighbour subsystem fills in the MAC addresses (and resolves
         // them when unknown).

@@ -160,6 +160,9 @@ impl Explainer {
             map_names::MAGLEV,
             map_names::CONFIG,
             map_names::SOURCE_RANGES,
+            // Without the live prefilter, every packet would leave as none of lb's.
+            map_names::PREFILTER4,
+            map_names::PREFILTER6,
         ];
         let paths: Vec<(&str, std::path::PathBuf)> =
             shared.iter().map(|n| (*n, bpffs.join(n))).collect();

@@ -940,8 +940,16 @@ impl Datapath {
             return Vec::new();
         };
         let live: BTreeMap<u32, &str> = current.iter().map(|(i, n)| (*i, n.as_str())).collect();
-        self.attached
-            .retain(|i, a| live.get(i) == Some(&a.name.as_str()));
+        let gone: Vec<u32> = self
+            .attached
+            .iter()
+            .filter(|(i, a)| live.get(i) != Some(&a.name.as_str()))
+            .map(|(i, _)| *i)
+            .collect();
+        for ifindex in gone {
+            self.attached.remove(&ifindex);
+            self.set_pod_device(ifindex, false);
+        }
         self.prune_stale_link_pins(&live);
 
         let mut newly = Vec::new();
@@ -1037,6 +1045,7 @@ impl Datapath {
             accept_local(name);
             if kinds.contains(&Attachment::PodTc) {
                 no_rp_filter(name);
+                self.set_pod_device(*ifindex, true);
             }
             // Make before break: programs of other kinds from an earlier run
             // go only now.
@@ -1354,6 +1363,28 @@ impl Datapath {
                 info!(pin = %pin.display(), "detaching the socket-level program");
                 let _ = fs::remove_file(&pin);
             }
+        }
+    }
+
+    /// Mark `ifindex` as a pod device the fast path may redirect into (or
+    /// no longer). A failed write only costs the fast path's shortcut.
+    fn set_pod_device(&mut self, ifindex: u32, pod: bool) {
+        let Some(map) = self.ebpf.map_mut(map_names::POD_DEVICES) else {
+            return;
+        };
+        let Ok(mut devices) = aya::maps::HashMap::<_, u32, u32>::try_from(map) else {
+            return;
+        };
+        let result = if pod {
+            devices.insert(ifindex, 1, 0)
+        } else {
+            match devices.remove(&ifindex) {
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                other => other,
+            }
+        };
+        if let Err(e) = result {
+            warn!(ifindex, error = %e, "updating LB_POD_DEVICES failed: the fast path hands this device's packets to the neighbour subsystem instead");
         }
     }
 
