@@ -48,6 +48,9 @@ pub struct E2eParams {
     pub rounds: usize,
     pub per_round: usize,
     pub rate_seconds: f64,
+    /// Load and measure the netfilter contenders too (false at counts
+    /// their loads cannot reach within the run: see perf.rs).
+    pub netfilter: bool,
 }
 
 const SERVER_PORT: u16 = 8080;
@@ -336,7 +339,12 @@ pub fn run(
     // Service showing up in the maps means this agent programmed it.
     for (contender, fast_path) in [("lb (no fast path)", "false"), ("lb", "true")] {
         progress(contender);
-        let args: Vec<String> = [
+        // Past the default maps (262,144 backends), sized as an operator
+        // of such a cluster would size them.
+        let backend_count: usize = set.iter().map(|s| s.endpoints.len()).sum::<usize>() + 1_000;
+        let map_max = (backend_count > lb_common::map_sizes::BACKENDS as usize)
+            .then(|| backend_count.next_power_of_two().to_string());
+        let mut args: Vec<String> = [
             "run",
             "--manifests",
             &manifests.display().to_string(),
@@ -362,6 +370,9 @@ pub fn run(
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if let Some(n) = &map_max {
+            args.extend(["--lb-map-max".to_string(), n.clone()]);
+        }
         let log = dir.join("agent.log");
         bench
             .topo
@@ -375,6 +386,10 @@ pub fn run(
         clear_pins(&bench.topo.bpffs)?;
     }
 
+    if !bench.params.netfilter {
+        drop(lan);
+        return Ok(rows);
+    }
     progress("iptables");
     let full = dir.join("iptables.rules");
     fs::write(&full, contenders::iptables_full(&set))?;
