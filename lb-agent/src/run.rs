@@ -988,6 +988,11 @@ pub async fn run(config: RunConfig) -> Result<()> {
             warn!(path = %marker.display(), error = %e, "cannot record the reserved NodePort range; uninstall will leave it");
         }
     }
+    // Adopted before this agent attaches anything: the pinned maps may come
+    // from a version without the prefilter, which adoption fills from the
+    // pinned frontends and backends; programs reading an empty prefilter
+    // would take every packet for none of lb's.
+    let mut syncer = Syncer::new(maps).context("reading the pinned maps")?;
     let migration = datapath.take_migration();
     let (hand_over, mut open_gate) = match migration {
         // The programs on the devices use the previous maps, which hold
@@ -1018,7 +1023,6 @@ pub async fn run(config: RunConfig) -> Result<()> {
             (None, None)
         }
     };
-    let mut syncer = Syncer::new(maps).context("reading the pinned maps")?;
     let cleaner_maps = crate::datapath::maps::Maps::open_pinned(&config.bpffs)
         .context("opening the pinned maps for the cleanup thread")?;
     syncer.set_cleaner(

@@ -183,7 +183,8 @@ pub mod map_sizes {
 /// `skb->mark` bit lb sets on packets it translated on the way in, so the
 /// reply-only program on a pod device's egress leaves them alone (a
 /// forward-translated packet may carry another flow's reply tuple). The
-/// mark is scrubbed when the packet enters the pod's namespace. Outside
+/// mark is scrubbed when the packet enters the pod's namespace through the
+/// veth; the fast path's peer redirect clears it itself. Outside
 /// kube-proxy's (0x4000, 0x8000) and Calico's (0xffff0000) bits.
 pub const MARK_TRANSLATED: u32 = 0x0000_0800;
 

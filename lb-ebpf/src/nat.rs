@@ -110,7 +110,7 @@ pub fn count_hop<P: Packet>(pkt: &mut P, l3_off: u32, v6: bool) -> Result<bool> 
         if hop_limit <= 1 {
             return Ok(false);
         }
-        pkt.store(l3_off + IP6_HOP_LIMIT_OFF, &(hop_limit - 1))?;
+        pkt.store_uncovered(l3_off + IP6_HOP_LIMIT_OFF, &(hop_limit - 1))?;
         return Ok(true);
     }
     // TTL and protocol: one 16-bit word of the header checksum.

@@ -58,6 +58,12 @@ pub trait Packet {
     /// pseudo-header update takes it out of `skb->csum`).
     #[inline(always)]
     fn store_addr6(&mut self, off: u32, v: &lb_common::Addr) -> Result<()> {
+        self.store_uncovered(off, v)
+    }
+    /// Store a field no checksum in the packet covers (the IPv6 hop limit):
+    /// on tc the skb's CHECKSUM_COMPLETE sum follows the change.
+    #[inline(always)]
+    fn store_uncovered<T: Copy>(&mut self, off: u32, v: &T) -> Result<()> {
         self.store(off, v)
     }
     /// Mark the packet as translated on this node, so the reply-only
@@ -217,7 +223,7 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
     }
 
     #[inline(always)]
-    fn store_addr6(&mut self, off: u32, v: &lb_common::Addr) -> Result<()> {
+    fn store_uncovered<T: Copy>(&mut self, off: u32, v: &T) -> Result<()> {
         self.ctx
             .store(off as usize, v, BPF_F_RECOMPUTE_CSUM as u64)
             .map_err(|_| PacketError)
@@ -360,6 +366,11 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
         {
             let (dmac, smac) = (fib.dmac, fib.smac);
             if self.store(0, &dmac).is_ok() && self.store(6, &smac).is_ok() {
+                // Our mark is for the pod device's egress program, which a
+                // peer redirect skips; it must not enter the pod.
+                unsafe { (*self.ctx.skb.skb).mark &= !lb_common::MARK_TRANSLATED };
+                // Fails only for flags other than 0: the hop counted above
+                // is this redirect's (as it is for redirect_neigh below).
                 let verdict = unsafe { bpf_redirect_peer(fib.ifindex, 0) };
                 if verdict == TC_ACT_REDIRECT as i64 {
                     return Some(TC_ACT_REDIRECT);

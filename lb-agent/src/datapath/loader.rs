@@ -1045,7 +1045,11 @@ impl Datapath {
             accept_local(name);
             if kinds.contains(&Attachment::PodTc) {
                 no_rp_filter(name);
-                self.set_pod_device(*ifindex, true);
+                // Only a veth can take a peer redirect (its other end is
+                // the pod's eth0); anything else matching --pod-devices
+                // gets the fast path's neighbour redirect.
+                let veth = device_driver(name).is_ok_and(|d| d == "veth");
+                self.set_pod_device(*ifindex, veth);
             }
             // Make before break: programs of other kinds from an earlier run
             // go only now.

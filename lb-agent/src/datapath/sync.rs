@@ -509,6 +509,7 @@ impl Syncer {
     /// One more written entry holds `addr`: the first puts it in the
     /// prefilter (before that entry is written).
     fn prefilter_ref(&mut self, addr: IpAddr) -> Result<(), MapError> {
+        let addr = addr.to_canonical();
         if let Some(n) = self.prefilter.get_mut(&addr) {
             *n += 1;
             return Ok(());
@@ -528,6 +529,7 @@ impl Syncer {
     /// prefilter. A failed removal only leaves an address the datapath
     /// looks at more closely than it needs to.
     fn prefilter_unref(&mut self, addr: IpAddr) {
+        let addr = addr.to_canonical();
         let Some(n) = self.prefilter.get_mut(&addr) else {
             return;
         };
@@ -985,22 +987,32 @@ impl Syncer {
             if self.backends.get(id) == Some(&value) {
                 continue;
             }
-            let new_address = !self.backends.contains_key(id);
-            let written = if new_address {
-                self.prefilter_ref(from_be32(value.addr_be))
+            // The prefilter follows the address the id holds (an adopted
+            // id may be handed to another backend).
+            let old_addr = self.backends.get(id).map(|b| from_be32(b.addr_be));
+            let new_addr = from_be32(value.addr_be);
+            let moved = old_addr != Some(new_addr);
+            let written = match if moved {
+                self.prefilter_ref(new_addr)
             } else {
                 Ok(())
-            }
-            .and_then(|()| self.maps.backends.insert(id, value, 0));
+            } {
+                Ok(()) => self.maps.backends.insert(id, value, 0).inspect_err(|_| {
+                    if moved {
+                        self.prefilter_unref(new_addr);
+                    }
+                }),
+                Err(e) => Err(e),
+            };
             match written {
                 Ok(()) => {
                     self.backends.insert(*id, value);
+                    if moved && let Some(old) = old_addr {
+                        self.prefilter_unref(old);
+                    }
                     report.backends_written += 1;
                 }
                 Err(e) => {
-                    if new_address {
-                        self.prefilter_unref(from_be32(value.addr_be));
-                    }
                     failed_backends.insert(*id);
                     warn!(backend_id = id, error = %e, "writing backend failed");
                 }
@@ -1078,16 +1090,22 @@ impl Syncer {
                 ..Default::default()
             };
             let new_entry = !self.addresses.contains_key(&(*addr, *scope));
-            let written = if new_entry {
+            let written = match if new_entry {
                 self.prefilter_ref(*addr)
             } else {
                 Ok(())
-            }
-            .and_then(|()| {
-                self.maps
+            } {
+                Ok(()) => self
+                    .maps
                     .services
                     .insert(address_key(*addr, *scope), head, 0)
-            });
+                    .inspect_err(|_| {
+                        if new_entry {
+                            self.prefilter_unref(*addr);
+                        }
+                    }),
+                Err(e) => Err(e),
+            };
             match written {
                 Ok(()) => {
                     self.addresses.insert((*addr, *scope), flags);
