@@ -970,18 +970,19 @@ fn prefilter_holds_every_frontend_and_backend_address_while_it_is_used() {
         ),
         frontend("b", [10, 96, 0, 2], &[[10, 0, 0, 2], [10, 0, 0, 3]]),
     ]);
+    let every_address = addrs(&[
+        [10, 96, 0, 1],
+        [10, 96, 0, 2],
+        [10, 0, 0, 1],
+        [10, 0, 0, 2],
+        [10, 0, 0, 3],
+    ]);
     {
         let mut syncer = Syncer::new(load(&fs, map_sizes::SERVICES)).expect("syncer");
         assert!(syncer.sync(&both).errors.is_empty());
         assert_eq!(
             prefilter4(syncer.maps()),
-            addrs(&[
-                [10, 96, 0, 1],
-                [10, 96, 0, 2],
-                [10, 0, 0, 1],
-                [10, 0, 0, 2],
-                [10, 0, 0, 3]
-            ]),
+            every_address.clone(),
             "every frontend and backend address"
         );
         // b goes: its frontend address stays (a's backend), and so does
@@ -1009,13 +1010,7 @@ fn prefilter_holds_every_frontend_and_backend_address_while_it_is_used() {
     let mut syncer = Syncer::new(Maps::open_pinned(&fs.0).expect("pinned maps")).expect("adopt");
     assert_eq!(
         prefilter4(syncer.maps()),
-        addrs(&[
-            [10, 96, 0, 1],
-            [10, 96, 0, 2],
-            [10, 0, 0, 1],
-            [10, 0, 0, 2],
-            [10, 0, 0, 3]
-        ]),
+        every_address,
         "adoption keeps what the pinned entries use and only that"
     );
     assert!(syncer.sync(&desired(Vec::new())).errors.is_empty());

@@ -17,7 +17,7 @@
 //!
 //! lb-bench [--services 10,1000,10000,100000] [--repeat N] [--runs N] [--samples N]
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::Ipv4Addr;
 
 use lb_common::{CT_DIR_REPLY, CtKey, CtValue, IPPROTO_TCP as TCP, backend_flags, frontend_kind};
 use lb_tests::packet::*;
@@ -89,22 +89,10 @@ fn main() {
         },
         Family {
             name: "ipv6",
-            client: Ep {
-                addr: IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 5)),
-                port: 40000,
-            },
-            frontend: Ep {
-                addr: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 1)),
-                port: 80,
-            },
-            backend: Ep {
-                addr: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x128, 0, 0, 0, 0, 0, 1)),
-                port: 8080,
-            },
-            elsewhere: Ep {
-                addr: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
-                port: 80,
-            },
+            client: ep("[fd00::5]:40000"),
+            frontend: ep("[fd00:96::1]:80"),
+            backend: ep("[fd00:128::1]:8080"),
+            elsewhere: ep("[2001:db8::1]:80"),
         },
     ];
     let mut rows = Vec::new();
