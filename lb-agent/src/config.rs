@@ -43,6 +43,54 @@ pub enum Command {
     /// take back the NodePort range lb reserved: the node as it was before
     /// lb, so kube-proxy can be put back.
     Uninstall(UninstallArgs),
+    /// Stream what the datapath does to packets as it happens: drops with
+    /// their reason, refusals, translated ICMP errors and (when asked) new
+    /// flows, each with its Service, frontend and backend.
+    Monitor(MonitorArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MonitorArgs {
+    /// Only events of this Service (NAMESPACE/NAME).
+    #[arg(long, value_name = "NS/NAME")]
+    pub service: Option<String>,
+    /// Event kinds to show (repeat or comma-separate); default drop,
+    /// reject and icmp. New flows only when asked.
+    #[arg(long = "type", value_enum, value_delimiter = ',')]
+    pub kinds: Vec<MonitorKind>,
+    /// Only packets whose source is in this prefix.
+    #[arg(long, value_name = "CIDR")]
+    pub from: Option<ipnet::IpNet>,
+    /// New flows: report one in N (the others cost nothing to report).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub sample: u32,
+    /// Stop after N events shown.
+    #[arg(short = 'c', long, value_name = "N")]
+    pub count: Option<u64>,
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    pub output: OutputFormat,
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MonitorKind {
+    Drop,
+    Reject,
+    New,
+    Icmp,
+}
+
+impl MonitorKind {
+    /// `lb_common::event_kind` of this kind.
+    pub fn code(self) -> u8 {
+        match self {
+            MonitorKind::Drop => lb_common::event_kind::DROP,
+            MonitorKind::Reject => lb_common::event_kind::REJECT,
+            MonitorKind::New => lb_common::event_kind::NEW,
+            MonitorKind::Icmp => lb_common::event_kind::ICMP,
+        }
+    }
 }
 
 #[derive(Args, Debug)]

@@ -13,6 +13,7 @@ pub mod kernel_conntrack;
 pub mod kube_proxy;
 pub mod metrics;
 pub mod model;
+pub mod monitor;
 pub mod reserved_ports;
 pub mod run;
 pub mod source;

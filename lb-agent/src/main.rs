@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use lb_agent::{
     config::{Cli, Command, LogFormat},
-    dump, run, uninstall,
+    dump, monitor, run, uninstall,
 };
 use tracing_subscriber::{EnvFilter, fmt};
 
@@ -57,6 +57,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("lb-agent uninstall: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Monitor(args) => match monitor::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lb-agent monitor: {e:#}");
                 ExitCode::FAILURE
             }
         },

@@ -289,7 +289,11 @@ impl Metrics {
         let Ok(maps) = Maps::open_pinned(&self.bpffs) else {
             return;
         };
-        for shape in expected_shapes() {
+        // The event ring buffer's capacity is in bytes, not entries.
+        for shape in expected_shapes()
+            .into_iter()
+            .filter(|s| s.name != map_names::EVENTS)
+        {
             // The agent may have sized a map differently (--lb-map-max).
             let capacity = MapInfo::from_pin(self.bpffs.join(shape.name))
                 .map_or(shape.max_entries, |i| i.max_entries());

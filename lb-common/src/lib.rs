@@ -42,8 +42,18 @@ pub mod map_names {
     pub const PREFILTER4: &str = "LB_PREFILTER4";
     /// The prefilter's IPv6 addresses (key: `Addr`).
     pub const PREFILTER6: &str = "LB_PREFILTER6";
+    /// Datapath events for `lb-agent monitor` (a BPF ring buffer of
+    /// `MonitorEvent`s): written only while `MONITOR` asks for them.
+    pub const EVENTS: &str = "LB_EVENTS";
+    /// What a running monitor asks for (`MonitorConfig`, index 0): all zero
+    /// when nobody listens, and then no event is built.
+    pub const MONITOR: &str = "LB_MONITOR";
+    /// Rev-NAT id -> the Service port (`namespace/name:port`) its frontend
+    /// belongs to (`ServiceName`). No program reads it: it is pinned for the
+    /// monitor and dump, which name Services without the agent.
+    pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
     /// Every map of the object, in the order the agent pins them.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 21] = [
         SERVICES,
         BACKENDS,
         BACKEND_SETS,
@@ -62,6 +72,9 @@ pub mod map_names {
         NOT_PROGRAMMED,
         PREFILTER4,
         PREFILTER6,
+        EVENTS,
+        MONITOR,
+        SERVICE_NAMES,
     ];
     /// Pod devices (ifindex -> 1) the fast path may hand packets to with
     /// bpf_redirect_peer: veths lb attached to as pod devices. Not pinned:
@@ -178,6 +191,9 @@ pub mod map_sizes {
     /// Prefilter addresses per family: at most one per frontend and one
     /// per backend (the agent sizes them from --lb-map-max as those).
     pub const PREFILTER: u32 = SERVICES + BACKENDS;
+    /// `LB_EVENTS`' ring buffer, in bytes (a power of two of pages): room
+    /// for ~14,000 events between two reads of the monitor.
+    pub const EVENTS_BYTES: u32 = 1 << 20;
 }
 
 /// `skb->mark` bit lb sets on packets it translated on the way in, so the
@@ -677,6 +693,134 @@ impl NotProgrammedValue {
     }
 }
 
+/// Bytes of a Service port's name in `LB_SERVICE_NAMES` (as
+/// `NOT_PROGRAMMED_OBJECT_LEN`: `namespace/name:port` is at most 143).
+pub const SERVICE_NAME_LEN: usize = 192;
+
+/// Value of `LB_SERVICE_NAMES`: `namespace/name:port` (port name; empty
+/// for an unnamed port, as kube-proxy's ServicePortName), zero-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceName {
+    pub len: u32,
+    pub text: [u8; SERVICE_NAME_LEN],
+}
+
+impl ServiceName {
+    pub fn new(service_port: &str) -> Self {
+        let (text, len) = text_field(service_port);
+        ServiceName {
+            len: len as u32,
+            text,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        let len = (self.len as usize).min(self.text.len());
+        field_text(&self.text[..len])
+    }
+}
+
+/// Value of `LB_MONITOR` index 0: what a running `lb-agent monitor` asks
+/// for. Zero (nobody listens): the programs build no event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MonitorConfig {
+    /// `1 << event_kind::*` of the kinds wanted.
+    pub kinds: u32,
+    /// New flows: one in `sample` is reported (0 and 1: every one).
+    pub sample: u32,
+}
+
+/// `MonitorEvent::kind`.
+pub mod event_kind {
+    /// A packet dropped (`reason` says why).
+    pub const DROP: u8 = 0;
+    /// A packet refused: answered with a TCP RST or ICMP unreachable.
+    pub const REJECT: u8 = 1;
+    /// A new flow balanced to a backend.
+    pub const NEW: u8 = 2;
+    /// An ICMP / ICMPv6 error about a translated flow, translated.
+    pub const ICMP: u8 = 3;
+    /// Names as `lb-agent monitor` shows them (`--type`, JSON `type`).
+    pub const NAMES: [&str; 4] = ["drop", "reject", "new", "icmp"];
+}
+
+/// `MonitorEvent::reason`: why a packet was dropped or refused. Stable
+/// snake_case names (`NAMES`), as the monitor's JSON carries them.
+pub mod event_reason {
+    /// The frontend has no endpoint (refused; dropped when it cannot be
+    /// answered: an RST, a later fragment, a ping).
+    pub const NO_ENDPOINTS: u8 = 0;
+    /// A Service IP on a port or protocol it does not declare (refused).
+    pub const UNDECLARED_PORT: u8 = 1;
+    /// The client is outside the LoadBalancer IP's loadBalancerSourceRanges.
+    pub const SOURCE_RANGE: u8 = 2;
+    /// externalTrafficPolicy / internalTrafficPolicy Local and no endpoint
+    /// on this node.
+    pub const NO_LOCAL_ENDPOINTS: u8 = 3;
+    /// No free source port left for the flow's SNAT.
+    pub const SNAT_PORTS_EXHAUSTED: u8 = 4;
+    /// The conntrack map took no new entry.
+    pub const CONNTRACK_FULL: u8 = 5;
+    /// A later IP fragment to a Service address whose first fragment was
+    /// not seen: no ports to translate it by.
+    pub const FRAGMENT_WITHOUT_FIRST: u8 = 6;
+    /// A mid-connection TCP packet whose flow an upgrade has not copied yet.
+    pub const MIGRATING: u8 = 7;
+    /// Rewriting the packet failed (the kernel refused a helper).
+    pub const REWRITE_FAILED: u8 = 8;
+    /// Building the refusal (RST, ICMP) failed.
+    pub const REJECT_FAILED: u8 = 9;
+    /// A new flow (`event_kind::NEW`).
+    pub const NEW_FLOW: u8 = 10;
+    /// An ICMP error translated (`event_kind::ICMP`; the monitor names it
+    /// by its type and code).
+    pub const ICMP_ERROR: u8 = 11;
+    pub const NAMES: [&str; 12] = [
+        "no_endpoints",
+        "undeclared_port",
+        "source_range",
+        "no_local_endpoints",
+        "snat_ports_exhausted",
+        "conntrack_full",
+        "fragment_without_first",
+        "migrating",
+        "rewrite_failed",
+        "reject_failed",
+        "new_flow",
+        "icmp_error",
+    ];
+}
+
+/// One record of `LB_EVENTS`: the packet as it arrived (before any
+/// rewrite), the frontend's rev-NAT id (0: none, e.g. an undeclared port),
+/// and the backend when one was chosen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MonitorEvent {
+    pub src_be: Addr,
+    pub dst_be: Addr,
+    /// `Addr::NONE` when no backend is involved.
+    pub backend_be: Addr,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub backend_port_be: u16,
+    /// `event_kind`.
+    pub kind: u8,
+    /// `event_reason`.
+    pub reason: u8,
+    pub proto: u8,
+    /// `SCOPE_INTERNAL` (a pod device, the node's egress) or `SCOPE_EXTERNAL`.
+    pub scope: u8,
+    /// ICMP errors: the error's type and code.
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// The device the packet was seen on.
+    pub ifindex: u32,
+    pub rev_nat_id: u32,
+}
+
 /// Value of `LB_CONFIG` index 0: node-wide datapath settings.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -900,6 +1044,9 @@ const _: () = {
     assert!(core::mem::size_of::<SockAffinityKey>() == 16);
     assert!(core::mem::size_of::<SourceRange>() == 32);
     assert!(core::mem::size_of::<MaglevKey>() == 8);
+    assert!(core::mem::size_of::<MonitorEvent>() == 68);
+    assert!(core::mem::size_of::<MonitorConfig>() == 8);
+    assert!(core::mem::size_of::<ServiceName>() == 4 + SERVICE_NAME_LEN);
     assert!(stat::COUNT <= stat::CAPACITY);
 };
 
@@ -928,6 +1075,9 @@ mod pod {
     unsafe impl aya::Pod for NotProgrammedKey {}
     unsafe impl aya::Pod for NotProgrammedValue {}
     unsafe impl aya::Pod for Addr {}
+    unsafe impl aya::Pod for ServiceName {}
+    unsafe impl aya::Pod for MonitorConfig {}
+    unsafe impl aya::Pod for MonitorEvent {}
 }
 
 #[cfg(test)]

@@ -13,11 +13,15 @@
 //! about a reply (the client's side refusing or too small) travels towards
 //! the backend: found by the forward entry, translated the other way.
 
-use lb_common::{Addr, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, IPPROTO_TCP, IPPROTO_UDP, stat};
+use lb_common::{
+    Addr, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, IPPROTO_TCP, IPPROTO_UDP, event_kind, event_reason,
+    stat,
+};
 
 use crate::{
     csum, ct,
     maps::count,
+    monitor,
     packet::{L4Csum, Packet, Result},
     parse::{
         Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_HLEN, IP6_SRC_OFF, Ipv4Hdr,
@@ -58,7 +62,7 @@ struct Translation {
 /// otherwise. `towards_backend`: errors about replies are looked for too
 /// (only where a flow's forward packets arrive: pod and node programs).
 #[inline(never)]
-pub fn translate<P: Packet>(pkt: &mut P, outer: &Flow, towards_backend: bool) -> i32 {
+pub fn translate<P: Packet>(pkt: &mut P, outer: &Flow, towards_backend: bool, scope: u8) -> i32 {
     let Some(quoted) = parse_quote(pkt, outer) else {
         count(stat::PASS_OTHER_PROTO);
         return pkt.pass();
@@ -74,10 +78,15 @@ pub fn translate<P: Packet>(pkt: &mut P, outer: &Flow, towards_backend: bool) ->
         _pad: [0; 2],
     };
     let now = crate::ct::now();
+    // For the monitor: the flow's frontend and backend.
+    let rev_nat_id;
+    let backend;
     let to = if let Some(entry) = ct::lookup(&key, now) {
         // The quote left towards the backend: restore the frontend (and the
         // client, if source-NATed).
         let entry = unsafe { &*entry };
+        rev_nat_id = entry.rev_nat_id;
+        backend = (quoted.dst, quoted.dport_be);
         let (client, client_port) = restored(entry.snat_addr_be, entry.snat_port_be, &quoted, true);
         Translation {
             inner_src: client,
@@ -98,6 +107,8 @@ pub fn translate<P: Packet>(pkt: &mut P, outer: &Flow, towards_backend: bool) ->
         };
         // The quote is a reply as the client saw it: make it the backend's.
         let entry = unsafe { &*entry };
+        rev_nat_id = entry.rev_nat_id;
+        backend = (entry.nat_addr_be, entry.nat_port_be);
         let (snat, snat_port) = restored(entry.snat_addr_be, entry.snat_port_be, &quoted, false);
         Translation {
             inner_src: entry.nat_addr_be,
@@ -109,13 +120,44 @@ pub fn translate<P: Packet>(pkt: &mut P, outer: &Flow, towards_backend: bool) ->
     match rewrite(pkt, outer, &quoted, &to) {
         Ok(()) => {
             count(stat::ICMP_ERROR_TRANSLATED);
+            report(pkt, outer, event_kind::ICMP, scope, &backend, rev_nat_id);
             pkt.pass()
         }
         Err(_) => {
             count(stat::ERR_NAT_FAILED);
+            report(pkt, outer, event_kind::DROP, scope, &backend, rev_nat_id);
             pkt.drop_verdict()
         }
     }
+}
+
+/// Tell a monitor about a translated error (or one dropped because its
+/// rewrite failed), with the error's type and code as it arrived.
+#[inline(always)]
+fn report<P: Packet>(
+    pkt: &P,
+    outer: &Flow,
+    kind: u8,
+    scope: u8,
+    backend: &(Addr, u16),
+    rev_nat_id: u32,
+) {
+    if !monitor::wanted(kind) {
+        return;
+    }
+    let reason = if kind == event_kind::ICMP {
+        event_reason::ICMP_ERROR
+    } else {
+        event_reason::REWRITE_FAILED
+    };
+    // Type and code: the first two bytes of the ICMP header (the rewrite
+    // leaves them as they arrived).
+    let type_code = pkt.load_header::<[u8; 2]>(outer.l4_off).unwrap_or([0, 0]);
+    let what = monitor::what(kind, reason, scope);
+    let what = monitor::with_icmp(what, type_code[0], type_code[1]);
+    let what = monitor::with_backend_port(what, backend.1);
+    let ifindex = pkt.ifindex();
+    monitor::emit(what, outer, &backend.0, rev_nat_id, ifindex);
 }
 
 /// The other end of the quote after translation: the entry's source NAT end

@@ -8,7 +8,8 @@ use lb_common::{
     Addr, AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendSetValue, BackendSlotKey,
     BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, IPPROTO_TCP, IPPROTO_UDP, MaglevKey,
     SCOPE_EXTERNAL, SCOPE_INTERNAL, SOCK_DIR_REVERSE, ServiceKey, ServiceValue, SetMemberKey,
-    SockNatKey, SourceRange, backend_flags, config_flags, ct_flags, service_flags, stat,
+    SockNatKey, SourceRange, backend_flags, config_flags, ct_flags, event_kind, event_reason,
+    service_flags, stat,
 };
 
 use crate::{
@@ -19,6 +20,7 @@ use crate::{
         LB_PREFILTER4, LB_PREFILTER6, LB_SERVICES, LB_SET_MEMBERS, LB_SOCK_NAT, LB_SOURCE_RANGES,
         count,
     },
+    monitor,
     nat::{self, End},
     packet::{Packet, Routed},
     parse::{self, Echo, FRAG_FIRST, FRAG_NONE, Flow, TCP_ACK, TCP_RST, TCP_SYN},
@@ -119,7 +121,9 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
         // Errors about replies travel towards backends: only where a flow's
         // forward packets arrive.
         // (The node's egress carries errors about answers too: the node's own.)
-        parse::ICMP_ERROR => return icmp_error::translate(pkt, &flow, origin != Origin::Reply),
+        parse::ICMP_ERROR => {
+            return icmp_error::translate(pkt, &flow, origin != Origin::Reply, origin.scope());
+        }
         _ => return unknown_fragment(pkt, &flow, origin),
     }
     let key = ServiceKey {
@@ -152,7 +156,17 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
     match verdict {
         // SAFETY: every path returning REWRITE wrote `to` whole.
         REWRITE => translate(pkt, &flow, unsafe { to.assume_init_ref() }),
-        REFUSE => refuse(pkt, &flow),
+        // A frontend without endpoints, or an undeclared port of a Service IP.
+        REFUSE => match frontend {
+            Some(frontend) => refuse(
+                pkt,
+                &flow,
+                event_reason::NO_ENDPOINTS,
+                frontend.rev_nat_id,
+                origin.scope(),
+            ),
+            None => refuse(pkt, &flow, event_reason::UNDECLARED_PORT, 0, origin.scope()),
+        },
         verdict => verdict,
     }
 }
@@ -245,6 +259,7 @@ fn echo_request<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
     }
     if address.flags & service_flags::ECHO == 0 {
         count(stat::DROP_ECHO);
+        dropped(pkt, flow, event_reason::NO_ENDPOINTS, 0, origin.scope());
         return pkt.drop_verdict();
     }
     match reject::echo_reply(pkt, echo) {
@@ -254,6 +269,7 @@ fn echo_request<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 {
         }
         Err(_) => {
             count(stat::ERR_REJECT_FAILED);
+            dropped(pkt, flow, event_reason::REJECT_FAILED, 0, origin.scope());
             pkt.drop_verdict()
         }
     }
@@ -268,6 +284,13 @@ fn unknown_fragment<P: Packet>(pkt: &mut P, flow: &Flow, origin: Origin) -> i32 
     let key = address_key(flow.dst_be, origin.scope());
     if !origin.replies_only() && unsafe { LB_SERVICES.get(key) }.is_some() {
         count(stat::DROP_FRAG_NO_FIRST);
+        dropped(
+            pkt,
+            flow,
+            event_reason::FRAGMENT_WITHOUT_FIRST,
+            0,
+            origin.scope(),
+        );
         return pkt.drop_verdict();
     }
     count(stat::PASS_FRAGMENT);
@@ -306,6 +329,13 @@ fn forward<P: Packet>(
     };
     if frontend.flags & service_flags::SOURCE_RANGES != 0 && !source_allowed(flow) {
         count(stat::DROP_SOURCE_RANGE);
+        dropped(
+            pkt,
+            flow,
+            event_reason::SOURCE_RANGE,
+            frontend.rev_nat_id,
+            key.scope,
+        );
         return pkt.drop_verdict();
     }
     let now = crate::ct::now();
@@ -343,6 +373,13 @@ fn forward<P: Packet>(
         // previous maps yet: balanced afresh it would reach another
         // backend and be reset; dropped, TCP sends it again.
         count(stat::DROP_MIGRATING);
+        dropped(
+            pkt,
+            flow,
+            event_reason::MIGRATING,
+            frontend.rev_nat_id,
+            key.scope,
+        );
         return pkt.drop_verdict();
     }
 
@@ -352,6 +389,13 @@ fn forward<P: Packet>(
     if set.count == 0 {
         if frontend.flags & service_flags::DROP_IF_EMPTY != 0 {
             count(stat::DROP_NO_BACKEND);
+            dropped(
+                pkt,
+                flow,
+                event_reason::NO_LOCAL_ENDPOINTS,
+                frontend.rev_nat_id,
+                key.scope,
+            );
             return pkt.drop_verdict();
         }
         return REFUSE;
@@ -425,8 +469,24 @@ fn forward<P: Packet>(
         Err(CreateError::Full) => count(stat::ERR_CT_FULL),
         Err(CreateError::NoPort) => {
             count(stat::ERR_SNAT_PORTS);
+            if monitor::wanted(event_kind::DROP) {
+                let what = monitor::what(
+                    event_kind::DROP,
+                    event_reason::SNAT_PORTS_EXHAUSTED,
+                    key.scope,
+                );
+                let what = monitor::with_backend_port(what, nat.port_be);
+                let ifindex = pkt.ifindex();
+                monitor::emit(what, flow, &nat.addr_be, frontend.rev_nat_id, ifindex);
+            }
             return pkt.drop_verdict();
         }
+    }
+    if monitor::new_flow_wanted() {
+        let what = monitor::what(event_kind::NEW, event_reason::NEW_FLOW, key.scope);
+        let what = monitor::with_backend_port(what, nat.port_be);
+        let ifindex = pkt.ifindex();
+        monitor::emit(what, flow, &nat.addr_be, frontend.rev_nat_id, ifindex);
     }
     REWRITE
 }
@@ -583,6 +643,7 @@ fn reply<P: Packet>(
     let Some((entry, now)) = ct::lookup_timed(&key) else {
         if awaiting_copy(flow) {
             count(stat::DROP_MIGRATING);
+            dropped(pkt, flow, event_reason::MIGRATING, 0, origin.scope());
             return pkt.drop_verdict();
         }
         return not_a_frontend(pkt, flow, origin);
@@ -684,6 +745,7 @@ fn translate<P: Packet>(pkt: &mut P, flow: &Flow, to: &Rewrite) -> i32 {
         }
         Err(_) => {
             count(stat::ERR_NAT_FAILED);
+            dropped(pkt, flow, event_reason::REWRITE_FAILED, 0, SCOPE_INTERNAL);
             pkt.drop_verdict()
         }
     }
@@ -818,10 +880,18 @@ fn masquerade_out<P: Packet>(pkt: &mut P, flow: &Flow, to: &mut MaybeUninit<Rewr
         }
         Err(CreateError::Full) => {
             count(stat::ERR_CT_FULL);
+            dropped(pkt, flow, event_reason::CONNTRACK_FULL, 0, SCOPE_INTERNAL);
             pkt.drop_verdict()
         }
         Err(CreateError::NoPort) => {
             count(stat::ERR_SNAT_PORTS);
+            dropped(
+                pkt,
+                flow,
+                event_reason::SNAT_PORTS_EXHAUSTED,
+                0,
+                SCOPE_INTERNAL,
+            );
             pkt.drop_verdict()
         }
     }
@@ -840,7 +910,7 @@ fn other_or(to: &Nat, unchanged: (Addr, u16)) -> (Addr, u16) {
 /// No backend at all: refuse fast instead of letting the client time out.
 // Its own BPF function: its stack frame is not added to the flow path's.
 #[inline(never)]
-fn refuse<P: Packet>(pkt: &mut P, flow: &Flow) -> i32 {
+fn refuse<P: Packet>(pkt: &mut P, flow: &Flow, reason: u8, rev_nat_id: u32, scope: u8) -> i32 {
     // Only the first fragment of an IPv4 UDP datagram can be quoted
     // correctly; other fragments are dropped (the first one answers).
     let answerable = match flow.frag {
@@ -854,9 +924,10 @@ fn refuse<P: Packet>(pkt: &mut P, flow: &Flow) -> i32 {
     if flow.tcp_flags & TCP_RST != 0 || !answerable {
         // Never answer an RST.
         count(stat::DROP_NO_BACKEND);
+        dropped(pkt, flow, reason, rev_nat_id, scope);
         return pkt.drop_verdict();
     }
-    let (built, reason) = match (flow.proto == IPPROTO_TCP, flow.v6) {
+    let (built, counter) = match (flow.proto == IPPROTO_TCP, flow.v6) {
         (true, false) => (reject::tcp_rst(pkt, flow), stat::REJECT_TCP_RST),
         (true, true) => (reject::tcp6_rst(pkt, flow), stat::REJECT_TCP_RST),
         (false, false) => (reject::icmp_port_unreachable(pkt, flow), stat::REJECT_ICMP),
@@ -864,12 +935,28 @@ fn refuse<P: Packet>(pkt: &mut P, flow: &Flow) -> i32 {
     };
     match built {
         Ok(()) => {
-            count(reason);
+            count(counter);
+            if monitor::wanted(event_kind::REJECT) {
+                let what = monitor::what(event_kind::REJECT, reason, scope);
+                let ifindex = pkt.ifindex();
+                monitor::emit(what, flow, &ct::no_addr(), rev_nat_id, ifindex);
+            }
             pkt.bounce()
         }
         Err(_) => {
             count(stat::ERR_REJECT_FAILED);
+            dropped(pkt, flow, event_reason::REJECT_FAILED, rev_nat_id, scope);
             pkt.drop_verdict()
         }
+    }
+}
+
+/// Report a dropped packet to a monitor that asks for drops.
+#[inline(always)]
+fn dropped<P: Packet>(pkt: &P, flow: &Flow, reason: u8, rev_nat_id: u32, scope: u8) {
+    if monitor::wanted(event_kind::DROP) {
+        let what = monitor::what(event_kind::DROP, reason, scope);
+        let ifindex = pkt.ifindex();
+        monitor::emit(what, flow, &ct::no_addr(), rev_nat_id, ifindex);
     }
 }

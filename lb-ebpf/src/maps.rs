@@ -5,13 +5,13 @@ use crate::parse::Ports;
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     Addr, AffinityKey, AffinityValue, BackendSetValue, BackendSlotKey, BackendValue, ConfigValue,
-    CtKey, CtValue, MaglevKey, NotProgrammedKey, NotProgrammedValue, RevNatValue, ServiceKey,
-    ServiceValue, SetMemberKey, SockAffinityKey, SockNatKey, SockNatValue, SourceRange, map_sizes,
-    stat,
+    CtKey, CtValue, MaglevKey, MonitorConfig, NotProgrammedKey, NotProgrammedValue, RevNatValue,
+    ServiceKey, ServiceName, ServiceValue, SetMemberKey, SockAffinityKey, SockNatKey,
+    SockNatValue, SourceRange, map_sizes, stat,
 };
 
 /// Frontends: {addr, port, proto, scope} -> backend set, rev-NAT id, flags;
@@ -139,6 +139,20 @@ pub static LB_PREFILTER6: HashMap<Addr, u32> =
 /// `lb_common::map_names::POD_DEVICES`).
 #[map(name = "LB_POD_DEVICES")]
 pub static LB_POD_DEVICES: HashMap<u32, u32> = HashMap::with_max_entries(65_536, 0);
+
+/// Events for `lb-agent monitor` (see `lb_common::map_names::EVENTS`).
+#[map(name = "LB_EVENTS")]
+pub static LB_EVENTS: RingBuf = RingBuf::with_byte_size(map_sizes::EVENTS_BYTES, 0);
+
+/// What a running monitor asks for (index 0; zero: nobody listens).
+#[map(name = "LB_MONITOR")]
+pub static LB_MONITOR: Array<MonitorConfig> = Array::with_max_entries(1, 0);
+
+/// Rev-NAT id -> Service port name: read by the monitor and dump only; here
+/// so it is pinned with the others.
+#[map(name = "LB_SERVICE_NAMES")]
+pub static LB_SERVICE_NAMES: HashMap<u32, ServiceName> =
+    HashMap::with_max_entries(map_sizes::SERVICES, BPF_F_NO_PREALLOC);
 
 /// Node-wide settings written by the agent (index 0).
 #[map(name = "LB_CONFIG")]

@@ -39,6 +39,8 @@ pub enum L4Csum {
 
 pub trait Packet {
     fn len(&self) -> u32;
+    /// The device the packet is seen on (the monitor's `device`).
+    fn ifindex(&self) -> u32;
     /// Where the IP header starts: after the Ethernet header, or at 0 on an
     /// L3 device (a TUN, WireGuard or IPIP device has no link-layer header).
     fn l3_off(&self) -> u32;
@@ -188,6 +190,11 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
     #[inline(always)]
     fn len(&self) -> u32 {
         self.ctx.len()
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        unsafe { (*self.ctx.skb.skb).ifindex }
     }
 
     #[inline(always)]
@@ -451,6 +458,11 @@ impl Packet for XdpPacket<'_> {
     #[inline(always)]
     fn len(&self) -> u32 {
         (self.ctx.data_end() - self.ctx.data()) as u32
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        unsafe { (*self.ctx.ctx).ingress_ifindex }
     }
 
     /// XDP is attached to Ethernet devices only.

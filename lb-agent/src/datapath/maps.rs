@@ -8,9 +8,9 @@ use aya::maps::{
 };
 use lb_common::{
     Addr, AffinityKey, AffinityValue, BackendSetValue, BackendSlotKey, BackendValue, ConfigValue,
-    CtKey, CtValue, MaglevKey, NotProgrammedKey, NotProgrammedValue, RevNatValue, ServiceKey,
-    ServiceValue, SetMemberKey, SockAffinityKey, SockNatKey, SockNatValue, SourceRange, map_names,
-    map_sizes, stat,
+    CtKey, CtValue, MaglevKey, MonitorConfig, NotProgrammedKey, NotProgrammedValue, RevNatValue,
+    ServiceKey, ServiceName, ServiceValue, SetMemberKey, SockAffinityKey, SockNatKey, SockNatValue,
+    SourceRange, map_names, map_sizes, stat,
 };
 use thiserror::Error;
 
@@ -84,12 +84,12 @@ impl Default for Capacities {
 }
 
 /// The shapes lb-common declares for every pinned map.
-pub fn expected_shapes() -> [MapShape; 18] {
+pub fn expected_shapes() -> [MapShape; 21] {
     shapes_with(Capacities::default())
 }
 
 /// The shapes with the given capacities.
-pub fn shapes_with(cap: Capacities) -> [MapShape; 18] {
+pub fn shapes_with(cap: Capacities) -> [MapShape; 21] {
     use std::mem::size_of;
     let shape = |name, k: usize, v: usize, max| MapShape {
         name,
@@ -200,6 +200,16 @@ pub fn shapes_with(cap: Capacities) -> [MapShape; 18] {
             4,
             cap.services.saturating_add(cap.backends),
         ),
+        // A ring buffer has no keys or values: its capacity is in bytes.
+        shape(map_names::EVENTS, 0, 0, map_sizes::EVENTS_BYTES),
+        shape(map_names::MONITOR, 4, size_of::<MonitorConfig>(), 1),
+        // One name per rev-NAT id.
+        shape(
+            map_names::SERVICE_NAMES,
+            4,
+            size_of::<ServiceName>(),
+            cap.services,
+        ),
     ]
 }
 
@@ -257,6 +267,8 @@ pub type SockAffinityMap = HashMap<MapData, SockAffinityKey, AffinityValue>;
 pub type NotProgrammedMap = HashMap<MapData, NotProgrammedKey, NotProgrammedValue>;
 pub type Prefilter4Map = HashMap<MapData, u32, u32>;
 pub type Prefilter6Map = HashMap<MapData, Addr, u32>;
+pub type MonitorMap = Array<MapData, MonitorConfig>;
+pub type ServiceNamesMap = HashMap<MapData, u32, ServiceName>;
 
 /// Every map of the datapath.
 pub struct Maps {
@@ -278,6 +290,8 @@ pub struct Maps {
     pub not_programmed: NotProgrammedMap,
     pub prefilter4: Prefilter4Map,
     pub prefilter6: Prefilter6Map,
+    pub monitor: MonitorMap,
+    pub service_names: ServiceNamesMap,
 }
 
 fn typed<T>(name: &'static str, map: Map) -> Result<T, MapsError>
@@ -310,6 +324,8 @@ impl Maps {
             not_programmed: typed(map_names::NOT_PROGRAMMED, take(map_names::NOT_PROGRAMMED)?)?,
             prefilter4: typed(map_names::PREFILTER4, take(map_names::PREFILTER4)?)?,
             prefilter6: typed(map_names::PREFILTER6, take(map_names::PREFILTER6)?)?,
+            monitor: typed(map_names::MONITOR, take(map_names::MONITOR)?)?,
+            service_names: typed(map_names::SERVICE_NAMES, take(map_names::SERVICE_NAMES)?)?,
         })
     }
 
@@ -342,6 +358,8 @@ impl Maps {
             not_programmed: typed(map_names::NOT_PROGRAMMED, open(15, Map::HashMap)?)?,
             prefilter4: typed(map_names::PREFILTER4, open(16, Map::HashMap)?)?,
             prefilter6: typed(map_names::PREFILTER6, open(17, Map::HashMap)?)?,
+            monitor: typed(map_names::MONITOR, open(19, Map::Array)?)?,
+            service_names: typed(map_names::SERVICE_NAMES, open(20, Map::HashMap)?)?,
         })
     }
 

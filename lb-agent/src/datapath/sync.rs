@@ -15,8 +15,8 @@ use aya::maps::{IterableMap, MapData, MapError, lpm_trie::Key};
 use ipnet::IpNet;
 use lb_common::{
     Addr, BACKEND_ACTIVE, BACKEND_STANDBY, BackendSetValue, BackendSlotKey, BackendValue,
-    MaglevKey, NotProgrammedKey, NotProgrammedValue, RevNatValue, ServiceKey, ServiceValue,
-    SetMemberKey, SourceRange, backend_flags, frontend_kind, service_flags,
+    MaglevKey, NotProgrammedKey, NotProgrammedValue, RevNatValue, ServiceKey, ServiceName,
+    ServiceValue, SetMemberKey, SourceRange, backend_flags, frontend_kind, service_flags,
 };
 use tracing::{debug, warn};
 
@@ -202,6 +202,10 @@ pub struct Syncer {
     addresses: BTreeMap<(IpAddr, Scope), u32>,
     source_ranges: BTreeSet<(IpAddr, IpNet)>,
     rev_nat: BTreeMap<u32, RevNatValue>,
+    /// Per rev-NAT id, the Service port name written to `LB_SERVICE_NAMES`
+    /// (for the monitor and dump; a failed write is retried next sync and
+    /// never holds the frontend back).
+    service_names: BTreeMap<u32, Arc<str>>,
     /// Per desired frontend, the set it points at.
     frontend_sets: BTreeMap<FrontendKey, BackendSetKey>,
     /// The sets desired frontends point at.
@@ -374,6 +378,7 @@ impl Syncer {
             addresses: BTreeMap::new(),
             source_ranges: BTreeSet::new(),
             rev_nat: BTreeMap::new(),
+            service_names: BTreeMap::new(),
             frontend_sets: BTreeMap::new(),
             desired_sets: BTreeMap::new(),
             uses: BTreeMap::new(),
@@ -425,6 +430,18 @@ impl Syncer {
                 syncer.rev_nat_ids.adopt(fk, id);
             }
             syncer.rev_nat.insert(id, value);
+        }
+        let mut stray_names = Vec::new();
+        for entry in syncer.maps.service_names.iter() {
+            let (id, name) = entry?;
+            if syncer.rev_nat.contains_key(&id) {
+                syncer.service_names.insert(id, name.as_str().into());
+            } else {
+                stray_names.push(id);
+            }
+        }
+        for id in stray_names {
+            let _ = syncer.maps.service_names.remove(&id);
         }
         syncer.adopt_sets()?;
         for entry in syncer.maps.services.iter() {
@@ -1364,6 +1381,9 @@ impl Syncer {
         if !removed(self.maps.rev_nat.remove(&id)) {
             return;
         }
+        if self.service_names.remove(&id).is_some() {
+            let _ = self.maps.service_names.remove(&id);
+        }
         if let Some(value) = self.rev_nat.remove(&id)
             && let Some(proto) = Protocol::from_number(value.proto)
             && let Some(scope) = Scope::from_code(value.scope)
@@ -1376,6 +1396,26 @@ impl Syncer {
             };
             if self.rev_nat_ids.get(&fk) == Some(id) {
                 self.rev_nat_ids.release(&fk);
+            }
+        }
+    }
+
+    /// Name a rev-NAT id's Service port for the monitor and dump, if the
+    /// name written differs.
+    fn write_service_name(&mut self, id: u32, service_port: &Arc<str>) {
+        if self.service_names.get(&id) == Some(service_port) {
+            return;
+        }
+        match self
+            .maps
+            .service_names
+            .insert(id, ServiceName::new(service_port), 0)
+        {
+            Ok(()) => {
+                self.service_names.insert(id, service_port.clone());
+            }
+            Err(e) => {
+                warn!(service = %service_port, rev_nat_id = id, error = %e, "naming the frontend in LB_SERVICE_NAMES failed: the monitor and dump show its address only");
             }
         }
     }
@@ -1696,6 +1736,7 @@ impl Syncer {
             self.maps.rev_nat.insert(rev_nat_id, rev, 0)?;
             self.rev_nat.insert(rev_nat_id, rev);
         }
+        self.write_service_name(rev_nat_id, &frontend.service_port);
         let value = ServiceValue {
             backend_set_id: set_id,
             rev_nat_id,
