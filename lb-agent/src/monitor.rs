@@ -185,9 +185,9 @@ pub struct Filter {
 impl Filter {
     pub fn new(service: Option<&str>, from: Option<IpNet>) -> Result<Self> {
         if let Some(s) = service {
-            let valid = s
-                .split_once('/')
-                .is_some_and(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'));
+            let valid = s.split_once('/').is_some_and(|(ns, name)| {
+                !ns.is_empty() && !name.is_empty() && !name.contains('/')
+            });
             if !valid {
                 bail!("--service {s:?}: expected NAMESPACE/NAME");
             }
@@ -433,7 +433,14 @@ fn table_line(record: Option<&MonitorRecord>) -> String {
     let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     let cols: [String; 9] = match record {
         None => [
-            "TYPE", "REASON", "SERVICE", "FRONTEND", "BACKEND", "SOURCE", "DESTINATION", "SCOPE",
+            "TYPE",
+            "REASON",
+            "SERVICE",
+            "FRONTEND",
+            "BACKEND",
+            "SOURCE",
+            "DESTINATION",
+            "SCOPE",
             "DEVICE",
         ]
         .map(String::from),
@@ -455,7 +462,6 @@ fn table_line(record: Option<&MonitorRecord>) -> String {
         cols[0], cols[1], cols[2], cols[3], cols[4], cols[5], cols[6], cols[7], cols[8]
     )
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -675,7 +681,10 @@ mod tests {
         e.icmp_code = 4;
         let r = describe_one(&e);
         assert_eq!(r.reason, "fragmentation_needed");
-        assert_eq!((r.src.as_str(), r.dst.as_str()), ("10.244.1.11", "10.244.1.2"));
+        assert_eq!(
+            (r.src.as_str(), r.dst.as_str()),
+            ("10.244.1.11", "10.244.1.2")
+        );
         assert_eq!((r.icmp_type, r.icmp_code), (Some(3), Some(4)));
         for (v6, t, c, name) in [
             (false, 3, 3, "port_unreachable"),

@@ -10,8 +10,8 @@ use aya_ebpf::{
 use lb_common::{
     Addr, AffinityKey, AffinityValue, BackendSetValue, BackendSlotKey, BackendValue, ConfigValue,
     CtKey, CtValue, MaglevKey, MonitorConfig, NotProgrammedKey, NotProgrammedValue, RevNatValue,
-    ServiceKey, ServiceName, ServiceValue, SetMemberKey, SockAffinityKey, SockNatKey,
-    SockNatValue, SourceRange, map_sizes, stat,
+    ServiceKey, ServiceName, ServiceValue, SetMemberKey, SockAffinityKey, SockNatKey, SockNatValue,
+    SourceRange, map_sizes, stat,
 };
 
 /// Frontends: {addr, port, proto, scope} -> backend set, rev-NAT id, flags;

@@ -3,6 +3,8 @@
 //! is built unless a monitor set `LB_MONITOR`: a site pays one inlined
 //! array read and a branch, and every site but new flows is a cold path.
 
+use core::ptr::addr_of_mut;
+
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{Addr, MonitorEvent, event_kind};
 
@@ -51,28 +53,33 @@ pub fn with_backend_port(what: u64, port_be: u16) -> u64 {
 }
 
 /// Write one event (callers check `wanted` first). A full ring buffer
-/// loses the event: the monitor counts what it missed by the counters.
+/// loses the event.
+///
+/// Field by field into the reserved record, never through the stack: this
+/// frame adds to the deepest callers' (ICMP error translation, refusals),
+/// which leave it 32 bytes of the 512.
 #[inline(never)]
 pub fn emit(what: u64, flow: &Flow, backend_be: &Addr, rev_nat_id: u32, ifindex: u32) {
     let Some(mut entry) = LB_EVENTS.reserve::<MonitorEvent>(0) else {
         return;
     };
-    // Written whole in the reserved record: no 68-byte copy on the stack.
-    entry.write(MonitorEvent {
-        src_be: flow.src_be,
-        dst_be: flow.dst_be,
-        backend_be: *backend_be,
-        sport_be: flow.sport_be,
-        dport_be: flow.dport_be,
-        backend_port_be: (what >> 40) as u16,
-        kind: what as u8,
-        reason: (what >> 8) as u8,
-        proto: flow.proto,
-        scope: (what >> 16) as u8,
-        icmp_type: (what >> 24) as u8,
-        icmp_code: (what >> 32) as u8,
-        ifindex,
-        rev_nat_id,
-    });
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` is the reserved record, `size_of::<MonitorEvent>()` bytes.
+    unsafe {
+        addr_of_mut!((*e).src_be).write(flow.src_be);
+        addr_of_mut!((*e).dst_be).write(flow.dst_be);
+        addr_of_mut!((*e).backend_be).write(*backend_be);
+        addr_of_mut!((*e).sport_be).write(flow.sport_be);
+        addr_of_mut!((*e).dport_be).write(flow.dport_be);
+        addr_of_mut!((*e).backend_port_be).write((what >> 40) as u16);
+        addr_of_mut!((*e).kind).write(what as u8);
+        addr_of_mut!((*e).reason).write((what >> 8) as u8);
+        addr_of_mut!((*e).proto).write(flow.proto);
+        addr_of_mut!((*e).scope).write((what >> 16) as u8);
+        addr_of_mut!((*e).icmp_type).write((what >> 24) as u8);
+        addr_of_mut!((*e).icmp_code).write((what >> 32) as u8);
+        addr_of_mut!((*e).ifindex).write(ifindex);
+        addr_of_mut!((*e).rev_nat_id).write(rev_nat_id);
+    }
     entry.submit(0);
 }

@@ -9,15 +9,15 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, lpm_trie::LpmTrie},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, lpm_trie::LpmTrie},
     programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use etherparse::PacketBuilder;
 use lb_common::{
     AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendSetValue, BackendSlotKey, BackendValue,
-    ConfigValue, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP, MaglevKey, RevNatValue, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, ServiceKey, ServiceValue, SetMemberKey, SourceRange, frontend_kind, map_names,
-    program_names, service_flags, stat,
+    ConfigValue, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP, MaglevKey, MonitorConfig, MonitorEvent,
+    RevNatValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue, SetMemberKey,
+    SourceRange, frontend_kind, map_names, program_names, service_flags, stat,
 };
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -518,6 +518,33 @@ impl Datapath {
             stats.set(i, zeros, 0).expect("reset stat");
         }
         self.last_mark.set(0);
+        self.monitor(0, 0);
+        self.events();
+    }
+
+    /// Ask for events as `lb-agent monitor` does (`1 << event_kind::*`;
+    /// new flows: one in `sample`); 0 stops them.
+    pub fn monitor(&mut self, kinds: u32, sample: u32) {
+        let mut monitor = Array::<_, MonitorConfig>::try_from(
+            self.ebpf.map_mut(map_names::MONITOR).expect("monitor map"),
+        )
+        .expect("monitor is an array");
+        monitor
+            .set(0, MonitorConfig { kinds, sample }, 0)
+            .expect("set monitor");
+    }
+
+    /// The events written since the last call, oldest first.
+    pub fn events(&mut self) -> Vec<MonitorEvent> {
+        let mut ring = RingBuf::try_from(self.ebpf.map_mut(map_names::EVENTS).expect("events map"))
+            .expect("events is a ring buffer");
+        let mut events = Vec::new();
+        while let Some(item) = ring.next() {
+            assert_eq!(item.len(), size_of::<MonitorEvent>(), "event record size");
+            // SAFETY: a MonitorEvent record, as the programs write them.
+            events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+        }
+        events
     }
 
     fn load_programs(services: u32, backends: u32, programs: &[Prog]) -> Self {
@@ -1105,6 +1132,47 @@ pub enum Step {
     Change(Box<dyn Fn(&mut Datapath)>),
     /// Counters (by `stat` index) that must have these totals now.
     Stats(Vec<(u32, u64)>),
+    /// The monitor events written since the last such step, exactly.
+    Events(Vec<Event>),
+}
+
+/// A monitor event as a case expects it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// `event_kind`.
+    pub kind: u8,
+    /// `event_reason`.
+    pub reason: u8,
+    pub rev_nat_id: u32,
+    /// The packet's ends as it arrived.
+    pub src: Ep,
+    pub dst: Ep,
+    pub backend: Option<Ep>,
+    /// `SCOPE_INTERNAL` or `SCOPE_EXTERNAL`.
+    pub scope: u8,
+}
+
+impl Event {
+    fn of(e: &MonitorEvent) -> Event {
+        let at = |a: lb_common::Addr, port_be: u16| Ep {
+            addr: a.ip(),
+            port: u16::from_be(port_be),
+        };
+        Event {
+            kind: e.kind,
+            reason: e.reason,
+            rev_nat_id: e.rev_nat_id,
+            src: at(e.src_be, e.sport_be),
+            dst: at(e.dst_be, e.dport_be),
+            backend: (!e.backend_be.is_none()).then(|| at(e.backend_be, e.backend_port_be)),
+            scope: e.scope,
+        }
+    }
+}
+
+/// The monitor events written since the last such step, exactly.
+pub fn events(want: Vec<Event>) -> Step {
+    Step::Events(want)
 }
 
 pub fn send(frame: Vec<u8>, expect: Expect) -> Step {
@@ -1216,6 +1284,11 @@ pub fn run_case(case: Case) {
                             got[*idx as usize]
                         );
                     }
+                    chosen.push(None);
+                }
+                Step::Events(want) => {
+                    let got: Vec<Event> = dp.events().iter().map(Event::of).collect();
+                    assert_eq!(&got, want, "{ctx}: monitor events");
                     chosen.push(None);
                 }
             }

@@ -788,3 +788,162 @@ fn replies_awaiting_their_copied_flow_are_held_while_migrating() {
         ],
     ));
 }
+
+// ---- monitor events ----------------------------------------------------------
+
+const EVERY_KIND: u32 = 0b1111;
+
+fn event(kind: u8, reason: u8, rev_nat_id: u32, src: &str, dst: &str, scope: u8) -> Event {
+    Event {
+        kind,
+        reason,
+        rev_nat_id,
+        src: ep(src),
+        dst: ep(dst),
+        backend: None,
+        scope,
+    }
+}
+
+#[test]
+fn the_monitor_hears_why_external_packets_are_dropped_or_refused() {
+    use lb_common::{event_kind as kind, event_reason as why};
+    run_case(Case::on(
+        &[Prog::TcNode, Prog::XdpNode],
+        "the_monitor_hears_why_external_packets_are_dropped_or_refused",
+        |dp| {
+            local_policy(dp);
+            dp.monitor(EVERY_KIND, 1);
+        },
+        vec![
+            send(tcp(ep(CLIENT), ep(NODE_PORT), SYN, b""), Expect::Dropped),
+            send(
+                tcp(ep(CLIENT), ep(LB_IP), SYN, b""),
+                Expect::TcpRst {
+                    seq: 0,
+                    ack: Some(1001),
+                },
+            ),
+            events(vec![
+                event(
+                    kind::DROP,
+                    why::NO_LOCAL_ENDPOINTS,
+                    1,
+                    CLIENT,
+                    NODE_PORT,
+                    SCOPE_EXTERNAL,
+                ),
+                event(
+                    kind::REJECT,
+                    why::NO_ENDPOINTS,
+                    3,
+                    CLIENT,
+                    LB_IP,
+                    SCOPE_EXTERNAL,
+                ),
+            ]),
+            // Only drops asked for: the refusal is not reported.
+            change(|dp| dp.monitor(1 << kind::DROP, 1)),
+            send(
+                tcp(ep(CLIENT), ep(LB_IP), SYN, b""),
+                Expect::TcpRst {
+                    seq: 0,
+                    ack: Some(1001),
+                },
+            ),
+            events(vec![]),
+            // Nobody listens: nothing is written.
+            change(|dp| dp.monitor(0, 0)),
+            send(tcp(ep(CLIENT), ep(NODE_PORT), SYN, b""), Expect::Dropped),
+            events(vec![]),
+        ],
+    ));
+    run_case(Case::on(
+        &[Prog::TcNode, Prog::XdpNode],
+        "the_monitor_hears_of_source_range_drops",
+        |dp| {
+            source_ranges(dp);
+            dp.monitor(EVERY_KIND, 1);
+        },
+        vec![
+            send(
+                tcp(ep(OUTSIDE_RANGES), ep(LB_IP), SYN, b""),
+                Expect::Dropped,
+            ),
+            events(vec![event(
+                kind::DROP,
+                why::SOURCE_RANGE,
+                1,
+                OUTSIDE_RANGES,
+                LB_IP,
+                SCOPE_EXTERNAL,
+            )]),
+        ],
+    ));
+}
+
+#[test]
+fn the_monitor_hears_of_new_flows_and_in_cluster_refusals() {
+    use lb_common::{event_kind as kind, event_reason as why};
+    const POD: &str = "10.1.1.9:40000";
+    const EMPTY: &str = "10.96.0.99:80";
+    const UNDECLARED: &str = "10.96.0.10:81";
+    run_case(Case::on(
+        &[Prog::Tc, Prog::Xdp],
+        "the_monitor_hears_of_new_flows_and_in_cluster_refusals",
+        |dp| {
+            dp.backend(1, ep(LOCAL_POD), TCP);
+            dp.frontend(ep(CLUSTER_IP), TCP, 5, &[1]);
+            dp.frontend(ep(EMPTY), TCP, 6, &[]);
+            dp.address_only(ep(CLUSTER_IP).addr);
+            dp.monitor(EVERY_KIND, 1);
+        },
+        vec![
+            send(
+                tcp(ep(POD), ep(CLUSTER_IP), SYN, b""),
+                Expect::Dnat(Target::Exact(ep(LOCAL_POD))),
+            ),
+            // The flow's next packet is no new flow.
+            send(
+                tcp(ep(POD), ep(CLUSTER_IP), ACK, b""),
+                Expect::Dnat(Target::Exact(ep(LOCAL_POD))),
+            ),
+            send(
+                tcp(ep(POD), ep(EMPTY), SYN, b""),
+                Expect::TcpRst {
+                    seq: 0,
+                    ack: Some(1001),
+                },
+            ),
+            send(
+                tcp(ep(POD), ep(UNDECLARED), SYN, b""),
+                Expect::TcpRst {
+                    seq: 0,
+                    ack: Some(1001),
+                },
+            ),
+            events(vec![
+                Event {
+                    backend: Some(ep(LOCAL_POD)),
+                    ..event(kind::NEW, why::NEW_FLOW, 5, POD, CLUSTER_IP, SCOPE_INTERNAL)
+                },
+                event(
+                    kind::REJECT,
+                    why::NO_ENDPOINTS,
+                    6,
+                    POD,
+                    EMPTY,
+                    SCOPE_INTERNAL,
+                ),
+                event(
+                    kind::REJECT,
+                    why::UNDECLARED_PORT,
+                    0,
+                    POD,
+                    UNDECLARED,
+                    SCOPE_INTERNAL,
+                ),
+            ]),
+        ],
+    ));
+}

@@ -866,3 +866,83 @@ fn every_icmp_error_kind_is_translated() {
         steps,
     ));
 }
+
+#[test]
+fn a_translated_icmp_error_is_reported_with_its_flow() {
+    // The monitor hears of a translated error with its type and code, the
+    // flow's frontend (rev-NAT id) and backend, on IPv4 and IPv6.
+    let mut steps = Vec::new();
+    for (client, dns, backend, router, (kind, code), rev_nat_id) in [
+        (ep(CLIENT), ep(DNS), ep(POD_B_DNS), addr(ROUTER), (3, 4), 2),
+        (
+            ep(CLIENT6),
+            ep(DNS6),
+            ep(POD_B6_DNS),
+            addr(ROUTER6),
+            (2, 0),
+            6,
+        ),
+    ] {
+        let left = udp(client, backend, b"query");
+        let sent = udp(client, dns, b"query");
+        steps.push(send_on(
+            Prog::Tc,
+            sent.clone(),
+            Expect::Dnat(Target::Exact(backend)),
+        ));
+        steps.push(send(
+            icmp_error(router, client.addr, kind, code, MTU_1400, &left, None),
+            Expect::Frame(icmp_error(
+                dns.addr,
+                client.addr,
+                kind,
+                code,
+                MTU_1400,
+                &sent,
+                None,
+            )),
+        ));
+        steps.push(change(move |dp| {
+            let events = dp.events();
+            let [event] = events.as_slice() else {
+                panic!("one event for the error, got {events:?}");
+            };
+            assert_eq!(
+                (
+                    event.kind,
+                    event.reason,
+                    event.icmp_type,
+                    event.icmp_code,
+                    event.rev_nat_id
+                ),
+                (
+                    lb_common::event_kind::ICMP,
+                    lb_common::event_reason::ICMP_ERROR,
+                    kind,
+                    code,
+                    rev_nat_id
+                ),
+                "{event:?}"
+            );
+            assert_eq!(
+                (event.backend_be.ip(), u16::from_be(event.backend_port_be)),
+                (backend.addr, backend.port),
+                "the flow's backend"
+            );
+            assert_eq!(
+                (event.src_be.ip(), event.dst_be.ip()),
+                (router, client.addr),
+                "the error as it arrived"
+            );
+        }));
+    }
+    run_case(Case::on(
+        &[Prog::Tc, Prog::XdpNode, Prog::TcToPod],
+        "a_translated_icmp_error_is_reported_with_its_flow",
+        |dp| {
+            services_dual(dp);
+            dp.monitor(1 << lb_common::event_kind::ICMP, 1);
+        },
+        steps,
+    ));
+}
