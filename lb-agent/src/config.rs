@@ -197,6 +197,12 @@ pub struct RunArgs {
     /// written on a state change and at most once a second. Default: false
     #[arg(long, value_name = "BOOL")]
     pub conntrack_accounting: Option<bool>,
+    /// Count packets, bytes, new connections, refusals and drops per
+    /// frontend (`dump stats --by-service`, `lb_service_*` metrics): a
+    /// per-CPU counter slot for every rev-NAT id (40 bytes x CPUs x
+    /// `--lb-map-max`). Default: false
+    #[arg(long, value_name = "BOOL")]
+    pub service_counters: Option<bool>,
     /// Socket-level LB: the node's own processes (hostNetwork pods, kubelet,
     /// tools) reach Services, translated at connect()/sendmsg() by cgroup
     /// programs on the root cgroup. Default: true
@@ -267,6 +273,10 @@ pub struct DumpArgs {
     pub output: OutputFormat,
     #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
+    /// `stats` only: the counters of every frontend (the agent must run
+    /// with `--service-counters`).
+    #[arg(long)]
+    pub by_service: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -305,6 +315,7 @@ pub struct FileConfig {
     pub ping_services: Option<bool>,
     pub fast_path: Option<bool>,
     pub conntrack_accounting: Option<bool>,
+    pub service_counters: Option<bool>,
     pub socket_lb: Option<bool>,
     pub socket_lb_all_namespaces: Option<bool>,
     pub cgroup_root: Option<PathBuf>,
@@ -413,6 +424,8 @@ pub struct RunConfig {
     pub fast_path: bool,
     /// Per-packet conntrack counters (`--conntrack-accounting`).
     pub conntrack_accounting: bool,
+    /// Per-frontend counters (`--service-counters`).
+    pub service_counters: bool,
     /// Socket-level LB, when on.
     pub socket_lb: Option<SocketLb>,
     pub bpffs: PathBuf,
@@ -604,6 +617,10 @@ impl RunArgs {
             conntrack_accounting: self
                 .conntrack_accounting
                 .or(file.conntrack_accounting)
+                .unwrap_or(false),
+            service_counters: self
+                .service_counters
+                .or(file.service_counters)
                 .unwrap_or(false),
             socket_lb: self
                 .socket_lb

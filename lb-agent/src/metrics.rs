@@ -51,6 +51,19 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// One frontend of one Service (`--service-counters`): bounded by the
+/// frontends the node programs.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FrontendLabel {
+    /// `namespace/name` ("" when unnamed).
+    pub service: String,
+    pub port_name: String,
+    /// `ip:port`.
+    pub frontend: String,
+    pub protocol: String,
+    pub scope: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TrafficPolicyLabel {
     pub traffic_policy: String,
@@ -161,12 +174,15 @@ pub struct Metrics {
     datapath: Family<CounterLabel, Gauge>,
     watch_restarts: Family<KindLabel, Gauge>,
     not_programmed: Family<ReasonLabel, Gauge>,
+    /// Per-frontend series (`--service-counters`), by counter name.
+    per_service: Option<[(&'static str, Family<FrontendLabel, Gauge>); 5]>,
     pub kube_proxy: KubeProxyMetrics,
     bpffs: PathBuf,
 }
 
 impl Metrics {
-    pub fn new(bpffs: PathBuf) -> Self {
+    /// `per_service`: export the per-frontend counters (`--service-counters`).
+    pub fn new(bpffs: PathBuf, per_service: bool) -> Self {
         let mut root = Registry::default();
         let kube_proxy = KubeProxyMetrics {
             sync_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
@@ -210,6 +226,10 @@ impl Metrics {
             datapath: Family::default(),
             watch_restarts: Family::default(),
             not_programmed: Family::default(),
+            per_service: per_service.then(|| {
+                ["packets", "bytes", "new_connections", "refused", "dropped"]
+                    .map(|name| (name, Family::default()))
+            }),
             kube_proxy,
             bpffs,
         };
@@ -263,6 +283,18 @@ impl Metrics {
             "Service ports and Service IPs the maps do not hold, by reason (map_full: they do not fit; write_failed: the kernel refused the write)",
             m.not_programmed.clone(),
         );
+        if let Some(families) = &m.per_service {
+            for (name, family) in families {
+                registry.register(
+                    format!("service_{name}"),
+                    format!(
+                        "Per Service frontend: {} (summed over CPUs; packets and bytes are client to frontend)",
+                        name.replace('_', " ")
+                    ),
+                    family.clone(),
+                );
+            }
+        }
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = root;
         m
     }
@@ -318,6 +350,29 @@ impl Metrics {
             self.map_entries
                 .get_or_create(&MapLabel { map: name.into() })
                 .set(n as i64);
+        }
+        if let Some(families) = &self.per_service
+            && let Ok(frontends) = crate::dump::service_counters(&maps)
+        {
+            for (_, family) in families {
+                // Frontends that went must not keep their series.
+                family.clear();
+            }
+            for f in frontends {
+                let label = FrontendLabel {
+                    service: f.service.unwrap_or_default(),
+                    port_name: f.port_name.unwrap_or_default(),
+                    frontend: f.frontend,
+                    protocol: f.protocol,
+                    scope: f
+                        .scope
+                        .map_or_else(String::new, |s| format!("{s:?}").to_lowercase()),
+                };
+                let values = [f.packets, f.bytes, f.new_connections, f.refused, f.dropped];
+                for ((_, family), value) in families.iter().zip(values) {
+                    family.get_or_create(&label).set(value as i64);
+                }
+            }
         }
         if let Ok(values) = maps.read_stats() {
             for (i, v) in values.iter().enumerate() {

@@ -94,7 +94,7 @@ pub fn icmp_reason(v6: bool, icmp_type: u8, code: u8) -> &'static str {
 }
 
 /// Split `namespace/name:port` into `namespace/name` and the port name.
-fn split_service_port(service_port: &str) -> (String, String) {
+pub fn split_service_port(service_port: &str) -> (String, String) {
     match service_port.rsplit_once(':') {
         Some((service, port)) => (service.to_string(), port.to_string()),
         None => (service_port.to_string(), String::new()),
@@ -167,8 +167,11 @@ pub fn describe(
         backend,
         src: endpoint(src, sport, event.proto),
         dst: endpoint(dst, dport, event.proto),
-        protocol: Protocol::from_number(event.proto)
-            .map_or_else(|| event.proto.to_string(), |p| p.to_string()),
+        protocol: match event.proto {
+            IPPROTO_ICMP => "ICMP".to_string(),
+            IPPROTO_ICMPV6 => "ICMPv6".to_string(),
+            p => Protocol::from_number(p).map_or_else(|| p.to_string(), |p| p.to_string()),
+        },
         scope: Scope::from_code(event.scope),
         device: device(event.ifindex),
         icmp_type: icmp.then_some(event.icmp_type),
@@ -686,6 +689,7 @@ mod tests {
             ("10.244.1.11", "10.244.1.2")
         );
         assert_eq!((r.icmp_type, r.icmp_code), (Some(3), Some(4)));
+        assert_eq!(r.protocol, "ICMP");
         for (v6, t, c, name) in [
             (false, 3, 3, "port_unreachable"),
             (false, 3, 1, "destination_unreachable"),

@@ -978,6 +978,15 @@ pub async fn run(config: RunConfig) -> Result<()> {
         // Two entries (forward and reply) per flow.
         ct_tcp: 2 * config.ct_max_tcp,
         ct_other: 2 * config.ct_max_other,
+        // Rev-NAT ids run 1..=services: slot 0 is never a frontend's.
+        service_counters: if config.service_counters {
+            config
+                .lb_map_max
+                .unwrap_or(defaults.services)
+                .saturating_add(1)
+        } else {
+            1
+        },
     };
     let (mut datapath, maps) = Datapath::load_sized(&config.bpffs, node_config, capacities)
         .with_context(|| format!("loading the datapath under {}", config.bpffs.display()))?;
@@ -1038,7 +1047,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
     }
 
     let health = Health::new(config.health_timeout);
-    let metrics = Metrics::new(config.bpffs.clone());
+    let metrics = Metrics::new(config.bpffs.clone(), config.service_counters);
     if let Some(addr) = config.healthz_bind {
         serve("healthz", addr, health.router()).await?;
     }

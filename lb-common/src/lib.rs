@@ -52,8 +52,12 @@ pub mod map_names {
     /// belongs to (`ServiceName`). No program reads it: it is pinned for the
     /// monitor and dump, which name Services without the agent.
     pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
+    /// Per-Service counters (`ServiceCounters`), per CPU, indexed by
+    /// rev-NAT id. One entry (nothing counted) unless the agent runs with
+    /// `--service-counters`, which sizes it to the rev-NAT id space.
+    pub const SERVICE_STATS: &str = "LB_SERVICE_STATS";
     /// Every map of the object, in the order the agent pins them.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 22] = [
         SERVICES,
         BACKENDS,
         BACKEND_SETS,
@@ -75,6 +79,7 @@ pub mod map_names {
         EVENTS,
         MONITOR,
         SERVICE_NAMES,
+        SERVICE_STATS,
     ];
     /// Pod devices (ifindex -> 1) the fast path may hand packets to with
     /// bpf_redirect_peer: veths lb attached to as pod devices. Not pinned:
@@ -721,6 +726,24 @@ impl ServiceName {
     }
 }
 
+/// Value of `LB_SERVICE_STATS` (one per CPU) for one frontend: what its
+/// clients sent it (replies are not counted) and what became of it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceCounters {
+    /// Packets and bytes to the frontend that were translated (new and
+    /// established flows).
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows balanced to a backend.
+    pub new_connections: u64,
+    /// Packets refused for want of endpoints (RST, ICMP unreachable).
+    pub refused: u64,
+    /// Packets dropped (source ranges, Local policy without a local
+    /// endpoint, SNAT ports exhausted, an unanswerable refusal, ...).
+    pub dropped: u64,
+}
+
 /// Value of `LB_MONITOR` index 0: what a running `lb-agent monitor` asks
 /// for. Zero (nobody listens): the programs build no event.
 #[repr(C)]
@@ -1046,6 +1069,7 @@ const _: () = {
     assert!(core::mem::size_of::<MaglevKey>() == 8);
     assert!(core::mem::size_of::<MonitorEvent>() == 68);
     assert!(core::mem::size_of::<MonitorConfig>() == 8);
+    assert!(core::mem::size_of::<ServiceCounters>() == 40);
     assert!(core::mem::size_of::<ServiceName>() == 4 + SERVICE_NAME_LEN);
     assert!(stat::COUNT <= stat::CAPACITY);
 };
@@ -1078,6 +1102,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for MonitorConfig {}
     unsafe impl aya::Pod for MonitorEvent {}
+    unsafe impl aya::Pod for ServiceCounters {}
 }
 
 #[cfg(test)]

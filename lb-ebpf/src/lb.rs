@@ -18,7 +18,7 @@ use crate::{
     maps::{
         LB_AFFINITY, LB_BACKEND_SETS, LB_BACKEND_SLOTS, LB_BACKENDS, LB_CONFIG, LB_MAGLEV,
         LB_PREFILTER4, LB_PREFILTER6, LB_SERVICES, LB_SET_MEMBERS, LB_SOCK_NAT, LB_SOURCE_RANGES,
-        count,
+        ServiceCount, count, count_service,
     },
     monitor,
     nat::{self, End},
@@ -329,6 +329,7 @@ fn forward<P: Packet>(
     };
     if frontend.flags & service_flags::SOURCE_RANGES != 0 && !source_allowed(flow) {
         count(stat::DROP_SOURCE_RANGE);
+        count_service(frontend.rev_nat_id, ServiceCount::Dropped);
         dropped(
             pkt,
             flow,
@@ -361,6 +362,13 @@ fn forward<P: Packet>(
                     verdict: stat::ESTABLISHED,
                 });
                 ct::account(entry, flow, CT_DIR_FORWARD, now, len, 0);
+                count_service(
+                    frontend.rev_nat_id,
+                    ServiceCount::Packet {
+                        len,
+                        new_flow: false,
+                    },
+                );
                 return REWRITE;
             }
             // The flow no longer fits its entry: balance it again below.
@@ -373,6 +381,7 @@ fn forward<P: Packet>(
         // previous maps yet: balanced afresh it would reach another
         // backend and be reset; dropped, TCP sends it again.
         count(stat::DROP_MIGRATING);
+        count_service(frontend.rev_nat_id, ServiceCount::Dropped);
         dropped(
             pkt,
             flow,
@@ -389,6 +398,7 @@ fn forward<P: Packet>(
     if set.count == 0 {
         if frontend.flags & service_flags::DROP_IF_EMPTY != 0 {
             count(stat::DROP_NO_BACKEND);
+            count_service(frontend.rev_nat_id, ServiceCount::Dropped);
             dropped(
                 pkt,
                 flow,
@@ -469,6 +479,7 @@ fn forward<P: Packet>(
         Err(CreateError::Full) => count(stat::ERR_CT_FULL),
         Err(CreateError::NoPort) => {
             count(stat::ERR_SNAT_PORTS);
+            count_service(frontend.rev_nat_id, ServiceCount::Dropped);
             if monitor::wanted(event_kind::DROP) {
                 let what = monitor::what(
                     event_kind::DROP,
@@ -482,6 +493,13 @@ fn forward<P: Packet>(
             return pkt.drop_verdict();
         }
     }
+    count_service(
+        frontend.rev_nat_id,
+        ServiceCount::Packet {
+            len,
+            new_flow: true,
+        },
+    );
     if monitor::new_flow_wanted() {
         let what = monitor::what(event_kind::NEW, event_reason::NEW_FLOW, key.scope);
         let what = monitor::with_backend_port(what, nat.port_be);
@@ -924,6 +942,7 @@ fn refuse<P: Packet>(pkt: &mut P, flow: &Flow, reason: u8, rev_nat_id: u32, scop
     if flow.tcp_flags & TCP_RST != 0 || !answerable {
         // Never answer an RST.
         count(stat::DROP_NO_BACKEND);
+        count_service(rev_nat_id, ServiceCount::Dropped);
         dropped(pkt, flow, reason, rev_nat_id, scope);
         return pkt.drop_verdict();
     }
@@ -936,6 +955,7 @@ fn refuse<P: Packet>(pkt: &mut P, flow: &Flow, reason: u8, rev_nat_id: u32, scop
     match built {
         Ok(()) => {
             count(counter);
+            count_service(rev_nat_id, ServiceCount::Refused);
             if monitor::wanted(event_kind::REJECT) {
                 let what = monitor::what(event_kind::REJECT, reason, scope);
                 let ifindex = pkt.ifindex();
@@ -945,6 +965,7 @@ fn refuse<P: Packet>(pkt: &mut P, flow: &Flow, reason: u8, rev_nat_id: u32, scop
         }
         Err(_) => {
             count(stat::ERR_REJECT_FAILED);
+            count_service(rev_nat_id, ServiceCount::Dropped);
             dropped(pkt, flow, event_reason::REJECT_FAILED, rev_nat_id, scope);
             pkt.drop_verdict()
         }

@@ -10,8 +10,8 @@ use aya_ebpf::{
 use lb_common::{
     Addr, AffinityKey, AffinityValue, BackendSetValue, BackendSlotKey, BackendValue, ConfigValue,
     CtKey, CtValue, MaglevKey, MonitorConfig, NotProgrammedKey, NotProgrammedValue, RevNatValue,
-    ServiceKey, ServiceName, ServiceValue, SetMemberKey, SockAffinityKey, SockNatKey, SockNatValue,
-    SourceRange, map_sizes, stat,
+    ServiceCounters, ServiceKey, ServiceName, ServiceValue, SetMemberKey, SockAffinityKey,
+    SockNatKey, SockNatValue, SourceRange, map_sizes, stat,
 };
 
 /// Frontends: {addr, port, proto, scope} -> backend set, rev-NAT id, flags;
@@ -154,9 +154,50 @@ pub static LB_MONITOR: Array<MonitorConfig> = Array::with_max_entries(1, 0);
 pub static LB_SERVICE_NAMES: HashMap<u32, ServiceName> =
     HashMap::with_max_entries(map_sizes::SERVICES, BPF_F_NO_PREALLOC);
 
+/// Per-Service counters by rev-NAT id (see
+/// `lb_common::map_names::SERVICE_STATS`): one entry until the agent sizes it.
+#[map(name = "LB_SERVICE_STATS")]
+pub static LB_SERVICE_STATS: PerCpuArray<ServiceCounters> = PerCpuArray::with_max_entries(1, 0);
+
 /// Node-wide settings written by the agent (index 0).
 #[map(name = "LB_CONFIG")]
 pub static LB_CONFIG: Array<ConfigValue> = Array::with_max_entries(1, 0);
+
+/// Which per-Service counter `count_service` adds to.
+#[derive(Clone, Copy)]
+pub enum ServiceCount {
+    /// A translated packet of `len` bytes; a new flow also counts a
+    /// connection.
+    Packet {
+        len: u32,
+        new_flow: bool,
+    },
+    Refused,
+    Dropped,
+}
+
+/// Count for the frontend `rev_nat_id` (nothing when counters are off:
+/// rev-NAT ids start at 1, past the map's one entry).
+#[inline(always)]
+pub fn count_service(rev_nat_id: u32, what: ServiceCount) {
+    let Some(c) = LB_SERVICE_STATS.get_ptr_mut(rev_nat_id) else {
+        return;
+    };
+    // Per-CPU slot: no other writer.
+    unsafe {
+        match what {
+            ServiceCount::Packet { len, new_flow } => {
+                (*c).packets += 1;
+                (*c).bytes += len as u64;
+                if new_flow {
+                    (*c).new_connections += 1;
+                }
+            }
+            ServiceCount::Refused => (*c).refused += 1,
+            ServiceCount::Dropped => (*c).dropped += 1,
+        }
+    }
+}
 
 #[inline(always)]
 pub fn count(index: u32) {

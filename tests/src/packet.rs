@@ -16,9 +16,12 @@ use etherparse::PacketBuilder;
 use lb_common::{
     AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendSetValue, BackendSlotKey, BackendValue,
     ConfigValue, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP, MaglevKey, MonitorConfig, MonitorEvent,
-    RevNatValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue, SetMemberKey,
-    SourceRange, frontend_kind, map_names, program_names, service_flags, stat,
+    RevNatValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceCounters, ServiceKey, ServiceValue,
+    SetMemberKey, SourceRange, frontend_kind, map_names, program_names, service_flags, stat,
 };
+
+/// Rev-NAT ids the harness counts per frontend (0..64).
+pub const SERVICE_COUNTER_SLOTS: u32 = 64;
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -520,6 +523,41 @@ impl Datapath {
         self.last_mark.set(0);
         self.monitor(0, 0);
         self.events();
+        let mut per_service = PerCpuArray::<_, ServiceCounters>::try_from(
+            self.ebpf
+                .map_mut(map_names::SERVICE_STATS)
+                .expect("service stats map"),
+        )
+        .expect("service stats is a per-cpu array");
+        let cpus = aya::util::nr_cpus().expect("cpus");
+        for i in 0..SERVICE_COUNTER_SLOTS {
+            let zeros = aya::maps::PerCpuValues::try_from(vec![ServiceCounters::default(); cpus])
+                .expect("zeros");
+            per_service
+                .set(i, zeros, 0)
+                .expect("reset service counters");
+        }
+    }
+
+    /// A frontend's counters (by rev-NAT id), summed over CPUs.
+    pub fn service_counters(&mut self, rev_nat_id: u32) -> ServiceCounters {
+        let per_service = PerCpuArray::<_, ServiceCounters>::try_from(
+            self.ebpf
+                .map_mut(map_names::SERVICE_STATS)
+                .expect("service stats map"),
+        )
+        .expect("service stats is a per-cpu array");
+        per_service
+            .get(&rev_nat_id, 0)
+            .expect("a counted rev-NAT id")
+            .iter()
+            .fold(ServiceCounters::default(), |sum, c| ServiceCounters {
+                packets: sum.packets + c.packets,
+                bytes: sum.bytes + c.bytes,
+                new_connections: sum.new_connections + c.new_connections,
+                refused: sum.refused + c.refused,
+                dropped: sum.dropped + c.dropped,
+            })
     }
 
     /// Ask for events as `lb-agent monitor` does (`1 << event_kind::*`;
@@ -556,6 +594,8 @@ impl Datapath {
             .map_max_entries(map_names::BACKENDS, backends)
             .map_max_entries(map_names::AFFINITY, 1024)
             .map_max_entries(map_names::MAGLEV, 65536)
+            // Counted per frontend, as with --service-counters.
+            .map_max_entries(map_names::SERVICE_STATS, SERVICE_COUNTER_SLOTS)
             .load(lb_agent::EBPF_OBJECT)
             .expect("load lb eBPF object");
         for prog in programs.iter().filter(|p| p.is_tc()) {

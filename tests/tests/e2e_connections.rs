@@ -521,3 +521,200 @@ fn maglev_service_moves_about_one_nth_of_flows_when_a_backend_goes() {
         "others barely move: {moved} moved, {on_removed} had to"
     );
 }
+
+/// `lb-agent monitor` streams what the datapath does, named: a refusal
+/// (a Service without endpoints) and, asked for, a new flow with its
+/// backend; it stops after `-c` events and leaves the datapath silent.
+#[test]
+fn monitor_streams_refusals_and_new_flows_named_by_their_service() {
+    let (c, client) = cluster("");
+    c.write(
+        "empty.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: empty}\nspec:\n  clusterIP: 10.96.0.20\n  selector: {app: none}\n  ports:\n  - {name: http, port: 80}\n",
+    );
+    c.wait_backends("10.96.0.20:80/TCP", &[], Duration::from_secs(5));
+    let monitor = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", c.topo.node_ns))
+        .arg(agent_bin())
+        .args(["monitor", "-o", "json", "--type", "reject,new", "-c", "2"])
+        .arg("--bpffs")
+        .arg(&c.topo.bpffs)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start lb-agent monitor");
+    let asked = || monitor_kinds(&c) != 0;
+    wait_until(
+        "the monitor asks for events",
+        Duration::from_secs(10),
+        asked,
+    );
+
+    assert_eq!(c.get(&client, "http://10.96.0.20/"), Err(7), "refused");
+    let body = c.get(&client, "http://10.96.0.10/").expect("web answers");
+    let pod = field(&body, "pod").to_string();
+
+    let out = wait_output(monitor, Duration::from_secs(10));
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert_eq!(events.len(), 2, "{events:#?}");
+    let refused = &events[0];
+    assert_eq!(refused["type"], "reject", "{refused}");
+    assert_eq!(refused["reason"], "no_endpoints", "{refused}");
+    assert_eq!(refused["service"], "default/empty", "{refused}");
+    assert_eq!(refused["port_name"], "http", "{refused}");
+    assert_eq!(refused["frontend"], "10.96.0.20:80", "{refused}");
+    assert_eq!(refused["dst"], "10.96.0.20:80", "{refused}");
+    assert!(
+        refused["src"].as_str().unwrap().starts_with("10.244.1.2:"),
+        "{refused}"
+    );
+    assert_eq!(refused["scope"], "internal", "{refused}");
+    assert_eq!(refused["device"], client.host_dev.as_str(), "{refused}");
+    assert!(refused["backend"].is_null(), "{refused}");
+    let new = &events[1];
+    assert_eq!(new["type"], "new", "{new}");
+    assert_eq!(new["service"], "default/web", "{new}");
+    assert_eq!(new["frontend"], "10.96.0.10:80", "{new}");
+    let backend = new["backend"].as_str().unwrap().to_string();
+    let answered = WEB_IPS
+        .iter()
+        .position(|ip| backend == format!("{ip}:8080"))
+        .map(|i| format!("web-{i}"));
+    assert_eq!(answered.as_deref(), Some(pod.as_str()), "{new}");
+    assert_eq!(
+        monitor_kinds(&c),
+        0,
+        "the monitor stopped asking for events"
+    );
+}
+
+/// What `LB_MONITOR` asks the programs for (0: nobody listens).
+fn monitor_kinds(c: &Cluster) -> u32 {
+    let data = aya::maps::MapData::from_pin(c.topo.bpffs.join(lb_common::map_names::MONITOR))
+        .expect("LB_MONITOR pinned");
+    let monitor: aya::maps::Array<_, lb_common::MonitorConfig> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("an array");
+    monitor.get(&0, 0).expect("index 0").kinds
+}
+
+/// A child's output once it exits, killed (and the test failed) after `within`.
+fn wait_output(mut child: std::process::Child, within: Duration) -> std::process::Output {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if child.try_wait().expect("wait").is_some() {
+            let out = child.wait_with_output().expect("output");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("output");
+    panic!(
+        "still running after {within:?}: stdout {:?} stderr {:?}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `--service-counters`: each frontend counts what its clients sent, new
+/// connections and refusals, shown by `dump stats --by-service` and in
+/// `/metrics`; without the flag the dump says the counters are off.
+#[test]
+fn service_counters_count_each_frontend_in_dump_and_metrics() {
+    let mut c = Cluster::new();
+    let client = c.pod("client", "10.244.1.2", &[], &[]);
+    for (i, ip) in WEB_IPS.iter().enumerate() {
+        c.pod(&format!("web-{i}"), ip, &[8080], &[5353]);
+        c.write(
+            &format!("pod-web-{i}.yaml"),
+            &pod_yaml(&format!("web-{i}"), ip, "web", true),
+        );
+    }
+    c.write("svc.yaml", &svc(""));
+    c.write(
+        "empty.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: empty}\nspec:\n  clusterIP: 10.96.0.20\n  selector: {app: none}\n  ports:\n  - {name: http, port: 80}\n",
+    );
+    let source = ["--manifests".to_string(), c.manifests.display().to_string()];
+    let flags = [
+        source.as_slice(),
+        &["--service-counters".into(), "true".into()],
+    ]
+    .concat();
+    c.start_agent_with(&flags);
+    c.wait_backends("10.96.0.10:80/TCP", &ALL, Duration::from_secs(5));
+    c.wait_backends("10.96.0.20:80/TCP", &[], Duration::from_secs(5));
+
+    for _ in 0..3 {
+        c.get(&client, "http://10.96.0.10/").expect("web answers");
+    }
+    assert_eq!(c.get(&client, "http://10.96.0.20/"), Err(7), "refused");
+
+    let out = std::process::Command::new(agent_bin())
+        .args(["dump", "stats", "--by-service", "-o", "json", "--bpffs"])
+        .arg(&c.topo.bpffs)
+        .output()
+        .expect("dump stats --by-service");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let services = dump["services"].as_array().expect("services");
+    let find = |frontend: &str| {
+        services
+            .iter()
+            .find(|s| s["frontend"] == frontend && s["scope"] == "internal")
+            .unwrap_or_else(|| panic!("{frontend} in {dump:#}"))
+            .clone()
+    };
+    let web = find("10.96.0.10:80");
+    assert_eq!(web["service"], "default/web", "{web}");
+    assert_eq!(web["port_name"], "http", "{web}");
+    assert_eq!(web["new_connections"], 3, "{web}");
+    // A handshake, a request and the close at least, per connection.
+    assert!(web["packets"].as_u64().unwrap() >= 9, "{web}");
+    assert!(web["bytes"].as_u64().unwrap() > 9 * 54, "{web}");
+    assert_eq!(web["refused"], 0, "{web}");
+    let empty = find("10.96.0.20:80");
+    assert_eq!(empty["service"], "default/empty", "{empty}");
+    assert_eq!(empty["refused"], 1, "{empty}");
+    assert_eq!(empty["new_connections"], 0, "{empty}");
+
+    let (_, metrics) = c.node_http(10249, "/metrics");
+    let series = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("lb_service_new_connections{")
+                && l.contains("service=\"default/web\"")
+                && l.contains("frontend=\"10.96.0.10:80\"")
+                && l.contains("scope=\"internal\"")
+        })
+        .unwrap_or_else(|| panic!("no web series in {metrics}"));
+    assert!(series.ends_with(" 3"), "{series}");
+
+    // Off, the dump says so instead of printing zeros.
+    c.stop_agent(15);
+    c.start_agent();
+    let out = std::process::Command::new(agent_bin())
+        .args(["dump", "stats", "--by-service", "--bpffs"])
+        .arg(&c.topo.bpffs)
+        .output()
+        .expect("dump stats --by-service");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(said.contains("--service-counters"), "{said}");
+}

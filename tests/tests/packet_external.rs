@@ -6,7 +6,7 @@
 
 use lb_common::{
     CT_DIR_REPLY, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    backend_flags, config_flags, frontend_kind, service_flags, stat,
+    ServiceCounters, backend_flags, config_flags, frontend_kind, service_flags, stat,
 };
 use lb_tests::packet::*;
 
@@ -944,6 +944,70 @@ fn the_monitor_hears_of_new_flows_and_in_cluster_refusals() {
                     SCOPE_INTERNAL,
                 ),
             ]),
+        ],
+    ));
+}
+
+#[test]
+fn frontends_count_their_packets_connections_refusals_and_drops() {
+    const POD: &str = "10.1.1.9:40000";
+    const EMPTY: &str = "10.96.0.99:80";
+    const LOCAL_ONLY: &str = "10.96.0.98:80";
+    let syn = tcp(ep(POD), ep(CLUSTER_IP), SYN, b"");
+    let data = tcp(ep(POD), ep(CLUSTER_IP), ACK, b"hello");
+    let bytes = (syn.len() + data.len()) as u64;
+    run_case(Case::on(
+        &[Prog::Tc, Prog::Xdp],
+        "frontends_count_their_packets_connections_refusals_and_drops",
+        |dp| {
+            dp.backend(1, ep(LOCAL_POD), TCP);
+            dp.frontend(ep(CLUSTER_IP), TCP, 5, &[1]);
+            dp.frontend(ep(EMPTY), TCP, 6, &[]);
+            dp.frontend_with_flags(ep(LOCAL_ONLY), TCP, 7, &[], service_flags::DROP_IF_EMPTY);
+        },
+        vec![
+            send(syn.clone(), Expect::Dnat(Target::Exact(ep(LOCAL_POD)))),
+            send(data.clone(), Expect::Dnat(Target::Exact(ep(LOCAL_POD)))),
+            send(
+                tcp(ep(POD), ep(EMPTY), SYN, b""),
+                Expect::TcpRst {
+                    seq: 0,
+                    ack: Some(1001),
+                },
+            ),
+            // An RST is never answered: dropped.
+            send(
+                tcp(ep(POD), ep(EMPTY), Tcp { rst: true, ..ACK }, b""),
+                Expect::Dropped,
+            ),
+            send(tcp(ep(POD), ep(LOCAL_ONLY), SYN, b""), Expect::Dropped),
+            change(move |dp| {
+                let zero = ServiceCounters::default();
+                assert_eq!(
+                    dp.service_counters(5),
+                    ServiceCounters {
+                        packets: 2,
+                        bytes,
+                        new_connections: 1,
+                        ..zero
+                    },
+                    "the frontend with a backend"
+                );
+                assert_eq!(
+                    dp.service_counters(6),
+                    ServiceCounters {
+                        refused: 1,
+                        dropped: 1,
+                        ..zero
+                    },
+                    "the frontend without endpoints"
+                );
+                assert_eq!(
+                    dp.service_counters(7),
+                    ServiceCounters { dropped: 1, ..zero },
+                    "the Local frontend without a local endpoint"
+                );
+            }),
         ],
     ));
 }

@@ -822,7 +822,8 @@ impl Datapath {
                 map_names::PREFILTER6,
                 capacities.services.saturating_add(capacities.backends),
             )
-            .map_max_entries(map_names::SERVICE_NAMES, capacities.services);
+            .map_max_entries(map_names::SERVICE_NAMES, capacities.services)
+            .map_max_entries(map_names::SERVICE_STATS, capacities.service_counters);
         let paths: Vec<(&'static str, PathBuf)> = shapes
             .iter()
             .map(|s| (s.name, bpffs.join(s.name)))

@@ -9,8 +9,8 @@ use aya::maps::{
 use lb_common::{
     Addr, AffinityKey, AffinityValue, BackendSetValue, BackendSlotKey, BackendValue, ConfigValue,
     CtKey, CtValue, MaglevKey, MonitorConfig, NotProgrammedKey, NotProgrammedValue, RevNatValue,
-    ServiceKey, ServiceName, ServiceValue, SetMemberKey, SockAffinityKey, SockNatKey, SockNatValue,
-    SourceRange, map_names, map_sizes, stat,
+    ServiceCounters, ServiceKey, ServiceName, ServiceValue, SetMemberKey, SockAffinityKey,
+    SockNatKey, SockNatValue, SourceRange, map_names, map_sizes, stat,
 };
 use thiserror::Error;
 
@@ -67,6 +67,8 @@ pub struct Capacities {
     pub backend_slots: u32,
     pub ct_tcp: u32,
     pub ct_other: u32,
+    /// `LB_SERVICE_STATS` slots: 1 (off) or one per rev-NAT id.
+    pub service_counters: u32,
 }
 
 impl Default for Capacities {
@@ -79,17 +81,18 @@ impl Default for Capacities {
             backend_slots: map_sizes::BACKEND_SLOTS,
             ct_tcp: map_sizes::CT_TCP,
             ct_other: map_sizes::CT_OTHER,
+            service_counters: 1,
         }
     }
 }
 
 /// The shapes lb-common declares for every pinned map.
-pub fn expected_shapes() -> [MapShape; 21] {
+pub fn expected_shapes() -> [MapShape; 22] {
     shapes_with(Capacities::default())
 }
 
 /// The shapes with the given capacities.
-pub fn shapes_with(cap: Capacities) -> [MapShape; 21] {
+pub fn shapes_with(cap: Capacities) -> [MapShape; 22] {
     use std::mem::size_of;
     let shape = |name, k: usize, v: usize, max| MapShape {
         name,
@@ -210,6 +213,12 @@ pub fn shapes_with(cap: Capacities) -> [MapShape; 21] {
             size_of::<ServiceName>(),
             cap.services,
         ),
+        shape(
+            map_names::SERVICE_STATS,
+            4,
+            size_of::<ServiceCounters>(),
+            cap.service_counters,
+        ),
     ]
 }
 
@@ -269,6 +278,7 @@ pub type Prefilter4Map = HashMap<MapData, u32, u32>;
 pub type Prefilter6Map = HashMap<MapData, Addr, u32>;
 pub type MonitorMap = Array<MapData, MonitorConfig>;
 pub type ServiceNamesMap = HashMap<MapData, u32, ServiceName>;
+pub type ServiceStatsMap = PerCpuArray<MapData, ServiceCounters>;
 
 /// Every map of the datapath.
 pub struct Maps {
@@ -292,6 +302,7 @@ pub struct Maps {
     pub prefilter6: Prefilter6Map,
     pub monitor: MonitorMap,
     pub service_names: ServiceNamesMap,
+    pub service_stats: ServiceStatsMap,
 }
 
 fn typed<T>(name: &'static str, map: Map) -> Result<T, MapsError>
@@ -326,6 +337,7 @@ impl Maps {
             prefilter6: typed(map_names::PREFILTER6, take(map_names::PREFILTER6)?)?,
             monitor: typed(map_names::MONITOR, take(map_names::MONITOR)?)?,
             service_names: typed(map_names::SERVICE_NAMES, take(map_names::SERVICE_NAMES)?)?,
+            service_stats: typed(map_names::SERVICE_STATS, take(map_names::SERVICE_STATS)?)?,
         })
     }
 
@@ -360,6 +372,7 @@ impl Maps {
             prefilter6: typed(map_names::PREFILTER6, open(17, Map::HashMap)?)?,
             monitor: typed(map_names::MONITOR, open(19, Map::Array)?)?,
             service_names: typed(map_names::SERVICE_NAMES, open(20, Map::HashMap)?)?,
+            service_stats: typed(map_names::SERVICE_STATS, open(21, Map::PerCpuArray)?)?,
         })
     }
 

@@ -6,7 +6,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use lb_common::{
     Addr, BACKEND_STANDBY, BackendSetValue, BackendValue, CT_DIR_FORWARD, SOCK_DIR_FORWARD,
@@ -476,11 +476,126 @@ fn table(header: &[&str]) -> Table {
     t
 }
 
+/// `dump stats --by-service`: every frontend's counters.
+#[derive(Serialize)]
+pub struct ServiceStatsDump {
+    pub services: Vec<DumpServiceCounters>,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct DumpServiceCounters {
+    /// `namespace/name`; None when the agent has not named the frontend.
+    pub service: Option<String>,
+    /// The Service port's name (`""` when unnamed).
+    pub port_name: Option<String>,
+    /// `ip:port` (`[ip6]:port`).
+    pub frontend: String,
+    pub protocol: String,
+    pub scope: Option<Scope>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_connections: u64,
+    pub refused: u64,
+    pub dropped: u64,
+}
+
+/// Every frontend's counters, summed over CPUs, by Service and frontend.
+pub fn service_counters(maps: &Maps) -> Result<Vec<DumpServiceCounters>> {
+    let slots = maps.service_stats.len();
+    if slots <= 1 {
+        bail!(
+            "per-Service counters are off: run the agent with --service-counters \
+             (LB_SERVICE_STATS has {slots} slot)"
+        );
+    }
+    let mut out = Vec::new();
+    for entry in maps.rev_nat.iter() {
+        let (id, rev) = entry.context("reading LB_REV_NAT")?;
+        if id >= slots {
+            continue;
+        }
+        let per_cpu = maps
+            .service_stats
+            .get(&id, 0)
+            .with_context(|| format!("reading LB_SERVICE_STATS[{id}]"))?;
+        let mut sum = lb_common::ServiceCounters::default();
+        for c in per_cpu.iter() {
+            sum.packets += c.packets;
+            sum.bytes += c.bytes;
+            sum.new_connections += c.new_connections;
+            sum.refused += c.refused;
+            sum.dropped += c.dropped;
+        }
+        let (service, port_name) = match maps.service_names.get(&id, 0) {
+            Ok(name) => {
+                let (service, port) = crate::monitor::split_service_port(name.as_str());
+                (Some(service), Some(port))
+            }
+            Err(_) => (None, None),
+        };
+        out.push(DumpServiceCounters {
+            service,
+            port_name,
+            frontend: endpoint(rev.addr_be, rev.port_be),
+            protocol: proto_name(rev.proto),
+            scope: Scope::from_code(rev.scope),
+            packets: sum.packets,
+            bytes: sum.bytes,
+            new_connections: sum.new_connections,
+            refused: sum.refused,
+            dropped: sum.dropped,
+        });
+    }
+    out.sort_by(|a, b| {
+        (&a.service, &a.frontend, &a.protocol, a.scope).cmp(&(
+            &b.service,
+            &b.frontend,
+            &b.protocol,
+            b.scope,
+        ))
+    });
+    Ok(out)
+}
+
 pub fn run(args: &DumpArgs) -> Result<()> {
+    if args.by_service && args.what != DumpWhat::Stats {
+        bail!("--by-service goes with `dump stats` only");
+    }
     let maps = Maps::open_pinned(&args.bpffs)
         .with_context(|| format!("opening the maps pinned under {}", args.bpffs.display()))?;
     let json = args.output == OutputFormat::Json;
     let text = match args.what {
+        DumpWhat::Stats if args.by_service => {
+            let services = service_counters(&maps)?;
+            if json {
+                serde_json::to_string_pretty(&ServiceStatsDump { services })?
+            } else {
+                let mut t = table(&[
+                    "SERVICE", "FRONTEND", "SCOPE", "PACKETS", "BYTES", "NEW", "REFUSED", "DROPPED",
+                ]);
+                for s in &services {
+                    let name = match (&s.service, &s.port_name) {
+                        (Some(service), Some(port)) if !port.is_empty() => {
+                            format!("{service}:{port}")
+                        }
+                        (Some(service), _) => service.clone(),
+                        _ => "-".into(),
+                    };
+                    t.add_row(vec![
+                        name,
+                        format!("{}/{}", s.frontend, s.protocol),
+                        s.scope
+                            .map_or_else(|| "-".into(), |s| format!("{s:?}").to_lowercase()),
+                        s.packets.to_string(),
+                        s.bytes.to_string(),
+                        s.new_connections.to_string(),
+                        s.refused.to_string(),
+                        s.dropped.to_string(),
+                    ]);
+                }
+                t.to_string()
+            }
+        }
         DumpWhat::Services => {
             let d = services(&maps)?;
             if json {
