@@ -387,6 +387,9 @@ fn explain_shows_frontend_candidates_deciding_state_and_verdict() {
         "{text}"
     );
     assert!(text.contains("affinity"), "{text}");
+    assert!(text.contains("service    default/web:http"), "{text}");
+    // Without --service-counters there are none to show.
+    assert!(!text.contains("counters"), "{text}");
     for ip in WEB_IPS {
         assert!(text.contains(&format!("{ip}:8080 active")), "{text}");
     }
@@ -701,6 +704,14 @@ fn service_counters_count_each_frontend_in_dump_and_metrics() {
         })
         .unwrap_or_else(|| panic!("no web series in {metrics}"));
     assert!(series.ends_with(" 3"), "{series}");
+
+    // explain names the Service and shows the frontend's counters; its own
+    // synthetic packet counts nowhere.
+    let text = explain(&c, &["--from", "10.244.1.2", "--to", "10.96.0.10:80"]);
+    assert!(text.contains("service    default/web:http"), "{text}");
+    assert!(text.contains(", 3 new connections, 0 refused"), "{text}");
+    let text = explain(&c, &["--from", "10.244.1.2", "--to", "10.96.0.10:80"]);
+    assert!(text.contains(", 3 new connections, 0 refused"), "{text}");
 
     // Off, the dump says so instead of printing zeros.
     c.stop_agent(15);

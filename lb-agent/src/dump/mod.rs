@@ -823,6 +823,25 @@ pub fn explain(args: &ExplainArgs) -> Result<()> {
                 f.kind,
                 f.rev_nat_id
             );
+            if let Ok(name) = maps.service_names.get(&f.rev_nat_id, 0) {
+                println!("service    {}", name.as_str());
+            }
+            // With --service-counters: what this frontend saw on this node.
+            if let Ok(per_cpu) = maps.service_stats.get(&f.rev_nat_id, 0) {
+                let sum = per_cpu.iter().fold([0u64; 5], |s, c| {
+                    [
+                        s[0] + c.packets,
+                        s[1] + c.bytes,
+                        s[2] + c.new_connections,
+                        s[3] + c.refused,
+                        s[4] + c.dropped,
+                    ]
+                });
+                println!(
+                    "counters   {} packets, {} bytes, {} new connections, {} refused, {} dropped",
+                    sum[0], sum[1], sum[2], sum[3], sum[4]
+                );
+            }
             if f.backends.is_empty() {
                 println!("candidates none");
             }
