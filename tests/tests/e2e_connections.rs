@@ -693,6 +693,18 @@ fn service_counters_count_each_frontend_in_dump_and_metrics() {
     assert_eq!(empty["refused"], 1, "{empty}");
     assert_eq!(empty["new_connections"], 0, "{empty}");
 
+    let table = std::process::Command::new(agent_bin())
+        .args(["dump", "stats", "--by-service", "--bpffs"])
+        .arg(&c.topo.bpffs)
+        .output()
+        .expect("dump stats --by-service");
+    let table = String::from_utf8_lossy(&table.stdout);
+    println!("{table}");
+    assert!(
+        table.contains("default/web:http") && table.contains("10.96.0.20:80/TCP"),
+        "{table}"
+    );
+
     let (_, metrics) = c.node_http(10249, "/metrics");
     let series = metrics
         .lines()
