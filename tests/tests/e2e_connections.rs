@@ -592,6 +592,32 @@ fn monitor_streams_refusals_and_new_flows_named_by_their_service() {
         0,
         "the monitor stopped asking for events"
     );
+
+    // The table, filtered to one Service: the web flow is not shown.
+    let monitor = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", c.topo.node_ns))
+        .arg(agent_bin())
+        .args(["monitor", "--service", "default/empty", "-c", "1", "--bpffs"])
+        .arg(&c.topo.bpffs)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start lb-agent monitor");
+    wait_until("the monitor asks for events", Duration::from_secs(10), || {
+        monitor_kinds(&c) != 0
+    });
+    c.get(&client, "http://10.96.0.10/").expect("web answers");
+    assert_eq!(c.get(&client, "http://10.96.0.20/"), Err(7), "refused");
+    let out = wait_output(monitor, Duration::from_secs(10));
+    let table = String::from_utf8_lossy(&out.stdout);
+    println!("{table}");
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 2, "{table}");
+    assert!(lines[0].starts_with("TYPE"), "{table}");
+    assert!(
+        lines[1].starts_with("reject no_endpoints") && lines[1].contains("default/empty"),
+        "{table}"
+    );
 }
 
 /// What `LB_MONITOR` asks the programs for (0: nobody listens).
