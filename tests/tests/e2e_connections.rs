@@ -597,15 +597,24 @@ fn monitor_streams_refusals_and_new_flows_named_by_their_service() {
     let monitor = std::process::Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", c.topo.node_ns))
         .arg(agent_bin())
-        .args(["monitor", "--service", "default/empty", "-c", "1", "--bpffs"])
+        .args([
+            "monitor",
+            "--service",
+            "default/empty",
+            "-c",
+            "1",
+            "--bpffs",
+        ])
         .arg(&c.topo.bpffs)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start lb-agent monitor");
-    wait_until("the monitor asks for events", Duration::from_secs(10), || {
-        monitor_kinds(&c) != 0
-    });
+    wait_until(
+        "the monitor asks for events",
+        Duration::from_secs(10),
+        || monitor_kinds(&c) != 0,
+    );
     c.get(&client, "http://10.96.0.10/").expect("web answers");
     assert_eq!(c.get(&client, "http://10.96.0.20/"), Err(7), "refused");
     let out = wait_output(monitor, Duration::from_secs(10));
@@ -766,4 +775,50 @@ fn service_counters_count_each_frontend_in_dump_and_metrics() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert!(said.contains("--service-counters"), "{said}");
+}
+
+/// trafficDistribution PreferSameNode from the directory source: the
+/// derived slices carry the hints the endpointslice controller writes
+/// (node and zone), and the datapath follows them as kube-proxy does: the
+/// endpoint on this node only, every endpoint once it is not ready.
+#[test]
+fn prefer_same_node_serves_from_this_node_and_falls_back_to_the_others() {
+    let mut c = Cluster::new();
+    let client = c.pod("client", "10.244.1.2", &[], &[]);
+    for (i, ip) in WEB_IPS[..2].iter().enumerate() {
+        c.pod(&format!("web-{i}"), ip, &[8080], &[5353]);
+    }
+    let on_node = |i: usize, ready: bool| {
+        let yaml = pod_yaml(&format!("web-{i}"), WEB_IPS[i], "web", ready);
+        if i == 0 {
+            yaml
+        } else {
+            // Another node's pod (reachable here all the same).
+            yaml.replace(&format!("nodeName: {NODE_NAME}"), "nodeName: node-b")
+        }
+    };
+    c.write("pod-web-0.yaml", &on_node(0, true));
+    c.write("pod-web-1.yaml", &on_node(1, true));
+    c.write("svc.yaml", &svc("  trafficDistribution: PreferSameNode\n"));
+    c.start_agent();
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &["10.244.1.11:8080"],
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        c.answering_pods(&client, "http://10.96.0.10/", 8),
+        BTreeSet::from(["web-0".to_string()])
+    );
+    // This node's endpoint goes unready: the node hints no longer apply.
+    c.write("pod-web-0.yaml", &on_node(0, false));
+    c.wait_backends(
+        "10.96.0.10:80/TCP",
+        &["10.244.1.12:8080"],
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        c.answering_pods(&client, "http://10.96.0.10/", 4),
+        BTreeSet::from(["web-1".to_string()])
+    );
 }

@@ -61,6 +61,8 @@ pub struct EndpointRecord {
     pub node_name: Option<Arc<str>>,
     /// hints.forZones, when set.
     pub zone_hints: Option<Box<[Box<str>]>>,
+    /// hints.forNodes, when set (trafficDistribution PreferSameNode).
+    pub node_hints: Option<Box<[Box<str>]>>,
 }
 
 impl From<&EndpointSlice> for SliceRecord {
@@ -113,6 +115,11 @@ impl From<&EndpointSlice> for SliceRecord {
                             .as_ref()
                             .and_then(|h| h.for_zones.as_ref())
                             .map(|zones| zones.iter().map(|z| z.name.as_str().into()).collect()),
+                        node_hints: e
+                            .hints
+                            .as_ref()
+                            .and_then(|h| h.for_nodes.as_ref())
+                            .map(|nodes| nodes.iter().map(|n| n.name.as_str().into()).collect()),
                     }
                 })
                 .collect(),

@@ -81,6 +81,8 @@ struct EndpointInfo {
     local: bool,
     /// Zones this endpoint is hinted for (EndpointSlice hints.forZones).
     zone_hints: Vec<String>,
+    /// Nodes this endpoint is hinted for (hints.forNodes).
+    node_hints: Vec<String>,
 }
 
 pub fn translate(state: &ClusterState, node: &NodeConfig) -> Translation {
@@ -872,7 +874,7 @@ fn service_frontends(
             let port_name = port.name.as_deref().unwrap_or("");
             let endpoints =
                 endpoints_for_port(port_name, proto, family_v6, service_slices, node, problems);
-            let sets = backend_sets(&endpoints, zone);
+            let sets = backend_sets(&endpoints, &node.node_name, zone);
             let port_name: Arc<str> = service_port_name(key, port).into();
             // One set per selection, shared by every frontend of this port
             // and family that uses it.
@@ -1240,6 +1242,12 @@ fn endpoints_for_port(
                     .flatten()
                     .map(|z| z.to_string())
                     .collect(),
+                node_hints: endpoint
+                    .node_hints
+                    .iter()
+                    .flatten()
+                    .map(|n| n.to_string())
+                    .collect(),
             };
             match by_addr.get(&(addr, port)) {
                 // A non-terminating duplicate wins over a terminating one.
@@ -1253,13 +1261,36 @@ fn endpoints_for_port(
     by_addr.into_values().collect()
 }
 
-/// kube-proxy's topologyModeFromHints: zone hints are used only when every
-/// ready endpoint has some, and at least one is hinted for this node's zone.
-fn use_zone_hints(endpoints: &[EndpointInfo], zone: Option<&str>) -> bool {
-    let Some(zone) = zone else { return false };
+/// Which hints pick the topologically available endpoints
+/// (kube-proxy's topologyModeFromHints).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology<'a> {
+    /// No hints apply: every endpoint.
+    All,
+    /// PreferSameNode: endpoints hinted for this node.
+    Node(&'a str),
+    /// PreferSameZone (PreferClose, topology-aware routing): endpoints
+    /// hinted for this node's zone.
+    Zone(&'a str),
+}
+
+/// Node hints are used when every ready endpoint has some and one is for
+/// this node; otherwise zone hints, on the same terms for this node's
+/// zone; otherwise none (KEP-3015, kube-proxy >= 1.33).
+fn topology<'a>(endpoints: &[EndpointInfo], node: &'a str, zone: Option<&'a str>) -> Topology<'a> {
     let ready = || endpoints.iter().filter(|e| e.ready);
-    ready().all(|e| !e.zone_hints.is_empty())
+    if ready().all(|e| !e.node_hints.is_empty())
+        && ready().any(|e| e.node_hints.iter().any(|n| n == node))
+    {
+        return Topology::Node(node);
+    }
+    if let Some(zone) = zone
+        && ready().all(|e| !e.zone_hints.is_empty())
         && ready().any(|e| e.zone_hints.iter().any(|z| z == zone))
+    {
+        return Topology::Zone(zone);
+    }
+    Topology::All
 }
 
 /// Ready endpoints, else serving-terminating ones (kube-proxy's fallback),
@@ -1294,11 +1325,13 @@ struct BackendSets {
     local: Vec<Backend>,
 }
 
-fn backend_sets(endpoints: &[EndpointInfo], zone: Option<&str>) -> BackendSets {
-    let zoned = use_zone_hints(endpoints, zone);
+fn backend_sets(endpoints: &[EndpointInfo], node: &str, zone: Option<&str>) -> BackendSets {
+    let topology = topology(endpoints, node, zone);
     BackendSets {
-        cluster: usable(endpoints, |e| {
-            !zoned || e.zone_hints.iter().any(|z| Some(z.as_str()) == zone)
+        cluster: usable(endpoints, |e| match topology {
+            Topology::All => true,
+            Topology::Node(node) => e.node_hints.iter().any(|n| n == node),
+            Topology::Zone(zone) => e.zone_hints.iter().any(|z| z == zone),
         }),
         local: usable(endpoints, |e| e.local),
     }
@@ -1965,6 +1998,92 @@ mod tests {
                     hinted("10.0.0.3", true, &["zone-b"])
                 ]),
                 vec!["10.0.0.2:8080"],
+            ),
+        ];
+        for (name, zone, endpoints, want) in cases {
+            let mut st = state(vec![web()], vec![slice("s", "web", http_port(), endpoints)]);
+            let labels = zone.map(|z| json!({LABEL_ZONE: z})).unwrap_or(json!({}));
+            let node_obj: k8s_openapi::api::core::v1::Node =
+                serde_json::from_value(json!({"metadata": {"name": "local", "labels": labels}}))
+                    .unwrap();
+            st.nodes
+                .insert("local".into(), std::sync::Arc::new(node_obj));
+            let t = translate(&st, &node());
+            let want: Vec<String> = want.into_iter().map(String::from).collect();
+            assert_eq!(frontends(&t), vec![(WEB.to_string(), want)], "{name}");
+        }
+    }
+
+    /// An endpoint with node and zone hints (what the endpointslice
+    /// controller writes for trafficDistribution PreferSameNode).
+    fn node_hinted(ip: &str, ready: bool, nodes: &[&str], zones: &[&str]) -> Value {
+        let for_nodes: Vec<Value> = nodes.iter().map(|n| json!({"name": n})).collect();
+        let for_zones: Vec<Value> = zones.iter().map(|z| json!({"name": z})).collect();
+        json!({"addresses": [ip], "conditions": {"ready": ready, "serving": true, "terminating": !ready},
+               "nodeName": nodes.first().copied().unwrap_or("other"),
+               "hints": {"forNodes": for_nodes, "forZones": for_zones}})
+    }
+
+    #[test]
+    fn node_hints_come_before_zone_hints_as_kube_proxy_uses_them() {
+        // (case, node zone, endpoints, expected backends) after kube-proxy's
+        // TestCategorizeEndpoints (PreferSameNode cases); this node is "local".
+        let cases: Vec<(&str, Option<&str>, Value, Vec<&str>)> = vec![
+            (
+                "an endpoint for this node: only it",
+                Some("zone-a"),
+                json!([
+                    node_hinted("10.0.0.1", true, &["local"], &["zone-a"]),
+                    node_hinted("10.0.0.2", true, &["peer"], &["zone-a"]),
+                    node_hinted("10.0.0.3", true, &["far"], &["zone-b"])
+                ]),
+                vec!["10.0.0.1:8080"],
+            ),
+            (
+                "none for this node: the zone's",
+                Some("zone-a"),
+                json!([
+                    node_hinted("10.0.0.2", true, &["peer"], &["zone-a"]),
+                    node_hinted("10.0.0.3", true, &["far"], &["zone-b"])
+                ]),
+                vec!["10.0.0.2:8080"],
+            ),
+            (
+                "this node's endpoint not ready: the zone's",
+                Some("zone-a"),
+                json!([
+                    node_hinted("10.0.0.1", false, &["local"], &["zone-a"]),
+                    node_hinted("10.0.0.2", true, &["peer"], &["zone-a"]),
+                    node_hinted("10.0.0.3", true, &["far"], &["zone-b"])
+                ]),
+                vec!["10.0.0.2:8080"],
+            ),
+            (
+                "one ready endpoint without a node hint: zone hints decide",
+                Some("zone-b"),
+                json!([
+                    node_hinted("10.0.0.1", true, &["local"], &["zone-a"]),
+                    hinted("10.0.0.3", true, &["zone-b"])
+                ]),
+                vec!["10.0.0.3:8080"],
+            ),
+            (
+                "node hints only, none for this node, no zone: all",
+                None,
+                json!([
+                    node_hinted("10.0.0.2", true, &["peer"], &[]),
+                    node_hinted("10.0.0.3", true, &["far"], &[])
+                ]),
+                vec!["10.0.0.2:8080", "10.0.0.3:8080"],
+            ),
+            (
+                "node hints without a zone label on the node still apply",
+                None,
+                json!([
+                    node_hinted("10.0.0.1", true, &["local"], &[]),
+                    node_hinted("10.0.0.2", true, &["peer"], &[])
+                ]),
+                vec!["10.0.0.1:8080"],
             ),
         ];
         for (name, zone, endpoints, want) in cases {

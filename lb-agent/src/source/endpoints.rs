@@ -9,7 +9,8 @@ use k8s_openapi::{
     api::{
         core::v1::{Endpoints, Pod},
         discovery::v1::{
-            Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone,
+            Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode,
+            ForZone,
         },
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
@@ -123,12 +124,17 @@ pub fn derive_slices(
         return Vec::new();
     }
     let publish_not_ready = spec.publish_not_ready_addresses;
-    // trafficDistribution PreferClose: like the endpointslice controller, hint
-    // every endpoint for its own zone (kube-proxy decides whether to use them).
-    let prefer_close = matches!(
-        spec.traffic_distribution.as_deref(),
-        Some("PreferClose") | Some("PreferSameZone")
-    );
+    // trafficDistribution, as the endpointslice controller hints it (the
+    // proxy decides whether to use the hints): PreferSameZone (and its old
+    // name PreferClose) hints every endpoint for its own zone;
+    // PreferSameNode for its own node, and its zone too, so proxies that
+    // do not know node hints fall back to the zone (KEP-3015).
+    let prefer_same_node = spec.traffic_distribution.as_deref() == Some("PreferSameNode");
+    let prefer_zone = prefer_same_node
+        || matches!(
+            spec.traffic_distribution.as_deref(),
+            Some("PreferClose") | Some("PreferSameZone")
+        );
     let ports = &spec.ports;
 
     // (family, resolved port list) -> endpoints, so each group becomes one slice.
@@ -161,13 +167,18 @@ pub fn derive_slices(
         let ready = pod_ready(pod);
         let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
         let zone = node_name.as_ref().and_then(|n| node_zones.get(n).cloned());
-        let hints = zone
+        let for_zones = zone
             .clone()
-            .filter(|_| prefer_close)
-            .map(|z| EndpointHints {
-                for_zones: Some(vec![ForZone { name: z }]),
-                ..Default::default()
-            });
+            .filter(|_| prefer_zone)
+            .map(|name| vec![ForZone { name }]);
+        let for_nodes = node_name
+            .clone()
+            .filter(|_| prefer_same_node)
+            .map(|name| vec![ForNode { name }]);
+        let hints = (for_zones.is_some() || for_nodes.is_some()).then(|| EndpointHints {
+            for_zones,
+            for_nodes,
+        });
         for (family, ip) in ips {
             let endpoint = Endpoint {
                 addresses: vec![ip],
@@ -456,6 +467,42 @@ mod tests {
                 .is_none(),
             "no hints without PreferClose"
         );
+    }
+
+    #[test]
+    fn prefer_same_node_hints_each_endpoint_for_its_node_and_zone() {
+        let pods: BTreeMap<ObjectKey, Arc<Pod>> = [pod("a", "ns", "10.0.0.1", true, json!({}))]
+            .into_iter()
+            .collect();
+        let (key, svc) = service(
+            json!({"selector": {"app": "web"}, "trafficDistribution": "PreferSameNode", "ports": [{"port": 80, "targetPort": 8080}]}),
+        );
+        let zones = BTreeMap::from([("n1".to_string(), "zone-a".to_string())]);
+        let hints = |zones: &BTreeMap<String, String>| {
+            derive_slices(&key, &svc, &pods, zones)[0].endpoints[0]
+                .hints
+                .clone()
+                .expect("hints")
+        };
+        let both = hints(&zones);
+        let names = |v: Option<Vec<String>>| v.unwrap_or_default();
+        assert_eq!(
+            names(
+                both.for_nodes
+                    .map(|n| n.into_iter().map(|n| n.name).collect())
+            ),
+            ["n1"]
+        );
+        assert_eq!(
+            names(
+                both.for_zones
+                    .map(|z| z.into_iter().map(|z| z.name).collect())
+            ),
+            ["zone-a"]
+        );
+        // A node without a zone label: the node hint alone.
+        let node_only = hints(&BTreeMap::new());
+        assert!(node_only.for_nodes.is_some() && node_only.for_zones.is_none());
     }
 
     #[test]
