@@ -9,7 +9,7 @@ use std::{
     io::Write as _,
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd as _,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -274,30 +274,32 @@ impl Drop for Listening {
     }
 }
 
-/// One reader per ring buffer: two would take each other's events.
-fn lock(bpffs: &Path) -> Result<File> {
-    let dir = Path::new("/run/lock");
-    let dir = if dir.is_dir() {
-        dir.to_path_buf()
-    } else {
-        std::env::temp_dir()
-    };
-    let flat: String = bpffs
-        .to_string_lossy()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    let path: PathBuf = dir.join(format!("lb-monitor{flat}.lock"));
-    let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+/// One reader per ring buffer: two would take each other's events. The
+/// lock is the `--bpffs` directory itself (flock), which a monitor on the
+/// host and one in the agent's pod both see.
+pub fn lock(bpffs: &Path) -> Result<File> {
+    let dir = File::open(bpffs).with_context(|| format!("opening {}", bpffs.display()))?;
     // SAFETY: flock on a descriptor this function owns.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         bail!(
-            "another lb-agent monitor is reading the events of {} (lock {}): the ring buffer has one reader",
-            bpffs.display(),
-            path.display()
+            "another lb-agent monitor is reading the events of {}: the ring buffer has one reader",
+            bpffs.display()
         );
     }
-    Ok(file)
+    Ok(dir)
+}
+
+/// Turn events off if no monitor holds the lock: one that was killed
+/// (SIGKILL) could not. The agent calls this at start.
+pub fn clear_abandoned(bpffs: &Path, monitor: &mut Array<MapData, MonitorConfig>) {
+    if let Ok(_lock) = lock(bpffs)
+        && monitor
+            .get(&0, 0)
+            .is_ok_and(|m| m != MonitorConfig::default())
+    {
+        let _ = monitor.set(0, MonitorConfig::default(), 0);
+        tracing::info!("turned off datapath events a monitor left on");
+    }
 }
 
 fn open_pin(bpffs: &Path, name: &'static str) -> Result<MapData> {
@@ -342,6 +344,9 @@ async fn stream(args: &MonitorArgs, filter: &Filter) -> Result<()> {
         by_address: StdHashMap::new(),
         built: None,
     };
+    // Events a killed monitor left unread are not this one's.
+    let mut events = events;
+    while events.next().is_some() {}
     let mut config: Array<MapData, MonitorConfig> =
         Array::try_from(Map::Array(open_pin(&args.bpffs, map_names::MONITOR)?))
             .context("LB_MONITOR")?;
@@ -374,8 +379,12 @@ async fn stream(args: &MonitorArgs, filter: &Filter) -> Result<()> {
     let mut events = unsafe { AsyncFd::register(events) }
         .map_err(|e| e.into_parts().1)
         .context("polling LB_EVENTS")?;
+    // Every signal that ends a terminal session or asks to stop: each
+    // leaves through `Listening`, which turns the events off.
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut quit = signal(SignalKind::quit()).context("SIGQUIT handler")?;
     loop {
         tokio::select! {
             ready = events.readable_mut() => {
@@ -407,6 +416,8 @@ async fn stream(args: &MonitorArgs, filter: &Filter) -> Result<()> {
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
+            _ = hangup.recv() => break,
+            _ = quit.recv() => break,
         }
     }
     Ok(())

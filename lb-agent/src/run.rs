@@ -1001,6 +1001,8 @@ pub async fn run(config: RunConfig) -> Result<()> {
     // from a version without the prefilter, which adoption fills from the
     // pinned frontends and backends; programs reading an empty prefilter
     // would take every packet for none of lb's.
+    let mut maps = maps;
+    crate::monitor::clear_abandoned(&config.bpffs, &mut maps.monitor);
     let mut syncer = Syncer::new(maps).context("reading the pinned maps")?;
     let migration = datapath.take_migration();
     let (hand_over, mut open_gate) = match migration {

@@ -197,7 +197,8 @@ pub mod map_sizes {
     /// per backend (the agent sizes them from --lb-map-max as those).
     pub const PREFILTER: u32 = SERVICES + BACKENDS;
     /// `LB_EVENTS`' ring buffer, in bytes (a power of two of pages): room
-    /// for ~14,000 events between two reads of the monitor.
+    /// for ~13,000 events (80 bytes with the record header) between two
+    /// reads of the monitor.
     pub const EVENTS_BYTES: u32 = 1 << 20;
 }
 
@@ -800,7 +801,10 @@ pub mod event_reason {
     /// An ICMP error translated (`event_kind::ICMP`; the monitor names it
     /// by its type and code).
     pub const ICMP_ERROR: u8 = 11;
-    pub const NAMES: [&str; 12] = [
+    /// The frontend's backend set or chosen backend was not in the maps
+    /// (the agent rewrote them under the packet).
+    pub const BACKEND_MISSING: u8 = 12;
+    pub const NAMES: [&str; 13] = [
         "no_endpoints",
         "undeclared_port",
         "source_range",
@@ -813,6 +817,7 @@ pub mod event_reason {
         "reject_failed",
         "new_flow",
         "icmp_error",
+        "backend_missing",
     ];
 }
 
@@ -998,8 +1003,11 @@ pub mod stat {
     /// while an upgrade copies the previous maps' flows (`MIGRATING`):
     /// dropped so the sender retransmits it once its flow is copied.
     pub const DROP_MIGRATING: u32 = 39;
+    /// A monitor event the full ring buffer could not take (the monitor
+    /// reads slower than events come).
+    pub const MONITOR_EVENTS_LOST: u32 = 40;
     /// Number of counters in use.
-    pub const COUNT: u32 = 40;
+    pub const COUNT: u32 = 41;
     /// Size of the stats array (room to grow without a layout change).
     pub const CAPACITY: u32 = 48;
 
@@ -1045,6 +1053,7 @@ pub mod stat {
         "drop_frag_no_first",
         "node_socket_masquerade",
         "drop_migrating",
+        "monitor_events_lost",
     ];
 }
 

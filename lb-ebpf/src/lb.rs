@@ -393,6 +393,14 @@ fn forward<P: Packet>(
     }
 
     let Some(set) = backend_set(frontend) else {
+        count_service(frontend.rev_nat_id, ServiceCount::Dropped);
+        dropped(
+            pkt,
+            flow,
+            event_reason::BACKEND_MISSING,
+            frontend.rev_nat_id,
+            key.scope,
+        );
         return pkt.drop_verdict();
     };
     if set.count == 0 {
@@ -411,6 +419,14 @@ fn forward<P: Packet>(
         return REFUSE;
     }
     let Some((backend_id, backend)) = select_backend(flow, frontend, &set, now) else {
+        count_service(frontend.rev_nat_id, ServiceCount::Dropped);
+        dropped(
+            pkt,
+            flow,
+            event_reason::BACKEND_MISSING,
+            frontend.rev_nat_id,
+            key.scope,
+        );
         return pkt.drop_verdict();
     };
     // Built in the caller's frame: this one is near the stack limit.

@@ -180,6 +180,10 @@ pub enum ServiceCount {
 /// rev-NAT ids start at 1, past the map's one entry).
 #[inline(always)]
 pub fn count_service(rev_nat_id: u32, what: ServiceCount) {
+    // 0 is no frontend's (an undeclared port): its slot is never read.
+    if rev_nat_id == 0 {
+        return;
+    }
     let Some(c) = LB_SERVICE_STATS.get_ptr_mut(rev_nat_id) else {
         return;
     };

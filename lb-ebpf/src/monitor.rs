@@ -53,7 +53,7 @@ pub fn with_backend_port(what: u64, port_be: u16) -> u64 {
 }
 
 /// Write one event (callers check `wanted` first). A full ring buffer
-/// loses the event.
+/// loses the event (counted `monitor_events_lost`).
 ///
 /// Field by field into the reserved record, never through the stack: this
 /// frame adds to the deepest callers' (ICMP error translation, refusals),
@@ -61,6 +61,9 @@ pub fn with_backend_port(what: u64, port_be: u16) -> u64 {
 #[inline(never)]
 pub fn emit(what: u64, flow: &Flow, backend_be: &Addr, rev_nat_id: u32, ifindex: u32) {
     let Some(mut entry) = LB_EVENTS.reserve::<MonitorEvent>(0) else {
+        // Full: the monitor reads slower than events come; counted so it
+        // can say how many it missed.
+        crate::maps::count(lb_common::stat::MONITOR_EVENTS_LOST);
         return;
     };
     let e = entry.as_mut_ptr();

@@ -206,6 +206,8 @@ pub struct Syncer {
     /// (for the monitor and dump; a failed write is retried next sync and
     /// never holds the frontend back).
     service_names: BTreeMap<u32, Arc<str>>,
+    /// Names whose write failed, retried every sync.
+    unnamed: BTreeMap<u32, Arc<str>>,
     /// Per desired frontend, the set it points at.
     frontend_sets: BTreeMap<FrontendKey, BackendSetKey>,
     /// The sets desired frontends point at.
@@ -379,6 +381,7 @@ impl Syncer {
             source_ranges: BTreeSet::new(),
             rev_nat: BTreeMap::new(),
             service_names: BTreeMap::new(),
+            unnamed: BTreeMap::new(),
             frontend_sets: BTreeMap::new(),
             desired_sets: BTreeMap::new(),
             uses: BTreeMap::new(),
@@ -873,6 +876,11 @@ impl Syncer {
         source_ranges: &BTreeSet<IpAddr>,
     ) -> SyncReport {
         let mut report = SyncReport::default();
+        for (id, name) in std::mem::take(&mut self.unnamed) {
+            if self.rev_nat.contains_key(&id) {
+                self.write_service_name(id, &name);
+            }
+        }
 
         // 0. Strays (left by an interrupted or failed sync) are unreachable
         //    by the kernel: remove them first, before this sync may write
@@ -1400,6 +1408,23 @@ impl Syncer {
         }
     }
 
+    /// Zero a rev-NAT id's per-Service counters on every CPU (nothing to do
+    /// when counters are off: the id has no slot).
+    fn zero_service_counters(&mut self, id: u32) {
+        if id >= self.maps.service_stats.len() {
+            return;
+        }
+        let Ok(cpus) = aya::util::nr_cpus() else {
+            return;
+        };
+        if let Ok(zeros) =
+            aya::maps::PerCpuValues::try_from(vec![lb_common::ServiceCounters::default(); cpus])
+            && let Err(e) = self.maps.service_stats.set(id, zeros, 0)
+        {
+            warn!(rev_nat_id = id, error = %e, "zeroing a reused id's counters in LB_SERVICE_STATS failed");
+        }
+    }
+
     /// Name a rev-NAT id's Service port for the monitor and dump, if the
     /// name written differs.
     fn write_service_name(&mut self, id: u32, service_port: &Arc<str>) {
@@ -1415,6 +1440,7 @@ impl Syncer {
                 self.service_names.insert(id, service_port.clone());
             }
             Err(e) => {
+                self.unnamed.insert(id, service_port.clone());
                 warn!(service = %service_port, rev_nat_id = id, error = %e, "naming the frontend in LB_SERVICE_NAMES failed: the monitor and dump show its address only");
             }
         }
@@ -1733,6 +1759,10 @@ impl Syncer {
             scope: fk.scope.code(),
         };
         if self.rev_nat.get(&rev_nat_id) != Some(&rev) {
+            if !self.rev_nat.contains_key(&rev_nat_id) {
+                // A reused id must not bring the last frontend's counts.
+                self.zero_service_counters(rev_nat_id);
+            }
             self.maps.rev_nat.insert(rev_nat_id, rev, 0)?;
             self.rev_nat.insert(rev_nat_id, rev);
         }

@@ -1276,7 +1276,8 @@ enum Topology<'a> {
 
 /// Node hints are used when every ready endpoint has some and one is for
 /// this node; otherwise zone hints, on the same terms for this node's
-/// zone; otherwise none (KEP-3015, kube-proxy >= 1.33).
+/// zone; otherwise none (KEP-3015: kube-proxy 1.33 behind the
+/// PreferSameTrafficDistribution gate, on by default since 1.34).
 fn topology<'a>(endpoints: &[EndpointInfo], node: &'a str, zone: Option<&'a str>) -> Topology<'a> {
     let ready = || endpoints.iter().filter(|e| e.ready);
     if ready().all(|e| !e.node_hints.is_empty())
