@@ -175,7 +175,7 @@ pub fn derive_slices(
             .clone()
             .filter(|_| prefer_same_node)
             .map(|name| vec![ForNode { name }]);
-        let hints = (for_zones.is_some() || for_nodes.is_some()).then(|| EndpointHints {
+        let hints = (for_zones.is_some() || for_nodes.is_some()).then_some(EndpointHints {
             for_zones,
             for_nodes,
         });
