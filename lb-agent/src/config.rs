@@ -101,16 +101,36 @@ pub struct UninstallArgs {
 
 #[derive(Args, Debug)]
 pub struct ExplainArgs {
-    /// Client address, with a port to match an existing flow (default port 40000).
-    #[arg(long, value_name = "IP[:PORT]")]
+    /// Client: IP[:PORT] (a pod's, or with --via node|xdp a client outside
+    /// the node; the port matches an existing flow, default 40000), or
+    /// `node` for the node's own sockets (socket-level LB at connect()).
+    #[arg(long, value_name = "IP[:PORT]|node")]
     pub from: String,
     /// Destination (a Service frontend, or anything): IP:PORT or [IPv6]:PORT.
     #[arg(long, value_name = "IP:PORT")]
     pub to: std::net::SocketAddr,
     #[arg(long, value_enum, default_value = "tcp")]
     pub proto: ProtoArg,
+    /// Where the packet comes in: `pod` (a pod's device: in-cluster
+    /// frontends), `node` (a node device with the tc program: traffic from
+    /// outside, NodePorts, LoadBalancer IPs, externalIPs) or `xdp` (a node
+    /// device with XDP). Default: pod.
+    #[arg(long, value_enum, value_name = "pod|node|xdp")]
+    pub via: Option<ExplainVia>,
+    /// cgroup v2 directory the socket-level programs are attached to (with
+    /// --from node). Default: the cgroup2 mount, as `run` uses.
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_root: Option<PathBuf>,
     #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
+}
+
+/// `explain --via`: the program the synthetic packet meets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExplainVia {
+    Pod,
+    Node,
+    Xdp,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -379,7 +379,7 @@ impl Topology {
 
     /// `program args` in the node namespace: `nsenter --net`, which keeps
     /// /sys/fs/bpf visible (`ip netns exec` remounts /sys).
-    fn node_command(&self, program: &Path, args: &[String]) -> Command {
+    pub fn node_command(&self, program: &Path, args: &[String]) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", self.node_ns))
             .arg(program)

@@ -331,6 +331,27 @@ impl Cluster {
         (code.trim().parse().unwrap_or(0), body.to_string())
     }
 
+    /// `lb-agent explain ARGS` in the node namespace (where the node
+    /// programs' route lookups happen), against this run's pins: its output.
+    pub fn explain(&self, args: &[&str]) -> String {
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        args.insert(0, "explain".into());
+        args.extend(["--bpffs".into(), self.topo.bpffs.display().to_string()]);
+        let out = self
+            .topo
+            .node_command(&agent_bin(), &args)
+            .output()
+            .expect("run explain");
+        assert!(
+            out.status.success(),
+            "explain {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        println!("explain {args:?}:\n{text}");
+        text
+    }
+
     /// `lb-agent dump WHAT -o json` against this run's pins.
     pub fn dump(&self, what: &str) -> serde_json::Value {
         let out = Command::new(agent_bin())

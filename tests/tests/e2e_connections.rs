@@ -357,19 +357,7 @@ fn agent_restart_under_load_fails_no_connection() {
 }
 
 fn explain(c: &Cluster, args: &[&str]) -> String {
-    let out = std::process::Command::new(agent_bin())
-        .arg("explain")
-        .args(args)
-        .arg("--bpffs")
-        .arg(&c.topo.bpffs)
-        .output()
-        .expect("run explain");
-    assert!(
-        out.status.success(),
-        "explain failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    c.explain(args)
 }
 
 #[test]
@@ -399,7 +387,8 @@ fn explain_shows_frontend_candidates_deciding_state_and_verdict() {
     );
     let idx: usize = pod.trim_start_matches("web-").parse().unwrap();
     assert!(
-        text.contains(&format!("translated to {}:8080 (established", WEB_IPS[idx])),
+        text.contains(&format!("translated to {}:8080", WEB_IPS[idx]))
+            && text.contains("(established"),
         "{text}"
     );
 
@@ -436,10 +425,75 @@ fn explain_shows_frontend_candidates_deciding_state_and_verdict() {
         "{text}"
     );
 
+    // The node's own sockets: connect() through the socket-level program,
+    // from a namespace of explain's own (nothing is sent).
+    let sock_translated = || c.stats()["sock_translated"].as_u64().unwrap();
+    let translated_before = sock_translated();
+    let text = explain(&c, &["--from", "node", "--to", "10.96.0.10:80"]);
+    assert!(
+        text.contains("flow       node -> 10.96.0.10:80/TCP"),
+        "{text}"
+    );
+    assert!(
+        text.contains("frontend   10.96.0.10:80/TCP ClusterIP"),
+        "{text}"
+    );
+    assert!(
+        WEB_IPS
+            .iter()
+            .any(|ip| text.contains(&format!("translated at connect() to {ip}:8080 (backend #"))),
+        "{text}"
+    );
+    assert!(text.contains("sock_translated"), "{text}");
+    let text = explain(
+        &c,
+        &["--from", "node", "--to", "10.96.0.10:53", "--proto", "udp"],
+    );
+    assert!(
+        WEB_IPS
+            .iter()
+            .any(|ip| text.contains(&format!("translated at connect() to {ip}:5353"))),
+        "{text}"
+    );
+    let text = explain(&c, &["--from", "node", "--to", "10.96.0.10:81"]);
+    assert!(
+        text.contains("refused: connect() fails with ECONNREFUSED"),
+        "{text}"
+    );
+    let text = explain(&c, &["--from", "node", "--to", "192.0.2.1:80"]);
+    assert!(
+        text.contains("not translated: connect() goes to the address itself"),
+        "{text}"
+    );
+    // --via is for packets, not the node's sockets.
+    let out = std::process::Command::new(agent_bin())
+        .args([
+            "explain",
+            "--from",
+            "node",
+            "--via",
+            "xdp",
+            "--to",
+            "10.96.0.10:80",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--from node is the node's own sockets"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Nothing live was touched.
     assert_eq!(
         c.dump("conntrack")["flows"].as_array().unwrap().len(),
         flows_before
+    );
+    assert_eq!(
+        sock_translated(),
+        translated_before,
+        "the live socket-level program did not see explain's connect()"
     );
 }
 
@@ -484,8 +538,11 @@ fn maglev_service_moves_about_one_nth_of_flows_when_a_backend_goes() {
     // Where 100 client ports land, through the real program (explain's,
     // loaded once: each load costs the program's verification).
     let placement = |c: &Cluster| -> Vec<String> {
-        let mut explainer = lb_agent::datapath::explain::Explainer::load(&c.topo.bpffs)
-            .unwrap_or_else(|e| panic!("loading explain's program: {e}"));
+        let mut explainer = lb_agent::datapath::explain::Explainer::load(
+            &c.topo.bpffs,
+            lb_agent::datapath::explain::Entry::Pod,
+        )
+        .unwrap_or_else(|e| panic!("loading explain's program: {e}"));
         (0..100)
             .map(|i| {
                 let from = format!("10.244.1.2:{}", 30000 + i).parse().unwrap();

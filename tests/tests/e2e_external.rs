@@ -264,6 +264,48 @@ fn external_policy_local_keeps_the_client_ip_drops_elsewhere_and_reports_health(
         BTreeSet::from([pair("web-a", POD_B)]),
     );
 
+    // explain follows the outside client's packet through each node's program.
+    let to_a = format!("{NODE_A}:30090");
+    let text = net
+        .a
+        .explain(&["--via", "xdp", "--from", CLIENT, "--to", &to_a]);
+    assert!(
+        text.contains(&format!(
+            "flow       {CLIENT}:40000 -> {to_a}/TCP in on a node device (XDP)"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("frontend   {to_a}/TCP NodePort")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("translated to {POD_A}:8080, client address kept")),
+        "{text}"
+    );
+    let text = net.a.explain(&[
+        "--via",
+        "xdp",
+        "--from",
+        CLIENT,
+        "--to",
+        &format!("{LB_IP}:80"),
+    ]);
+    assert!(
+        text.contains(&format!("translated to {POD_A}:8080, client address kept")),
+        "{text}"
+    );
+    let text = net.b.explain(&[
+        "--via",
+        "node",
+        "--from",
+        CLIENT,
+        "--to",
+        &format!("{NODE_B}:30090"),
+    ]);
+    assert!(text.contains("candidates none"), "{text}");
+    assert!(text.contains("verdict    dropped ("), "{text}");
+
     let health = |node: &Cluster, addr: &str| -> (u16, String) {
         node.http_from(&net.client.ns, &format!("http://{addr}:32000/healthz"))
     };
@@ -314,6 +356,50 @@ fn source_ranges_external_ips_and_pings() {
         get(&net.a, &net.client, &lb_url, 3.0).is_ok(),
         "inside the ranges"
     );
+    // explain from outside (node A's default program on a veth: tc).
+    let lb_to = format!("{LB_IP}:80");
+    let text = net
+        .a
+        .explain(&["--via", "node", "--from", CLIENT, "--to", &lb_to]);
+    assert!(text.contains("source-ranges"), "{text}");
+    assert!(
+        [POD_A, POD_B].iter().any(|pod| text.contains(&format!(
+            "translated to {pod}:8080, source masqueraded to {NODE_A}:"
+        ))),
+        "{text}"
+    );
+    let text = net
+        .a
+        .explain(&["--via", "node", "--from", OTHER_CLIENT, "--to", &lb_to]);
+    assert!(
+        text.contains("verdict    dropped (drop_source_range)"),
+        "{text}"
+    );
+    let text = net.a.explain(&[
+        "--via",
+        "node",
+        "--from",
+        OTHER_CLIENT,
+        "--to",
+        &format!("{EXTERNAL_IP}:80"),
+    ]);
+    assert!(text.contains("ExternalIP"), "{text}");
+    assert!(text.contains("translated to"), "{text}");
+    let text = net.a.explain(&[
+        "--via",
+        "node",
+        "--from",
+        CLIENT,
+        "--to",
+        &format!("{LB_IP}:81"),
+    ]);
+    assert!(text.contains("frontend   none from outside"), "{text}");
+    let text = net
+        .a
+        .explain(&["--via", "node", "--from", CLIENT, "--to", "192.168.50.1:22"]);
+    assert!(text.contains("frontend   none from outside"), "{text}");
+    assert!(text.contains("passed untouched"), "{text}");
+
     assert_eq!(
         get(&net.a, &net.other_client, &lb_url, 1.5),
         Err(28),
@@ -451,6 +537,21 @@ fn nodeport_on_ipv6_node_addresses_reaches_local_and_remote_endpoints() {
             &format!("{} programs {frontend}", node.node_name),
             Duration::from_secs(10),
             || node.backends_of(&frontend).is_some_and(|b| b.len() == 2),
+        );
+    }
+    // explain from the IPv6 client: XDP on node A, tc on node B, both masquerade.
+    for (node, addr, via) in [(&a, NODE_A6, "xdp"), (&b, NODE_B6, "node")] {
+        let to = format!("[{addr}]:30080");
+        let text = node.explain(&["--via", via, "--from", CLIENT6, "--to", &to]);
+        assert!(
+            text.contains(&format!("frontend   {to}/TCP NodePort")),
+            "{text}"
+        );
+        assert!(
+            [POD_A6, POD_B6].iter().any(|pod| text.contains(&format!(
+                "translated to [{pod}]:8080, source masqueraded to [{addr}]:"
+            ))),
+            "{text}"
         );
     }
     for (node, addr, local, remote) in [

@@ -186,6 +186,12 @@ fn dual_stack_service_answers_over_both_families() {
         text.contains("verdict    translated to [fd00:244::1"),
         "{text}"
     );
+    // And the node's own IPv6 socket, through connect6.
+    let text = c.explain(&["--from", "node", "--to", "[fd00:96::10]:80"]);
+    assert!(
+        text.contains("translated at connect() to [fd00:244::1"),
+        "{text}"
+    );
 
     // dump speaks IPv6, in tables too.
     let table = std::process::Command::new(agent_bin())

@@ -16,7 +16,8 @@ use lb_common::{
 use serde::Serialize;
 
 use crate::{
-    config::{DumpArgs, DumpWhat, ExplainArgs, OutputFormat, ProtoArg},
+    config::{DumpArgs, DumpWhat, ExplainArgs, ExplainVia, OutputFormat, ProtoArg},
+    datapath::explain::Entry,
     datapath::maps::Maps,
     model::{FrontendKind, Protocol, Scope},
 };
@@ -762,43 +763,83 @@ pub fn run(args: &DumpArgs) -> Result<()> {
     Ok(())
 }
 
+/// Where `explain`'s flow starts.
+enum ExplainFrom {
+    /// A client address (a pod's, or one outside the node).
+    Client(std::net::SocketAddr, bool),
+    /// The node's own sockets.
+    Node,
+}
+
 /// `lb-agent explain`: the frontend, its candidates, what decides, and the
-/// program's verdict on a synthetic packet.
+/// program's verdict on a synthetic packet (or on the node's connect()).
 pub fn explain(args: &ExplainArgs) -> Result<()> {
-    let (from_ip, from_port, port_given) = match args.from.parse::<std::net::SocketAddr>() {
-        Ok(sa) => (sa.ip(), sa.port(), true),
-        Err(_) => {
-            let ip: IpAddr = args.from.parse().with_context(|| {
-                format!(
-                    "--from {:?}: expected IP or IP:PORT ([IPv6]:PORT)",
-                    args.from
-                )
-            })?;
-            (ip, 40000, false)
+    let from = if args.from == "node" {
+        if args.via.is_some_and(|v| v != ExplainVia::Pod) {
+            bail!(
+                "--from node is the node's own sockets (connect() through the socket-level programs); --via chooses where a client's packet comes in"
+            );
         }
+        ExplainFrom::Node
+    } else {
+        let (ip, port, given) = match args.from.parse::<std::net::SocketAddr>() {
+            Ok(sa) => (sa.ip(), sa.port(), true),
+            Err(_) => {
+                let ip: IpAddr = args.from.parse().with_context(|| {
+                    format!(
+                        "--from {:?}: expected IP, IP:PORT ([IPv6]:PORT) or node",
+                        args.from
+                    )
+                })?;
+                (ip, 40000, false)
+            }
+        };
+        if ip.is_ipv4() != args.to.is_ipv4() {
+            bail!(
+                "--from {ip} and --to {} are of different IP families",
+                args.to
+            );
+        }
+        ExplainFrom::Client(std::net::SocketAddr::new(ip, port), given)
     };
-    if from_ip.is_ipv4() != args.to.is_ipv4() {
-        anyhow::bail!(
-            "--from {from_ip} and --to {} are of different IP families",
-            args.to
-        );
-    }
+    let entry = match args.via.unwrap_or(ExplainVia::Pod) {
+        ExplainVia::Pod => Entry::Pod,
+        ExplainVia::Node => Entry::NodeTc,
+        ExplainVia::Xdp => Entry::NodeXdp,
+    };
     let proto = match args.proto {
         ProtoArg::Tcp => Protocol::Tcp,
         ProtoArg::Udp => Protocol::Udp,
     };
-    let from = std::net::SocketAddr::new(from_ip, from_port);
     let maps = Maps::open_pinned(&args.bpffs)
         .with_context(|| format!("opening the maps pinned under {}", args.bpffs.display()))?;
     let all = services(&maps)?;
-    // explain follows a packet from a pod: the in-cluster entries decide.
+    // The node's sockets and pods reach in-cluster entries; packets from
+    // outside the external ones (externalTrafficPolicy's backends).
+    let scope = match from {
+        ExplainFrom::Node => Scope::Internal,
+        ExplainFrom::Client(..) => entry.scope(),
+    };
     let frontend = all.services.iter().find(|s| {
-        s.scope == Scope::Internal
+        s.scope == scope
             && s.frontend.address == args.to.ip()
             && s.frontend.port == args.to.port()
             && s.frontend.protocol == proto.to_string()
     });
-    println!("flow       {from} -> {}/{proto}", args.to);
+    match from {
+        ExplainFrom::Node => println!(
+            "flow       node -> {}/{proto} (a socket of the node: socket-level LB at connect())",
+            args.to
+        ),
+        ExplainFrom::Client(client, _) => {
+            let via = match entry {
+                Entry::Pod => "from a pod's device",
+                Entry::NodeTc => "in on a node device (tc)",
+                Entry::NodeXdp => "in on a node device (XDP)",
+            };
+            println!("flow       {client} -> {}/{proto} {via}", args.to)
+        }
+    }
     match frontend {
         None if all.service_ips.contains(&args.to.ip()) => {
             println!(
@@ -807,6 +848,9 @@ pub fn explain(args: &ExplainArgs) -> Result<()> {
                 args.to.port()
             )
         }
+        None if scope == Scope::External => println!(
+            "frontend   none from outside: no NodePort, LoadBalancer IP or externalIP here (passes to the node's stack, unless it is a reply of a tracked flow)"
+        ),
         None => println!(
             "frontend   none: not a Service frontend (passes untouched, unless it is a reply of a tracked flow)"
         ),
@@ -852,14 +896,31 @@ pub fn explain(args: &ExplainArgs) -> Result<()> {
             }
         }
     }
-    let outcome = crate::datapath::explain::run(
-        &args.bpffs,
-        from,
-        args.to,
-        proto,
-        frontend.map(|f| f.rev_nat_id),
-    )
-    .context("running the program on a synthetic packet")?;
+    let random = frontend.is_some_and(|f| f.backends.len() > 1 && !f.flags.contains(&"maglev"));
+    let rev_nat_id = frontend.map(|f| f.rev_nat_id);
+    let (client, port_given) = match from {
+        ExplainFrom::Node => {
+            let cgroup = args
+                .cgroup_root
+                .clone()
+                .or_else(crate::datapath::loader::default_cgroup_root)
+                .context("no cgroup v2 mount found: pass --cgroup-root")?;
+            let outcome = crate::datapath::explain::run_socket(
+                &args.bpffs,
+                &cgroup,
+                args.to,
+                proto,
+                rev_nat_id,
+            )
+            .context("running the socket-level program on a connect()")?;
+            explain_socket_verdict(&outcome, random);
+            return Ok(());
+        }
+        ExplainFrom::Client(client, given) => (client, given),
+    };
+    let outcome =
+        crate::datapath::explain::run(&args.bpffs, entry, client, args.to, proto, rev_nat_id)
+            .context("running the program on a synthetic packet")?;
     match (&outcome.existing_flow, port_given) {
         (Some(ct), _) => println!(
             "existing   a tracked flow from this port decides: backend #{} ({})",
@@ -878,24 +939,110 @@ pub fn explain(args: &ExplainArgs) -> Result<()> {
             a.backend_id
         );
     }
-    let why = outcome.reasons.join(", ");
-    // The program passes with TCX_NEXT (-1); TC_ACT_OK (0) means the same here.
-    let verdict = match outcome.verdict {
-        -1 | 0 if outcome.destination != args.to => {
-            format!("translated to {} ({why})", outcome.destination)
-        }
-        -1 | 0 => format!("passed untouched ({why})"),
-        2 => format!("dropped ({why})"),
-        7 => format!("refused: answer sent back to the client ({why})"),
-        other => format!("tc verdict {other} ({why})"),
-    };
-    println!("verdict    {verdict}");
-    if frontend.is_some_and(|f| f.backends.len() > 1 && !f.flags.contains(&"maglev"))
-        && outcome.existing_flow.is_none()
-    {
+    println!(
+        "verdict    {}",
+        packet_verdict(&outcome, entry, client, args.to)
+    );
+    if random && outcome.existing_flow.is_none() {
         println!(
             "           (a new flow picks a random candidate: another run may choose another)"
         );
     }
     Ok(())
+}
+
+/// What happened to explain's synthetic packet, in words.
+fn packet_verdict(
+    outcome: &crate::datapath::explain::Outcome,
+    entry: Entry,
+    from: std::net::SocketAddr,
+    to: std::net::SocketAddr,
+) -> String {
+    let why = outcome.reasons.join(", ");
+    enum Action {
+        Pass,
+        Drop,
+        /// Sent on by the program itself (tc redirect, XDP_TX or redirect).
+        Sent,
+        Other,
+    }
+    // tc passes with TCX_NEXT (-1) or TC_ACT_OK (0); XDP has its own codes.
+    let action = match (entry.is_xdp(), outcome.verdict) {
+        (false, -1 | 0) | (true, 2) => Action::Pass,
+        (false, 2) | (true, 0 | 1) => Action::Drop,
+        (false, 7) | (true, 3 | 4) => Action::Sent,
+        _ => Action::Other,
+    };
+    let answered = outcome
+        .reasons
+        .iter()
+        .any(|r| r.starts_with("reject") || *r == "echo_reply");
+    let mut translated = String::new();
+    if outcome.destination != to {
+        translated = format!("translated to {}", outcome.destination);
+        if outcome.source != from {
+            translated.push_str(&format!(
+                ", source masqueraded to {} (replies come back to this node)",
+                outcome.source
+            ));
+        } else if entry != Entry::Pod {
+            translated.push_str(", client address kept");
+        }
+    }
+    match action {
+        Action::Drop => format!("dropped ({why})"),
+        Action::Sent if answered => {
+            format!("refused: answer sent back to the client ({why})")
+        }
+        Action::Sent if !translated.is_empty() => {
+            format!("{translated}, sent on by the program itself ({why})")
+        }
+        Action::Sent => format!("sent on by the program itself ({why})"),
+        Action::Pass if !translated.is_empty() => format!("{translated} ({why})"),
+        Action::Pass => format!("passed untouched ({why})"),
+        Action::Other => format!("return code {} ({why})", outcome.verdict),
+    }
+}
+
+/// The verdict of the node's connect(), in words.
+fn explain_socket_verdict(outcome: &crate::datapath::explain::SocketOutcome, random: bool) {
+    if !outcome.socket_lb {
+        println!(
+            "verdict    socket-level LB is off (--socket-lb=false): connect() is not translated; the node's packets to a Service leave untranslated"
+        );
+        return;
+    }
+    if let Some(a) = &outcome.affinity {
+        let idle = crate::datapath::monotonic_ns().saturating_sub(a.last_used_ns) as f64 / 1e9;
+        println!(
+            "affinity   the node's entry for backend #{} (idle {idle:.0}s), used while live and active",
+            a.backend_id
+        );
+    }
+    let why = outcome.reasons.join(", ");
+    let verdict = match (outcome.backend, outcome.errno) {
+        (_, Some(libc::ECONNREFUSED)) => {
+            format!("refused: connect() fails with ECONNREFUSED ({why})")
+        }
+        (_, Some(libc::EHOSTUNREACH)) => {
+            format!("refused: connect() fails with EHOSTUNREACH ({why})")
+        }
+        (Some((backend, id)), _) => format!(
+            "translated at connect() to {backend} (backend #{id}); the node's packets go there directly, getpeername() shows the Service ({why})"
+        ),
+        (None, _) => format!(
+            "not translated: connect() goes to the address itself ({})",
+            if why.is_empty() {
+                "not a frontend"
+            } else {
+                &why
+            }
+        ),
+    };
+    println!("verdict    {verdict}");
+    if random && outcome.backend.is_some() {
+        println!(
+            "           (a new connection picks a random candidate: another run may choose another)"
+        );
+    }
 }
