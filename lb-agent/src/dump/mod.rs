@@ -943,7 +943,7 @@ pub fn explain(args: &ExplainArgs) -> Result<()> {
         "verdict    {}",
         packet_verdict(&outcome, entry, client, args.to)
     );
-    if random && outcome.existing_flow.is_none() {
+    if random && outcome.existing_flow.is_none() && outcome.destination != args.to {
         println!(
             "           (a new flow picks a random candidate: another run may choose another)"
         );
