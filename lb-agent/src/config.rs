@@ -194,6 +194,12 @@ pub struct RunArgs {
     /// Default: unset (ClusterIPs are not served from outside)
     #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
     pub cluster_cidr: Option<Vec<ipnet::IpNet>>,
+    /// Service CIDRs, beside the cluster's ServiceCIDR objects (the
+    /// manifests source has none): traffic to an address in one that no
+    /// Service holds is dropped, as kube-proxy's nftables mode does.
+    /// Default: unset
+    #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
+    pub service_cidr: Option<Vec<ipnet::IpNet>>,
     /// externalTrafficPolicy Cluster: masquerade connections to NodePorts,
     /// LoadBalancer IPs and externalIPs to the node, from outside and from
     /// pods, as kube-proxy does. false: endpoints on this node see the
@@ -331,6 +337,7 @@ pub struct FileConfig {
     pub device_mode: Option<DeviceMode>,
     pub nodeport_addresses: Option<Vec<ipnet::IpNet>>,
     pub cluster_cidr: Option<Vec<ipnet::IpNet>>,
+    pub service_cidr: Option<Vec<ipnet::IpNet>>,
     pub masquerade_cluster_policy: Option<bool>,
     pub ping_services: Option<bool>,
     pub fast_path: Option<bool>,
@@ -616,6 +623,7 @@ impl RunArgs {
                 node_ips: Vec::new(),
                 host_addresses: Default::default(),
                 cluster_cidrs: self.cluster_cidr.or(file.cluster_cidr).unwrap_or_default(),
+                service_cidrs: self.service_cidr.or(file.service_cidr).unwrap_or_default(),
                 masquerade_cluster_policy: self
                     .masquerade_cluster_policy
                     .or(file.masquerade_cluster_policy)

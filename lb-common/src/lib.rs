@@ -56,8 +56,12 @@ pub mod map_names {
     /// rev-NAT id. One entry (nothing counted) unless the agent runs with
     /// `--service-counters`, which sizes it to the rev-NAT id space.
     pub const SERVICE_STATS: &str = "LB_SERVICE_STATS";
+    /// The cluster's Service CIDRs (`ServiceCidrs`, index 0): traffic to an
+    /// address in one that no Service holds is dropped (kube-proxy's
+    /// nftables mode), not routed on.
+    pub const SERVICE_CIDRS: &str = "LB_SERVICE_CIDRS";
     /// Every map of the object, in the order the agent pins them.
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 23] = [
         SERVICES,
         BACKENDS,
         BACKEND_SETS,
@@ -80,6 +84,7 @@ pub mod map_names {
         MONITOR,
         SERVICE_NAMES,
         SERVICE_STATS,
+        SERVICE_CIDRS,
     ];
     /// Pod devices (ifindex -> 1) the fast path may hand packets to with
     /// bpf_redirect_peer: veths lb attached to as pod devices. Not pinned:
@@ -745,6 +750,38 @@ pub struct ServiceCounters {
     pub dropped: u64,
 }
 
+/// Service CIDRs per family `LB_SERVICE_CIDRS` holds (a cluster has one
+/// or two per family; more are refused by the agent, named).
+pub const SERVICE_CIDRS_PER_FAMILY: usize = 4;
+
+/// An IPv4 prefix: `addr & mask == addr_be` (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Prefix4 {
+    pub addr_be: u32,
+    pub mask_be: u32,
+}
+
+/// An IPv6 prefix, word by word as `Prefix4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Prefix6 {
+    pub addr: Addr,
+    pub mask: Addr,
+}
+
+/// Value of `LB_SERVICE_CIDRS` index 0: the first `v4_count` / `v6_count`
+/// prefixes are the cluster's Service CIDRs (all zero: none, as a map is
+/// before the agent writes it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceCidrs {
+    pub v4_count: u32,
+    pub v6_count: u32,
+    pub v4: [Prefix4; SERVICE_CIDRS_PER_FAMILY],
+    pub v6: [Prefix6; SERVICE_CIDRS_PER_FAMILY],
+}
+
 /// Value of `LB_MONITOR` index 0: what a running `lb-agent monitor` asks
 /// for. Zero (nobody listens): the programs build no event.
 #[repr(C)]
@@ -801,10 +838,12 @@ pub mod event_reason {
     /// An ICMP error translated (`event_kind::ICMP`; the monitor names it
     /// by its type and code).
     pub const ICMP_ERROR: u8 = 11;
+    /// An address in a Service CIDR that no Service holds.
+    pub const UNALLOCATED_SERVICE_IP: u8 = 12;
     /// The frontend's backend set or chosen backend was not in the maps
     /// (the agent rewrote them under the packet).
-    pub const BACKEND_MISSING: u8 = 12;
-    pub const NAMES: [&str; 13] = [
+    pub const BACKEND_MISSING: u8 = 13;
+    pub const NAMES: [&str; 14] = [
         "no_endpoints",
         "undeclared_port",
         "source_range",
@@ -817,6 +856,7 @@ pub mod event_reason {
         "reject_failed",
         "new_flow",
         "icmp_error",
+        "unallocated_service_ip",
         "backend_missing",
     ];
 }
@@ -1003,11 +1043,15 @@ pub mod stat {
     /// while an upgrade copies the previous maps' flows (`MIGRATING`):
     /// dropped so the sender retransmits it once its flow is copied.
     pub const DROP_MIGRATING: u32 = 39;
+    /// A packet to an address in a Service CIDR that no Service holds
+    /// (kube-proxy's nftables mode drops these rather than letting them
+    /// follow the default route).
+    pub const DROP_UNALLOCATED: u32 = 40;
     /// A monitor event the full ring buffer could not take (the monitor
     /// reads slower than events come).
-    pub const MONITOR_EVENTS_LOST: u32 = 40;
+    pub const MONITOR_EVENTS_LOST: u32 = 41;
     /// Number of counters in use.
-    pub const COUNT: u32 = 41;
+    pub const COUNT: u32 = 42;
     /// Size of the stats array (room to grow without a layout change).
     pub const CAPACITY: u32 = 48;
 
@@ -1053,6 +1097,7 @@ pub mod stat {
         "drop_frag_no_first",
         "node_socket_masquerade",
         "drop_migrating",
+        "drop_unallocated_service_ip",
         "monitor_events_lost",
     ];
 }
@@ -1079,6 +1124,7 @@ const _: () = {
     assert!(core::mem::size_of::<MonitorEvent>() == 68);
     assert!(core::mem::size_of::<MonitorConfig>() == 8);
     assert!(core::mem::size_of::<ServiceCounters>() == 40);
+    assert!(core::mem::size_of::<ServiceCidrs>() == 8 + 4 * 8 + 4 * 32);
     assert!(core::mem::size_of::<ServiceName>() == 4 + SERVICE_NAME_LEN);
     assert!(stat::COUNT <= stat::CAPACITY);
 };
@@ -1112,6 +1158,7 @@ mod pod {
     unsafe impl aya::Pod for MonitorConfig {}
     unsafe impl aya::Pod for MonitorEvent {}
     unsafe impl aya::Pod for ServiceCounters {}
+    unsafe impl aya::Pod for ServiceCidrs {}
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use crate::{
     maps::{
         LB_AFFINITY, LB_BACKEND_SETS, LB_BACKEND_SLOTS, LB_BACKENDS, LB_CONFIG, LB_MAGLEV,
         LB_PREFILTER4, LB_PREFILTER6, LB_SERVICES, LB_SET_MEMBERS, LB_SOCK_NAT, LB_SOURCE_RANGES,
-        ServiceCount, count, count_service,
+        ServiceCount, count, count_service, in_service_cidr4, in_service_cidr6,
     },
     monitor,
     nat::{self, End},
@@ -96,9 +96,18 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
         count(stat::PASS_NOT_FRONTEND);
         return pkt.pass();
     }
-    if none_of_ours(pkt) {
+    let prefiltered = prefilter(pkt);
+    if prefiltered == NONE_OF_OURS {
         count(stat::PASS_NOT_FRONTEND);
         return pkt.pass();
+    }
+    // kube-proxy's nftables mode drops traffic to an unallocated ClusterIP
+    // from pods, the node and outside alike; reply-only devices refuse
+    // nothing (the node's own sockets' egress does). Decided here, so the
+    // answer is not live past this point (the verifier would walk the rest
+    // once per value).
+    if prefiltered == UNALLOCATED && origin != Origin::Reply {
+        return unallocated(pkt, origin.scope());
     }
     // Not zeroed first: for BPF, LLVM zeroes a struct this size with a call
     // to a byte-at-a-time memset (60 iterations per packet). `parse_into`
@@ -111,6 +120,7 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
     }
     // SAFETY: initialised for every answer but a stat (see `parse_into`).
     let flow = unsafe { flow.assume_init() };
+
     match parsed {
         parse::FLOW => {}
         parse::ECHO if !origin.replies_only() => return echo_request(pkt, &flow, origin),
@@ -177,48 +187,126 @@ pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
 /// nor a backend's, nor to the node's SNAT addresses, can be none of lb's:
 /// no frontend, no reply entry (a reply comes from a backend or to an SNAT
 /// address), no address entry to refuse, no Service address to masquerade.
-/// It leaves after two lookups keyed by one address (IPv4-sized for IPv4),
-/// before the full parse. Anything else takes the full path.
+/// It leaves after two lookups keyed by one address (IPv4-sized for IPv4)
+/// and the Service CIDR test, before the full parse. A destination in a
+/// Service CIDR that is not listed is an unallocated ClusterIP (every
+/// allocated one is listed): dropped after the parse, which the event
+/// needs. Anything else takes the full path.
 #[inline(always)]
-fn none_of_ours<P: Packet>(pkt: &P) -> bool {
+fn prefilter<P: Packet>(pkt: &P) -> u32 {
     let l3 = pkt.l3_off();
     let Ok(proto_be) = pkt.l3_proto_be() else {
-        return false;
+        return OURS;
     };
     let ethertype = u16::from_be(proto_be);
     if ethertype == parse::ETH_P_IP {
         let Ok(ip) = pkt.load_header::<parse::Ipv4Hdr>(l3) else {
-            return false;
+            return OURS;
         };
         if (ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP)
             || u16::from_be(ip.frag_be) & 0x3fff != 0
         {
-            return false;
+            return OURS;
         }
         if let Some(config) = LB_CONFIG.get(0) {
             let dst = Addr::v4(ip.dst_be);
             if dst == config.nodeport_snat_addr4 || dst == config.hairpin_snat_addr4 {
-                return false;
+                return OURS;
             }
         }
-        unsafe { LB_PREFILTER4.get(ip.dst_be).is_none() && LB_PREFILTER4.get(ip.src_be).is_none() }
+        if unsafe { LB_PREFILTER4.get(ip.dst_be) }.is_some() {
+            return OURS;
+        }
+        // Not a frontend's or address entry's address: in a Service CIDR,
+        // no Service holds it (every ClusterIP's address is listed).
+
+        if unsafe { LB_PREFILTER4.get(ip.src_be) }.is_some() {
+            return OURS;
+        }
+        if in_service_cidr4(ip.dst_be) {
+            return UNALLOCATED;
+        }
+        NONE_OF_OURS
     } else if ethertype == parse::ETH_P_IPV6 {
         let Ok(ip) = pkt.load_header::<parse::Ipv6Hdr>(l3) else {
-            return false;
+            return OURS;
         };
         if ip.next_header != IPPROTO_TCP && ip.next_header != IPPROTO_UDP {
-            return false;
+            return OURS;
         }
         if let Some(config) = LB_CONFIG.get(0)
             && (ip.dst == config.nodeport_snat_addr6 || ip.dst == config.hairpin_snat_addr6)
         {
-            return false;
+            return OURS;
         }
-        unsafe { LB_PREFILTER6.get(ip.dst).is_none() && LB_PREFILTER6.get(ip.src).is_none() }
+        if unsafe { LB_PREFILTER6.get(ip.dst) }.is_some() {
+            return OURS;
+        }
+
+        if unsafe { LB_PREFILTER6.get(ip.src) }.is_some() {
+            return OURS;
+        }
+        if in_service_cidr6(&ip.dst) {
+            return UNALLOCATED;
+        }
+        NONE_OF_OURS
     } else {
-        false
+        OURS
     }
 }
+
+/// A TCP or UDP datagram to an unallocated Service IP: dropped, counted,
+/// and told to a monitor. The event's tuple is read from the headers the
+/// prefilter checked, not by the full parse: a second call site of
+/// `parse_into` would have the verifier walk it twice.
+#[inline(never)]
+fn unallocated<P: Packet>(pkt: &mut P, scope: u8) -> i32 {
+    count(stat::DROP_UNALLOCATED);
+    if monitor::wanted(event_kind::DROP)
+        && let Some(flow) = header_tuple(pkt)
+    {
+        let what = monitor::what(
+            event_kind::DROP,
+            event_reason::UNALLOCATED_SERVICE_IP,
+            scope,
+        );
+        let ifindex = pkt.ifindex();
+        monitor::emit(what, &flow, &ct::no_addr(), 0, ifindex);
+    }
+    pkt.drop_verdict()
+}
+
+/// Addresses, ports and protocol of an unfragmented TCP/UDP datagram (the
+/// fields an event reads; the rest stay zero).
+#[inline(always)]
+fn header_tuple<P: Packet>(pkt: &P) -> Option<Flow> {
+    let l3 = pkt.l3_off();
+    let mut flow = Flow::default();
+    let l4 = if u16::from_be(pkt.l3_proto_be().ok()?) == parse::ETH_P_IP {
+        let ip = pkt.load_header::<parse::Ipv4Hdr>(l3).ok()?;
+        flow.src_be = Addr::v4(ip.src_be);
+        flow.dst_be = Addr::v4(ip.dst_be);
+        flow.proto = ip.proto;
+        l3 + (ip.version_ihl as u32 & 0x0f) * 4
+    } else {
+        let ip = pkt.load_header::<parse::Ipv6Hdr>(l3).ok()?;
+        flow.src_be = ip.src;
+        flow.dst_be = ip.dst;
+        flow.proto = ip.next_header;
+        flow.v6 = true;
+        l3 + parse::IP6_HLEN
+    };
+    let ports = pkt.load_header::<parse::Ports>(l4).ok()?;
+    flow.sport_be = ports.src_be;
+    flow.dport_be = ports.dst_be;
+    Some(flow)
+}
+
+/// `prefilter`'s answers: take the full path; none of lb's (pass); a TCP
+/// or UDP datagram to an address in a Service CIDR that no Service holds.
+const OURS: u32 = 0;
+const NONE_OF_OURS: u32 = 1;
+const UNALLOCATED: u32 = 2;
 
 /// The entry marking `addr` as a Service address in `scope` (port and
 /// protocol 0): pings, undeclared ports and stray fragments consult it.

@@ -10,8 +10,8 @@ use aya_ebpf::{
 use lb_common::{
     Addr, AffinityKey, AffinityValue, BackendSetValue, BackendSlotKey, BackendValue, ConfigValue,
     CtKey, CtValue, MaglevKey, MonitorConfig, NotProgrammedKey, NotProgrammedValue, RevNatValue,
-    ServiceCounters, ServiceKey, ServiceName, ServiceValue, SetMemberKey, SockAffinityKey,
-    SockNatKey, SockNatValue, SourceRange, map_sizes, stat,
+    ServiceCidrs, ServiceCounters, ServiceKey, ServiceName, ServiceValue, SetMemberKey,
+    SockAffinityKey, SockNatKey, SockNatValue, SourceRange, map_sizes, stat,
 };
 
 /// Frontends: {addr, port, proto, scope} -> backend set, rev-NAT id, flags;
@@ -158,6 +158,61 @@ pub static LB_SERVICE_NAMES: HashMap<u32, ServiceName> =
 /// `lb_common::map_names::SERVICE_STATS`): one entry until the agent sizes it.
 #[map(name = "LB_SERVICE_STATS")]
 pub static LB_SERVICE_STATS: PerCpuArray<ServiceCounters> = PerCpuArray::with_max_entries(1, 0);
+
+/// The cluster's Service CIDRs (index 0; see
+/// `lb_common::map_names::SERVICE_CIDRS`).
+#[map(name = "LB_SERVICE_CIDRS")]
+pub static LB_SERVICE_CIDRS: Array<ServiceCidrs> = Array::with_max_entries(1, 0);
+
+/// Whether `dst` (an IPv4 address, network order) is in a Service CIDR.
+/// Early returns, not branch-free arithmetic: LLVM turns `v != 0` back
+/// into a jump (BPF has no conditional set), and jumps whose outcomes stay
+/// live multiply the verifier's paths; a return ends each one. Its own BPF
+/// function, so its registers do not spill into the program's own frame.
+#[inline(always)]
+pub fn in_service_cidr4(dst_be: u32) -> bool {
+    let Some(c) = LB_SERVICE_CIDRS.get(0) else {
+        return false;
+    };
+    let n = c.v4_count as usize;
+    let mut i = 0;
+    while i < lb_common::SERVICE_CIDRS_PER_FAMILY {
+        if i >= n {
+            return false;
+        }
+        if dst_be & c.v4[i].mask_be == c.v4[i].addr_be {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Whether an IPv6 `dst` is in a Service CIDR (see `in_service_cidr4`).
+#[inline(always)]
+pub fn in_service_cidr6(dst: &Addr) -> bool {
+    let Some(c) = LB_SERVICE_CIDRS.get(0) else {
+        return false;
+    };
+    let n = c.v6_count as usize;
+    let mut i = 0;
+    while i < lb_common::SERVICE_CIDRS_PER_FAMILY {
+        if i >= n {
+            return false;
+        }
+        let p = &c.v6[i];
+        // One compare per slot: the words' differences OR-ed first.
+        let differs = ((dst.be[0] & p.mask.be[0]) ^ p.addr.be[0])
+            | ((dst.be[1] & p.mask.be[1]) ^ p.addr.be[1])
+            | ((dst.be[2] & p.mask.be[2]) ^ p.addr.be[2])
+            | ((dst.be[3] & p.mask.be[3]) ^ p.addr.be[3]);
+        if differs == 0 {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
 
 /// Node-wide settings written by the agent (index 0).
 #[map(name = "LB_CONFIG")]

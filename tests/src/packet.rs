@@ -523,6 +523,7 @@ impl Datapath {
         self.last_mark.set(0);
         self.monitor(0, 0);
         self.events();
+        self.service_cidrs(&[]);
         let mut per_service = PerCpuArray::<_, ServiceCounters>::try_from(
             self.ebpf
                 .map_mut(map_names::SERVICE_STATS)
@@ -572,6 +573,21 @@ impl Datapath {
             .expect("set monitor");
     }
 
+    /// The cluster's Service CIDRs ("10.96.0.0/16", "fd00:96::/112"), as
+    /// the agent writes them.
+    pub fn service_cidrs(&mut self, cidrs: &[&str]) {
+        let cidrs = cidrs.iter().map(|c| c.parse().expect("a CIDR")).collect();
+        let (value, left_out) = lb_agent::datapath::sync::service_cidrs_value(&cidrs);
+        assert!(left_out.is_empty(), "{left_out:?}");
+        let mut map = Array::<_, lb_common::ServiceCidrs>::try_from(
+            self.ebpf
+                .map_mut(map_names::SERVICE_CIDRS)
+                .expect("service cidrs map"),
+        )
+        .expect("service cidrs is an array");
+        map.set(0, value, 0).expect("set service cidrs");
+    }
+
     /// The events written since the last call, oldest first.
     pub fn events(&mut self) -> Vec<MonitorEvent> {
         let mut ring = RingBuf::try_from(self.ebpf.map_mut(map_names::EVENTS).expect("events map"))
@@ -607,6 +623,12 @@ impl Datapath {
                 .unwrap_or_else(|e| panic!("{name} is a classifier: {e}"));
             tc.load()
                 .unwrap_or_else(|e| panic!("verifier accepts {name}: {e}"));
+            if std::env::var_os("LB_VERIFIED").is_some() {
+                eprintln!(
+                    "VERIFIED {name} {:?}",
+                    tc.info().ok().and_then(|i| i.verified_instruction_count())
+                );
+            }
         }
         for prog in programs.iter().filter(|p| !p.is_tc()) {
             let name = prog.program_name();
@@ -617,6 +639,12 @@ impl Datapath {
                 .unwrap_or_else(|e| panic!("{name} is XDP: {e}"));
             xdp.load()
                 .unwrap_or_else(|e| panic!("verifier accepts {name}: {e}"));
+            if std::env::var_os("LB_VERIFIED").is_some() {
+                eprintln!(
+                    "VERIFIED {name} {:?}",
+                    xdp.info().ok().and_then(|i| i.verified_instruction_count())
+                );
+            }
         }
         Datapath {
             ebpf,

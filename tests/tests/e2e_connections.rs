@@ -879,3 +879,44 @@ fn prefer_same_node_serves_from_this_node_and_falls_back_to_the_others() {
         BTreeSet::from(["web-1".to_string()])
     );
 }
+
+/// `--service-cidr`: a connection to an address in the Service CIDR that
+/// no Service holds is dropped (the client times out) and counted, as
+/// kube-proxy's nftables mode does, instead of following the node's routes
+/// (here: none, so the node answered "unreachable" before); the Service's
+/// own ClusterIP still answers.
+#[test]
+fn unallocated_cluster_ips_are_dropped_with_service_cidr() {
+    let mut c = Cluster::new();
+    let client = c.pod("client", "10.244.1.2", &[], &[]);
+    for (i, ip) in WEB_IPS.iter().enumerate() {
+        c.pod(&format!("web-{i}"), ip, &[8080], &[5353]);
+        c.write(
+            &format!("pod-web-{i}.yaml"),
+            &pod_yaml(&format!("web-{i}"), ip, "web", true),
+        );
+    }
+    c.write("svc.yaml", &svc(""));
+    // Without the flag, the node has no route for it: refused at once.
+    c.start_agent();
+    c.wait_backends("10.96.0.10:80/TCP", &ALL, Duration::from_secs(5));
+    assert_eq!(c.get(&client, "http://10.96.0.99/"), Err(7));
+    c.stop_agent(15);
+
+    let flags = [
+        "--manifests".to_string(),
+        c.manifests.display().to_string(),
+        "--service-cidr".into(),
+        "10.96.0.0/16".into(),
+    ];
+    c.start_agent_with(&flags);
+    c.wait_backends("10.96.0.10:80/TCP", &ALL, Duration::from_secs(5));
+    assert_eq!(c.get(&client, "http://10.96.0.99/"), Err(28), "dropped");
+    c.get(&client, "http://10.96.0.10/")
+        .expect("the Service answers");
+    let stats = c.stats();
+    assert!(
+        stats["drop_unallocated_service_ip"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+}

@@ -1011,3 +1011,93 @@ fn frontends_count_their_packets_connections_refusals_and_drops() {
         ],
     ));
 }
+
+// ---- unallocated Service IPs -------------------------------------------------
+
+#[test]
+fn unallocated_service_ips_are_dropped_from_pods_the_node_and_outside() {
+    use lb_common::{event_kind as kind, event_reason as why};
+    const POD: &str = "10.1.1.9:40000";
+    const UNALLOCATED: &str = "10.96.0.77:80";
+    const UNALLOCATED6: &str = "[fd00:96::77]:80";
+    const POD6: &str = "[fd00:1:1::9]:40000";
+    fn setup(dp: &mut Datapath) {
+        dp.backend(1, ep(LOCAL_POD), TCP);
+        dp.frontend(ep(CLUSTER_IP), TCP, 5, &[1]);
+        dp.address_only(ep(CLUSTER_IP).addr);
+        dp.service_cidrs(&["10.96.0.0/16", "fd00:96::/112"]);
+        dp.monitor(1 << kind::DROP, 1);
+    }
+    // From pods: the unallocated address is dropped (TCP and UDP, both
+    // families); an allocated one keeps its refusal of undeclared ports; an
+    // address outside the CIDRs passes.
+    run_case(Case::on(
+        BOTH,
+        "unallocated_service_ips_are_dropped_from_pods",
+        setup,
+        vec![
+            send(tcp(ep(POD), ep(UNALLOCATED), SYN, b""), Expect::Dropped),
+            send(udp(ep(POD), ep(UNALLOCATED), b"q"), Expect::Dropped),
+            send(tcp(ep(POD6), ep(UNALLOCATED6), SYN, b""), Expect::Dropped),
+            send(
+                tcp(ep(POD), ep("10.96.0.10:81"), SYN, b""),
+                Expect::TcpRst {
+                    seq: 0,
+                    ack: Some(1001),
+                },
+            ),
+            send(
+                tcp(ep(POD), ep("10.97.0.1:80"), SYN, b""),
+                Expect::Unchanged,
+            ),
+            counters(&[(stat::DROP_UNALLOCATED, 3), (stat::REJECT_UNDECLARED, 1)]),
+            change(|dp| {
+                let events = dp.events();
+                assert_eq!(events.len(), 3, "{events:?}");
+                for e in &events {
+                    assert_eq!(
+                        (e.kind, e.reason, e.rev_nat_id),
+                        (kind::DROP, why::UNALLOCATED_SERVICE_IP, 0),
+                        "{e:?}"
+                    );
+                }
+            }),
+        ],
+    ));
+    // From outside: dropped too; an allocated ClusterIP (not served from
+    // outside) passes as before.
+    run_case(Case::on(
+        NODE,
+        "unallocated_service_ips_are_dropped_from_outside",
+        setup,
+        vec![
+            send(tcp(ep(CLIENT), ep(UNALLOCATED), SYN, b""), Expect::Dropped),
+            send(tcp(ep(CLIENT), ep(CLUSTER_IP), SYN, b""), Expect::Unchanged),
+            counters(&[(stat::DROP_UNALLOCATED, 1)]),
+        ],
+    ));
+    // Programs that only restore replies refuse nothing (the node's egress
+    // does drop: the node's own sockets and forwarded packets leave there).
+    run_case(Case::on(
+        &[Prog::TcReply, Prog::TcToPod],
+        "reply_programs_pass_unallocated_service_ips",
+        setup,
+        vec![
+            send(tcp(ep(POD), ep(UNALLOCATED), SYN, b""), Expect::Unchanged),
+            counters(&[(stat::DROP_UNALLOCATED, 0)]),
+        ],
+    ));
+    // Without Service CIDRs nothing changes.
+    run_case(Case::on(
+        BOTH,
+        "without_service_cidrs_unallocated_addresses_pass",
+        |dp| {
+            setup(dp);
+            dp.service_cidrs(&[]);
+        },
+        vec![send(
+            tcp(ep(POD), ep(UNALLOCATED), SYN, b""),
+            Expect::Unchanged,
+        )],
+    ));
+}

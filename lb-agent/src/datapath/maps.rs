@@ -9,8 +9,8 @@ use aya::maps::{
 use lb_common::{
     Addr, AffinityKey, AffinityValue, BackendSetValue, BackendSlotKey, BackendValue, ConfigValue,
     CtKey, CtValue, MaglevKey, MonitorConfig, NotProgrammedKey, NotProgrammedValue, RevNatValue,
-    ServiceCounters, ServiceKey, ServiceName, ServiceValue, SetMemberKey, SockAffinityKey,
-    SockNatKey, SockNatValue, SourceRange, map_names, map_sizes, stat,
+    ServiceCidrs, ServiceCounters, ServiceKey, ServiceName, ServiceValue, SetMemberKey,
+    SockAffinityKey, SockNatKey, SockNatValue, SourceRange, map_names, map_sizes, stat,
 };
 use thiserror::Error;
 
@@ -87,12 +87,12 @@ impl Default for Capacities {
 }
 
 /// The shapes lb-common declares for every pinned map.
-pub fn expected_shapes() -> [MapShape; 22] {
+pub fn expected_shapes() -> [MapShape; 23] {
     shapes_with(Capacities::default())
 }
 
 /// The shapes with the given capacities.
-pub fn shapes_with(cap: Capacities) -> [MapShape; 22] {
+pub fn shapes_with(cap: Capacities) -> [MapShape; 23] {
     use std::mem::size_of;
     let shape = |name, k: usize, v: usize, max| MapShape {
         name,
@@ -219,6 +219,7 @@ pub fn shapes_with(cap: Capacities) -> [MapShape; 22] {
             size_of::<ServiceCounters>(),
             cap.service_counters,
         ),
+        shape(map_names::SERVICE_CIDRS, 4, size_of::<ServiceCidrs>(), 1),
     ]
 }
 
@@ -279,6 +280,7 @@ pub type Prefilter6Map = HashMap<MapData, Addr, u32>;
 pub type MonitorMap = Array<MapData, MonitorConfig>;
 pub type ServiceNamesMap = HashMap<MapData, u32, ServiceName>;
 pub type ServiceStatsMap = PerCpuArray<MapData, ServiceCounters>;
+pub type ServiceCidrsMap = Array<MapData, ServiceCidrs>;
 
 /// Every map of the datapath.
 pub struct Maps {
@@ -303,6 +305,7 @@ pub struct Maps {
     pub monitor: MonitorMap,
     pub service_names: ServiceNamesMap,
     pub service_stats: ServiceStatsMap,
+    pub service_cidrs: ServiceCidrsMap,
 }
 
 fn typed<T>(name: &'static str, map: Map) -> Result<T, MapsError>
@@ -338,6 +341,7 @@ impl Maps {
             monitor: typed(map_names::MONITOR, take(map_names::MONITOR)?)?,
             service_names: typed(map_names::SERVICE_NAMES, take(map_names::SERVICE_NAMES)?)?,
             service_stats: typed(map_names::SERVICE_STATS, take(map_names::SERVICE_STATS)?)?,
+            service_cidrs: typed(map_names::SERVICE_CIDRS, take(map_names::SERVICE_CIDRS)?)?,
         })
     }
 
@@ -373,6 +377,7 @@ impl Maps {
             monitor: typed(map_names::MONITOR, open(19, Map::Array)?)?,
             service_names: typed(map_names::SERVICE_NAMES, open(20, Map::HashMap)?)?,
             service_stats: typed(map_names::SERVICE_STATS, open(21, Map::PerCpuArray)?)?,
+            service_cidrs: typed(map_names::SERVICE_CIDRS, open(22, Map::Array)?)?,
         })
     }
 

@@ -15,8 +15,9 @@ use aya::maps::{IterableMap, MapData, MapError, lpm_trie::Key};
 use ipnet::IpNet;
 use lb_common::{
     Addr, BACKEND_ACTIVE, BACKEND_STANDBY, BackendSetValue, BackendSlotKey, BackendValue,
-    MaglevKey, NotProgrammedKey, NotProgrammedValue, RevNatValue, ServiceKey, ServiceName,
-    ServiceValue, SetMemberKey, SourceRange, backend_flags, frontend_kind, service_flags,
+    MaglevKey, NotProgrammedKey, NotProgrammedValue, Prefix4, Prefix6, RevNatValue,
+    SERVICE_CIDRS_PER_FAMILY, ServiceCidrs, ServiceKey, ServiceName, ServiceValue, SetMemberKey,
+    SourceRange, backend_flags, frontend_kind, service_flags,
 };
 use tracing::{debug, warn};
 
@@ -208,6 +209,8 @@ pub struct Syncer {
     service_names: BTreeMap<u32, Arc<str>>,
     /// Names whose write failed, retried every sync.
     unnamed: BTreeMap<u32, Arc<str>>,
+    /// `LB_SERVICE_CIDRS` as written.
+    service_cidrs: ServiceCidrs,
     /// Per desired frontend, the set it points at.
     frontend_sets: BTreeMap<FrontendKey, BackendSetKey>,
     /// The sets desired frontends point at.
@@ -382,6 +385,7 @@ impl Syncer {
             rev_nat: BTreeMap::new(),
             service_names: BTreeMap::new(),
             unnamed: BTreeMap::new(),
+            service_cidrs: ServiceCidrs::default(),
             frontend_sets: BTreeMap::new(),
             desired_sets: BTreeMap::new(),
             uses: BTreeMap::new(),
@@ -433,6 +437,9 @@ impl Syncer {
                 syncer.rev_nat_ids.adopt(fk, id);
             }
             syncer.rev_nat.insert(id, value);
+        }
+        if let Ok(cidrs) = syncer.maps.service_cidrs.get(&0, 0) {
+            syncer.service_cidrs = cidrs;
         }
         let mut stray_names = Vec::new();
         for entry in syncer.maps.service_names.iter() {
@@ -876,6 +883,7 @@ impl Syncer {
         source_ranges: &BTreeSet<IpAddr>,
     ) -> SyncReport {
         let mut report = SyncReport::default();
+        self.write_service_cidrs(desired, &mut report);
         for (id, name) in std::mem::take(&mut self.unnamed) {
             if self.rev_nat.contains_key(&id) {
                 self.write_service_name(id, &name);
@@ -1425,6 +1433,30 @@ impl Syncer {
         }
     }
 
+    /// Write the Service CIDRs if they changed (a handful of prefixes: one
+    /// array entry, compared whole every sync).
+    fn write_service_cidrs(&mut self, desired: &DesiredState, report: &mut SyncReport) {
+        let (value, left_out) = service_cidrs_value(&desired.service_cidrs);
+        if value == self.service_cidrs {
+            return;
+        }
+        if !left_out.is_empty() {
+            warn!(
+                left_out = ?left_out,
+                max = SERVICE_CIDRS_PER_FAMILY,
+                "more Service CIDRs of a family than the datapath holds: traffic to unallocated addresses in these is not dropped"
+            );
+        }
+        match self.maps.service_cidrs.set(0, value, 0) {
+            Ok(()) => self.service_cidrs = value,
+            Err(e) => report.errors.push(SyncError {
+                object: "Service CIDRs".into(),
+                reason: format!("writing LB_SERVICE_CIDRS: {e}"),
+                full: false,
+            }),
+        }
+    }
+
     /// Name a rev-NAT id's Service port for the monitor and dump, if the
     /// name written differs.
     fn write_service_name(&mut self, id: u32, service_port: &Arc<str>) {
@@ -1803,6 +1835,32 @@ impl Syncer {
         self.frontends.insert(*fk, value);
         Ok(true)
     }
+}
+
+/// `LB_SERVICE_CIDRS`' value for `cidrs`, and the CIDRs past its room.
+pub fn service_cidrs_value(cidrs: &BTreeSet<IpNet>) -> (ServiceCidrs, Vec<IpNet>) {
+    let mut value = ServiceCidrs::default();
+    let mut left_out = Vec::new();
+    for cidr in cidrs {
+        match cidr {
+            IpNet::V4(net) if (value.v4_count as usize) < SERVICE_CIDRS_PER_FAMILY => {
+                value.v4[value.v4_count as usize] = Prefix4 {
+                    addr_be: u32::from(net.network()).to_be(),
+                    mask_be: u32::from(net.netmask()).to_be(),
+                };
+                value.v4_count += 1;
+            }
+            IpNet::V6(net) if (value.v6_count as usize) < SERVICE_CIDRS_PER_FAMILY => {
+                value.v6[value.v6_count as usize] = Prefix6 {
+                    addr: Addr::from(IpAddr::V6(net.network())),
+                    mask: Addr::from(IpAddr::V6(net.netmask())),
+                };
+                value.v6_count += 1;
+            }
+            _ => left_out.push(*cidr),
+        }
+    }
+    (value, left_out)
 }
 
 /// A set's Maglev table (backend id per index; empty without Maglev), by

@@ -47,6 +47,8 @@ pub struct ClusterState {
     /// to is their `kubernetes.io/service-name` label.
     pub endpoint_slices: BTreeMap<ObjectKey, Arc<SliceRecord>>,
     pub nodes: BTreeMap<String, Arc<Node>>,
+    /// ServiceCIDR objects (networking.k8s.io/v1) by name: their CIDRs.
+    pub service_cidrs: BTreeMap<String, Arc<Vec<IpNet>>>,
 }
 
 /// This node's view: who we are and which addresses are ours.
@@ -83,6 +85,9 @@ pub struct NodeConfig {
     /// as kube-proxy does. Off, only what must be (outside to an endpoint on
     /// another node) is, and local endpoints see the client's address.
     pub masquerade_cluster_policy: bool,
+    /// --service-cidr: Service CIDRs beside the cluster's ServiceCIDR
+    /// objects (the directory source has none).
+    pub service_cidrs: Vec<IpNet>,
 }
 
 impl Default for NodeConfig {
@@ -99,6 +104,7 @@ impl Default for NodeConfig {
             host_addresses: BTreeSet::new(),
             cluster_cidrs: Vec::new(),
             masquerade_cluster_policy: true,
+            service_cidrs: Vec::new(),
         }
     }
 }

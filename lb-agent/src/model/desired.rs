@@ -251,6 +251,9 @@ pub struct DesiredState {
     pub source_ranges: BTreeMap<IpAddr, BTreeSet<IpNet>>,
     /// healthCheckNodePort -> what it reports.
     pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// The cluster's Service CIDRs (ServiceCIDR objects and --service-cidr):
+    /// traffic to an address in one that no Service holds is dropped.
+    pub service_cidrs: BTreeSet<IpNet>,
 }
 
 impl DesiredState {

@@ -21,6 +21,8 @@ pub enum Change {
     Service(ObjectKey, Option<Arc<ServiceRecord>>),
     EndpointSlice(ObjectKey, Option<Arc<SliceRecord>>),
     Node(String, Option<Arc<Node>>),
+    /// A ServiceCIDR object by name: its CIDRs.
+    ServiceCidr(String, Option<Arc<Vec<ipnet::IpNet>>>),
 }
 
 /// What changed since the translation last looked.
@@ -32,11 +34,13 @@ pub struct Dirty {
     pub slices: BTreeSet<ObjectKey>,
     /// Some Node changed (this node's zone decides topology hints for all).
     pub nodes: bool,
+    /// Some ServiceCIDR changed.
+    pub service_cidrs: bool,
 }
 
 impl Dirty {
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.slices.is_empty() && !self.nodes
+        self.services.is_empty() && self.slices.is_empty() && !self.nodes && !self.service_cidrs
     }
 }
 
@@ -152,6 +156,21 @@ impl ChangeTracker {
                 }
                 self.dirty.nodes = true;
             }
+            Change::ServiceCidr(name, cidrs) => {
+                match cidrs {
+                    Some(c) => {
+                        if self.state.service_cidrs.insert(name, c.clone()).as_ref() == Some(&c) {
+                            return;
+                        }
+                    }
+                    None => {
+                        if self.state.service_cidrs.remove(&name).is_none() {
+                            return;
+                        }
+                    }
+                }
+                self.dirty.service_cidrs = true;
+            }
         }
     }
 
@@ -186,6 +205,12 @@ pub fn diff(old: &ClusterState, new: &ClusterState) -> Vec<Change> {
         Change::EndpointSlice,
     );
     diff_table(&old.nodes, &new.nodes, &mut changes, Change::Node);
+    diff_table(
+        &old.service_cidrs,
+        &new.service_cidrs,
+        &mut changes,
+        Change::ServiceCidr,
+    );
     changes
 }
 

@@ -104,7 +104,20 @@ pub fn translate_with(
     let all: BTreeSet<ObjectKey> = state.services.keys().cloned().collect();
     translator.zone = node_zone(&tracker, node);
     translator.remerge(&tracker, all, Some(prior_owners));
+    translator.desired.service_cidrs = service_cidrs(state, node);
     translator.translation()
+}
+
+/// The Service CIDRs: every ServiceCIDR object's and --service-cidr's,
+/// normalized to their network.
+fn service_cidrs(state: &ClusterState, node: &NodeConfig) -> BTreeSet<IpNet> {
+    state
+        .service_cidrs
+        .values()
+        .flat_map(|c| c.iter())
+        .chain(&node.service_cidrs)
+        .map(IpNet::trunc)
+        .collect()
 }
 
 /// Who holds each contested thing.
@@ -159,6 +172,8 @@ pub struct Delta {
     pub source_ranges: BTreeSet<IpAddr>,
     /// healthCheckNodePorts changed.
     pub health_checks: bool,
+    /// The Service CIDRs changed.
+    pub service_cidrs: bool,
     /// Problems that appeared, and that went away.
     pub new_problems: Vec<Problem>,
     pub resolved_problems: Vec<Problem>,
@@ -167,7 +182,10 @@ pub struct Delta {
 impl Delta {
     /// Nothing for the maps to do.
     pub fn is_empty(&self) -> bool {
-        self.frontends.is_empty() && self.addresses.is_empty() && self.source_ranges.is_empty()
+        self.frontends.is_empty()
+            && self.addresses.is_empty()
+            && self.source_ranges.is_empty()
+            && !self.service_cidrs
     }
 }
 
@@ -293,7 +311,13 @@ impl Translator {
         } else {
             dirty.services.clone()
         };
-        self.remerge(tracker, services, None)
+        let mut delta = self.remerge(tracker, services, None);
+        let cidrs = service_cidrs(tracker.state(), &self.node);
+        if cidrs != self.desired.service_cidrs {
+            self.desired.service_cidrs = cidrs;
+            delta.service_cidrs = true;
+        }
+        delta
     }
 
     /// Translate `dirty` again, then merge them and every Service sharing a
@@ -1431,6 +1455,7 @@ mod tests {
                 .map(|(k, v)| (k, std::sync::Arc::new((&v).into())))
                 .collect(),
             nodes: Default::default(),
+            service_cidrs: Default::default(),
         }
     }
 
@@ -2099,6 +2124,51 @@ mod tests {
             let want: Vec<String> = want.into_iter().map(String::from).collect();
             assert_eq!(frontends(&t), vec![(WEB.to_string(), want)], "{name}");
         }
+    }
+
+    #[test]
+    fn service_cidrs_are_the_objects_and_the_flag_normalized_and_deltas_name_changes() {
+        let mut st = state(vec![web()], vec![]);
+        st.service_cidrs.insert(
+            "kubernetes".into(),
+            std::sync::Arc::new(vec![
+                "10.96.0.1/12".parse().unwrap(),
+                "fd00:96::/112".parse().unwrap(),
+            ]),
+        );
+        let node = NodeConfig {
+            service_cidrs: vec!["10.100.0.0/16".parse().unwrap()],
+            ..node()
+        };
+        let t = translate(&st, &node);
+        let want: BTreeSet<IpNet> = ["10.96.0.0/12", "10.100.0.0/16", "fd00:96::/112"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect();
+        assert_eq!(t.desired.service_cidrs, want);
+
+        // Incrementally: a ServiceCIDR added is a delta for the maps, the
+        // same one again is none.
+        let mut tracker = ChangeTracker::default();
+        tracker.replace(state(vec![web()], vec![]));
+        let mut translator = Translator::new(node.clone());
+        let dirty = tracker.take_dirty();
+        let first = translator.update(&tracker, &node, &dirty);
+        assert!(first.service_cidrs, "the flag's CIDR at first");
+        let cidrs = std::sync::Arc::new(vec!["10.96.0.0/12".parse().unwrap()]);
+        tracker.apply(crate::model::Change::ServiceCidr(
+            "kubernetes".into(),
+            Some(cidrs.clone()),
+        ));
+        let dirty = tracker.take_dirty();
+        assert!(dirty.service_cidrs);
+        let delta = translator.update(&tracker, &node, &dirty);
+        assert!(delta.service_cidrs && !delta.is_empty());
+        tracker.apply(crate::model::Change::ServiceCidr(
+            "kubernetes".into(),
+            Some(cidrs),
+        ));
+        assert!(!tracker.has_dirty(), "the same CIDRs again change nothing");
     }
 
     #[test]

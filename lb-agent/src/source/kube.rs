@@ -19,6 +19,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 use kube::{
     Api, Client, Config, Resource,
@@ -33,10 +34,11 @@ use crate::model::{Change, ObjectKey, ServiceRecord, SliceRecord};
 
 /// What the agent reads from the API: (API group, resource, verbs). The
 /// ClusterRole in deploy/ grants exactly this (a test checks it).
-pub const WATCHED: [(&str, &str, &[&str]); 3] = [
+pub const WATCHED: [(&str, &str, &[&str]); 4] = [
     ("", "services", &["list", "watch"]),
     ("discovery.k8s.io", "endpointslices", &["list", "watch"]),
     ("", "nodes", &["list", "watch"]),
+    ("networking.k8s.io", "servicecidrs", &["list", "watch"]),
 ];
 
 #[derive(Debug, Error)]
@@ -247,6 +249,8 @@ struct Tables {
     services: Table<ServiceRecord>,
     slices: Table<SliceRecord>,
     nodes: Table<Node>,
+    /// ServiceCIDR objects: their CIDRs.
+    service_cidrs: Table<Vec<ipnet::IpNet>>,
     /// Object changes not yet handed to the change tracker, the latest per
     /// object (bounded by the cluster, however long the loop waits).
     changes: BTreeMap<(&'static str, ObjectKey), Change>,
@@ -349,10 +353,50 @@ impl Watched for Node {
     }
 }
 
+impl Watched for ServiceCIDR {
+    const KIND: &'static str = "servicecidrs";
+    type Record = Vec<ipnet::IpNet>;
+    fn table(t: &mut Tables) -> &mut Table<Vec<ipnet::IpNet>> {
+        &mut t.service_cidrs
+    }
+    fn record(self) -> Vec<ipnet::IpNet> {
+        let name = self.metadata.name.unwrap_or_default();
+        self.spec
+            .and_then(|s| s.cidrs)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|c| match c.parse() {
+                Ok(net) => Some(net),
+                Err(e) => {
+                    warn!(servicecidr = %name, cidr = %c, error = %e, "ServiceCIDR: not a CIDR; ignored");
+                    None
+                }
+            })
+            .collect()
+    }
+    fn record_version(_: &Vec<ipnet::IpNet>) -> Option<&str> {
+        // Kept by value (a handful of prefixes): a re-list compares them.
+        None
+    }
+    fn change(key: ObjectKey, obj: Option<Arc<Vec<ipnet::IpNet>>>) -> Change {
+        Change::ServiceCidr(key.name.to_string(), obj)
+    }
+}
+
 fn key_of<K: Resource>(obj: &K) -> ObjectKey {
     ObjectKey::new(
         obj.meta().namespace.clone().unwrap_or_default(),
         obj.meta().name.clone().unwrap_or_default(),
+    )
+}
+
+/// The API server answered 404: it does not serve the kind at all.
+fn not_served(e: &watcher::Error) -> bool {
+    matches!(
+        e,
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+            | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+            if status.code == 404
     )
 }
 
@@ -385,8 +429,38 @@ impl KubeSource {
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default().labels(&selector),
         );
-        source.spawn(Api::<Node>::all(client), node_cfg);
+        source.spawn(Api::<Node>::all(client.clone()), node_cfg);
+        // Optional: an API server before 1.33 (or without the
+        // MultiCIDRServiceAllocator) does not serve ServiceCIDRs; the
+        // first sync does not wait for them (see `ready`).
+        source.spawn_optional(Api::<ServiceCIDR>::all(client), watcher::Config::default());
         source
+    }
+
+    /// `spawn` for a kind the API server may not serve: a 404 ends the
+    /// watch (logged once) instead of retrying it forever.
+    fn spawn_optional<K: Watched>(&self, api: Api<K>, config: watcher::Config) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(watcher(api, config).backoff(WatchBackoff::default()));
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(event) => this.apply(event),
+                    Err(e) if not_served(&e) => {
+                        info!(
+                            kind = K::KIND,
+                            "the API server does not serve this kind; not watched (--service-cidr still applies)"
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(kind = K::KIND, error = %e, "watch failed; backing off and re-listing, the datapath keeps its state");
+                        let mut stats = this.stats.lock().unwrap_or_else(|p| p.into_inner());
+                        *stats.restarts.entry(K::KIND).or_default() += 1;
+                    }
+                }
+            }
+        });
     }
 
     fn spawn<K: Watched>(&self, api: Api<K>, config: watcher::Config) {
@@ -479,6 +553,7 @@ impl KubeSource {
                 Change::Service(k, _) => ("Service", k.clone()),
                 Change::EndpointSlice(k, _) => ("EndpointSlice", k.clone()),
                 Change::Node(name, _) => ("Node", ObjectKey::new("", name.clone())),
+                Change::ServiceCidr(name, _) => ("ServiceCIDR", ObjectKey::new("", name.clone())),
             };
             tables.changes.insert(key, change);
         }
