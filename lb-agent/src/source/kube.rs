@@ -437,39 +437,30 @@ impl KubeSource {
         source
     }
 
+    fn spawn<K: Watched>(&self, api: Api<K>, config: watcher::Config) {
+        self.spawn_watch(api, config, false);
+    }
+
     /// `spawn` for a kind the API server may not serve: a 404 ends the
     /// watch (logged once) instead of retrying it forever.
     fn spawn_optional<K: Watched>(&self, api: Api<K>, config: watcher::Config) {
+        self.spawn_watch(api, config, true);
+    }
+
+    fn spawn_watch<K: Watched>(&self, api: Api<K>, config: watcher::Config, optional: bool) {
         let this = self.clone();
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(watcher(api, config).backoff(WatchBackoff::default()));
             while let Some(event) = stream.next().await {
                 match event {
                     Ok(event) => this.apply(event),
-                    Err(e) if not_served(&e) => {
+                    Err(e) if optional && not_served(&e) => {
                         info!(
                             kind = K::KIND,
                             "the API server does not serve this kind; not watched (--service-cidr still applies)"
                         );
                         return;
                     }
-                    Err(e) => {
-                        warn!(kind = K::KIND, error = %e, "watch failed; backing off and re-listing, the datapath keeps its state");
-                        let mut stats = this.stats.lock().unwrap_or_else(|p| p.into_inner());
-                        *stats.restarts.entry(K::KIND).or_default() += 1;
-                    }
-                }
-            }
-        });
-    }
-
-    fn spawn<K: Watched>(&self, api: Api<K>, config: watcher::Config) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut stream = std::pin::pin!(watcher(api, config).backoff(WatchBackoff::default()));
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(event) => this.apply(event),
                     Err(e) => {
                         warn!(kind = K::KIND, error = %e, "watch failed; backing off and re-listing, the datapath keeps its state");
                         let mut stats = this.stats.lock().unwrap_or_else(|p| p.into_inner());
