@@ -217,14 +217,13 @@ fn prefilter<P: Packet>(pkt: &P) -> u32 {
         if unsafe { LB_PREFILTER4.get(ip.dst_be) }.is_some() {
             return OURS;
         }
-        // Not a frontend's or address entry's address: in a Service CIDR,
-        // no Service holds it (every ClusterIP's address is listed).
-
-        if unsafe { LB_PREFILTER4.get(ip.src_be) }.is_some() {
-            return OURS;
-        }
+        // Not listed: in a Service CIDR, no Service holds it (every
+        // Service's ClusterIP is listed), whoever sends it.
         if in_service_cidr4(ip.dst_be) {
             return UNALLOCATED;
+        }
+        if unsafe { LB_PREFILTER4.get(ip.src_be) }.is_some() {
+            return OURS;
         }
         NONE_OF_OURS
     } else if ethertype == parse::ETH_P_IPV6 {
@@ -242,12 +241,11 @@ fn prefilter<P: Packet>(pkt: &P) -> u32 {
         if unsafe { LB_PREFILTER6.get(ip.dst) }.is_some() {
             return OURS;
         }
-
-        if unsafe { LB_PREFILTER6.get(ip.src) }.is_some() {
-            return OURS;
-        }
         if in_service_cidr6(&ip.dst) {
             return UNALLOCATED;
+        }
+        if unsafe { LB_PREFILTER6.get(ip.src) }.is_some() {
+            return OURS;
         }
         NONE_OF_OURS
     } else {

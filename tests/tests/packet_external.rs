@@ -1039,6 +1039,11 @@ fn unallocated_service_ips_are_dropped_from_pods_the_node_and_outside() {
             send(tcp(ep(POD), ep(UNALLOCATED), SYN, b""), Expect::Dropped),
             send(udp(ep(POD), ep(UNALLOCATED), b"q"), Expect::Dropped),
             send(tcp(ep(POD6), ep(UNALLOCATED6), SYN, b""), Expect::Dropped),
+            // A source the prefilter lists (a backend) is checked too.
+            send(
+                tcp(ep(LOCAL_POD), ep(UNALLOCATED), SYN, b""),
+                Expect::Dropped,
+            ),
             send(
                 tcp(ep(POD), ep("10.96.0.10:81"), SYN, b""),
                 Expect::TcpRst {
@@ -1050,10 +1055,10 @@ fn unallocated_service_ips_are_dropped_from_pods_the_node_and_outside() {
                 tcp(ep(POD), ep("10.97.0.1:80"), SYN, b""),
                 Expect::Unchanged,
             ),
-            counters(&[(stat::DROP_UNALLOCATED, 3), (stat::REJECT_UNDECLARED, 1)]),
+            counters(&[(stat::DROP_UNALLOCATED, 4), (stat::REJECT_UNDECLARED, 1)]),
             change(|dp| {
                 let events = dp.events();
-                assert_eq!(events.len(), 3, "{events:?}");
+                assert_eq!(events.len(), 4, "{events:?}");
                 for e in &events {
                     assert_eq!(
                         (e.kind, e.reason, e.rev_nat_id),
