@@ -24,18 +24,21 @@ use futures::StreamExt as _;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 
-/// The three resources the agent watches.
+/// The resources the agent watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     Service,
     EndpointSlice,
     Node,
+    /// networking.k8s.io/v1 ServiceCIDR (served unless `unserve`d).
+    ServiceCidr,
 }
 
 impl Kind {
     fn api_version(self) -> &'static str {
         match self {
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::ServiceCidr => "networking.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -44,7 +47,11 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::ServiceCidr => "ServiceCIDR",
         }
+    }
+    fn cluster_scoped(self) -> bool {
+        matches!(self, Kind::Node | Kind::ServiceCidr)
     }
 }
 
@@ -76,6 +83,8 @@ struct Shared {
     generation: watch::Sender<u64>,
     /// While true every request gets 503 and watches end.
     down: watch::Sender<bool>,
+    /// Kinds answered with 404, as an API server without them does.
+    unserved: Mutex<std::collections::HashSet<Kind>>,
 }
 
 /// Handle owned by a test; the server runs on its own thread.
@@ -108,7 +117,7 @@ fn bind_in_netns(netns: &str) -> std::net::TcpListener {
 
 fn key_of(kind: Kind, obj: &Value) -> (Kind, String, String) {
     let meta = &obj["metadata"];
-    let ns = if kind == Kind::Node {
+    let ns = if kind.cluster_scoped() {
         ""
     } else {
         meta["namespace"].as_str().unwrap_or("default")
@@ -136,6 +145,7 @@ impl ApiServer {
             events,
             generation: watch::channel(0).0,
             down: watch::channel(false).0,
+            unserved: Mutex::default(),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -148,6 +158,10 @@ impl ApiServer {
             .route(
                 "/apis/discovery.k8s.io/v1/endpointslices",
                 get(handle_slice),
+            )
+            .route(
+                "/apis/networking.k8s.io/v1/servicecidrs",
+                get(handle_service_cidr),
             )
             .route("/readyz", get(handle_readyz))
             .fallback(|| async {
@@ -186,7 +200,7 @@ impl ApiServer {
         object["apiVersion"] = json!(kind.api_version());
         object["kind"] = json!(kind.name());
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        if kind != Kind::Node && object["metadata"]["namespace"].is_null() {
+        if !kind.cluster_scoped() && object["metadata"]["namespace"].is_null() {
             object["metadata"]["namespace"] = json!("default");
         }
         let key = key_of(kind, &object);
@@ -220,7 +234,7 @@ impl ApiServer {
     pub fn delete(&self, kind: Kind, namespace: &str, name: &str) {
         let key = (
             kind,
-            if kind == Kind::Node {
+            if kind.cluster_scoped() {
                 String::new()
             } else {
                 namespace.into()
@@ -252,6 +266,17 @@ impl ApiServer {
     }
 
     /// Go away (errors and no watches) or come back.
+    /// Answer `kind` with 404 (an API server that does not have it), or
+    /// serve it again.
+    pub fn set_served(&self, kind: Kind, served: bool) {
+        let mut unserved = self.shared.unserved.lock().unwrap();
+        if served {
+            unserved.remove(&kind);
+        } else {
+            unserved.insert(kind);
+        }
+    }
+
     pub fn set_down(&self, down: bool) {
         self.shared.down.send_replace(down);
         if down {
@@ -300,6 +325,9 @@ async fn handle_node(s: State<Arc<Shared>>, q: Query<HashMap<String, String>>) -
 }
 async fn handle_slice(s: State<Arc<Shared>>, q: Query<HashMap<String, String>>) -> Response {
     handle(Kind::EndpointSlice, s, q).await
+}
+async fn handle_service_cidr(s: State<Arc<Shared>>, q: Query<HashMap<String, String>>) -> Response {
+    handle(Kind::ServiceCidr, s, q).await
 }
 
 /// `metadata.name=X` field selectors (what the agent uses for its Node).
@@ -351,6 +379,17 @@ async fn handle(
     State(shared): State<Arc<Shared>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
+    if shared.unserved.lock().unwrap().contains(&kind) {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            )),
+        )
+            .into_response();
+    }
     if *shared.down.borrow() {
         // 500, not 503: kube-rs retries 503 inside the client without telling
         // the watcher, which is not what an API server that is gone looks like.

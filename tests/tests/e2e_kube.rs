@@ -41,6 +41,8 @@ fn kube_cluster() -> (Cluster, Pod, ApiServer) {
         c.pod(&format!("web-{i}"), ip, &[8080], &[]);
     }
     let api = ApiServer::start_in_netns(&c.topo.node_ns);
+    // An API server before ServiceCIDRs (404): the agent is ready without them.
+    api.set_served(Kind::ServiceCidr, false);
     api.apply(Kind::Node, node());
     // Another node: must not be watched.
     api.apply(Kind::Node, json!({"metadata": {"name": "node-b"}}));
@@ -100,13 +102,16 @@ fn objects_created_changed_and_deleted_in_the_api_reach_the_maps() {
     // Handed to another proxy: kube-proxy's label selector, which the API
     // server applies to lb's watch, turns the change into a deletion; and
     // back again.
-    for kind in [Kind::Service, Kind::EndpointSlice] {
-        assert_eq!(
-            api.label_selector(kind).as_deref(),
-            Some("!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"),
-            "{kind:?} is filtered by the API server"
-        );
-    }
+    assert_eq!(
+        api.label_selector(Kind::EndpointSlice).as_deref(),
+        Some("!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"),
+        "EndpointSlices are filtered by the API server"
+    );
+    // Services of another proxy come too: their ClusterIPs are allocated.
+    assert_eq!(
+        api.label_selector(Kind::Service).as_deref(),
+        Some("!service.kubernetes.io/headless"),
+    );
     let mut handed = service("other", "10.96.0.20", 81);
     handed["metadata"]["labels"] =
         json!({"service.kubernetes.io/service-proxy-name": "another-proxy"});
@@ -396,6 +401,12 @@ fn a_canary_serves_only_its_labelled_services_and_drops_the_rest_on_restart() {
     let mut canary_slice = slice("canary-abc", "canary", 8080, &["10.244.1.11"]);
     canary_slice["metadata"]["labels"]["service.kubernetes.io/service-proxy-name"] = json!("lb");
     api.apply(Kind::EndpointSlice, canary_slice);
+    // The cluster's Service CIDR: an address in it that no Service holds is
+    // dropped; another proxy's ClusterIP is allocated all the same.
+    api.apply(
+        Kind::ServiceCidr,
+        json!({"metadata": {"name": "kubernetes"}, "spec": {"cidrs": ["10.96.0.0/16"]}}),
+    );
     let kubeconfig = api.write_kubeconfig(&c.topo.dir);
     let source = ["--kubeconfig".to_string(), kubeconfig.display().to_string()];
 
@@ -407,6 +418,18 @@ fn a_canary_serves_only_its_labelled_services_and_drops_the_rest_on_restart() {
         Duration::from_secs(10),
     );
     assert!(c.backends_of("10.96.0.30:80/TCP").is_none());
+    wait_until(
+        "an unallocated ClusterIP is dropped",
+        Duration::from_secs(10),
+        || c.get(&client, "http://10.96.0.99/") == Err(28),
+    );
+    assert_eq!(
+        c.get(&client, "http://10.96.0.30/"),
+        Err(7),
+        "the canary's ClusterIP is allocated: left to its proxy, not dropped"
+    );
+    let dropped = c.stats()["drop_unallocated_service_ip"].as_u64().unwrap();
+    assert!(dropped >= 1);
 
     // Restarted as the canary: only the labelled one; web is removed.
     c.stop_agent(9);
@@ -423,13 +446,15 @@ fn a_canary_serves_only_its_labelled_services_and_drops_the_rest_on_restart() {
         Duration::from_secs(5),
         || c.backends_of("10.96.0.10:80/TCP").is_none(),
     );
-    for kind in [Kind::Service, Kind::EndpointSlice] {
-        assert_eq!(
-            api.label_selector(kind).as_deref(),
-            Some("service.kubernetes.io/service-proxy-name=lb,!service.kubernetes.io/headless"),
-            "{kind:?} is filtered by the API server"
-        );
-    }
+    assert_eq!(
+        api.label_selector(Kind::EndpointSlice).as_deref(),
+        Some("service.kubernetes.io/service-proxy-name=lb,!service.kubernetes.io/headless"),
+        "EndpointSlices are filtered by the API server"
+    );
+    assert_eq!(
+        api.label_selector(Kind::Service).as_deref(),
+        Some("!service.kubernetes.io/headless"),
+    );
     assert_eq!(
         field(
             &c.get(&client, "http://10.96.0.30/").expect("canary"),
@@ -440,7 +465,19 @@ fn a_canary_serves_only_its_labelled_services_and_drops_the_rest_on_restart() {
     assert_eq!(
         c.get(&client, "http://10.96.0.10/"),
         Err(7),
-        "web is left to kube-proxy"
+        "web is left to kube-proxy, not dropped as unallocated"
+    );
+    assert_eq!(
+        c.get(&client, "http://10.96.0.99/"),
+        Err(28),
+        "unallocated: dropped"
+    );
+    // The ServiceCIDR goes: nothing is dropped any more.
+    api.delete(Kind::ServiceCidr, "", "kubernetes");
+    wait_until(
+        "the unallocated address is no longer dropped",
+        Duration::from_secs(10),
+        || c.get(&client, "http://10.96.0.99/") == Err(7),
     );
 }
 

@@ -2,7 +2,11 @@
 //! full errors that name the Service and keep everything else, stable ids
 //! and pruning across an agent restart (maps reopened from their pins).
 
-use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+};
 
 use aya::EbpfLoader;
 use lb_agent::{
@@ -1018,4 +1022,90 @@ fn prefilter_holds_every_frontend_and_backend_address_while_it_is_used() {
         prefilter4(syncer.maps()).is_empty(),
         "nothing programmed, nothing in the prefilter"
     );
+}
+
+/// Addresses Services hold without an entry (another proxy's, unusable
+/// ones) are listed in the prefilter while held; the Service CIDRs are
+/// written once everything is, not while a write has failed, and a
+/// restarted agent drops nothing until its first sync listed them again.
+#[test]
+fn held_addresses_are_listed_and_service_cidrs_wait_for_a_clean_sync() {
+    use lb_common::ServiceCidrs;
+    let fs = Bpffs::new("cidrs");
+    let held: Ipv4Addr = "10.96.0.3".parse().unwrap();
+    let with_cidrs = |frontends, allocated: &[Ipv4Addr]| {
+        let mut d = desired(frontends);
+        d.service_cidrs = ["10.96.0.0/16".parse().unwrap()].into_iter().collect();
+        d.allocated = allocated.iter().map(|a| (IpAddr::V4(*a), 1)).collect();
+        d
+    };
+    let cidrs = |maps: &Maps| maps.service_cidrs.get(&0, 0).expect("LB_SERVICE_CIDRS");
+    {
+        let mut syncer = Syncer::new(load(&fs, map_sizes::SERVICES)).expect("syncer");
+        let report = syncer.sync(&with_cidrs(
+            vec![frontend("a", [10, 96, 0, 1], &[[10, 0, 0, 1]])],
+            &[held],
+        ));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(prefilter4(syncer.maps()).contains(&held), "held: listed");
+        assert_eq!(
+            cidrs(syncer.maps()).v4_count,
+            1,
+            "written after the entries"
+        );
+        // No longer held: unlisted; the CIDRs stay.
+        let report = syncer.sync(&with_cidrs(
+            vec![frontend("a", [10, 96, 0, 1], &[[10, 0, 0, 1]])],
+            &[],
+        ));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(!prefilter4(syncer.maps()).contains(&held));
+        assert_eq!(cidrs(syncer.maps()).v4_count, 1);
+        let report = syncer.sync(&with_cidrs(
+            vec![frontend("a", [10, 96, 0, 1], &[[10, 0, 0, 1]])],
+            &[held],
+        ));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+    }
+    // Restarted: no drop until the first sync lists the held address again.
+    let mut syncer = Syncer::new(Maps::open_pinned(&fs.0).expect("pinned")).expect("adopt");
+    assert_eq!(cidrs(syncer.maps()), ServiceCidrs::default());
+    assert!(!prefilter4(syncer.maps()).contains(&held), "not known yet");
+    let report = syncer.sync(&with_cidrs(
+        vec![frontend("a", [10, 96, 0, 1], &[[10, 0, 0, 1]])],
+        &[held],
+    ));
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(prefilter4(syncer.maps()).contains(&held));
+    assert_eq!(cidrs(syncer.maps()).v4_count, 1);
+}
+
+/// A sync with a failed write leaves the Service CIDRs unwritten (an
+/// address it could not list would be dropped).
+#[test]
+fn a_failed_write_keeps_the_service_cidr_drop_off() {
+    let fs = Bpffs::new("cidrfull");
+    // Room for one backend: b's does not fit.
+    let mut syncer = Syncer::new(lb_tests::maps::load_with(&fs, 1024, 1)).expect("syncer");
+    let mut d = desired(vec![
+        frontend("a", [10, 96, 0, 1], &[[10, 0, 0, 1]]),
+        frontend("b", [10, 96, 0, 2], &[[10, 0, 0, 2]]),
+    ]);
+    d.service_cidrs = ["10.96.0.0/16".parse().unwrap()].into_iter().collect();
+    let report = syncer.sync(&d);
+    assert!(!report.errors.is_empty(), "b does not fit");
+    assert_eq!(
+        syncer.maps().service_cidrs.get(&0, 0).unwrap().v4_count,
+        0,
+        "no drop while a write fails"
+    );
+    // Room again (b alone): written.
+    d.frontends
+        .retain(|k, _| k.addr == IpAddr::V4(Ipv4Addr::new(10, 96, 0, 2)));
+    let mut report = syncer.sync(&d);
+    if !report.errors.is_empty() {
+        report = syncer.sync(&d);
+    }
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(syncer.maps().service_cidrs.get(&0, 0).unwrap().v4_count, 1);
 }

@@ -211,6 +211,8 @@ pub struct Syncer {
     unnamed: BTreeMap<u32, Arc<str>>,
     /// `LB_SERVICE_CIDRS` as written.
     service_cidrs: ServiceCidrs,
+    /// Addresses Services hold, listed in the prefilter for that alone.
+    allocated: BTreeSet<IpAddr>,
     /// Per desired frontend, the set it points at.
     frontend_sets: BTreeMap<FrontendKey, BackendSetKey>,
     /// The sets desired frontends point at.
@@ -386,6 +388,7 @@ impl Syncer {
             service_names: BTreeMap::new(),
             unnamed: BTreeMap::new(),
             service_cidrs: ServiceCidrs::default(),
+            allocated: BTreeSet::new(),
             frontend_sets: BTreeMap::new(),
             desired_sets: BTreeMap::new(),
             uses: BTreeMap::new(),
@@ -438,9 +441,13 @@ impl Syncer {
             }
             syncer.rev_nat.insert(id, value);
         }
-        if let Ok(cidrs) = syncer.maps.service_cidrs.get(&0, 0) {
-            syncer.service_cidrs = cidrs;
-        }
+        // What the previous agent listed only as held addresses is not
+        // known here (the prefilter's adoption below unlists it): no drop
+        // until the first sync has listed them again.
+        syncer
+            .maps
+            .service_cidrs
+            .set(0, ServiceCidrs::default(), 0)?;
         let mut stray_names = Vec::new();
         for entry in syncer.maps.service_names.iter() {
             let (id, name) = entry?;
@@ -827,6 +834,13 @@ impl Syncer {
             .keys()
             .chain(self.addresses.keys())
             .copied()
+            .chain(
+                desired
+                    .allocated
+                    .keys()
+                    .chain(&self.allocated)
+                    .map(|addr| (*addr, Scope::Internal)),
+            )
             .collect();
         let ranges: BTreeSet<IpAddr> = desired
             .source_ranges
@@ -883,7 +897,6 @@ impl Syncer {
         source_ranges: &BTreeSet<IpAddr>,
     ) -> SyncReport {
         let mut report = SyncReport::default();
-        self.write_service_cidrs(desired, &mut report);
         for (id, name) in std::mem::take(&mut self.unnamed) {
             if self.rev_nat.contains_key(&id) {
                 self.write_service_name(id, &name);
@@ -1151,6 +1164,13 @@ impl Syncer {
             }
         }
 
+        // Addresses Services hold that no entry lists (Services of another
+        // proxy, or that lb could not use): listed in the prefilter, so the
+        // Service CIDR drop spares them.
+        for (addr, _) in addresses {
+            self.hold_allocated(desired, *addr, &mut report);
+        }
+
         // 5. Removals: frontends no longer desired, the sets nothing points
         //    at any more, address entries, source ranges, then backends
         //    nothing uses.
@@ -1215,7 +1235,32 @@ impl Syncer {
         //    set's slots (or of a frontend without affinity now), and flows
         //    to backends that are gone (removed at once, not aged out).
         self.request_cleanup();
+        // Last: the drop of unallocated addresses only once every address
+        // a Service holds is listed.
+        self.write_service_cidrs(desired, &mut report);
         report
+    }
+
+    /// List `addr` in the prefilter while a Service holds it (and unlist it
+    /// once none does), beside the entries that list it too.
+    fn hold_allocated(&mut self, desired: &DesiredState, addr: IpAddr, report: &mut SyncReport) {
+        let wanted = desired.allocated.contains_key(&addr);
+        let held = self.allocated.contains(&addr);
+        if wanted && !held {
+            match self.prefilter_ref(addr) {
+                Ok(()) => {
+                    self.allocated.insert(addr);
+                }
+                Err(e) => report.errors.push(SyncError {
+                    object: format!("Service IP {addr}"),
+                    reason: format!("listing it in the prefilter: {e}"),
+                    full: is_full(&e),
+                }),
+            }
+        } else if !wanted && held {
+            self.allocated.remove(&addr);
+            self.prefilter_unref(addr);
+        }
     }
 
     /// Write the missing source ranges of the named LoadBalancer IPs;
@@ -1436,7 +1481,17 @@ impl Syncer {
     /// Write the Service CIDRs if they changed (a handful of prefixes: one
     /// array entry, compared whole every sync).
     fn write_service_cidrs(&mut self, desired: &DesiredState, report: &mut SyncReport) {
-        let (value, left_out) = service_cidrs_value(&desired.service_cidrs);
+        let (mut value, left_out) = service_cidrs_value(&desired.service_cidrs);
+        if !report.errors.is_empty() && value != ServiceCidrs::default() {
+            // A failed write may leave a Service's address unlisted: no
+            // drop until a sync writes everything (the next is a full one).
+            if self.service_cidrs != ServiceCidrs::default() {
+                warn!(
+                    "a map write failed: traffic to unallocated Service IPs is not dropped until a sync succeeds"
+                );
+            }
+            value = ServiceCidrs::default();
+        }
         if value == self.service_cidrs {
             return;
         }

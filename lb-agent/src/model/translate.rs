@@ -205,6 +205,9 @@ pub struct Translator {
     owners: Owners,
     /// Services whose slices carry zone hints: the ones a zone change concerns.
     zone_hinted: BTreeSet<ObjectKey>,
+    /// Every Service's ClusterIPs (ours or not, used or not): what it adds
+    /// to `desired.allocated`.
+    held_ips: BTreeMap<ObjectKey, Vec<IpAddr>>,
     /// During a merge: what the component's members held before it.
     reserved: Owners,
     /// The change being merged: frontends as they were before it.
@@ -228,6 +231,7 @@ impl Translator {
             ip_owners: BTreeMap::new(),
             owners: Owners::new(),
             zone_hinted: BTreeSet::new(),
+            held_ips: BTreeMap::new(),
             reserved: Owners::new(),
             touched: BTreeMap::new(),
             touched_ranges: BTreeSet::new(),
@@ -331,7 +335,9 @@ impl Translator {
         let state = tracker.state();
         let mut translated: BTreeMap<ObjectKey, ServiceTranslation> = BTreeMap::new();
         let mut frontier: BTreeSet<Claim> = BTreeSet::new();
+        let mut allocated_changed: BTreeSet<IpAddr> = BTreeSet::new();
         for key in &dirty {
+            self.hold_cluster_ips(key, state.services.get(key), &mut allocated_changed);
             for claim in self.claims.remove(key).unwrap_or_default() {
                 if let Some(set) = self.claimants.get_mut(&claim) {
                     set.retain(|k| k != key);
@@ -440,9 +446,54 @@ impl Translator {
                 delta.addresses.insert((addr, scope));
             }
         }
+        // The sync lists (or unlists) an address Services hold with the
+        // address entries it visits.
+        delta.addresses.extend(
+            allocated_changed
+                .into_iter()
+                .map(|addr| (addr, Scope::Internal)),
+        );
         delta.source_ranges = std::mem::take(&mut self.touched_ranges);
         delta.health_checks = true;
         delta
+    }
+
+    /// Count `svc`'s ClusterIPs (none when it is gone) in
+    /// `desired.allocated` instead of what `key` held before; addresses that
+    /// start or stop being held go to `changed`.
+    fn hold_cluster_ips(
+        &mut self,
+        key: &ObjectKey,
+        svc: Option<&Arc<ServiceRecord>>,
+        changed: &mut BTreeSet<IpAddr>,
+    ) {
+        let now = svc.map(|s| held_cluster_ips(s)).unwrap_or_default();
+        let before = self.held_ips.remove(key).unwrap_or_default();
+        if now == before {
+            if !now.is_empty() {
+                self.held_ips.insert(key.clone(), now);
+            }
+            return;
+        }
+        for addr in &before {
+            if let Some(n) = self.desired.allocated.get_mut(addr) {
+                *n -= 1;
+                if *n == 0 {
+                    self.desired.allocated.remove(addr);
+                    changed.insert(*addr);
+                }
+            }
+        }
+        for addr in &now {
+            let n = self.desired.allocated.entry(*addr).or_insert(0);
+            if *n == 0 {
+                changed.insert(*addr);
+            }
+            *n += 1;
+        }
+        if !now.is_empty() {
+            self.held_ips.insert(key.clone(), now);
+        }
     }
 
     /// Take back what the component's members were granted and merge them
@@ -1177,6 +1228,19 @@ fn service_port_name(key: &ObjectKey, port: &ServicePortRecord) -> String {
 
 fn port_number(n: i32) -> Option<u16> {
     u16::try_from(n).ok().filter(|p| *p != 0)
+}
+
+/// The addresses a Service holds as its ClusterIPs, whoever serves it and
+/// whether or not lb can use it (each one that parses).
+fn held_cluster_ips(svc: &ServiceRecord) -> Vec<IpAddr> {
+    let Some(spec) = svc.spec.as_ref() else {
+        return Vec::new();
+    };
+    let listed: Vec<&str> = match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => ips.iter().map(|ip| &**ip).collect(),
+        _ => spec.cluster_ip.as_deref().into_iter().collect(),
+    };
+    listed.iter().filter_map(|ip| ip.parse().ok()).collect()
 }
 
 /// The ClusterIPs, one per family (spec.clusterIPs, else spec.clusterIP);
@@ -2169,6 +2233,86 @@ mod tests {
             Some(cidrs),
         ));
         assert!(!tracker.has_dirty(), "the same CIDRs again change nothing");
+    }
+
+    /// Every Service's ClusterIPs are allocated, whoever serves it and
+    /// whether or not it could be used (the Service CIDR drop spares them);
+    /// an address two Services hold stays until both are gone.
+    #[test]
+    fn allocated_addresses_are_every_services_cluster_ips_counted() {
+        let labelled = |name: &str, ips: serde_json::Value, proxy: Option<&str>, port: i64| {
+            let labels = proxy.map_or(json!({}), |p| json!({LABEL_SERVICE_PROXY_NAME: p}));
+            svc_meta(
+                json!({"name": name, "namespace": "ns", "labels": labels}),
+                json!({"clusterIPs": ips, "ports": [{"port": port}]}),
+            )
+        };
+        let services = vec![
+            labelled("plain", json!(["10.96.0.1", "fd00:96::1"]), None, 80),
+            labelled("theirs", json!(["10.96.0.3"]), Some("other"), 80),
+            // Unusable (port 0): not served, its address still allocated.
+            labelled("broken", json!(["10.96.0.4"]), None, 0),
+            labelled("headless", json!(["None"]), None, 80),
+        ];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let t = translate(&state(services.clone(), vec![]), &node());
+        assert!(!t.problems.is_empty(), "broken is reported");
+        assert_eq!(
+            t.desired.allocated.keys().copied().collect::<Vec<_>>(),
+            vec![
+                ip("10.96.0.1"),
+                ip("10.96.0.3"),
+                ip("10.96.0.4"),
+                ip("fd00:96::1")
+            ]
+        );
+        let canary = NodeConfig {
+            service_proxy_name: Some("lb".into()),
+            ..node()
+        };
+        let t = translate(&state(services.clone(), vec![]), &canary);
+        assert!(t.desired.frontends.is_empty(), "none is the canary's");
+        assert_eq!(t.desired.allocated.len(), 4, "all allocated all the same");
+
+        // Incrementally: a second holder of one address, then each leaves.
+        let mut tracker = ChangeTracker::default();
+        tracker.replace(state(services, vec![]));
+        let n = node();
+        let mut translator = Translator::new(n.clone());
+        let dirty = tracker.take_dirty();
+        translator.update(&tracker, &n, &dirty);
+        let twin = labelled("twin", json!(["10.96.0.3"]), Some("other"), 81);
+        let twin_key = twin.0.clone();
+        tracker.apply(crate::model::Change::Service(
+            twin_key.clone(),
+            Some(std::sync::Arc::new((&twin.1).into())),
+        ));
+        let dirty = tracker.take_dirty();
+        let delta = translator.update(&tracker, &n, &dirty);
+        assert!(delta.is_empty(), "already allocated: nothing to write");
+        assert_eq!(translator.desired().allocated[&ip("10.96.0.3")], 2);
+        tracker.apply(crate::model::Change::Service(
+            ObjectKey::new("ns", "theirs"),
+            None,
+        ));
+        let dirty = tracker.take_dirty();
+        let delta = translator.update(&tracker, &n, &dirty);
+        assert!(delta.is_empty(), "the twin still holds it");
+        tracker.apply(crate::model::Change::Service(twin_key, None));
+        let dirty = tracker.take_dirty();
+        let delta = translator.update(&tracker, &n, &dirty);
+        assert!(
+            delta
+                .addresses
+                .contains(&(ip("10.96.0.3"), Scope::Internal)),
+            "{delta:?}"
+        );
+        assert!(
+            !translator
+                .desired()
+                .allocated
+                .contains_key(&ip("10.96.0.3"))
+        );
     }
 
     #[test]

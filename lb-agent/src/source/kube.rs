@@ -264,6 +264,10 @@ pub struct WatchStats {
     pub restarts: BTreeMap<&'static str, u64>,
 }
 
+/// The Services lb watches: every one with a ClusterIP to hold, its own
+/// (see `label_selector`) and another proxy's.
+pub const SERVICE_SELECTOR: &str = "!service.kubernetes.io/headless";
+
 /// kube-proxy's label selector: not the Services (and their EndpointSlices,
 /// which the endpointslice controller labels alike) another proxy serves,
 /// nor headless ones. With --service-proxy-name, only those labelled with it.
@@ -390,6 +394,9 @@ fn key_of<K: Resource>(obj: &K) -> ObjectKey {
     )
 }
 
+/// How long an optional kind's watch rests after a 404.
+const NOT_SERVED_RETRY: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// The API server answered 404: it does not serve the kind at all.
 fn not_served(e: &watcher::Error) -> bool {
     matches!(
@@ -420,10 +427,12 @@ impl KubeSource {
         let selector = label_selector(service_proxy_name);
         // Filtered by the API server, as kube-proxy's informers are: objects
         // lb would ignore never reach (or stay in) memory. An object that
-        // gains one of these labels arrives as deleted.
+        // gains one of these labels arrives as deleted. Services of another
+        // proxy do come (the translation skips them): their ClusterIPs are
+        // allocated, and the Service CIDR drop must spare them.
         source.spawn(
             Api::<Service>::all(client.clone()),
-            watcher::Config::default().labels(&selector),
+            watcher::Config::default().labels(SERVICE_SELECTOR),
         );
         source.spawn(
             Api::<EndpointSlice>::all(client.clone()),
@@ -441,8 +450,10 @@ impl KubeSource {
         self.spawn_watch(api, config, false);
     }
 
-    /// `spawn` for a kind the API server may not serve: a 404 ends the
-    /// watch (logged once) instead of retrying it forever.
+    /// `spawn` for a kind the API server may not serve: on a 404 the watch
+    /// rests and asks again later (an API server upgraded, or one of
+    /// several behind a balancer answering for an older version), instead
+    /// of retrying at the backoff's pace.
     fn spawn_optional<K: Watched>(&self, api: Api<K>, config: watcher::Config) {
         self.spawn_watch(api, config, true);
     }
@@ -450,23 +461,32 @@ impl KubeSource {
     fn spawn_watch<K: Watched>(&self, api: Api<K>, config: watcher::Config, optional: bool) {
         let this = self.clone();
         tokio::spawn(async move {
-            let mut stream = std::pin::pin!(watcher(api, config).backoff(WatchBackoff::default()));
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(event) => this.apply(event),
-                    Err(e) if optional && not_served(&e) => {
-                        info!(
-                            kind = K::KIND,
-                            "the API server does not serve this kind; not watched (--service-cidr still applies)"
-                        );
-                        return;
-                    }
-                    Err(e) => {
-                        warn!(kind = K::KIND, error = %e, "watch failed; backing off and re-listing, the datapath keeps its state");
-                        let mut stats = this.stats.lock().unwrap_or_else(|p| p.into_inner());
-                        *stats.restarts.entry(K::KIND).or_default() += 1;
+            let mut told = false;
+            loop {
+                let stream = watcher(api.clone(), config.clone()).backoff(WatchBackoff::default());
+                let mut stream = std::pin::pin!(stream);
+                while let Some(event) = stream.next().await {
+                    match event {
+                        Ok(event) => this.apply(event),
+                        Err(e) if optional && not_served(&e) => {
+                            if !told {
+                                info!(
+                                    kind = K::KIND,
+                                    "the API server does not serve this kind; asking again every {}s (--service-cidr still applies)",
+                                    NOT_SERVED_RETRY.as_secs()
+                                );
+                                told = true;
+                            }
+                            break;
+                        }
+                        Err(e) => {
+                            warn!(kind = K::KIND, error = %e, "watch failed; backing off and re-listing, the datapath keeps its state");
+                            let mut stats = this.stats.lock().unwrap_or_else(|p| p.into_inner());
+                            *stats.restarts.entry(K::KIND).or_default() += 1;
+                        }
                     }
                 }
+                tokio::time::sleep(NOT_SERVED_RETRY).await;
             }
         });
     }
@@ -494,7 +514,16 @@ impl KubeSource {
                     .cloned();
                 let obj = match kept {
                     Some(old) => old,
-                    None => Arc::new(obj.record()),
+                    None => {
+                        // Records kept without a version compare by value.
+                        let record = obj.record();
+                        match table.live.get(&key) {
+                            Some(old) if K::record_version(old).is_none() && **old == record => {
+                                old.clone()
+                            }
+                            _ => Arc::new(record),
+                        }
+                    }
                 };
                 table.relist.get_or_insert_default().insert(key, obj);
                 false
