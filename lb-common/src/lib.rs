@@ -60,8 +60,12 @@ pub mod map_names {
     /// address in one that no Service holds is dropped (kube-proxy's
     /// nftables mode), not routed on.
     pub const SERVICE_CIDRS: &str = "LB_SERVICE_CIDRS";
+    /// Addresses in a Service CIDR that Services hold but no entry lists
+    /// (another proxy's Services, ones lb cannot use; key: `Addr` -> 1):
+    /// spared by the unallocated drop. Only that drop's path reads it.
+    pub const ALLOCATED: &str = "LB_ALLOCATED";
     /// Every map of the object, in the order the agent pins them.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 24] = [
         SERVICES,
         BACKENDS,
         BACKEND_SETS,
@@ -85,6 +89,7 @@ pub mod map_names {
         SERVICE_NAMES,
         SERVICE_STATS,
         SERVICE_CIDRS,
+        ALLOCATED,
     ];
     /// Pod devices (ifindex -> 1) the fast path may hand packets to with
     /// bpf_redirect_peer: veths lb attached to as pod devices. Not pinned:
@@ -838,11 +843,11 @@ pub mod event_reason {
     /// An ICMP error translated (`event_kind::ICMP`; the monitor names it
     /// by its type and code).
     pub const ICMP_ERROR: u8 = 11;
-    /// An address in a Service CIDR that no Service holds.
-    pub const UNALLOCATED_SERVICE_IP: u8 = 12;
     /// The frontend's backend set or chosen backend was not in the maps
     /// (the agent rewrote them under the packet).
-    pub const BACKEND_MISSING: u8 = 13;
+    pub const BACKEND_MISSING: u8 = 12;
+    /// An address in a Service CIDR that no Service holds.
+    pub const UNALLOCATED_SERVICE_IP: u8 = 13;
     pub const NAMES: [&str; 14] = [
         "no_endpoints",
         "undeclared_port",
@@ -856,8 +861,8 @@ pub mod event_reason {
         "reject_failed",
         "new_flow",
         "icmp_error",
-        "unallocated_service_ip",
         "backend_missing",
+        "unallocated_service_ip",
     ];
 }
 
@@ -1043,13 +1048,13 @@ pub mod stat {
     /// while an upgrade copies the previous maps' flows (`MIGRATING`):
     /// dropped so the sender retransmits it once its flow is copied.
     pub const DROP_MIGRATING: u32 = 39;
+    /// A monitor event the full ring buffer could not take (the monitor
+    /// reads slower than events come).
+    pub const MONITOR_EVENTS_LOST: u32 = 40;
     /// A packet to an address in a Service CIDR that no Service holds
     /// (kube-proxy's nftables mode drops these rather than letting them
     /// follow the default route).
-    pub const DROP_UNALLOCATED: u32 = 40;
-    /// A monitor event the full ring buffer could not take (the monitor
-    /// reads slower than events come).
-    pub const MONITOR_EVENTS_LOST: u32 = 41;
+    pub const DROP_UNALLOCATED: u32 = 41;
     /// Number of counters in use.
     pub const COUNT: u32 = 42;
     /// Size of the stats array (room to grow without a layout change).
@@ -1097,8 +1102,8 @@ pub mod stat {
         "drop_frag_no_first",
         "node_socket_masquerade",
         "drop_migrating",
-        "drop_unallocated_service_ip",
         "monitor_events_lost",
+        "drop_unallocated_service_ip",
     ];
 }
 

@@ -16,9 +16,9 @@ use crate::{
     ct::{self, CreateError, Nat, NewFlow},
     icmp_error,
     maps::{
-        LB_AFFINITY, LB_BACKEND_SETS, LB_BACKEND_SLOTS, LB_BACKENDS, LB_CONFIG, LB_MAGLEV,
-        LB_PREFILTER4, LB_PREFILTER6, LB_SERVICES, LB_SET_MEMBERS, LB_SOCK_NAT, LB_SOURCE_RANGES,
-        ServiceCount, count, count_service, in_service_cidr4, in_service_cidr6,
+        LB_AFFINITY, LB_ALLOCATED, LB_BACKEND_SETS, LB_BACKEND_SLOTS, LB_BACKENDS, LB_CONFIG,
+        LB_MAGLEV, LB_PREFILTER4, LB_PREFILTER6, LB_SERVICES, LB_SET_MEMBERS, LB_SOCK_NAT,
+        LB_SOURCE_RANGES, ServiceCount, count, count_service, in_service_cidr4, in_service_cidr6,
     },
     monitor,
     nat::{self, End},
@@ -217,8 +217,8 @@ fn prefilter<P: Packet>(pkt: &P) -> u32 {
         if unsafe { LB_PREFILTER4.get(ip.dst_be) }.is_some() {
             return OURS;
         }
-        // Not listed: in a Service CIDR, no Service holds it (every
-        // Service's ClusterIP is listed), whoever sends it.
+        // Not listed: in a Service CIDR, no Service holds it unless it is
+        // one lb does not serve (see `unallocated`), whoever sends it.
         if in_service_cidr4(ip.dst_be) {
             return UNALLOCATED;
         }
@@ -257,8 +257,18 @@ fn prefilter<P: Packet>(pkt: &P) -> u32 {
 /// and told to a monitor. The event's tuple is read from the headers the
 /// prefilter checked, not by the full parse: a second call site of
 /// `parse_into` would have the verifier walk it twice.
+///
+/// An address a Service lb does not serve holds (another proxy's,
+/// `LB_ALLOCATED`) is allocated: none of lb's, passed. Looked up here, off
+/// the prefilter's path, which the verifier walks for every packet shape.
 #[inline(never)]
 fn unallocated<P: Packet>(pkt: &mut P, scope: u8) -> i32 {
+    if let Some(dst) = header_dst(pkt)
+        && unsafe { LB_ALLOCATED.get(dst) }.is_some()
+    {
+        count(stat::PASS_NOT_FRONTEND);
+        return pkt.pass();
+    }
     count(stat::DROP_UNALLOCATED);
     if monitor::wanted(event_kind::DROP)
         && let Some(flow) = header_tuple(pkt)
@@ -272,6 +282,17 @@ fn unallocated<P: Packet>(pkt: &mut P, scope: u8) -> i32 {
         monitor::emit(what, &flow, &ct::no_addr(), 0, ifindex);
     }
     pkt.drop_verdict()
+}
+
+/// The destination address of an IPv4 or IPv6 packet.
+#[inline(always)]
+fn header_dst<P: Packet>(pkt: &P) -> Option<Addr> {
+    let l3 = pkt.l3_off();
+    if u16::from_be(pkt.l3_proto_be().ok()?) == parse::ETH_P_IP {
+        Some(Addr::v4(pkt.load_header::<parse::Ipv4Hdr>(l3).ok()?.dst_be))
+    } else {
+        Some(pkt.load_header::<parse::Ipv6Hdr>(l3).ok()?.dst)
+    }
 }
 
 /// Addresses, ports and protocol of an unfragmented TCP/UDP datagram (the

@@ -164,6 +164,12 @@ pub static LB_SERVICE_STATS: PerCpuArray<ServiceCounters> = PerCpuArray::with_ma
 #[map(name = "LB_SERVICE_CIDRS")]
 pub static LB_SERVICE_CIDRS: Array<ServiceCidrs> = Array::with_max_entries(1, 0);
 
+/// Addresses in a Service CIDR that a Service holds but no entry lists
+/// (see `lb_common::map_names::ALLOCATED`). Sized by the agent.
+#[map(name = "LB_ALLOCATED")]
+pub static LB_ALLOCATED: HashMap<Addr, u32> =
+    HashMap::with_max_entries(map_sizes::SERVICES, BPF_F_NO_PREALLOC);
+
 /// Whether `dst` (an IPv4 address, network order) is in a Service CIDR.
 /// Early returns, not branch-free arithmetic: LLVM turns `v != 0` back
 /// into a jump (BPF has no conditional set), and jumps whose outcomes stay

@@ -45,6 +45,7 @@ pub fn load_with(bpffs: &Bpffs, capacity: u32, backends: u32) -> Maps {
         .map_max_entries(map_names::SERVICES, capacity)
         .map_max_entries(map_names::BACKEND_SLOTS, capacity)
         .map_max_entries(map_names::SET_MEMBERS, capacity)
+        .map_max_entries(map_names::ALLOCATED, capacity)
         .map_max_entries(map_names::BACKENDS, backends);
     let paths: Vec<(&str, PathBuf)> = map_names::ALL
         .iter()

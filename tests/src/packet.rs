@@ -588,6 +588,19 @@ impl Datapath {
         map.set(0, value, 0).expect("set service cidrs");
     }
 
+    /// Hold `addr` as allocated to a Service lb does not serve, as the
+    /// agent writes `LB_ALLOCATED`.
+    pub fn allocated(&mut self, addr: std::net::IpAddr) {
+        let mut map = aya::maps::HashMap::<_, lb_common::Addr, u32>::try_from(
+            self.ebpf
+                .map_mut(map_names::ALLOCATED)
+                .expect("allocated map"),
+        )
+        .expect("allocated is a hash");
+        map.insert(lb_common::Addr::from(addr), 1, 0)
+            .expect("hold address");
+    }
+
     /// The events written since the last call, oldest first.
     pub fn events(&mut self) -> Vec<MonitorEvent> {
         let mut ring = RingBuf::try_from(self.ebpf.map_mut(map_names::EVENTS).expect("events map"))

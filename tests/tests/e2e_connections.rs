@@ -919,4 +919,15 @@ fn unallocated_cluster_ips_are_dropped_with_service_cidr() {
         stats["drop_unallocated_service_ip"].as_u64().unwrap() >= 1,
         "{stats}"
     );
+    // explain sees it too, from a pod and from the node.
+    let text = c.explain(&["--from", "10.244.1.2", "--to", "10.96.0.99:80"]);
+    assert!(
+        text.contains("verdict    dropped (drop_unallocated_service_ip)"),
+        "{text}"
+    );
+    let text = c.explain(&["--from", "node", "--to", "10.96.0.99:80"]);
+    assert!(
+        text.contains("dropped on the node's way out: an unallocated Service IP"),
+        "{text}"
+    );
 }

@@ -1026,6 +1026,9 @@ fn unallocated_service_ips_are_dropped_from_pods_the_node_and_outside() {
         dp.frontend(ep(CLUSTER_IP), TCP, 5, &[1]);
         dp.address_only(ep(CLUSTER_IP).addr);
         dp.service_cidrs(&["10.96.0.0/16", "fd00:96::/112"]);
+        // Another proxy's ClusterIPs: allocated, not lb's.
+        dp.allocated("10.96.0.88".parse().unwrap());
+        dp.allocated("fd00:96::88".parse().unwrap());
         dp.monitor(1 << kind::DROP, 1);
     }
     // From pods: the unallocated address is dropped (TCP and UDP, both
@@ -1053,6 +1056,15 @@ fn unallocated_service_ips_are_dropped_from_pods_the_node_and_outside() {
             ),
             send(
                 tcp(ep(POD), ep("10.97.0.1:80"), SYN, b""),
+                Expect::Unchanged,
+            ),
+            // Held by a Service lb does not serve: left to its proxy.
+            send(
+                tcp(ep(POD), ep("10.96.0.88:80"), SYN, b""),
+                Expect::Unchanged,
+            ),
+            send(
+                udp(ep(POD6), ep("[fd00:96::88]:53"), b"q"),
                 Expect::Unchanged,
             ),
             counters(&[(stat::DROP_UNALLOCATED, 4), (stat::REJECT_UNDECLARED, 1)]),

@@ -1024,88 +1024,104 @@ fn prefilter_holds_every_frontend_and_backend_address_while_it_is_used() {
     );
 }
 
-/// Addresses Services hold without an entry (another proxy's, unusable
-/// ones) are listed in the prefilter while held; the Service CIDRs are
-/// written once everything is, not while a write has failed, and a
-/// restarted agent drops nothing until its first sync listed them again.
+/// Addresses Services hold inside a Service CIDR are held in
+/// `LB_ALLOCATED` (another proxy's, unusable ones; outside the CIDRs none
+/// is), follow the CIDRs when they change, and survive a restart.
 #[test]
-fn held_addresses_are_listed_and_service_cidrs_wait_for_a_clean_sync() {
-    use lb_common::ServiceCidrs;
+fn held_addresses_follow_the_service_cidrs_and_survive_a_restart() {
     let fs = Bpffs::new("cidrs");
-    let held: Ipv4Addr = "10.96.0.3".parse().unwrap();
-    let with_cidrs = |frontends, allocated: &[Ipv4Addr]| {
-        let mut d = desired(frontends);
-        d.service_cidrs = ["10.96.0.0/16".parse().unwrap()].into_iter().collect();
-        d.allocated = allocated.iter().map(|a| (IpAddr::V4(*a), 1)).collect();
+    let inside: IpAddr = "10.96.0.3".parse().unwrap();
+    let outside: IpAddr = "192.0.2.3".parse().unwrap();
+    let with = |cidrs: &[&str], allocated: &[IpAddr]| {
+        let mut d = desired(vec![frontend("a", [10, 96, 0, 1], &[[10, 0, 0, 1]])]);
+        d.service_cidrs = cidrs.iter().map(|c| c.parse().unwrap()).collect();
+        d.allocated = allocated.iter().map(|a| (*a, 1)).collect();
         d
+    };
+    let held = |maps: &Maps| -> BTreeSet<IpAddr> {
+        maps.allocated
+            .keys()
+            .map(|k| k.expect("allocated key").ip())
+            .collect()
     };
     let cidrs = |maps: &Maps| maps.service_cidrs.get(&0, 0).expect("LB_SERVICE_CIDRS");
     {
         let mut syncer = Syncer::new(load(&fs, map_sizes::SERVICES)).expect("syncer");
-        let report = syncer.sync(&with_cidrs(
-            vec![frontend("a", [10, 96, 0, 1], &[[10, 0, 0, 1]])],
-            &[held],
-        ));
+        // No CIDR yet: nothing held.
+        let report = syncer.sync(&with(&[], &[inside, outside]));
         assert!(report.errors.is_empty(), "{:?}", report.errors);
-        assert!(prefilter4(syncer.maps()).contains(&held), "held: listed");
-        assert_eq!(
-            cidrs(syncer.maps()).v4_count,
-            1,
-            "written after the entries"
-        );
-        // No longer held: unlisted; the CIDRs stay.
-        let report = syncer.sync(&with_cidrs(
-            vec![frontend("a", [10, 96, 0, 1], &[[10, 0, 0, 1]])],
-            &[],
-        ));
+        assert!(held(syncer.maps()).is_empty());
+        // A CIDR arrives: what lies inside is held before it is written.
+        let report = syncer.sync(&with(&["10.96.0.0/16"], &[inside, outside]));
         assert!(report.errors.is_empty(), "{:?}", report.errors);
-        assert!(!prefilter4(syncer.maps()).contains(&held));
+        assert_eq!(held(syncer.maps()), BTreeSet::from([inside]));
         assert_eq!(cidrs(syncer.maps()).v4_count, 1);
-        let report = syncer.sync(&with_cidrs(
-            vec![frontend("a", [10, 96, 0, 1], &[[10, 0, 0, 1]])],
-            &[held],
-        ));
+        assert!(
+            !prefilter4(syncer.maps()).contains(&"10.96.0.3".parse().unwrap()),
+            "held apart, not in the prefilter every packet reads"
+        );
+        // No longer held by any Service: released (the delta names it).
+        let keys: BTreeSet<FrontendKey> = BTreeSet::new();
+        let report = syncer.sync_changes(
+            &with(&["10.96.0.0/16"], &[outside]),
+            &keys,
+            &BTreeSet::from([(inside, Scope::Internal)]),
+            &Default::default(),
+        );
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(held(syncer.maps()).is_empty());
+        let report = syncer.sync(&with(&["10.96.0.0/16"], &[inside]));
         assert!(report.errors.is_empty(), "{:?}", report.errors);
     }
-    // Restarted: no drop until the first sync lists the held address again.
+    // Restarted: the pins keep holding it; the first sync finds it done.
     let mut syncer = Syncer::new(Maps::open_pinned(&fs.0).expect("pinned")).expect("adopt");
-    assert_eq!(cidrs(syncer.maps()), ServiceCidrs::default());
-    assert!(!prefilter4(syncer.maps()).contains(&held), "not known yet");
-    let report = syncer.sync(&with_cidrs(
-        vec![frontend("a", [10, 96, 0, 1], &[[10, 0, 0, 1]])],
-        &[held],
-    ));
-    assert!(report.errors.is_empty(), "{:?}", report.errors);
-    assert!(prefilter4(syncer.maps()).contains(&held));
+    assert_eq!(held(syncer.maps()), BTreeSet::from([inside]));
     assert_eq!(cidrs(syncer.maps()).v4_count, 1);
+    let report = syncer.sync(&with(&["10.96.0.0/16"], &[inside]));
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    // The CIDRs go: every hold is released.
+    let report = syncer.sync(&with(&[], &[inside]));
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(held(syncer.maps()).is_empty());
+    assert_eq!(cidrs(syncer.maps()).v4_count, 0);
 }
 
-/// A sync with a failed write leaves the Service CIDRs unwritten (an
-/// address it could not list would be dropped).
+/// When a held address cannot be written (`LB_ALLOCATED` full), nothing
+/// is dropped: the CIDRs stay unwritten until every address is held. A
+/// failure elsewhere (a backend that does not fit) does not turn it off.
 #[test]
-fn a_failed_write_keeps_the_service_cidr_drop_off() {
+fn an_address_that_cannot_be_held_keeps_the_drop_off() {
     let fs = Bpffs::new("cidrfull");
-    // Room for one backend: b's does not fit.
-    let mut syncer = Syncer::new(lb_tests::maps::load_with(&fs, 1024, 1)).expect("syncer");
-    let mut d = desired(vec![
-        frontend("a", [10, 96, 0, 1], &[[10, 0, 0, 1]]),
-        frontend("b", [10, 96, 0, 2], &[[10, 0, 0, 2]]),
-    ]);
+    // Room for 4 held addresses and one backend.
+    let mut syncer = Syncer::new(lb_tests::maps::load_with(&fs, 4, 1)).expect("syncer");
+    let mut d = desired(vec![frontend("a", [10, 96, 0, 1], &[[10, 0, 0, 1]])]);
     d.service_cidrs = ["10.96.0.0/16".parse().unwrap()].into_iter().collect();
+    d.allocated = (1..=5u8)
+        .map(|i| (IpAddr::V4(Ipv4Addr::new(10, 96, 1, i)), 1))
+        .collect();
     let report = syncer.sync(&d);
-    assert!(!report.errors.is_empty(), "b does not fit");
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|e| e.reason.contains("LB_ALLOCATED")),
+        "{:?}",
+        report.errors
+    );
     assert_eq!(
         syncer.maps().service_cidrs.get(&0, 0).unwrap().v4_count,
         0,
-        "no drop while a write fails"
+        "no drop while an address is not held"
     );
-    // Room again (b alone): written.
-    d.frontends
-        .retain(|k, _| k.addr == IpAddr::V4(Ipv4Addr::new(10, 96, 0, 2)));
-    let mut report = syncer.sync(&d);
-    if !report.errors.is_empty() {
-        report = syncer.sync(&d);
-    }
+    // One Service less: everything fits, the drop is on.
+    d.allocated.remove(&IpAddr::V4(Ipv4Addr::new(10, 96, 1, 5)));
+    let report = syncer.sync(&d);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(syncer.maps().service_cidrs.get(&0, 0).unwrap().v4_count, 1);
+    // A backend that does not fit is an error, not a reason to stop dropping.
+    d.frontends
+        .extend([frontend("b", [10, 96, 0, 2], &[[10, 0, 0, 2]])]);
+    let report = syncer.sync(&d);
+    assert!(!report.errors.is_empty());
     assert_eq!(syncer.maps().service_cidrs.get(&0, 0).unwrap().v4_count, 1);
 }

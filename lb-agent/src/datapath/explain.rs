@@ -221,6 +221,9 @@ fn load_object(bpffs: &Path, with_live_config: bool) -> Result<aya::Ebpf, Explai
         // Without the live prefilter, every packet would leave as none of lb's.
         map_names::PREFILTER4,
         map_names::PREFILTER6,
+        // And without these, no unallocated Service IP would be dropped.
+        map_names::SERVICE_CIDRS,
+        map_names::ALLOCATED,
     ];
     if with_live_config {
         shared.push(map_names::CONFIG);
@@ -415,6 +418,34 @@ pub struct SocketOutcome {
     pub reasons: Vec<&'static str>,
     /// The live affinity entry of the node's namespace for this frontend.
     pub affinity: Option<AffinityValue>,
+    /// With `--socket-lb-all-namespaces` the live program (attached
+    /// first) decided, and counted the call in the live counters.
+    pub live_decided: bool,
+    /// The address is an unallocated Service IP: a connect() lb leaves
+    /// alone is dropped on the node's way out.
+    pub unallocated: bool,
+}
+
+/// Whether `ip` is in a Service CIDR and no entry lists it nor a Service
+/// holds it (the programs drop what is sent to it).
+pub fn unallocated(live: &Maps, ip: IpAddr) -> bool {
+    let Ok(cidrs) = live.service_cidrs.get(&0, 0) else {
+        return false;
+    };
+    let key = Addr::from(ip);
+    let within = match ip {
+        IpAddr::V4(_) => cidrs.v4[..(cidrs.v4_count as usize).min(cidrs.v4.len())]
+            .iter()
+            .any(|p| key.be[3] & p.mask_be == p.addr_be),
+        IpAddr::V6(_) => cidrs.v6[..(cidrs.v6_count as usize).min(cidrs.v6.len())]
+            .iter()
+            .any(|p| (0..4).all(|i| key.be[i] & p.mask.be[i] == p.addr.be[i])),
+    };
+    let listed = match ip {
+        IpAddr::V4(_) => live.prefilter4.get(&key.be[3], 0).is_ok(),
+        IpAddr::V6(_) => live.prefilter6.get(&key, 0).is_ok(),
+    };
+    within && !listed && live.allocated.get(&key, 0).is_err()
 }
 
 fn socket_err(what: &'static str) -> impl FnOnce(io::Error) -> ExplainError {
@@ -532,6 +563,7 @@ pub fn run_socket(
             )
             .ok()
     });
+    let unallocated = unallocated(&live, to.ip());
     if config.flags & config_flags::SOCKET_LB == 0 {
         return Ok(SocketOutcome {
             socket_lb: false,
@@ -539,8 +571,11 @@ pub fn run_socket(
             backend: None,
             reasons: Vec::new(),
             affinity: None,
+            live_decided: false,
+            unallocated,
         });
     }
+    let all_netns = config.flags & config_flags::SOCKET_LB_ALL_NETNS != 0;
     let cgroup_dir = std::fs::File::open(cgroup).map_err(|source| ExplainError::Cgroup {
         path: cgroup.to_path_buf(),
         source,
@@ -574,6 +609,7 @@ pub fn run_socket(
                 let mut affinity: HashMap<MapData, SockAffinityKey, AffinityValue> =
                     HashMap::try_from(private_map(&mut ebpf, map_names::SOCK_AFFINITY)?)
                         .map_err(|e| ExplainError::Map(map_names::SOCK_AFFINITY, e))?;
+                let mut live_affinity = live.sock_affinity;
                 if let (Some(rev_nat_id), Some(value)) = (rev_nat_id, node_affinity) {
                     let key = SockAffinityKey {
                         netns_cookie: cookie,
@@ -583,6 +619,13 @@ pub fn run_socket(
                     affinity
                         .insert(key, value, 0)
                         .map_err(|e| ExplainError::Map(map_names::SOCK_AFFINITY, e))?;
+                    if all_netns {
+                        // The live program acts here too: give it the node's
+                        // entry as well (taken back below).
+                        live_affinity
+                            .insert(key, value, 0)
+                            .map_err(|e| ExplainError::Map(map_names::SOCK_AFFINITY, e))?;
+                    }
                 }
                 let sock_nat: HashMap<MapData, SockNatKey, SockNatValue> =
                     HashMap::try_from(private_map(&mut ebpf, map_names::SOCK_NAT)?)
@@ -616,11 +659,14 @@ pub fn run_socket(
                     _pad: 0,
                 };
                 let mut chosen = sock_nat.get(&forward_key, 0).ok();
-                if config.flags & config_flags::SOCKET_LB_ALL_NETNS != 0 {
-                    // The live programs act on every namespace, this one too:
-                    // whichever ran first decided. Take back what the live one wrote.
+                let mut live_decided = false;
+                if all_netns {
+                    // The live programs act on every namespace, this one too,
+                    // and the live one (attached first) decides. Take back
+                    // what it wrote (its counters stay counted).
                     if let Ok(live_entry) = live.sock_nat.get(&forward_key, 0) {
-                        chosen = chosen.or(Some(live_entry));
+                        live_decided = true;
+                        chosen = Some(live_entry);
                         let reverse_key = SockNatKey {
                             addr_be: live_entry.addr_be,
                             port_be: live_entry.port_be,
@@ -632,7 +678,6 @@ pub fn run_socket(
                         let _ = live_nat.remove(&reverse_key);
                     }
                     if let Some(rev_nat_id) = rev_nat_id {
-                        let mut live_affinity = live.sock_affinity;
                         let _ = live_affinity.remove(&SockAffinityKey {
                             netns_cookie: cookie,
                             rev_nat_id,
@@ -652,6 +697,8 @@ pub fn run_socket(
                     backend,
                     reasons: moved_counters(&stats),
                     affinity: node_affinity,
+                    live_decided,
+                    unallocated,
                 })
             })
             .join()

@@ -823,6 +823,7 @@ impl Datapath {
                 capacities.services.saturating_add(capacities.backends),
             )
             .map_max_entries(map_names::SERVICE_NAMES, capacities.services)
+            .map_max_entries(map_names::ALLOCATED, capacities.services)
             .map_max_entries(map_names::SERVICE_STATS, capacities.service_counters);
         let paths: Vec<(&'static str, PathBuf)> = shapes
             .iter()

@@ -87,12 +87,12 @@ impl Default for Capacities {
 }
 
 /// The shapes lb-common declares for every pinned map.
-pub fn expected_shapes() -> [MapShape; 23] {
+pub fn expected_shapes() -> [MapShape; 24] {
     shapes_with(Capacities::default())
 }
 
 /// The shapes with the given capacities.
-pub fn shapes_with(cap: Capacities) -> [MapShape; 23] {
+pub fn shapes_with(cap: Capacities) -> [MapShape; 24] {
     use std::mem::size_of;
     let shape = |name, k: usize, v: usize, max| MapShape {
         name,
@@ -220,6 +220,9 @@ pub fn shapes_with(cap: Capacities) -> [MapShape; 23] {
             cap.service_counters,
         ),
         shape(map_names::SERVICE_CIDRS, 4, size_of::<ServiceCidrs>(), 1),
+        // One held address per Service at most (its own map: holds never
+        // take the prefilter's room).
+        shape(map_names::ALLOCATED, size_of::<Addr>(), 4, cap.services),
     ]
 }
 
@@ -281,6 +284,7 @@ pub type MonitorMap = Array<MapData, MonitorConfig>;
 pub type ServiceNamesMap = HashMap<MapData, u32, ServiceName>;
 pub type ServiceStatsMap = PerCpuArray<MapData, ServiceCounters>;
 pub type ServiceCidrsMap = Array<MapData, ServiceCidrs>;
+pub type AllocatedMap = HashMap<MapData, Addr, u32>;
 
 /// Every map of the datapath.
 pub struct Maps {
@@ -306,6 +310,7 @@ pub struct Maps {
     pub service_names: ServiceNamesMap,
     pub service_stats: ServiceStatsMap,
     pub service_cidrs: ServiceCidrsMap,
+    pub allocated: AllocatedMap,
 }
 
 fn typed<T>(name: &'static str, map: Map) -> Result<T, MapsError>
@@ -342,6 +347,7 @@ impl Maps {
             service_names: typed(map_names::SERVICE_NAMES, take(map_names::SERVICE_NAMES)?)?,
             service_stats: typed(map_names::SERVICE_STATS, take(map_names::SERVICE_STATS)?)?,
             service_cidrs: typed(map_names::SERVICE_CIDRS, take(map_names::SERVICE_CIDRS)?)?,
+            allocated: typed(map_names::ALLOCATED, take(map_names::ALLOCATED)?)?,
         })
     }
 
@@ -378,6 +384,7 @@ impl Maps {
             service_names: typed(map_names::SERVICE_NAMES, open(20, Map::HashMap)?)?,
             service_stats: typed(map_names::SERVICE_STATS, open(21, Map::PerCpuArray)?)?,
             service_cidrs: typed(map_names::SERVICE_CIDRS, open(22, Map::Array)?)?,
+            allocated: typed(map_names::ALLOCATED, open(23, Map::HashMap)?)?,
         })
     }
 

@@ -211,8 +211,11 @@ pub struct Syncer {
     unnamed: BTreeMap<u32, Arc<str>>,
     /// `LB_SERVICE_CIDRS` as written.
     service_cidrs: ServiceCidrs,
-    /// Addresses Services hold, listed in the prefilter for that alone.
+    /// `LB_ALLOCATED` as written: addresses in a Service CIDR that
+    /// Services hold.
     allocated: BTreeSet<IpAddr>,
+    /// Held addresses whose write failed: no drop while there are any.
+    unheld: BTreeSet<IpAddr>,
     /// Per desired frontend, the set it points at.
     frontend_sets: BTreeMap<FrontendKey, BackendSetKey>,
     /// The sets desired frontends point at.
@@ -389,6 +392,7 @@ impl Syncer {
             unnamed: BTreeMap::new(),
             service_cidrs: ServiceCidrs::default(),
             allocated: BTreeSet::new(),
+            unheld: BTreeSet::new(),
             frontend_sets: BTreeMap::new(),
             desired_sets: BTreeMap::new(),
             uses: BTreeMap::new(),
@@ -441,13 +445,12 @@ impl Syncer {
             }
             syncer.rev_nat.insert(id, value);
         }
-        // What the previous agent listed only as held addresses is not
-        // known here (the prefilter's adoption below unlists it): no drop
-        // until the first sync has listed them again.
-        syncer
-            .maps
-            .service_cidrs
-            .set(0, ServiceCidrs::default(), 0)?;
+        if let Ok(cidrs) = syncer.maps.service_cidrs.get(&0, 0) {
+            syncer.service_cidrs = cidrs;
+        }
+        for key in syncer.maps.allocated.keys() {
+            syncer.allocated.insert(from_be32(key?));
+        }
         let mut stray_names = Vec::new();
         for entry in syncer.maps.service_names.iter() {
             let (id, name) = entry?;
@@ -839,6 +842,7 @@ impl Syncer {
                     .allocated
                     .keys()
                     .chain(&self.allocated)
+                    .chain(&self.unheld)
                     .map(|addr| (*addr, Scope::Internal)),
             )
             .collect();
@@ -1164,9 +1168,8 @@ impl Syncer {
             }
         }
 
-        // Addresses Services hold that no entry lists (Services of another
-        // proxy, or that lb could not use): listed in the prefilter, so the
-        // Service CIDR drop spares them.
+        // Addresses Services hold in a Service CIDR (every Service's,
+        // another proxy's too): spared by the unallocated drop.
         for (addr, _) in addresses {
             self.hold_allocated(desired, *addr, &mut report);
         }
@@ -1241,25 +1244,40 @@ impl Syncer {
         report
     }
 
-    /// List `addr` in the prefilter while a Service holds it (and unlist it
-    /// once none does), beside the entries that list it too.
+    /// Hold `addr` in `LB_ALLOCATED` while a Service holds it and it lies
+    /// in a Service CIDR (and release it otherwise).
     fn hold_allocated(&mut self, desired: &DesiredState, addr: IpAddr, report: &mut SyncReport) {
-        let wanted = desired.allocated.contains_key(&addr);
+        let wanted = desired.allocated.contains_key(&addr)
+            && desired.service_cidrs.iter().any(|net| net.contains(&addr));
         let held = self.allocated.contains(&addr);
         if wanted && !held {
-            match self.prefilter_ref(addr) {
+            match self.maps.allocated.insert(be32(addr), 1, 0) {
                 Ok(()) => {
                     self.allocated.insert(addr);
+                    self.unheld.remove(&addr);
                 }
-                Err(e) => report.errors.push(SyncError {
-                    object: format!("Service IP {addr}"),
-                    reason: format!("listing it in the prefilter: {e}"),
-                    full: is_full(&e),
-                }),
+                Err(e) => {
+                    self.unheld.insert(addr);
+                    report.errors.push(SyncError {
+                        object: format!("Service IP {addr}"),
+                        reason: format!("holding it in LB_ALLOCATED: {e}"),
+                        full: is_full(&e),
+                    });
+                }
             }
-        } else if !wanted && held {
-            self.allocated.remove(&addr);
-            self.prefilter_unref(addr);
+        } else if !wanted {
+            self.unheld.remove(&addr);
+            if held {
+                if removed(self.maps.allocated.remove(&be32(addr))) {
+                    self.allocated.remove(&addr);
+                } else {
+                    report.errors.push(SyncError {
+                        object: format!("Service IP {addr}"),
+                        reason: "releasing it from LB_ALLOCATED failed; retried".into(),
+                        full: false,
+                    });
+                }
+            }
         }
     }
 
@@ -1482,12 +1500,27 @@ impl Syncer {
     /// array entry, compared whole every sync).
     fn write_service_cidrs(&mut self, desired: &DesiredState, report: &mut SyncReport) {
         let (mut value, left_out) = service_cidrs_value(&desired.service_cidrs);
-        if !report.errors.is_empty() && value != ServiceCidrs::default() {
-            // A failed write may leave a Service's address unlisted: no
-            // drop until a sync writes everything (the next is a full one).
+        if value != self.service_cidrs {
+            // Other CIDRs hold other addresses: every one is held (or
+            // released) first.
+            let all: Vec<IpAddr> = desired
+                .allocated
+                .keys()
+                .chain(&self.allocated)
+                .chain(&self.unheld)
+                .copied()
+                .collect();
+            for addr in all {
+                self.hold_allocated(desired, addr, report);
+            }
+        }
+        if !self.unheld.is_empty() && value != ServiceCidrs::default() {
+            // An address a Service holds could not be held: it would be
+            // dropped. No drop until it is (a full sync retries it).
             if self.service_cidrs != ServiceCidrs::default() {
                 warn!(
-                    "a map write failed: traffic to unallocated Service IPs is not dropped until a sync succeeds"
+                    unheld = self.unheld.len(),
+                    "addresses Services hold could not be written: traffic to unallocated Service IPs is not dropped until they are"
                 );
             }
             value = ServiceCidrs::default();

@@ -1030,16 +1030,27 @@ fn explain_socket_verdict(outcome: &crate::datapath::explain::SocketOutcome, ran
         (Some((backend, id)), _) => format!(
             "translated at connect() to {backend} (backend #{id}); the node's packets go there directly, getpeername() shows the Service ({why})"
         ),
-        (None, _) => format!(
-            "not translated: connect() goes to the address itself ({})",
-            if why.is_empty() {
+        (None, _) => {
+            let why = if why.is_empty() {
                 "not a frontend"
             } else {
                 &why
+            };
+            if outcome.unallocated {
+                format!(
+                    "not translated, and dropped on the node's way out: an unallocated Service IP ({why})"
+                )
+            } else {
+                format!("not translated: connect() goes to the address itself ({why})")
             }
-        ),
+        }
     };
     println!("verdict    {verdict}");
+    if outcome.live_decided {
+        println!(
+            "           (--socket-lb-all-namespaces: the live program decided this connect() and counted it)"
+        );
+    }
     if random && outcome.backend.is_some() {
         println!(
             "           (a new connection picks a random candidate: another run may choose another)"

@@ -254,9 +254,10 @@ pub struct DesiredState {
     /// The cluster's Service CIDRs (ServiceCIDR objects and --service-cidr):
     /// traffic to an address in one that no Service holds is dropped.
     pub service_cidrs: BTreeSet<IpNet>,
-    /// Every address a Service of the cluster holds as its ClusterIP, ours
-    /// or another proxy's, used or not (-> how many Services hold it): the
-    /// Service CIDR drop must spare them all.
+    /// Every address a Service of the cluster holds (ClusterIPs,
+    /// externalIPs, LoadBalancer IPs), ours or another proxy's, used or not
+    /// (-> how many Services hold it): the Service CIDR drop must spare the
+    /// ones inside a Service CIDR.
     pub allocated: BTreeMap<IpAddr, u32>,
 }
 

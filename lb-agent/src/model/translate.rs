@@ -205,8 +205,8 @@ pub struct Translator {
     owners: Owners,
     /// Services whose slices carry zone hints: the ones a zone change concerns.
     zone_hinted: BTreeSet<ObjectKey>,
-    /// Every Service's ClusterIPs (ours or not, used or not): what it adds
-    /// to `desired.allocated`.
+    /// Every Service's held addresses (ours or not, used or not; see
+    /// `held_addresses`): what it adds to `desired.allocated`.
     held_ips: BTreeMap<ObjectKey, Vec<IpAddr>>,
     /// During a merge: what the component's members held before it.
     reserved: Owners,
@@ -337,7 +337,7 @@ impl Translator {
         let mut frontier: BTreeSet<Claim> = BTreeSet::new();
         let mut allocated_changed: BTreeSet<IpAddr> = BTreeSet::new();
         for key in &dirty {
-            self.hold_cluster_ips(key, state.services.get(key), &mut allocated_changed);
+            self.hold_addresses(key, state.services.get(key), &mut allocated_changed);
             for claim in self.claims.remove(key).unwrap_or_default() {
                 if let Some(set) = self.claimants.get_mut(&claim) {
                     set.retain(|k| k != key);
@@ -461,13 +461,13 @@ impl Translator {
     /// Count `svc`'s ClusterIPs (none when it is gone) in
     /// `desired.allocated` instead of what `key` held before; addresses that
     /// start or stop being held go to `changed`.
-    fn hold_cluster_ips(
+    fn hold_addresses(
         &mut self,
         key: &ObjectKey,
         svc: Option<&Arc<ServiceRecord>>,
         changed: &mut BTreeSet<IpAddr>,
     ) {
-        let now = svc.map(|s| held_cluster_ips(s)).unwrap_or_default();
+        let now = svc.map(|s| held_addresses(s)).unwrap_or_default();
         let before = self.held_ips.remove(key).unwrap_or_default();
         if now == before {
             if !now.is_empty() {
@@ -1230,17 +1230,26 @@ fn port_number(n: i32) -> Option<u16> {
     u16::try_from(n).ok().filter(|p| *p != 0)
 }
 
-/// The addresses a Service holds as its ClusterIPs, whoever serves it and
-/// whether or not lb can use it (each one that parses).
-fn held_cluster_ips(svc: &ServiceRecord) -> Vec<IpAddr> {
+/// The addresses a Service holds, whoever serves it and whether or not lb
+/// can use it (each one that parses): its ClusterIPs, externalIPs and
+/// LoadBalancer IPs (another proxy's may lie in a Service CIDR too).
+fn held_addresses(svc: &ServiceRecord) -> Vec<IpAddr> {
     let Some(spec) = svc.spec.as_ref() else {
         return Vec::new();
     };
-    let listed: Vec<&str> = match spec.cluster_ips.as_deref() {
+    let cluster: Vec<&str> = match spec.cluster_ips.as_deref() {
         Some(ips) if !ips.is_empty() => ips.iter().map(|ip| &**ip).collect(),
         _ => spec.cluster_ip.as_deref().into_iter().collect(),
     };
-    listed.iter().filter_map(|ip| ip.parse().ok()).collect()
+    let mut held: Vec<IpAddr> = cluster
+        .into_iter()
+        .chain(spec.external_ips.iter().map(|ip| &**ip))
+        .chain(spec.ingress.iter().filter_map(|i| i.ip.as_deref()))
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    held.sort_unstable();
+    held.dedup();
+    held
 }
 
 /// The ClusterIPs, one per family (spec.clusterIPs, else spec.clusterIP);

@@ -397,13 +397,14 @@ fn key_of<K: Resource>(obj: &K) -> ObjectKey {
 /// How long an optional kind's watch rests after a 404.
 const NOT_SERVED_RETRY: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// The API server answered 404: it does not serve the kind at all.
+/// The API server answered 404 (it does not serve the kind) or 403 (the
+/// ClusterRole does not grant it, e.g. one from before lb read the kind).
 fn not_served(e: &watcher::Error) -> bool {
     matches!(
         e,
         watcher::Error::InitialListFailed(kube::Error::Api(status))
             | watcher::Error::WatchStartFailed(kube::Error::Api(status))
-            if status.code == 404
+            if status.code == 404 || status.code == 403
     )
 }
 
@@ -450,7 +451,7 @@ impl KubeSource {
         self.spawn_watch(api, config, false);
     }
 
-    /// `spawn` for a kind the API server may not serve: on a 404 the watch
+    /// `spawn` for a kind the API server may not serve: on a 404 (or 403) the watch
     /// rests and asks again later (an API server upgraded, or one of
     /// several behind a balancer answering for an older version), instead
     /// of retrying at the backoff's pace.
@@ -472,7 +473,7 @@ impl KubeSource {
                             if !told {
                                 info!(
                                     kind = K::KIND,
-                                    "the API server does not serve this kind; asking again every {}s (--service-cidr still applies)",
+                                    "the API server does not serve this kind, or the ClusterRole does not grant it; asking again every {}s (--service-cidr still applies)",
                                     NOT_SERVED_RETRY.as_secs()
                                 );
                                 told = true;
