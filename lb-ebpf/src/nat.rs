@@ -1,12 +1,12 @@
 //! Address and port rewrites with incremental checksum fixes.
 
-use lb_common::{Addr, IPPROTO_TCP};
+use lb_common::{Addr, IPPROTO_SCTP, IPPROTO_TCP, sctp_crc};
 
 use crate::{
     packet::{L4Csum, Packet, Result},
     parse::{
         FRAG_LATER, Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, IP6_DST_OFF,
-        IP6_HOP_LIMIT_OFF, IP6_SRC_OFF, L4_DPORT, L4_SPORT, TCP_CSUM, UDP_CSUM,
+        IP6_HOP_LIMIT_OFF, IP6_SRC_OFF, L4_DPORT, L4_SPORT, SCTP_CSUM, TCP_CSUM, UDP_CSUM,
     },
 };
 
@@ -75,6 +75,24 @@ pub fn rewrite<P: Packet>(
         }
         return Ok(());
     }
+    // SCTP's CRC32c covers the SCTP packet alone, no pseudo header: an
+    // address changes the IP header only, a port the CRC.
+    let sctp = flow.proto == IPPROTO_SCTP;
+    if sctp {
+        if old_addr != addr_be {
+            if flow.v6 {
+                pkt.store_addr6(addr_off, &addr_be)?;
+            } else {
+                let (from, to) = (old_addr.v4_be(), addr_be.v4_be());
+                pkt.l3_csum_replace4(flow.l3_off + IP_CSUM_OFF, from, to)?;
+                pkt.store(addr_off, &to)?;
+            }
+        }
+        if old_port != port_be {
+            sctp_port(pkt, flow, port_off, old_port, port_be)?;
+        }
+        return Ok(());
+    }
     if old_addr != addr_be {
         if flow.v6 {
             // Each changed word of the address is a pseudo-header change.
@@ -97,6 +115,42 @@ pub fn rewrite<P: Packet>(
         pkt.store(port_off, &port_be)?;
     }
     Ok(())
+}
+
+/// The CRC change for `delta` (the first four bytes' change, as loaded)
+/// over an SCTP packet of `len` bytes. A global BPF function: scalars in,
+/// a scalar out, so the verifier checks it once, not at every call.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_sctp_crc_change(delta: u32, len: u32) -> u32 {
+    sctp_crc::port_change(delta.to_ne_bytes(), len)
+}
+
+/// Rewrite an SCTP port and fix the CRC32c by the change alone (see
+/// `lb_common::sctp_crc`): the packet's length is all it needs. Both
+/// stores keep tc's CHECKSUM_COMPLETE sum right (no Internet checksum
+/// covers them).
+#[inline(never)]
+fn sctp_port<P: Packet>(
+    pkt: &mut P,
+    flow: &Flow,
+    port_off: u32,
+    old_port: u16,
+    port_be: u16,
+) -> Result<()> {
+    let (o, n) = (old_port.to_ne_bytes(), port_be.to_ne_bytes());
+    let change = [o[0] ^ n[0], o[1] ^ n[1]];
+    let delta = if port_off == flow.l4_off + L4_SPORT {
+        [change[0], change[1], 0, 0]
+    } else {
+        [0, 0, change[0], change[1]]
+    };
+    let csum_off = flow.l4_off + SCTP_CSUM;
+    // Stored little-endian (the CRC's bit order): a native load on BPF.
+    let crc: u32 = pkt.load(csum_off)?;
+    let fixed = crc ^ lb_sctp_crc_change(u32::from_ne_bytes(delta), flow.ip_end - flow.l4_off);
+    pkt.store_uncovered(port_off, &port_be)?;
+    pkt.store_uncovered(csum_off, &fixed)
 }
 
 /// Count the hop of a packet lb forwards past the stack (which would have):

@@ -3,7 +3,7 @@
 
 use core::mem::MaybeUninit;
 
-use lb_common::{Addr, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, stat};
+use lb_common::{Addr, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, stat};
 
 use crate::{
     maps::{FragKey, LB_FRAGS, count},
@@ -30,6 +30,8 @@ pub const L4_SPORT: u32 = 0;
 pub const L4_DPORT: u32 = 2;
 pub const TCP_CSUM: u32 = 16;
 pub const UDP_CSUM: u32 = 6;
+/// SCTP's CRC32c: after the ports and the verification tag.
+pub const SCTP_CSUM: u32 = 8;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -386,10 +388,10 @@ fn echo<P: Packet>(pkt: &P, ip: &Ends, l4_off: u32, request: u8) -> Parsed {
     }
 }
 
-/// TCP or UDP at `l4_off`, checked against the datagram's end.
+/// TCP, UDP or SCTP at `l4_off`, checked against the datagram's end.
 #[inline(always)]
 fn transport<P: Packet>(pkt: &P, ip: &Ends, l4_off: u32) -> Parsed {
-    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
+    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP && ip.proto != IPPROTO_SCTP {
         return Parsed::Pass(stat::PASS_OTHER_PROTO);
     }
     if ip.frag == FRAG_LATER {
@@ -421,14 +423,24 @@ fn transport<P: Packet>(pkt: &P, ip: &Ends, l4_off: u32) -> Parsed {
             l4_hdr_bytes = doff;
             ports
         }
-        IPPROTO_UDP => {
+        IPPROTO_UDP | IPPROTO_SCTP => {
+            // Both start with the ports; SCTP's common header is 12 bytes
+            // (ports, verification tag, CRC32c). A port rewrite fixes the
+            // CRC from the packet's length, which a fragment does not give:
+            // fragmented SCTP is not translated.
             let Ok(udp) = pkt.load_header::<UdpHdr>(l4_off) else {
                 return Parsed::Pass(stat::MALFORMED);
             };
-            let udp_len = u16::from_be(udp.len_be) as u32;
-            // A first fragment carries only the start of the datagram.
-            if udp_len < 8 || (ip.frag == FRAG_NONE && l4_off + udp_len > ip_end) {
-                return Parsed::Pass(stat::MALFORMED);
+            if ip.proto == IPPROTO_SCTP {
+                if l4_off + 12 > ip_end || ip.frag != FRAG_NONE {
+                    return Parsed::Pass(stat::MALFORMED);
+                }
+            } else {
+                let udp_len = u16::from_be(udp.len_be) as u32;
+                // A first fragment carries only the start of the datagram.
+                if udp_len < 8 || (ip.frag == FRAG_NONE && l4_off + udp_len > ip_end) {
+                    return Parsed::Pass(stat::MALFORMED);
+                }
             }
             udp.ports
         }

@@ -198,6 +198,51 @@ pub fn udp(src: Ep, dst: Ep, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// SCTP's CRC32c of a whole SCTP packet (checksum field counted as zero),
+/// bit by bit: the reference the datapath's incremental fix must match.
+pub fn sctp_crc32c(packet: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for (i, b) in packet.iter().enumerate() {
+        let b = if (8..12).contains(&i) { 0 } else { *b };
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// An SCTP packet from `src` to `dst`: the common header (verification
+/// tag 0x01020304) and one DATA chunk carrying `payload`, with its CRC32c.
+pub fn sctp(src: Ep, dst: Ep, payload: &[u8]) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&src.port.to_be_bytes());
+    l4.extend_from_slice(&dst.port.to_be_bytes());
+    l4.extend_from_slice(&0x0102_0304u32.to_be_bytes());
+    l4.extend_from_slice(&[0; 4]);
+    // DATA chunk: type 0, flags B|E, length, TSN, stream 0, seq 0, PPID 0.
+    let chunk_len = 16 + payload.len();
+    l4.extend_from_slice(&[0, 0x03]);
+    l4.extend_from_slice(&(chunk_len as u16).to_be_bytes());
+    l4.extend_from_slice(&1u32.to_be_bytes());
+    l4.extend_from_slice(&[0; 8]);
+    l4.extend_from_slice(payload);
+    while l4.len() % 4 != 0 {
+        l4.push(0);
+    }
+    let crc = sctp_crc32c(&l4);
+    l4[8..12].copy_from_slice(&crc.to_le_bytes());
+    let mut out = Vec::new();
+    ip_layer(src.addr, dst.addr)
+        .write(&mut out, etherparse::IpNumber(132), &l4)
+        .expect("build sctp frame");
+    out
+}
+
 /// An ICMP (IPv4) or ICMPv6 error of `kind`/`code` from `src` to `dst`
 /// quoting the IP packet of `quoted` (a frame from these builders; cut to
 /// `quote_len` bytes of IP packet if given, as a router quoting 8 bytes of

@@ -999,3 +999,65 @@ fn direct_connection_reusing_a_closed_flows_tuple_is_not_hijacked() {
         ],
     ));
 }
+
+// ---- SCTP ------------------------------------------------------------------
+
+const SCTP: u8 = lb_common::IPPROTO_SCTP;
+
+/// SCTP Services (the kernel here has no SCTP, so these tables are the
+/// test): the frontend's port differs from the backend's, so the CRC32c
+/// must be fixed each way. Exact frames: the expected ones carry a CRC
+/// computed from scratch by the harness; the program's incremental fix
+/// must produce the same bytes. IPv4 and IPv6, tc and XDP.
+#[test]
+fn sctp_is_translated_with_its_crc32c_fixed_both_ways() {
+    for (client, frontend, backend, empty) in [
+        (
+            "10.0.0.5:40000",
+            "10.96.0.38:38",
+            "10.0.3.1:3868",
+            "10.96.0.39:38",
+        ),
+        (
+            "[fd00::5]:40000",
+            "[fd00:96::38]:38",
+            "[fd00:3::1]:3868",
+            "[fd00:96::39]:38",
+        ),
+    ] {
+        let (client, frontend, backend, empty) = (ep(client), ep(frontend), ep(backend), ep(empty));
+        let setup = move |dp: &mut Datapath| {
+            dp.backend(6, backend, SCTP);
+            dp.frontend(frontend, SCTP, 5, &[6]);
+            dp.frontend(empty, SCTP, 7, &[]);
+        };
+        let payload: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        run_case(Case::on(
+            BOTH,
+            "sctp_is_translated_with_its_crc32c_fixed_both_ways",
+            setup,
+            vec![
+                send(
+                    sctp(client, frontend, &payload),
+                    Expect::Frame(sctp(client, backend, &payload)),
+                ),
+                send(
+                    sctp(backend, client, b"answer"),
+                    Expect::Frame(sctp(frontend, client, b"answer")),
+                ),
+                // A later packet of the association: the flow decides.
+                send(
+                    sctp(client, frontend, b"more"),
+                    Expect::Frame(sctp(client, backend, b"more")),
+                ),
+                // No endpoint: refused as kube-proxy does for SCTP (ICMP).
+                send(sctp(client, empty, b"init"), Expect::IcmpPortUnreachable),
+                counters(&[
+                    (stat::NEW_FLOW, 1),
+                    (stat::ESTABLISHED, 1),
+                    (stat::REPLY, 1),
+                ]),
+            ],
+        ));
+    }
+}

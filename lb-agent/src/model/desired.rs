@@ -9,7 +9,9 @@ use std::{
 };
 
 use ipnet::IpNet;
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, frontend_kind};
+use lb_common::{
+    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, frontend_kind,
+};
 use serde::Serialize;
 
 use super::ObjectKey;
@@ -19,6 +21,7 @@ use super::ObjectKey;
 pub enum Protocol {
     Tcp,
     Udp,
+    Sctp,
 }
 
 impl Protocol {
@@ -26,6 +29,7 @@ impl Protocol {
         match self {
             Protocol::Tcp => IPPROTO_TCP,
             Protocol::Udp => IPPROTO_UDP,
+            Protocol::Sctp => IPPROTO_SCTP,
         }
     }
 
@@ -33,17 +37,19 @@ impl Protocol {
         match n {
             IPPROTO_TCP => Some(Protocol::Tcp),
             IPPROTO_UDP => Some(Protocol::Udp),
+            IPPROTO_SCTP => Some(Protocol::Sctp),
             _ => None,
         }
     }
 
-    /// Kubernetes' spelling; None for SCTP and anything unknown.
+    /// Kubernetes' spelling.
     pub fn from_k8s(s: Option<&str>) -> Result<Self, String> {
         match s.unwrap_or("TCP") {
             "TCP" => Ok(Protocol::Tcp),
             "UDP" => Ok(Protocol::Udp),
+            "SCTP" => Ok(Protocol::Sctp),
             other => Err(format!(
-                "protocol {other:?} is not supported (TCP and UDP are)"
+                "protocol {other:?} is not supported (TCP, UDP and SCTP are)"
             )),
         }
     }
@@ -54,6 +60,7 @@ impl fmt::Display for Protocol {
         f.write_str(match self {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
         })
     }
 }

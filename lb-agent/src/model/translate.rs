@@ -895,21 +895,9 @@ fn service_frontends(
     for (i, port) in ports.iter().enumerate() {
         let number = port_number(port.port)
             .ok_or_else(|| format!("spec.ports[{i}].port {} is outside 1..=65535", port.port))?;
-        match port.protocol.as_deref() {
-            Some("SCTP") => {
-                problems.push(Problem {
-                    object: format!("Service {key}"),
-                    reason: format!(
-                        "spec.ports[{i}] ({number}/SCTP) skipped: SCTP is not supported"
-                    ),
-                });
-                continue;
-            }
-            p => {
-                let proto = Protocol::from_k8s(p).map_err(|e| format!("spec.ports[{i}]: {e}"))?;
-                checked.push((port, number, proto));
-            }
-        }
+        let proto = Protocol::from_k8s(port.protocol.as_deref())
+            .map_err(|e| format!("spec.ports[{i}]: {e}"))?;
+        checked.push((port, number, proto));
     }
 
     let service_type = spec.service_type.as_deref().unwrap_or("ClusterIP");
