@@ -137,6 +137,7 @@ pub enum ExplainVia {
 pub enum ProtoArg {
     Tcp,
     Udp,
+    Sctp,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]

@@ -157,7 +157,7 @@ fn report<P: Packet>(
     let what = monitor::with_icmp(what, type_code[0], type_code[1]);
     let what = monitor::with_backend_port(what, backend.1);
     let ifindex = pkt.ifindex();
-    monitor::emit(what, outer, &backend.0, rev_nat_id, ifindex);
+    monitor::emit(what, outer, &backend.0, monitor::ids(rev_nat_id, ifindex));
 }
 
 /// The other end of the quote after translation: the entry's source NAT end

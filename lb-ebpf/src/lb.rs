@@ -279,7 +279,7 @@ fn unallocated<P: Packet>(pkt: &mut P, scope: u8) -> i32 {
             scope,
         );
         let ifindex = pkt.ifindex();
-        monitor::emit(what, &flow, &ct::no_addr(), 0, ifindex);
+        monitor::emit(what, &flow, &ct::no_addr(), monitor::ids(0, ifindex));
     }
     pkt.drop_verdict()
 }
@@ -611,7 +611,12 @@ fn forward<P: Packet>(
                 );
                 let what = monitor::with_backend_port(what, nat.port_be);
                 let ifindex = pkt.ifindex();
-                monitor::emit(what, flow, &nat.addr_be, frontend.rev_nat_id, ifindex);
+                monitor::emit(
+                    what,
+                    flow,
+                    &nat.addr_be,
+                    monitor::ids(frontend.rev_nat_id, ifindex),
+                );
             }
             return pkt.drop_verdict();
         }
@@ -627,7 +632,12 @@ fn forward<P: Packet>(
         let what = monitor::what(event_kind::NEW, event_reason::NEW_FLOW, key.scope);
         let what = monitor::with_backend_port(what, nat.port_be);
         let ifindex = pkt.ifindex();
-        monitor::emit(what, flow, &nat.addr_be, frontend.rev_nat_id, ifindex);
+        monitor::emit(
+            what,
+            flow,
+            &nat.addr_be,
+            monitor::ids(frontend.rev_nat_id, ifindex),
+        );
     }
     REWRITE
 }
@@ -1082,7 +1092,12 @@ fn refuse<P: Packet>(pkt: &mut P, flow: &Flow, reason: u8, rev_nat_id: u32, scop
             if monitor::wanted(event_kind::REJECT) {
                 let what = monitor::what(event_kind::REJECT, reason, scope);
                 let ifindex = pkt.ifindex();
-                monitor::emit(what, flow, &ct::no_addr(), rev_nat_id, ifindex);
+                monitor::emit(
+                    what,
+                    flow,
+                    &ct::no_addr(),
+                    monitor::ids(rev_nat_id, ifindex),
+                );
             }
             pkt.bounce()
         }
@@ -1101,6 +1116,11 @@ fn dropped<P: Packet>(pkt: &P, flow: &Flow, reason: u8, rev_nat_id: u32, scope: 
     if monitor::wanted(event_kind::DROP) {
         let what = monitor::what(event_kind::DROP, reason, scope);
         let ifindex = pkt.ifindex();
-        monitor::emit(what, flow, &ct::no_addr(), rev_nat_id, ifindex);
+        monitor::emit(
+            what,
+            flow,
+            &ct::no_addr(),
+            monitor::ids(rev_nat_id, ifindex),
+        );
     }
 }

@@ -30,6 +30,9 @@ pub fn rewrite<P: Packet>(
     addr_be: Addr,
     port_be: u16,
 ) -> Result<()> {
+    if flow.proto == IPPROTO_SCTP {
+        return rewrite_sctp(pkt, flow, end, addr_be, port_be);
+    }
     let (kind, csum_off) = if flow.proto == IPPROTO_TCP {
         (L4Csum::Tcp, flow.l4_off + TCP_CSUM)
     } else {
@@ -75,24 +78,6 @@ pub fn rewrite<P: Packet>(
         }
         return Ok(());
     }
-    // SCTP's CRC32c covers the SCTP packet alone, no pseudo header: an
-    // address changes the IP header only, a port the CRC.
-    let sctp = flow.proto == IPPROTO_SCTP;
-    if sctp {
-        if old_addr != addr_be {
-            if flow.v6 {
-                pkt.store_addr6(addr_off, &addr_be)?;
-            } else {
-                let (from, to) = (old_addr.v4_be(), addr_be.v4_be());
-                pkt.l3_csum_replace4(flow.l3_off + IP_CSUM_OFF, from, to)?;
-                pkt.store(addr_off, &to)?;
-            }
-        }
-        if old_port != port_be {
-            sctp_port(pkt, flow, port_off, old_port, port_be)?;
-        }
-        return Ok(());
-    }
     if old_addr != addr_be {
         if flow.v6 {
             // Each changed word of the address is a pseudo-header change.
@@ -117,33 +102,47 @@ pub fn rewrite<P: Packet>(
     Ok(())
 }
 
-/// The CRC change for `delta` (the first four bytes' change, as loaded)
-/// over an SCTP packet of `len` bytes. A global BPF function: scalars in,
-/// a scalar out, so the verifier checks it once, not at every call.
-#[unsafe(no_mangle)]
+/// `rewrite` for SCTP. Its CRC32c covers the SCTP packet alone, no pseudo
+/// header: an address changes the IP header only, a port the CRC, fixed
+/// by the change alone (see `lb_common::sctp_crc`). Stores keep tc's
+/// CHECKSUM_COMPLETE sum right (no Internet checksum covers them).
 #[inline(never)]
-pub extern "C" fn lb_sctp_crc_change(delta: u32, len: u32) -> u32 {
-    sctp_crc::port_change(delta.to_ne_bytes(), len)
-}
-
-/// Rewrite an SCTP port and fix the CRC32c by the change alone (see
-/// `lb_common::sctp_crc`): the packet's length is all it needs. Both
-/// stores keep tc's CHECKSUM_COMPLETE sum right (no Internet checksum
-/// covers them).
-#[inline(never)]
-fn sctp_port<P: Packet>(
+fn rewrite_sctp<P: Packet>(
     pkt: &mut P,
     flow: &Flow,
-    port_off: u32,
-    old_port: u16,
+    end: End,
+    addr_be: Addr,
     port_be: u16,
 ) -> Result<()> {
-    let (o, n) = (old_port.to_ne_bytes(), port_be.to_ne_bytes());
-    let change = [o[0] ^ n[0], o[1] ^ n[1]];
-    let delta = if port_off == flow.l4_off + L4_SPORT {
-        [change[0], change[1], 0, 0]
+    let source = end == End::Source;
+    let (addr_off, old_addr) = match (source, flow.v6) {
+        (false, false) => (flow.l3_off + IP_DST_OFF, flow.dst_be),
+        (true, false) => (flow.l3_off + IP_SRC_OFF, flow.src_be),
+        (false, true) => (flow.l3_off + IP6_DST_OFF, flow.dst_be),
+        (true, true) => (flow.l3_off + IP6_SRC_OFF, flow.src_be),
+    };
+    if old_addr != addr_be {
+        if flow.v6 {
+            pkt.store_addr6(addr_off, &addr_be)?;
+        } else {
+            let (from, to) = (old_addr.v4_be(), addr_be.v4_be());
+            pkt.l3_csum_replace4(flow.l3_off + IP_CSUM_OFF, from, to)?;
+            pkt.store(addr_off, &to)?;
+        }
+    }
+    let (port_off, old_port) = if source {
+        (flow.l4_off + L4_SPORT, flow.sport_be)
     } else {
-        [0, 0, change[0], change[1]]
+        (flow.l4_off + L4_DPORT, flow.dport_be)
+    };
+    if old_port == port_be {
+        return Ok(());
+    }
+    let (o, n) = (old_port.to_ne_bytes(), port_be.to_ne_bytes());
+    let delta = if source {
+        [o[0] ^ n[0], o[1] ^ n[1], 0, 0]
+    } else {
+        [0, 0, o[0] ^ n[0], o[1] ^ n[1]]
     };
     let csum_off = flow.l4_off + SCTP_CSUM;
     // Stored little-endian (the CRC's bit order): a native load on BPF.
@@ -151,6 +150,15 @@ fn sctp_port<P: Packet>(
     let fixed = crc ^ lb_sctp_crc_change(u32::from_ne_bytes(delta), flow.ip_end - flow.l4_off);
     pkt.store_uncovered(port_off, &port_be)?;
     pkt.store_uncovered(csum_off, &fixed)
+}
+
+/// The CRC change for `delta` (the first four bytes' change, as loaded)
+/// over an SCTP packet of `len` bytes. A global BPF function: scalars in,
+/// a scalar out, so the verifier checks it once, not at every call.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_sctp_crc_change(delta: u32, len: u32) -> u32 {
+    sctp_crc::port_change(delta.to_ne_bytes(), len)
 }
 
 /// Count the hop of a packet lb forwards past the stack (which would have):

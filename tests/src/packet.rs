@@ -1549,6 +1549,11 @@ impl<'a> View<'a> {
                     assert_eq!(fold(pseudo + sum16(l4)), 0xffff, "{ctx}: bad UDP checksum");
                 }
             }
+            132 => assert_eq!(
+                sctp_crc32c(l4),
+                u32::from_le_bytes([l4[8], l4[9], l4[10], l4[11]]),
+                "{ctx}: bad SCTP CRC32c"
+            ),
             1 => assert_eq!(fold(sum16(l4)), 0xffff, "{ctx}: bad ICMP checksum"),
             58 => assert_eq!(
                 fold(pseudo + sum16(l4)),
@@ -1601,6 +1606,14 @@ fn assert_translated(ctx: &str, input: &[u8], out: &[u8], src: Ep, dst: Ep) {
                 &il4[18..],
                 "{ctx}: TCP options or payload changed"
             );
+        }
+        132 => {
+            assert_eq!(
+                &ol4[4..8],
+                &il4[4..8],
+                "{ctx}: SCTP verification tag changed"
+            );
+            assert_eq!(&ol4[12..], &il4[12..], "{ctx}: SCTP chunks changed");
         }
         _ => {
             assert_eq!(&ol4[4..6], &il4[4..6], "{ctx}: UDP length changed");

@@ -1118,3 +1118,68 @@ fn unallocated_service_ips_are_dropped_from_pods_the_node_and_outside() {
         )],
     ));
 }
+
+/// An SCTP NodePort to a remote endpoint: both ends rewritten (the client
+/// to the node's SNAT address and port, the NodePort to the endpoint), so
+/// the CRC32c is fixed twice each way; the harness checks it against one
+/// computed from scratch. And one to a local endpoint, client kept.
+#[test]
+fn sctp_nodeport_is_translated_and_masqueraded_with_its_crc32c_fixed() {
+    const SCTP: u8 = lb_common::IPPROTO_SCTP;
+    const SCTP_PORT: &str = "192.168.50.1:30038";
+    const LOCAL_SCTP: &str = "10.1.1.2:3868";
+    const REMOTE_SCTP: &str = "10.1.2.4:3868";
+    fn setup(dp: &mut Datapath) {
+        node_config(dp, SNAT_PORT);
+        dp.backend(11, ep(REMOTE_SCTP), SCTP);
+        dp.set_backend_state(11, 0, backend_flags::REMOTE);
+        dp.backend(12, ep(LOCAL_SCTP), SCTP);
+        dp.external_frontend(ep(SCTP_PORT), SCTP, 11, &[11], frontend_kind::NODE_PORT);
+        dp.external_frontend(
+            Ep {
+                port: 30039,
+                ..ep(SCTP_PORT)
+            },
+            SCTP,
+            12,
+            &[12],
+            frontend_kind::NODE_PORT,
+        );
+    }
+    let payload: Vec<u8> = (0..=255u8).cycle().take(600).collect();
+    run_case(case(
+        "sctp_nodeport_is_translated_and_masqueraded_with_its_crc32c_fixed",
+        setup,
+        vec![
+            send(
+                sctp(ep(CLIENT), ep(SCTP_PORT), &payload),
+                Expect::Nat {
+                    src: snat(SNAT_PORT),
+                    dst: ep(REMOTE_SCTP),
+                },
+            ),
+            send(
+                sctp(ep(REMOTE_SCTP), snat(SNAT_PORT), b"init-ack"),
+                Expect::Nat {
+                    src: ep(SCTP_PORT),
+                    dst: ep(CLIENT),
+                },
+            ),
+            send(
+                sctp(
+                    ep(OTHER_CLIENT),
+                    Ep {
+                        port: 30039,
+                        ..ep(SCTP_PORT)
+                    },
+                    b"init",
+                ),
+                Expect::Nat {
+                    src: ep(OTHER_CLIENT),
+                    dst: ep(LOCAL_SCTP),
+                },
+            ),
+            counters(&[(stat::NEW_FLOW, 2), (stat::NODEPORT_SNAT, 1)]),
+        ],
+    ));
+}

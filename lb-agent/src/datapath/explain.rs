@@ -132,10 +132,14 @@ fn octets(ip: IpAddr) -> Vec<u8> {
     }
 }
 
-/// A TCP SYN or a UDP datagram from `from` to `to` (same family), with
-/// valid checksums.
+/// A TCP SYN, a UDP datagram or an SCTP packet (common header and an INIT
+/// chunk) from `from` to `to` (same family), with valid checksums.
 pub fn synthetic_packet(from: SocketAddr, to: SocketAddr, proto: Protocol) -> Vec<u8> {
-    let l4_len = if proto == Protocol::Tcp { 20 } else { 8 + 4 };
+    let l4_len = match proto {
+        Protocol::Tcp => 20,
+        Protocol::Udp => 8 + 4,
+        Protocol::Sctp => 12 + 20,
+    };
     let v6 = to.is_ipv6();
     let ip_len = if v6 { 40 } else { 20 };
     let mut p = vec![0u8; 14 + ip_len + l4_len];
@@ -164,20 +168,52 @@ pub fn synthetic_packet(from: SocketAddr, to: SocketAddr, proto: Protocol) -> Ve
     let l4 = &mut p[14 + ip_len..];
     l4[0..2].copy_from_slice(&from.port().to_be_bytes());
     l4[2..4].copy_from_slice(&to.port().to_be_bytes());
-    if proto == Protocol::Tcp {
-        l4[4..8].copy_from_slice(&1u32.to_be_bytes());
-        l4[12] = 5 << 4;
-        l4[13] = 0x02; // SYN
-        l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    } else {
-        l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
-        l4[8..12].copy_from_slice(b"lb?\n");
+    match proto {
+        Protocol::Tcp => {
+            l4[4..8].copy_from_slice(&1u32.to_be_bytes());
+            l4[12] = 5 << 4;
+            l4[13] = 0x02; // SYN
+            l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        }
+        Protocol::Udp => {
+            l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+            l4[8..12].copy_from_slice(b"lb?\n");
+        }
+        Protocol::Sctp => {
+            // INIT: type 1, length 20, initiate tag, a_rwnd, streams, TSN.
+            l4[12] = 1;
+            l4[14..16].copy_from_slice(&20u16.to_be_bytes());
+            l4[16..20].copy_from_slice(&1u32.to_be_bytes());
+            l4[20..24].copy_from_slice(&65535u32.to_be_bytes());
+            l4[24..26].copy_from_slice(&1u16.to_be_bytes());
+            l4[26..28].copy_from_slice(&1u16.to_be_bytes());
+            l4[28..32].copy_from_slice(&1u32.to_be_bytes());
+            let crc = sctp_crc32c(l4);
+            l4[8..12].copy_from_slice(&crc.to_le_bytes());
+            return p;
+        }
     }
     let pseudo = sum16(&src) + sum16(&dst) + proto.number() as u32 + l4_len as u32;
     let csum_at = if proto == Protocol::Tcp { 16 } else { 6 };
     let c = !fold(pseudo + sum16(l4));
     l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
     p
+}
+
+/// SCTP's CRC32c of a whole SCTP packet whose checksum field is zero.
+fn sctp_crc32c(packet: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for b in packet {
+        crc ^= *b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
 }
 
 /// The tc program loaded against the live shared maps, with private

@@ -810,6 +810,7 @@ pub fn explain(args: &ExplainArgs) -> Result<()> {
     let proto = match args.proto {
         ProtoArg::Tcp => Protocol::Tcp,
         ProtoArg::Udp => Protocol::Udp,
+        ProtoArg::Sctp => Protocol::Sctp,
     };
     let maps = Maps::open_pinned(&args.bpffs)
         .with_context(|| format!("opening the maps pinned under {}", args.bpffs.display()))?;

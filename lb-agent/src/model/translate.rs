@@ -2003,7 +2003,7 @@ mod tests {
         let sl = slice(
             "s",
             "dns",
-            json!([{"name": "dns", "port": 5353, "protocol": "UDP"}, {"name": "dns-tcp", "port": 5354, "protocol": "TCP"}]),
+            json!([{"name": "dns", "port": 5353, "protocol": "UDP"}, {"name": "dns-tcp", "port": 5354, "protocol": "TCP"}, {"name": "sctp", "port": 3868, "protocol": "SCTP"}]),
             json!([ready("10.0.0.1")]),
         );
         let t = translate(&state(vec![s], vec![sl]), &node());
@@ -2018,13 +2018,16 @@ mod tests {
                     "10.96.0.53:53/UDP".to_string(),
                     vec!["10.0.0.1:5353".to_string()]
                 ),
+                (
+                    "10.96.0.53:99/SCTP".to_string(),
+                    vec!["10.0.0.1:3868".to_string()]
+                ),
             ]
         );
         for f in t.desired.frontends.values() {
             assert_eq!(f.affinity_timeout_s, Some(DEFAULT_AFFINITY_TIMEOUT_S));
         }
-        assert_eq!(t.problems.len(), 1, "SCTP port reported: {:?}", t.problems);
-        assert!(t.problems[0].reason.contains("SCTP is not supported"));
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
         assert_eq!(t.desired.addresses.len(), 1);
     }
 
