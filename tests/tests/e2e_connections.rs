@@ -425,6 +425,40 @@ fn explain_shows_frontend_candidates_deciding_state_and_verdict() {
         "{text}"
     );
 
+    // SCTP (this kernel has none, but the programs translate it): a
+    // synthetic INIT through the pod program.
+    c.write(
+        "sctp.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: diameter}\nspec:\n  clusterIP: 10.96.0.38\n  selector: {app: web}\n  ports: [{name: diameter, port: 38, targetPort: 3868, protocol: SCTP}]\n",
+    );
+    let sctp_backends: Vec<String> = WEB_IPS.iter().map(|ip| format!("{ip}:3868")).collect();
+    c.wait_backends(
+        "10.96.0.38:38/SCTP",
+        &sctp_backends.iter().map(String::as_str).collect::<Vec<_>>(),
+        Duration::from_secs(5),
+    );
+    let text = explain(
+        &c,
+        &[
+            "--from",
+            "10.244.1.2",
+            "--to",
+            "10.96.0.38:38",
+            "--proto",
+            "sctp",
+        ],
+    );
+    assert!(
+        text.contains("frontend   10.96.0.38:38/SCTP ClusterIP"),
+        "{text}"
+    );
+    assert!(
+        WEB_IPS
+            .iter()
+            .any(|ip| text.contains(&format!("translated to {ip}:3868"))),
+        "{text}"
+    );
+
     // The node's own sockets: connect() through the socket-level program,
     // from a namespace of explain's own (nothing is sent).
     let sock_translated = || c.stats()["sock_translated"].as_u64().unwrap();
