@@ -147,8 +147,14 @@ fn rewrite_sctp<P: Packet>(
     let csum_off = flow.l4_off + SCTP_CSUM;
     // Stored little-endian (the CRC's bit order): a native load on BPF.
     let crc: u32 = pkt.load(csum_off)?;
-    let fixed = crc ^ lb_sctp_crc_change(u32::from_ne_bytes(delta), flow.ip_end - flow.l4_off);
     pkt.store_uncovered(port_off, &port_be)?;
+    if crc == 0 {
+        // Not computed yet: a pod's packet through its veth (SCTP CRC
+        // offload) gets its CRC when it leaves, over the new port. A real
+        // CRC of 0 (one in 2^32) costs a retransmission.
+        return Ok(());
+    }
+    let fixed = crc ^ lb_sctp_crc_change(u32::from_ne_bytes(delta), flow.ip_end - flow.l4_off);
     pkt.store_uncovered(csum_off, &fixed)
 }
 

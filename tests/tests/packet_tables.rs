@@ -1050,14 +1050,33 @@ fn sctp_is_translated_with_its_crc32c_fixed_both_ways() {
                     sctp(client, frontend, b"more"),
                     Expect::Frame(sctp(client, backend, b"more")),
                 ),
+                // A CRC not computed yet (offloaded: zero) stays zero, for
+                // the device that computes it over the new port.
+                send(
+                    zero_crc(&sctp(client, frontend, b"offloaded")),
+                    Expect::Frame(zero_crc(&sctp(client, backend, b"offloaded"))),
+                ),
                 // No endpoint: refused as kube-proxy does for SCTP (ICMP).
                 send(sctp(client, empty, b"init"), Expect::IcmpPortUnreachable),
                 counters(&[
                     (stat::NEW_FLOW, 1),
-                    (stat::ESTABLISHED, 1),
+                    (stat::ESTABLISHED, 2),
                     (stat::REPLY, 1),
                 ]),
             ],
         ));
     }
+}
+
+/// `frame` (an SCTP frame from the builder) with its CRC32c field zeroed,
+/// as a packet whose CRC the device computes is until it leaves.
+fn zero_crc(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    let l4 = if f[12..14] == [0x86, 0xdd] {
+        14 + 40
+    } else {
+        14 + ((f[14] & 0x0f) as usize) * 4
+    };
+    f[l4 + 8..l4 + 12].fill(0);
+    f
 }

@@ -900,6 +900,13 @@ pub fn explain(args: &ExplainArgs) -> Result<()> {
     let random = frontend.is_some_and(|f| f.backends.len() > 1 && !f.flags.contains(&"maglev"));
     let rev_nat_id = frontend.map(|f| f.rev_nat_id);
     let (client, port_given) = match from {
+        ExplainFrom::Node if proto == Protocol::Sctp => {
+            println!(
+                "verdict    not translated: socket-level LB handles TCP and UDP; the node's own SCTP packets leave to {} untranslated",
+                args.to
+            );
+            return Ok(());
+        }
         ExplainFrom::Node => {
             let cgroup = args
                 .cgroup_root

@@ -295,7 +295,8 @@ impl DesiredState {
         let last = FrontendKey {
             addr,
             port: u16::MAX,
-            proto: Protocol::Udp,
+            // The last protocol in the key's order.
+            proto: Protocol::Sctp,
             scope: Scope::External,
         };
         let mut entry: Option<AddressEntry> = None;
