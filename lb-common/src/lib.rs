@@ -269,16 +269,7 @@ pub mod sctp_crc {
         let mut crc = 0u32;
         let mut i = 0;
         while i < 4 {
-            crc ^= bytes[i] as u32;
-            let mut bit = 0;
-            while bit < 8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ POLY
-                } else {
-                    crc >> 1
-                };
-                bit += 1;
-            }
+            crc = shift8(crc ^ bytes[i] as u32);
             i += 1;
         }
         crc
@@ -301,60 +292,30 @@ pub mod sctp_crc {
         crc
     }
 
-    /// Bytes of SCTP packet `zeros_after_change` can take: a 16-bit IP length.
-    pub const ZEROS_MAX: usize = 1 << 16;
-
-    /// x^(8n) modulo the polynomial for every n < `ZEROS_MAX`: `n` zero
-    /// bytes appended, in one multiplication (the kernel programs' table).
-    pub const fn zeros_table() -> [u32; ZEROS_MAX] {
-        let mut t = [0u32; ZEROS_MAX];
-        // x^0.
-        t[0] = 1 << 31;
-        let mut n = 1;
-        while n < ZEROS_MAX {
-            t[n] = mul_mod(t[n - 1], ZERO_BYTES[0]);
-            n += 1;
+    /// The CRC32c of a whole SCTP packet with its checksum field (bytes
+    /// 8..12) counted as zero, as the header stores it (little-endian).
+    pub fn checksum(packet: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for (i, byte) in packet.iter().enumerate() {
+            let byte = if (8..12).contains(&i) { 0 } else { *byte };
+            crc = shift8(crc ^ byte as u32);
         }
-        t
+        !crc
     }
 
-    /// The CRC register of one byte (the bytewise table).
-    pub const fn byte_table() -> [u32; 256] {
-        let mut t = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut crc = i as u32;
-            let mut bit = 0;
-            while bit < 8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ POLY
-                } else {
-                    crc >> 1
-                };
-                bit += 1;
-            }
-            t[i] = crc;
-            i += 1;
-        }
-        t
-    }
-
-    /// `port_change` by the tables: four byte steps and one multiplication.
+    /// Eight steps of the register: one byte in.
     #[inline(always)]
-    pub fn port_change_by_tables(
-        delta: [u8; 4],
-        len: u32,
-        bytes: &[u32; 256],
-        zeros: &[u32; ZEROS_MAX],
-    ) -> u32 {
-        let mut crc = 0u32;
-        let mut i = 0;
-        while i < 4 {
-            crc = (crc >> 8) ^ bytes[((crc ^ delta[i] as u32) & 0xff) as usize];
-            i += 1;
+    const fn shift8(mut crc: u32) -> u32 {
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ POLY
+            } else {
+                crc >> 1
+            };
+            bit += 1;
         }
-        let n = (len.saturating_sub(4) as usize) & (ZEROS_MAX - 1);
-        mul_mod(zeros[n], crc)
+        crc
     }
 }
 
@@ -1305,63 +1266,25 @@ mod tests {
     use super::*;
     use core::mem::{offset_of, size_of};
 
-    /// SCTP's checksum of a whole packet, computed bit by bit (the
-    /// checksum field counted as zero), as stored: little-endian.
-    fn sctp_checksum(packet: &[u8]) -> u32 {
-        let mut crc = !0u32;
-        for (i, b) in packet.iter().enumerate() {
-            let b = if (8..12).contains(&i) { 0 } else { *b };
-            crc ^= b as u32;
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0x82F6_3B78
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    }
-
     #[test]
     fn sctp_checksum_matches_rfc_test_vector() {
-        // RFC 3720 B.4: 32 bytes of zeros -> CRC32c 0x8a9136aa (computed
-        // with the usual init and final XOR over the whole buffer).
-        let mut crc = !0u32;
-        for _ in 0..32 {
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0x82F6_3B78
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        assert_eq!(!crc, 0x8a91_36aa);
+        // RFC 3720 B.4: 32 bytes of zeros -> CRC32c 0x8a9136aa.
+        assert_eq!(sctp_crc::checksum(&[0u8; 32]), 0x8a91_36aa);
     }
-
-    static BYTES: [u32; 256] = sctp_crc::byte_table();
-    #[allow(long_running_const_eval)]
-    static ZEROS: [u32; sctp_crc::ZEROS_MAX] = sctp_crc::zeros_table();
 
     #[test]
     fn sctp_port_change_equals_a_recomputed_checksum() {
         for len in [12usize, 13, 16, 28, 100, 1500, 9000, 65_000] {
             let mut packet: std::vec::Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
-            let before = sctp_checksum(&packet);
+            let before = sctp_crc::checksum(&packet);
             let old: [u8; 4] = packet[0..4].try_into().unwrap();
             packet[0..4].copy_from_slice(&[0x1f, 0x90, 0x00, 0x50]);
-            let after = sctp_checksum(&packet);
+            let after = sctp_crc::checksum(&packet);
             let delta = [old[0] ^ 0x1f, old[1] ^ 0x90, old[2], old[3] ^ 0x50];
             assert_eq!(
                 before ^ sctp_crc::port_change(delta, len as u32),
                 after,
                 "len {len}"
-            );
-            assert_eq!(
-                sctp_crc::port_change_by_tables(delta, len as u32, &BYTES, &ZEROS),
-                sctp_crc::port_change(delta, len as u32),
-                "tables, len {len}"
             );
         }
     }

@@ -199,22 +199,8 @@ pub fn udp(src: Ep, dst: Ep, payload: &[u8]) -> Vec<u8> {
 }
 
 /// SCTP's CRC32c of a whole SCTP packet (checksum field counted as zero),
-/// bit by bit: the reference the datapath's incremental fix must match.
-pub fn sctp_crc32c(packet: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for (i, b) in packet.iter().enumerate() {
-        let b = if (8..12).contains(&i) { 0 } else { *b };
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82F6_3B78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
+/// from the bytes: the reference the datapath's incremental fix must match.
+pub use lb_common::sctp_crc::checksum as sctp_crc32c;
 
 /// An SCTP packet from `src` to `dst`: the common header (verification
 /// tag 0x01020304) and one DATA chunk carrying `payload`, with its CRC32c.

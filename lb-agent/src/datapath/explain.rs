@@ -188,7 +188,7 @@ pub fn synthetic_packet(from: SocketAddr, to: SocketAddr, proto: Protocol) -> Ve
             l4[24..26].copy_from_slice(&1u16.to_be_bytes());
             l4[26..28].copy_from_slice(&1u16.to_be_bytes());
             l4[28..32].copy_from_slice(&1u32.to_be_bytes());
-            let crc = sctp_crc32c(l4);
+            let crc = lb_common::sctp_crc::checksum(l4);
             l4[8..12].copy_from_slice(&crc.to_le_bytes());
             return p;
         }
@@ -198,22 +198,6 @@ pub fn synthetic_packet(from: SocketAddr, to: SocketAddr, proto: Protocol) -> Ve
     let c = !fold(pseudo + sum16(l4));
     l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
     p
-}
-
-/// SCTP's CRC32c of a whole SCTP packet whose checksum field is zero.
-fn sctp_crc32c(packet: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for b in packet {
-        crc ^= *b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82F6_3B78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }
 
 /// The tc program loaded against the live shared maps, with private
