@@ -13,7 +13,7 @@ use thiserror::Error;
 
 use crate::model::{
     NodeConfig,
-    cluster::{DEFAULT_HAIRPIN_SNAT_ADDR, DEFAULT_HAIRPIN_SNAT_ADDR6},
+    cluster::{DEFAULT_HAIRPIN_SNAT_ADDR, DEFAULT_HAIRPIN_SNAT_ADDR6, ForwardingMode},
 };
 
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/lb";
@@ -283,6 +283,13 @@ pub struct RunArgs {
     /// Backend selection for Services without the `lb/algorithm` annotation. Default: random
     #[arg(long, value_enum)]
     pub default_algorithm: Option<Algorithm>,
+    /// How traffic from outside reaches endpoints on other nodes
+    /// (externalTrafficPolicy Cluster), for Services without the
+    /// `lb/forwarding-mode` annotation: snat (through this node), dsr (the
+    /// endpoint's node answers the client directly, client address kept),
+    /// hybrid (dsr for TCP, snat for UDP). Default: snat
+    #[arg(long, value_enum)]
+    pub default_forwarding_mode: Option<ForwardingMode>,
     /// Agent settings as YAML; flags given on the command line win.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -351,6 +358,7 @@ pub struct FileConfig {
     pub hairpin_snat_address: Option<Ipv4Addr>,
     pub hairpin_snat_address6: Option<std::net::Ipv6Addr>,
     pub default_algorithm: Option<Algorithm>,
+    pub default_forwarding_mode: Option<ForwardingMode>,
     pub lb_map_max: Option<u32>,
     pub ct_max_tcp: Option<u32>,
     pub ct_max_other: Option<u32>,
@@ -629,6 +637,10 @@ impl RunArgs {
                     .masquerade_cluster_policy
                     .or(file.masquerade_cluster_policy)
                     .unwrap_or(true),
+                default_forwarding_mode: self
+                    .default_forwarding_mode
+                    .or(file.default_forwarding_mode)
+                    .unwrap_or_default(),
             },
             pod_devices,
             devices,

@@ -219,6 +219,10 @@ pub mod map_sizes {
 /// veth; the fast path's peer redirect clears it itself. Outside
 /// kube-proxy's (0x4000, 0x8000) and Calico's (0xffff0000) bits.
 pub const MARK_TRANSLATED: u32 = 0x0000_0800;
+/// `skb->mark` bit beside `MARK_TRANSLATED` on a packet of a DSR flow the
+/// node program translated under tc: the node's egress program must still
+/// look at it, to put the frontend into the packet (`dsr` module).
+pub const MARK_DSR: u32 = 0x0000_1000;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -465,6 +469,32 @@ pub mod service_flags {
     /// --cluster-cidr, and NodePorts / LoadBalancer IPs / externalIPs under
     /// externalTrafficPolicy Cluster (from outside and from pods).
     pub const MASQUERADE: u32 = 1 << 16;
+    /// Direct server return (`lb/forwarding-mode`): a new flow from outside
+    /// to a backend on another node keeps its client address and carries
+    /// the frontend's address and port to the backend's node in an IP
+    /// option (IPv6: a Destination Options header), whose answer goes
+    /// straight to the client. On external-scope entries only.
+    pub const DSR: u32 = 1 << 17;
+}
+
+/// Direct server return on the wire, as Cilium's DSR "option" mode puts
+/// it: the frontend a flow came to rides to the backend's node in the
+/// flow's first packet (TCP SYNs; every UDP datagram).
+pub mod dsr {
+    /// IPv4 option type: copied on fragmentation (0x80), class 0, number
+    /// 26. Linux ignores options it does not know on received packets.
+    pub const OPT4_TYPE: u8 = 0x9a;
+    /// type, length, port (2), address (4).
+    pub const OPT4_LEN: u8 = 8;
+    /// IPv6 Destination Options header holding one option of this type:
+    /// the top two bits 00 tell a receiver that does not know it to skip it.
+    pub const OPT6_TYPE: u8 = 0x1b;
+    /// The option's data: address (16), port (2), two zero bytes.
+    pub const OPT6_DATA_LEN: u8 = 20;
+    /// The whole header: next header, length, option type, length, data.
+    pub const OPT6_HDR_LEN: u32 = 24;
+    /// IPv6 next header: Destination Options.
+    pub const IPPROTO_DSTOPTS: u8 = 60;
 }
 
 /// Key of `LB_MAGLEV`: one entry of a backend set's Maglev lookup table.
@@ -608,6 +638,16 @@ pub mod ct_flags {
     pub const FIN_REPLY_SEEN: u16 = 1 << 4;
     /// A FIN from either side.
     pub const ANY_FIN: u16 = FIN_SEEN | FIN_REPLY_SEEN;
+    /// Direct server return, on the first node. Its forward entry: the
+    /// flow's answers go straight to the client, never here. Its second
+    /// entry, keyed by the translated packet (client -> backend, in the
+    /// reply direction's map slot): the node's egress program puts the
+    /// frontend it names into the flow's first packets (`dsr`).
+    pub const DSR: u16 = 1 << 5;
+    /// Direct server return, on the backend's node: a reply entry learnt
+    /// from the frontend another node's packet carried; it restores that
+    /// frontend as the source of the backend's answers.
+    pub const DSR_LEARNT: u16 = 1 << 6;
 }
 
 /// Conntrack lifetimes, in seconds, counted from the last packet: kube-proxy's
@@ -1149,8 +1189,17 @@ pub mod stat {
     /// (kube-proxy's nftables mode drops these rather than letting them
     /// follow the default route).
     pub const DROP_UNALLOCATED: u32 = 41;
+    /// A packet of a DSR flow sent to the backend's node with the frontend
+    /// in an IP option (IPv6: a Destination Options header).
+    pub const DSR_FORWARDED: u32 = 42;
+    /// A DSR flow learnt from that option on the backend's node: its
+    /// answers leave with the frontend as source.
+    pub const DSR_LEARNED: u32 = 43;
+    /// The DSR option could not be added (no room in the IPv4 header, or
+    /// the packet could not grow): the packet went on without it.
+    pub const ERR_DSR_OPTION: u32 = 44;
     /// Number of counters in use.
-    pub const COUNT: u32 = 42;
+    pub const COUNT: u32 = 45;
     /// Size of the stats array (room to grow without a layout change).
     pub const CAPACITY: u32 = 48;
 
@@ -1198,6 +1247,9 @@ pub mod stat {
         "drop_migrating",
         "monitor_events_lost",
         "drop_unallocated_service_ip",
+        "dsr_forwarded",
+        "dsr_learned",
+        "err_dsr_option",
     ];
 }
 

@@ -245,34 +245,25 @@ pub fn lookup_timed(key: &CtKey) -> Option<(*mut CtValue, u64)> {
     alive(entry, now).then_some((entry, now))
 }
 
-/// Whether the entry holding a reply tuple may be replaced: it is dead, or
-/// its connection was closed (reset, or FINs both ways: the tuple is free at
-/// once, as netfilter's NAT reuses TIME_WAIT tuples), or, with
-/// `own_first_try` (the flow's own source port, not a candidate from the
-/// range), it is this very flow's own: the same client tuple to the same
-/// frontend, being balanced again. A reply entry lives as long as its flow:
-/// a one-way flow renews it (`refresh_peer`).
+/// Whether the entry holding the flow's own reply tuple (its own source
+/// port, before any from the range) may be replaced: it is free for any
+/// flow (`tuple_free`), or it is this very flow's own: the same client
+/// tuple to the same frontend, being balanced again. A reply entry lives as
+/// long as its flow: a one-way flow renews it (`refresh_peer`).
 #[inline(always)]
-fn reusable(key: &CtKey, flow: &Flow, now: u64, own_first_try: bool) -> bool {
+fn reusable(key: &CtKey, flow: &Flow, now: u64) -> bool {
     match entry_ptr(key) {
         None => true,
         Some(entry) => {
             let entry_ref = unsafe { &*entry };
-            // On the first try the key's destination is the flow's source
-            // (or its SNAT address, restoring the flow's source).
-            let own = own_first_try
-                && entry_ref.nat_addr_be == flow.dst_be
+            // The key's destination is the flow's source (or its SNAT
+            // address, restoring the flow's source).
+            let own = entry_ref.nat_addr_be == flow.dst_be
                 && entry_ref.nat_port_be == flow.dport_be
                 && (entry_ref.snat_addr_be.is_none()
                     || (entry_ref.snat_addr_be == flow.src_be
                         && entry_ref.snat_port_be == flow.sport_be));
-            // Closed connections free their tuple (netfilter's NAT reuses
-            // TIME_WAIT / CLOSE tuples too): with a few thousand SNAT ports
-            // per backend, 120 s of TIME_WAIT would cap new connections.
-            let flags = entry_ref.flags;
-            let closed = (flags & ct_flags::RST_SEEN != 0)
-                | (flags & ct_flags::ANY_FIN == ct_flags::ANY_FIN);
-            own || closed || lookup(key, now).is_none()
+            own || tuple_free(key, now)
         }
     }
 }
@@ -313,6 +304,9 @@ pub struct NewFlow {
     pub backend_id: u32,
     pub rev_nat_id: u32,
     pub allocate: bool,
+    /// Direct server return: the answers go from the backend's node to the
+    /// client, never here; no reply entry, and the forward entry says so.
+    pub direct: bool,
     pub now: u64,
     pub len: u32,
 }
@@ -377,40 +371,43 @@ pub fn create(flow: &Flow, new: &NewFlow, nat: &mut Nat) -> Result<(), CreateErr
     reply.packets = zero;
     reply.bytes = zero;
     // Reply first: a forward entry must never exist without its way back.
-    let mut taken = !new.allocate
-        && (insert(reply_key, reply, BPF_NOEXIST)
-            || (reusable(reply_key, flow, new.now, true) && insert(reply_key, reply, BPF_ANY)));
+    if new.direct {
+        // No answer comes here: the second entry is keyed by the packet as
+        // it leaves for the backend's node (client -> backend), for the
+        // egress program to find and put the frontend into (`dsr.rs`). The
+        // client's port is kept: the backend's node answers it directly.
+        flags |= ct_flags::DSR;
+        reply.flags = flags;
+        reply_key.src_addr_be = flow.src_be;
+        reply_key.dst_addr_be = nat.addr_be;
+        reply_key.src_port_be = flow.sport_be;
+        reply_key.dst_port_be = nat.port_be;
+    }
+    let taken = if new.direct {
+        insert(reply_key, reply, BPF_ANY)
+    } else {
+        !new.allocate
+            && (insert(reply_key, reply, BPF_NOEXIST)
+                || (reusable(reply_key, flow, new.now) && insert(reply_key, reply, BPF_ANY)))
+    };
+    if new.direct && !taken {
+        return Err(CreateError::Full);
+    }
     if !taken {
         // Source ports come from the configured SNAT range.
-        let Some((port_min, port_max)) = LB_CONFIG
-            .get(0)
-            .map(|c| (c.snat_port_min, c.snat_port_max))
-            .filter(|(_, max)| *max != 0)
-        else {
-            return Err(CreateError::NoPort);
-        };
         if nat.other_addr_be.is_none() {
             // A clash on the client's own tuple: only its port changes.
             nat.other_addr_be = flow.src_be;
             reply.snat_addr_be = flow.src_be;
             reply.snat_port_be = flow.sport_be;
         }
-        let span = (port_max as u32).saturating_sub(port_min as u32) + 1;
-        for _ in 0..SNAT_TRIES {
-            let port = port_min as u32 + unsafe { bpf_get_prandom_u32() } % span;
-            reply_key.dst_port_be = (port as u16).to_be();
-            if insert(reply_key, reply, BPF_NOEXIST)
-                || (reusable(reply_key, flow, new.now, false) && insert(reply_key, reply, BPF_ANY))
-            {
-                taken = true;
-                break;
-            }
-        }
-        if !taken {
+        if lb_ct_snat_search() == 0 {
             return Err(CreateError::NoPort);
         }
     }
-    nat.other_port_be = reply_key.dst_port_be;
+    if !new.direct {
+        nat.other_port_be = reply_key.dst_port_be;
+    }
     forward.backend_id = new.backend_id;
     forward.rev_nat_id = new.rev_nat_id;
     forward.flags = flags;
@@ -428,6 +425,83 @@ pub fn create(flow: &Flow, new: &NewFlow, nat: &mut Nat) -> Result<(), CreateErr
         Ok(())
     } else {
         Err(CreateError::Full)
+    }
+}
+
+/// The SNAT port search of `create`: up to `SNAT_TRIES` random ports of
+/// the configured range for the reply entry built in the scratch slots
+/// (`LB_CT_KEY_SCRATCH[0]`, `LB_CT_SCRATCH[0]`); the key keeps the port
+/// taken. Returns 1 when one was taken, 0 when none was free.
+///
+/// A global BPF function (no arguments, its state in the scratch maps and
+/// the config): the verifier checks its probes once, not again for every
+/// packet shape that starts a flow; inline they were a third of a node
+/// program's verification.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_ct_snat_search() -> u32 {
+    // Only the probe count lives across the helper calls: the range, the
+    // clock (the scratch entry's creation time) and the scratch slots are
+    // read again per probe, so nothing is spilled. This frame adds to
+    // `forward`'s, which leaves it 16 bytes of the call chain's 512.
+    for _ in 0..SNAT_TRIES {
+        let Some((port_min, port_max)) = LB_CONFIG
+            .get(0)
+            .map(|c| (c.snat_port_min as u32, c.snat_port_max as u32))
+        else {
+            return 0;
+        };
+        if port_max == 0 || port_max < port_min {
+            return 0;
+        }
+        let port = port_min + unsafe { bpf_get_prandom_u32() } % (port_max - port_min + 1);
+        let Some(reply_key) = LB_CT_KEY_SCRATCH.get_ptr_mut(0) else {
+            return 0;
+        };
+        // SAFETY: per-CPU scratch slots, ours for the length of this run.
+        unsafe { (*reply_key).dst_port_be = (port as u16).to_be() };
+        if scratch_insert(BPF_NOEXIST) || (scratch_tuple_free() && scratch_insert(BPF_ANY)) {
+            return 1;
+        }
+    }
+    0
+}
+
+/// Insert the scratch reply entry under the scratch key.
+#[inline(always)]
+fn scratch_insert(flags: u32) -> bool {
+    match (LB_CT_KEY_SCRATCH.get_ptr(0), LB_CT_SCRATCH.get_ptr(0)) {
+        // SAFETY: per-CPU scratch slots, ours for the length of this run.
+        (Some(key), Some(value)) => insert(unsafe { &*key }, unsafe { &*value }, flags),
+        _ => false,
+    }
+}
+
+/// `tuple_free` for the scratch key, at the scratch entry's creation time.
+#[inline(always)]
+fn scratch_tuple_free() -> bool {
+    match (LB_CT_KEY_SCRATCH.get_ptr(0), LB_CT_SCRATCH.get_ptr(0)) {
+        // SAFETY: per-CPU scratch slots, ours for the length of this run.
+        (Some(key), Some(value)) => tuple_free(unsafe { &*key }, unsafe { (*value).created_ns }),
+        _ => false,
+    }
+}
+
+/// Whether a reply tuple is free for a new flow: no entry holds it, or the
+/// one that does is dead, or its connection was closed (reset, or FINs both
+/// ways: netfilter's NAT reuses TIME_WAIT / CLOSE tuples too; with a few
+/// thousand SNAT ports per backend, 120 s of TIME_WAIT would cap new
+/// connections).
+#[inline(always)]
+fn tuple_free(key: &CtKey, now: u64) -> bool {
+    match entry_ptr(key) {
+        None => true,
+        Some(entry) => {
+            let flags = unsafe { (*entry).flags };
+            let closed = (flags & ct_flags::RST_SEEN != 0)
+                | (flags & ct_flags::ANY_FIN == ct_flags::ANY_FIN);
+            closed || !alive(entry, now)
+        }
     }
 }
 

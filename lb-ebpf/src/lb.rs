@@ -14,7 +14,7 @@ use lb_common::{
 
 use crate::{
     ct::{self, CreateError, Nat, NewFlow},
-    icmp_error,
+    dsr, icmp_error,
     maps::{
         LB_AFFINITY, LB_ALLOCATED, LB_BACKEND_SETS, LB_BACKEND_SLOTS, LB_BACKENDS, LB_CONFIG,
         LB_MAGLEV, LB_PREFILTER4, LB_PREFILTER6, LB_SERVICES, LB_SET_MEMBERS, LB_SOCK_NAT,
@@ -90,7 +90,10 @@ const MASQUERADE_OUT: i32 = i32::MIN + 2;
 /// keys inlined into one body do not fit.
 #[inline(always)]
 pub fn process<P: Packet>(pkt: &mut P, origin: Origin) -> i32 {
-    if origin.replies_only() && pkt.translated_here() {
+    if origin.replies_only()
+        && pkt.translated_here()
+        && !(origin == Origin::NodeOut && pkt.marked_dsr())
+    {
         // Translated on its way in (towards a backend in this pod): not a
         // reply, whatever tuple it carries now.
         count(stat::PASS_NOT_FRONTEND);
@@ -458,6 +461,10 @@ fn forward<P: Packet>(
         });
         match backend {
             Some(backend) if !ct::restarts(flow, unsafe { &*entry }, backend) => {
+                let direct = unsafe { (*entry).flags } & ct_flags::DSR != 0;
+                if direct {
+                    pkt.mark_dsr();
+                }
                 to.write(Rewrite {
                     nat: Nat {
                         addr_be: backend.addr_be,
@@ -468,7 +475,14 @@ fn forward<P: Packet>(
                     end: End::Destination,
                     verdict: stat::ESTABLISHED,
                 });
-                ct::account(entry, flow, CT_DIR_FORWARD, now, len, 0);
+                // A DSR flow's answers never come here: the client going on
+                // past its SYN is what says the connection is up.
+                let extra = if direct && flow.tcp_flags & TCP_ACK != 0 {
+                    ct_flags::REPLY_SEEN
+                } else {
+                    0
+                };
+                ct::account(entry, flow, CT_DIR_FORWARD, now, len, extra);
                 count_service(
                     frontend.rev_nat_id,
                     ServiceCount::Packet {
@@ -547,6 +561,15 @@ fn forward<P: Packet>(
         end: End::Destination,
         verdict: stat::NEW_FLOW,
     });
+    // Direct server return: to another node's backend, from outside, with
+    // the client's address kept; that node answers the client itself. The
+    // node's egress program adds the frontend to the packet (`dsr.rs`).
+    let direct = origin == Origin::Node
+        && frontend.flags & service_flags::DSR != 0
+        && backend.flags & backend_flags::REMOTE != 0;
+    if direct {
+        pkt.mark_dsr();
+    }
     let nat = &mut to.nat;
     let config = LB_CONFIG.get(0);
     let mut allocate = false;
@@ -563,8 +586,9 @@ fn forward<P: Packet>(
         if !nat.other_addr_be.is_none() {
             count(stat::HAIRPIN);
         }
-    } else if (frontend.flags & service_flags::MASQUERADE != 0
-        || (origin == Origin::Node && backend.flags & backend_flags::REMOTE != 0))
+    } else if !direct
+        && (frontend.flags & service_flags::MASQUERADE != 0
+            || (origin == Origin::Node && backend.flags & backend_flags::REMOTE != 0))
         && let Some(config) = config
     {
         // Masqueraded as kube-proxy does (policy Cluster, from outside or
@@ -588,6 +612,7 @@ fn forward<P: Packet>(
         backend_id,
         rev_nat_id: frontend.rev_nat_id,
         allocate,
+        direct,
         now,
         len,
     };
@@ -792,6 +817,17 @@ fn reply<P: Packet>(
 ) -> i32 {
     let key = ct::reply_key(flow);
     let Some((entry, now)) = ct::lookup_timed(&key) else {
+        // Another node's DSR flow to a backend here: only where packets
+        // from other nodes arrive (node devices, other devices, and a pod
+        // device's way in, which every one to a pod passes).
+        let base = if flow.v6 { parse::IP6_HLEN } else { 20 };
+        if flow.ihl_bytes > base
+            && flow.frag == FRAG_NONE
+            && matches!(origin, Origin::Node | Origin::Reply)
+            && dsr::learn(pkt, flow)
+        {
+            return pkt.pass();
+        }
         if awaiting_copy(flow) {
             count(stat::DROP_MIGRATING);
             dropped(pkt, flow, event_reason::MIGRATING, 0, origin.scope());
@@ -803,6 +839,11 @@ fn reply<P: Packet>(
         // A new connection on the tuple of a closed one (the client reached
         // the backend directly from the same port): not ours to translate.
         return not_a_frontend(pkt, flow, origin);
+    }
+    if unsafe { (*entry).flags } & ct_flags::DSR != 0 {
+        // A DSR flow's packet leaving for the backend's node (the entry is
+        // keyed by the translated packet), not an answer.
+        return dsr::leaving(pkt, flow, entry, origin == Origin::NodeOut, now);
     }
     let first_reply = unsafe { (*entry).flags } & ct_flags::REPLY_SEEN == 0;
     let extra = if first_reply { ct_flags::REPLY_SEEN } else { 0 };
@@ -1021,6 +1062,7 @@ fn masquerade_out<P: Packet>(pkt: &mut P, flow: &Flow, to: &mut MaybeUninit<Rewr
         backend_id: NO_BACKEND,
         rev_nat_id: 0,
         allocate: true,
+        direct: false,
         now,
         len,
     };
@@ -1072,6 +1114,8 @@ fn refuse<P: Packet>(pkt: &mut P, flow: &Flow, reason: u8, rev_nat_id: u32, scop
     // The ICMP answer grows the packet at its head; on a device without a
     // MAC header the kernel would then send the old header's bytes.
     let answerable = answerable && (flow.proto == IPPROTO_TCP || pkt.l3_off() != 0);
+    // The IPv6 answers are built for a bare fixed header.
+    let answerable = answerable && (!flow.v6 || flow.ihl_bytes == parse::IP6_HLEN);
     if flow.tcp_flags & TCP_RST != 0 || !answerable {
         // Never answer an RST.
         count(stat::DROP_NO_BACKEND);

@@ -8,6 +8,8 @@ mod csum;
 #[cfg(target_arch = "bpf")]
 mod ct;
 #[cfg(target_arch = "bpf")]
+mod dsr;
+#[cfg(target_arch = "bpf")]
 mod icmp_error;
 #[cfg(target_arch = "bpf")]
 mod lb;

@@ -8,12 +8,13 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT, bpf_fib_lookup as FibLookup, xdp_action,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT, bpf_adj_room_mode, bpf_fib_lookup as FibLookup,
+        xdp_action,
     },
     helpers::generated::{
-        bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_head,
-        bpf_skb_change_tail, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
-        bpf_xdp_store_bytes,
+        bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_adjust_room,
+        bpf_skb_change_head, bpf_skb_change_tail, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_xdp_load_bytes, bpf_xdp_store_bytes,
     },
     programs::{TcContext, XdpContext},
 };
@@ -77,6 +78,14 @@ pub trait Packet {
     fn translated_here(&self) -> bool {
         false
     }
+    /// Mark a packet of a DSR flow for the node's egress program.
+    #[inline(always)]
+    fn mark_dsr(&mut self) {}
+    /// Whether `mark_dsr` marked the packet.
+    #[inline(always)]
+    fn marked_dsr(&self) -> bool {
+        false
+    }
     /// Whether one of the node's own sockets sent the packet (not forwarded).
     #[inline(always)]
     fn sent_by_local_socket(&self) -> bool {
@@ -102,6 +111,10 @@ pub trait Packet {
     ) -> Result<()>;
     /// Add `len` bytes in front of the packet.
     fn push_head(&mut self, len: u32) -> Result<()>;
+    /// Open `len` bytes of room right after the fixed IP header (20 bytes
+    /// for IPv4, 40 for IPv6): the link and IP headers move to the front,
+    /// the rest stays. The room's bytes are the caller's to write.
+    fn open_after_ip(&mut self, v6: bool, len: u32) -> Result<()>;
     /// Cut the packet to `len` bytes.
     fn truncate(&mut self, len: u32) -> Result<()>;
     /// The verdict sending the (rewritten) packet back where it came from.
@@ -249,6 +262,18 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
     }
 
     #[inline(always)]
+    fn mark_dsr(&mut self) {
+        // SAFETY: skb->mark is writable from tc programs.
+        unsafe { (*self.ctx.skb.skb).mark |= lb_common::MARK_DSR };
+    }
+
+    #[inline(always)]
+    fn marked_dsr(&self) -> bool {
+        let mark = unsafe { (*self.ctx.skb.skb).mark };
+        mark & lb_common::MARK_DSR != 0
+    }
+
+    #[inline(always)]
     fn sent_by_local_socket(&self) -> bool {
         // skb->sk: the sending socket of a locally generated packet, NULL
         // for a forwarded one.
@@ -295,6 +320,23 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
     #[inline(always)]
     fn push_head(&mut self, len: u32) -> Result<()> {
         let ret = unsafe { bpf_skb_change_head(self.ctx.skb.skb.cast(), len, 0) };
+        if ret == 0 { Ok(()) } else { Err(PacketError) }
+    }
+
+    #[inline(always)]
+    fn open_after_ip(&mut self, _v6: bool, len: u32) -> Result<()> {
+        // BPF_ADJ_ROOM_NET opens the room after the MAC header and the
+        // family's fixed IP header, moving both (the kernel knows the
+        // family from skb->protocol). Fails for GSO packets, which a TCP
+        // SYN never is.
+        let ret = unsafe {
+            bpf_skb_adjust_room(
+                self.ctx.skb.skb.cast(),
+                len as i32,
+                bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
+                0,
+            )
+        };
         if ret == 0 { Ok(()) } else { Err(PacketError) }
     }
 
@@ -375,7 +417,9 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
             if self.store(0, &dmac).is_ok() && self.store(6, &smac).is_ok() {
                 // Our mark is for the pod device's egress program, which a
                 // peer redirect skips; it must not enter the pod.
-                unsafe { (*self.ctx.skb.skb).mark &= !lb_common::MARK_TRANSLATED };
+                unsafe {
+                    (*self.ctx.skb.skb).mark &= !(lb_common::MARK_TRANSLATED | lb_common::MARK_DSR)
+                };
                 // Fails only for flags other than 0: the hop counted above
                 // is this redirect's (as it is for redirect_neigh below).
                 let verdict = unsafe { bpf_redirect_peer(fib.ifindex, 0) };
@@ -545,6 +589,13 @@ impl Packet for XdpPacket<'_> {
     fn push_head(&mut self, len: u32) -> Result<()> {
         let ret = unsafe { bpf_xdp_adjust_head(self.ctx.ctx.cast(), -(len as i32)) };
         if ret == 0 { Ok(()) } else { Err(PacketError) }
+    }
+
+    /// Not under XDP: DSR's option, the one thing that grows a packet
+    /// after its IP header, is added by the egress tc program (`dsr.rs`).
+    #[inline(always)]
+    fn open_after_ip(&mut self, _v6: bool, _len: u32) -> Result<()> {
+        Err(PacketError)
     }
 
     #[inline(always)]

@@ -3,7 +3,9 @@
 
 use core::mem::MaybeUninit;
 
-use lb_common::{Addr, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, stat};
+use lb_common::{
+    Addr, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, dsr, stat,
+};
 
 use crate::{
     maps::{FragKey, LB_FRAGS, count},
@@ -334,6 +336,20 @@ fn parse6<P: Packet>(pkt: &P, l3: u32) -> Parsed {
         ends.proto = fh.next_header;
         ends.ihl_bytes = IP6_HLEN + FRAG_HLEN6;
         l4_off += FRAG_HLEN6;
+    } else if ip.next_header == dsr::IPPROTO_DSTOPTS {
+        // lb's DSR header from another node (`dsr.rs`), right after the
+        // fixed header; other Destination Options headers pass as before.
+        let Ok([next, len, opt_type, opt_len]) = pkt.load_header::<[u8; 4]>(l4_off) else {
+            return Parsed::Pass(stat::MALFORMED);
+        };
+        if len as u32 == dsr::OPT6_HDR_LEN / 8 - 1
+            && opt_type == dsr::OPT6_TYPE
+            && opt_len == dsr::OPT6_DATA_LEN
+        {
+            ends.proto = next;
+            ends.ihl_bytes = IP6_HLEN + dsr::OPT6_HDR_LEN;
+            l4_off += dsr::OPT6_HDR_LEN;
+        }
     }
     match ends.proto {
         IPPROTO_ICMPV6 if ends.frag == FRAG_NONE && ends.ihl_bytes == IP6_HLEN => {

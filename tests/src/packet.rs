@@ -361,6 +361,39 @@ pub fn with_ip_options(frame: &[u8], options: &[u8]) -> Vec<u8> {
     f
 }
 
+/// `frame` as another node's lb forwards a DSR flow's first packet: the
+/// frontend the client sent it to in lb's IPv4 option, or in lb's IPv6
+/// Destination Options header, right after the fixed IP header.
+pub fn with_dsr_option(frame: &[u8], frontend: Ep) -> Vec<u8> {
+    let port = frontend.port.to_be_bytes();
+    match frontend.addr {
+        IpAddr::V4(addr) => {
+            let mut option = vec![lb_common::dsr::OPT4_TYPE, lb_common::dsr::OPT4_LEN];
+            option.extend_from_slice(&port);
+            option.extend_from_slice(&addr.octets());
+            with_ip_options(frame, &option)
+        }
+        IpAddr::V6(addr) => {
+            let mut f = frame[..54].to_vec();
+            let header_len = lb_common::dsr::OPT6_HDR_LEN as usize;
+            f.extend_from_slice(&[
+                frame[20],
+                (header_len / 8 - 1) as u8,
+                lb_common::dsr::OPT6_TYPE,
+                lb_common::dsr::OPT6_DATA_LEN,
+            ]);
+            f.extend_from_slice(&addr.octets());
+            f.extend_from_slice(&port);
+            f.extend_from_slice(&[0, 0]);
+            f.extend_from_slice(&frame[54..]);
+            f[20] = lb_common::dsr::IPPROTO_DSTOPTS;
+            let len = u16::from_be_bytes([f[18], f[19]]) as usize + header_len;
+            f[18..20].copy_from_slice(&(len as u16).to_be_bytes());
+            f
+        }
+    }
+}
+
 /// Set IPv4 header bytes and fix the header checksum (for fragments, bad lengths ...).
 pub fn patch_ip(frame: &[u8], off_in_ip: usize, bytes: &[u8]) -> Vec<u8> {
     let mut f = frame.to_vec();
@@ -397,8 +430,16 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
         if end > frame.len() {
             return Err("inconsistent IPv6 payload length".into());
         }
-        let l4 = &frame[54..end];
-        let proto = frame[20];
+        // A Destination Options header (lb's DSR one) before the upper layer.
+        let (l4_start, proto) = if frame[20] == lb_common::dsr::IPPROTO_DSTOPTS {
+            (54 + (frame[55] as usize + 1) * 8, frame[54])
+        } else {
+            (54, frame[20])
+        };
+        if l4_start > end {
+            return Err("IPv6 extension header past the payload".into());
+        }
+        let l4 = &frame[l4_start..end];
         let pseudo = sum16(&frame[22..54]) + proto as u32 + l4.len() as u32;
         return match proto {
             IPPROTO_TCP | IPPROTO_UDP | 58 if fold(pseudo + sum16(l4)) != 0xffff => {
@@ -1177,10 +1218,13 @@ impl Datapath {
         }
         .map_err(|e| e.to_string())?;
         out.truncate(result.data_size_out as usize);
-        if tc {
-            let mark = u32::from_ne_bytes(ctx_out[SKB_MARK..SKB_MARK + 4].try_into().unwrap());
-            self.last_mark.set(mark);
-        }
+        // XDP leaves no mark (it has none to set).
+        let mark = if tc {
+            u32::from_ne_bytes(ctx_out[SKB_MARK..SKB_MARK + 4].try_into().unwrap())
+        } else {
+            0
+        };
+        self.last_mark.set(mark);
         Ok((prog.verdict(result.return_value), out))
     }
 }
@@ -1241,6 +1285,13 @@ pub enum Step {
         frame: Vec<u8>,
         expect: Expect,
     },
+    /// `SendOn` carrying the mark the previous step left (none after XDP):
+    /// the packet the case's program translated, now leaving the node.
+    SendOnMarked {
+        prog: Prog,
+        frame: Vec<u8>,
+        expect: Expect,
+    },
     Change(Box<dyn Fn(&mut Datapath)>),
     /// Counters (by `stat` index) that must have these totals now.
     Stats(Vec<(u32, u64)>),
@@ -1289,6 +1340,14 @@ pub fn events(want: Vec<Event>) -> Step {
 
 pub fn send(frame: Vec<u8>, expect: Expect) -> Step {
     Step::Send { frame, expect }
+}
+
+pub fn send_on_marked(prog: Prog, frame: Vec<u8>, expect: Expect) -> Step {
+    Step::SendOnMarked {
+        prog,
+        frame,
+        expect,
+    }
 }
 
 pub fn send_on(prog: Prog, frame: Vec<u8>, expect: Expect) -> Step {
@@ -1349,7 +1408,7 @@ pub fn run_case(case: Case) {
     // Only the programs the case runs are loaded: verifying each takes time.
     let mut used: Vec<Prog> = case.programs.to_vec();
     for step in &case.steps {
-        if let Step::SendOn { prog, .. } = step
+        if let Step::SendOn { prog, .. } | Step::SendOnMarked { prog, .. } = step
             && !used.contains(prog)
         {
             used.push(*prog);
@@ -1370,6 +1429,16 @@ pub fn run_case(case: Case) {
                     let mark = dp.last_mark();
                     let ctx = format!("{ctx} (mark {mark:#x})");
                     let (verdict, out) = dp.run_marked(prog, frame, mark);
+                    chosen.push(check(&ctx, frame, verdict, &out, expect, &chosen));
+                }
+                Step::SendOnMarked {
+                    prog: other,
+                    frame,
+                    expect,
+                } => {
+                    let mark = dp.last_mark();
+                    let ctx = format!("{ctx} (on {other:?}, mark {mark:#x})");
+                    let (verdict, out) = dp.run_marked(*other, frame, mark);
                     chosen.push(check(&ctx, frame, verdict, &out, expect, &chosen));
                 }
                 Step::SendOn {

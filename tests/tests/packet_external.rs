@@ -1183,3 +1183,309 @@ fn sctp_nodeport_is_translated_and_masqueraded_with_its_crc32c_fixed() {
         ],
     ));
 }
+
+// Direct server return (`service_flags::DSR`): Cilium's option mode. The
+// first node keeps the client's address and carries the frontend to the
+// backend's node in the flow's first packet; that node restores it as the
+// source of the backend's answers, which go straight to the client.
+
+const CLIENT6: &str = "[2001:db8:f::7]:50000";
+const NODE_PORT6: &str = "[2001:db8::1]:30081";
+const REMOTE_POD6: &str = "[fd00:3::2]:8080";
+
+/// This node (A) with DSR NodePorts: TCP and UDP to backends on another
+/// node, TCP to one here, and an IPv6 TCP NodePort to another node.
+fn dsr_node_ports(dp: &mut Datapath) {
+    node_config(dp, SNAT_PORT);
+    dp.backend(1, ep(LOCAL_POD), TCP);
+    dp.backend(2, ep(REMOTE_POD), TCP);
+    dp.set_backend_state(2, 0, backend_flags::REMOTE);
+    dp.backend(3, ep(REMOTE_DNS), UDP);
+    dp.set_backend_state(3, 0, backend_flags::REMOTE);
+    dp.backend(4, ep(REMOTE_POD6), TCP);
+    dp.set_backend_state(4, 0, backend_flags::REMOTE);
+    let dsr = frontend_kind::NODE_PORT | service_flags::DSR;
+    dp.external_frontend(ep(NODE_PORT), TCP, 1, &[1], dsr);
+    dp.external_frontend(remote_node_port(), TCP, 2, &[2], dsr);
+    dp.external_frontend(ep(NODE_PORT_UDP), UDP, 3, &[3], dsr);
+    dp.external_frontend(ep(NODE_PORT6), TCP, 4, &[4], dsr);
+}
+
+/// The first node's egress program (every device but pods'), where a
+/// DSR flow's packet leaves for the backend's node.
+const EGRESS: Prog = Prog::TcNodeEgress;
+
+#[test]
+fn dsr_carries_the_frontend_in_a_tcp_flows_syn_and_keeps_the_client() {
+    let syn_out = with_dsr_option(
+        &tcp(ep(CLIENT), ep(REMOTE_POD), SYN, b""),
+        remote_node_port(),
+    );
+    run_case(case(
+        "dsr_carries_the_frontend_in_a_tcp_flows_syn_and_keeps_the_client",
+        dsr_node_ports,
+        vec![
+            // In: DNAT only, the client kept.
+            send(
+                tcp(ep(CLIENT), remote_node_port(), SYN, b""),
+                Expect::Nat {
+                    src: ep(CLIENT),
+                    dst: ep(REMOTE_POD),
+                },
+            ),
+            // Out: the frontend rides along (after tc with the node
+            // program's mark, after XDP without one).
+            send_on_marked(
+                EGRESS,
+                tcp(ep(CLIENT), ep(REMOTE_POD), SYN, b""),
+                Expect::Frame(syn_out.clone()),
+            ),
+            // A retransmitted SYN carries it again.
+            send(
+                tcp(ep(CLIENT), remote_node_port(), SYN, b""),
+                Expect::Nat {
+                    src: ep(CLIENT),
+                    dst: ep(REMOTE_POD),
+                },
+            ),
+            send_on_marked(
+                EGRESS,
+                tcp(ep(CLIENT), ep(REMOTE_POD), SYN, b""),
+                Expect::Frame(syn_out),
+            ),
+            // Later packets follow the backend node's entry: DNAT only.
+            send(
+                tcp(ep(CLIENT), remote_node_port(), ACK, b"GET /"),
+                Expect::Nat {
+                    src: ep(CLIENT),
+                    dst: ep(REMOTE_POD),
+                },
+            ),
+            send_on_marked(
+                EGRESS,
+                tcp(ep(CLIENT), ep(REMOTE_POD), ACK, b"GET /"),
+                Expect::Unchanged,
+            ),
+            // The answers go to the client from the other node: none comes
+            // here, and nothing would restore one that did.
+            send(tcp(ep(REMOTE_POD), ep(CLIENT), ACK, b""), Expect::Unchanged),
+            counters(&[
+                (stat::NEW_FLOW, 1),
+                (stat::ESTABLISHED, 2),
+                (stat::DSR_FORWARDED, 2),
+                (stat::NODEPORT_SNAT, 0),
+                (stat::REPLY, 0),
+            ]),
+        ],
+    ));
+}
+
+#[test]
+fn dsr_carries_the_frontend_in_every_udp_datagram() {
+    let datagram = |payload: &'static [u8], csum: bool| {
+        let build = if csum { udp } else { udp_no_csum };
+        vec![
+            send(
+                build(ep(CLIENT), ep(NODE_PORT_UDP), payload),
+                Expect::Nat {
+                    src: ep(CLIENT),
+                    dst: ep(REMOTE_DNS),
+                },
+            ),
+            send_on_marked(
+                EGRESS,
+                build(ep(CLIENT), ep(REMOTE_DNS), payload),
+                Expect::Frame(with_dsr_option(
+                    &build(ep(CLIENT), ep(REMOTE_DNS), payload),
+                    ep(NODE_PORT_UDP),
+                )),
+            ),
+        ]
+    };
+    let mut steps = datagram(b"query", true);
+    steps.extend(datagram(b"second", true));
+    // Without a checksum (zero) it stays without.
+    steps.extend(datagram(b"third", false));
+    steps.push(counters(&[
+        (stat::DSR_FORWARDED, 3),
+        (stat::NODEPORT_SNAT, 0),
+    ]));
+    run_case(case(
+        "dsr_carries_the_frontend_in_every_udp_datagram",
+        dsr_node_ports,
+        steps,
+    ));
+}
+
+#[test]
+fn dsr_carries_the_frontend_in_an_ipv6_destination_options_header() {
+    run_case(case(
+        "dsr_carries_the_frontend_in_an_ipv6_destination_options_header",
+        dsr_node_ports,
+        vec![
+            send(
+                tcp(ep(CLIENT6), ep(NODE_PORT6), SYN, b""),
+                Expect::Nat {
+                    src: ep(CLIENT6),
+                    dst: ep(REMOTE_POD6),
+                },
+            ),
+            send_on_marked(
+                EGRESS,
+                tcp(ep(CLIENT6), ep(REMOTE_POD6), SYN, b""),
+                Expect::Frame(with_dsr_option(
+                    &tcp(ep(CLIENT6), ep(REMOTE_POD6), SYN, b""),
+                    ep(NODE_PORT6),
+                )),
+            ),
+            send(
+                tcp(ep(CLIENT6), ep(NODE_PORT6), ACK, b"GET /"),
+                Expect::Nat {
+                    src: ep(CLIENT6),
+                    dst: ep(REMOTE_POD6),
+                },
+            ),
+            counters(&[(stat::DSR_FORWARDED, 1), (stat::ESTABLISHED, 1)]),
+        ],
+    ));
+}
+
+#[test]
+fn dsr_to_a_local_backend_keeps_the_client_without_an_option() {
+    run_case(case(
+        "dsr_to_a_local_backend_keeps_the_client_without_an_option",
+        dsr_node_ports,
+        vec![
+            send(
+                tcp(ep(CLIENT), ep(NODE_PORT), SYN, b""),
+                Expect::Nat {
+                    src: ep(CLIENT),
+                    dst: ep(LOCAL_POD),
+                },
+            ),
+            send(
+                tcp(ep(LOCAL_POD), ep(CLIENT), ACK, b""),
+                Expect::RevNat(ep(NODE_PORT)),
+            ),
+            counters(&[(stat::DSR_FORWARDED, 0), (stat::REPLY, 1)]),
+        ],
+    ));
+}
+
+#[test]
+fn dsr_without_room_for_the_option_forwards_the_packet_without_it() {
+    // Forty bytes of IPv4 options (NOPs) leave no room for lb's eight.
+    let full = |frame: Vec<u8>| with_ip_options(&frame, &[1; 40]);
+    run_case(Case {
+        allowed_errors: &[stat::ERR_DSR_OPTION],
+        ..case(
+            "dsr_without_room_for_the_option_forwards_the_packet_without_it",
+            dsr_node_ports,
+            vec![
+                send(
+                    full(tcp(ep(CLIENT), remote_node_port(), SYN, b"")),
+                    Expect::Nat {
+                        src: ep(CLIENT),
+                        dst: ep(REMOTE_POD),
+                    },
+                ),
+                send_on_marked(
+                    EGRESS,
+                    full(tcp(ep(CLIENT), ep(REMOTE_POD), SYN, b"")),
+                    Expect::Unchanged,
+                ),
+                counters(&[(stat::ERR_DSR_OPTION, 1), (stat::DSR_FORWARDED, 0)]),
+            ],
+        )
+    });
+}
+
+/// The backend's node (B): its endpoint of the Service, and no frontend
+/// for the other node's NodePort address.
+fn dsr_backend_node(dp: &mut Datapath) {
+    node_config(dp, SNAT_PORT);
+    dp.backend(1, ep(LOCAL_POD), TCP);
+    dp.backend(2, ep(REMOTE_POD6), TCP);
+}
+
+/// Where packets from another node arrive: node devices (tc, XDP), other
+/// devices, and the pod device's way in.
+const ARRIVALS: &[Prog] = &[Prog::TcNode, Prog::XdpNode, Prog::TcReply, Prog::TcToPod];
+
+#[test]
+fn dsr_backend_node_answers_the_client_from_the_frontend() {
+    let other_node_port = ep("192.168.50.2:30081");
+    let other_node_port6 = ep("[2001:db8::2]:30081");
+    run_case(Case::on(
+        ARRIVALS,
+        "dsr_backend_node_answers_the_client_from_the_frontend",
+        dsr_backend_node,
+        vec![
+            send(
+                with_dsr_option(&tcp(ep(CLIENT), ep(LOCAL_POD), SYN, b""), other_node_port),
+                Expect::Unchanged,
+            ),
+            // The backend's answer leaves its pod device: from the frontend.
+            send_on(
+                Prog::Tc,
+                tcp(ep(LOCAL_POD), ep(CLIENT), ACK, b""),
+                Expect::RevNat(other_node_port),
+            ),
+            send(
+                tcp(ep(CLIENT), ep(LOCAL_POD), ACK, b"GET /"),
+                Expect::Unchanged,
+            ),
+            send_on(
+                Prog::Tc,
+                tcp(ep(LOCAL_POD), ep(CLIENT), ACK, b"200 OK"),
+                Expect::RevNat(other_node_port),
+            ),
+            send(
+                with_dsr_option(
+                    &tcp(ep(CLIENT6), ep(REMOTE_POD6), SYN, b""),
+                    other_node_port6,
+                ),
+                Expect::Unchanged,
+            ),
+            send_on(
+                Prog::Tc,
+                tcp(ep(REMOTE_POD6), ep(CLIENT6), ACK, b""),
+                Expect::RevNat(other_node_port6),
+            ),
+            counters(&[(stat::DSR_LEARNED, 2), (stat::REPLY, 3)]),
+        ],
+    ));
+}
+
+#[test]
+fn dsr_options_from_pods_and_from_udp_datagrams() {
+    let other_node_port = ep("192.168.50.2:30053");
+    run_case(Case::on(
+        BOTH,
+        "dsr_options_from_pods_and_from_udp_datagrams",
+        |dp| {
+            dsr_backend_node(dp);
+            dp.backend(3, ep(REMOTE_DNS), UDP);
+        },
+        vec![
+            // A pod's packet carrying the option teaches nothing: a pod
+            // must not choose the source of another pod's answers.
+            send(
+                with_dsr_option(&udp(ep(CLIENT), ep(REMOTE_DNS), b"q"), other_node_port),
+                Expect::Unchanged,
+            ),
+            send(udp(ep(REMOTE_DNS), ep(CLIENT), b"a"), Expect::Unchanged),
+            // From another node it does.
+            send_on(
+                Prog::TcReply,
+                with_dsr_option(&udp(ep(CLIENT), ep(REMOTE_DNS), b"q"), other_node_port),
+                Expect::Unchanged,
+            ),
+            send(
+                udp(ep(REMOTE_DNS), ep(CLIENT), b"a"),
+                Expect::RevNat(other_node_port),
+            ),
+            counters(&[(stat::DSR_LEARNED, 1)]),
+        ],
+    ));
+}

@@ -334,6 +334,9 @@ fn frontend_flags(frontend: &Frontend) -> u32 {
     if frontend.masquerade {
         flags |= service_flags::MASQUERADE;
     }
+    if frontend.dsr {
+        flags |= service_flags::DSR;
+    }
     if frontend.set.maglev {
         flags |= service_flags::MAGLEV;
     }

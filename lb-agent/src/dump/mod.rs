@@ -197,6 +197,7 @@ fn frontend_flags(v: &ServiceValue) -> Vec<&'static str> {
         (service_flags::MAGLEV, "maglev"),
         (service_flags::SOURCE_RANGES, "source-ranges"),
         (service_flags::MASQUERADE, "masquerade"),
+        (service_flags::DSR, "dsr"),
     ] {
         if v.flags & bit != 0 {
             out.push(name);
@@ -357,6 +358,7 @@ pub fn conntrack(maps: &Maps) -> Result<ConntrackDump> {
                 (ct_flags::FIN_SEEN, "fin"),
                 (ct_flags::FIN_REPLY_SEEN, "fin-reply"),
                 (ct_flags::RST_SEEN, "rst"),
+                (ct_flags::DSR, "dsr"),
             ] {
                 if v.flags & bit != 0 {
                     flags.push(name);

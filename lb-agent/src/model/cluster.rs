@@ -12,7 +12,10 @@ use ipnet::IpNet;
 
 use k8s_openapi::api::core::v1::Node;
 
-use super::records::{ServiceRecord, SliceRecord};
+use super::{
+    desired::Protocol,
+    records::{ServiceRecord, SliceRecord},
+};
 
 /// namespace/name of an object. Shared strings: the translation and the
 /// sync index objects by key in many places, and a clone costs no copy.
@@ -88,6 +91,47 @@ pub struct NodeConfig {
     /// --service-cidr: Service CIDRs beside the cluster's ServiceCIDR
     /// objects (the directory source has none).
     pub service_cidrs: Vec<IpNet>,
+    /// --default-forwarding-mode: how external traffic reaches endpoints
+    /// on other nodes, for Services without the `lb/forwarding-mode`
+    /// annotation.
+    pub default_forwarding_mode: ForwardingMode,
+}
+
+/// How traffic from outside reaches an endpoint on another node
+/// (externalTrafficPolicy Cluster), Cilium's `bpf-lb-mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardingMode {
+    /// Source-NATed to this node; the answers come back through it.
+    #[default]
+    Snat,
+    /// Direct server return: the client's address is kept, and the
+    /// endpoint's node answers the client itself.
+    Dsr,
+    /// DSR for TCP, SNAT for UDP (whose datagrams each carry the DSR
+    /// option, which can push one past the path MTU).
+    Hybrid,
+}
+
+impl ForwardingMode {
+    /// The annotation's value.
+    pub fn parse(text: &str) -> Option<ForwardingMode> {
+        match text {
+            "snat" => Some(ForwardingMode::Snat),
+            "dsr" => Some(ForwardingMode::Dsr),
+            "hybrid" => Some(ForwardingMode::Hybrid),
+            _ => None,
+        }
+    }
+
+    /// Whether flows of `proto` go by DSR.
+    pub fn direct(self, proto: Protocol) -> bool {
+        match self {
+            ForwardingMode::Snat => false,
+            ForwardingMode::Dsr => matches!(proto, Protocol::Tcp | Protocol::Udp),
+            ForwardingMode::Hybrid => proto == Protocol::Tcp,
+        }
+    }
 }
 
 impl Default for NodeConfig {
@@ -105,6 +149,7 @@ impl Default for NodeConfig {
             cluster_cidrs: Vec::new(),
             masquerade_cluster_policy: true,
             service_cidrs: Vec::new(),
+            default_forwarding_mode: ForwardingMode::Snat,
         }
     }
 }
@@ -122,6 +167,8 @@ pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// Per-Service load-balancing algorithm: `maglev` or `random`.
 pub const ANNOTATION_ALGORITHM: &str = "lb/algorithm";
+/// Per-Service forwarding of external traffic: `snat`, `dsr` or `hybrid`.
+pub const ANNOTATION_FORWARDING_MODE: &str = "lb/forwarding-mode";
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 
 /// The cluster autoscaler's taint on a node it is about to remove.

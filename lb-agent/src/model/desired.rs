@@ -225,6 +225,10 @@ pub struct Frontend {
     /// Every new flow is source-NATed to the node: a ClusterIP from outside,
     /// and NodePorts / LoadBalancer IPs / externalIPs under policy Cluster.
     pub masquerade: bool,
+    /// Direct server return (`lb/forwarding-mode`): from outside to an
+    /// endpoint on another node, the client's address is kept and that
+    /// node answers the client. External-scope entries only.
+    pub dsr: bool,
 }
 
 /// What the datapath does with packets to a Service address that match no

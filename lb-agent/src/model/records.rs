@@ -13,7 +13,8 @@ use k8s_openapi::{
 };
 
 use super::cluster::{
-    ANNOTATION_ALGORITHM, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
+    ANNOTATION_ALGORITHM, ANNOTATION_FORWARDING_MODE, LABEL_HEADLESS, LABEL_SERVICE_NAME,
+    LABEL_SERVICE_PROXY_NAME,
 };
 
 /// The annotation the endpointslice controller sets to when the change
@@ -151,6 +152,8 @@ pub struct ServiceRecord {
     pub headless_label: bool,
     /// The `lb/algorithm` annotation.
     pub algorithm: Option<Box<str>>,
+    /// The `lb/forwarding-mode` annotation.
+    pub forwarding_mode: Option<Box<str>>,
     /// None: the object has no spec.
     pub spec: Option<ServiceSpecRecord>,
 }
@@ -271,6 +274,11 @@ impl From<&Service> for ServiceRecord {
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(ANNOTATION_ALGORITHM))
+                .map(|v| Box::from(v.as_str())),
+            forwarding_mode: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_FORWARDING_MODE))
                 .map(|v| Box::from(v.as_str())),
             spec,
         }

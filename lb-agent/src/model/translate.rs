@@ -19,7 +19,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use super::{
     ClusterState, NodeConfig, ObjectKey,
-    cluster::{ANNOTATION_ALGORITHM, LABEL_ZONE},
+    cluster::{ANNOTATION_ALGORITHM, ANNOTATION_FORWARDING_MODE, ForwardingMode, LABEL_ZONE},
     desired::{
         Backend, BackendSet, BackendSetKey, DesiredState, Frontend, FrontendKey, FrontendKind,
         HealthCheck, Protocol, Scope, Selection,
@@ -879,6 +879,12 @@ fn service_frontends(
             ));
         }
     };
+    let forwarding_mode = match svc.forwarding_mode.as_deref() {
+        None => node.default_forwarding_mode,
+        Some(text) => ForwardingMode::parse(text).ok_or_else(|| {
+            format!("annotation {ANNOTATION_FORWARDING_MODE}: {text:?} is not snat, dsr or hybrid")
+        })?,
+    };
     let internal_local = match spec.internal_traffic_policy.as_deref() {
         None | Some("Cluster") => false,
         Some("Local") => true,
@@ -996,6 +1002,7 @@ fn service_frontends(
                 affinity_timeout_s,
                 source_ranges: false,
                 masquerade: false,
+                dsr: false,
             };
             let (internal, internal_drop) = for_policy(internal_local);
             let cluster_ip_frontend = in_cluster(internal, internal_drop);
@@ -1037,8 +1044,13 @@ fn service_frontends(
                 ..in_cluster(cluster_set.clone(), false)
             };
             let (external, external_drop) = for_policy(external_local);
+            // DSR replaces the masquerade from outside: the client's address
+            // is kept, for endpoints here too (policy Local keeps it anyway
+            // and never leaves the node).
+            let dsr = !external_local && forwarding_mode.direct(proto);
             let from_outside = Frontend {
-                masquerade,
+                masquerade: masquerade && !dsr,
+                dsr,
                 ..in_cluster(external, external_drop)
             };
             external_ports.push((
