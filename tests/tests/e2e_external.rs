@@ -33,6 +33,12 @@ impl TwoNodes {
     /// Node A runs `a_mode` on its node device ("default": no
     /// --device-mode), node B the tc program.
     fn new(a_mode: &str) -> Self {
+        Self::with_b(a_mode, true)
+    }
+
+    /// `new`, with node B on lb's defaults (no node device: its underlay
+    /// device gets only the reply and egress programs) unless `b_devices`.
+    fn with_b(a_mode: &str, b_devices: bool) -> Self {
         let mut a = Cluster::named("node-a");
         let mut b = Cluster::named("node-b");
         let mut lan = Lan::new(&a.topo).expect("lan");
@@ -60,8 +66,11 @@ impl TwoNodes {
         let pod_a = a.pod("web-a", POD_A, &[8080], &[5353]);
         let pod_b = b.pod("web-b", POD_B, &[8080], &[5353]);
         let manifests = a.manifests.display().to_string();
-        for (node, dev, mode) in [(&mut a, dev_a, a_mode), (&mut b, dev_b, "tc")] {
-            node.start_agent_with(&agent_args(&manifests, &dev, mode));
+        a.start_agent_with(&agent_args(&manifests, &dev_a, a_mode));
+        if b_devices {
+            b.start_agent_with(&agent_args(&manifests, &dev_b, "tc"));
+        } else {
+            b.start_agent_with(&["--manifests".into(), manifests]);
         }
         TwoNodes {
             a,
@@ -457,90 +466,164 @@ fn source_ranges_external_ips_and_pings() {
 /// The same two nodes over IPv6: a dual-stack NodePort Service answers on
 /// the nodes' IPv6 addresses; both endpoints see the node that source-NATed
 /// (policy Cluster is masqueraded, as kube-proxy does): its IPv6 address.
+const NODE_A6: &str = "2001:db8:50::1";
+const NODE_B6: &str = "2001:db8:50::2";
+const CLIENT6: &str = "2001:db8:50::100";
+const POD_A6: &str = "fd00:1:1::2";
+const POD_B6: &str = "fd00:1:2::2";
+
+/// Two dual-stack nodes on the underlay (IPv6 routes between their pod
+/// CIDRs), a dual-stack pod on each, and an IPv6 client.
+struct SixNodes {
+    a: Cluster,
+    b: Cluster,
+    client: Pod,
+    _pods: (Pod, Pod),
+    _lan: Lan,
+}
+
+impl SixNodes {
+    /// `service` (a dual-stack NodePort 30080 Service's YAML) with an
+    /// endpoint on each node given in `endpoints` (IPv6 address, node);
+    /// node A's device runs `a_mode`, node B's `b_mode`, each agent with
+    /// `extra` flags.
+    fn new(
+        a_mode: &str,
+        b_mode: &str,
+        extra: &[&str],
+        service: &str,
+        endpoints: &[(&str, &str)],
+    ) -> Self {
+        let mut a = Cluster::named("node-a");
+        let mut b = Cluster::named("node-b");
+        let mut lan = Lan::new(&a.topo).expect("lan");
+        let dev_a = lan
+            .connect(&a.topo, &format!("{NODE_A}/24"))
+            .expect("node A on the lan");
+        let dev_b = lan
+            .connect(&b.topo, &format!("{NODE_B}/24"))
+            .expect("node B on the lan");
+        let client = lan
+            .add_host("client", &format!("{CLIENT}/24"), &[])
+            .expect("client");
+        let six = |ns: &str, dev: &str, addr: &str| {
+            let out = std::process::Command::new("ip")
+                .args([
+                    "-n",
+                    ns,
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{addr}/64"),
+                    "dev",
+                    dev,
+                    "nodad",
+                ])
+                .output()
+                .expect("ip");
+            assert!(out.status.success(), "{addr} on {ns}/{dev}: {out:?}");
+        };
+        six(&a.topo.node_ns, &dev_a, NODE_A6);
+        six(&b.topo.node_ns, &dev_b, NODE_B6);
+        six(&client.ns, "eth0", CLIENT6);
+        a.topo
+            .route("fd00:1:2::/64", NODE_B6)
+            .expect("route to B's pods");
+        b.topo
+            .route("fd00:1:1::/64", NODE_A6)
+            .expect("route to A's pods");
+        let pod_a = a.dual_pod("web-a", POD_A, POD_A6, &[8080], &[]);
+        let pod_b = b.dual_pod("web-b", POD_B, POD_B6, &[8080], &[]);
+        a.write("web.yaml", service);
+        let list: Vec<String> = endpoints
+            .iter()
+            .map(|(ip, node)| {
+                format!(
+                    "- {{addresses: [\"{ip}\"], conditions: {{ready: true}}, nodeName: {node}}}"
+                )
+            })
+            .collect();
+        a.write(
+            "web-slice.yaml",
+            &format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-6\n  \
+                 labels: {{kubernetes.io/service-name: web}}\naddressType: IPv6\nports:\n- {{name: http, port: 8080, protocol: TCP}}\n\
+                 endpoints:\n{}\n",
+                list.join("\n")
+            ),
+        );
+        let manifests = a.manifests.display().to_string();
+        for (node, dev, mode) in [(&mut a, dev_a, a_mode), (&mut b, dev_b, b_mode)] {
+            let mut args = vec![
+                "--manifests".to_string(),
+                manifests.clone(),
+                "--devices".into(),
+                dev,
+                "--device-mode".into(),
+                mode.into(),
+            ];
+            args.extend(extra.iter().map(|a| a.to_string()));
+            node.start_agent_with(&args);
+        }
+        for (node, addr) in [(&a, NODE_A6), (&b, NODE_B6)] {
+            let frontend = format!("[{addr}]:30080/TCP (external)");
+            wait_until(
+                &format!("{} programs {frontend}", node.node_name),
+                Duration::from_secs(10),
+                || {
+                    node.backends_of(&frontend)
+                        .is_some_and(|b| b.len() == endpoints.len())
+                },
+            );
+        }
+        SixNodes {
+            a,
+            b,
+            client,
+            _pods: (pod_a, pod_b),
+            _lan: lan,
+        }
+    }
+
+    /// (pod, client address it saw) for `n` requests to `url` from the client.
+    fn answers(&self, node: &Cluster, url: &str, n: usize) -> BTreeSet<(String, String)> {
+        (0..n)
+            .map(|i| {
+                let body = get(node, &self.client, url, 3.0).unwrap_or_else(|c| {
+                    panic!(
+                        "request {i} to {url}: curl exit {c}\nA stats: {}\nB stats: {}\nconntrack: {}",
+                        self.a.stats(),
+                        self.b.stats(),
+                        node.dump("conntrack")
+                    )
+                });
+                let seen_client = field(&body, "client");
+                let ip = seen_client
+                    .rsplit_once(':')
+                    .map_or(seen_client, |(ip, _)| ip)
+                    .to_string();
+                (field(&body, "pod").to_string(), ip)
+            })
+            .collect()
+    }
+}
+
+const DUAL_STACK_WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  \
+     clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00:96::10\"]\n  ipFamilies: [IPv4, IPv6]\n  \
+     ipFamilyPolicy: RequireDualStack\n  ports:\n  - {name: http, port: 80, nodePort: 30080, protocol: TCP}\n";
+
 #[test]
 fn nodeport_on_ipv6_node_addresses_reaches_local_and_remote_endpoints() {
-    const NODE_A6: &str = "2001:db8:50::1";
-    const NODE_B6: &str = "2001:db8:50::2";
-    const CLIENT6: &str = "2001:db8:50::100";
-    const POD_A6: &str = "fd00:1:1::2";
-    const POD_B6: &str = "fd00:1:2::2";
-    let mut a = Cluster::named("node-a");
-    let mut b = Cluster::named("node-b");
-    let mut lan = Lan::new(&a.topo).expect("lan");
-    let dev_a = lan
-        .connect(&a.topo, &format!("{NODE_A}/24"))
-        .expect("node A on the lan");
-    let dev_b = lan
-        .connect(&b.topo, &format!("{NODE_B}/24"))
-        .expect("node B on the lan");
-    let client = lan
-        .add_host("client", &format!("{CLIENT}/24"), &[])
-        .expect("client");
-    let six = |ns: &str, dev: &str, addr: &str| {
-        let out = std::process::Command::new("ip")
-            .args([
-                "-n",
-                ns,
-                "-6",
-                "addr",
-                "add",
-                &format!("{addr}/64"),
-                "dev",
-                dev,
-                "nodad",
-            ])
-            .output()
-            .expect("ip");
-        assert!(out.status.success(), "{addr} on {ns}/{dev}: {out:?}");
-    };
-    six(&a.topo.node_ns, &dev_a, NODE_A6);
-    six(&b.topo.node_ns, &dev_b, NODE_B6);
-    six(&client.ns, "eth0", CLIENT6);
-    a.topo
-        .route("fd00:1:2::/64", NODE_B6)
-        .expect("route to B's pods");
-    b.topo
-        .route("fd00:1:1::/64", NODE_A6)
-        .expect("route to A's pods");
-    let pod_a = a.dual_pod("web-a", POD_A, POD_A6, &[8080], &[]);
-    let pod_b = b.dual_pod("web-b", POD_B, POD_B6, &[8080], &[]);
-    let _ = (&pod_a, &pod_b);
-    a.write(
-        "web.yaml",
-        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  \
-         clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00:96::10\"]\n  ipFamilies: [IPv4, IPv6]\n  \
-         ipFamilyPolicy: RequireDualStack\n  ports:\n  - {name: http, port: 80, nodePort: 30080, protocol: TCP}\n",
+    let net = SixNodes::new(
+        "xdp",
+        "tc",
+        &[],
+        DUAL_STACK_WEB,
+        &[(POD_A6, "node-a"), (POD_B6, "node-b")],
     );
-    a.write(
-        "web-slice.yaml",
-        &format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-6\n  \
-             labels: {{kubernetes.io/service-name: web}}\naddressType: IPv6\nports:\n- {{name: http, port: 8080, protocol: TCP}}\n\
-             endpoints:\n- {{addresses: [\"{POD_A6}\"], conditions: {{ready: true}}, nodeName: node-a}}\n\
-             - {{addresses: [\"{POD_B6}\"], conditions: {{ready: true}}, nodeName: node-b}}\n"
-        ),
-    );
-    let manifests = a.manifests.display().to_string();
-    for (node, dev, mode) in [(&mut a, dev_a, "xdp"), (&mut b, dev_b, "tc")] {
-        node.start_agent_with(&[
-            "--manifests".into(),
-            manifests.clone(),
-            "--devices".into(),
-            dev,
-            "--device-mode".into(),
-            mode.into(),
-        ]);
-    }
-    for (node, addr) in [(&a, NODE_A6), (&b, NODE_B6)] {
-        let frontend = format!("[{addr}]:30080/TCP (external)");
-        wait_until(
-            &format!("{} programs {frontend}", node.node_name),
-            Duration::from_secs(10),
-            || node.backends_of(&frontend).is_some_and(|b| b.len() == 2),
-        );
-    }
+    let (a, b) = (&net.a, &net.b);
     // explain from the IPv6 client: XDP on node A, tc on node B, both masquerade.
-    for (node, addr, via) in [(&a, NODE_A6, "xdp"), (&b, NODE_B6, "node")] {
+    for (node, addr, via) in [(a, NODE_A6, "xdp"), (b, NODE_B6, "node")] {
         let to = format!("[{addr}]:30080");
         let text = node.explain(&["--via", via, "--from", CLIENT6, "--to", &to]);
         assert!(
@@ -555,27 +638,10 @@ fn nodeport_on_ipv6_node_addresses_reaches_local_and_remote_endpoints() {
         );
     }
     for (node, addr, local, remote) in [
-        (&a, NODE_A6, "web-a", "web-b"),
-        (&b, NODE_B6, "web-b", "web-a"),
+        (a, NODE_A6, "web-a", "web-b"),
+        (b, NODE_B6, "web-b", "web-a"),
     ] {
-        let url = format!("http://[{addr}]:30080/");
-        let seen: BTreeSet<(String, String)> = (0..24)
-            .map(|i| {
-                let body = get(node, &client, &url, 3.0).unwrap_or_else(|c| {
-                    panic!(
-                        "request {i} to {url}: curl exit {c}\nstats: {}\nconntrack: {}",
-                        node.stats(),
-                        node.dump("conntrack")
-                    )
-                });
-                let seen_client = field(&body, "client");
-                let ip = seen_client
-                    .rsplit_once(':')
-                    .map_or(seen_client, |(ip, _)| ip)
-                    .to_string();
-                (field(&body, "pod").to_string(), ip)
-            })
-            .collect();
+        let seen = net.answers(node, &format!("http://[{addr}]:30080/"), 24);
         assert_eq!(
             seen,
             BTreeSet::from([pair(local, addr), pair(remote, addr)]),
@@ -584,6 +650,158 @@ fn nodeport_on_ipv6_node_addresses_reaches_local_and_remote_endpoints() {
         );
     }
     assert!(a.stats()["nodeport_snat"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn dsr_over_ipv6_keeps_the_client_both_ways_between_tc_and_xdp() {
+    // --default-forwarding-mode (no annotation); each node's endpoint is
+    // reached through the other node's NodePort: node A (tc) to node B
+    // (XDP) and back, so each side both adds the Destination Options header
+    // and learns from one.
+    let net = SixNodes::new(
+        "tc",
+        "xdp",
+        &["--default-forwarding-mode", "dsr"],
+        DUAL_STACK_WEB,
+        &[(POD_A6, "node-a"), (POD_B6, "node-b")],
+    );
+    let text = net.a.explain(&[
+        "--via",
+        "node",
+        "--from",
+        CLIENT6,
+        "--to",
+        &format!("[{NODE_A6}]:30080"),
+    ]);
+    assert!(!text.contains("source masqueraded"), "{text}");
+    for (node, addr) in [(&net.a, NODE_A6), (&net.b, NODE_B6)] {
+        let seen = net.answers(node, &format!("http://[{addr}]:30080/"), 24);
+        // Both endpoints answer, and both see the client itself.
+        assert_eq!(
+            seen,
+            BTreeSet::from([pair("web-a", CLIENT6), pair("web-b", CLIENT6)]),
+            "through {} ({addr})",
+            node.node_name
+        );
+    }
+    for node in [&net.a, &net.b] {
+        let stats = node.stats();
+        for name in ["dsr_forwarded", "dsr_learned"] {
+            assert!(
+                stats[name].as_u64().unwrap_or_default() > 0,
+                "{name}: {stats}"
+            );
+        }
+        assert_eq!(stats["nodeport_snat"].as_u64(), Some(0), "{stats}");
+    }
+}
+
+/// A counter of a node's `dump stats`.
+fn counter(node: &Cluster, name: &str) -> u64 {
+    node.stats()[name].as_u64().unwrap_or_default()
+}
+
+#[test]
+fn dsr_keeps_the_client_and_answers_from_the_endpoints_node() {
+    // Node A (XDP) takes the client's flows; the endpoint is on node B, which
+    // runs lb's defaults: no node device, so what comes in over the underlay
+    // meets the reply program there, and the pod device's.
+    let net = TwoNodes::with_b("xdp", false);
+    net.a.write(
+        "web.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\n  \
+         annotations: {lb/forwarding-mode: dsr}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  \
+         ports:\n  - {name: http, port: 80, nodePort: 30080, protocol: TCP}\n  \
+         - {name: dns, port: 53, nodePort: 30053, protocol: UDP}\n",
+    );
+    // hybrid: DSR for TCP, SNAT for UDP.
+    net.a.write(
+        "hybrid.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: hybrid\n  namespace: default\n  \
+         annotations: {lb/forwarding-mode: hybrid}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.11\n  \
+         ports:\n  - {name: http, port: 80, nodePort: 30081, protocol: TCP}\n  \
+         - {name: dns, port: 53, nodePort: 30054, protocol: UDP}\n",
+    );
+    net.endpoints("web", &[(POD_B, "node-b")]);
+    net.endpoints("hybrid", &[(POD_B, "node-b")]);
+    net.wait_programmed_on(&[&net.a], &format!("{NODE_A}:30080/TCP (external)"), 1);
+    net.wait_programmed_on(&[&net.a], &format!("{NODE_A}:30081/TCP (external)"), 1);
+    // Node B knows the endpoint (its own pod) before the first flow comes.
+    net.wait_programmed_on(&[&net.b], "10.96.0.10:80/TCP", 1);
+
+    let text = net.a.explain(&[
+        "--via",
+        "xdp",
+        "--from",
+        CLIENT,
+        "--to",
+        &format!("{NODE_A}:30080"),
+    ]);
+    assert!(
+        text.contains(&format!("translated to {POD_B}:8080"))
+            && !text.contains("source masqueraded")
+            && text.contains("direct server return"),
+        "{text}"
+    );
+
+    let replies_before = counter(&net.a, "reply");
+    // TCP: the pod sees the client itself, and the answer, from node A's
+    // NodePort, comes from node B.
+    for port in [30080, 30081] {
+        let seen = answers(&net.a, &net.client, &format!("http://{NODE_A}:{port}/"), 8);
+        assert_eq!(
+            seen,
+            BTreeSet::from([pair("web-b", CLIENT)]),
+            "NodePort {port}"
+        );
+    }
+    // UDP: DSR keeps the client; hybrid source-NATs it to node A.
+    for (port, seen_client) in [(30053, CLIENT), (30054, NODE_A)] {
+        for _ in 0..3 {
+            let reply = net
+                .a
+                .topo
+                .udp(
+                    &net.client,
+                    NODE_A.parse::<std::net::Ipv4Addr>().unwrap(),
+                    port,
+                    2.0,
+                    0,
+                )
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "UDP to {NODE_A}:{port}: {e}\nA: {}\nB: {}",
+                        net.a.stats(),
+                        net.b.stats()
+                    )
+                });
+            assert!(
+                reply.contains("pod=web-b") && reply.contains(&format!("client={seen_client}:")),
+                "{port}: {reply}"
+            );
+        }
+    }
+    // Node A put the frontend into each flow's first packet and restored no
+    // answer: they went from node B to the client. Node B learnt every flow.
+    assert!(
+        counter(&net.a, "dsr_forwarded") >= 8 + 8 + 3,
+        "{}",
+        net.a.stats()
+    );
+    assert_eq!(counter(&net.a, "err_dsr_option"), 0);
+    assert_eq!(
+        counter(&net.a, "reply") - replies_before,
+        3,
+        "only hybrid's source-NATed UDP answers come back to node A: {}",
+        net.a.stats()
+    );
+    assert!(
+        counter(&net.b, "dsr_learned") >= 8 + 8 + 3,
+        "{}",
+        net.b.stats()
+    );
+    let conntrack = net.a.dump("conntrack").to_string();
+    assert!(conntrack.contains("\"dsr\""), "{conntrack}");
 }
 
 /// What node A's device runs, from the kernel's view and the agent's pins:

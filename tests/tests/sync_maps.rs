@@ -61,6 +61,7 @@ fn frontend(name: &str, ip: [u8; 4], backends: &[[u8; 4]]) -> (FrontendKey, Fron
             affinity_timeout_s: None,
             source_ranges: false,
             masquerade: false,
+            dsr: false,
         },
     )
 }

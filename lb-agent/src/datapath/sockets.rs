@@ -446,6 +446,7 @@ mod tests {
             affinity_timeout_s: None,
             source_ranges: false,
             masquerade: false,
+            dsr: false,
         }
     }
 

@@ -900,6 +900,7 @@ pub fn explain(args: &ExplainArgs) -> Result<()> {
         }
     }
     let random = frontend.is_some_and(|f| f.backends.len() > 1 && !f.flags.contains(&"maglev"));
+    let direct = frontend.is_some_and(|f| f.flags.contains(&"dsr"));
     let rev_nat_id = frontend.map(|f| f.rev_nat_id);
     let (client, port_given) = match from {
         ExplainFrom::Node if proto == Protocol::Sctp => {
@@ -951,7 +952,7 @@ pub fn explain(args: &ExplainArgs) -> Result<()> {
     }
     println!(
         "verdict    {}",
-        packet_verdict(&outcome, entry, client, args.to)
+        packet_verdict(&outcome, entry, client, args.to, direct)
     );
     if random && outcome.existing_flow.is_none() && outcome.destination != args.to {
         println!(
@@ -967,6 +968,7 @@ fn packet_verdict(
     entry: Entry,
     from: std::net::SocketAddr,
     to: std::net::SocketAddr,
+    direct: bool,
 ) -> String {
     let why = outcome.reasons.join(", ");
     enum Action {
@@ -995,6 +997,12 @@ fn packet_verdict(
                 ", source masqueraded to {} (replies come back to this node)",
                 outcome.source
             ));
+        } else if entry != Entry::Pod && direct {
+            translated.push_str(
+                ", client address kept (direct server return: to an endpoint on another node, \
+                 this node's egress adds the frontend to the flow's first packet and that node \
+                 answers the client itself)",
+            );
         } else if entry != Entry::Pod {
             translated.push_str(", client address kept");
         }

@@ -2637,6 +2637,80 @@ mod tests {
     }
 
     #[test]
+    fn forwarding_mode_sets_dsr_on_external_entries_of_cluster_policy() {
+        // (default mode, annotation, eTP, protocol, DSR from outside)
+        let cases = [
+            ("snat", None, "Cluster", "TCP", false),
+            ("dsr", None, "Cluster", "TCP", true),
+            ("dsr", None, "Cluster", "UDP", true),
+            ("hybrid", None, "Cluster", "TCP", true),
+            ("hybrid", None, "Cluster", "UDP", false),
+            ("snat", Some("dsr"), "Cluster", "UDP", true),
+            ("snat", Some("hybrid"), "Cluster", "UDP", false),
+            ("dsr", Some("snat"), "Cluster", "TCP", false),
+            // Local keeps the client and never leaves the node anyway.
+            ("dsr", None, "Local", "TCP", false),
+            // SCTP is not carried by DSR (Cilium's neither).
+            ("dsr", None, "Cluster", "SCTP", false),
+        ];
+        let both = json!([
+            ep("10.0.0.1", Some(true), Some(true), None, "local"),
+            ep("10.0.0.2", Some(true), Some(true), None, "other"),
+        ]);
+        for (default, annotation, etp, proto, want) in cases {
+            let mut node = external_node();
+            node.default_forwarding_mode = ForwardingMode::parse(default).unwrap();
+            let (key, mut svc) = lb_service("Cluster", etp);
+            if let Some(mode) = annotation {
+                svc.metadata.annotations =
+                    Some([(ANNOTATION_FORWARDING_MODE.to_string(), mode.to_string())].into());
+            }
+            svc.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].protocol = Some(proto.into());
+            let ports = json!([{"name": "http", "port": 8080, "protocol": proto}]);
+            let t = translate(
+                &state(
+                    vec![(key, svc)],
+                    vec![slice("s", "web", ports, both.clone())],
+                ),
+                &node,
+            );
+            assert!(t.problems.is_empty(), "{:?}", t.problems);
+            let case = format!("default {default}, annotation {annotation:?}, eTP {etp}, {proto}");
+            for (k, f) in &t.desired.frontends {
+                let external = k.scope == Scope::External && f.kind != FrontendKind::ClusterIP;
+                assert_eq!(
+                    f.dsr,
+                    want && external,
+                    "{case}: {:?} {:?}",
+                    f.kind,
+                    k.scope
+                );
+                if f.dsr {
+                    // The client's address is what DSR keeps.
+                    assert!(!f.masquerade, "{case}: {:?} masqueraded", f.kind);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_bad_forwarding_mode_annotation_is_reported_and_the_service_skipped() {
+        let (key, mut svc) = lb_service("Cluster", "Cluster");
+        svc.metadata.annotations =
+            Some([(ANNOTATION_FORWARDING_MODE.to_string(), "direct".to_string())].into());
+        let t = translate(&state(vec![(key, svc)], vec![]), &external_node());
+        assert_eq!(t.problems.len(), 1, "{:?}", t.problems);
+        assert_eq!(t.problems[0].object, "Service ns/web");
+        assert!(
+            t.problems[0].reason.contains("lb/forwarding-mode")
+                && t.problems[0].reason.contains("\"direct\""),
+            "{:?}",
+            t.problems[0]
+        );
+        assert!(t.desired.frontends.is_empty());
+    }
+
+    #[test]
     fn masquerade_follows_kube_proxys_internal_external_table() {
         // kube-proxy's TestInternalExternalMasquerade: under eTP Cluster every
         // connection to an external destination is masqueraded, from pods
