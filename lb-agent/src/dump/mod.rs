@@ -359,6 +359,7 @@ pub fn conntrack(maps: &Maps) -> Result<ConntrackDump> {
                 (ct_flags::FIN_REPLY_SEEN, "fin-reply"),
                 (ct_flags::RST_SEEN, "rst"),
                 (ct_flags::DSR, "dsr"),
+                (ct_flags::DSR_LEARNT, "dsr-learnt"),
             ] {
                 if v.flags & bit != 0 {
                     flags.push(name);
