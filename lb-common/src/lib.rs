@@ -1196,10 +1196,13 @@ pub mod stat {
     /// answers leave with the frontend as source.
     pub const DSR_LEARNED: u32 = 43;
     /// The DSR option could not be added (no room in the IPv4 header, or
-    /// the packet could not grow): the packet went on without it.
+    /// the packet could not grow): the packet was dropped.
     pub const ERR_DSR_OPTION: u32 = 44;
+    /// A DSR flow's packet that the option would have grown past the MTU
+    /// of the device it leaves by: dropped.
+    pub const DROP_DSR_TOO_BIG: u32 = 45;
     /// Number of counters in use.
-    pub const COUNT: u32 = 45;
+    pub const COUNT: u32 = 46;
     /// Size of the stats array (room to grow without a layout change).
     pub const CAPACITY: u32 = 48;
 
@@ -1250,6 +1253,7 @@ pub mod stat {
         "dsr_forwarded",
         "dsr_learned",
         "err_dsr_option",
+        "drop_dsr_too_big",
     ];
 }
 

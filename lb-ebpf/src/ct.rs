@@ -41,7 +41,7 @@ pub fn now() -> u64 {
 
 /// The entry of `key` in its protocol's conntrack map.
 #[inline(always)]
-fn entry_ptr(key: &CtKey) -> Option<*mut CtValue> {
+pub fn entry_ptr(key: &CtKey) -> Option<*mut CtValue> {
     if key.proto == IPPROTO_TCP {
         LB_CT_TCP.get_ptr_mut(key)
     } else {
@@ -51,7 +51,7 @@ fn entry_ptr(key: &CtKey) -> Option<*mut CtValue> {
 
 /// Insert into `key`'s protocol's conntrack map.
 #[inline(always)]
-fn insert(key: &CtKey, value: &CtValue, flags: u32) -> bool {
+pub fn insert(key: &CtKey, value: &CtValue, flags: u32) -> bool {
     let result = if key.proto == IPPROTO_TCP {
         LB_CT_TCP.insert(key, value, flags as u64)
     } else {
@@ -98,7 +98,10 @@ pub fn lifetime(proto: u8, flags: u16) -> u32 {
         }
     } else if flags & ct_flags::RST_SEEN != 0 {
         ct_lifetime::TCP_CLOSED
-    } else if flags & ct_flags::ANY_FIN == ct_flags::ANY_FIN {
+    } else if flags & ct_flags::ANY_FIN == ct_flags::ANY_FIN
+        || (flags & (ct_flags::DSR | ct_flags::DSR_LEARNT) != 0 && flags & ct_flags::ANY_FIN != 0)
+    {
+        // A DSR entry sees one side only: its FIN ends the connection.
         ct_lifetime::TCP_TIME_WAIT
     } else if flags & ct_flags::ANY_FIN != 0 {
         ct_lifetime::TCP_HALF_CLOSED
@@ -346,6 +349,9 @@ pub fn create(flow: &Flow, new: &NewFlow, nat: &mut Nat) -> Result<(), CreateErr
     } else {
         (flow.src_be, no_addr(), 0)
     };
+    // The key's raw pointer: `lb_ct_snat_search` writes the port it takes
+    // through its own, and it is read back through this one.
+    let key_ptr = reply_key;
     // SAFETY: per-CPU scratch slots, ours for the length of this program run.
     let (reply, forward, reply_key) = unsafe { (&mut *reply, &mut *forward, &mut *reply_key) };
     reply_key.src_addr_be = nat.addr_be;
@@ -406,7 +412,10 @@ pub fn create(flow: &Flow, new: &NewFlow, nat: &mut Nat) -> Result<(), CreateErr
         }
     }
     if !new.direct {
-        nat.other_port_be = reply_key.dst_port_be;
+        // SAFETY: the scratch key, written last by this run (here or by
+        // `lb_ct_snat_search`); read through the raw pointer, not the
+        // reference held across that call.
+        nat.other_port_be = unsafe { core::ptr::read_volatile(&raw const (*key_ptr).dst_port_be) };
     }
     forward.backend_id = new.backend_id;
     forward.rev_nat_id = new.rev_nat_id;
@@ -493,7 +502,7 @@ fn scratch_tuple_free() -> bool {
 /// thousand SNAT ports per backend, 120 s of TIME_WAIT would cap new
 /// connections).
 #[inline(always)]
-fn tuple_free(key: &CtKey, now: u64) -> bool {
+pub fn tuple_free(key: &CtKey, now: u64) -> bool {
     match entry_ptr(key) {
         None => true,
         Some(entry) => {

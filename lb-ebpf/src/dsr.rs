@@ -13,8 +13,8 @@ use lb_common::{
 };
 
 use crate::{
-    csum,
-    maps::{LB_CT_OTHER, LB_CT_SCRATCH, LB_CT_TCP, count},
+    csum, ct,
+    maps::{LB_CT_SCRATCH, count},
     packet::{Packet, PacketError, Result},
     parse::{Flow, IP_CSUM_OFF, IP6_HLEN, TCP_ACK, TCP_SYN},
 };
@@ -44,6 +44,9 @@ const _: () = {
 #[inline(always)]
 pub fn carries_option(flow: &Flow) -> bool {
     flow.frag == crate::parse::FRAG_NONE
+        // IPv6: only right after a bare fixed header (the endpoint's node
+        // parses nothing else before it; one already there makes it 64).
+        && (!flow.v6 || flow.ihl_bytes == IP6_HLEN)
         && (flow.proto != IPPROTO_TCP || flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
 }
 
@@ -66,30 +69,50 @@ pub fn leaving<P: Packet>(
         count(stat::PASS_NOT_FRONTEND);
         return pkt.pass();
     }
-    // The client's packets are the only ones this entry sees: its going
-    // on past the SYN says the connection is up.
-    let extra = if flow.tcp_flags & TCP_ACK != 0 {
+    // The client's packets are the only ones this entry sees: a TCP one
+    // past the SYN, or a second datagram, says the flow is up.
+    let extra = if flow.proto != IPPROTO_TCP || flow.tcp_flags & TCP_ACK != 0 {
         ct_flags::REPLY_SEEN
     } else {
         0
     };
-    crate::ct::observe(entry, flow, CT_DIR_FORWARD, now, pkt.len(), extra);
-    if carries_option(flow) {
-        // Read through the pointer: an entry copied to the stack costs 88 bytes.
-        let frontend = Frontend {
-            addr_be: unsafe { (*entry).nat_addr_be },
-            port_be: unsafe { (*entry).nat_port_be },
-            l3_off: flow.l3_off,
-            v6: flow.v6,
-        };
-        match add_option(pkt, &frontend) {
-            Ok(_) => count(stat::DSR_FORWARDED),
-            // Without it the backend's node cannot answer for the
-            // frontend; the packet goes anyway (the next may carry it).
-            Err(_) => count(stat::ERR_DSR_OPTION),
+    ct::observe(entry, flow, CT_DIR_FORWARD, now, pkt.len(), extra);
+    // Stacked devices (a VLAN and its parent, a bond and its ports) each
+    // run this program: the first one adds the option, once.
+    if !carries_option(flow) || option_frontend(pkt, flow).is_some() {
+        return pkt.pass();
+    }
+    let grow = if flow.v6 {
+        OPT6_HDR_LEN
+    } else {
+        OPT4_LEN as u32
+    };
+    if !pkt.fits_mtu_grown(grow) {
+        // Grown past the device's MTU it would be lost on the wire (or
+        // fragmented); Cilium answers "fragmentation needed" with the MTU
+        // less the option, lb drops it, counted (see README).
+        count(stat::DROP_DSR_TOO_BIG);
+        return pkt.drop_verdict();
+    }
+    // Read through the pointer: an entry copied to the stack costs 88 bytes.
+    let frontend = Frontend {
+        addr_be: unsafe { (*entry).nat_addr_be },
+        port_be: unsafe { (*entry).nat_port_be },
+        l3_off: flow.l3_off,
+        v6: flow.v6,
+    };
+    match add_option(pkt, &frontend) {
+        Ok(_) => {
+            count(stat::DSR_FORWARDED);
+            pkt.pass()
+        }
+        // Without it the endpoint's node would answer from the endpoint's
+        // own address, which the client drops: dropped here (as Cilium).
+        Err(_) => {
+            count(stat::ERR_DSR_OPTION);
+            pkt.drop_verdict()
         }
     }
-    pkt.pass()
 }
 
 /// What `add_option` writes, and where the IP header is.
@@ -158,15 +181,22 @@ pub fn add_option<P: Packet>(pkt: &mut P, to: &Frontend) -> Result<u32> {
     Ok(OPT4_LEN as u32)
 }
 
-/// The frontend a packet from another node carries (lb's option right
-/// after the fixed IP header), if any.
+/// The frontend a packet carries (lb's option right after the fixed IP
+/// header), if any.
 #[inline(always)]
 fn option_frontend<P: Packet>(pkt: &P, flow: &Flow) -> Option<(Addr, u16)> {
     if flow.v6 {
+        // The parse recognised lb's header (and only lb's) there.
+        if flow.ihl_bytes != IP6_HLEN + OPT6_HDR_LEN {
+            return None;
+        }
         let opt: DstOpt6 = pkt.load_header(flow.l3_off + IP6_HLEN).ok()?;
         (opt.opt_type == OPT6_TYPE && opt.opt_len == OPT6_DATA_LEN)
             .then_some((opt.addr, opt.port_be))
     } else {
+        if flow.ihl_bytes < 20 + OPT4_LEN as u32 {
+            return None;
+        }
         let [opt_type, opt_len, port_hi, port_lo]: [u8; 4] =
             pkt.load_header(flow.l3_off + 20).ok()?;
         if opt_type != OPT4_TYPE || opt_len != OPT4_LEN {
@@ -181,27 +211,41 @@ fn option_frontend<P: Packet>(pkt: &P, flow: &Flow) -> Option<(Addr, u16)> {
 /// option starts a reply entry that restores the frontend as the source
 /// of the backend's answers, which then go straight to the client.
 /// Returns whether the packet had the option.
+///
+/// An entry already holding the tuple is kept when it is another flow's
+/// and live (a flow translated here, say: its answers are not another
+/// node's to redirect) or this flow's own (learnt already: its answers
+/// keep it; a new SYN starts it over); a dead or closed one, or another
+/// frontend's DSR entry, is replaced.
 #[inline(never)]
 pub fn learn<P: Packet>(pkt: &P, flow: &Flow) -> bool {
     let Some((frontend, frontend_port_be)) = option_frontend(pkt, flow) else {
         return false;
     };
+    if frontend.is_none() || frontend_port_be == 0 {
+        // Not a frontend: nothing to answer from.
+        return true;
+    }
+    let now = ct::now();
+    let syn = flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let key = learnt_key(flow);
+    if !ct::tuple_free(&key, now)
+        && let Some(held) = ct::entry_ptr(&key)
+    {
+        let held = unsafe { &*held };
+        let learnt = held.flags & ct_flags::DSR_LEARNT != 0;
+        let own = learnt && held.nat_addr_be == frontend && held.nat_port_be == frontend_port_be;
+        if !learnt || (own && !syn) {
+            return true;
+        }
+    }
     let Some(entry) = LB_CT_SCRATCH.get_ptr_mut(0) else {
         return true;
     };
-    let now = crate::ct::now();
-    let mut flags = ct_flags::DSR_LEARNT;
-    if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        flags |= ct_flags::SYN_SEEN;
-    }
-    let key = CtKey {
-        src_addr_be: flow.dst_be,
-        dst_addr_be: flow.src_be,
-        src_port_be: flow.dport_be,
-        dst_port_be: flow.sport_be,
-        proto: flow.proto,
-        dir: CT_DIR_REPLY,
-        _pad: [0; 2],
+    let flags = if syn {
+        ct_flags::DSR_LEARNT | ct_flags::SYN_SEEN
+    } else {
+        ct_flags::DSR_LEARNT
     };
     // SAFETY: a per-CPU scratch slot, ours for the length of this run.
     let entry = unsafe { &mut *entry };
@@ -215,23 +259,46 @@ pub fn learn<P: Packet>(pkt: &P, flow: &Flow) -> bool {
     entry.tcp_flags_seen = 0;
     entry.created_ns = now;
     entry.last_seen_ns = now;
-    entry.lifetime_s = crate::ct::lifetime(flow.proto, flags);
-    entry.snat_addr_be = crate::ct::no_addr();
+    entry.lifetime_s = ct::lifetime(flow.proto, flags);
+    entry.snat_addr_be = ct::no_addr();
     entry.snat_port_be = 0;
     let zero = core::hint::black_box(0u64);
     entry.packets = zero;
     entry.bytes = zero;
-    // A SYN (or datagram) with the option starts the flow over: a full
-    // map keeps the older entry, and the flow's answers go untranslated.
-    let inserted = if flow.proto == IPPROTO_TCP {
-        LB_CT_TCP.insert(&key, entry, 0)
-    } else {
-        LB_CT_OTHER.insert(&key, entry, 0)
-    };
-    if inserted.is_ok() {
+    if ct::insert(&key, entry, 0) {
         count(stat::DSR_LEARNED);
     } else {
+        // A full map keeps the older entries: the flow's answers go
+        // untranslated.
         count(stat::ERR_CT_FULL);
     }
     true
+}
+
+/// On the backend's node: the client's FIN or RST of a learnt DSR flow,
+/// which its entry (seeing only the backend's answers) would not see
+/// otherwise, so a closed connection's entry ages as one.
+#[inline(never)]
+pub fn client_closing(flow: &Flow) {
+    let key = learnt_key(flow);
+    let Some(entry) = ct::entry_ptr(&key) else {
+        return;
+    };
+    if unsafe { (*entry).flags } & ct_flags::DSR_LEARNT != 0 {
+        ct::observe(entry, flow, CT_DIR_FORWARD, ct::now(), 0, 0);
+    }
+}
+
+/// The key of the reply entry learnt for a packet client -> backend.
+#[inline(always)]
+fn learnt_key(flow: &Flow) -> CtKey {
+    CtKey {
+        src_addr_be: flow.dst_be,
+        dst_addr_be: flow.src_be,
+        src_port_be: flow.dport_be,
+        dst_port_be: flow.sport_be,
+        proto: flow.proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    }
 }

@@ -23,7 +23,7 @@ use crate::{
     monitor,
     nat::{self, End},
     packet::{Packet, Routed},
-    parse::{self, Echo, FRAG_FIRST, FRAG_NONE, Flow, TCP_ACK, TCP_RST, TCP_SYN},
+    parse::{self, Echo, FRAG_FIRST, FRAG_NONE, Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     reject,
 };
 
@@ -476,12 +476,13 @@ fn forward<P: Packet>(
                     verdict: stat::ESTABLISHED,
                 });
                 // A DSR flow's answers never come here: the client going on
-                // past its SYN is what says the connection is up.
-                let extra = if direct && flow.tcp_flags & TCP_ACK != 0 {
-                    ct_flags::REPLY_SEEN
-                } else {
-                    0
-                };
+                // (past its SYN, or a second datagram) says the flow is up.
+                let extra =
+                    if direct && (flow.proto != IPPROTO_TCP || flow.tcp_flags & TCP_ACK != 0) {
+                        ct_flags::REPLY_SEEN
+                    } else {
+                        0
+                    };
                 ct::account(entry, flow, CT_DIR_FORWARD, now, len, extra);
                 count_service(
                     frontend.rev_nat_id,
@@ -566,7 +567,8 @@ fn forward<P: Packet>(
     // node's egress program adds the frontend to the packet (`dsr.rs`).
     let direct = origin == Origin::Node
         && frontend.flags & service_flags::DSR != 0
-        && backend.flags & backend_flags::REMOTE != 0;
+        && backend.flags & backend_flags::REMOTE != 0
+        && backend.addr_be != flow.src_be;
     if direct {
         pkt.mark_dsr();
     }
@@ -818,15 +820,17 @@ fn reply<P: Packet>(
     let key = ct::reply_key(flow);
     let Some((entry, now)) = ct::lookup_timed(&key) else {
         // Another node's DSR flow to a backend here: only where packets
-        // from other nodes arrive (node devices, other devices, and a pod
-        // device's way in, which every one to a pod passes).
-        let base = if flow.v6 { parse::IP6_HLEN } else { 20 };
-        if flow.ihl_bytes > base
-            && flow.frag == FRAG_NONE
-            && matches!(origin, Origin::Node | Origin::Reply)
-            && dsr::learn(pkt, flow)
-        {
-            return pkt.pass();
+        // from other nodes come in (node devices, other devices), not a
+        // pod device's either way (a pod must not choose the source of
+        // another pod's answers).
+        if matches!(origin, Origin::Node) || (origin == Origin::Reply && !pkt.is_egress()) {
+            let base = if flow.v6 { parse::IP6_HLEN } else { 20 };
+            if flow.ihl_bytes > base && flow.frag == FRAG_NONE && dsr::learn(pkt, flow) {
+                return pkt.pass();
+            }
+            if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                dsr::client_closing(flow);
+            }
         }
         if awaiting_copy(flow) {
             count(stat::DROP_MIGRATING);

@@ -12,9 +12,9 @@ use aya_ebpf::{
         xdp_action,
     },
     helpers::generated::{
-        bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_adjust_room,
-        bpf_skb_change_head, bpf_skb_change_tail, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
-        bpf_xdp_load_bytes, bpf_xdp_store_bytes,
+        bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
+        bpf_skb_adjust_room, bpf_skb_change_head, bpf_skb_change_tail, bpf_xdp_adjust_head,
+        bpf_xdp_adjust_tail, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
     },
     programs::{TcContext, XdpContext},
 };
@@ -111,6 +111,18 @@ pub trait Packet {
     ) -> Result<()>;
     /// Add `len` bytes in front of the packet.
     fn push_head(&mut self, len: u32) -> Result<()>;
+    /// Whether the packet, `grow` bytes longer, still fits the MTU of the
+    /// device it leaves by (an egress program's). GSO packets are cut to
+    /// size later and count as fitting.
+    #[inline(always)]
+    fn fits_mtu_grown(&self, _grow: u32) -> bool {
+        true
+    }
+    /// An egress program (tc only).
+    #[inline(always)]
+    fn is_egress(&self) -> bool {
+        false
+    }
     /// Open `len` bytes of room right after the fixed IP header (20 bytes
     /// for IPv4, 40 for IPv6): the link and IP headers move to the front,
     /// the rest stays. The room's bytes are the caller's to write.
@@ -321,6 +333,23 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
     fn push_head(&mut self, len: u32) -> Result<()> {
         let ret = unsafe { bpf_skb_change_head(self.ctx.skb.skb.cast(), len, 0) };
         if ret == 0 { Ok(()) } else { Err(PacketError) }
+    }
+
+    #[inline(always)]
+    fn fits_mtu_grown(&self, grow: u32) -> bool {
+        if unsafe { (*self.ctx.skb.skb).gso_size } != 0 {
+            return true;
+        }
+        let mut mtu_len = 0u32;
+        // ifindex 0: the device the skb is on (leaving by, on egress).
+        let ret =
+            unsafe { bpf_check_mtu(self.ctx.skb.skb.cast(), 0, &mut mtu_len, grow as i32, 0) };
+        ret == 0
+    }
+
+    #[inline(always)]
+    fn is_egress(&self) -> bool {
+        self.egress
     }
 
     #[inline(always)]

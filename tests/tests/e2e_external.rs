@@ -746,6 +746,39 @@ fn dsr_keeps_the_client_and_answers_from_the_endpoints_node() {
 
     dsr_answers_come_from_node_b(&net, "the underlay");
 
+    // A datagram the option would grow past the underlay's MTU (1500) is
+    // dropped on node A's way out and counted; one with room gets through.
+    let too_big = counter(&net.a, "drop_dsr_too_big");
+    for (payload, answered) in [(1500 - 20 - 8 - 4, false), (1500 - 20 - 8 - 8, true)] {
+        let out = net
+            .a
+            .topo
+            .exec(
+                &net.client.ns,
+                &[
+                    "python3",
+                    "-c",
+                    SIZED_DATAGRAM,
+                    NODE_A,
+                    "30053",
+                    &payload.to_string(),
+                ],
+            )
+            .expect("python3");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            text.contains("pod=web-b"),
+            answered,
+            "a {payload}-byte datagram: {text}"
+        );
+    }
+    assert_eq!(
+        counter(&net.a, "drop_dsr_too_big") - too_big,
+        1,
+        "{}",
+        net.a.stats()
+    );
+
     // The same over a VXLAN overlay between the nodes (pod traffic only):
     // node A's egress program on the VXLAN device adds the option to the
     // inner packet, node B's reply program on its VXLAN device learns it.
@@ -798,6 +831,20 @@ fn dsr_keeps_the_client_and_answers_from_the_endpoints_node() {
     }
     dsr_answers_come_from_node_b(&net, "VXLAN");
 }
+
+/// One UDP datagram of argv[3] payload bytes, DF set, to argv[1]:argv[2];
+/// prints the answer or "nothing".
+const SIZED_DATAGRAM: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO
+s.settimeout(2.0)
+s.sendto(b"x" * int(sys.argv[3]), (sys.argv[1], int(sys.argv[2])))
+try:
+    print(s.recv(65535).decode().strip())
+except socket.timeout:
+    print("nothing")
+"#;
 
 /// The DSR case's checks: TCP through both Services and UDP through both
 /// NodePorts of node A reach web-b on node B; what the pod saw, and the

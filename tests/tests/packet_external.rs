@@ -5,8 +5,9 @@
 //! Checksums of every rewritten frame are verified from scratch.
 
 use lb_common::{
-    CT_DIR_REPLY, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    ServiceCounters, backend_flags, config_flags, frontend_kind, service_flags, stat,
+    CT_DIR_FORWARD, CT_DIR_REPLY, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, ServiceCounters, backend_flags, config_flags, ct_flags, ct_lifetime,
+    frontend_kind, service_flags, stat,
 };
 use lb_tests::packet::*;
 
@@ -1373,13 +1374,13 @@ fn dsr_to_a_local_backend_keeps_the_client_without_an_option() {
 }
 
 #[test]
-fn dsr_without_room_for_the_option_forwards_the_packet_without_it() {
+fn dsr_without_room_for_the_option_drops_the_packet() {
     // Forty bytes of IPv4 options (NOPs) leave no room for lb's eight.
     let full = |frame: Vec<u8>| with_ip_options(&frame, &[1; 40]);
     run_case(Case {
         allowed_errors: &[stat::ERR_DSR_OPTION],
         ..case(
-            "dsr_without_room_for_the_option_forwards_the_packet_without_it",
+            "dsr_without_room_for_the_option_drops_the_packet",
             dsr_node_ports,
             vec![
                 send(
@@ -1392,7 +1393,9 @@ fn dsr_without_room_for_the_option_forwards_the_packet_without_it() {
                 send_on_marked(
                     EGRESS,
                     full(tcp(ep(CLIENT), ep(REMOTE_POD), SYN, b"")),
-                    Expect::Unchanged,
+                    // Answered by the endpoint's node from its own address, the
+                    // client would drop it: dropped here, as Cilium does.
+                    Expect::Dropped,
                 ),
                 counters(&[(stat::ERR_DSR_OPTION, 1), (stat::DSR_FORWARDED, 0)]),
             ],
@@ -1408,9 +1411,9 @@ fn dsr_backend_node(dp: &mut Datapath) {
     dp.backend(2, ep(REMOTE_POD6), TCP);
 }
 
-/// Where packets from another node arrive: node devices (tc, XDP), other
-/// devices, and the pod device's way in.
-const ARRIVALS: &[Prog] = &[Prog::TcNode, Prog::XdpNode, Prog::TcReply, Prog::TcToPod];
+/// Where packets from another node arrive: node devices (tc, XDP) and
+/// other devices (not pod devices: a pod must not teach the node).
+const ARRIVALS: &[Prog] = &[Prog::TcNode, Prog::XdpNode, Prog::TcReply];
 
 #[test]
 fn dsr_backend_node_answers_the_client_from_the_frontend() {
@@ -1485,6 +1488,226 @@ fn dsr_options_from_pods_and_from_udp_datagrams() {
                 udp(ep(REMOTE_DNS), ep(CLIENT), b"a"),
                 Expect::RevNat(other_node_port),
             ),
+            counters(&[(stat::DSR_LEARNED, 1)]),
+        ],
+    ));
+}
+
+#[test]
+fn dsr_egress_adds_the_option_once_on_stacked_devices() {
+    // A VLAN device and its parent (a bond and its ports) each run the
+    // egress program: the second sees the option and leaves it be.
+    let v4 = with_dsr_option(
+        &tcp(ep(CLIENT), ep(REMOTE_POD), SYN, b""),
+        remote_node_port(),
+    );
+    let v6 = with_dsr_option(&tcp(ep(CLIENT6), ep(REMOTE_POD6), SYN, b""), ep(NODE_PORT6));
+    run_case(case(
+        "dsr_egress_adds_the_option_once_on_stacked_devices",
+        dsr_node_ports,
+        vec![
+            send(
+                tcp(ep(CLIENT), remote_node_port(), SYN, b""),
+                Expect::Nat {
+                    src: ep(CLIENT),
+                    dst: ep(REMOTE_POD),
+                },
+            ),
+            send_on_marked(
+                EGRESS,
+                tcp(ep(CLIENT), ep(REMOTE_POD), SYN, b""),
+                Expect::Frame(v4.clone()),
+            ),
+            send_on_marked(EGRESS, v4, Expect::Unchanged),
+            send(
+                tcp(ep(CLIENT6), ep(NODE_PORT6), SYN, b""),
+                Expect::Nat {
+                    src: ep(CLIENT6),
+                    dst: ep(REMOTE_POD6),
+                },
+            ),
+            send_on_marked(
+                EGRESS,
+                tcp(ep(CLIENT6), ep(REMOTE_POD6), SYN, b""),
+                Expect::Frame(v6.clone()),
+            ),
+            send_on_marked(EGRESS, v6, Expect::Unchanged),
+            counters(&[(stat::DSR_FORWARDED, 2)]),
+        ],
+    ));
+}
+
+/// The DSR entries of `dp` (flag `bit`): (direction, lifetime) each.
+fn dsr_lifetimes(dp: &mut Datapath, bit: u16) -> Vec<(u8, u32)> {
+    dp.ct()
+        .iter()
+        .filter(|(_, v)| v.flags & bit != 0)
+        .map(|(k, v)| (k.dir, v.lifetime_s))
+        .collect()
+}
+
+#[test]
+fn dsr_entries_age_by_the_side_they_see() {
+    let fin = Tcp { fin: true, ..ACK };
+    run_case(case(
+        "dsr_entries_age_by_the_side_they_see",
+        dsr_node_ports,
+        vec![
+            send(
+                tcp(ep(CLIENT), remote_node_port(), SYN, b""),
+                Expect::Nat {
+                    src: ep(CLIENT),
+                    dst: ep(REMOTE_POD),
+                },
+            ),
+            send_on_marked(
+                EGRESS,
+                tcp(ep(CLIENT), ep(REMOTE_POD), SYN, b""),
+                Expect::Frame(with_dsr_option(
+                    &tcp(ep(CLIENT), ep(REMOTE_POD), SYN, b""),
+                    remote_node_port(),
+                )),
+            ),
+            // The client's ACK says the connection is up (no answer is
+            // ever seen here): established lifetimes.
+            send(
+                tcp(ep(CLIENT), remote_node_port(), ACK, b""),
+                Expect::Nat {
+                    src: ep(CLIENT),
+                    dst: ep(REMOTE_POD),
+                },
+            ),
+            send_on_marked(
+                EGRESS,
+                tcp(ep(CLIENT), ep(REMOTE_POD), ACK, b""),
+                Expect::Unchanged,
+            ),
+            change(|dp| {
+                let mut got = dsr_lifetimes(dp, ct_flags::DSR);
+                got.sort();
+                assert_eq!(
+                    got,
+                    [
+                        (CT_DIR_FORWARD, ct_lifetime::TCP_ESTABLISHED),
+                        (CT_DIR_REPLY, ct_lifetime::TCP_ESTABLISHED)
+                    ]
+                );
+            }),
+            // The client's FIN closes it: the other side is never seen.
+            send(
+                tcp(ep(CLIENT), remote_node_port(), fin, b""),
+                Expect::Nat {
+                    src: ep(CLIENT),
+                    dst: ep(REMOTE_POD),
+                },
+            ),
+            send_on_marked(
+                EGRESS,
+                tcp(ep(CLIENT), ep(REMOTE_POD), fin, b""),
+                Expect::Unchanged,
+            ),
+            change(|dp| {
+                let got = dsr_lifetimes(dp, ct_flags::DSR);
+                assert_eq!(got.len(), 2);
+                assert!(
+                    got.iter().all(|(_, l)| *l == ct_lifetime::TCP_TIME_WAIT),
+                    "{got:?}"
+                );
+            }),
+            // UDP: a second datagram says the flow is up (120 s, not 30).
+            send(
+                udp(ep(CLIENT), ep(NODE_PORT_UDP), b"one"),
+                Expect::Nat {
+                    src: ep(CLIENT),
+                    dst: ep(REMOTE_DNS),
+                },
+            ),
+            send(
+                udp(ep(CLIENT), ep(NODE_PORT_UDP), b"two"),
+                Expect::Nat {
+                    src: ep(CLIENT),
+                    dst: ep(REMOTE_DNS),
+                },
+            ),
+            change(|dp| {
+                let udp_forward: Vec<u32> = dp
+                    .ct()
+                    .iter()
+                    .filter(|(k, v)| {
+                        k.proto == UDP && k.dir == CT_DIR_FORWARD && v.flags & ct_flags::DSR != 0
+                    })
+                    .map(|(_, v)| v.lifetime_s)
+                    .collect();
+                assert_eq!(udp_forward, [ct_lifetime::OTHER_REPLIED]);
+            }),
+        ],
+    ));
+}
+
+#[test]
+fn dsr_learning_spares_live_flows_and_follows_the_clients_close() {
+    let other_node_port = ep("192.168.50.2:30081");
+    let fin = Tcp { fin: true, ..ACK };
+    run_case(Case::on(
+        ARRIVALS,
+        "dsr_learning_spares_live_flows_and_follows_the_clients_close",
+        |dp| {
+            dsr_backend_node(dp);
+            // This node's own NodePort to its pod, policy Local (client kept).
+            dp.external_frontend(ep(NODE_PORT), TCP, 7, &[1], frontend_kind::NODE_PORT);
+        },
+        vec![
+            // A flow this node translated: its reply entry is live.
+            send_on(
+                Prog::TcNode,
+                tcp(ep(CLIENT), ep(NODE_PORT), SYN, b""),
+                Expect::Nat {
+                    src: ep(CLIENT),
+                    dst: ep(LOCAL_POD),
+                },
+            ),
+            // A packet of the same tuple claiming another frontend does not
+            // take its answers.
+            send(
+                with_dsr_option(&tcp(ep(CLIENT), ep(LOCAL_POD), SYN, b""), other_node_port),
+                Expect::Unchanged,
+            ),
+            send_on(
+                Prog::Tc,
+                tcp(ep(LOCAL_POD), ep(CLIENT), ACK, b""),
+                Expect::RevNat(ep(NODE_PORT)),
+            ),
+            counters(&[(stat::DSR_LEARNED, 0)]),
+            // Another client's DSR flow is learnt, and ages by the client's
+            // FIN (which carries no option) as well as the backend's.
+            send(
+                with_dsr_option(
+                    &tcp(ep(OTHER_CLIENT), ep(LOCAL_POD), SYN, b""),
+                    other_node_port,
+                ),
+                Expect::Unchanged,
+            ),
+            send_on(
+                Prog::Tc,
+                tcp(ep(LOCAL_POD), ep(OTHER_CLIENT), ACK, b""),
+                Expect::RevNat(other_node_port),
+            ),
+            change(|dp| {
+                assert_eq!(
+                    dsr_lifetimes(dp, ct_flags::DSR_LEARNT),
+                    [(CT_DIR_REPLY, ct_lifetime::TCP_ESTABLISHED)]
+                );
+            }),
+            send(
+                tcp(ep(OTHER_CLIENT), ep(LOCAL_POD), fin, b""),
+                Expect::Unchanged,
+            ),
+            change(|dp| {
+                assert_eq!(
+                    dsr_lifetimes(dp, ct_flags::DSR_LEARNT),
+                    [(CT_DIR_REPLY, ct_lifetime::TCP_TIME_WAIT)]
+                );
+            }),
             counters(&[(stat::DSR_LEARNED, 1)]),
         ],
     ));

@@ -1000,9 +1000,9 @@ fn packet_verdict(
             ));
         } else if entry != Entry::Pod && direct {
             translated.push_str(
-                ", client address kept (direct server return: to an endpoint on another node, \
-                 this node's egress adds the frontend to the flow's first packet and that node \
-                 answers the client itself)",
+                ", client address kept (direct server return: if the endpoint is on another \
+                 node, this node's egress adds the frontend to the flow's TCP SYN or each UDP \
+                 datagram, and that node answers the client itself)",
             );
         } else if entry != Entry::Pod {
             translated.push_str(", client address kept");
