@@ -16,7 +16,7 @@ use crate::{
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-const NS_PER_SEC: u64 = 1_000_000_000;
+pub const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// `Addr::NONE` as a value LLVM cannot see is zero: a 16-byte zero store
 /// becomes, for BPF, a call to a memset storing a byte per iteration; a

@@ -42,17 +42,15 @@ const _: () = {
 /// whole UDP datagram (each may be the first the backend's node sees).
 /// Fragments go without it.
 #[inline(always)]
-pub fn carries_option(flow: &Flow) -> bool {
+fn carries_option(flow: &Flow) -> bool {
     flow.frag == crate::parse::FRAG_NONE
-        // IPv6: only right after a bare fixed header (the endpoint's node
-        // parses nothing else before it; one already there makes it 64).
-        && (!flow.v6 || flow.ihl_bytes == IP6_HLEN)
         && (flow.proto != IPPROTO_TCP || flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
 }
 
 /// A packet of a DSR flow leaving the first node for the backend's node:
 /// `entry` (keyed by the translated packet) names the frontend the client
-/// sent it to, which the flow's first packets carry (`carries_option`).
+/// sent it to, which the flow's first packets carry (a TCP SYN, every whole
+/// UDP datagram).
 /// Only the node's egress program adds it (`egress`), for every program
 /// that translated the flow: XDP's packets cannot grow there without the
 /// verifier walking the whole translation again, and the egress program
@@ -70,17 +68,36 @@ pub fn leaving<P: Packet>(
         return pkt.pass();
     }
     // The client's packets are the only ones this entry sees: a TCP one
-    // past the SYN, or a second datagram, says the flow is up.
-    let extra = if flow.proto != IPPROTO_TCP || flow.tcp_flags & TCP_ACK != 0 {
-        ct_flags::REPLY_SEEN
+    // past the SYN, or a datagram in a later second than the first (the
+    // first passes here too), says the flow is up.
+    let up = if flow.proto == IPPROTO_TCP {
+        flow.tcp_flags & TCP_ACK != 0
     } else {
-        0
+        now / ct::NS_PER_SEC != unsafe { (*entry).created_ns } / ct::NS_PER_SEC
     };
+    let extra = if up { ct_flags::REPLY_SEEN } else { 0 };
     ct::observe(entry, flow, CT_DIR_FORWARD, now, pkt.len(), extra);
-    // Stacked devices (a VLAN and its parent, a bond and its ports) each
-    // run this program: the first one adds the option, once.
-    if !carries_option(flow) || option_frontend(pkt, flow).is_some() {
+    if !carries_option(flow) {
         return pkt.pass();
+    }
+    // Already there: stacked devices (a VLAN and its parent, a bond and its
+    // ports) each run this program, and the first one added it. One naming
+    // another frontend came from the client itself: dropped, or the
+    // endpoint's node would answer for whatever it names.
+    if let Some((addr, port)) = option_frontend(pkt, flow) {
+        let ours = unsafe { addr == (*entry).nat_addr_be && port == (*entry).nat_port_be };
+        if ours {
+            return pkt.pass();
+        }
+        count(stat::ERR_DSR_OPTION);
+        return pkt.drop_verdict();
+    }
+    // IPv6 with an extension header before the upper layer (an atomic
+    // fragment's Fragment header): lb's header would not come first, which
+    // is all the endpoint's node reads. Dropped, as a packet without room.
+    if flow.v6 && flow.ihl_bytes != IP6_HLEN {
+        count(stat::ERR_DSR_OPTION);
+        return pkt.drop_verdict();
     }
     let grow = if flow.v6 {
         OPT6_HDR_LEN
@@ -222,7 +239,7 @@ pub fn learn<P: Packet>(pkt: &P, flow: &Flow) -> bool {
     let Some((frontend, frontend_port_be)) = option_frontend(pkt, flow) else {
         return false;
     };
-    if frontend.is_none() || frontend_port_be == 0 {
+    if frontend.is_none() || (frontend.is_v4() && frontend.v4_be() == 0) || frontend_port_be == 0 {
         // Not a frontend: nothing to answer from.
         return true;
     }
@@ -232,10 +249,17 @@ pub fn learn<P: Packet>(pkt: &P, flow: &Flow) -> bool {
     if !ct::tuple_free(&key, now)
         && let Some(held) = ct::entry_ptr(&key)
     {
-        let held = unsafe { &*held };
-        let learnt = held.flags & ct_flags::DSR_LEARNT != 0;
-        let own = learnt && held.nat_addr_be == frontend && held.nat_port_be == frontend_port_be;
-        if !learnt || (own && !syn) {
+        let (learnt, own) = unsafe {
+            let learnt = (*held).flags & ct_flags::DSR_LEARNT != 0;
+            let own = (*held).nat_addr_be == frontend && (*held).nat_port_be == frontend_port_be;
+            (learnt, learnt && own)
+        };
+        if !learnt {
+            return true;
+        }
+        if own && !syn {
+            // The client's datagrams keep it, not only the answers.
+            ct::observe(held, flow, CT_DIR_FORWARD, now, pkt.len(), 0);
             return true;
         }
     }

@@ -112,8 +112,8 @@ pub trait Packet {
     /// Add `len` bytes in front of the packet.
     fn push_head(&mut self, len: u32) -> Result<()>;
     /// Whether the packet, `grow` bytes longer, still fits the MTU of the
-    /// device it leaves by (an egress program's). GSO packets are cut to
-    /// size later and count as fitting.
+    /// device it leaves by (an egress program's). A GSO packet does not:
+    /// its segments cannot be grown one by one.
     #[inline(always)]
     fn fits_mtu_grown(&self, _grow: u32) -> bool {
         true
@@ -338,7 +338,7 @@ impl<const ETH: bool> Packet for TcPacket<'_, ETH> {
     #[inline(always)]
     fn fits_mtu_grown(&self, grow: u32) -> bool {
         if unsafe { (*self.ctx.skb.skb).gso_size } != 0 {
-            return true;
+            return false;
         }
         let mut mtu_len = 0u32;
         // ifindex 0: the device the skb is on (leaving by, on egress).

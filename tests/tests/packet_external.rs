@@ -1456,6 +1456,27 @@ fn dsr_backend_node_answers_the_client_from_the_frontend() {
                 Expect::RevNat(other_node_port6),
             ),
             counters(&[(stat::DSR_LEARNED, 2), (stat::REPLY, 3)]),
+            // An option naming no frontend (0.0.0.0, port 0) teaches nothing.
+            send(
+                with_dsr_option(
+                    &tcp(ep(OTHER_CLIENT), ep(LOCAL_POD), SYN, b""),
+                    ep("0.0.0.0:30081"),
+                ),
+                Expect::Unchanged,
+            ),
+            send(
+                with_dsr_option(
+                    &tcp(ep(OTHER_CLIENT), ep(LOCAL_POD), SYN, b""),
+                    ep("192.168.50.2:0"),
+                ),
+                Expect::Unchanged,
+            ),
+            send_on(
+                Prog::Tc,
+                tcp(ep(LOCAL_POD), ep(OTHER_CLIENT), ACK, b""),
+                Expect::Unchanged,
+            ),
+            counters(&[(stat::DSR_LEARNED, 2)]),
         ],
     ));
 }
@@ -1535,6 +1556,46 @@ fn dsr_egress_adds_the_option_once_on_stacked_devices() {
             counters(&[(stat::DSR_FORWARDED, 2)]),
         ],
     ));
+}
+
+#[test]
+fn dsr_egress_drops_what_cannot_carry_the_right_frontend() {
+    // The client's own option naming another frontend: the endpoint's node
+    // would answer for it.
+    let forged = with_dsr_option(
+        &tcp(ep(CLIENT), ep(REMOTE_POD), SYN, b""),
+        ep("192.0.2.99:443"),
+    );
+    // An IPv6 atomic fragment: a Fragment header before the upper layer,
+    // where the endpoint's node reads lb's header only.
+    let atomic = |frame: Vec<u8>| fragment(&frame, 64, 7).remove(0);
+    run_case(Case {
+        allowed_errors: &[stat::ERR_DSR_OPTION],
+        ..case(
+            "dsr_egress_drops_what_cannot_carry_the_right_frontend",
+            dsr_node_ports,
+            vec![
+                send(
+                    tcp(ep(CLIENT), remote_node_port(), SYN, b""),
+                    Expect::Nat {
+                        src: ep(CLIENT),
+                        dst: ep(REMOTE_POD),
+                    },
+                ),
+                send_on_marked(EGRESS, forged, Expect::Dropped),
+                send(
+                    atomic(tcp(ep(CLIENT6), ep(NODE_PORT6), SYN, b"")),
+                    Expect::Frame(atomic(tcp(ep(CLIENT6), ep(REMOTE_POD6), SYN, b""))),
+                ),
+                send_on_marked(
+                    EGRESS,
+                    atomic(tcp(ep(CLIENT6), ep(REMOTE_POD6), SYN, b"")),
+                    Expect::Dropped,
+                ),
+                counters(&[(stat::ERR_DSR_OPTION, 2), (stat::DSR_FORWARDED, 0)]),
+            ],
+        )
+    });
 }
 
 /// The DSR entries of `dp` (flag `bit`): (direction, lifetime) each.
