@@ -706,7 +706,7 @@ fn dsr_keeps_the_client_and_answers_from_the_endpoints_node() {
     // Node A (XDP) takes the client's flows; the endpoint is on node B, which
     // runs lb's defaults: no node device, so what comes in over the underlay
     // meets the reply program there, and the pod device's.
-    let net = TwoNodes::with_b("xdp", false);
+    let mut net = TwoNodes::with_b("xdp", false);
     net.a.write(
         "web.yaml",
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\n  \
@@ -807,29 +807,94 @@ fn dsr_keeps_the_client_and_answers_from_the_endpoints_node() {
         node.topo
             .node_ip(&["route", "replace", pods, "via", via])
             .expect("pod route over VXLAN");
-        // The device watcher attaches to the new device (reply and egress
-        // programs) on its link event.
-        wait_until(
-            &format!("{} attaches to its VXLAN device", node.node_name),
-            Duration::from_secs(10),
-            || {
-                std::fs::read_dir(node.topo.bpffs.join("links"))
-                    .map(|dir| {
-                        let names: Vec<String> = dir
-                            .flatten()
-                            .map(|e| e.file_name().to_string_lossy().into_owned())
-                            .collect();
-                        ["tcr-", "tcne-"].iter().all(|kind| {
-                            names
-                                .iter()
-                                .any(|n| n.starts_with(kind) && n.ends_with("vx"))
-                        })
-                    })
-                    .unwrap_or(false)
-            },
-        );
+        wait_attached(node, &format!("{}vx", node.topo.prefix), &["tcr", "tcne"]);
     }
+    let before = rx_packets(&net.b, &format!("{}vx", net.b.topo.prefix));
     dsr_answers_come_from_node_b(&net, "VXLAN");
+    assert!(
+        rx_packets(&net.b, &format!("{}vx", net.b.topo.prefix)) > before + 19,
+        "the flows did not come over VXLAN"
+    );
+
+    // And over an L3 device (no Ethernet header, like ipip or WireGuard): a
+    // TUN device on each node relayed over UDP on the underlay. Node A's L3
+    // egress program adds the option, node B's L3 reply program learns it.
+    for (node, local, remote, addr) in [
+        (&mut net.a, NODE_A, NODE_B, "172.31.0.1/24"),
+        (&mut net.b, NODE_B, NODE_A, "172.31.0.2/24"),
+    ] {
+        let tun = format!("{}t", node.topo.prefix);
+        let relay = node.topo.dir.join("tun_relay.py").display().to_string();
+        let args = [
+            relay,
+            "--dev".into(),
+            tun.clone(),
+            "--local".into(),
+            format!("{local}:4790"),
+            "--remote".into(),
+            format!("{remote}:4790"),
+        ];
+        node.topo
+            .start_in_node("tun relay", std::path::Path::new("python3"), &args)
+            .expect("TUN relay");
+        for step in [
+            &["link", "set", &tun, "mtu", "1400"][..],
+            &["addr", "add", addr, "dev", &tun],
+            &["link", "set", &tun, "up"],
+        ] {
+            node.topo.node_ip(step).expect("TUN device");
+        }
+    }
+    for (node, pods) in [(&net.a, "10.1.2.0/24"), (&net.b, "10.1.1.0/24")] {
+        let tun = format!("{}t", node.topo.prefix);
+        node.topo
+            .node_ip(&["route", "replace", pods, "dev", &tun])
+            .expect("pod route over the TUN device");
+        wait_attached(node, &tun, &["tcr3", "tcne3"]);
+    }
+    let tun_b = format!("{}t", net.b.topo.prefix);
+    let before = rx_packets(&net.b, &tun_b);
+    dsr_answers_come_from_node_b(&net, "an L3 tunnel");
+    assert!(
+        rx_packets(&net.b, &tun_b) > before + 19,
+        "the flows did not come over the TUN device"
+    );
+}
+
+/// Packets `dev` of `node` has received.
+fn rx_packets(node: &Cluster, dev: &str) -> u64 {
+    let path = format!("/sys/class/net/{dev}/statistics/rx_packets");
+    let out = node
+        .topo
+        .exec(&node.topo.node_ns, &["cat", &path])
+        .expect("cat");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{path} on {}: {e}: {out:?}", node.node_name))
+}
+
+/// Wait until the device watcher has pinned links of these kinds
+/// (`tcr`, `tcne`, ...) for `dev` (on its link event).
+fn wait_attached(node: &Cluster, dev: &str, kinds: &[&str]) {
+    wait_until(
+        &format!("{} attaches to {dev}", node.node_name),
+        Duration::from_secs(10),
+        || {
+            let names: Vec<String> = std::fs::read_dir(node.topo.bpffs.join("links"))
+                .map(|dir| {
+                    dir.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            kinds.iter().all(|kind| {
+                names
+                    .iter()
+                    .any(|n| n.starts_with(&format!("{kind}-")) && n.ends_with(&format!("-{dev}")))
+            })
+        },
+    );
 }
 
 /// One UDP datagram of argv[3] payload bytes, DF set, to argv[1]:argv[2];
