@@ -7,8 +7,8 @@ use aya_ebpf::{
     helpers::bpf_get_prandom_u32,
 };
 use lb_common::{
-    Addr, BACKEND_STANDBY, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue, IPPROTO_TCP,
-    config_flags, ct_flags, ct_lifetime,
+    Addr, BACKEND_STANDBY, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, CtKey, CtValue,
+    IPPROTO_SCTP, IPPROTO_TCP, config_flags, ct_flags, ct_lifetime,
 };
 
 use crate::{
@@ -128,9 +128,15 @@ fn alive(entry: *mut CtValue, now: u64) -> bool {
 /// Whether a packet must start its flow over instead of following `entry`:
 /// UDP to a backend that is terminating (a client reusing its port, like a
 /// DNS resolver, must not stay stuck on it), or a fresh SYN on a TCP tuple
-/// that was closed (FIN/RST seen): that is a new connection.
+/// that was closed (FIN/RST seen): that is a new connection. An SCTP
+/// association stays on its terminating endpoint, as a TCP connection does
+/// (kube-proxy clears only UDP flows to departing endpoints): moved, it
+/// would be aborted.
 #[inline(always)]
 pub fn restarts(flow: &Flow, entry: &CtValue, backend: &BackendValue) -> bool {
+    if flow.proto == IPPROTO_SCTP {
+        return false;
+    }
     if flow.proto != IPPROTO_TCP {
         return backend.state == BACKEND_STANDBY;
     }

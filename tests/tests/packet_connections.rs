@@ -239,6 +239,41 @@ fn udp_flow_on_a_standby_backend_moves() {
 }
 
 #[test]
+fn sctp_association_on_a_standby_backend_continues() {
+    // As a TCP connection (and as kube-proxy, which clears only UDP flows
+    // to departing endpoints): moved, the association would be aborted.
+    const SCTP: u8 = lb_common::IPPROTO_SCTP;
+    run_case(case(
+        "sctp_association_on_a_standby_backend_continues",
+        |dp| {
+            dp.backend(4, ep(DNS_1), SCTP);
+            dp.backend(5, ep(DNS_2), SCTP);
+            dp.frontend(ep(DNS), SCTP, 2, &[4]);
+        },
+        vec![
+            send(
+                sctp(ep(CLIENT), ep(DNS), b"init"),
+                Expect::Frame(sctp(ep(CLIENT), ep(DNS_1), b"init")),
+            ),
+            change(|dp| {
+                dp.frontend(ep(DNS), SCTP, 2, &[5]);
+                dp.set_backend_state(4, BACKEND_STANDBY, 0);
+            }),
+            send(
+                sctp(ep(CLIENT), ep(DNS), b"data"),
+                Expect::Frame(sctp(ep(CLIENT), ep(DNS_1), b"data")),
+            ),
+            // A new association goes to the endpoint that takes new flows.
+            send(
+                sctp(from_client(40001), ep(DNS), b"init"),
+                Expect::Frame(sctp(from_client(40001), ep(DNS_2), b"init")),
+            ),
+            Step::Stats(vec![(stat::FLOW_RESTARTED, 0), (stat::ESTABLISHED, 1)]),
+        ],
+    ));
+}
+
+#[test]
 fn new_syn_on_a_closed_tuple_is_a_new_connection() {
     run_case(case(
         "new_syn_on_a_closed_tuple_is_a_new_connection",
