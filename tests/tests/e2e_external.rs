@@ -158,9 +158,10 @@ fn answers(node: &Cluster, from: &Pod, url: &str, n: usize) -> BTreeSet<(String,
                     node.dump("conntrack")
                 )
             });
+            // "ip:port", the IP of either family.
             let client = field(&body, "client");
-            let ip = client.split(':').next().unwrap_or_default().to_string();
-            (field(&body, "pod").to_string(), ip)
+            let ip = client.rsplit_once(':').map_or(client, |(ip, _)| ip);
+            (field(&body, "pod").to_string(), ip.to_string())
         })
         .collect()
 }
@@ -584,28 +585,6 @@ impl SixNodes {
             _lan: lan,
         }
     }
-
-    /// (pod, client address it saw) for `n` requests to `url` from the client.
-    fn answers(&self, node: &Cluster, url: &str, n: usize) -> BTreeSet<(String, String)> {
-        (0..n)
-            .map(|i| {
-                let body = get(node, &self.client, url, 3.0).unwrap_or_else(|c| {
-                    panic!(
-                        "request {i} to {url}: curl exit {c}\nA stats: {}\nB stats: {}\nconntrack: {}",
-                        self.a.stats(),
-                        self.b.stats(),
-                        node.dump("conntrack")
-                    )
-                });
-                let seen_client = field(&body, "client");
-                let ip = seen_client
-                    .rsplit_once(':')
-                    .map_or(seen_client, |(ip, _)| ip)
-                    .to_string();
-                (field(&body, "pod").to_string(), ip)
-            })
-            .collect()
-    }
 }
 
 const DUAL_STACK_WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  \
@@ -641,7 +620,7 @@ fn nodeport_on_ipv6_node_addresses_reaches_local_and_remote_endpoints() {
         (a, NODE_A6, "web-a", "web-b"),
         (b, NODE_B6, "web-b", "web-a"),
     ] {
-        let seen = net.answers(node, &format!("http://[{addr}]:30080/"), 24);
+        let seen = answers(node, &net.client, &format!("http://[{addr}]:30080/"), 24);
         assert_eq!(
             seen,
             BTreeSet::from([pair(local, addr), pair(remote, addr)]),
@@ -675,7 +654,7 @@ fn dsr_over_ipv6_keeps_the_client_both_ways_between_tc_and_xdp() {
     ]);
     assert!(!text.contains("source masqueraded"), "{text}");
     for (node, addr) in [(&net.a, NODE_A6), (&net.b, NODE_B6)] {
-        let seen = net.answers(node, &format!("http://[{addr}]:30080/"), 24);
+        let seen = answers(node, &net.client, &format!("http://[{addr}]:30080/"), 24);
         // Both endpoints answer, and both see the client itself.
         assert_eq!(
             seen,

@@ -1216,68 +1216,80 @@ fn dsr_node_ports(dp: &mut Datapath) {
 /// DSR flow's packet leaves for the backend's node.
 const EGRESS: Prog = Prog::TcNodeEgress;
 
+/// A client packet of a DSR flow through the first node, `build(dst)`
+/// being the packet to `dst`: in, DNATed to `backend` with the client kept;
+/// out (the egress program: after tc with the node program's mark, after
+/// XDP without one), with the frontend added (`option`) or as it is.
+fn through_first_node(
+    build: impl Fn(Ep) -> Vec<u8>,
+    client: Ep,
+    frontend: Ep,
+    backend: Ep,
+    option: bool,
+) -> [Step; 2] {
+    let out = if option {
+        Expect::Frame(with_dsr_option(&build(backend), frontend))
+    } else {
+        Expect::Unchanged
+    };
+    [
+        send(
+            build(frontend),
+            Expect::Nat {
+                src: client,
+                dst: backend,
+            },
+        ),
+        send_on_marked(EGRESS, build(backend), out),
+    ]
+}
+
 #[test]
 fn dsr_carries_the_frontend_in_a_tcp_flows_syn_and_keeps_the_client() {
-    let syn_out = with_dsr_option(
-        &tcp(ep(CLIENT), ep(REMOTE_POD), SYN, b""),
-        remote_node_port(),
-    );
+    let packet =
+        |flags: Tcp, payload: &'static [u8]| move |dst: Ep| tcp(ep(CLIENT), dst, flags, payload);
+    let (client, frontend, backend) = (ep(CLIENT), remote_node_port(), ep(REMOTE_POD));
+    let mut steps = Vec::new();
+    // The SYN carries the frontend; a retransmitted one carries it again.
+    steps.extend(through_first_node(
+        packet(SYN, b""),
+        client,
+        frontend,
+        backend,
+        true,
+    ));
+    steps.extend(through_first_node(
+        packet(SYN, b""),
+        client,
+        frontend,
+        backend,
+        true,
+    ));
+    // Later packets follow the backend node's entry: DNAT only.
+    steps.extend(through_first_node(
+        packet(ACK, b"GET /"),
+        client,
+        frontend,
+        backend,
+        false,
+    ));
+    // The answers go to the client from the other node: none comes
+    // here, and nothing would restore one that did.
+    steps.push(send(
+        tcp(ep(REMOTE_POD), ep(CLIENT), ACK, b""),
+        Expect::Unchanged,
+    ));
+    steps.push(counters(&[
+        (stat::NEW_FLOW, 1),
+        (stat::ESTABLISHED, 2),
+        (stat::DSR_FORWARDED, 2),
+        (stat::NODEPORT_SNAT, 0),
+        (stat::REPLY, 0),
+    ]));
     run_case(case(
         "dsr_carries_the_frontend_in_a_tcp_flows_syn_and_keeps_the_client",
         dsr_node_ports,
-        vec![
-            // In: DNAT only, the client kept.
-            send(
-                tcp(ep(CLIENT), remote_node_port(), SYN, b""),
-                Expect::Nat {
-                    src: ep(CLIENT),
-                    dst: ep(REMOTE_POD),
-                },
-            ),
-            // Out: the frontend rides along (after tc with the node
-            // program's mark, after XDP without one).
-            send_on_marked(
-                EGRESS,
-                tcp(ep(CLIENT), ep(REMOTE_POD), SYN, b""),
-                Expect::Frame(syn_out.clone()),
-            ),
-            // A retransmitted SYN carries it again.
-            send(
-                tcp(ep(CLIENT), remote_node_port(), SYN, b""),
-                Expect::Nat {
-                    src: ep(CLIENT),
-                    dst: ep(REMOTE_POD),
-                },
-            ),
-            send_on_marked(
-                EGRESS,
-                tcp(ep(CLIENT), ep(REMOTE_POD), SYN, b""),
-                Expect::Frame(syn_out),
-            ),
-            // Later packets follow the backend node's entry: DNAT only.
-            send(
-                tcp(ep(CLIENT), remote_node_port(), ACK, b"GET /"),
-                Expect::Nat {
-                    src: ep(CLIENT),
-                    dst: ep(REMOTE_POD),
-                },
-            ),
-            send_on_marked(
-                EGRESS,
-                tcp(ep(CLIENT), ep(REMOTE_POD), ACK, b"GET /"),
-                Expect::Unchanged,
-            ),
-            // The answers go to the client from the other node: none comes
-            // here, and nothing would restore one that did.
-            send(tcp(ep(REMOTE_POD), ep(CLIENT), ACK, b""), Expect::Unchanged),
-            counters(&[
-                (stat::NEW_FLOW, 1),
-                (stat::ESTABLISHED, 2),
-                (stat::DSR_FORWARDED, 2),
-                (stat::NODEPORT_SNAT, 0),
-                (stat::REPLY, 0),
-            ]),
-        ],
+        steps,
     ));
 }
 
@@ -1285,25 +1297,15 @@ fn dsr_carries_the_frontend_in_a_tcp_flows_syn_and_keeps_the_client() {
 fn dsr_carries_the_frontend_in_every_udp_datagram() {
     let datagram = |payload: &'static [u8], csum: bool| {
         let build = if csum { udp } else { udp_no_csum };
-        vec![
-            send(
-                build(ep(CLIENT), ep(NODE_PORT_UDP), payload),
-                Expect::Nat {
-                    src: ep(CLIENT),
-                    dst: ep(REMOTE_DNS),
-                },
-            ),
-            send_on_marked(
-                EGRESS,
-                build(ep(CLIENT), ep(REMOTE_DNS), payload),
-                Expect::Frame(with_dsr_option(
-                    &build(ep(CLIENT), ep(REMOTE_DNS), payload),
-                    ep(NODE_PORT_UDP),
-                )),
-            ),
-        ]
+        through_first_node(
+            move |dst| build(ep(CLIENT), dst, payload),
+            ep(CLIENT),
+            ep(NODE_PORT_UDP),
+            ep(REMOTE_DNS),
+            true,
+        )
     };
-    let mut steps = datagram(b"query", true);
+    let mut steps = Vec::from(datagram(b"query", true));
     steps.extend(datagram(b"second", true));
     // Without a checksum (zero) it stays without.
     steps.extend(datagram(b"third", false));
@@ -1320,34 +1322,28 @@ fn dsr_carries_the_frontend_in_every_udp_datagram() {
 
 #[test]
 fn dsr_carries_the_frontend_in_an_ipv6_destination_options_header() {
+    let mut steps = Vec::from(through_first_node(
+        |dst| tcp(ep(CLIENT6), dst, SYN, b""),
+        ep(CLIENT6),
+        ep(NODE_PORT6),
+        ep(REMOTE_POD6),
+        true,
+    ));
+    steps.push(send(
+        tcp(ep(CLIENT6), ep(NODE_PORT6), ACK, b"GET /"),
+        Expect::Nat {
+            src: ep(CLIENT6),
+            dst: ep(REMOTE_POD6),
+        },
+    ));
+    steps.push(counters(&[
+        (stat::DSR_FORWARDED, 1),
+        (stat::ESTABLISHED, 1),
+    ]));
     run_case(case(
         "dsr_carries_the_frontend_in_an_ipv6_destination_options_header",
         dsr_node_ports,
-        vec![
-            send(
-                tcp(ep(CLIENT6), ep(NODE_PORT6), SYN, b""),
-                Expect::Nat {
-                    src: ep(CLIENT6),
-                    dst: ep(REMOTE_POD6),
-                },
-            ),
-            send_on_marked(
-                EGRESS,
-                tcp(ep(CLIENT6), ep(REMOTE_POD6), SYN, b""),
-                Expect::Frame(with_dsr_option(
-                    &tcp(ep(CLIENT6), ep(REMOTE_POD6), SYN, b""),
-                    ep(NODE_PORT6),
-                )),
-            ),
-            send(
-                tcp(ep(CLIENT6), ep(NODE_PORT6), ACK, b"GET /"),
-                Expect::Nat {
-                    src: ep(CLIENT6),
-                    dst: ep(REMOTE_POD6),
-                },
-            ),
-            counters(&[(stat::DSR_FORWARDED, 1), (stat::ESTABLISHED, 1)]),
-        ],
+        steps,
     ));
 }
 
@@ -1518,43 +1514,24 @@ fn dsr_options_from_pods_and_from_udp_datagrams() {
 fn dsr_egress_adds_the_option_once_on_stacked_devices() {
     // A VLAN device and its parent (a bond and its ports) each run the
     // egress program: the second sees the option and leaves it be.
-    let v4 = with_dsr_option(
-        &tcp(ep(CLIENT), ep(REMOTE_POD), SYN, b""),
-        remote_node_port(),
-    );
-    let v6 = with_dsr_option(&tcp(ep(CLIENT6), ep(REMOTE_POD6), SYN, b""), ep(NODE_PORT6));
+    let mut steps = Vec::new();
+    for (client, frontend, backend) in [
+        (ep(CLIENT), remote_node_port(), ep(REMOTE_POD)),
+        (ep(CLIENT6), ep(NODE_PORT6), ep(REMOTE_POD6)),
+    ] {
+        let syn = move |dst| tcp(client, dst, SYN, b"");
+        steps.extend(through_first_node(syn, client, frontend, backend, true));
+        steps.push(send_on_marked(
+            EGRESS,
+            with_dsr_option(&syn(backend), frontend),
+            Expect::Unchanged,
+        ));
+    }
+    steps.push(counters(&[(stat::DSR_FORWARDED, 2)]));
     run_case(case(
         "dsr_egress_adds_the_option_once_on_stacked_devices",
         dsr_node_ports,
-        vec![
-            send(
-                tcp(ep(CLIENT), remote_node_port(), SYN, b""),
-                Expect::Nat {
-                    src: ep(CLIENT),
-                    dst: ep(REMOTE_POD),
-                },
-            ),
-            send_on_marked(
-                EGRESS,
-                tcp(ep(CLIENT), ep(REMOTE_POD), SYN, b""),
-                Expect::Frame(v4.clone()),
-            ),
-            send_on_marked(EGRESS, v4, Expect::Unchanged),
-            send(
-                tcp(ep(CLIENT6), ep(NODE_PORT6), SYN, b""),
-                Expect::Nat {
-                    src: ep(CLIENT6),
-                    dst: ep(REMOTE_POD6),
-                },
-            ),
-            send_on_marked(
-                EGRESS,
-                tcp(ep(CLIENT6), ep(REMOTE_POD6), SYN, b""),
-                Expect::Frame(v6.clone()),
-            ),
-            send_on_marked(EGRESS, v6, Expect::Unchanged),
-            counters(&[(stat::DSR_FORWARDED, 2)]),
-        ],
+        steps,
     ));
 }
 
@@ -1610,98 +1587,76 @@ fn dsr_lifetimes(dp: &mut Datapath, bit: u16) -> Vec<(u8, u32)> {
 #[test]
 fn dsr_entries_age_by_the_side_they_see() {
     let fin = Tcp { fin: true, ..ACK };
+    let packet = |flags: Tcp| move |dst: Ep| tcp(ep(CLIENT), dst, flags, b"");
+    let (client, frontend, backend) = (ep(CLIENT), remote_node_port(), ep(REMOTE_POD));
+    let mut steps = Vec::from(through_first_node(
+        packet(SYN),
+        client,
+        frontend,
+        backend,
+        true,
+    ));
+    // The client's ACK says the connection is up (no answer is ever seen
+    // here): established lifetimes.
+    steps.extend(through_first_node(
+        packet(ACK),
+        client,
+        frontend,
+        backend,
+        false,
+    ));
+    steps.push(change(|dp| {
+        let mut got = dsr_lifetimes(dp, ct_flags::DSR);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                (CT_DIR_FORWARD, ct_lifetime::TCP_ESTABLISHED),
+                (CT_DIR_REPLY, ct_lifetime::TCP_ESTABLISHED)
+            ]
+        );
+    }));
+    // The client's FIN closes it: the other side is never seen.
+    steps.extend(through_first_node(
+        packet(fin),
+        client,
+        frontend,
+        backend,
+        false,
+    ));
+    steps.push(change(|dp| {
+        let got = dsr_lifetimes(dp, ct_flags::DSR);
+        assert_eq!(got.len(), 2);
+        assert!(
+            got.iter().all(|(_, l)| *l == ct_lifetime::TCP_TIME_WAIT),
+            "{got:?}"
+        );
+    }));
+    // UDP: a second datagram says the flow is up (120 s, not 30).
+    for payload in [&b"one"[..], b"two"] {
+        steps.push(send(
+            udp(ep(CLIENT), ep(NODE_PORT_UDP), payload),
+            Expect::Nat {
+                src: ep(CLIENT),
+                dst: ep(REMOTE_DNS),
+            },
+        ));
+    }
+    steps.push(change(|dp| {
+        let udp_forward: Vec<u32> = dp
+            .ct()
+            .iter()
+            .filter(|(k, v)| {
+                k.proto == UDP && k.dir == CT_DIR_FORWARD && v.flags & ct_flags::DSR != 0
+            })
+            .map(|(_, v)| v.lifetime_s)
+            .collect();
+        assert_eq!(udp_forward, [ct_lifetime::OTHER_REPLIED]);
+    }));
     run_case(case(
         "dsr_entries_age_by_the_side_they_see",
         dsr_node_ports,
-        vec![
-            send(
-                tcp(ep(CLIENT), remote_node_port(), SYN, b""),
-                Expect::Nat {
-                    src: ep(CLIENT),
-                    dst: ep(REMOTE_POD),
-                },
-            ),
-            send_on_marked(
-                EGRESS,
-                tcp(ep(CLIENT), ep(REMOTE_POD), SYN, b""),
-                Expect::Frame(with_dsr_option(
-                    &tcp(ep(CLIENT), ep(REMOTE_POD), SYN, b""),
-                    remote_node_port(),
-                )),
-            ),
-            // The client's ACK says the connection is up (no answer is
-            // ever seen here): established lifetimes.
-            send(
-                tcp(ep(CLIENT), remote_node_port(), ACK, b""),
-                Expect::Nat {
-                    src: ep(CLIENT),
-                    dst: ep(REMOTE_POD),
-                },
-            ),
-            send_on_marked(
-                EGRESS,
-                tcp(ep(CLIENT), ep(REMOTE_POD), ACK, b""),
-                Expect::Unchanged,
-            ),
-            change(|dp| {
-                let mut got = dsr_lifetimes(dp, ct_flags::DSR);
-                got.sort();
-                assert_eq!(
-                    got,
-                    [
-                        (CT_DIR_FORWARD, ct_lifetime::TCP_ESTABLISHED),
-                        (CT_DIR_REPLY, ct_lifetime::TCP_ESTABLISHED)
-                    ]
-                );
-            }),
-            // The client's FIN closes it: the other side is never seen.
-            send(
-                tcp(ep(CLIENT), remote_node_port(), fin, b""),
-                Expect::Nat {
-                    src: ep(CLIENT),
-                    dst: ep(REMOTE_POD),
-                },
-            ),
-            send_on_marked(
-                EGRESS,
-                tcp(ep(CLIENT), ep(REMOTE_POD), fin, b""),
-                Expect::Unchanged,
-            ),
-            change(|dp| {
-                let got = dsr_lifetimes(dp, ct_flags::DSR);
-                assert_eq!(got.len(), 2);
-                assert!(
-                    got.iter().all(|(_, l)| *l == ct_lifetime::TCP_TIME_WAIT),
-                    "{got:?}"
-                );
-            }),
-            // UDP: a second datagram says the flow is up (120 s, not 30).
-            send(
-                udp(ep(CLIENT), ep(NODE_PORT_UDP), b"one"),
-                Expect::Nat {
-                    src: ep(CLIENT),
-                    dst: ep(REMOTE_DNS),
-                },
-            ),
-            send(
-                udp(ep(CLIENT), ep(NODE_PORT_UDP), b"two"),
-                Expect::Nat {
-                    src: ep(CLIENT),
-                    dst: ep(REMOTE_DNS),
-                },
-            ),
-            change(|dp| {
-                let udp_forward: Vec<u32> = dp
-                    .ct()
-                    .iter()
-                    .filter(|(k, v)| {
-                        k.proto == UDP && k.dir == CT_DIR_FORWARD && v.flags & ct_flags::DSR != 0
-                    })
-                    .map(|(_, v)| v.lifetime_s)
-                    .collect();
-                assert_eq!(udp_forward, [ct_lifetime::OTHER_REPLIED]);
-            }),
-        ],
+        steps,
     ));
 }
 
